@@ -1,0 +1,13 @@
+//! Sans-IO core of ferry.
+//!
+//! Nothing here opens a file, a socket or reads a clock: the block map,
+//! the manifest of the source, and the migration engine are state machines
+//! driven by the caller, so they can be tested with a simulated source,
+//! link, guest and crashes (see `tests/sim.rs`).
+#![forbid(unsafe_code)]
+
+pub mod geometry;
+pub mod manifest;
+
+pub use geometry::Geometry;
+pub use manifest::{ChunkKind, Manifest, ManifestError};

@@ -1,0 +1,118 @@
+//! The block-device interface served by ferry's frontends.
+//!
+//! A frontend (the NBD server, the ublk target) turns requests from its
+//! client into calls on a [`BlockDevice`]. The migration engine implements it
+//! for `ferry pull`; [`MemDevice`] is a simple in-memory device for tests of
+//! the frontends themselves.
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::io;
+use std::sync::Mutex;
+
+/// A byte-addressed block device with the operations a guest can issue.
+///
+/// Offsets and lengths are in bytes. Frontends check that a request lies
+/// inside `0..size()` before calling; implementations may assume it.
+/// Errors are `io::Error`s; frontends turn them into the client's error codes
+/// (NBD error numbers, negative errno for ublk) in one place.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size of the device in bytes.
+    fn size(&self) -> u64;
+
+    /// Preferred (logical) block size in bytes; 4096 for ferry.
+    fn block_size(&self) -> u32 {
+        4096
+    }
+
+    /// Reads `len` bytes at `offset`.
+    fn read(&self, offset: u64, len: u32) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
+
+    /// Writes `data` at `offset`. With `fua`, the data is durable when this
+    /// returns.
+    fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Discards `len` bytes at `offset` (contents afterwards are zeros).
+    fn trim(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Writes zeros over `len` bytes at `offset`. With `fua`, durable on return.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// An in-memory [`BlockDevice`] for tests of frontends.
+#[derive(Debug)]
+pub struct MemDevice {
+    data: Mutex<Vec<u8>>,
+}
+
+impl MemDevice {
+    /// A zero-filled device of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self::from_bytes(vec![0; usize::try_from(size).expect("size fits in memory")])
+    }
+
+    /// A device holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            data: Mutex::new(bytes),
+        }
+    }
+
+    /// A copy of the device's contents.
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.lock().expect("lock").clone()
+    }
+
+    fn range(&self, offset: u64, len: u64) -> io::Result<std::ops::Range<usize>> {
+        let size = self.size();
+        let end = offset
+            .checked_add(len)
+            .filter(|end| *end <= size)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "beyond end of device"))?;
+        Ok(offset as usize..end as usize)
+    }
+}
+
+impl BlockDevice for MemDevice {
+    fn size(&self) -> u64 {
+        self.data.lock().expect("lock").len() as u64
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let r = self.range(offset, u64::from(len))?;
+        Ok(self.data.lock().expect("lock")[r].to_vec())
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
+        let r = self.range(offset, data.len() as u64)?;
+        self.data.lock().expect("lock")[r].copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, false).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, _fua: bool) -> io::Result<()> {
+        let r = self.range(offset, len)?;
+        self.data.lock().expect("lock")[r].fill(0);
+        Ok(())
+    }
+}
