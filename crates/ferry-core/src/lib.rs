@@ -11,3 +11,6 @@ pub mod manifest;
 
 pub use geometry::Geometry;
 pub use manifest::{ChunkKind, Manifest, ManifestError};
+pub mod engine;
+
+pub use engine::{Arrival, Engine, FetchKind, FillPlan, Phase, ReadPlan, SyncBatch, WritePlan};

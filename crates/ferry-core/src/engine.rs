@@ -1,0 +1,560 @@
+//! The migration engine of the destination: which blocks are present, which
+//! chunks are being fetched or filled, what the background copier fetches
+//! next, and what must be made durable before a present bit may be.
+//!
+//! It is a sans-IO state machine. The caller (the `ferry pull` daemon, or a
+//! simulation test) asks for a plan, performs the I/O the plan names (fetch
+//! from the source, write the backing file, sync), and reports back. The
+//! rules it enforces are the design invariants:
+//!
+//! 1. A block's present bit is persisted only after its data was synced:
+//!    [`Engine::begin_sync`] hands out only blocks whose writes completed.
+//! 2. A guest FLUSH persists the present bits of the blocks the guest wrote
+//!    (the caller runs one sync round for it).
+//! 3. Guest writes win: a fill writes only blocks that were absent when the
+//!    data arrived, and a guest write waits while its chunk is being filled.
+//! 4. A sub-block write to an absent block fetches the block's chunk first.
+//! 5. Fetched data is checked against the manifest's hash before any of it
+//!    is written ([`Engine::fetch_arrived`]).
+//! 7. Zero chunks are present from the start and never fetched.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::Arc;
+
+use bitvec::prelude::*;
+
+use crate::geometry::{Geometry, BLOCK_SIZE};
+use crate::manifest::{ChunkKind, Manifest};
+
+/// Consecutive hash mismatches of one chunk after which the source is taken
+/// to have changed (invariant 6) and the engine stops fetching.
+pub const MAX_CORRUPT_RETRIES: u32 = 4;
+
+/// Why a chunk is being fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchKind {
+    /// A guest request waits for it.
+    OnDemand,
+    /// The background copier asked for it.
+    Background,
+}
+
+/// What the caller must do before a read can be served.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadPlan {
+    /// Every block is present: read the backing file.
+    Ready,
+    /// Start these fetches (ranges of chunks; the engine marked them as
+    /// fetching), then wait for a chunk state change and plan again.
+    Wait {
+        /// Chunk ranges to fetch now; each is one request to the source.
+        start: Vec<Range<u64>>,
+    },
+    /// The migration stopped with an error; absent data cannot be had.
+    Failed(String),
+}
+
+/// What the caller must do before a write can be applied.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WritePlan {
+    /// Write the data to the backing file, then call
+    /// [`Engine::write_done`] with this range of blocks.
+    Ready(Range<u64>),
+    /// Start these fetches (if any), wait for a chunk state change, plan again.
+    Wait {
+        /// Chunk ranges to fetch now.
+        start: Vec<Range<u64>>,
+    },
+    /// The write needs absent data that cannot be had: the migration failed.
+    Failed(String),
+}
+
+/// Blocks of a fetched chunk to write into the backing file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FillPlan {
+    /// The chunk.
+    pub chunk: u64,
+    /// Runs of blocks (absolute block numbers) to copy from the fetched data.
+    pub runs: Vec<Range<u64>>,
+}
+
+/// Result of handing fetched data to the engine.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// The data matched its hash: write `FillPlan`'s blocks, then call
+    /// [`Engine::fill_done`].
+    Fill(FillPlan),
+    /// The data did not match its hash and was dropped; the chunk is absent
+    /// again and will be fetched anew.
+    Corrupt {
+        /// The chunk.
+        chunk: u64,
+    },
+}
+
+/// Blocks whose present bits a sync round persists.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncBatch {
+    /// Runs of blocks whose data writes completed before the round began.
+    pub blocks: Vec<Range<u64>>,
+    /// Chunks the guest wrote into.
+    pub guest_chunks: Vec<u64>,
+}
+
+impl SyncBatch {
+    /// Whether there is nothing to persist.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.guest_chunks.is_empty()
+    }
+}
+
+/// Phase of the migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Blocks are still absent.
+    Copying,
+    /// Every block is present.
+    Complete,
+    /// Stopped: the source changed or failed; the guest's writes are kept.
+    Error(String),
+}
+
+/// Counters, in bytes unless named otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes fetched for guest requests.
+    pub fetched_on_demand: u64,
+    /// Bytes fetched by the background copier.
+    pub fetched_background: u64,
+    /// Bytes fetched but dropped for a hash mismatch.
+    pub rejected_corrupt: u64,
+    /// Fetched bytes not written because the guest had written them.
+    pub discarded_guest_won: u64,
+}
+
+/// The engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    manifest: Arc<Manifest>,
+    geo: Geometry,
+    present: BitVec,
+    guest_chunks: BitVec,
+    fetching: HashMap<u64, FetchKind>,
+    filling: HashMap<u64, Vec<Range<u64>>>,
+    unsynced: Vec<Range<u64>>,
+    unsynced_guest: HashSet<u64>,
+    corrupt_streak: HashMap<u64, u32>,
+    present_blocks: u64,
+    bg_cursor: u64,
+    background_paused: bool,
+    error: Option<String>,
+    counters: Counters,
+}
+
+impl Engine {
+    /// An engine for `manifest`, resuming from the persisted `present` bits
+    /// (one per block) and `guest_chunks` bits (one per chunk); pass empty
+    /// bit vectors for a fresh start.
+    ///
+    /// Blocks of zero chunks are present from the start (the backing file
+    /// is sparse, so they read as zeros) and are never fetched.
+    pub fn new(manifest: Arc<Manifest>, present: BitVec, guest_chunks: BitVec) -> Self {
+        let geo = manifest.geometry();
+        let mut present = present;
+        present.resize(geo.blocks() as usize, false);
+        let mut guest_chunks = guest_chunks;
+        guest_chunks.resize(geo.chunks() as usize, false);
+        for c in 0..geo.chunks() {
+            if manifest.chunk(c) == ChunkKind::Zero {
+                let b = geo.chunk_blocks(c);
+                present[b.start as usize..b.end as usize].fill(true);
+            }
+        }
+        let present_blocks = present.count_ones() as u64;
+        Self {
+            manifest,
+            geo,
+            present,
+            guest_chunks,
+            fetching: HashMap::new(),
+            filling: HashMap::new(),
+            unsynced: Vec::new(),
+            unsynced_guest: HashSet::new(),
+            corrupt_streak: HashMap::new(),
+            present_blocks,
+            bg_cursor: 0,
+            background_paused: false,
+            error: None,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The disk's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The source's manifest.
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    /// Whether block `block` is present (its data is in the backing file).
+    pub fn is_present(&self, block: u64) -> bool {
+        self.present[block as usize]
+    }
+
+    /// Whether the guest has written into chunk `chunk`.
+    pub fn guest_wrote(&self, chunk: u64) -> bool {
+        self.guest_chunks[chunk as usize]
+    }
+
+    /// Bytes present at the destination (zero chunks included).
+    pub fn present_bytes(&self) -> u64 {
+        let full = self.present_blocks * u64::from(BLOCK_SIZE);
+        // The last block may be short.
+        let last = self.geo.blocks().saturating_sub(1);
+        if self.geo.blocks() > 0 && self.present[last as usize] {
+            let r = self.geo.block_bytes(last);
+            full - u64::from(BLOCK_SIZE) + (r.end - r.start)
+        } else {
+            full
+        }
+    }
+
+    /// Bytes of source data (non-zero chunks) still absent, counting whole
+    /// chunks that hold any absent block.
+    pub fn absent_data_bytes(&self) -> u64 {
+        (0..self.geo.chunks())
+            .filter(|c| !self.chunk_present(*c))
+            .map(|c| u64::from(self.geo.chunk_len(c)))
+            .sum()
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The phase.
+    pub fn phase(&self) -> Phase {
+        if let Some(e) = &self.error {
+            Phase::Error(e.clone())
+        } else if self.present_blocks == self.geo.blocks() {
+            Phase::Complete
+        } else {
+            Phase::Copying
+        }
+    }
+
+    /// Stops the migration with an error (e.g. the source changed).
+    pub fn fail(&mut self, reason: String) {
+        if self.error.is_none() {
+            self.error = Some(reason);
+        }
+    }
+
+    /// Holds back (or releases) the background copier.
+    pub fn set_background_paused(&mut self, paused: bool) {
+        self.background_paused = paused;
+    }
+
+    /// Whether the background copier is held back.
+    pub fn background_paused(&self) -> bool {
+        self.background_paused
+    }
+
+    /// Number of chunks being fetched.
+    pub fn in_flight(&self) -> usize {
+        self.fetching.len()
+    }
+
+    fn chunk_present(&self, chunk: u64) -> bool {
+        let b = self.geo.chunk_blocks(chunk);
+        self.present[b.start as usize..b.end as usize].all()
+    }
+
+    fn blocks_present(&self, blocks: Range<u64>) -> bool {
+        self.present[blocks.start as usize..blocks.end as usize].all()
+    }
+
+    /// Marks `chunks` (absent, not in flight) as fetching and groups them
+    /// into consecutive ranges.
+    fn start_fetches(&mut self, chunks: Vec<u64>, kind: FetchKind) -> Vec<Range<u64>> {
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        for c in chunks {
+            self.fetching.insert(c, kind);
+            match ranges.last_mut() {
+                Some(r) if r.end == c => r.end += 1,
+                _ => ranges.push(c..c + 1),
+            }
+        }
+        ranges
+    }
+
+    /// Plans a guest read of `len` bytes at `offset` (inside the disk).
+    pub fn plan_read(&mut self, offset: u64, len: u64) -> ReadPlan {
+        let blocks = self.geo.blocks_touching(offset, len);
+        if self.blocks_present(blocks.clone()) {
+            return ReadPlan::Ready;
+        }
+        if let Some(e) = &self.error {
+            return ReadPlan::Failed(e.clone());
+        }
+        let mut to_start = Vec::new();
+        for c in self.geo.chunks_touching(offset, len) {
+            let cb = self.geo.chunk_blocks(c);
+            let lo = cb.start.max(blocks.start);
+            let hi = cb.end.min(blocks.end);
+            if self.blocks_present(lo..hi)
+                || self.fetching.contains_key(&c)
+                || self.filling.contains_key(&c)
+            {
+                continue;
+            }
+            to_start.push(c);
+        }
+        ReadPlan::Wait {
+            start: self.start_fetches(to_start, FetchKind::OnDemand),
+        }
+    }
+
+    /// Plans a guest write of `len` bytes at `offset` (inside the disk).
+    ///
+    /// On [`WritePlan::Ready`] the blocks are already marked present, so a
+    /// fetch that lands later cannot overwrite them (invariant 3).
+    pub fn plan_write(&mut self, offset: u64, len: u64) -> WritePlan {
+        let blocks = self.geo.blocks_touching(offset, len);
+        if blocks.is_empty() {
+            return WritePlan::Ready(blocks);
+        }
+        let bs = u64::from(BLOCK_SIZE);
+        let mut must_wait = false;
+        let mut to_start = Vec::new();
+        // Chunks being filled: their fill may write blocks we are about to
+        // write; wait until it is done.
+        for c in self.geo.chunks_touching(offset, len) {
+            if self.filling.contains_key(&c) {
+                must_wait = true;
+            }
+        }
+        // Partial head and tail blocks that are absent need their old data.
+        let end = offset + len;
+        let mut partial = Vec::new();
+        if offset % bs != 0 {
+            partial.push(blocks.start);
+        }
+        let tail_block = blocks.end - 1;
+        let tail_end = self.geo.block_bytes(tail_block).end;
+        if end % bs != 0 && end != tail_end && !partial.contains(&tail_block) {
+            partial.push(tail_block);
+        }
+        for b in partial {
+            if self.present[b as usize] {
+                continue;
+            }
+            must_wait = true;
+            let c = self.geo.chunk_of_block(b);
+            if !self.fetching.contains_key(&c)
+                && !self.filling.contains_key(&c)
+                && !to_start.contains(&c)
+            {
+                to_start.push(c);
+            }
+        }
+        if must_wait {
+            if !to_start.is_empty() {
+                if let Some(e) = &self.error {
+                    return WritePlan::Failed(e.clone());
+                }
+            }
+            to_start.sort_unstable();
+            return WritePlan::Wait {
+                start: self.start_fetches(to_start, FetchKind::OnDemand),
+            };
+        }
+        for b in blocks.clone() {
+            if !self.present[b as usize] {
+                self.present.set(b as usize, true);
+                self.present_blocks += 1;
+            }
+        }
+        for c in self.geo.chunks_touching(offset, len) {
+            self.guest_chunks.set(c as usize, true);
+            self.unsynced_guest.insert(c);
+        }
+        WritePlan::Ready(blocks)
+    }
+
+    /// The guest's write of `blocks` reached the backing file (not yet
+    /// synced).
+    pub fn write_done(&mut self, blocks: Range<u64>) {
+        if !blocks.is_empty() {
+            self.unsynced.push(blocks);
+        }
+    }
+
+    /// The next range of chunks for the background copier, at most
+    /// `max_chunks` long, or `None` when nothing is left to start (or the
+    /// copier is held back, or the migration failed).
+    pub fn next_background(&mut self, max_chunks: u64) -> Option<Range<u64>> {
+        if self.background_paused || self.error.is_some() {
+            return None;
+        }
+        let n = self.geo.chunks();
+        let wanted = |e: &Self, c: u64| {
+            matches!(e.manifest.chunk(c), ChunkKind::Data(_))
+                && !e.fetching.contains_key(&c)
+                && !e.filling.contains_key(&c)
+                && !e.chunk_present(c)
+        };
+        // One pass from the cursor, wrapping once, so chunks passed over
+        // while in flight (and later failed) are found again.
+        for step in 0..n {
+            let c = (self.bg_cursor + step) % n;
+            if wanted(self, c) {
+                let mut end = c + 1;
+                while end < n && end - c < max_chunks && wanted(self, end) {
+                    end += 1;
+                }
+                self.bg_cursor = end % n.max(1);
+                let r = self.start_fetches((c..end).collect(), FetchKind::Background);
+                debug_assert_eq!(r.len(), 1);
+                return Some(c..end);
+            }
+        }
+        None
+    }
+
+    /// A fetch of `chunks` failed without data (transport error); they are
+    /// absent again and may be fetched anew.
+    pub fn fetch_failed(&mut self, chunks: Range<u64>) {
+        for c in chunks {
+            self.fetching.remove(&c);
+        }
+    }
+
+    /// Data for `chunk` arrived. It is checked against the manifest's hash
+    /// (invariant 5); on a match the chunk is marked as filling and the
+    /// blocks still absent are named for writing (invariant 3).
+    pub fn fetch_arrived(&mut self, chunk: u64, data: &[u8]) -> Arrival {
+        let kind = self
+            .fetching
+            .remove(&chunk)
+            .unwrap_or(FetchKind::Background);
+        let ok = match self.manifest.chunk(chunk) {
+            ChunkKind::Data(h) => {
+                data.len() == self.geo.chunk_len(chunk) as usize
+                    && *blake3::hash(data).as_bytes() == h
+            }
+            ChunkKind::Zero => false,
+        };
+        if !ok {
+            self.counters.rejected_corrupt += data.len() as u64;
+            let streak = {
+                let s = self.corrupt_streak.entry(chunk).or_insert(0);
+                *s += 1;
+                *s
+            };
+            if streak >= MAX_CORRUPT_RETRIES {
+                self.fail(format!(
+                    "chunk {chunk} failed its hash check {streak} times in a row: \
+                     the source disk changed after switchover (it must stay unchanged); \
+                     the destination's writes are kept"
+                ));
+            }
+            return Arrival::Corrupt { chunk };
+        }
+        self.corrupt_streak.remove(&chunk);
+        match kind {
+            FetchKind::OnDemand => self.counters.fetched_on_demand += data.len() as u64,
+            FetchKind::Background => self.counters.fetched_background += data.len() as u64,
+        }
+        let mut runs: Vec<Range<u64>> = Vec::new();
+        for b in self.geo.chunk_blocks(chunk) {
+            if self.present[b as usize] {
+                let r = self.geo.block_bytes(b);
+                self.counters.discarded_guest_won += r.end - r.start;
+                continue;
+            }
+            match runs.last_mut() {
+                Some(r) if r.end == b => r.end += 1,
+                _ => runs.push(b..b + 1),
+            }
+        }
+        self.filling.insert(chunk, runs.clone());
+        Arrival::Fill(FillPlan { chunk, runs })
+    }
+
+    /// The blocks named by the fill of `chunk` were written to the backing
+    /// file (not yet synced): they become present.
+    pub fn fill_done(&mut self, chunk: u64) {
+        let Some(runs) = self.filling.remove(&chunk) else {
+            return;
+        };
+        for r in runs {
+            for b in r.clone() {
+                if !self.present[b as usize] {
+                    self.present.set(b as usize, true);
+                    self.present_blocks += 1;
+                }
+            }
+            self.unsynced.push(r);
+        }
+    }
+
+    /// Writing the fill of `chunk` failed: its blocks stay absent.
+    pub fn fill_failed(&mut self, chunk: u64) {
+        self.filling.remove(&chunk);
+    }
+
+    /// Bytes written to the backing file whose present bits are not yet
+    /// persisted.
+    pub fn unsynced_bytes(&self) -> u64 {
+        self.unsynced
+            .iter()
+            .map(|r| (r.end - r.start) * u64::from(BLOCK_SIZE))
+            .sum()
+    }
+
+    /// Starts a sync round: takes the blocks whose writes completed so far.
+    /// The caller syncs the backing file, then persists exactly these
+    /// present bits (and guest chunk bits), then calls
+    /// [`Engine::sync_done`] — or [`Engine::sync_failed`] to give them back.
+    pub fn begin_sync(&mut self) -> SyncBatch {
+        let mut blocks = std::mem::take(&mut self.unsynced);
+        blocks.sort_unstable_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::with_capacity(blocks.len());
+        for r in blocks {
+            match merged.last_mut() {
+                Some(m) if r.start <= m.end => m.end = m.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let mut guest_chunks: Vec<u64> = self.unsynced_guest.drain().collect();
+        guest_chunks.sort_unstable();
+        SyncBatch {
+            blocks: merged,
+            guest_chunks,
+        }
+    }
+
+    /// The round's bits are durable.
+    pub fn sync_done(&mut self, _batch: SyncBatch) {}
+
+    /// The round failed: its blocks stay unsynced for the next round.
+    pub fn sync_failed(&mut self, batch: SyncBatch) {
+        self.unsynced.extend(batch.blocks);
+        self.unsynced_guest.extend(batch.guest_chunks);
+    }
+
+    /// Data chunks the guest never wrote: the ones to verify against the
+    /// source's hashes once the copy is complete.
+    pub fn verifiable_chunks(&self) -> impl Iterator<Item = (u64, [u8; 32])> + '_ {
+        (0..self.geo.chunks()).filter_map(|c| match self.manifest.chunk(c) {
+            ChunkKind::Data(h) if !self.guest_chunks[c as usize] => Some((c, h)),
+            _ => None,
+        })
+    }
+}

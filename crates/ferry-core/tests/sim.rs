@@ -1,0 +1,563 @@
+//! Deterministic simulation of a migration: a simulated source, a link with
+//! latency and loss (and corruption), a guest issuing reads, writes and
+//! flushes, a backing disk with a volatile cache, and crashes at chosen
+//! points. It drives the sans-IO [`Engine`] exactly as the daemon does and
+//! checks the design invariants 1–5 and 7 against an oracle.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bitvec::prelude::*;
+use ferry_core::engine::{Arrival, Engine, ReadPlan, SyncBatch, WritePlan};
+use ferry_core::geometry::BLOCK_SIZE;
+use ferry_core::{ChunkKind, Geometry, Manifest};
+
+const BS: usize = BLOCK_SIZE as usize;
+
+/// xorshift64*: deterministic and dependency-free.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+/// The backing file: writes land in a volatile cache; `sync` makes them
+/// durable; a crash throws the cache away.
+struct SimDisk {
+    cache: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+/// The persisted state file: present bits per block, guest bits per chunk.
+#[derive(Clone)]
+struct SimMap {
+    present: BitVec,
+    guest: BitVec,
+}
+
+enum Event {
+    /// A response to a fetch request of `range`; `None` = lost.
+    Response(Range<u64>, Option<Vec<Vec<u8>>>),
+    /// The backing-file write of a fill finished.
+    FillWritten(u64),
+}
+
+struct Sim {
+    rng: Rng,
+    source: Vec<u8>,
+    manifest: Arc<Manifest>,
+    engine: Engine,
+    disk: SimDisk,
+    map: SimMap,
+    now: u64,
+    seq: u64,
+    events: BTreeMap<(u64, u64), Event>,
+    pending_fills: BTreeMap<u64, (Vec<Range<u64>>, Vec<u8>)>,
+    /// What the guest must read now.
+    model: Vec<u8>,
+    /// Per block: acceptable contents after a crash (the value at the last
+    /// flush, then every value written since).
+    acceptable: Vec<Vec<Vec<u8>>>,
+    latency: u64,
+    loss_per_mille: u64,
+    corrupt_per_mille: u64,
+    bytes_requested: u64,
+    zero_chunk_requests: u64,
+    write_stamp: u32,
+}
+
+impl Sim {
+    fn new(seed: u64, chunk_size: u32, chunks: u64, tail: u64) -> Self {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let size = chunks * u64::from(chunk_size) + tail;
+        let geo = Geometry::new(size, chunk_size);
+        let mut source = vec![0u8; size as usize];
+        let mut kinds = Vec::new();
+        for c in 0..geo.chunks() {
+            let r = geo.chunk_bytes(c);
+            if !rng.chance(300) {
+                for b in r.clone().step_by(BS) {
+                    // Some all-zero blocks inside data chunks too.
+                    if rng.chance(150) {
+                        continue;
+                    }
+                    let end = (b + BS as u64).min(r.end);
+                    for i in b..end {
+                        source[i as usize] = (rng.next() >> 24) as u8 | 1;
+                    }
+                }
+            }
+            let bytes = &source[r.start as usize..r.end as usize];
+            kinds.push(if bytes.iter().all(|b| *b == 0) {
+                ChunkKind::Zero
+            } else {
+                ChunkKind::Data(*blake3::hash(bytes).as_bytes())
+            });
+        }
+        let manifest = Arc::new(Manifest::new(geo, kinds));
+        let engine = Engine::new(manifest.clone(), BitVec::new(), BitVec::new());
+        let blocks = geo.blocks() as usize;
+        let acceptable = (0..blocks)
+            .map(|b| {
+                let r = geo.block_bytes(b as u64);
+                vec![source[r.start as usize..r.end as usize].to_vec()]
+            })
+            .collect();
+        Self {
+            latency: 1 + rng.below(20),
+            loss_per_mille: rng.below(100),
+            corrupt_per_mille: rng.below(50),
+            rng,
+            model: source.clone(),
+            manifest,
+            engine,
+            disk: SimDisk {
+                cache: vec![0; size as usize],
+                durable: vec![0; size as usize],
+            },
+            map: SimMap {
+                present: bitvec![0; blocks],
+                guest: bitvec![0; geo.chunks() as usize],
+            },
+            source,
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            pending_fills: BTreeMap::new(),
+            acceptable,
+            bytes_requested: 0,
+            zero_chunk_requests: 0,
+            write_stamp: 0,
+        }
+    }
+
+    fn geo(&self) -> Geometry {
+        self.manifest.geometry()
+    }
+
+    fn schedule(&mut self, delay: u64, ev: Event) {
+        self.seq += 1;
+        self.events.insert((self.now + delay, self.seq), ev);
+    }
+
+    /// Sends a fetch request for `range` over the simulated link.
+    fn send(&mut self, range: Range<u64>) {
+        let geo = self.geo();
+        let mut data = Vec::new();
+        for c in range.clone() {
+            if self.manifest.chunk(c) == ChunkKind::Zero {
+                self.zero_chunk_requests += 1;
+            }
+            let r = geo.chunk_bytes(c);
+            self.bytes_requested += r.end - r.start;
+            let mut d = self.source[r.start as usize..r.end as usize].to_vec();
+            if self.rng.chance(self.corrupt_per_mille) {
+                let i = self.rng.below(d.len() as u64) as usize;
+                d[i] ^= 0x40;
+            }
+            data.push(d);
+        }
+        let lost = self.rng.chance(self.loss_per_mille);
+        let delay = self.latency + self.rng.below(3);
+        self.schedule(delay, Event::Response(range, (!lost).then_some(data)));
+    }
+
+    /// Delivers the next event; returns false if there was none.
+    fn advance(&mut self) -> bool {
+        let Some(((t, _), ev)) = self.events.pop_first() else {
+            return false;
+        };
+        self.now = self.now.max(t);
+        match ev {
+            Event::Response(range, None) => self.engine.fetch_failed(range),
+            Event::Response(range, Some(data)) => {
+                for (c, d) in range.zip(data) {
+                    match self.engine.fetch_arrived(c, &d) {
+                        Arrival::Corrupt { chunk } => assert_eq!(chunk, c),
+                        Arrival::Fill(plan) => {
+                            self.pending_fills.insert(c, (plan.runs, d));
+                            let delay = self.rng.below(3);
+                            self.schedule(delay, Event::FillWritten(c));
+                        }
+                    }
+                }
+            }
+            Event::FillWritten(c) => {
+                let (runs, d) = self.pending_fills.remove(&c).expect("pending fill");
+                let geo = self.geo();
+                let base = geo.chunk_bytes(c).start;
+                for r in runs {
+                    let lo = geo.block_bytes(r.start).start;
+                    let hi = geo.block_bytes(r.end - 1).end;
+                    self.disk.cache[lo as usize..hi as usize]
+                        .copy_from_slice(&d[(lo - base) as usize..(hi - base) as usize]);
+                }
+                self.engine.fill_done(c);
+            }
+        }
+        true
+    }
+
+    fn sync(&mut self) {
+        let batch: SyncBatch = self.engine.begin_sync();
+        // Invariant 1: the data first, then the bits.
+        self.disk.durable.copy_from_slice(&self.disk.cache);
+        for r in &batch.blocks {
+            self.map.present[r.start as usize..r.end as usize].fill(true);
+        }
+        for c in &batch.guest_chunks {
+            self.map.guest.set(*c as usize, true);
+        }
+        self.engine.sync_done(batch);
+    }
+
+    fn guest_read(&mut self, offset: u64, len: u64) {
+        for _ in 0..10_000 {
+            match self.engine.plan_read(offset, len) {
+                ReadPlan::Ready => {
+                    let got = &self.disk.cache[offset as usize..(offset + len) as usize];
+                    let want = &self.model[offset as usize..(offset + len) as usize];
+                    assert!(got == want, "read at {offset}+{len} returned wrong data");
+                    return;
+                }
+                ReadPlan::Wait { start } => {
+                    for r in start {
+                        self.send(r);
+                    }
+                    assert!(self.advance(), "read waits but nothing is in flight");
+                }
+                ReadPlan::Failed(e) => panic!("migration failed: {e}"),
+            }
+        }
+        panic!("read never became ready");
+    }
+
+    fn guest_write(&mut self, offset: u64, len: u64) {
+        self.write_stamp += 1;
+        let stamp = self.write_stamp.to_le_bytes();
+        let data: Vec<u8> = (0..len).map(|i| stamp[(i % 4) as usize] ^ 0xa5).collect();
+        for _ in 0..10_000 {
+            match self.engine.plan_write(offset, len) {
+                WritePlan::Ready(blocks) => {
+                    let r = offset as usize..(offset + len) as usize;
+                    self.disk.cache[r.clone()].copy_from_slice(&data);
+                    self.model[r].copy_from_slice(&data);
+                    for b in blocks.clone() {
+                        let br = self.geo().block_bytes(b);
+                        let v = self.model[br.start as usize..br.end as usize].to_vec();
+                        self.acceptable[b as usize].push(v);
+                    }
+                    self.engine.write_done(blocks);
+                    return;
+                }
+                WritePlan::Wait { start } => {
+                    for r in start {
+                        self.send(r);
+                    }
+                    assert!(self.advance(), "write waits but nothing is in flight");
+                }
+                WritePlan::Failed(e) => panic!("migration failed: {e}"),
+            }
+        }
+        panic!("write never became ready");
+    }
+
+    fn guest_flush(&mut self) {
+        self.sync();
+        // Everything acked before the flush is now the only acceptable
+        // content after a crash.
+        for b in 0..self.geo().blocks() {
+            let r = self.geo().block_bytes(b);
+            self.acceptable[b as usize] =
+                vec![self.model[r.start as usize..r.end as usize].to_vec()];
+        }
+    }
+
+    /// Crash: the volatile cache, the engine and the link are lost.
+    fn crash(&mut self) {
+        self.disk.cache.copy_from_slice(&self.disk.durable);
+        self.events.clear();
+        self.pending_fills.clear();
+        // Invariant 1: every persisted present bit covers durable data that
+        // is acceptable for its block (source data or a guest write).
+        for b in 0..self.geo().blocks() {
+            if self.map.present[b as usize] {
+                let r = self.geo().block_bytes(b);
+                let got = &self.disk.durable[r.start as usize..r.end as usize];
+                assert!(
+                    self.acceptable[b as usize].iter().any(|v| v == got),
+                    "block {b} is marked present on disk but holds data nobody wrote"
+                );
+            }
+        }
+        self.engine = Engine::new(
+            self.manifest.clone(),
+            self.map.present.clone(),
+            self.map.guest.clone(),
+        );
+        // After the crash the guest sees one acceptable version per block:
+        // read every block and adopt what it holds, checking it is allowed.
+        for b in 0..self.geo().blocks() {
+            let r = self.geo().block_bytes(b);
+            let want_any = self.acceptable[b as usize].clone();
+            for _ in 0..10_000 {
+                match self.engine.plan_read(r.start, r.end - r.start) {
+                    ReadPlan::Ready => break,
+                    ReadPlan::Wait { start } => {
+                        for s in start {
+                            self.send(s);
+                        }
+                        assert!(self.advance());
+                    }
+                    ReadPlan::Failed(e) => panic!("{e}"),
+                }
+            }
+            let got = self.disk.cache[r.start as usize..r.end as usize].to_vec();
+            assert!(
+                want_any.iter().any(|v| *v == got),
+                "after a crash block {b} holds neither its flushed data nor a later write \
+                 (a FLUSHed write was lost or garbage appeared)"
+            );
+            self.model[r.start as usize..r.end as usize].copy_from_slice(&got);
+            self.acceptable[b as usize] = vec![got];
+        }
+    }
+
+    fn background_step(&mut self) {
+        while self.engine.in_flight() < 6 {
+            match self.engine.next_background(3) {
+                Some(r) => self.send(r),
+                None => break,
+            }
+        }
+    }
+
+    fn random_extent(&mut self) -> (u64, u64) {
+        let size = self.geo().disk_size;
+        if self.rng.chance(500) {
+            // Block-aligned.
+            let blocks = self.geo().blocks();
+            let b = self.rng.below(blocks);
+            let n = 1 + self.rng.below(6.min(blocks - b));
+            let r0 = self.geo().block_bytes(b).start;
+            let r1 = self.geo().block_bytes(b + n - 1).end;
+            (r0, r1 - r0)
+        } else {
+            let off = self.rng.below(size);
+            let len = 1 + self.rng.below((3 * BS as u64).min(size - off));
+            (off, len)
+        }
+    }
+
+    fn run(&mut self, steps: u64, crash_per_mille: u64) {
+        for _ in 0..steps {
+            if self.rng.chance(700) {
+                self.background_step();
+            }
+            match self.rng.below(10) {
+                0..=3 => {
+                    let (o, l) = self.random_extent();
+                    self.guest_read(o, l);
+                }
+                4..=6 => {
+                    let (o, l) = self.random_extent();
+                    self.guest_write(o, l);
+                }
+                7 => self.guest_flush(),
+                8 if self.engine.unsynced_bytes() > 0 => self.sync(),
+                _ => {
+                    self.advance();
+                }
+            }
+            if self.rng.chance(crash_per_mille) {
+                self.crash();
+            }
+        }
+        // Let the copy finish.
+        for _ in 0..100_000 {
+            self.background_step();
+            if !self.advance() {
+                break;
+            }
+        }
+        self.sync();
+        assert_eq!(
+            self.engine.phase(),
+            ferry_core::Phase::Complete,
+            "background copy did not finish"
+        );
+        assert!(
+            self.disk.cache == self.model,
+            "final disk differs from source + guest writes"
+        );
+        // Invariant 7.
+        assert_eq!(self.zero_chunk_requests, 0, "a zero chunk crossed the wire");
+        // Every verifiable chunk equals its source hash.
+        for (c, h) in self.engine.verifiable_chunks() {
+            let r = self.geo().chunk_bytes(c);
+            assert_eq!(
+                *blake3::hash(&self.disk.cache[r.start as usize..r.end as usize]).as_bytes(),
+                h
+            );
+        }
+    }
+}
+
+#[test]
+fn random_workloads_without_crashes_keep_every_invariant() {
+    for seed in 0..150 {
+        let mut sim = Sim::new(seed, 16 * 1024, 24, (seed % 3) * 1000);
+        sim.run(300, 0);
+        assert!(sim.bytes_requested > 0);
+    }
+}
+
+#[test]
+fn random_workloads_with_crashes_keep_every_invariant() {
+    for seed in 1000..1150 {
+        let mut sim = Sim::new(seed, 16 * 1024, 20, (seed % 2) * 4096 + 100);
+        sim.run(300, 15);
+    }
+}
+
+#[test]
+fn without_loss_or_guest_every_data_byte_crosses_once() {
+    let mut sim = Sim::new(7, 64 * 1024, 64, 0);
+    sim.loss_per_mille = 0;
+    sim.corrupt_per_mille = 0;
+    sim.run(0, 0);
+    assert_eq!(sim.bytes_requested, sim.manifest.data_bytes());
+    assert_eq!(
+        sim.engine.counters().fetched_background,
+        sim.manifest.data_bytes()
+    );
+}
+
+#[test]
+fn late_fetched_data_never_overwrites_a_guest_write() {
+    // Invariant 3, one scenario spelled out.
+    let mut sim = Sim::new(11, 16 * 1024, 8, 0);
+    let c = (0..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let start = sim.geo().chunk_bytes(c).start;
+    // The read starts a fetch of the chunk...
+    assert!(matches!(
+        sim.engine.plan_read(start, 4096),
+        ReadPlan::Wait { .. }
+    ));
+    // ...the guest overwrites its second block while the data is in flight...
+    assert_eq!(
+        sim.engine.plan_write(start + 4096, 4096),
+        WritePlan::Ready(sim.geo().blocks_touching(start + 4096, 4096))
+    );
+    sim.disk.cache[(start + 4096) as usize..(start + 8192) as usize].fill(0xee);
+    // ...and the data arrives: that block is not in the fill.
+    let r = sim.geo().chunk_bytes(c);
+    let data = sim.source[r.start as usize..r.end as usize].to_vec();
+    match sim.engine.fetch_arrived(c, &data) {
+        Arrival::Fill(plan) => {
+            let b = sim.geo().blocks_touching(start + 4096, 4096).start;
+            assert!(
+                plan.runs.iter().all(|run| !run.contains(&b)),
+                "fill would overwrite the guest write"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(sim.engine.counters().discarded_guest_won, 4096);
+}
+
+#[test]
+fn sub_block_write_to_absent_block_fetches_first_whole_block_does_not() {
+    // Invariant 4.
+    let mut sim = Sim::new(12, 16 * 1024, 8, 0);
+    let c = (0..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let start = sim.geo().chunk_bytes(c).start;
+    match sim.engine.plan_write(start + 100, 10) {
+        WritePlan::Wait { start: s } => assert_eq!(s, vec![c..c + 1]),
+        other => panic!("sub-block write did not fetch: {other:?}"),
+    }
+    // A whole-block write elsewhere in an absent chunk goes ahead at once.
+    let c2 = (c + 1..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("another data chunk");
+    let s2 = sim.geo().chunk_bytes(c2).start;
+    assert!(matches!(
+        sim.engine.plan_write(s2, 8192),
+        WritePlan::Ready(_)
+    ));
+}
+
+#[test]
+fn corrupt_data_is_never_marked_present() {
+    // Invariant 5.
+    let mut sim = Sim::new(13, 16 * 1024, 8, 0);
+    let c = (0..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let r = sim.geo().chunk_bytes(c);
+    assert!(matches!(
+        sim.engine.plan_read(r.start, 1),
+        ReadPlan::Wait { .. }
+    ));
+    let mut data = sim.source[r.start as usize..r.end as usize].to_vec();
+    data[5] ^= 1;
+    assert_eq!(
+        sim.engine.fetch_arrived(c, &data),
+        Arrival::Corrupt { chunk: c }
+    );
+    assert!(!sim.engine.is_present(sim.geo().chunk_blocks(c).start));
+    // It is fetched again on the next plan.
+    assert_eq!(
+        sim.engine.plan_read(r.start, 1),
+        ReadPlan::Wait {
+            start: vec![c..c + 1]
+        }
+    );
+    // A source that keeps sending other data stops the migration (invariant 6).
+    for _ in 1..ferry_core::engine::MAX_CORRUPT_RETRIES {
+        let _ = sim.engine.fetch_arrived(c, &data);
+    }
+    assert!(matches!(sim.engine.phase(), ferry_core::Phase::Error(_)));
+    assert!(matches!(
+        sim.engine.plan_read(r.start, 1),
+        ReadPlan::Failed(_)
+    ));
+}
+
+#[test]
+fn unsynced_bits_are_not_handed_out_before_their_write_completes() {
+    // Invariant 1 at the API: a fill in progress is not in a sync batch.
+    let mut sim = Sim::new(14, 16 * 1024, 8, 0);
+    let c = (0..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let r = sim.geo().chunk_bytes(c);
+    let _ = sim.engine.plan_read(r.start, 1);
+    let data = sim.source[r.start as usize..r.end as usize].to_vec();
+    assert!(matches!(
+        sim.engine.fetch_arrived(c, &data),
+        Arrival::Fill(_)
+    ));
+    assert!(
+        sim.engine.begin_sync().is_empty(),
+        "bits of an unwritten fill were handed out"
+    );
+    sim.engine.fill_done(c);
+    let batch = sim.engine.begin_sync();
+    assert_eq!(batch.blocks, vec![sim.geo().chunk_blocks(c)]);
+}
