@@ -342,12 +342,12 @@ impl Engine {
         // Partial head and tail blocks that are absent need their old data.
         let end = offset + len;
         let mut partial = Vec::new();
-        if offset % bs != 0 {
+        if !offset.is_multiple_of(bs) {
             partial.push(blocks.start);
         }
         let tail_block = blocks.end - 1;
         let tail_end = self.geo.block_bytes(tail_block).end;
-        if end % bs != 0 && end != tail_end && !partial.contains(&tail_block) {
+        if !end.is_multiple_of(bs) && end != tail_end && !partial.contains(&tail_block) {
             partial.push(tail_block);
         }
         for b in partial {

@@ -26,7 +26,7 @@ impl Geometry {
     /// If `chunk_size` is not a non-zero multiple of [`BLOCK_SIZE`].
     pub fn new(disk_size: u64, chunk_size: u32) -> Self {
         assert!(
-            chunk_size >= BLOCK_SIZE && chunk_size % BLOCK_SIZE == 0,
+            chunk_size >= BLOCK_SIZE && chunk_size.is_multiple_of(BLOCK_SIZE),
             "chunk size {chunk_size} is not a multiple of the block size"
         );
         Self {

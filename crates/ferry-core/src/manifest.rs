@@ -132,7 +132,7 @@ impl Manifest {
         let chunk_size = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes"));
         let n = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
         if chunk_size < crate::geometry::BLOCK_SIZE
-            || chunk_size % crate::geometry::BLOCK_SIZE != 0
+            || !chunk_size.is_multiple_of(crate::geometry::BLOCK_SIZE)
             || chunk_size > 64 * 1024 * 1024
         {
             return Err(ManifestError::Malformed("bad chunk size"));
