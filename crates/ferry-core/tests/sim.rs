@@ -1,4 +1,5 @@
 //! Deterministic simulation of a migration: a simulated source, a link with
+#![allow(clippy::single_range_in_vec_init)]
 //! latency and loss (and corruption), a guest issuing reads, writes and
 //! flushes, a backing disk with a volatile cache, and crashes at chosen
 //! points. It drives the sans-IO [`Engine`] exactly as the daemon does and
@@ -325,7 +326,7 @@ impl Sim {
             }
             let got = self.disk.cache[r.start as usize..r.end as usize].to_vec();
             assert!(
-                want_any.iter().any(|v| *v == got),
+                want_any.contains(&got),
                 "after a crash block {b} holds neither its flushed data nor a later write \
                  (a FLUSHed write was lost or garbage appeared)"
             );
