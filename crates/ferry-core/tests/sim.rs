@@ -1,5 +1,4 @@
 //! Deterministic simulation of a migration: a simulated source, a link with
-#![allow(clippy::single_range_in_vec_init)]
 //! latency and loss (and corruption), a guest issuing reads, writes and
 //! flushes, a backing disk with a volatile cache, and crashes at chosen
 //! points. It drives the sans-IO [`Engine`] exactly as the daemon does and

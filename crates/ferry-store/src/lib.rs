@@ -1,1 +1,18 @@
-//! Placeholder.
+//! ferry's local storage.
+//!
+//! - [`backing`]: the destination's backing file (sparse, the size of the
+//!   source), written by fills and guest writes.
+//! - [`state`]: the persistent block map beside it: which blocks are present
+//!   and which chunks the guest wrote, tied to one source by its id.
+//! - [`source`]: the source side: opening an image or block device
+//!   read-only, finding holes and zero chunks, hashing data chunks into a
+//!   [`ferry_core::Manifest`], and caching that manifest.
+#![forbid(unsafe_code)]
+
+pub mod backing;
+pub mod source;
+pub mod state;
+
+pub use backing::{Backing, BackingError};
+pub use source::{SourceError, SourceImage};
+pub use state::{StateError, StateFile};
