@@ -1,0 +1,199 @@
+//! `ublk-mem`: serves an in-memory (or file-backed) device through ublk, for
+//! the VM harness (`cargo xtask vm-test`) and manual experiments.
+//!
+//! Prints `LIVE /dev/ublkbN` on stdout once the device is live. SIGTERM or
+//! SIGINT stops and deletes the device; SIGKILL leaves it quiesced for
+//! `--recover` (the backing file keeps the data across the crash).
+#![forbid(unsafe_code)]
+
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ferry_device::{BlockDevice, MemDevice};
+use ferry_ublk::{dev_id_of, serve_ublk, stop_ublk, UblkOptions};
+
+#[derive(Parser, Debug)]
+#[command(about = "Serve a memory- or file-backed device through ublk")]
+struct Args {
+    /// Size of the device in MiB (a new backing file is made this size).
+    #[arg(long, default_value_t = 64)]
+    size_mib: u64,
+    /// Back the device with this file instead of memory.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Device id (/dev/ublkbN); required with --recover.
+    #[arg(long)]
+    dev_id: Option<u32>,
+    /// Re-attach to device --dev-id left behind by a crashed server.
+    #[arg(long)]
+    recover: bool,
+    /// Hardware queues.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 64)]
+    depth: u16,
+    /// Largest request in KiB.
+    #[arg(long, default_value_t = 1024)]
+    io_buf_kib: u32,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(io::stderr)
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let opts = UblkOptions {
+        dev_id: args.dev_id,
+        queues: args.queues,
+        depth: args.depth,
+        io_buf_bytes: args.io_buf_kib * 1024,
+        recover: args.recover,
+    };
+    let size = args.size_mib << 20;
+    match &args.file {
+        Some(path) => {
+            let device = Arc::new(FileDevice::open(path, size)?);
+            serve(device, &rt, opts)
+        }
+        None => serve(Arc::new(MemDevice::new(size)), &rt, opts),
+    }
+}
+
+fn serve<D: BlockDevice>(
+    device: Arc<D>,
+    rt: &tokio::runtime::Runtime,
+    opts: UblkOptions,
+) -> Result<()> {
+    let handle = rt.handle().clone();
+    let on_live = move |path: &str| {
+        println!("LIVE {path}");
+        let _ = io::stdout().flush();
+        if let Some(dev_id) = dev_id_of(path) {
+            handle.spawn(stop_on_signal(dev_id));
+        }
+    };
+    serve_ublk(device, rt.handle().clone(), opts, on_live).context("serving the ublk device")?;
+    eprintln!("ublk-mem: device stopped");
+    Ok(())
+}
+
+async fn stop_on_signal(dev_id: u32) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("ublk-mem: cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("ublk-mem: stopping /dev/ublkb{dev_id}");
+    if let Err(e) = tokio::task::spawn_blocking(move || stop_ublk(dev_id)).await {
+        eprintln!("ublk-mem: stop task failed: {e}");
+    }
+}
+
+/// A device backed by a regular file, so its contents survive a crash of the
+/// server (for the recovery check).
+struct FileDevice {
+    file: Arc<std::fs::File>,
+    size: u64,
+}
+
+impl FileDevice {
+    fn open(path: &PathBuf, size: u64) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata()?.len();
+        if len != size {
+            file.set_len(size)
+                .with_context(|| format!("sizing {} to {size} bytes", path.display()))?;
+        }
+        Ok(Self {
+            file: Arc::new(file),
+            size,
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&std::fs::File) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let file = Arc::clone(&self.file);
+        tokio::task::spawn_blocking(move || f(&file))
+            .await
+            .map_err(io::Error::other)?
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        self.blocking(move |f| {
+            let mut buf = vec![0; len as usize];
+            f.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        self.blocking(move |f| {
+            f.write_all_at(&data, offset)?;
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.blocking(|f| f.sync_data()).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, false).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.blocking(move |f| {
+            let zeros = vec![0; len.min(1 << 20) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(zeros.len() as u64);
+                f.write_all_at(&zeros[..n as usize], offset + done)?;
+                done += n;
+            }
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
