@@ -1,1 +1,33 @@
-//! Placeholder.
+//! ferry's QUIC transport: the wire protocol between a source (`ferry serve`)
+//! and a destination (`ferry pull`).
+//!
+//! - [`identity`]: self-signed certificates (rcgen) and their SHA-256
+//!   fingerprints, which both ends pin.
+//! - [`tls`]: rustls configurations (ring provider, TLS 1.3 only, ALPN
+//!   `ferry/1`) that accept exactly the pinned peer certificates, both ways.
+//! - [`wire`]: versioned, length-prefixed frames; pure encode/decode.
+//! - [`tuning`]: QUIC windows sized to the bandwidth-delay product, socket
+//!   buffers, keep-alive and idle timeout.
+//! - [`server`]: the source side, serving chunks of a [`server::ChunkSource`].
+//! - [`client`]: the destination side, with reconnect and re-issue.
+//!
+//! Every error is typed ([`IdentityError`], [`WireError`],
+//! [`TransportError`]); nothing a peer sends can make this crate panic.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod error;
+mod frames;
+pub mod identity;
+mod net;
+pub mod server;
+pub mod tls;
+pub mod tuning;
+pub mod wire;
+
+pub use client::{Client, ClientOptions, ClientStats, ConnState};
+pub use error::TransportError;
+pub use identity::{Fingerprint, FingerprintParseError, Identity, IdentityError};
+pub use server::{ChunkSource, Server, ServerOptions};
+pub use tuning::Tuning;
+pub use wire::{ErrorCode, Message, Priority, WireError, PROTOCOL_VERSION};

@@ -1,0 +1,627 @@
+//! The destination side: connects to a source, receives its manifest and
+//! fetches chunks.
+//!
+//! A [`Client`] is a cheap, clonable handle; many tasks may call
+//! [`Client::read_chunks`] at once, each request on its own QUIC stream.
+//! When the connection is lost, the first caller to notice reconnects
+//! (exponential backoff from 100 ms doubling to 5 s, forever) while the
+//! others wait for it, then every caller re-issues its request: guest I/O
+//! waits instead of failing. A reconnect says Hello again and compares the
+//! manifest's source id with the first one: if the source disk changed,
+//! every caller gets [`TransportError::SourceChanged`] from then on
+//! (design invariant 6).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ferry_core::Manifest;
+use quinn::{Connection, ConnectionError, Endpoint, VarInt};
+
+use crate::error::TransportError;
+use crate::frames::{self, ReadFail, CODE_ABORTED};
+use crate::identity::{Fingerprint, Identity};
+use crate::net;
+use crate::tls::{self, PinnedServerVerifier};
+use crate::tuning::Tuning;
+use crate::wire::{self, Message, Priority, MAX_MANIFEST_PART, MAX_READ_BYTES, PROTOCOL_VERSION};
+
+/// Largest frame expected where no chunk can come (Welcome, Error).
+const SMALL_FRAME: usize = wire::MAX_ERROR_MESSAGE + 64;
+
+/// First reconnect delay.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Largest manifest accepted: 16 GiB (a 32 TiB disk at 64 KiB chunks).
+pub const MAX_MANIFEST_LEN: u64 = 16 << 30;
+
+/// How to reach a source.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// The source's address.
+    pub server: SocketAddr,
+    /// Our identity (the source must trust its fingerprint).
+    pub identity: Identity,
+    /// The source's certificate fingerprint, pinned.
+    pub server_fingerprint: Fingerprint,
+    /// QUIC tuning.
+    pub tuning: Tuning,
+    /// How long [`Client::connect`] (and each reconnect attempt) may take.
+    pub connect_timeout: Duration,
+}
+
+/// State of the connection to the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Connected (as far as we know).
+    Connected,
+    /// The connection was lost and has not been re-established yet (or
+    /// the source changed, and it never will be).
+    Reconnecting,
+}
+
+/// Counters of a [`Client`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connection state.
+    pub state: ConnState,
+    /// Successful reconnects.
+    pub reconnects: u64,
+    /// UDP payload bytes received, all connections together (quinn's
+    /// `udp_rx.bytes`): what really crossed the wire, headers and
+    /// retransmissions included.
+    pub wire_rx_bytes: u64,
+    /// UDP payload bytes sent, all connections together.
+    pub wire_tx_bytes: u64,
+}
+
+/// A handle to a source. Clone it freely.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.addr)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    addr: SocketAddr,
+    ours: Fingerprint,
+    expected: Fingerprint,
+    connect_timeout: Duration,
+    endpoint: Endpoint,
+    config: quinn::ClientConfig,
+    verifier: Arc<PinnedServerVerifier>,
+    manifest: Arc<Manifest>,
+    state: Mutex<State>,
+    /// Held by the one task that reconnects.
+    reconnect_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    conn: Option<Connection>,
+    /// Bumped on every successful reconnect.
+    generation: u64,
+    reconnects: u64,
+    rx_base: u64,
+    tx_base: u64,
+    changed: Option<(String, String)>,
+}
+
+/// How a request failed.
+enum Fail {
+    /// The connection is gone: reconnect and re-issue.
+    Lost(ConnectionError),
+    /// The source abandoned the response (e.g. shutting down): re-issue.
+    Retry(String),
+    /// A protocol error: give up.
+    Fatal(TransportError),
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Client {
+    /// Connects (within `connect_timeout`, else
+    /// [`TransportError::Unreachable`] naming the address), says Hello,
+    /// receives the manifest.
+    pub async fn connect(opts: ClientOptions) -> Result<Client, TransportError> {
+        let (config, verifier) = tls::quinn_client_config_with_verifier(
+            &opts.identity,
+            opts.server_fingerprint,
+            &opts.tuning,
+        )?;
+        let bind: SocketAddr = if opts.server.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = net::udp_socket(bind, opts.tuning.socket_buffer)?;
+        let endpoint = net::endpoint(sock, None)?;
+        let mut inner = Inner {
+            addr: opts.server,
+            ours: opts.identity.fingerprint(),
+            expected: opts.server_fingerprint,
+            connect_timeout: opts.connect_timeout,
+            endpoint,
+            config,
+            verifier,
+            // Replaced below by the source's.
+            manifest: Arc::new(Manifest::new(ferry_core::Geometry::new(0, 4096), vec![])),
+            state: Mutex::new(State::default()),
+            reconnect_lock: tokio::sync::Mutex::new(()),
+        };
+        let (conn, manifest) = inner.establish().await?;
+        tracing::info!(
+            addr = %inner.addr,
+            source_id = %hex(&manifest.source_id()),
+            chunks = manifest.geometry().chunks(),
+            "connected to the source"
+        );
+        inner.manifest = Arc::new(manifest);
+        inner
+            .state
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .conn = Some(conn);
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The source's manifest, as received at the first connection.
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.inner.manifest
+    }
+
+    /// Fetches chunks `first..first + count` (all Data), in order. Requests
+    /// larger than [`MAX_READ_BYTES`] are split. On a lost connection it
+    /// reconnects with exponential backoff (100 ms doubling to 5 s, forever)
+    /// and re-issues the request: callers wait instead of failing. Returns
+    /// `Err` only for protocol errors: the source changed
+    /// ([`TransportError::SourceChanged`]), the source's `Error` frames
+    /// ([`TransportError::Remote`], e.g. a zero or out-of-range chunk), or
+    /// malformed responses.
+    pub async fn read_chunks(
+        &self,
+        first: u64,
+        count: u32,
+        priority: Priority,
+    ) -> Result<Vec<Vec<u8>>, TransportError> {
+        let chunk_size = u64::from(self.inner.manifest.geometry().chunk_size);
+        let per = (MAX_READ_BYTES / chunk_size).clamp(1, u64::from(u32::MAX)) as u32;
+        let mut out = Vec::with_capacity(count as usize);
+        let mut done = 0u32;
+        while done < count {
+            let n = per.min(count - done);
+            let start = first
+                .checked_add(u64::from(done))
+                .ok_or(TransportError::Protocol {
+                    op: "read",
+                    reason: "chunk index overflows".into(),
+                })?;
+            out.extend(self.inner.read_piece(start, n, priority).await?);
+            done += n;
+        }
+        Ok(out)
+    }
+
+    /// Connection state, reconnects and honest wire byte counts.
+    pub fn stats(&self) -> ClientStats {
+        let st = self.inner.lock();
+        let (mut rx, mut tx, mut state) = (st.rx_base, st.tx_base, ConnState::Reconnecting);
+        if let Some(c) = &st.conn {
+            let s = c.stats();
+            rx += s.udp_rx.bytes;
+            tx += s.udp_tx.bytes;
+            if c.close_reason().is_none() && st.changed.is_none() {
+                state = ConnState::Connected;
+            }
+        }
+        ClientStats {
+            state,
+            reconnects: st.reconnects,
+            wire_rx_bytes: rx,
+            wire_tx_bytes: tx,
+        }
+    }
+
+    /// Closes the connection to the source (requests in flight fail over
+    /// to a reconnect if the handle is used again).
+    pub fn close(&self) {
+        if let Some(c) = &self.inner.lock().conn {
+            c.close(VarInt::from_u32(0), b"destination closed");
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn source_changed(&self, st: &State) -> Option<TransportError> {
+        st.changed
+            .as_ref()
+            .map(|(before, after)| TransportError::SourceChanged {
+                before: before.clone(),
+                after: after.clone(),
+            })
+    }
+
+    /// Maps a connection failure to the clearest error: certificate
+    /// problems either way, a timeout as unreachable.
+    fn classify(&self, op: &'static str, e: ConnectionError) -> TransportError {
+        if let Some(presented) = self.verifier.take_refused() {
+            return TransportError::ServerNotTrusted {
+                addr: self.addr,
+                presented,
+                expected: self.expected,
+            };
+        }
+        if tls::is_cert_refusal(&e) {
+            return TransportError::CertificateRefused {
+                addr: self.addr,
+                ours: self.ours,
+            };
+        }
+        if matches!(e, ConnectionError::TimedOut) {
+            return TransportError::Unreachable {
+                addr: self.addr,
+                after: self.connect_timeout,
+            };
+        }
+        TransportError::Connection {
+            addr: self.addr,
+            op,
+            source: e,
+        }
+    }
+
+    /// Connects and says Hello, within the connect timeout.
+    async fn establish(&self) -> Result<(Connection, Manifest), TransportError> {
+        match tokio::time::timeout(self.connect_timeout, self.establish_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Unreachable {
+                addr: self.addr,
+                after: self.connect_timeout,
+            }),
+        }
+    }
+
+    async fn establish_inner(&self) -> Result<(Connection, Manifest), TransportError> {
+        let connecting = self
+            .endpoint
+            .connect_with(self.config.clone(), self.addr, tls::SERVER_NAME)
+            .map_err(|source| TransportError::Connect {
+                addr: self.addr,
+                source,
+            })?;
+        let conn = connecting
+            .await
+            .map_err(|e| self.classify("handshake", e))?;
+        match hello(&conn).await {
+            Ok(m) => Ok((conn, m)),
+            Err(f) => {
+                // Count the bytes of the failed connection too.
+                let s = conn.stats();
+                let mut st = self.lock();
+                st.rx_base += s.udp_rx.bytes;
+                st.tx_base += s.udp_tx.bytes;
+                drop(st);
+                conn.close(VarInt::from_u32(0), b"hello failed");
+                Err(match f {
+                    Fail::Lost(e) => self.classify("hello", e),
+                    Fail::Retry(reason) => TransportError::Stream {
+                        op: "hello",
+                        reason,
+                    },
+                    Fail::Fatal(e) => e,
+                })
+            }
+        }
+    }
+
+    /// Replaces the connection of generation `seen`; returns at once if
+    /// another task already did. Only one reconnect runs at a time.
+    async fn reconnect(&self, seen: u64) -> Result<(), TransportError> {
+        let _guard = self.reconnect_lock.lock().await;
+        {
+            let mut st = self.lock();
+            if let Some(e) = self.source_changed(&st) {
+                return Err(e);
+            }
+            if st.generation != seen {
+                return Ok(());
+            }
+            if let Some(old) = st.conn.take() {
+                let s = old.stats();
+                st.rx_base += s.udp_rx.bytes;
+                st.tx_base += s.udp_tx.bytes;
+                old.close(VarInt::from_u32(0), b"reconnecting");
+            }
+        }
+        let mut delay = BACKOFF_START;
+        loop {
+            match self.establish().await {
+                Ok((conn, manifest)) => {
+                    let mut st = self.lock();
+                    let (before, after) = (self.manifest.source_id(), manifest.source_id());
+                    if before != after {
+                        conn.close(VarInt::from_u32(0), b"source changed");
+                        let s = conn.stats();
+                        st.rx_base += s.udp_rx.bytes;
+                        st.tx_base += s.udp_tx.bytes;
+                        st.changed = Some((hex(&before), hex(&after)));
+                        let e = self.source_changed(&st).expect("just set");
+                        tracing::error!(addr = %self.addr, "{e}");
+                        return Err(e);
+                    }
+                    st.conn = Some(conn);
+                    st.generation += 1;
+                    st.reconnects += 1;
+                    tracing::info!(addr = %self.addr, reconnects = st.reconnects, "reconnected to the source");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(addr = %self.addr, "reconnect failed: {e}; retrying in {delay:?}");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn read_piece(
+        &self,
+        first: u64,
+        count: u32,
+        priority: Priority,
+    ) -> Result<Vec<Vec<u8>>, TransportError> {
+        let mut delay = BACKOFF_START;
+        loop {
+            let (generation, conn) = {
+                let st = self.lock();
+                if let Some(e) = self.source_changed(&st) {
+                    return Err(e);
+                }
+                (st.generation, st.conn.clone())
+            };
+            let Some(conn) = conn else {
+                self.reconnect(generation).await?;
+                continue;
+            };
+            match request(&conn, &self.manifest, first, count, priority).await {
+                Ok(v) => return Ok(v),
+                Err(Fail::Fatal(e)) => return Err(e),
+                Err(Fail::Lost(e)) => {
+                    tracing::debug!(addr = %self.addr, first, count, "connection lost during read: {e}");
+                    self.reconnect(generation).await?;
+                }
+                Err(Fail::Retry(reason)) => {
+                    tracing::debug!(addr = %self.addr, first, count, "read abandoned by the source ({reason}); re-issuing in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                    if conn.close_reason().is_some() {
+                        self.reconnect(generation).await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn read_fail(op: &'static str, e: ReadFail) -> Fail {
+    match e {
+        ReadFail::Stream(quinn::ReadError::ConnectionLost(c)) => Fail::Lost(c),
+        ReadFail::Stream(quinn::ReadError::Reset(code)) if code == CODE_ABORTED => {
+            Fail::Retry(format!("stream reset with code {code}"))
+        }
+        ReadFail::Stream(e) => Fail::Fatal(TransportError::Stream {
+            op,
+            reason: e.to_string(),
+        }),
+        ReadFail::Wire(source) => Fail::Fatal(TransportError::Wire { op, source }),
+    }
+}
+
+fn write_fail(op: &'static str, e: quinn::WriteError) -> Fail {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => Fail::Lost(c),
+        quinn::WriteError::Stopped(code) if code == CODE_ABORTED => {
+            Fail::Retry(format!("stream stopped with code {code}"))
+        }
+        e => Fail::Fatal(TransportError::Stream {
+            op,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn protocol(op: &'static str, reason: String) -> Fail {
+    Fail::Fatal(TransportError::Protocol { op, reason })
+}
+
+fn unexpected(op: &'static str, m: &Message) -> Fail {
+    let what = match m {
+        Message::Hello { .. } => "Hello",
+        Message::Welcome { .. } => "Welcome",
+        Message::ManifestBytes(_) => "ManifestBytes",
+        Message::Read { .. } => "Read",
+        Message::Chunk { .. } => "Chunk",
+        Message::Error { .. } => "Error",
+    };
+    protocol(op, format!("unexpected {what} frame"))
+}
+
+/// Says Hello on a new stream and receives the manifest.
+async fn hello(conn: &Connection) -> Result<Manifest, Fail> {
+    const OP: &str = "hello";
+    let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
+    frames::write_msg(
+        &mut send,
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )
+    .await
+    .map_err(|e| write_fail(OP, e))?;
+    let _ = send.finish();
+    let manifest_len = match frames::read_frame(&mut recv, SMALL_FRAME)
+        .await
+        .map_err(|e| read_fail(OP, e))?
+    {
+        Some(Message::Welcome {
+            version,
+            manifest_len,
+        }) => {
+            if version != PROTOCOL_VERSION {
+                return Err(protocol(
+                    OP,
+                    format!("source answered with version {version}"),
+                ));
+            }
+            manifest_len
+        }
+        Some(Message::Error { code, message }) => {
+            return Err(Fail::Fatal(TransportError::Remote {
+                op: OP,
+                code,
+                message,
+            }))
+        }
+        Some(m) => return Err(unexpected(OP, &m)),
+        None => {
+            return Err(protocol(
+                OP,
+                "source closed the stream without a Welcome".into(),
+            ))
+        }
+    };
+    if manifest_len > MAX_MANIFEST_LEN {
+        return Err(protocol(
+            OP,
+            format!("manifest of {manifest_len} bytes is too large"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(manifest_len.min(64 << 20) as usize);
+    loop {
+        match frames::read_frame(&mut recv, MAX_MANIFEST_PART + 1)
+            .await
+            .map_err(|e| read_fail(OP, e))?
+        {
+            Some(Message::ManifestBytes(part)) => {
+                if (bytes.len() + part.len()) as u64 > manifest_len {
+                    return Err(protocol(OP, "more manifest bytes than announced".into()));
+                }
+                bytes.extend_from_slice(&part);
+            }
+            Some(Message::Error { code, message }) => {
+                return Err(Fail::Fatal(TransportError::Remote {
+                    op: OP,
+                    code,
+                    message,
+                }))
+            }
+            Some(m) => return Err(unexpected(OP, &m)),
+            None => break,
+        }
+    }
+    if bytes.len() as u64 != manifest_len {
+        return Err(protocol(
+            OP,
+            format!(
+                "manifest ended after {} of {manifest_len} bytes",
+                bytes.len()
+            ),
+        ));
+    }
+    Manifest::decode(&bytes).map_err(|e| Fail::Fatal(e.into()))
+}
+
+/// One Read on a new stream.
+async fn request(
+    conn: &Connection,
+    manifest: &Manifest,
+    first: u64,
+    count: u32,
+    priority: Priority,
+) -> Result<Vec<Vec<u8>>, Fail> {
+    const OP: &str = "read";
+    let g = manifest.geometry();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
+    let _ = send.set_priority(priority.stream_priority());
+    let req = Message::Read {
+        first_chunk: first,
+        count,
+        priority,
+    };
+    frames::write_msg(&mut send, &req)
+        .await
+        .map_err(|e| write_fail(OP, e))?;
+    let _ = send.finish();
+    let max = (g.chunk_size as usize + 64).min(wire::MAX_FRAME_LEN);
+    let mut out = Vec::with_capacity(count as usize);
+    for i in 0..u64::from(count) {
+        let want = first + i;
+        match frames::read_frame(&mut recv, max)
+            .await
+            .map_err(|e| read_fail(OP, e))?
+        {
+            Some(Message::Chunk { index, data }) => {
+                if index != want {
+                    return Err(protocol(OP, format!("got chunk {index}, expected {want}")));
+                }
+                if want >= g.chunks() || data.len() != g.chunk_len(want) as usize {
+                    return Err(protocol(
+                        OP,
+                        format!(
+                            "chunk {want} has {} bytes, expected {}",
+                            data.len(),
+                            g.chunk_len(want)
+                        ),
+                    ));
+                }
+                out.push(data);
+            }
+            Some(Message::Error { code, message }) => {
+                return Err(Fail::Fatal(TransportError::Remote {
+                    op: OP,
+                    code,
+                    message,
+                }))
+            }
+            Some(m) => return Err(unexpected(OP, &m)),
+            None => {
+                return Err(protocol(
+                    OP,
+                    format!("response ended after {i} of {count} chunks"),
+                ))
+            }
+        }
+    }
+    match frames::read_frame(&mut recv, SMALL_FRAME).await {
+        Ok(None) => {}
+        // All data is here; a connection lost just now does not matter.
+        Err(ReadFail::Stream(quinn::ReadError::ConnectionLost(_))) => {}
+        Ok(Some(Message::Error { code, message })) => {
+            return Err(Fail::Fatal(TransportError::Remote {
+                op: OP,
+                code,
+                message,
+            }))
+        }
+        Ok(Some(m)) => return Err(unexpected(OP, &m)),
+        Err(e) => return Err(read_fail(OP, e)),
+    }
+    Ok(out)
+}

@@ -1,0 +1,55 @@
+//! UDP sockets with large kernel buffers, wrapped into quinn endpoints.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+
+use crate::error::TransportError;
+
+/// Binds a UDP socket at `addr` and asks for `buffer` bytes of send and
+/// receive buffer (the kernel may grant less; that is logged, not fatal).
+pub(crate) fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, TransportError> {
+    let sock = UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    if buffer > 0 {
+        if let Err(e) = setsockopt(&sock, sockopt::RcvBuf, &buffer) {
+            tracing::warn!(%addr, error = %e, "cannot set the UDP receive buffer");
+        }
+        if let Err(e) = setsockopt(&sock, sockopt::SndBuf, &buffer) {
+            tracing::warn!(%addr, error = %e, "cannot set the UDP send buffer");
+        }
+        // Linux reports twice the usable size it granted.
+        let rcv = getsockopt(&sock, sockopt::RcvBuf).unwrap_or(0) / 2;
+        let snd = getsockopt(&sock, sockopt::SndBuf).unwrap_or(0) / 2;
+        if rcv < buffer || snd < buffer {
+            tracing::debug!(
+                %addr, requested = buffer, receive = rcv, send = snd,
+                "the kernel granted smaller UDP buffers (net.core.rmem_max / wmem_max)"
+            );
+        }
+    }
+    sock.set_nonblocking(true)
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    Ok(sock)
+}
+
+/// A quinn endpoint on `sock` (server side when `server` is given). Must be
+/// called inside a tokio runtime.
+pub(crate) fn endpoint(
+    sock: UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, TransportError> {
+    let addr = sock
+        .local_addr()
+        .map_err(|source| TransportError::Endpoint { source })?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| {
+        tracing::debug!(%addr, "cannot create the QUIC endpoint");
+        TransportError::Endpoint { source }
+    })
+}

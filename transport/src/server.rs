@@ -1,0 +1,456 @@
+//! The source side: serves the manifest and chunks of a [`ChunkSource`] to
+//! authenticated destinations over QUIC.
+//!
+//! One task per connection, one task per stream. Chunk reads are blocking
+//! (a file or block device) and run in `spawn_blocking`, at most
+//! [`MAX_CONCURRENT_READS`] at a time across the server; a response reads
+//! the next chunk while it sends the current one. Responses to on-demand
+//! reads get a high stream priority, background ones a low one. A malformed
+//! request gets an `Error` frame and its stream is stopped; the connection
+//! and the server stay up.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use ferry_core::{ChunkKind, Manifest};
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::error::TransportError;
+use crate::frames::{self, ReadFail, CODE_ABORTED, CODE_MALFORMED};
+use crate::identity::{Fingerprint, Identity};
+use crate::tuning::Tuning;
+use crate::wire::{
+    self, ErrorCode, Message, Priority, MAX_MANIFEST_PART, MAX_READ_BYTES, PROTOCOL_VERSION,
+};
+use crate::{net, tls};
+
+/// Chunk reads running at once (blocking threads), server-wide.
+pub const MAX_CONCURRENT_READS: usize = 8;
+/// Largest request frame accepted (requests are a few bytes).
+const MAX_REQUEST_FRAME: usize = 1024;
+
+/// What the server serves: a manifest and the chunks it describes.
+pub trait ChunkSource: Send + Sync + 'static {
+    /// The manifest of the source disk (fixed for the source's lifetime).
+    fn manifest(&self) -> &Manifest;
+    /// Blocking read of chunk `index` (full chunk length, last one may be
+    /// short) into buf.
+    fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()>;
+}
+
+/// How to run a server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The source's identity (its certificate is what clients pin).
+    pub identity: Identity,
+    /// Fingerprints of the destinations allowed to connect.
+    pub trusted: Vec<Fingerprint>,
+    /// QUIC tuning.
+    pub tuning: Tuning,
+    /// Test hook: chunks whose FIRST transmission gets one byte flipped.
+    pub corrupt_once: Vec<u64>,
+}
+
+/// A bound source server; [`Server::run`] serves it.
+pub struct Server {
+    endpoint: Endpoint,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    source: Arc<dyn ChunkSource>,
+    manifest_bytes: Vec<u8>,
+    reads: Arc<Semaphore>,
+    corrupt_once: Mutex<HashSet<u64>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Binds the UDP socket and sets up TLS. Must be called inside a tokio
+    /// runtime. Fails with [`TransportError::Bind`] naming the address when
+    /// the port is in use.
+    pub fn bind(
+        opts: ServerOptions,
+        source: Arc<dyn ChunkSource>,
+    ) -> Result<Server, TransportError> {
+        if opts.trusted.is_empty() {
+            tracing::warn!("no trusted destination fingerprints: every client will be refused");
+        }
+        let config = tls::quinn_server_config(&opts.identity, &opts.trusted, &opts.tuning)?;
+        let sock = net::udp_socket(opts.listen, opts.tuning.socket_buffer)?;
+        let endpoint = net::endpoint(sock, Some(config))?;
+        let local = endpoint
+            .local_addr()
+            .map_err(|source| TransportError::Endpoint { source })?;
+        let manifest_bytes = source.manifest().encode();
+        tracing::info!(
+            %local,
+            fingerprint = %opts.identity.fingerprint(),
+            chunks = source.manifest().geometry().chunks(),
+            "source listening"
+        );
+        Ok(Server {
+            endpoint,
+            local,
+            shared: Arc::new(Shared {
+                source,
+                manifest_bytes,
+                reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+                corrupt_once: Mutex::new(opts.corrupt_once.into_iter().collect()),
+            }),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Accepts connections until the endpoint is closed. Dropping (aborting)
+    /// this future stops the server: every connection is closed and every
+    /// response in progress is reset, so clients re-issue their requests
+    /// elsewhere or after a restart.
+    pub async fn run(self) -> Result<(), TransportError> {
+        let mut conns = JoinSet::new();
+        // Declared after `conns`, so dropped first: connections are closed
+        // before their tasks are cancelled.
+        let _close = CloseOnDrop(self.endpoint.clone());
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        conns.spawn(handle_incoming(incoming, self.shared.clone()));
+                    }
+                    None => break,
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+struct CloseOnDrop(Endpoint);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(VarInt::from_u32(0), b"source stopped");
+    }
+}
+
+fn peer_fingerprint(conn: &Connection) -> Option<Fingerprint> {
+    let id = conn.peer_identity()?;
+    let certs = id
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    certs.first().map(|c| Fingerprint::of_cert(c))
+}
+
+async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    let peer = peer_fingerprint(&conn);
+    tracing::info!(%remote, peer = ?peer, "destination connected");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(handle_stream(send, recv, shared.clone(), remote));
+                }
+                Err(e) => {
+                    tracing::info!(%remote, "connection closed: {e}");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+/// A response stream that is reset, not finished, if dropped before
+/// [`Responder::finish`]: a cancelled response must not look complete.
+struct Responder {
+    send: Option<SendStream>,
+}
+
+impl Responder {
+    fn stream(&mut self) -> &mut SendStream {
+        self.send.as_mut().expect("responder used after finish")
+    }
+
+    async fn send(&mut self, msg: &Message) -> Result<(), quinn::WriteError> {
+        frames::write_msg(self.stream(), msg).await
+    }
+
+    async fn error(&mut self, code: ErrorCode, message: String) {
+        if let Err(e) = self.send(&Message::Error { code, message }).await {
+            tracing::debug!("cannot send error frame: {e}");
+        }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut s) = self.send.take() {
+            let _ = s.finish();
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.send.take() {
+            let _ = s.reset(CODE_ABORTED);
+        }
+    }
+}
+
+async fn handle_stream(
+    send: SendStream,
+    mut recv: RecvStream,
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+) {
+    let mut resp = Responder { send: Some(send) };
+    let request = match frames::read_frame(&mut recv, MAX_REQUEST_FRAME).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            resp.finish();
+            return;
+        }
+        Err(ReadFail::Wire(e)) => {
+            tracing::warn!(%remote, "malformed request: {e}");
+            let _ = recv.stop(CODE_MALFORMED);
+            resp.error(ErrorCode::Malformed, format!("malformed request: {e}"))
+                .await;
+            return;
+        }
+        Err(ReadFail::Stream(e)) => {
+            tracing::debug!(%remote, "request stream failed: {e}");
+            return;
+        }
+    };
+    match request {
+        Message::Hello { version } => hello(&mut resp, &shared, version, remote).await,
+        Message::Read {
+            first_chunk,
+            count,
+            priority,
+        } => read(&mut resp, &shared, first_chunk, count, priority, remote).await,
+        other => {
+            tracing::warn!(%remote, "unexpected request {other:?}");
+            let _ = recv.stop(CODE_MALFORMED);
+            resp.error(
+                ErrorCode::UnexpectedMessage,
+                "expected Hello or Read".to_string(),
+            )
+            .await;
+        }
+    }
+}
+
+async fn hello(resp: &mut Responder, shared: &Shared, version: u16, remote: SocketAddr) {
+    if version != PROTOCOL_VERSION {
+        tracing::warn!(%remote, version, "destination speaks another protocol version");
+        resp.error(
+            ErrorCode::VersionMismatch,
+            format!("source speaks protocol version {PROTOCOL_VERSION}, destination {version}"),
+        )
+        .await;
+        return;
+    }
+    let welcome = Message::Welcome {
+        version: PROTOCOL_VERSION,
+        manifest_len: shared.manifest_bytes.len() as u64,
+    };
+    if resp.send(&welcome).await.is_err() {
+        return;
+    }
+    // Empty manifests (a zero-size disk) still get their one frame.
+    let mut parts = shared.manifest_bytes.chunks(MAX_MANIFEST_PART).peekable();
+    if parts.peek().is_none() {
+        let _ = resp.send(&Message::ManifestBytes(Vec::new())).await;
+    }
+    for part in parts {
+        if let Err(e) = resp.send(&Message::ManifestBytes(part.to_vec())).await {
+            tracing::debug!(%remote, "sending the manifest failed: {e}");
+            return;
+        }
+    }
+    resp.finish();
+}
+
+/// Checks a Read against the manifest; the error to send back otherwise.
+fn check_read(manifest: &Manifest, first: u64, count: u32) -> Result<u64, (ErrorCode, String)> {
+    let g = manifest.geometry();
+    let n = g.chunks();
+    let end = match first.checked_add(u64::from(count)) {
+        Some(end) if end <= n => end,
+        _ => {
+            return Err((
+                ErrorCode::OutOfRange,
+                format!("chunks {first}+{count} go past the end of the disk ({n} chunks)"),
+            ))
+        }
+    };
+    if u64::from(count) * u64::from(g.chunk_size) > MAX_READ_BYTES.max(u64::from(g.chunk_size)) {
+        return Err((
+            ErrorCode::TooLarge,
+            format!("a read may cover at most {MAX_READ_BYTES} bytes, {count} chunks asked"),
+        ));
+    }
+    if let Some(z) = (first..end).find(|&i| manifest.chunk(i) == ChunkKind::Zero) {
+        return Err((
+            ErrorCode::ZeroChunk,
+            format!("chunk {z} is a zero chunk: zero chunks never cross the wire"),
+        ));
+    }
+    Ok(end)
+}
+
+async fn read_one(shared: &Arc<Shared>, index: u64) -> Result<Vec<u8>, String> {
+    let permit = shared
+        .reads
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| "server shutting down".to_string())?;
+    let s = shared.clone();
+    let expected = s.source.manifest().geometry().chunk_len(index) as usize;
+    let res = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut buf = Vec::with_capacity(expected);
+        s.source.read_chunk(index, &mut buf).map(|()| buf)
+    })
+    .await;
+    let mut buf = match res {
+        Ok(Ok(buf)) => buf,
+        Ok(Err(e)) => return Err(format!("reading chunk {index}: {e}")),
+        Err(e) => return Err(format!("reading chunk {index}: read task failed: {e}")),
+    };
+    if buf.len() != expected {
+        return Err(format!(
+            "reading chunk {index}: got {} bytes, expected {expected}",
+            buf.len()
+        ));
+    }
+    let corrupt = shared
+        .corrupt_once
+        .lock()
+        .map(|mut set| set.remove(&index))
+        .unwrap_or(false);
+    if corrupt && !buf.is_empty() {
+        tracing::warn!(
+            index,
+            "test hook: corrupting this transmission of the chunk"
+        );
+        let mid = buf.len() / 2;
+        buf[mid] ^= 0x5a;
+    }
+    Ok(buf)
+}
+
+async fn read(
+    resp: &mut Responder,
+    shared: &Arc<Shared>,
+    first: u64,
+    count: u32,
+    priority: Priority,
+    remote: SocketAddr,
+) {
+    let _ = resp.stream().set_priority(priority.stream_priority());
+    let end = match check_read(shared.source.manifest(), first, count) {
+        Ok(end) => end,
+        Err((code, message)) => {
+            tracing::debug!(%remote, "refused read: {message}");
+            resp.error(code, message).await;
+            return;
+        }
+    };
+    if first == end {
+        resp.finish();
+        return;
+    }
+    // Read chunk i+1 while chunk i is being sent.
+    let mut current = read_one(shared, first).await;
+    for i in first..end {
+        let data = match current {
+            Ok(d) => d,
+            Err(message) => {
+                tracing::warn!(%remote, "{message}");
+                resp.error(ErrorCode::ReadFailed, message).await;
+                return;
+            }
+        };
+        let send = async {
+            let s = resp.stream();
+            s.write_all(&wire::chunk_header(i, data.len())).await?;
+            s.write_all(&data).await
+        };
+        let (sent, next) = if i + 1 < end {
+            let (sent, next) = tokio::join!(send, read_one(shared, i + 1));
+            (sent, next)
+        } else {
+            (send.await, Ok(Vec::new()))
+        };
+        if let Err(e) = sent {
+            tracing::debug!(%remote, "response stream failed: {e}");
+            return;
+        }
+        current = next;
+    }
+    resp.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_core::Geometry;
+
+    #[test]
+    fn read_checks() {
+        let g = Geometry::new(4 * 65536, 65536);
+        let m = Manifest::new(
+            g,
+            vec![
+                ChunkKind::Data([1; 32]),
+                ChunkKind::Zero,
+                ChunkKind::Data([2; 32]),
+                ChunkKind::Data([3; 32]),
+            ],
+        );
+        assert_eq!(check_read(&m, 2, 2), Ok(4));
+        assert_eq!(check_read(&m, 0, 0), Ok(0));
+        assert_eq!(check_read(&m, 0, 2).unwrap_err().0, ErrorCode::ZeroChunk);
+        assert_eq!(check_read(&m, 3, 2).unwrap_err().0, ErrorCode::OutOfRange);
+        assert_eq!(
+            check_read(&m, u64::MAX, 2).unwrap_err().0,
+            ErrorCode::OutOfRange
+        );
+        let big = Manifest::new(
+            Geometry::new(1 << 30, 65536),
+            vec![ChunkKind::Data([0; 32]); 16384],
+        );
+        assert!(check_read(&big, 0, 256).is_ok());
+        assert_eq!(check_read(&big, 0, 257).unwrap_err().0, ErrorCode::TooLarge);
+    }
+}

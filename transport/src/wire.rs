@@ -1,0 +1,605 @@
+//! The wire format: versioned, length-prefixed frames. Pure encode/decode,
+//! no I/O, so it can be fuzzed.
+//!
+//! A frame is `len: u32 LE` (the length of what follows), `type: u8`, then a
+//! type-specific payload, all integers little-endian. `len` is bounded by
+//! [`MAX_FRAME_LEN`]; a reader checks the header (see [`frame_len`]) before
+//! allocating.
+//!
+//! Exchanges, each on its own bidirectional QUIC stream:
+//! - `Hello { version }` → `Welcome { version, manifest_len }` followed by
+//!   [`Message::ManifestBytes`] frames whose payloads, concatenated, are the
+//!   `manifest_len` bytes of [`ferry_core::Manifest::encode`] (one frame for
+//!   manifests up to [`MAX_MANIFEST_PART`]; larger ones, e.g. the 512 MiB
+//!   manifest of a 1 TiB disk, are split) — or an `Error`
+//!   ([`ErrorCode::VersionMismatch`] when the versions differ).
+//! - `Read { first_chunk, count, priority }` → one `Chunk` frame per chunk in
+//!   order, then the server finishes the stream; or an `Error`
+//!   ([`ErrorCode::ZeroChunk`], [`ErrorCode::OutOfRange`], …). Zero chunks
+//!   never cross the wire. A request covers at most [`MAX_READ_BYTES`].
+
+use std::fmt;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of the frame header: `len: u32`.
+pub const HEADER_LEN: usize = 4;
+/// Largest payload of a chunk: 64 MiB (the largest chunk size a manifest
+/// allows).
+pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+/// Largest value of a frame's `len`: the payload plus the type byte and the
+/// largest fixed fields (a `Chunk`'s index).
+pub const MAX_FRAME_LEN: usize = MAX_PAYLOAD + 64;
+/// Largest part of a manifest sent in one [`Message::ManifestBytes`] frame.
+pub const MAX_MANIFEST_PART: usize = 16 * 1024 * 1024;
+/// Largest number of chunk bytes one `Read` may ask for: 16 MiB.
+pub const MAX_READ_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest message of an `Error` frame, in bytes.
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+const T_HELLO: u8 = 1;
+const T_WELCOME: u8 = 2;
+const T_MANIFEST: u8 = 3;
+const T_READ: u8 = 4;
+const T_CHUNK: u8 = 5;
+const T_ERROR: u8 = 6;
+
+/// Priority of a `Read`: guest reads overtake background copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Priority {
+    /// A guest is waiting for this data.
+    OnDemand,
+    /// Background copy.
+    Background,
+}
+
+impl Priority {
+    fn to_u8(self) -> u8 {
+        match self {
+            Priority::OnDemand => 0,
+            Priority::Background => 1,
+        }
+    }
+
+    fn from_u8(v: u8) -> Result<Self, WireError> {
+        match v {
+            0 => Ok(Priority::OnDemand),
+            1 => Ok(Priority::Background),
+            other => Err(WireError::BadPriority(other)),
+        }
+    }
+
+    /// The quinn stream priority for this class (higher is sent first).
+    pub fn stream_priority(self) -> i32 {
+        match self {
+            Priority::OnDemand => 100,
+            Priority::Background => 0,
+        }
+    }
+}
+
+/// What an `Error` frame reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+    /// A `Read` covered a zero chunk: zero chunks never cross the wire.
+    ZeroChunk,
+    /// A `Read` went past the end of the disk.
+    OutOfRange,
+    /// A `Read` asked for more than [`MAX_READ_BYTES`].
+    TooLarge,
+    /// A frame could not be decoded.
+    Malformed,
+    /// A frame that is valid but not expected here.
+    UnexpectedMessage,
+    /// The source failed to read its disk.
+    ReadFailed,
+    /// A code this version does not know.
+    Unknown(u16),
+}
+
+impl ErrorCode {
+    /// The code on the wire.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::VersionMismatch => 1,
+            ErrorCode::ZeroChunk => 2,
+            ErrorCode::OutOfRange => 3,
+            ErrorCode::TooLarge => 4,
+            ErrorCode::Malformed => 5,
+            ErrorCode::UnexpectedMessage => 6,
+            ErrorCode::ReadFailed => 7,
+            ErrorCode::Unknown(v) => v,
+        }
+    }
+
+    /// The code for a wire value; unknown values are kept.
+    pub fn from_u16(v: u16) -> Self {
+        match v {
+            1 => ErrorCode::VersionMismatch,
+            2 => ErrorCode::ZeroChunk,
+            3 => ErrorCode::OutOfRange,
+            4 => ErrorCode::TooLarge,
+            5 => ErrorCode::Malformed,
+            6 => ErrorCode::UnexpectedMessage,
+            7 => ErrorCode::ReadFailed,
+            other => ErrorCode::Unknown(other),
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorCode::Unknown(v) => write!(f, "unknown error {v}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+/// A protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Client → server: the protocol version the client speaks.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u16,
+    },
+    /// Server → client: accepted; the manifest follows.
+    Welcome {
+        /// [`PROTOCOL_VERSION`] of the server.
+        version: u16,
+        /// Length of the encoded manifest that follows.
+        manifest_len: u64,
+    },
+    /// Server → client: (a part of) the encoded manifest.
+    ManifestBytes(Vec<u8>),
+    /// Client → server: send chunks `first_chunk..first_chunk + count`.
+    Read {
+        /// First chunk.
+        first_chunk: u64,
+        /// Number of chunks.
+        count: u32,
+        /// Stream priority the response gets.
+        priority: Priority,
+    },
+    /// Server → client: the bytes of one chunk.
+    Chunk {
+        /// Chunk index.
+        index: u64,
+        /// Its bytes (the last chunk of the disk may be short).
+        data: Vec<u8>,
+    },
+    /// Either way: the request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// A human-readable explanation.
+        message: String,
+    },
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// More bytes are needed: `needed` in total for this frame (or at least
+    /// the header).
+    #[error("frame truncated: have {have} bytes, need {needed}")]
+    Truncated {
+        /// Bytes available.
+        have: usize,
+        /// Bytes needed.
+        needed: usize,
+    },
+    /// The header announces a frame larger than allowed.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// Announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame must hold at least its type byte.
+    #[error("empty frame")]
+    Empty,
+    /// Unknown frame type.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// The payload is shorter or longer than its type requires.
+    #[error("frame type {kind}: payload of {len} bytes, expected {expected}")]
+    BadLength {
+        /// The frame type.
+        kind: u8,
+        /// The payload length.
+        len: usize,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// Unknown priority value.
+    #[error("unknown priority {0}")]
+    BadPriority(u8),
+    /// An error message that is not UTF-8.
+    #[error("error message is not UTF-8")]
+    BadUtf8,
+}
+
+impl Message {
+    /// Encodes this message as one frame.
+    ///
+    /// # Panics
+    /// If a payload exceeds the frame limit (a bug in the caller: the
+    /// server never builds such frames).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + 1 + self.payload_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Appends this message as one frame to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let len = 1 + self.payload_len();
+        assert!(len <= MAX_FRAME_LEN, "frame of {len} bytes is too long");
+        out.extend_from_slice(&(len as u32).to_le_bytes());
+        match self {
+            Message::Hello { version } => {
+                out.push(T_HELLO);
+                out.extend_from_slice(&version.to_le_bytes());
+            }
+            Message::Welcome {
+                version,
+                manifest_len,
+            } => {
+                out.push(T_WELCOME);
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(&manifest_len.to_le_bytes());
+            }
+            Message::ManifestBytes(b) => {
+                out.push(T_MANIFEST);
+                out.extend_from_slice(b);
+            }
+            Message::Read {
+                first_chunk,
+                count,
+                priority,
+            } => {
+                out.push(T_READ);
+                out.extend_from_slice(&first_chunk.to_le_bytes());
+                out.extend_from_slice(&count.to_le_bytes());
+                out.push(priority.to_u8());
+            }
+            Message::Chunk { index, data } => {
+                out.extend_from_slice(&chunk_header(*index, data.len())[HEADER_LEN..]);
+                out.extend_from_slice(data);
+            }
+            Message::Error { code, message } => {
+                out.push(T_ERROR);
+                out.extend_from_slice(&code.to_u16().to_le_bytes());
+                out.extend_from_slice(truncate_utf8(message, MAX_ERROR_MESSAGE).as_bytes());
+            }
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Message::Hello { .. } => 2,
+            Message::Welcome { .. } => 10,
+            Message::ManifestBytes(b) => b.len(),
+            Message::Read { .. } => 13,
+            Message::Chunk { data, .. } => 8 + data.len(),
+            Message::Error { message, .. } => 2 + truncate_utf8(message, MAX_ERROR_MESSAGE).len(),
+        }
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The header (length, type and index) of a `Chunk` frame carrying
+/// `data_len` bytes, so a sender can write the data without copying it into
+/// a frame.
+pub fn chunk_header(index: u64, data_len: usize) -> [u8; HEADER_LEN + 9] {
+    let mut h = [0u8; HEADER_LEN + 9];
+    h[..4].copy_from_slice(&((1 + 8 + data_len) as u32).to_le_bytes());
+    h[4] = T_CHUNK;
+    h[5..].copy_from_slice(&index.to_le_bytes());
+    h
+}
+
+/// The frame length (`len`: the bytes after the header) announced by a
+/// header, checked against `max` (at most [`MAX_FRAME_LEN`]).
+pub fn frame_len(header: [u8; HEADER_LEN], max: usize) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(header) as usize;
+    let max = max.min(MAX_FRAME_LEN);
+    if len > max {
+        return Err(WireError::TooLong { len, max });
+    }
+    if len == 0 {
+        return Err(WireError::Empty);
+    }
+    Ok(len)
+}
+
+/// Decodes one frame from the start of `buf`; returns the message and the
+/// number of bytes it took. [`WireError::Truncated`] means more bytes are
+/// needed.
+pub fn decode(buf: &[u8]) -> Result<(Message, usize), WireError> {
+    let header: [u8; HEADER_LEN] = buf
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or(WireError::Truncated {
+            have: buf.len(),
+            needed: HEADER_LEN,
+        })?;
+    let len = frame_len(header, MAX_FRAME_LEN)?;
+    let total = HEADER_LEN + len;
+    let body = buf.get(HEADER_LEN..total).ok_or(WireError::Truncated {
+        have: buf.len(),
+        needed: total,
+    })?;
+    Ok((decode_body(body)?, total))
+}
+
+/// Decodes the body of a frame (type byte and payload, without the header).
+pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
+    let (&kind, p) = body.split_first().ok_or(WireError::Empty)?;
+    let exact = |n: usize, expected: &'static str| {
+        if p.len() == n {
+            Ok(())
+        } else {
+            Err(WireError::BadLength {
+                kind,
+                len: p.len(),
+                expected,
+            })
+        }
+    };
+    let u16_at = |i: usize| u16::from_le_bytes([p[i], p[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes(p[i..i + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().unwrap_or([0; 8]));
+    match kind {
+        T_HELLO => {
+            exact(2, "2")?;
+            Ok(Message::Hello { version: u16_at(0) })
+        }
+        T_WELCOME => {
+            exact(10, "10")?;
+            Ok(Message::Welcome {
+                version: u16_at(0),
+                manifest_len: u64_at(2),
+            })
+        }
+        T_MANIFEST => {
+            if p.len() > MAX_MANIFEST_PART {
+                return Err(WireError::BadLength {
+                    kind,
+                    len: p.len(),
+                    expected: "at most 16 MiB",
+                });
+            }
+            Ok(Message::ManifestBytes(p.to_vec()))
+        }
+        T_READ => {
+            exact(13, "13")?;
+            Ok(Message::Read {
+                first_chunk: u64_at(0),
+                count: u32_at(8),
+                priority: Priority::from_u8(p[12])?,
+            })
+        }
+        T_CHUNK => {
+            if p.len() < 8 || p.len() - 8 > MAX_PAYLOAD {
+                return Err(WireError::BadLength {
+                    kind,
+                    len: p.len(),
+                    expected: "8 + at most 64 MiB",
+                });
+            }
+            Ok(Message::Chunk {
+                index: u64_at(0),
+                data: p[8..].to_vec(),
+            })
+        }
+        T_ERROR => {
+            if p.len() < 2 || p.len() - 2 > MAX_ERROR_MESSAGE {
+                return Err(WireError::BadLength {
+                    kind,
+                    len: p.len(),
+                    expected: "2 + at most 4096",
+                });
+            }
+            let message = std::str::from_utf8(&p[2..])
+                .map_err(|_| WireError::BadUtf8)?
+                .to_string();
+            Ok(Message::Error {
+                code: ErrorCode::from_u16(u16_at(0)),
+                message,
+            })
+        }
+        other => Err(WireError::UnknownType(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*: a tiny deterministic PRNG, so the fuzz test needs no
+    /// extra dependency and failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    fn samples(rng: &mut Rng) -> Vec<Message> {
+        let mut v = vec![
+            Message::Hello { version: 1 },
+            Message::Hello { version: u16::MAX },
+            Message::Welcome {
+                version: 1,
+                manifest_len: u64::MAX,
+            },
+            Message::ManifestBytes(vec![]),
+            Message::ManifestBytes(rng.bytes(1000)),
+            Message::Read {
+                first_chunk: u64::MAX,
+                count: u32::MAX,
+                priority: Priority::Background,
+            },
+            Message::Read {
+                first_chunk: 7,
+                count: 3,
+                priority: Priority::OnDemand,
+            },
+            Message::Chunk {
+                index: 42,
+                data: rng.bytes(65536),
+            },
+            Message::Chunk {
+                index: 0,
+                data: vec![],
+            },
+            Message::Error {
+                code: ErrorCode::Unknown(999),
+                message: "héllo".into(),
+            },
+        ];
+        for c in 1..=7 {
+            v.push(Message::Error {
+                code: ErrorCode::from_u16(c),
+                message: format!("code {c}"),
+            });
+        }
+        v
+    }
+
+    #[test]
+    fn roundtrip_every_message() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let msgs = samples(&mut rng);
+        let mut stream = Vec::new();
+        for m in &msgs {
+            let e = m.encode();
+            let (d, used) = decode(&e).unwrap();
+            assert_eq!(&d, m);
+            assert_eq!(used, e.len());
+            stream.extend_from_slice(&e);
+        }
+        // Back to back in one buffer.
+        let mut pos = 0;
+        for m in &msgs {
+            let (d, used) = decode(&stream[pos..]).unwrap();
+            assert_eq!(&d, m);
+            pos += used;
+        }
+        assert_eq!(pos, stream.len());
+        // Chunk header matches the full encoding.
+        let e = Message::Chunk {
+            index: 5,
+            data: vec![1, 2, 3],
+        }
+        .encode();
+        assert_eq!(&e[..13], &chunk_header(5, 3));
+    }
+
+    #[test]
+    fn error_messages_are_truncated_at_a_char_boundary() {
+        let long = "é".repeat(MAX_ERROR_MESSAGE);
+        let m = Message::Error {
+            code: ErrorCode::Malformed,
+            message: long,
+        };
+        let (d, _) = decode(&m.encode()).unwrap();
+        match d {
+            Message::Error { message, .. } => assert!(message.len() <= MAX_ERROR_MESSAGE),
+            _ => panic!("not an error"),
+        }
+    }
+
+    #[test]
+    fn specific_rejections() {
+        assert_eq!(
+            decode(&[1, 0]),
+            Err(WireError::Truncated { have: 2, needed: 4 })
+        );
+        assert_eq!(decode(&[0, 0, 0, 0]), Err(WireError::Empty));
+        let huge = ((MAX_FRAME_LEN + 1) as u32).to_le_bytes();
+        assert!(matches!(decode(&huge), Err(WireError::TooLong { .. })));
+        assert_eq!(decode(&[1, 0, 0, 0, 99]), Err(WireError::UnknownType(99)));
+        let mut read = Message::Read {
+            first_chunk: 0,
+            count: 1,
+            priority: Priority::OnDemand,
+        }
+        .encode();
+        *read.last_mut().unwrap() = 7;
+        assert_eq!(decode(&read), Err(WireError::BadPriority(7)));
+        let bad_utf8 = [4, 0, 0, 0, T_ERROR, 1, 0, 0xff];
+        assert_eq!(decode(&bad_utf8), Err(WireError::BadUtf8));
+    }
+
+    /// Fuzz-style: random, truncated and mutated inputs never panic, and
+    /// whatever decodes re-encodes to the same bytes.
+    #[test]
+    fn decode_never_panics() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let valid: Vec<Vec<u8>> = samples(&mut rng).iter().map(Message::encode).collect();
+        let check = |bytes: &[u8]| {
+            if let Ok((m, used)) = decode(bytes) {
+                assert!(used <= bytes.len());
+                assert_eq!(m.encode(), bytes[..used].to_vec(), "re-encode differs");
+            }
+            let _ = decode_body(bytes);
+        };
+        for _ in 0..20_000 {
+            // Pure noise, with a plausible header half of the time.
+            let n = rng.below(64) as usize;
+            let mut b = rng.bytes(n);
+            if rng.below(2) == 0 && b.len() >= 5 {
+                let len = (b.len() - 4) as u32;
+                b[..4].copy_from_slice(&len.to_le_bytes());
+                b[4] = 1 + rng.below(7) as u8;
+            }
+            check(&b);
+        }
+        for v in &valid {
+            // Every truncation.
+            let step = (v.len() / 200).max(1);
+            for cut in (0..v.len()).step_by(step) {
+                assert!(decode(&v[..cut]).is_err(), "cut at {cut} decoded");
+            }
+            // Random mutations: flipped bytes, changed type/length.
+            for _ in 0..500 {
+                let mut m = v.clone();
+                for _ in 0..=rng.below(4) {
+                    let i = rng.below(m.len().min(32) as u64) as usize;
+                    m[i] ^= 1 << rng.below(8);
+                }
+                if rng.below(4) == 0 {
+                    let extra = rng.below(8) as usize;
+                    m.extend(rng.bytes(extra));
+                }
+                check(&m);
+            }
+        }
+    }
+}
