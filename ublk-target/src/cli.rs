@@ -1,0 +1,147 @@
+//! Command-line interface: one struct per subcommand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// ferry moves a live virtual-machine disk from one host to another over a
+/// WAN: the destination serves the disk at once and fetches what it lacks.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Make a self-signed identity (certificate and key) and print its fingerprint.
+    Keygen(KeygenArgs),
+    /// Print the fingerprint of an identity.
+    Fingerprint(FingerprintArgs),
+    /// Export a disk read-only over QUIC (run at the source).
+    Serve(ServeArgs),
+    /// Present a source's disk locally at once and copy it (run at the destination).
+    Pull(PullArgs),
+    /// Show a running pull's progress.
+    Status(StatusArgs),
+    /// Hold back, release or rate-limit a running pull's background copy.
+    Background(BackgroundArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct KeygenArgs {
+    /// Directory to write cert.der and key.der into (created if missing; an
+    /// existing identity is never overwritten).
+    #[arg(long)]
+    pub(crate) dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FingerprintArgs {
+    /// Identity directory made by `ferry keygen`.
+    #[arg(long)]
+    pub(crate) identity: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Disk image or block device to export (opened read-only).
+    #[arg(long)]
+    pub(crate) disk: PathBuf,
+    /// UDP address to listen on, e.g. 0.0.0.0:7700.
+    #[arg(long)]
+    pub(crate) listen: SocketAddr,
+    /// Our identity directory (from `ferry keygen`).
+    #[arg(long)]
+    pub(crate) identity: PathBuf,
+    /// Fingerprint of a destination allowed to connect (repeatable).
+    #[arg(long = "trust-peer", required = true)]
+    pub(crate) trust_peer: Vec<String>,
+    /// Where to cache the manifest (chunk hashes); "none" to not cache.
+    /// Default: beside the disk, as DISK.ferry-manifest.
+    #[arg(long)]
+    pub(crate) hash_cache: Option<PathBuf>,
+    /// Link bandwidth in Mbit/s, used to size QUIC windows.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) link_mbit: u64,
+    /// Link round-trip time in ms, used to size QUIC windows.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) link_rtt_ms: u64,
+    /// Test hook: flip a byte in the first transmission of this chunk.
+    #[arg(long, hide = true)]
+    pub(crate) inject_corrupt_chunk: Vec<u64>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PullArgs {
+    /// Source address (where `ferry serve` listens).
+    #[arg(long)]
+    pub(crate) source: SocketAddr,
+    /// Local backing file for the disk (created sparse, or resumed).
+    #[arg(long)]
+    pub(crate) disk: PathBuf,
+    /// Persistent block map; default DISK.ferry-state.
+    #[arg(long)]
+    pub(crate) state: Option<PathBuf>,
+    /// Serve the disk over NBD at ADDR:PORT or unix:PATH.
+    #[arg(long)]
+    pub(crate) nbd: Option<String>,
+    /// NBD export name.
+    #[arg(long, default_value = "ferry")]
+    pub(crate) export_name: String,
+    /// Control socket (for `ferry status` and `ferry background`).
+    #[arg(long)]
+    pub(crate) control: PathBuf,
+    /// Our identity directory (from `ferry keygen`).
+    #[arg(long)]
+    pub(crate) identity: PathBuf,
+    /// Fingerprint of the source's certificate.
+    #[arg(long = "trust-peer")]
+    pub(crate) trust_peer: String,
+    /// Start with the background copy held back (release it with
+    /// `ferry background --control PATH resume`).
+    #[arg(long)]
+    pub(crate) hold_background: bool,
+    /// Background copy rate limit in bytes per second (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) rate: u64,
+    /// Chunks per background request.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) batch_chunks: u32,
+    /// Background requests in flight.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) window: usize,
+    /// Persist the block map once this many fetched bytes are unsynced.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub(crate) sync_bytes: u64,
+    /// Give up connecting to the source at start after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) connect_timeout: u64,
+    /// Link bandwidth in Mbit/s, used to size QUIC windows.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) link_mbit: u64,
+    /// Link round-trip time in ms, used to size QUIC windows.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) link_rtt_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// Control socket of the pull.
+    #[arg(long)]
+    pub(crate) control: PathBuf,
+    /// Print JSON (fields documented in the README).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct BackgroundArgs {
+    /// Control socket of the pull.
+    #[arg(long)]
+    pub(crate) control: PathBuf,
+    /// pause, resume, or rate=BYTES_PER_SEC (0 = unlimited).
+    pub(crate) action: String,
+}

@@ -1,0 +1,128 @@
+//! The control socket of a running pull: `ferry status` and
+//! `ferry background` talk to it. One request line in, one JSON line out.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{BackgroundArgs, StatusArgs};
+
+/// What `ferry status --json` prints. Field names are documented in the
+/// README; keep them stable.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub(crate) struct Status {
+    pub(crate) phase: String,
+    pub(crate) error: Option<String>,
+    pub(crate) total_bytes: u64,
+    pub(crate) present_bytes: u64,
+    pub(crate) source_data_bytes: u64,
+    pub(crate) skipped_zero_bytes: u64,
+    pub(crate) fetched_on_demand_bytes: u64,
+    pub(crate) fetched_background_bytes: u64,
+    pub(crate) rejected_corrupt_bytes: u64,
+    pub(crate) discarded_guest_won_bytes: u64,
+    pub(crate) present_at_start_bytes: u64,
+    pub(crate) wire_rx_bytes: u64,
+    pub(crate) wire_tx_bytes: u64,
+    pub(crate) rate_bytes_per_sec: u64,
+    pub(crate) eta_seconds: Option<u64>,
+    pub(crate) source_state: String,
+    pub(crate) reconnects: u64,
+    pub(crate) background: String,
+    pub(crate) rate_limit_bytes_per_sec: u64,
+    pub(crate) verified: String,
+    pub(crate) verified_chunks: u64,
+    pub(crate) guest_written_chunks: u64,
+    pub(crate) disk_blake3: Option<String>,
+    pub(crate) elapsed_seconds: f64,
+}
+
+/// Sends one request line and returns the reply line.
+fn request(control: &Path, line: &str) -> Result<String> {
+    let mut s = UnixStream::connect(control).with_context(|| {
+        format!(
+            "cannot reach a running `ferry pull` at control socket {}",
+            control.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("{line}\n").as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    if reply.is_empty() {
+        bail!("the pull closed the control connection without a reply");
+    }
+    Ok(reply)
+}
+
+fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
+    let reply = request(&a.control, "status")?;
+    if a.json {
+        print!("{reply}");
+        return Ok(());
+    }
+    let s: Status = serde_json::from_str(&reply).context("malformed status reply")?;
+    let pct = if s.total_bytes == 0 {
+        100.0
+    } else {
+        s.present_bytes as f64 * 100.0 / s.total_bytes as f64
+    };
+    println!("phase:       {}", s.phase);
+    if let Some(e) = &s.error {
+        println!("error:       {e}");
+    }
+    println!(
+        "present:     {} of {} ({pct:.1}%)",
+        human(s.present_bytes),
+        human(s.total_bytes)
+    );
+    println!(
+        "fetched:     {} on demand, {} in background; {} skipped as zero",
+        human(s.fetched_on_demand_bytes),
+        human(s.fetched_background_bytes),
+        human(s.skipped_zero_bytes)
+    );
+    println!("on the wire: {} received", human(s.wire_rx_bytes));
+    let eta = s
+        .eta_seconds
+        .map(|e| format!("{e} s"))
+        .unwrap_or_else(|| "-".into());
+    println!("rate:        {}/s, ETA {eta}", human(s.rate_bytes_per_sec));
+    println!(
+        "source:      {} ({} reconnects); background {}",
+        s.source_state, s.reconnects, s.background
+    );
+    println!("verified:    {} ({} chunks)", s.verified, s.verified_chunks);
+    Ok(())
+}
+
+pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {
+    let line = match a.action.as_str() {
+        "pause" | "resume" => a.action.clone(),
+        r if r.starts_with("rate=") => {
+            let v: u64 = r[5..]
+                .parse()
+                .with_context(|| format!("{r:?}: rate must be a number of bytes per second"))?;
+            format!("rate {v}")
+        }
+        other => bail!("unknown action {other:?}: use pause, resume or rate=BYTES_PER_SEC"),
+    };
+    let reply = request(&a.control, &line)?;
+    print!("{reply}");
+    Ok(())
+}

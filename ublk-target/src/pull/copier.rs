@@ -1,0 +1,347 @@
+//! The background copier, the periodic sync, the final verification and
+//! the control socket of a pull.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_core::engine::FetchKind;
+use ferry_core::Phase;
+use ferry_transport::ConnState;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use super::{CopierSettings, Report, Shared};
+use crate::control::Status;
+
+/// Outcome of the end-to-end verification.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Verification {
+    /// "pending", "running", "ok" or "failed".
+    pub(crate) state: String,
+    pub(crate) chunks_checked: u64,
+    pub(crate) mismatches: Vec<u64>,
+    pub(crate) disk_blake3: Option<String>,
+}
+
+/// Fetches every absent data chunk, paced and windowed, then verifies.
+pub(crate) async fn run_copier(
+    shared: Arc<Shared>,
+    settings: Arc<CopierSettings>,
+    report: Arc<Report>,
+) {
+    let mut next_allowed = Instant::now();
+    loop {
+        let notified = shared.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (phase, unsynced) = {
+            let e = shared.engine.lock().expect("engine lock");
+            (e.phase(), e.unsynced_bytes())
+        };
+        match phase {
+            Phase::Complete => {
+                verify(&shared, &report).await;
+                return;
+            }
+            Phase::Error(e) => {
+                tracing::error!("migration stopped: {e}");
+                return;
+            }
+            Phase::Copying => {}
+        }
+        let in_flight = shared.bg_in_flight.load(Ordering::Relaxed) as usize;
+        // Back-pressure: at most `window` requests in flight, and no more
+        // than one sync batch of unsynced data, so a crash costs at most
+        // one batch of re-fetching.
+        if in_flight >= settings.window || unsynced >= settings.sync_bytes {
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+            continue;
+        }
+        let next = shared
+            .engine
+            .lock()
+            .expect("engine lock")
+            .next_background(settings.batch_chunks);
+        let Some(range) = next else {
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            continue;
+        };
+        let rate = settings.rate_limit.load(Ordering::Relaxed);
+        if rate > 0 {
+            let geo = shared.engine.lock().expect("engine lock").geometry();
+            let bytes: u64 = range.clone().map(|c| u64::from(geo.chunk_len(c))).sum();
+            let now = Instant::now();
+            if next_allowed > now {
+                tokio::time::sleep(next_allowed - now).await;
+            }
+            next_allowed =
+                next_allowed.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        }
+        shared.bg_in_flight.fetch_add(1, Ordering::Relaxed);
+        let s = shared.clone();
+        tokio::spawn(async move {
+            s.clone().fetch(range, FetchKind::Background).await;
+            s.bg_in_flight.fetch_sub(1, Ordering::Relaxed);
+            s.changed.notify_waiters();
+        });
+    }
+}
+
+/// Persists the block map every second, or sooner when a batch of
+/// `sync_bytes` is waiting; samples the progress rate.
+pub(crate) async fn run_syncer(
+    shared: Arc<Shared>,
+    settings: Arc<CopierSettings>,
+    report: Arc<Report>,
+) {
+    let mut last_sync = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (unsynced, present) = {
+            let e = shared.engine.lock().expect("engine lock");
+            (e.unsynced_bytes(), e.present_bytes())
+        };
+        report.rate.sample(Instant::now(), present);
+        if unsynced > 0
+            && (unsynced >= settings.sync_bytes || last_sync.elapsed() >= Duration::from_secs(1))
+        {
+            if let Err(e) = shared.sync().await {
+                tracing::error!(error = %e, "periodic sync failed; will retry");
+            }
+            last_sync = Instant::now();
+            shared.changed.notify_waiters();
+        }
+    }
+}
+
+/// Once every block is present: sync, then read the whole disk, hash it,
+/// and check every chunk the guest never wrote against the source's hash.
+async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
+    if let Err(e) = shared.sync().await {
+        tracing::error!(error = %e, "sync before verification failed");
+    }
+    report.verify.lock().expect("verify lock").state = "running".into();
+    tracing::info!("every block is present; verifying the whole disk against the source's hashes");
+    let s = shared.clone();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<Verification> {
+        let (geo, manifest) = {
+            let e = s.engine.lock().expect("engine lock");
+            (e.geometry(), e.manifest().clone())
+        };
+        let mut disk = blake3::Hasher::new();
+        let mut v = Verification::default();
+        let mut buf = Vec::new();
+        for c in 0..geo.chunks() {
+            let r = geo.chunk_bytes(c);
+            buf.resize((r.end - r.start) as usize, 0);
+            s.backing.read_at(&mut buf, r.start)?;
+            disk.update(&buf);
+            if let ferry_core::ChunkKind::Data(h) = manifest.chunk(c) {
+                if s.engine.lock().expect("engine lock").guest_wrote(c) {
+                    continue;
+                }
+                v.chunks_checked += 1;
+                if *blake3::hash(&buf).as_bytes() != h
+                    && !s.engine.lock().expect("engine lock").guest_wrote(c)
+                {
+                    v.mismatches.push(c);
+                }
+            }
+        }
+        v.disk_blake3 = Some(disk.finalize().to_hex().to_string());
+        v.state = if v.mismatches.is_empty() {
+            "ok"
+        } else {
+            "failed"
+        }
+        .into();
+        Ok(v)
+    })
+    .await;
+    let v = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => Verification {
+            state: format!("failed: {e}"),
+            ..Default::default()
+        },
+        Err(e) => Verification {
+            state: format!("failed: {e}"),
+            ..Default::default()
+        },
+    };
+    if v.state == "ok" {
+        tracing::info!(
+            chunks = v.chunks_checked,
+            disk_blake3 = v.disk_blake3.as_deref().unwrap_or(""),
+            "copy complete and verified: every chunk the guest did not write equals the source; the source may be stopped"
+        );
+    } else {
+        tracing::error!(state = %v.state, mismatches = ?v.mismatches, "verification FAILED");
+    }
+    *report.verify.lock().expect("verify lock") = v;
+}
+
+/// The control socket.
+pub(crate) struct ControlListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlListener {
+    /// Binds `path`, replacing a stale socket but never a live one.
+    pub(crate) fn bind(path: &Path) -> Result<Self> {
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "control socket {} is in use by another running ferry pull",
+                    path.display()
+                );
+            }
+            let meta = std::fs::symlink_metadata(path)?;
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "--control {} exists and is not a socket; refusing to replace it",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Answers requests until the process ends.
+    pub(crate) async fn serve(
+        self,
+        shared: Arc<Shared>,
+        settings: Arc<CopierSettings>,
+        report: Arc<Report>,
+    ) {
+        let _keep = self.path;
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else {
+                continue;
+            };
+            let (shared, settings, report) = (shared.clone(), settings.clone(), report.clone());
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let mut r = BufReader::new(r);
+                if r.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let reply = handle(line.trim(), &shared, &settings, &report);
+                let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+            });
+        }
+    }
+}
+
+fn handle(
+    req: &str,
+    shared: &Arc<Shared>,
+    settings: &Arc<CopierSettings>,
+    report: &Arc<Report>,
+) -> String {
+    let mut parts = req.split_whitespace();
+    match (parts.next(), parts.next()) {
+        (Some("status"), None) => {
+            serde_json::to_string(&status(shared, settings, report)).expect("status serialises")
+        }
+        (Some("pause"), None) => {
+            shared
+                .engine
+                .lock()
+                .expect("engine lock")
+                .set_background_paused(true);
+            r#"{"ok":true,"background":"paused"}"#.into()
+        }
+        (Some("resume"), None) => {
+            shared
+                .engine
+                .lock()
+                .expect("engine lock")
+                .set_background_paused(false);
+            shared.changed.notify_waiters();
+            r#"{"ok":true,"background":"running"}"#.into()
+        }
+        (Some("rate"), Some(v)) => match v.parse::<u64>() {
+            Ok(v) => {
+                settings.rate_limit.store(v, Ordering::Relaxed);
+                format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#)
+            }
+            Err(_) => r#"{"ok":false,"error":"rate needs a number"}"#.into(),
+        },
+        _ => r#"{"ok":false,"error":"unknown request"}"#.into(),
+    }
+}
+
+fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Report>) -> Status {
+    let e = shared.engine.lock().expect("engine lock");
+    let geo = e.geometry();
+    let c = e.counters().clone();
+    let stats = shared.client.stats();
+    let verify = report.verify.lock().expect("verify lock").clone();
+    let (phase, error) = match e.phase() {
+        Phase::Copying => ("copying".to_string(), None),
+        Phase::Complete => ("complete".to_string(), None),
+        Phase::Error(m) => ("error".to_string(), Some(m)),
+    };
+    let rate = report.rate.last_rate.load(Ordering::Relaxed);
+    let remaining = geo.disk_size - e.present_bytes();
+    let eta = if remaining == 0 {
+        Some(0)
+    } else if rate > 0 {
+        Some(remaining.div_ceil(rate))
+    } else {
+        None
+    };
+    let guest_written_chunks = (0..geo.chunks()).filter(|c| e.guest_wrote(*c)).count() as u64;
+    Status {
+        phase,
+        error,
+        total_bytes: geo.disk_size,
+        present_bytes: e.present_bytes(),
+        source_data_bytes: e.manifest().data_bytes(),
+        skipped_zero_bytes: report.skipped_zero,
+        fetched_on_demand_bytes: c.fetched_on_demand,
+        fetched_background_bytes: c.fetched_background,
+        rejected_corrupt_bytes: c.rejected_corrupt,
+        discarded_guest_won_bytes: c.discarded_guest_won,
+        present_at_start_bytes: report.present_at_start,
+        wire_rx_bytes: stats.wire_rx_bytes,
+        wire_tx_bytes: stats.wire_tx_bytes,
+        rate_bytes_per_sec: rate,
+        eta_seconds: eta,
+        source_state: match stats.state {
+            ConnState::Connected => "connected",
+            ConnState::Reconnecting => "reconnecting",
+        }
+        .to_string(),
+        reconnects: stats.reconnects,
+        background: if e.background_paused() {
+            "paused"
+        } else {
+            "running"
+        }
+        .to_string(),
+        rate_limit_bytes_per_sec: settings.rate_limit.load(Ordering::Relaxed),
+        verified: if verify.state.is_empty() {
+            "pending".into()
+        } else {
+            verify.state
+        },
+        verified_chunks: verify.chunks_checked,
+        guest_written_chunks,
+        disk_blake3: verify.disk_blake3,
+        elapsed_seconds: report.started.elapsed().as_secs_f64(),
+    }
+}

@@ -1,0 +1,312 @@
+//! The pulled disk as a [`BlockDevice`]: the engine decides, this module
+//! does the I/O (backing file, fetches from the source, syncs).
+
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_core::engine::{Arrival, FetchKind, ReadPlan, WritePlan};
+use ferry_core::geometry::BLOCK_SIZE;
+use ferry_core::Engine;
+use ferry_device::BlockDevice;
+use ferry_store::{Backing, StateFile};
+use ferry_transport::{Client, Priority, TransportError};
+use tokio::sync::Notify;
+
+/// Everything the frontends, the copier and the control socket share.
+pub(crate) struct Shared {
+    pub(crate) engine: Mutex<Engine>,
+    /// Signalled whenever a chunk's state changes (fill done, fetch failed).
+    pub(crate) changed: Notify,
+    pub(crate) backing: Arc<Backing>,
+    pub(crate) state: Arc<Mutex<StateFile>>,
+    /// Serialises sync rounds.
+    pub(crate) sync_lock: tokio::sync::Mutex<()>,
+    pub(crate) client: Client,
+    /// Background requests currently in flight.
+    pub(crate) bg_in_flight: AtomicU64,
+}
+
+fn eio(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Engine> {
+        self.engine.lock().expect("engine lock poisoned")
+    }
+
+    /// Starts fetching `range` from the source in its own task: the fetch
+    /// completes even if the guest request that asked for it goes away.
+    pub(crate) fn spawn_fetch(self: &Arc<Self>, range: Range<u64>, kind: FetchKind) {
+        let me = self.clone();
+        tokio::spawn(async move { me.fetch(range, kind).await });
+    }
+
+    pub(crate) async fn fetch(self: Arc<Self>, range: Range<u64>, kind: FetchKind) {
+        let prio = match kind {
+            FetchKind::OnDemand => Priority::OnDemand,
+            FetchKind::Background => Priority::Background,
+        };
+        let count = (range.end - range.start) as u32;
+        match self.client.read_chunks(range.start, count, prio).await {
+            Ok(chunks) => {
+                for (chunk, data) in range.clone().zip(chunks) {
+                    self.arrived(chunk, data).await;
+                }
+            }
+            Err(e) => {
+                let mut engine = self.lock();
+                engine.fetch_failed(range.clone());
+                if matches!(e, TransportError::SourceChanged { .. }) {
+                    engine.fail(format!(
+                        "{e}; the source must not change after switchover; the destination's writes are kept"
+                    ));
+                } else {
+                    tracing::warn!(chunks = ?range, error = %e, "fetch failed; will retry");
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    async fn arrived(&self, chunk: u64, data: Vec<u8>) {
+        let arrival = self.lock().fetch_arrived(chunk, &data);
+        match arrival {
+            Arrival::Corrupt { chunk } => {
+                tracing::warn!(
+                    chunk,
+                    "fetched chunk failed its hash check; dropped, will fetch again"
+                );
+            }
+            Arrival::Fill(plan) => {
+                let geo = self.lock().geometry();
+                let backing = self.backing.clone();
+                let base = geo.chunk_bytes(chunk).start;
+                let runs = plan.runs;
+                let res = tokio::task::spawn_blocking(move || -> io::Result<()> {
+                    for r in runs {
+                        let lo = geo.block_bytes(r.start).start;
+                        let hi = geo.block_bytes(r.end - 1).end;
+                        backing.write_at(&data[(lo - base) as usize..(hi - base) as usize], lo)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap_or_else(|e| Err(eio(format!("fill task failed: {e}"))));
+                let mut engine = self.lock();
+                match res {
+                    Ok(()) => engine.fill_done(chunk),
+                    Err(e) => {
+                        tracing::error!(chunk, error = %e, "cannot write fetched data to the backing file");
+                        engine.fill_failed(chunk);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One sync round: backing file first, then the present bits
+    /// (invariants 1 and 2).
+    pub(crate) async fn sync(&self) -> io::Result<()> {
+        let _round = self.sync_lock.lock().await;
+        let batch = self.lock().begin_sync();
+        if batch.is_empty() {
+            // Guest writes that were already synced, or none: still make
+            // sure completed writes are durable.
+            let b = self.backing.clone();
+            return tokio::task::spawn_blocking(move || b.sync())
+                .await
+                .unwrap_or_else(|e| Err(eio(e.to_string())));
+        }
+        let backing = self.backing.clone();
+        let state = self.state.clone();
+        let (batch, res) = tokio::task::spawn_blocking(move || {
+            let r = backing.sync().and_then(|()| {
+                state
+                    .lock()
+                    .expect("state lock")
+                    .persist(&batch)
+                    .map_err(|e| eio(format!("{e:#}")))
+            });
+            (batch, r)
+        })
+        .await
+        .map_err(|e| eio(e.to_string()))?;
+        let mut engine = self.lock();
+        match res {
+            Ok(()) => {
+                engine.sync_done(batch);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "sync failed");
+                engine.sync_failed(batch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks whole blocks of `offset..offset+len` as written by `op`
+    /// (punching a hole for trim/zeroes), after the engine allows it.
+    async fn write_blocks<F>(self: &Arc<Self>, offset: u64, len: u64, op: F) -> io::Result<()>
+    where
+        F: FnOnce(&Backing) -> io::Result<()> + Send + 'static,
+    {
+        let mut op = Some(op);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let plan = self.lock().plan_write(offset, len);
+            match plan {
+                WritePlan::Ready(blocks) => {
+                    let backing = self.backing.clone();
+                    let op = op.take().expect("op used once");
+                    let res = tokio::task::spawn_blocking(move || op(&backing))
+                        .await
+                        .unwrap_or_else(|e| Err(eio(e.to_string())));
+                    // The blocks are present either way (marked by the
+                    // plan); on error their contents are what the file
+                    // holds, and the guest is told.
+                    self.lock().write_done(blocks);
+                    self.changed.notify_waiters();
+                    return res;
+                }
+                WritePlan::Wait { start } => {
+                    for r in start {
+                        self.spawn_fetch(r, FetchKind::OnDemand);
+                    }
+                    notified.await;
+                }
+                WritePlan::Failed(e) => return Err(eio(e)),
+            }
+        }
+    }
+}
+
+/// The pulled disk.
+#[derive(Clone)]
+pub(crate) struct PullDevice(pub(crate) Arc<Shared>);
+
+impl BlockDevice for PullDevice {
+    fn size(&self) -> u64 {
+        self.0.backing.size()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let s = &self.0;
+        loop {
+            let notified = s.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let plan = s.lock().plan_read(offset, u64::from(len));
+            match plan {
+                ReadPlan::Ready => {
+                    let backing = s.backing.clone();
+                    return tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; len as usize];
+                        backing.read_at(&mut buf, offset).map(|()| buf)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(eio(e.to_string())));
+                }
+                ReadPlan::Wait { start } => {
+                    for r in start {
+                        s.spawn_fetch(r, FetchKind::OnDemand);
+                    }
+                    notified.await;
+                }
+                ReadPlan::Failed(e) => return Err(eio(e)),
+            }
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        let len = data.len() as u64;
+        self.0
+            .write_blocks(offset, len, move |b| b.write_at(&data, offset))
+            .await?;
+        if fua {
+            self.0.sync().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.0.sync().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Only whole blocks are discarded; partial ones are left alone
+        // (discard is advisory).
+        let bs = u64::from(BLOCK_SIZE);
+        let start = offset.div_ceil(bs) * bs;
+        let end = ((offset + len) / bs * bs).max(start);
+        if end > start {
+            self.0
+                .write_blocks(start, end - start, move |b| {
+                    b.punch_hole(start, end - start)
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let bs = u64::from(BLOCK_SIZE);
+        let end_all = offset + len;
+        let start = offset.div_ceil(bs) * bs;
+        let end = (end_all / bs * bs).max(start);
+        if start >= end_all || end <= start {
+            // Inside one block: a plain write of zeros.
+            return self.write(offset, vec![0; len as usize], fua).await;
+        }
+        if offset < start {
+            self.write(offset, vec![0; (start - offset) as usize], false)
+                .await?;
+        }
+        self.0
+            .write_blocks(start, end - start, move |b| {
+                b.punch_hole(start, end - start)
+            })
+            .await?;
+        if end < end_all {
+            self.write(end, vec![0; (end_all - end) as usize], false)
+                .await?;
+        }
+        if fua {
+            self.0.sync().await?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts bytes for the rate estimate.
+#[derive(Default)]
+pub(crate) struct RateMeter {
+    samples: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
+    pub(crate) last_rate: AtomicU64,
+}
+
+impl RateMeter {
+    /// Adds a sample of a monotone byte counter; returns bytes per second
+    /// over the last ~5 s.
+    pub(crate) fn sample(&self, now: std::time::Instant, bytes: u64) -> u64 {
+        let mut s = self.samples.lock().expect("rate lock");
+        s.push_back((now, bytes));
+        while s.len() > 2 && now.duration_since(s[0].0).as_secs_f64() > 5.0 {
+            s.pop_front();
+        }
+        let (t0, b0) = s[0];
+        let dt = now.duration_since(t0).as_secs_f64();
+        let r = if dt > 0.2 {
+            (bytes.saturating_sub(b0) as f64 / dt) as u64
+        } else {
+            0
+        };
+        self.last_rate.store(r, Ordering::Relaxed);
+        r
+    }
+}
