@@ -1,0 +1,514 @@
+//! End-to-end tests of the QUIC transport on 127.0.0.1: a server over an
+//! in-memory source and a client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::{ChunkKind, Geometry, Manifest};
+use ferry_transport::server::ChunkSource;
+use ferry_transport::wire::{self, ErrorCode, Message, Priority};
+use ferry_transport::{
+    tls, Client, ClientOptions, ConnState, Fingerprint, Identity, Server, ServerOptions,
+    TransportError, Tuning,
+};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+
+const CHUNK: u32 = 64 * 1024;
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A disk in memory; its manifest is computed like the real one: BLAKE3
+/// per chunk, all-zero chunks marked Zero.
+struct MemSource {
+    data: Vec<u8>,
+    manifest: Manifest,
+}
+
+impl MemSource {
+    fn new(data: Vec<u8>) -> Arc<Self> {
+        let g = Geometry::new(data.len() as u64, CHUNK);
+        let chunks = (0..g.chunks())
+            .map(|c| {
+                let r = g.chunk_bytes(c);
+                let bytes = &data[r.start as usize..r.end as usize];
+                if bytes.iter().all(|&b| b == 0) {
+                    ChunkKind::Zero
+                } else {
+                    ChunkKind::Data(*blake3::hash(bytes).as_bytes())
+                }
+            })
+            .collect();
+        Arc::new(MemSource {
+            manifest: Manifest::new(g, chunks),
+            data,
+        })
+    }
+
+    fn chunk(&self, c: u64) -> &[u8] {
+        let r = self.manifest.geometry().chunk_bytes(c);
+        &self.data[r.start as usize..r.end as usize]
+    }
+}
+
+impl ChunkSource for MemSource {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        buf.clear();
+        buf.extend_from_slice(self.chunk(index));
+        Ok(())
+    }
+}
+
+/// 64 chunks and a short one; every 5th chunk is zero.
+fn disk(seed: u64) -> Vec<u8> {
+    let len = 64 * CHUNK as usize + 1000;
+    let mut x = seed | 1;
+    let mut v: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for c in (0..65).step_by(5) {
+        let s = c * CHUNK as usize;
+        let e = (s + CHUNK as usize).min(len);
+        v[s..e].fill(0);
+    }
+    v
+}
+
+fn tuning() -> Tuning {
+    let mut t = Tuning::for_link(1_000_000_000, Duration::from_millis(1));
+    t.keep_alive = Duration::from_millis(200);
+    t.idle_timeout = Duration::from_secs(3);
+    t
+}
+
+struct Ids {
+    server: Identity,
+    client: Identity,
+}
+
+fn ids() -> Ids {
+    Ids {
+        server: Identity::generate().unwrap(),
+        client: Identity::generate().unwrap(),
+    }
+}
+
+fn server_opts(ids: &Ids, listen: SocketAddr) -> ServerOptions {
+    ServerOptions {
+        listen,
+        identity: ids.server.clone(),
+        trusted: vec![ids.client.fingerprint()],
+        tuning: tuning(),
+        corrupt_once: vec![],
+    }
+}
+
+fn start(opts: ServerOptions, src: Arc<MemSource>) -> (SocketAddr, JoinHandle<()>) {
+    let server = Server::bind(opts, src).unwrap();
+    let addr = server.local_addr();
+    let task = tokio::spawn(async move {
+        server.run().await.unwrap();
+    });
+    (addr, task)
+}
+
+/// Binds again on an address a stopped server held, retrying while its
+/// socket is still being released.
+async fn restart(opts: ServerOptions, src: Arc<MemSource>) -> JoinHandle<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Server::bind(opts.clone(), src.clone()) {
+            Ok(server) => {
+                return tokio::spawn(async move {
+                    server.run().await.unwrap();
+                })
+            }
+            Err(TransportError::Bind { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("rebind failed: {e}"),
+        }
+    }
+}
+
+fn client_opts(ids: &Ids, server: SocketAddr) -> ClientOptions {
+    ClientOptions {
+        server,
+        identity: ids.client.clone(),
+        server_fingerprint: ids.server.fingerprint(),
+        tuning: tuning(),
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+fn localhost() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn data_chunks(m: &Manifest) -> Vec<u64> {
+    (0..m.geometry().chunks())
+        .filter(|&c| matches!(m.chunk(c), ChunkKind::Data(_)))
+        .collect()
+}
+
+fn hash_ok(m: &Manifest, c: u64, data: &[u8]) -> bool {
+    m.chunk(c) == ChunkKind::Data(*blake3::hash(data).as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifest_reads_and_concurrency() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(1));
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        assert_eq!(**client.manifest(), src.manifest);
+        let m = client.manifest().clone();
+        let n = m.geometry().chunks();
+
+        // A run of data chunks, exact bytes.
+        let got = client
+            .read_chunks(1, 4, Priority::Background)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 4);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.as_slice(), src.chunk(1 + i as u64));
+        }
+        // The short last chunk.
+        let last = client
+            .read_chunks(n - 1, 1, Priority::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(last[0].len(), 1000);
+        assert_eq!(last[0].as_slice(), src.chunk(n - 1));
+
+        // 64 concurrent readers.
+        let chunks = data_chunks(&m);
+        let mut tasks = Vec::new();
+        for t in 0..64usize {
+            let (client, src, chunks) = (client.clone(), src.clone(), chunks.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = chunks[(t * 7) % chunks.len()];
+                let prio = if t % 2 == 0 {
+                    Priority::OnDemand
+                } else {
+                    Priority::Background
+                };
+                let d = client.read_chunks(c, 1, prio).await.unwrap();
+                assert_eq!(d[0].as_slice(), src.chunk(c), "chunk {c}");
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+
+        // Zero chunks never cross the wire; past the end is refused.
+        let e = client
+            .read_chunks(4, 2, Priority::OnDemand)
+            .await
+            .unwrap_err();
+        assert_eq!(e.remote_code(), Some(ErrorCode::ZeroChunk), "{e}");
+        let e = client
+            .read_chunks(n - 1, 2, Priority::OnDemand)
+            .await
+            .unwrap_err();
+        assert_eq!(e.remote_code(), Some(ErrorCode::OutOfRange), "{e}");
+        // The client still works after refusals.
+        assert!(client.read_chunks(6, 1, Priority::OnDemand).await.is_ok());
+
+        let s = client.stats();
+        assert_eq!(s.state, ConnState::Connected);
+        assert_eq!(s.reconnects, 0);
+        assert!(s.wire_rx_bytes > 69 * u64::from(CHUNK), "{s:?}");
+        assert!(s.wire_tx_bytes > 0);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_client_is_refused() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let stranger = Identity::generate().unwrap();
+        let (addr, _server) = start(server_opts(&ids, localhost()), MemSource::new(disk(2)));
+        let mut opts = client_opts(&ids, addr);
+        opts.identity = stranger.clone();
+        let e = Client::connect(opts).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, TransportError::CertificateRefused { .. }),
+            "{e:?}"
+        );
+        assert!(msg.contains(&stranger.fingerprint().to_string()), "{msg}");
+        assert!(msg.contains("--trust-peer"), "{msg}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_server_fingerprint_is_refused() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let (addr, _server) = start(server_opts(&ids, localhost()), MemSource::new(disk(3)));
+        let mut opts = client_opts(&ids, addr);
+        opts.server_fingerprint = Fingerprint([7; 32]);
+        let e = Client::connect(opts).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, TransportError::ServerNotTrusted { .. }),
+            "{e:?}"
+        );
+        assert!(msg.contains(&ids.server.fingerprint().to_string()), "{msg}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_source_names_the_address() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        // A bound UDP socket that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let mut opts = client_opts(&ids, addr);
+        opts.connect_timeout = Duration::from_millis(500);
+        let e = Client::connect(opts).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, TransportError::Unreachable { .. }), "{e:?}");
+        assert!(
+            msg.contains(&format!("source {addr} unreachable after")),
+            "{msg}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_after_restart() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(4));
+        let (addr, server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        assert!(client.read_chunks(1, 1, Priority::OnDemand).await.is_ok());
+
+        server.abort();
+        let _ = server.await;
+        // A read issued while the source is down waits...
+        let c2 = client.clone();
+        let pending = tokio::spawn(async move { c2.read_chunks(2, 3, Priority::OnDemand).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!pending.is_finished(), "read did not wait for the source");
+        // ...and succeeds once it is back.
+        let _server = restart(server_opts(&ids, addr), src.clone()).await;
+        let got = pending.await.unwrap().unwrap();
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.as_slice(), src.chunk(2 + i as u64));
+        }
+        let got = client
+            .read_chunks(6, 1, Priority::Background)
+            .await
+            .unwrap();
+        assert_eq!(got[0].as_slice(), src.chunk(6));
+        let s = client.stats();
+        assert!(s.reconnects >= 1, "{s:?}");
+        assert_eq!(s.state, ConnState::Connected);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_source_is_detected() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let (addr, server) = start(server_opts(&ids, localhost()), MemSource::new(disk(5)));
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        assert!(client.read_chunks(1, 1, Priority::OnDemand).await.is_ok());
+        server.abort();
+        let _ = server.await;
+        let _server = restart(server_opts(&ids, addr), MemSource::new(disk(6))).await;
+        let e = client
+            .read_chunks(1, 1, Priority::OnDemand)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::SourceChanged { .. }), "{e:?}");
+        // And for every later caller too.
+        let e = client
+            .read_chunks(2, 1, Priority::Background)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, TransportError::SourceChanged { .. }), "{e:?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Sends `bytes` on a new stream and returns the decoded response frames,
+/// or None if the stream was reset.
+async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8]) -> Option<Vec<Message>> {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // The server may stop our stream early: write errors are fine.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let buf = match recv.read_to_end(16 << 20).await {
+        Ok(b) => b,
+        Err(_) => return None,
+    };
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let (m, used) = wire::decode(&buf[pos..]).expect("server sent a malformed frame");
+        out.push(m);
+        pos += used;
+    }
+    Some(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_do_not_break_the_connection() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(7));
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let cfg =
+            tls::quinn_client_config(&ids.client, ids.server.fingerprint(), &tuning()).unwrap();
+        let endpoint = quinn::Endpoint::client(localhost()).unwrap();
+        let conn = endpoint
+            .connect_with(cfg, addr, tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+
+        let garbage: [&[u8]; 5] = [
+            &[0xff, 0xff, 0xff, 0xff, 1, 2, 3], // too long
+            &[3, 0, 0, 0, 99, 1, 2],            // unknown type
+            &[2, 0, 0, 0, 4, 1],                // Read with a short payload
+            &[0, 0, 0, 0],                      // empty frame
+            &[40, 0, 0, 0, 4, 1, 2],            // ends inside the frame
+        ];
+        for g in garbage {
+            match raw_exchange(&conn, g).await {
+                None => {}
+                Some(frames) => assert!(
+                    matches!(
+                        frames.as_slice(),
+                        [Message::Error {
+                            code: ErrorCode::Malformed,
+                            ..
+                        }]
+                    ),
+                    "{g:?} -> {frames:?}"
+                ),
+            }
+        }
+        // A response frame as a request.
+        let r = raw_exchange(
+            &conn,
+            &Message::Welcome {
+                version: 1,
+                manifest_len: 0,
+            }
+            .encode(),
+        )
+        .await;
+        assert!(
+            matches!(
+                r.as_deref(),
+                None | Some([Message::Error {
+                    code: ErrorCode::UnexpectedMessage,
+                    ..
+                }])
+            ),
+            "{r:?}"
+        );
+        // Another protocol version.
+        let r = raw_exchange(&conn, &Message::Hello { version: 99 }.encode()).await;
+        assert!(
+            matches!(
+                r.as_deref(),
+                Some([Message::Error {
+                    code: ErrorCode::VersionMismatch,
+                    ..
+                }])
+            ),
+            "{r:?}"
+        );
+        // A proper Read on the same connection still works.
+        let read = Message::Read {
+            first_chunk: 1,
+            count: 2,
+            priority: Priority::OnDemand,
+        };
+        let r = raw_exchange(&conn, &read.encode())
+            .await
+            .expect("read was reset");
+        assert_eq!(
+            r,
+            vec![
+                Message::Chunk {
+                    index: 1,
+                    data: src.chunk(1).to_vec()
+                },
+                Message::Chunk {
+                    index: 2,
+                    data: src.chunk(2).to_vec()
+                },
+            ]
+        );
+        assert!(conn.close_reason().is_none());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_in_use_names_the_address() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(8));
+        let first = Server::bind(server_opts(&ids, localhost()), src.clone()).unwrap();
+        let addr = first.local_addr();
+        let e = Server::bind(server_opts(&ids, addr), src).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, TransportError::Bind { .. }), "{e:?}");
+        assert!(msg.contains(&addr.to_string()), "{msg}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_once_corrupts_only_the_first_transmission() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(9));
+        let mut opts = server_opts(&ids, localhost());
+        opts.corrupt_once = vec![3];
+        let (addr, _server) = start(opts, src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        let m = client.manifest().clone();
+        let first = client.read_chunks(2, 2, Priority::OnDemand).await.unwrap();
+        assert!(hash_ok(&m, 2, &first[0]), "chunk 2 must be intact");
+        assert!(!hash_ok(&m, 3, &first[1]), "chunk 3 must be corrupted once");
+        let again = client.read_chunks(3, 1, Priority::OnDemand).await.unwrap();
+        assert!(hash_ok(&m, 3, &again[0]), "second read must be correct");
+        assert_eq!(again[0].as_slice(), src.chunk(3));
+    })
+    .await
+    .expect("test timed out");
+}
