@@ -43,8 +43,9 @@ impl ExportInfo {
     /// (minimum, preferred, maximum) block sizes advertised.
     pub(crate) fn block_sizes(&self) -> (u32, u32, u32) {
         // A tail shorter than the minimum would be unreachable for a client
-        // honouring it, so only advertise 512 when the size is a multiple.
-        let min = if self.size % u64::from(MIN_BLOCK) == 0 {
+        // honouring it, so only advertise 512 when the size is a multiple
+        // (MIN_BLOCK is a power of two).
+        let min = if self.size & u64::from(MIN_BLOCK - 1) == 0 {
             MIN_BLOCK
         } else {
             1

@@ -13,53 +13,54 @@ use std::time::Duration;
 use ferry_device::BlockDevice;
 use ferry_nbd::{serve, NbdError, NbdListener, NbdServerConfig};
 
-pub const EXPORT: &str = "disk";
+pub(crate) const EXPORT: &str = "disk";
 
 // Wire constants, written out independently of the crate under test.
-pub const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
-pub const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
-pub const OPT_REPLY_MAGIC: u64 = 0x3e889045565a9;
-pub const REQUEST_MAGIC: u32 = 0x25609513;
-pub const REPLY_MAGIC: u32 = 0x67446698;
-pub const OPT_EXPORT_NAME: u32 = 1;
-pub const OPT_ABORT: u32 = 2;
-pub const OPT_LIST: u32 = 3;
-pub const OPT_STARTTLS: u32 = 5;
-pub const OPT_INFO: u32 = 6;
-pub const OPT_GO: u32 = 7;
-pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const REP_ACK: u32 = 1;
-pub const REP_SERVER: u32 = 2;
-pub const REP_INFO: u32 = 3;
-pub const REP_ERR_UNSUP: u32 = 0x8000_0001;
-pub const REP_ERR_INVALID: u32 = 0x8000_0003;
-pub const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
-pub const INFO_EXPORT: u16 = 0;
-pub const INFO_NAME: u16 = 1;
-pub const INFO_DESCRIPTION: u16 = 2;
-pub const INFO_BLOCK_SIZE: u16 = 3;
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
-pub const CMD_FLAG_FUA: u16 = 1;
-pub const FLAG_HAS_FLAGS: u16 = 1;
-pub const FLAG_READ_ONLY: u16 = 2;
-pub const FLAG_SEND_FLUSH: u16 = 4;
-pub const FLAG_SEND_FUA: u16 = 8;
-pub const FLAG_SEND_TRIM: u16 = 32;
-pub const FLAG_SEND_WRITE_ZEROES: u16 = 64;
-pub const FLAG_CAN_MULTI_CONN: u16 = 256;
-pub const EPERM: u32 = 1;
-pub const EIO: u32 = 5;
-pub const EINVAL: u32 = 22;
-pub const ENOSPC: u32 = 28;
+pub(crate) const NBDMAGIC: &[u8; 8] = b"NBDMAGIC";
+pub(crate) const IHAVEOPT: &[u8; 8] = b"IHAVEOPT";
+pub(crate) const OPT_REPLY_MAGIC: u64 = 0x3e889045565a9;
+pub(crate) const REQUEST_MAGIC: u32 = 0x25609513;
+pub(crate) const REPLY_MAGIC: u32 = 0x67446698;
+pub(crate) const OPT_EXPORT_NAME: u32 = 1;
+pub(crate) const OPT_ABORT: u32 = 2;
+pub(crate) const OPT_LIST: u32 = 3;
+pub(crate) const OPT_STARTTLS: u32 = 5;
+pub(crate) const OPT_INFO: u32 = 6;
+pub(crate) const OPT_GO: u32 = 7;
+pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub(crate) const REP_ACK: u32 = 1;
+pub(crate) const REP_SERVER: u32 = 2;
+pub(crate) const REP_INFO: u32 = 3;
+pub(crate) const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub(crate) const REP_ERR_INVALID: u32 = 0x8000_0003;
+pub(crate) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+pub(crate) const INFO_EXPORT: u16 = 0;
+pub(crate) const INFO_NAME: u16 = 1;
+pub(crate) const INFO_DESCRIPTION: u16 = 2;
+pub(crate) const INFO_BLOCK_SIZE: u16 = 3;
+pub(crate) const CMD_READ: u16 = 0;
+pub(crate) const CMD_WRITE: u16 = 1;
+pub(crate) const CMD_DISC: u16 = 2;
+pub(crate) const CMD_FLUSH: u16 = 3;
+pub(crate) const CMD_TRIM: u16 = 4;
+pub(crate) const CMD_WRITE_ZEROES: u16 = 6;
+pub(crate) const CMD_FLAG_FUA: u16 = 1;
+pub(crate) const CMD_FLAG_NO_HOLE: u16 = 2;
+pub(crate) const FLAG_HAS_FLAGS: u16 = 1;
+pub(crate) const FLAG_READ_ONLY: u16 = 2;
+pub(crate) const FLAG_SEND_FLUSH: u16 = 4;
+pub(crate) const FLAG_SEND_FUA: u16 = 8;
+pub(crate) const FLAG_SEND_TRIM: u16 = 32;
+pub(crate) const FLAG_SEND_WRITE_ZEROES: u16 = 64;
+pub(crate) const FLAG_CAN_MULTI_CONN: u16 = 256;
+pub(crate) const EPERM: u32 = 1;
+pub(crate) const EIO: u32 = 5;
+pub(crate) const EINVAL: u32 = 22;
+pub(crate) const ENOSPC: u32 = 28;
 
 /// True when `tool` runs. Otherwise says "SKIPPED" loudly, or panics when
 /// FERRY_REQUIRE_ALL=1 (as in CI).
-pub fn have_tool(tool: &str) -> bool {
+pub(crate) fn have_tool(tool: &str) -> bool {
     let ok = Command::new(tool)
         .arg("--version")
         .output()
@@ -76,7 +77,7 @@ pub fn have_tool(tool: &str) -> bool {
 }
 
 /// Runs `tool args` under `timeout 60`.
-pub fn run(tool: &str, args: &[&str]) -> Output {
+pub(crate) fn run(tool: &str, args: &[&str]) -> Output {
     let out = Command::new("timeout")
         .arg("60")
         .arg(tool)
@@ -94,7 +95,7 @@ pub fn run(tool: &str, args: &[&str]) -> Output {
 }
 
 /// Combined stdout and stderr.
-pub fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -104,7 +105,7 @@ pub fn text(out: &Output) -> String {
 
 /// Runs qemu-io with one `-c` per command and asserts it succeeded with no
 /// pattern mismatch nor failed command.
-pub fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
+pub(crate) fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
     let out = qemu_io(url, cmds, false);
     let t = text(&out);
     assert!(out.status.success(), "qemu-io failed: {t}");
@@ -114,7 +115,7 @@ pub fn qemu_io_ok(url: &str, cmds: &[&str]) -> String {
 }
 
 /// Runs qemu-io (read-only with `-r`) without checking the result.
-pub fn qemu_io(url: &str, cmds: &[&str], read_only: bool) -> Output {
+pub(crate) fn qemu_io(url: &str, cmds: &[&str], read_only: bool) -> Output {
     // Writeback, so that only `write -f` sends FUA (qemu-io's default
     // writethrough mode sets FUA on every write).
     let mut args = vec!["-f", "raw", "-t", "writeback"];
@@ -131,24 +132,24 @@ pub fn qemu_io(url: &str, cmds: &[&str], read_only: bool) -> Output {
 
 /// Where a test server listens.
 #[derive(Debug, Clone)]
-pub enum Addr {
+pub(crate) enum Addr {
     Tcp(SocketAddr),
     Unix(PathBuf),
 }
 
 /// A server on its own runtime; stopped on drop.
-pub struct TestServer<D: BlockDevice> {
-    pub rt: tokio::runtime::Runtime,
-    pub device: Arc<D>,
-    pub addr: Addr,
-    pub describe: String,
+pub(crate) struct TestServer<D: BlockDevice> {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) device: Arc<D>,
+    pub(crate) addr: Addr,
+    pub(crate) describe: String,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<Result<(), NbdError>>>,
     _dir: tempfile::TempDir,
 }
 
 impl<D: BlockDevice> TestServer<D> {
-    pub fn start(device: Arc<D>, unix: bool, read_only: bool) -> Self {
+    pub(crate) fn start(device: Arc<D>, unix: bool, read_only: bool) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -187,7 +188,7 @@ impl<D: BlockDevice> TestServer<D> {
     }
 
     /// The qemu URL of export `name` ("" for the default export).
-    pub fn url(&self, name: &str) -> String {
+    pub(crate) fn url(&self, name: &str) -> String {
         match &self.addr {
             Addr::Tcp(a) => format!("nbd://{a}/{name}"),
             Addr::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
@@ -195,12 +196,12 @@ impl<D: BlockDevice> TestServer<D> {
     }
 
     /// A raw protocol client connected to the server.
-    pub fn raw(&self) -> RawClient {
+    pub(crate) fn raw(&self) -> RawClient {
         RawClient::connect(&self.addr)
     }
 
     /// Stops the server and returns what `serve` returned.
-    pub fn stop(&mut self) -> Result<(), NbdError> {
+    pub(crate) fn stop(&mut self) -> Result<(), NbdError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -226,12 +227,12 @@ impl<T: Read + Write + Send> Stream for T {}
 
 /// A minimal blocking NBD client for protocol-level tests. Every read has
 /// a 10 s timeout so a hung server fails the test instead of hanging it.
-pub struct RawClient {
+pub(crate) struct RawClient {
     s: Box<dyn Stream>,
 }
 
 impl RawClient {
-    pub fn connect(addr: &Addr) -> Self {
+    pub(crate) fn connect(addr: &Addr) -> Self {
         let timeout = Some(Duration::from_secs(10));
         let s: Box<dyn Stream> = match addr {
             Addr::Tcp(a) => {
@@ -248,42 +249,42 @@ impl RawClient {
         Self { s }
     }
 
-    pub fn send(&mut self, bytes: &[u8]) {
+    pub(crate) fn send(&mut self, bytes: &[u8]) {
         self.s.write_all(bytes).expect("send");
     }
 
-    pub fn recv(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) fn recv(&mut self, n: usize) -> Vec<u8> {
         let mut b = vec![0; n];
         self.s.read_exact(&mut b).expect("recv");
         b
     }
 
-    pub fn u16(&mut self) -> u16 {
+    pub(crate) fn u16(&mut self) -> u16 {
         u16::from_be_bytes(self.recv(2).try_into().unwrap())
     }
 
-    pub fn u32(&mut self) -> u32 {
+    pub(crate) fn u32(&mut self) -> u32 {
         u32::from_be_bytes(self.recv(4).try_into().unwrap())
     }
 
-    pub fn u64(&mut self) -> u64 {
+    pub(crate) fn u64(&mut self) -> u64 {
         u64::from_be_bytes(self.recv(8).try_into().unwrap())
     }
 
     /// Reads the greeting; returns the handshake flags.
-    pub fn greeting(&mut self) -> u16 {
+    pub(crate) fn greeting(&mut self) -> u16 {
         assert_eq!(&self.recv(8)[..], NBDMAGIC);
         assert_eq!(&self.recv(8)[..], IHAVEOPT);
         self.u16()
     }
 
     /// Greeting plus client flags FIXED_NEWSTYLE|NO_ZEROES.
-    pub fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         assert_eq!(self.greeting(), 0b11);
         self.send(&3u32.to_be_bytes());
     }
 
-    pub fn option(&mut self, opt: u32, data: &[u8]) {
+    pub(crate) fn option(&mut self, opt: u32, data: &[u8]) {
         let mut b = IHAVEOPT.to_vec();
         b.extend_from_slice(&opt.to_be_bytes());
         b.extend_from_slice(&(data.len() as u32).to_be_bytes());
@@ -292,7 +293,7 @@ impl RawClient {
     }
 
     /// Reads one option reply: (option, reply type, data).
-    pub fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
+    pub(crate) fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
         assert_eq!(self.u64(), OPT_REPLY_MAGIC);
         let opt = self.u32();
         let kind = self.u32();
@@ -302,7 +303,7 @@ impl RawClient {
 
     /// Sends NBD_OPT_INFO/GO for `name` asking for `infos`; returns the
     /// info replies up to the final reply type.
-    pub fn info(&mut self, opt: u32, name: &str, infos: &[u16]) -> (Vec<Vec<u8>>, u32) {
+    pub(crate) fn info(&mut self, opt: u32, name: &str, infos: &[u16]) -> (Vec<Vec<u8>>, u32) {
         let mut d = (name.len() as u32).to_be_bytes().to_vec();
         d.extend_from_slice(name.as_bytes());
         d.extend_from_slice(&(infos.len() as u16).to_be_bytes());
@@ -323,7 +324,7 @@ impl RawClient {
     }
 
     /// Full handshake with NBD_OPT_GO; returns (size, transmission flags).
-    pub fn go(&mut self, name: &str) -> (u64, u16) {
+    pub(crate) fn go(&mut self, name: &str) -> (u64, u16) {
         self.start();
         let (infos, kind) = self.info(OPT_GO, name, &[]);
         assert_eq!(kind, REP_ACK);
@@ -337,7 +338,7 @@ impl RawClient {
         )
     }
 
-    pub fn request(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, len: u32) {
+    pub(crate) fn request(&mut self, flags: u16, kind: u16, handle: u64, offset: u64, len: u32) {
         let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
         b.extend_from_slice(&flags.to_be_bytes());
         b.extend_from_slice(&kind.to_be_bytes());
@@ -347,13 +348,13 @@ impl RawClient {
         self.send(&b);
     }
 
-    pub fn write(&mut self, handle: u64, offset: u64, data: &[u8]) {
+    pub(crate) fn write(&mut self, handle: u64, offset: u64, data: &[u8]) {
         self.request(0, CMD_WRITE, handle, offset, data.len() as u32);
         self.send(data);
     }
 
     /// Reads one simple reply header: (error, handle).
-    pub fn reply(&mut self) -> (u32, u64) {
+    pub(crate) fn reply(&mut self) -> (u32, u64) {
         assert_eq!(self.u32(), REPLY_MAGIC);
         let err = self.u32();
         (err, self.u64())
@@ -361,7 +362,7 @@ impl RawClient {
 
     /// True when the server closed the connection (EOF or reset), false if
     /// data arrives; panics on a timeout.
-    pub fn closed(&mut self) -> bool {
+    pub(crate) fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
         match self.s.read(&mut b) {
             Ok(0) => true,
@@ -372,7 +373,7 @@ impl RawClient {
     }
 
     /// A READ that must succeed; returns the data.
-    pub fn read_ok(&mut self, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    pub(crate) fn read_ok(&mut self, handle: u64, offset: u64, len: u32) -> Vec<u8> {
         self.request(0, CMD_READ, handle, offset, len);
         assert_eq!(self.reply(), (0, handle));
         self.recv(len as usize)
@@ -380,7 +381,7 @@ impl RawClient {
 }
 
 /// A deterministic, non-trivial pattern.
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
         .collect()
@@ -388,7 +389,7 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 /// Operations seen by a [`Recording`] device.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     Read(u64, u32),
     Write { offset: u64, len: usize, fua: bool },
     Flush,
@@ -399,16 +400,16 @@ pub enum Op {
 /// Wraps a MemDevice; records every call, can gate reads of the first 4 KiB
 /// until a read elsewhere has completed, and can fail requests at offsets at
 /// or past `fail_at` with `fail_kind`.
-pub struct Recording {
-    pub mem: ferry_device::MemDevice,
-    pub ops: std::sync::Mutex<Vec<Op>>,
-    pub gate: Option<tokio::sync::watch::Sender<bool>>,
-    pub fail_at: u64,
-    pub fail_kind: io::ErrorKind,
+pub(crate) struct Recording {
+    pub(crate) mem: ferry_device::MemDevice,
+    pub(crate) ops: std::sync::Mutex<Vec<Op>>,
+    pub(crate) gate: Option<tokio::sync::watch::Sender<bool>>,
+    pub(crate) fail_at: u64,
+    pub(crate) fail_kind: io::ErrorKind,
 }
 
 impl Recording {
-    pub fn new(bytes: Vec<u8>) -> Self {
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
         Self {
             mem: ferry_device::MemDevice::from_bytes(bytes),
             ops: Default::default(),
@@ -418,18 +419,18 @@ impl Recording {
         }
     }
 
-    pub fn gated(mut self) -> Self {
+    pub(crate) fn gated(mut self) -> Self {
         self.gate = Some(tokio::sync::watch::channel(false).0);
         self
     }
 
-    pub fn failing(mut self, at: u64, kind: io::ErrorKind) -> Self {
+    pub(crate) fn failing(mut self, at: u64, kind: io::ErrorKind) -> Self {
         self.fail_at = at;
         self.fail_kind = kind;
         self
     }
 
-    pub fn ops(&self) -> Vec<Op> {
+    pub(crate) fn ops(&self) -> Vec<Op> {
         self.ops.lock().unwrap().clone()
     }
 
