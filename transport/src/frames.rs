@@ -49,7 +49,9 @@ pub(crate) async fn read_frame(
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(ReadFail::Stream(e)),
     }
-    wire::decode_body(&body).map(Some).map_err(ReadFail::Wire)
+    wire::decode_body_owned(body)
+        .map(Some)
+        .map_err(ReadFail::Wire)
 }
 
 /// Writes one message as a frame.

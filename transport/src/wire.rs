@@ -348,6 +348,17 @@ pub fn decode(buf: &[u8]) -> Result<(Message, usize), WireError> {
     Ok((decode_body(body)?, total))
 }
 
+/// Like [`decode_body`], but takes the body by value so a `Chunk`'s data
+/// reuses its allocation instead of being copied into a new one.
+pub fn decode_body_owned(mut body: Vec<u8>) -> Result<Message, WireError> {
+    if body.first() == Some(&T_CHUNK) && body.len() >= 9 && body.len() - 9 <= MAX_PAYLOAD {
+        let index = u64::from_le_bytes(body[1..9].try_into().unwrap_or([0; 8]));
+        body.drain(..9);
+        return Ok(Message::Chunk { index, data: body });
+    }
+    decode_body(&body)
+}
+
 /// Decodes the body of a frame (type byte and payload, without the header).
 pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
     let (&kind, p) = body.split_first().ok_or(WireError::Empty)?;
@@ -568,7 +579,7 @@ mod tests {
                 assert!(used <= bytes.len());
                 assert_eq!(m.encode(), bytes[..used].to_vec(), "re-encode differs");
             }
-            let _ = decode_body(bytes);
+            assert_eq!(decode_body_owned(bytes.to_vec()), decode_body(bytes));
         };
         for _ in 0..20_000 {
             // Pure noise, with a plausible header half of the time.

@@ -23,6 +23,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 struct MemSource {
     data: Vec<u8>,
     manifest: Manifest,
+    /// Time each chunk read takes.
+    delay: Duration,
 }
 
 impl MemSource {
@@ -42,7 +44,14 @@ impl MemSource {
         Arc::new(MemSource {
             manifest: Manifest::new(g, chunks),
             data,
+            delay: Duration::ZERO,
         })
+    }
+
+    fn slow(data: Vec<u8>, delay: Duration) -> Arc<Self> {
+        let mut s = Arc::into_inner(Self::new(data)).unwrap();
+        s.delay = delay;
+        Arc::new(s)
     }
 
     fn chunk(&self, c: u64) -> &[u8] {
@@ -57,6 +66,7 @@ impl ChunkSource for MemSource {
     }
 
     fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
         buf.clear();
         buf.extend_from_slice(self.chunk(index));
         Ok(())
@@ -327,6 +337,33 @@ async fn reconnect_after_restart() {
         let s = client.stats();
         assert!(s.reconnects >= 1, "{s:?}");
         assert_eq!(s.state, ConnState::Connected);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_in_flight_survives_a_restart() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let data = disk(10);
+        let slow = MemSource::slow(data.clone(), Duration::from_millis(100));
+        let (addr, server) = start(server_opts(&ids, localhost()), slow);
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        let c2 = client.clone();
+        // Chunks 1..=4 take ~400 ms to read: the server dies in the middle.
+        let pending = tokio::spawn(async move { c2.read_chunks(1, 4, Priority::Background).await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        server.abort();
+        let _ = server.await;
+        let fast = MemSource::new(data);
+        let _server = restart(server_opts(&ids, addr), fast.clone()).await;
+        let got = pending.await.unwrap().unwrap();
+        assert_eq!(got.len(), 4);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.as_slice(), fast.chunk(1 + i as u64));
+        }
+        assert!(client.stats().reconnects >= 1);
     })
     .await
     .expect("test timed out");
