@@ -549,3 +549,27 @@ async fn corrupt_once_corrupts_only_the_first_transmission() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_are_split() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        // 300 data chunks (18.75 MiB): more than one 16 MiB request.
+        let data: Vec<u8> = (0..300 * CHUNK as usize)
+            .map(|i| (i % 251) as u8 | 1)
+            .collect();
+        let src = MemSource::new(data);
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        let got = client
+            .read_chunks(0, 300, Priority::Background)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 300);
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.as_slice(), src.chunk(i as u64), "chunk {i}");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
