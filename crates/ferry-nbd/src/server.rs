@@ -13,6 +13,10 @@ use crate::handshake::{self, ExportInfo, Outcome};
 use crate::listener::{Conn, NbdListener};
 use crate::{transmission, NbdError};
 
+/// How long a client may take to negotiate before it is disconnected, so
+/// idle connections cannot pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What the server exports.
 #[derive(Debug, Clone)]
 pub struct NbdServerConfig {
@@ -102,7 +106,16 @@ where
     D: BlockDevice,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    match handshake::negotiate(&mut stream, export).await? {
+    let negotiated =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut stream, export))
+            .await
+            .map_err(|_| {
+                NbdError::Protocol(format!(
+                    "negotiation not finished after {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ))
+            })??;
+    match negotiated {
         Outcome::Aborted => return Ok(()),
         Outcome::Transmission => {}
     }
