@@ -1,1 +1,384 @@
-//! Placeholder.
+//! Support for ferry's end-to-end tests: finds the built `ferry` binary,
+//! makes identities and images in a temporary directory, runs `ferry serve`
+//! and `ferry pull` as child processes (killed when dropped), drives real
+//! NBD clients (qemu-io, qemu-img) and polls `ferry status --json`.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the `ferry` binary: `$FERRY_BIN`, else the workspace's
+/// `target/debug/ferry` (built by `cargo xtask ci` before the tests).
+pub fn ferry_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("FERRY_BIN") {
+        return PathBuf::from(p);
+    }
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| ws.join("target"));
+    let bin = target.join("debug").join("ferry");
+    if !bin.exists() {
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", "ferry", "--bin", "ferry"])
+            .current_dir(ws)
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "cannot build the ferry binary");
+    }
+    bin
+}
+
+/// Whether a tool is on PATH; if not, says SKIPPED loudly, and panics when
+/// `FERRY_REQUIRE_ALL=1` (as under `cargo xtask ci`).
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("FERRY_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("{tool} is required (FERRY_REQUIRE_ALL=1) but not installed");
+        }
+        eprintln!("\n!!!!!! SKIPPED: {tool} not found; install it to run this test !!!!!!\n");
+    }
+    found
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Sends SIGKILL and waits for it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for it to exit; returns its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A test world in a temporary directory.
+pub struct World {
+    /// The directory.
+    pub dir: tempfile::TempDir,
+    /// Source identity's fingerprint.
+    pub src_fp: String,
+    /// Destination identity's fingerprint.
+    pub dst_fp: String,
+    bin: PathBuf,
+}
+
+/// A free UDP port on 127.0.0.1 (bound and released).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind udp")
+        .port()
+}
+
+impl World {
+    /// Makes the directory and two identities.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = ferry_bin();
+        let mut w = Self {
+            dir,
+            src_fp: String::new(),
+            dst_fp: String::new(),
+            bin,
+        };
+        w.src_fp = w.keygen("src-id");
+        w.dst_fp = w.keygen("dst-id");
+        w
+    }
+
+    /// A path inside the world.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs `ferry keygen` into `name` and returns the fingerprint.
+    pub fn keygen(&self, name: &str) -> String {
+        let out = self.ferry(&["keygen", "--dir", self.path(name).to_str().expect("utf8")]);
+        assert!(out.status.success(), "keygen failed: {out:?}");
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_string()
+    }
+
+    /// Runs ferry to completion.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .args(args)
+            .output()
+            .expect("run ferry")
+    }
+
+    /// Starts ferry in the background, stderr and stdout to `NAME-N.log`.
+    pub fn spawn(&self, name: &str, args: &[&str]) -> Proc {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.path(&format!("{name}-{n}.log"));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = Command::new(&self.bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(f.try_clone().expect("dup"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn ferry");
+        Proc { child, log }
+    }
+
+    /// Starts `ferry serve` of `disk` on a free port; returns it and the port.
+    pub fn serve(&self, disk: &Path, extra: &[&str]) -> (Proc, u16) {
+        for _ in 0..5 {
+            let port = free_udp_port();
+            let listen = format!("127.0.0.1:{port}");
+            let id = self.dir.path().join("src-id");
+            let mut args = vec![
+                "serve",
+                "--disk",
+                disk.to_str().expect("utf8"),
+                "--listen",
+                &listen,
+                "--identity",
+                id.to_str().expect("utf8"),
+                "--trust-peer",
+                &self.dst_fp,
+            ];
+            let extra_owned: Vec<&str> = extra.to_vec();
+            args.extend(extra_owned);
+            let mut p = self.spawn("serve", &args);
+            // Ready when it prints its banner.
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(60) {
+                if p.log_text().contains("ferry serve: exporting") {
+                    return (p, port);
+                }
+                if p.wait_exit(Duration::from_millis(50)).is_some() {
+                    break;
+                }
+            }
+            eprintln!("serve did not start on port {port}: {}", p.log_text());
+        }
+        panic!("cannot start ferry serve");
+    }
+
+    /// Arguments of `ferry pull` from the source at `port` into `disk`.
+    pub fn pull_args(&self, port: u16, disk: &str) -> Vec<String> {
+        vec![
+            "pull".into(),
+            "--source".into(),
+            format!("127.0.0.1:{port}"),
+            "--disk".into(),
+            self.path(disk).display().to_string(),
+            "--nbd".into(),
+            format!("unix:{}", self.path("nbd.sock").display()),
+            "--control".into(),
+            self.path("ctl.sock").display().to_string(),
+            "--identity".into(),
+            self.path("dst-id").display().to_string(),
+            "--trust-peer".into(),
+            self.src_fp.clone(),
+        ]
+    }
+
+    /// Starts `ferry pull` with `args` and waits until it serves.
+    pub fn pull(&self, args: &[String]) -> Proc {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut p = self.spawn("pull", &a);
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            if p.log_text().contains("ferry pull: serving") {
+                return p;
+            }
+            if let Some(code) = p.wait_exit(Duration::from_millis(50)) {
+                panic!("ferry pull exited ({code}): {}", p.log_text());
+            }
+        }
+        panic!("ferry pull did not start: {}", p.log_text());
+    }
+
+    /// `ferry status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.ferry(&[
+            "status",
+            "--control",
+            self.path("ctl.sock").to_str().expect("utf8"),
+            "--json",
+        ]);
+        assert!(out.status.success(), "status failed: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
+    /// Polls status until `pred` holds, or panics after `timeout`.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {what}; last status {s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the pull to be complete and verified.
+    pub fn wait_verified(&self, timeout: Duration) -> serde_json::Value {
+        let s = self.wait_status("complete and verified", timeout, |s| {
+            s["phase"] == "complete" && s["verified"] != "pending" && s["verified"] != "running"
+        });
+        assert_eq!(s["verified"], "ok", "verification failed: {s}");
+        s
+    }
+
+    /// `ferry background --control … ACTION`.
+    pub fn background(&self, action: &str) {
+        let out = self.ferry(&[
+            "background",
+            "--control",
+            self.path("ctl.sock").to_str().expect("utf8"),
+            action,
+        ]);
+        assert!(out.status.success(), "background {action} failed: {out:?}");
+    }
+
+    /// Runs qemu-io on the pull's NBD export with the given commands.
+    pub fn qemu_io(&self, cmds: &[&str]) -> String {
+        let sock = self.path("nbd.sock");
+        let mut c = Command::new("timeout");
+        c.args(["120", "qemu-io", "--image-opts"]);
+        c.arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export=ferry",
+            sock.display()
+        ));
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let out = c.output().expect("run qemu-io");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "qemu-io failed: {text}");
+        assert!(
+            !text.contains("Pattern verification failed"),
+            "qemu-io: {text}"
+        );
+        assert!(!text.contains("failed"), "qemu-io: {text}");
+        text
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Makes a sparse image of `size` bytes with `extents` of pseudo-random
+/// data (offset, length), deterministic in `seed`.
+pub fn make_image(path: &Path, size: u64, extents: &[(u64, u64)], seed: u64) {
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("size image");
+    let mut x = seed | 1;
+    for (off, len) in extents {
+        let mut buf = vec![0u8; *len as usize];
+        for b in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let bytes = x.to_le_bytes();
+            b.copy_from_slice(&bytes[..b.len()]);
+        }
+        f.write_all_at(&buf, *off).expect("write image");
+    }
+    f.sync_all().expect("sync image");
+}
+
+/// Applies a write to a file (to build expected images).
+pub fn apply_write(path: &Path, offset: u64, data: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    f.write_all_at(data, offset).expect("write");
+    f.flush().expect("flush");
+}
+
+/// Whether two files are byte-for-byte equal (names the first difference).
+pub fn assert_files_equal(a: &Path, b: &Path) {
+    let fa = std::fs::File::open(a).expect("open a");
+    let fb = std::fs::File::open(b).expect("open b");
+    let la = fa.metadata().expect("meta").len();
+    let lb = fb.metadata().expect("meta").len();
+    assert_eq!(la, lb, "sizes differ: {} vs {}", a.display(), b.display());
+    let mut off = 0u64;
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    while off < la {
+        let n = (la - off).min(1 << 20) as usize;
+        fa.read_exact_at(&mut ba[..n], off).expect("read a");
+        fb.read_exact_at(&mut bb[..n], off).expect("read b");
+        if ba[..n] != bb[..n] {
+            let i = (0..n).find(|i| ba[*i] != bb[*i]).expect("a difference");
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
+        }
+        off += n as u64;
+    }
+}

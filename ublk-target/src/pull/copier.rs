@@ -184,6 +184,29 @@ async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
     *report.verify.lock().expect("verify lock") = v;
 }
 
+/// Removes a unix socket left behind by a crashed process, but never a
+/// live one (something accepts on it) nor a file that is not a socket.
+pub(crate) fn remove_stale_socket(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{what} {} exists and is not a socket; refusing to replace it",
+            path.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "{what} {} is in use by another running process",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("cannot remove stale socket {}", path.display()))
+}
+
 /// The control socket.
 pub(crate) struct ControlListener {
     listener: UnixListener,
@@ -193,23 +216,7 @@ pub(crate) struct ControlListener {
 impl ControlListener {
     /// Binds `path`, replacing a stale socket but never a live one.
     pub(crate) fn bind(path: &Path) -> Result<Self> {
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                bail!(
-                    "control socket {} is in use by another running ferry pull",
-                    path.display()
-                );
-            }
-            let meta = std::fs::symlink_metadata(path)?;
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                bail!(
-                    "--control {} exists and is not a socket; refusing to replace it",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)?;
-        }
+        remove_stale_socket(path, "--control")?;
         let listener = UnixListener::bind(path)
             .with_context(|| format!("cannot bind control socket {}", path.display()))?;
         Ok(Self {

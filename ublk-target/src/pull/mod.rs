@@ -121,6 +121,9 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     rt.block_on(async move {
         // Bind every listener before touching any file, so a port in use
         // fails the start with nothing changed.
+        if let Some(path) = nbd_spec.strip_prefix("unix:") {
+            copier::remove_stale_socket(Path::new(path), "--nbd")?;
+        }
         let listener = NbdListener::bind(&nbd_spec).await?;
         let control = copier::ControlListener::bind(&a.control)?;
         let tuning = Tuning::for_link(

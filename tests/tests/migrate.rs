@@ -1,0 +1,231 @@
+//! End-to-end migrations with real NBD clients: on-demand reads before any
+//! background copy, guest writes during the copy, byte-for-byte results,
+//! bytes on the wire for a sparse disk, kill -9 and resume, corrupted
+//! chunks, and a source that goes away and comes back.
+
+use std::time::Duration;
+
+use ferry_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn nbd_reads_fetch_on_demand_and_writes_survive_the_copy() {
+    if !require_tool("qemu-io") || !require_tool("qemu-img") {
+        return;
+    }
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(
+        &src,
+        64 * MIB,
+        &[(MIB, 8 * MIB), (40 * MIB, 3 * MIB + 12345)],
+        1,
+    );
+    let (_serve, port) = w.serve(&src, &[]);
+    let mut args = w.pull_args(port, "dst.img");
+    args.push("--hold-background".into());
+    let _pull = w.pull(&args);
+
+    // Background held back: a read of an untouched region returns the
+    // source's bytes, fetched on demand.
+    let src_bytes = std::fs::read(&src).unwrap();
+    let off = 5 * MIB + 4096;
+    let out = w.qemu_io(&[&format!("read -v {off} 16")]);
+    let first: Vec<String> = src_bytes[off as usize..off as usize + 16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(
+        out.contains(&first.join(" ")),
+        "on-demand read returned other bytes than the source's: {out}"
+    );
+    let s = w.status();
+    assert_eq!(s["background"], "paused");
+    assert_eq!(s["fetched_background_bytes"], 0);
+    assert!(
+        s["fetched_on_demand_bytes"].as_u64().unwrap() >= 4096,
+        "{s}"
+    );
+    assert!(s["present_bytes"].as_u64().unwrap() < 64 * MIB);
+
+    // Guest writes during the copy: whole blocks, sub-block (read-modify-
+    // write of an absent block), into a zero region, zeroes and discard.
+    w.qemu_io(&[
+        "write -P 0xa1 2097152 65536",
+        "write -P 0xb2 41943140 100",
+        "write -P 0xc3 20971520 8192",
+        "write -z 1052672 4096",
+        "flush",
+        "read -P 0xa1 2097152 65536",
+        "read -P 0xb2 41943140 100",
+    ]);
+    let expect = w.path("expect.img");
+    std::fs::copy(&src, &expect).unwrap();
+    apply_write(&expect, 2097152, &[0xa1; 65536]);
+    apply_write(&expect, 41943140, &[0xb2; 100]);
+    apply_write(&expect, 20971520, &[0xc3; 8192]);
+    apply_write(&expect, 1052672, &[0; 4096]);
+
+    w.background("resume");
+    let s = w.wait_verified(Duration::from_secs(120));
+    assert_eq!(s["present_bytes"], 64 * MIB);
+    assert!(s["guest_written_chunks"].as_u64().unwrap() >= 3);
+
+    // Reads after completion come from the local file and match.
+    w.qemu_io(&["read -P 0xc3 20971520 8192"]);
+    let st = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&expect)
+        .arg(w.path("dst.img"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "qemu-img compare: destination differs");
+    assert_files_equal(&expect, &w.path("dst.img"));
+    // The source was not modified.
+    assert!(
+        std::fs::read(&src).unwrap() == src_bytes,
+        "the source changed"
+    );
+}
+
+#[test]
+fn sparse_gib_moves_little_more_than_its_data() {
+    let w = World::new();
+    let src = w.path("src.img");
+    // 1 GiB, 64 MiB of data in four extents, the rest holes.
+    let extents: Vec<(u64, u64)> = (0..4)
+        .map(|i| (i * 256 * MIB + 3 * MIB, 16 * MIB))
+        .collect();
+    make_image(&src, 1024 * MIB, &extents, 2);
+    let (_serve, port) = w.serve(&src, &[]);
+    let _pull = w.pull(&w.pull_args(port, "dst.img"));
+    let s = w.wait_verified(Duration::from_secs(180));
+    let wire = s["wire_rx_bytes"].as_u64().unwrap();
+    assert!(wire > 64 * MIB, "wire count is not counting: {wire}");
+    assert!(
+        wire <= 70 * MIB,
+        "{wire} bytes crossed the wire for 64 MiB of data"
+    );
+    assert_eq!(s["source_data_bytes"], 64 * MIB);
+    assert_eq!(s["skipped_zero_bytes"], 960 * MIB);
+    assert_files_equal(&src, &w.path("dst.img"));
+}
+
+#[test]
+fn kill_9_then_restart_resumes_without_refetching() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 256 * MIB, &[(0, 96 * MIB), (128 * MIB, 32 * MIB)], 3);
+    let (_serve, port) = w.serve(&src, &[]);
+    let data = 128 * MIB;
+    let sync_bytes = 8 * MIB;
+    let mut args = w.pull_args(port, "dst.img");
+    // Slow the copy down so the kill lands in the middle.
+    for a in [
+        "--rate",
+        "16777216",
+        "--sync-bytes",
+        "8388608",
+        "--window",
+        "4",
+        "--batch-chunks",
+        "16",
+    ] {
+        args.push(a.into());
+    }
+    let mut pull = w.pull(&args);
+    let before = w.wait_status("40% of the data present", Duration::from_secs(120), |s| {
+        s["fetched_background_bytes"].as_u64().unwrap() >= data * 2 / 5
+    });
+    pull.kill9();
+    let present_before = before["fetched_background_bytes"].as_u64().unwrap()
+        + before["fetched_on_demand_bytes"].as_u64().unwrap();
+    assert!(present_before < data, "the copy finished before the kill");
+
+    // Restart with the same disk and state; no rate limit now.
+    let args2 = w.pull_args(port, "dst.img");
+    let _pull2 = w.pull(&args2);
+    let s = w.wait_verified(Duration::from_secs(120));
+    let fetched_after = s["fetched_background_bytes"].as_u64().unwrap()
+        + s["fetched_on_demand_bytes"].as_u64().unwrap();
+    // One batch: the sync threshold plus the requests in flight.
+    let batch = sync_bytes + 4 * 16 * 64 * 1024;
+    let remaining = data - present_before;
+    assert!(
+        fetched_after <= remaining + batch,
+        "after restart fetched {fetched_after} bytes; remaining was at most {remaining} (+ one batch {batch})"
+    );
+    assert!(s["present_at_start_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert_files_equal(&src, &w.path("dst.img"));
+}
+
+#[test]
+fn a_corrupted_chunk_is_rejected_and_fetched_again() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 16 * MIB, &[(0, 4 * MIB)], 4);
+    // Chunk 7 (64 KiB chunks) gets one byte flipped on its first trip.
+    let (serve, port) = w.serve(&src, &["--inject-corrupt-chunk", "7"]);
+    let _pull = w.pull(&w.pull_args(port, "dst.img"));
+    let s = w.wait_verified(Duration::from_secs(60));
+    assert_eq!(s["rejected_corrupt_bytes"], 65536, "{s}");
+    assert!(
+        serve.log_text().contains("corrupt"),
+        "the fault was not injected"
+    );
+    assert_files_equal(&src, &w.path("dst.img"));
+}
+
+#[test]
+fn the_source_going_away_makes_reads_wait_not_fail() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 32 * MIB, &[(0, 32 * MIB)], 5);
+    let (mut serve, port) = w.serve(&src, &[]);
+    let mut args = w.pull_args(port, "dst.img");
+    args.push("--hold-background".into());
+    let _pull = w.pull(&args);
+    w.qemu_io(&["read 0 65536"]);
+    serve.kill9();
+    // Bring the source back on the same port after a while, from another
+    // thread, while a guest read of absent data waits.
+    let src2 = src.clone();
+    let w_dir = w.dir.path().to_owned();
+    let dst_fp = w.dst_fp.clone();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        let bin = ferry_bin();
+        std::process::Command::new(bin)
+            .args(["serve", "--disk"])
+            .arg(&src2)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--identity"])
+            .arg(w_dir.join("src-id"))
+            .args(["--trust-peer", &dst_fp])
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("restart serve")
+    });
+    let src_bytes = std::fs::read(&src).unwrap();
+    let off = 20 * MIB;
+    let out = w.qemu_io(&[&format!("read -v {off} 16")]);
+    let hex: Vec<String> = src_bytes[off as usize..off as usize + 16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(out.contains(&hex.join(" ")), "{out}");
+    let mut serve2 = Proc {
+        child: restarter.join().unwrap(),
+        log: w.path("serve2.log"),
+    };
+    let s = w.status();
+    assert!(s["reconnects"].as_u64().unwrap() >= 1, "{s}");
+    w.background("resume");
+    w.wait_verified(Duration::from_secs(60));
+    serve2.kill9();
+    assert_files_equal(&src, &w.path("dst.img"));
+}
