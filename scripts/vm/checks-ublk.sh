@@ -1,0 +1,155 @@
+#!/bin/sh
+# vm-test checks for the ublk frontend, driven through the ublk-mem example
+# (crates/ferry-ublk/examples/ublk-mem.rs). Run by /init inside the VM.
+. "$FERRY_LIB"
+
+MIB=1048576
+LOG=/tmp/ublk-mem.log
+
+# start_server NAME ARGS...: starts ublk-mem ARGS in the background and waits
+# until it reports its device live; sets PID and DEV.
+start_server() {
+    out=/tmp/ublk-mem.$1.out
+    shift
+    : >"$out"
+    ublk-mem "$@" >"$out" 2>>"$LOG" &
+    PID=$!
+    DEV=
+    wait_for 60 grep -q '^LIVE ' "$out" || return 1
+    DEV=$(sed -n 's/^LIVE //p' "$out")
+    wait_for 10 test -b "$DEV"
+}
+
+# stop_server: SIGTERM, wait; fails unless it exits 0 and the device goes.
+stop_server() {
+    kill -TERM "$PID" || return 1
+    wait "$PID" || return 1
+    wait_for 10 sh -c "! test -e $DEV"
+}
+
+server_log() { tail -n 5 "$LOG" | tr '\n' ' '; }
+
+# is_zero FILE: FILE holds only zero bytes.
+is_zero() { cmp -s -n "$(stat -c %s "$1")" "$1" /dev/zero; }
+
+if [ -e /dev/ublk-control ]; then
+    pass ublk-driver
+else
+    fail ublk-driver "/dev/ublk-control does not exist after insmod ublk_drv"
+    exit 1
+fi
+
+# ---- a 64 MiB memory device ------------------------------------------------
+if start_server mem --size-mib 64 --dev-id 0; then
+    pass ublk-live
+else
+    fail ublk-live "ublk-mem did not report a live device: $(server_log)"
+    exit 1
+fi
+NAME=${DEV#/dev/}
+
+geometry() {
+    [ "$(cat /sys/block/$NAME/size)" = $((64 * 2048)) ] &&
+        [ "$(cat /sys/block/$NAME/queue/logical_block_size)" = 4096 ]
+}
+check geometry-64MiB-4k geometry
+
+cache_fua() {
+    [ "$(cat /sys/block/$NAME/queue/write_cache)" = "write back" ] &&
+        [ "$(cat /sys/block/$NAME/queue/fua)" = 1 ]
+}
+check write-cache-and-fua cache_fua
+
+head -c $((16 * MIB)) /dev/urandom >/tmp/pattern
+check odirect-write dd if=/tmp/pattern of="$DEV" bs=1M count=16 oflag=direct
+readback() {
+    dd if="$DEV" of=/tmp/readback bs=1M count=16 iflag=direct &&
+        cmp /tmp/pattern /tmp/readback
+}
+check odirect-readback readback
+
+offset_rw() {
+    dd if=/tmp/pattern of="$DEV" bs=4k count=100 seek=5000 oflag=direct &&
+        dd if="$DEV" of=/tmp/offset bs=4k count=100 skip=5000 iflag=direct &&
+        cmp -n $((100 * 4096)) /tmp/pattern /tmp/offset
+}
+check odirect-offset-4k offset_rw
+
+# Buffered writes, then fsync: the kernel sends FLUSH (start_sector all ones).
+check flush-fsync dd if=/tmp/pattern of="$DEV" bs=64k count=16 seek=256 conv=fsync
+# O_DSYNC direct writes carry FUA on a device that advertises it.
+check fua-dsync dd if=/tmp/pattern of="$DEV" bs=4k count=16 seek=9000 oflag=direct,dsync
+
+discard() {
+    blkdiscard -o $((MIB)) -l $((MIB)) "$DEV" &&
+        dd if="$DEV" of=/tmp/discarded bs=1M count=1 skip=1 iflag=direct &&
+        is_zero /tmp/discarded
+}
+check discard discard
+
+zeroout() {
+    blkdiscard -z -o $((2 * MIB)) -l $((MIB)) "$DEV" &&
+        dd if="$DEV" of=/tmp/zeroed bs=1M count=1 skip=2 iflag=direct &&
+        is_zero /tmp/zeroed
+}
+check write-zeroes zeroout
+
+if command -v fio >/dev/null; then
+    CHECK_TIMEOUT=120 check fio-verify-qd16 fio --name=verify --filename="$DEV" \
+        --rw=randwrite --bs=4k --offset=32M --size=8M --direct=1 --ioengine=libaio \
+        --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1
+else
+    skip fio-verify-qd16 "fio is not in the initramfs"
+fi
+
+ext4() {
+    mkdir -p /mnt/ublk &&
+        mkfs.ext4 -q -F "$DEV" &&
+        mount -t ext4 "$DEV" /mnt/ublk &&
+        cp /tmp/pattern /mnt/ublk/file &&
+        sync &&
+        umount /mnt/ublk &&
+        e2fsck -fn "$DEV" &&
+        mount -t ext4 -o ro "$DEV" /mnt/ublk &&
+        cmp /tmp/pattern /mnt/ublk/file &&
+        umount /mnt/ublk
+}
+CHECK_TIMEOUT=120 check mkfs-mount-fsck ext4
+
+check graceful-stop stop_server
+
+# ---- crash and recovery on a file-backed device ----------------------------
+# The backing file outlives the server, so data written before the crash must
+# read back after recovery.
+BACKING=/tmp/backing.img
+if ! start_server file --size-mib 64 --dev-id 1 --file "$BACKING"; then
+    fail recovery-setup "ublk-mem --file did not come up: $(server_log)"
+    exit 0
+fi
+dd if=/tmp/pattern of="$DEV" bs=1M count=16 oflag=direct 2>/dev/null
+kill -9 "$PID"
+wait "$PID" 2>/dev/null
+# The device stays (quiesced), its I/O held until a new server recovers it.
+check crash-keeps-device test -b "$DEV"
+dd if="$DEV" of=/tmp/during bs=1M count=4 iflag=direct 2>/dev/null &
+HELD=$!
+
+if start_server recovered --size-mib 64 --dev-id 1 --file "$BACKING" --recover; then
+    pass recover
+else
+    fail recover "ublk-mem --recover did not come up: $(server_log)"
+    kill -9 "$PID" "$HELD" 2>/dev/null
+    exit 0
+fi
+held_io() {
+    i=0
+    while kill -0 "$HELD" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; i=$((i + 1)); done
+    wait "$HELD" && cmp -n $((4 * MIB)) /tmp/pattern /tmp/during
+}
+check io-held-across-crash held_io
+check recover-keeps-data readback
+check recover-serves-io offset_rw
+check recover-graceful-stop stop_server
+
+echo "---- last lines of the ublk-mem log ($LOG)"
+tail -n 30 "$LOG"
