@@ -8,16 +8,43 @@ LOG=/tmp/ublk-mem.log
 
 # start_server NAME ARGS...: starts ublk-mem ARGS in the background and waits
 # until it reports its device live; sets PID and DEV.
+# OUT is the server's stdout.
 start_server() {
-    out=/tmp/ublk-mem.$1.out
+    OUT=/tmp/ublk-mem.$1.out
     shift
-    : >"$out"
-    ublk-mem "$@" >"$out" 2>>"$LOG" &
+    : >"$OUT"
+    ublk-mem "$@" >"$OUT" 2>>"$LOG" &
     PID=$!
     DEV=
-    wait_for 60 grep -q '^LIVE ' "$out" || return 1
-    DEV=$(sed -n 's/^LIVE //p' "$out")
+    wait_for 60 grep -q '^LIVE ' "$OUT" || return 1
+    DEV=$(sed -n 's/^LIVE //p' "$OUT")
     wait_for 10 test -b "$DEV"
+}
+
+# count FIELD: how many requests of kind FIELD (read write fua flush trim
+# zeroes) reached the device; ublk-mem prints a STATS line on SIGUSR1.
+count() {
+    seen=$(grep -c '^STATS ' "$OUT")
+    kill -USR1 "$PID"
+    wait_for 5 sh -c "[ \$(grep -c '^STATS ' $OUT) -gt $seen ]" || {
+        echo "no STATS line from ublk-mem"
+        return 1
+    }
+    grep '^STATS ' "$OUT" | tail -n 1 | tr ' ' '\n' | sed -n "s/^$1=//p"
+}
+
+# reaches FIELD CMD...: runs CMD and fails unless it made at least one
+# request of kind FIELD reach the device.
+reaches() {
+    field=$1
+    shift
+    before=$(count "$field") || return 1
+    "$@" || return 1
+    after=$(count "$field") || return 1
+    [ "$after" -gt "$before" ] 2>/dev/null || {
+        echo "no $field request reached the device ($before before, $after after)"
+        return 1
+    }
 }
 
 # stop_server: SIGTERM, wait; fails unless it exits 0 and the device goes.
@@ -40,7 +67,7 @@ else
 fi
 
 # ---- a 64 MiB memory device ------------------------------------------------
-if start_server mem --size-mib 64 --dev-id 0; then
+if start_server mem --size-mib 64 --dev-id 0 --queues 2 --depth 32; then
     pass ublk-live
 else
     fail ublk-live "ublk-mem did not report a live device: $(server_log)"
@@ -59,6 +86,7 @@ cache_fua() {
         [ "$(cat /sys/block/$NAME/queue/fua)" = 1 ]
 }
 check write-cache-and-fua cache_fua
+check two-queues test -d /sys/block/$NAME/mq/1
 
 head -c $((16 * MIB)) /dev/urandom >/tmp/pattern
 check odirect-write dd if=/tmp/pattern of="$DEV" bs=1M count=16 oflag=direct
@@ -76,30 +104,30 @@ offset_rw() {
 check odirect-offset-4k offset_rw
 
 # Buffered writes, then fsync: the kernel sends FLUSH (start_sector all ones).
-check flush-fsync dd if=/tmp/pattern of="$DEV" bs=64k count=16 seek=256 conv=fsync
+check flush-fsync reaches flush dd if=/tmp/pattern of="$DEV" bs=64k count=16 seek=256 conv=fsync
 # O_DSYNC direct writes carry FUA on a device that advertises it.
-check fua-dsync dd if=/tmp/pattern of="$DEV" bs=4k count=16 seek=9000 oflag=direct,dsync
+check fua-dsync reaches fua dd if=/tmp/pattern of="$DEV" bs=4k count=16 seek=9000 oflag=direct,dsync
 
 discard() {
     blkdiscard -o $((MIB)) -l $((MIB)) "$DEV" &&
         dd if="$DEV" of=/tmp/discarded bs=1M count=1 skip=1 iflag=direct &&
         is_zero /tmp/discarded
 }
-check discard discard
+check discard reaches trim discard
 
 zeroout() {
     blkdiscard -z -o $((2 * MIB)) -l $((MIB)) "$DEV" &&
         dd if="$DEV" of=/tmp/zeroed bs=1M count=1 skip=2 iflag=direct &&
         is_zero /tmp/zeroed
 }
-check write-zeroes zeroout
+check write-zeroes reaches zeroes zeroout
 
 if command -v fio >/dev/null; then
-    CHECK_TIMEOUT=120 check fio-verify-qd16 fio --name=verify --filename="$DEV" \
+    CHECK_TIMEOUT=120 check fio-verify-2jobs-qd16 fio --name=verify --filename="$DEV" \
         --rw=randwrite --bs=4k --offset=32M --size=8M --direct=1 --ioengine=libaio \
-        --iodepth=16 --verify=crc32c --do_verify=1 --verify_fatal=1
+        --iodepth=16 --numjobs=2 --offset_increment=8M --verify=crc32c --do_verify=1 --verify_fatal=1
 else
-    skip fio-verify-qd16 "fio is not in the initramfs"
+    skip fio-verify-2jobs-qd16 "fio is not in the initramfs"
 fi
 
 ext4() {

@@ -1,14 +1,18 @@
 //! `ublk-mem`: serves an in-memory (or file-backed) device through ublk, for
 //! the VM harness (`cargo xtask vm-test`) and manual experiments.
 //!
-//! Prints `LIVE /dev/ublkbN` on stdout once the device is live. SIGTERM or
-//! SIGINT stops and deletes the device; SIGKILL leaves it quiesced for
-//! `--recover` (the backing file keeps the data across the crash).
+//! Prints `LIVE /dev/ublkbN` on stdout once the device is live, and on
+//! SIGUSR1 a line `STATS read=N write=N fua=N flush=N trim=N zeroes=N`
+//! counting the requests that reached the device (so checks can prove that
+//! FLUSH, FUA, DISCARD and WRITE_ZEROES arrive). SIGTERM or SIGINT stops and
+//! deletes the device; SIGKILL leaves it quiesced for `--recover` (the backing
+//! file keeps the data across the crash).
 #![forbid(unsafe_code)]
 
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -48,6 +52,7 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(io::stderr)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .init();
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -65,24 +70,25 @@ fn main() -> Result<()> {
     let size = args.size_mib << 20;
     match &args.file {
         Some(path) => {
-            let device = Arc::new(FileDevice::open(path, size)?);
+            let device = Arc::new(Counting::new(FileDevice::open(path, size)?));
             serve(device, &rt, opts)
         }
-        None => serve(Arc::new(MemDevice::new(size)), &rt, opts),
+        None => serve(Arc::new(Counting::new(MemDevice::new(size))), &rt, opts),
     }
 }
 
 fn serve<D: BlockDevice>(
-    device: Arc<D>,
+    device: Arc<Counting<D>>,
     rt: &tokio::runtime::Runtime,
     opts: UblkOptions,
 ) -> Result<()> {
     let handle = rt.handle().clone();
+    let counts = Arc::clone(&device.counts);
     let on_live = move |path: &str| {
         println!("LIVE {path}");
         let _ = io::stdout().flush();
         if let Some(dev_id) = dev_id_of(path) {
-            handle.spawn(stop_on_signal(dev_id));
+            handle.spawn(handle_signals(dev_id, counts));
         }
     };
     serve_ublk(device, rt.handle().clone(), opts, on_live).context("serving the ublk device")?;
@@ -90,22 +96,118 @@ fn serve<D: BlockDevice>(
     Ok(())
 }
 
-async fn stop_on_signal(dev_id: u32) {
+/// SIGUSR1 prints the request counts; SIGTERM/SIGINT stop the device.
+async fn handle_signals(dev_id: u32, counts: Arc<Counts>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
     ) else {
         eprintln!("ublk-mem: cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr1.recv() => {
+                println!("{}", counts.line());
+                let _ = io::stdout().flush();
+            }
+        }
     }
     eprintln!("ublk-mem: stopping /dev/ublkb{dev_id}");
-    if let Err(e) = tokio::task::spawn_blocking(move || stop_ublk(dev_id)).await {
-        eprintln!("ublk-mem: stop task failed: {e}");
+    match tokio::task::spawn_blocking(move || stop_ublk(dev_id)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("ublk-mem: {e}"),
+        Err(e) => eprintln!("ublk-mem: stop task failed: {e}"),
+    }
+}
+
+/// Requests that reached the device, by kind.
+#[derive(Default)]
+struct Counts {
+    read: AtomicU64,
+    write: AtomicU64,
+    fua: AtomicU64,
+    flush: AtomicU64,
+    trim: AtomicU64,
+    zeroes: AtomicU64,
+}
+
+impl Counts {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn line(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "STATS read={} write={} fua={} flush={} trim={} zeroes={}",
+            get(&self.read),
+            get(&self.write),
+            get(&self.fua),
+            get(&self.flush),
+            get(&self.trim),
+            get(&self.zeroes)
+        )
+    }
+}
+
+/// Wraps a device and counts the requests reaching it.
+struct Counting<D> {
+    inner: D,
+    counts: Arc<Counts>,
+}
+
+impl<D> Counting<D> {
+    fn new(inner: D) -> Self {
+        Self {
+            inner,
+            counts: Arc::default(),
+        }
+    }
+}
+
+impl<D: BlockDevice> BlockDevice for Counting<D> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.inner.block_size()
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        Counts::bump(&self.counts.read);
+        self.inner.read(offset, len).await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        Counts::bump(&self.counts.write);
+        if fua {
+            Counts::bump(&self.counts.fua);
+        }
+        self.inner.write(offset, data, fua).await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        Counts::bump(&self.counts.flush);
+        self.inner.flush().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        Counts::bump(&self.counts.trim);
+        self.inner.trim(offset, len).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        Counts::bump(&self.counts.zeroes);
+        if fua {
+            Counts::bump(&self.counts.fua);
+        }
+        self.inner.write_zeroes(offset, len, fua).await
     }
 }
 
