@@ -146,6 +146,17 @@ CHECK_TIMEOUT=120 check mkfs-mount-fsck ext4
 
 check graceful-stop stop_server
 
+# ---- device errors reach the reader as EIO; the server keeps serving --------
+if start_server faulty --size-mib 16 --dev-id 2 --bad-block 100; then
+    read_bad() { ! dd if="$DEV" of=/dev/null bs=4k skip=100 count=1 iflag=direct; }
+    check device-error-fails-read read_bad
+    read_good() { dd if="$DEV" of=/dev/null bs=4k skip=101 count=1 iflag=direct; }
+    check device-error-spares-the-rest read_good
+    check device-error-graceful-stop stop_server
+else
+    fail device-error-setup "ublk-mem --bad-block did not come up: $(server_log)"
+fi
+
 # ---- crash and recovery on a file-backed device ----------------------------
 # The backing file outlives the server, so data written before the crash must
 # read back after recovery.

@@ -44,6 +44,10 @@ struct Args {
     /// Largest request in KiB.
     #[arg(long, default_value_t = 1024)]
     io_buf_kib: u32,
+    /// Fail every read and write touching this 4 KiB block (index) with an
+    /// I/O error, to check how errors reach the block layer.
+    #[arg(long)]
+    bad_block: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -70,10 +74,13 @@ fn main() -> Result<()> {
     let size = args.size_mib << 20;
     match &args.file {
         Some(path) => {
-            let device = Arc::new(Counting::new(FileDevice::open(path, size)?));
-            serve(device, &rt, opts)
+            let device = FileDevice::open(path, size)?;
+            serve(Arc::new(Counting::new(device, args.bad_block)), &rt, opts)
         }
-        None => serve(Arc::new(Counting::new(MemDevice::new(size))), &rt, opts),
+        None => {
+            let device = MemDevice::new(size);
+            serve(Arc::new(Counting::new(device, args.bad_block)), &rt, opts)
+        }
     }
 }
 
@@ -155,17 +162,29 @@ impl Counts {
     }
 }
 
-/// Wraps a device and counts the requests reaching it.
+/// Wraps a device, counts the requests reaching it and fails those that
+/// touch the bad block.
 struct Counting<D> {
     inner: D,
     counts: Arc<Counts>,
+    bad_block: Option<u64>,
 }
 
 impl<D> Counting<D> {
-    fn new(inner: D) -> Self {
+    fn new(inner: D, bad_block: Option<u64>) -> Self {
         Self {
             inner,
             counts: Arc::default(),
+            bad_block,
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.bad_block {
+            Some(block) if offset < (block + 1) * 4096 && block * 4096 < offset + len => Err(
+                io::Error::other(format!("injected fault: block {block} is bad")),
+            ),
+            _ => Ok(()),
         }
     }
 }
@@ -181,6 +200,7 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         Counts::bump(&self.counts.read);
+        self.check(offset, u64::from(len))?;
         self.inner.read(offset, len).await
     }
 
@@ -189,6 +209,7 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
         if fua {
             Counts::bump(&self.counts.fua);
         }
+        self.check(offset, data.len() as u64)?;
         self.inner.write(offset, data, fua).await
     }
 

@@ -127,8 +127,9 @@ pub fn driver_features() -> Result<Option<u64>, UblkError> {
 /// `device` through it until the device is stopped ([`stop_ublk`]) or
 /// deleted. Calls `on_live(dev_path)` once the device is live (`/dev/ublkbN`).
 ///
-/// The device's futures are spawned on `rt`; each queue is served by its own
-/// thread. A device stopped or deleted on purpose is deleted before this
+/// Blocks the calling thread for the device's lifetime: call it from a plain
+/// thread or `spawn_blocking`, not from an async task. The device's futures
+/// are spawned on `rt`; each queue is served by its own thread. A device stopped or deleted on purpose is deleted before this
 /// returns; if the process dies instead, a device created with
 /// `UBLK_F_USER_RECOVERY` stays, quiesced, for a new server to recover.
 pub fn serve_ublk<D: BlockDevice>(
