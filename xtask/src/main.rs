@@ -1,6 +1,9 @@
 //! `cargo xtask`: the project's automation. `cargo xtask ci` runs exactly
 //! what CI runs; `cargo xtask demo` runs a migration on loopback.
 
+mod ci;
+mod demo;
+mod setup;
 mod vm;
 
 use anyhow::Result;
@@ -17,6 +20,9 @@ struct Cli {
 enum Cmd {
     /// Run everything CI runs: fmt, clippy, all tests, the VM test.
     Ci,
+    /// Run a migration demo: serve a disk holding a filesystem, pull it,
+    /// use it with qemu-io while it copies, prove the result.
+    Demo(demo::DemoArgs),
     /// Boot a VM with the real ublk driver and run ferry's ublk checks in it.
     VmTest(vm::VmTestArgs),
 }
@@ -24,7 +30,8 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Ci => anyhow::bail!("ci: not written yet"),
+        Cmd::Ci => ci::run_ci(),
+        Cmd::Demo(args) => demo::run_demo(&args),
         Cmd::VmTest(args) => vm::vm_test(&args),
     }
 }
