@@ -88,6 +88,20 @@ pub(crate) struct PullArgs {
     /// Serve the disk over NBD at ADDR:PORT or unix:PATH.
     #[arg(long)]
     pub(crate) nbd: Option<String>,
+    /// Present the disk as /dev/ublkbN through the kernel's ublk driver.
+    #[arg(long)]
+    pub(crate) ublk: bool,
+    /// ublk device id (N in /dev/ublkbN). If that device exists, left by a
+    /// crashed `ferry pull`, it is re-attached (user recovery) and the
+    /// requests it had in flight are served again.
+    #[arg(long)]
+    pub(crate) ublk_id: Option<u32>,
+    /// ublk queues (one thread each).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) queues: u16,
+    /// ublk queue depth.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) depth: u16,
     /// NBD export name.
     #[arg(long, default_value = "ferry")]
     pub(crate) export_name: String,

@@ -107,8 +107,18 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     })?;
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
-    let Some(nbd_spec) = a.nbd.clone() else {
-        bail!("no frontend: pass --nbd ADDR:PORT or --nbd unix:PATH");
+    if a.nbd.is_none() && !a.ublk {
+        bail!("no frontend: pass --ublk, or --nbd ADDR:PORT, or --nbd unix:PATH");
+    }
+    // With --ublk, check for the driver before anything is created.
+    let ublk_recover = if a.ublk {
+        if !Path::new(ferry_ublk::CONTROL_PATH).exists() {
+            return Err(ferry_ublk::UblkError::DriverMissing.into());
+        }
+        a.ublk_id
+            .is_some_and(|id| Path::new(&format!("/dev/ublkc{id}")).exists())
+    } else {
+        false
     };
     if a.batch_chunks == 0 || a.window == 0 {
         bail!("--batch-chunks and --window must be at least 1");
@@ -121,10 +131,15 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     rt.block_on(async move {
         // Bind every listener before touching any file, so a port in use
         // fails the start with nothing changed.
-        if let Some(path) = nbd_spec.strip_prefix("unix:") {
-            copier::remove_stale_socket(Path::new(path), "--nbd")?;
-        }
-        let listener = NbdListener::bind(&nbd_spec).await?;
+        let listener = match &a.nbd {
+            Some(spec) => {
+                if let Some(path) = spec.strip_prefix("unix:") {
+                    copier::remove_stale_socket(Path::new(path), "--nbd")?;
+                }
+                Some(NbdListener::bind(spec).await?)
+            }
+            None => None,
+        };
         let control = copier::ControlListener::bind(&a.control)?;
         let tuning = Tuning::for_link(
             a.link_mbit * 1_000_000,
@@ -186,7 +201,6 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             rate: device::RateMeter::default(),
         });
         let device = Arc::new(PullDevice(shared.clone()));
-        let uri = listener.describe();
         tokio::spawn(copier::run_copier(
             shared.clone(),
             settings.clone(),
@@ -198,27 +212,86 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             report.clone(),
         ));
         tokio::spawn(control.serve(shared.clone(), settings.clone(), report.clone()));
-        println!("ferry pull: serving {uri} (size {} bytes)", geo.disk_size);
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("stopping: syncing the disk and its state");
-        };
-        ferry_nbd::serve(
-            listener,
-            device,
-            NbdServerConfig {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        if let Some(listener) = listener {
+            let uri = listener.describe();
+            println!("ferry pull: serving {uri} (size {} bytes)", geo.disk_size);
+            let device = device.clone();
+            let config = NbdServerConfig {
                 export_name: a.export_name.clone(),
                 read_only: false,
-            },
-            shutdown,
-        )
-        .await?;
+            };
+            let mut rx = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                ferry_nbd::serve(listener, device, config, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(anyhow::Error::from)
+            }));
+        }
+        let mut ublk_id = None;
+        if a.ublk {
+            let opts = ferry_ublk::UblkOptions {
+                dev_id: a.ublk_id,
+                queues: a.queues,
+                depth: a.depth,
+                recover: ublk_recover,
+                ..Default::default()
+            };
+            let (live_tx, live_rx) = tokio::sync::oneshot::channel::<String>();
+            let handle = tokio::runtime::Handle::current();
+            let device = device.clone();
+            let size = geo.disk_size;
+            let ublk_thread = std::thread::Builder::new()
+                .name("ublk".into())
+                .spawn(move || {
+                    ferry_ublk::serve_ublk(device, handle, opts, move |path| {
+                        println!("ferry pull: serving {path} (size {size} bytes)");
+                        let _ = live_tx.send(path.to_string());
+                    })
+                })
+                .context("cannot start the ublk thread")?;
+            match live_rx.await {
+                Ok(path) => ublk_id = ferry_ublk::dev_id_of(&path),
+                Err(_) => {
+                    let r = ublk_thread.join();
+                    match r {
+                        Ok(Err(e)) => return Err(e.into()),
+                        _ => bail!("the ublk device did not come up"),
+                    }
+                }
+            }
+            tasks.push(tokio::task::spawn_blocking(move || {
+                ublk_thread
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the ublk thread panicked"))?
+                    .map_err(anyhow::Error::from)
+            }));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install a SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: syncing the disk and its state");
+        let _ = stop_tx.send(true);
+        if let Some(id) = ublk_id {
+            if let Err(e) = ferry_ublk::stop_ublk(id) {
+                tracing::warn!(error = %e, "stopping the ublk device failed");
+            }
+        }
+        for t in tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "frontend ended with an error")
+                }
+                Err(e) => tracing::warn!(error = %e, "frontend task failed"),
+            }
+        }
         shared.sync().await.context("final sync failed")?;
         let _ = std::fs::remove_file(&a.control);
         Ok(())
