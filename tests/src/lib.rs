@@ -206,6 +206,12 @@ impl World {
 
     /// Arguments of `ferry pull` from the source at `port` into `disk`.
     pub fn pull_args(&self, port: u16, disk: &str) -> Vec<String> {
+        self.pull_args_tagged(port, disk, "")
+    }
+
+    /// Like [`World::pull_args`], with sockets named after `tag`, for
+    /// several pulls at once.
+    pub fn pull_args_tagged(&self, port: u16, disk: &str, tag: &str) -> Vec<String> {
         vec![
             "pull".into(),
             "--source".into(),
@@ -213,9 +219,9 @@ impl World {
             "--disk".into(),
             self.path(disk).display().to_string(),
             "--nbd".into(),
-            format!("unix:{}", self.path("nbd.sock").display()),
+            format!("unix:{}", self.path(&format!("nbd{tag}.sock")).display()),
             "--control".into(),
-            self.path("ctl.sock").display().to_string(),
+            self.path(&format!("ctl{tag}.sock")).display().to_string(),
             "--identity".into(),
             self.path("dst-id").display().to_string(),
             "--trust-peer".into(),
@@ -241,10 +247,15 @@ impl World {
 
     /// `ferry status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
+        self.status_of("ctl.sock")
+    }
+
+    /// `ferry status --json` of the pull whose control socket is `ctl`.
+    pub fn status_of(&self, ctl: &str) -> serde_json::Value {
         let out = self.ferry(&[
             "status",
             "--control",
-            self.path("ctl.sock").to_str().expect("utf8"),
+            self.path(ctl).to_str().expect("utf8"),
             "--json",
         ]);
         assert!(out.status.success(), "status failed: {out:?}");

@@ -229,3 +229,73 @@ fn the_source_going_away_makes_reads_wait_not_fail() {
     serve2.kill9();
     assert_files_equal(&src, &w.path("dst.img"));
 }
+
+#[test]
+fn one_source_serves_two_destinations_at_once() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 48 * MIB, &[(0, 20 * MIB), (30 * MIB, 5 * MIB)], 6);
+    let (_serve, port) = w.serve(&src, &[]);
+    let _a = w.pull(&w.pull_args_tagged(port, "a.img", "a"));
+    let _b = w.pull(&w.pull_args_tagged(port, "b.img", "b"));
+    for ctl in ["ctla.sock", "ctlb.sock"] {
+        let t0 = std::time::Instant::now();
+        loop {
+            let s = w.status_of(ctl);
+            if s["phase"] == "complete" && s["verified"] == "ok" {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "{ctl}: {s}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_files_equal(&src, &w.path("a.img"));
+    assert_files_equal(&src, &w.path("b.img"));
+}
+
+#[test]
+fn a_source_changed_after_switchover_stops_the_pull_and_keeps_guest_writes() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 16 * MIB, &[(0, 16 * MIB)], 7);
+    let (_serve, port) = w.serve(&src, &[]);
+    let mut args = w.pull_args(port, "dst.img");
+    args.push("--hold-background".into());
+    let _pull = w.pull(&args);
+    w.qemu_io(&["write -P 0x77 0 65536", "flush"]);
+    // Someone writes to the source behind ferry's back (ferry itself never
+    // does: it opens it read-only).
+    make_image(&src, 16 * MIB, &[(0, 16 * MIB)], 8);
+    // A read of absent data now fails instead of returning other data...
+    let out = std::process::Command::new("timeout")
+        .args(["60", "qemu-io", "--image-opts"])
+        .arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export=ferry",
+            w.path("nbd.sock").display()
+        ))
+        .args(["-c", "read 8388608 4096"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error") || !out.status.success(),
+        "{text}"
+    );
+    // ...the pull says why...
+    let s = w.wait_status("error phase", Duration::from_secs(30), |s| {
+        s["phase"] == "error"
+    });
+    assert!(
+        s["error"].as_str().unwrap().contains("source disk changed"),
+        "{s}"
+    );
+    assert_eq!(s["rejected_corrupt_bytes"].as_u64().unwrap() % 65536, 0);
+    // ...and the guest's flushed write is kept, and still readable.
+    w.qemu_io(&["read -P 0x77 0 65536"]);
+    let dst = std::fs::read(w.path("dst.img")).unwrap();
+    assert!(dst[..65536].iter().all(|b| *b == 0x77));
+}
