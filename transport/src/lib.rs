@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod congestion;
 pub mod error;
 mod frames;
 pub mod identity;

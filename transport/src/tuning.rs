@@ -41,6 +41,11 @@ pub struct Tuning {
     /// A connection with no packet from the peer for this long is dead:
     /// the client then reconnects. About 5 keep-alives.
     pub idle_timeout: Duration,
+    /// Congestion control: the loss-tolerant, delay-aware controller of
+    /// [`crate::congestion`] (true), or quinn's Cubic (false).
+    pub loss_tolerant: bool,
+    /// Largest congestion window of the loss-tolerant controller: 2x BDP.
+    pub max_congestion_window: u64,
 }
 
 impl Default for Tuning {
@@ -74,6 +79,8 @@ impl Tuning {
             max_concurrent_bidi_streams: 256,
             keep_alive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
+            loss_tolerant: true,
+            max_congestion_window: clamp(bdp.saturating_mul(2), MIN_CONN_WINDOW),
         }
     }
 
@@ -93,6 +100,12 @@ impl Tuning {
                 Some(self.keep_alive)
             })
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
+        if self.loss_tolerant {
+            t.congestion_controller_factory(Arc::new(crate::congestion::LossTolerantConfig {
+                max_window: self.max_congestion_window,
+                ..Default::default()
+            }));
+        }
         Arc::new(t)
     }
 }

@@ -63,6 +63,10 @@ pub(crate) struct ServeArgs {
     /// Default: beside the disk, as DISK.ferry-manifest.
     #[arg(long)]
     pub(crate) hash_cache: Option<PathBuf>,
+    /// Congestion control: `loss-tolerant` (ferry's delay-aware controller,
+    /// which ignores random loss) or `cubic` (quinn's default).
+    #[arg(long, default_value = "loss-tolerant", value_parser = ["loss-tolerant", "cubic"])]
+    pub(crate) congestion: String,
     /// Link bandwidth in Mbit/s, used to size QUIC windows.
     #[arg(long, default_value_t = 1000)]
     pub(crate) link_mbit: u64,
@@ -133,6 +137,10 @@ pub(crate) struct PullArgs {
     /// Give up connecting to the source at start after this many seconds.
     #[arg(long, default_value_t = 10)]
     pub(crate) connect_timeout: u64,
+    /// Congestion control: `loss-tolerant` (ferry's delay-aware controller,
+    /// which ignores random loss) or `cubic` (quinn's default).
+    #[arg(long, default_value = "loss-tolerant", value_parser = ["loss-tolerant", "cubic"])]
+    pub(crate) congestion: String,
     /// Link bandwidth in Mbit/s, used to size QUIC windows.
     #[arg(long, default_value_t = 1000)]
     pub(crate) link_mbit: u64,

@@ -66,10 +66,11 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         data_bytes = manifest.data_bytes(),
         "source manifest ready"
     );
-    let tuning = Tuning::for_link(
+    let mut tuning = Tuning::for_link(
         a.link_mbit * 1_000_000,
         Duration::from_millis(a.link_rtt_ms),
     );
+    tuning.loss_tolerant = a.congestion == "loss-tolerant";
     let fingerprint = identity.fingerprint();
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {

@@ -141,10 +141,11 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             None => None,
         };
         let control = copier::ControlListener::bind(&a.control)?;
-        let tuning = Tuning::for_link(
+        let mut tuning = Tuning::for_link(
             a.link_mbit * 1_000_000,
             Duration::from_millis(a.link_rtt_ms),
         );
+        tuning.loss_tolerant = a.congestion == "loss-tolerant";
         let started = Instant::now();
         let client = Client::connect(ClientOptions {
             server: a.source,
