@@ -458,6 +458,7 @@ fn unexpected(op: &'static str, m: &Message) -> Fail {
         Message::ManifestBytes(_) => "ManifestBytes",
         Message::Read { .. } => "Read",
         Message::Chunk { .. } => "Chunk",
+        Message::ZChunk { .. } => "ZChunk",
         Message::Error { .. } => "Error",
     };
     protocol(op, format!("unexpected {what} frame"))
@@ -577,7 +578,27 @@ async fn request(
             .await
             .map_err(|e| read_fail(OP, e))?
         {
-            Some(Message::Chunk { index, data }) => {
+            Some(m @ (Message::Chunk { .. } | Message::ZChunk { .. })) => {
+                let (index, data) = match m {
+                    Message::Chunk { index, data } => (index, data),
+                    Message::ZChunk {
+                        index,
+                        raw_len,
+                        data,
+                    } => {
+                        if want >= g.chunks() || raw_len != g.chunk_len(want) {
+                            return Err(protocol(
+                                OP,
+                                format!("compressed chunk {index} claims {raw_len} bytes"),
+                            ));
+                        }
+                        let raw = zstd::bulk::decompress(&data, raw_len as usize).map_err(|e| {
+                            protocol(OP, format!("chunk {index} does not decompress: {e}"))
+                        })?;
+                        (index, raw)
+                    }
+                    _ => unreachable!("matched above"),
+                };
                 if index != want {
                     return Err(protocol(OP, format!("got chunk {index}, expected {want}")));
                 }

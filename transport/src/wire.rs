@@ -43,6 +43,7 @@ const T_MANIFEST: u8 = 3;
 const T_READ: u8 = 4;
 const T_CHUNK: u8 = 5;
 const T_ERROR: u8 = 6;
+const T_ZCHUNK: u8 = 7;
 
 /// Priority of a `Read`: guest reads overtake background copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -171,6 +172,16 @@ pub enum Message {
         /// Its bytes (the last chunk of the disk may be short).
         data: Vec<u8>,
     },
+    /// Server → client: one chunk, compressed with zstd (sent instead of
+    /// `Chunk` when that saves bytes on the wire).
+    ZChunk {
+        /// Chunk index.
+        index: u64,
+        /// Length of the chunk once decompressed.
+        raw_len: u32,
+        /// The zstd frame.
+        data: Vec<u8>,
+    },
     /// Either way: the request failed.
     Error {
         /// What kind of failure.
@@ -272,6 +283,16 @@ impl Message {
                 out.extend_from_slice(&chunk_header(*index, data.len())[HEADER_LEN..]);
                 out.extend_from_slice(data);
             }
+            Message::ZChunk {
+                index,
+                raw_len,
+                data,
+            } => {
+                out.push(T_ZCHUNK);
+                out.extend_from_slice(&index.to_le_bytes());
+                out.extend_from_slice(&raw_len.to_le_bytes());
+                out.extend_from_slice(data);
+            }
             Message::Error { code, message } => {
                 out.push(T_ERROR);
                 out.extend_from_slice(&code.to_u16().to_le_bytes());
@@ -287,6 +308,7 @@ impl Message {
             Message::ManifestBytes(b) => b.len(),
             Message::Read { .. } => 13,
             Message::Chunk { data, .. } => 8 + data.len(),
+            Message::ZChunk { data, .. } => 12 + data.len(),
             Message::Error { message, .. } => 2 + truncate_utf8(message, MAX_ERROR_MESSAGE).len(),
         }
     }
@@ -419,6 +441,20 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 data: p[8..].to_vec(),
             })
         }
+        T_ZCHUNK => {
+            if p.len() < 12 || p.len() - 12 > MAX_PAYLOAD || u32_at(8) as usize > MAX_PAYLOAD {
+                return Err(WireError::BadLength {
+                    kind,
+                    len: p.len(),
+                    expected: "12 + at most 64 MiB, decompressing to at most 64 MiB",
+                });
+            }
+            Ok(Message::ZChunk {
+                index: u64_at(0),
+                raw_len: u32_at(8),
+                data: p[12..].to_vec(),
+            })
+        }
         T_ERROR => {
             if p.len() < 2 || p.len() - 2 > MAX_ERROR_MESSAGE {
                 return Err(WireError::BadLength {
@@ -488,6 +524,11 @@ mod tests {
             Message::Chunk {
                 index: 0,
                 data: vec![],
+            },
+            Message::ZChunk {
+                index: 9,
+                raw_len: 65536,
+                data: rng.bytes(100),
             },
             Message::Error {
                 code: ErrorCode::Unknown(999),

@@ -119,6 +119,7 @@ fn server_opts(ids: &Ids, listen: SocketAddr) -> ServerOptions {
         trusted: vec![ids.client.fingerprint()],
         tuning: tuning(),
         corrupt_once: vec![],
+        compress: true,
     }
 }
 
@@ -569,6 +570,49 @@ async fn large_reads_are_split() {
         for (i, d) in got.iter().enumerate() {
             assert_eq!(d.as_slice(), src.chunk(i as u64), "chunk {i}");
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressible_chunks_cross_the_wire_compressed_and_arrive_exact() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        // Text-like, highly compressible data: 64 chunks.
+        let data: Vec<u8> = (0..64 * CHUNK as usize)
+            .map(|i| b"ferry moves disks; "[i % 19])
+            .collect();
+        let src = MemSource::new(data);
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        let m = client.manifest().clone();
+        let before = client.stats().wire_rx_bytes;
+        let got = client
+            .read_chunks(0, 64, Priority::Background)
+            .await
+            .unwrap();
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.as_slice(), src.chunk(i as u64));
+            assert!(hash_ok(&m, i as u64, d));
+        }
+        let wire = client.stats().wire_rx_bytes - before;
+        assert!(
+            wire < 64 * u64::from(CHUNK) / 10,
+            "{wire} bytes on the wire for {} bytes of compressible data",
+            64 * CHUNK
+        );
+        // Without compression the same read costs the full size.
+        let mut opts = server_opts(&ids, localhost());
+        opts.compress = false;
+        let (addr2, _server2) = start(opts, src.clone());
+        let plain = Client::connect(client_opts(&ids, addr2)).await.unwrap();
+        let before = plain.stats().wire_rx_bytes;
+        plain
+            .read_chunks(0, 64, Priority::Background)
+            .await
+            .unwrap();
+        assert!(plain.stats().wire_rx_bytes - before > 64 * u64::from(CHUNK));
     })
     .await
     .expect("test timed out");

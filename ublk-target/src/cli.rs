@@ -73,6 +73,9 @@ pub(crate) struct ServeArgs {
     /// Link round-trip time in ms, used to size QUIC windows.
     #[arg(long, default_value_t = 100)]
     pub(crate) link_rtt_ms: u64,
+    /// Send chunks as they are, without zstd compression.
+    #[arg(long)]
+    pub(crate) no_compress: bool,
     /// Test hook: flip a byte in the first transmission of this chunk.
     #[arg(long, hide = true)]
     pub(crate) inject_corrupt_chunk: Vec<u64>,

@@ -81,6 +81,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
                 trusted,
                 tuning,
                 corrupt_once: a.inject_corrupt_chunk.clone(),
+                compress: !a.no_compress,
             },
             Arc::new(ImageSource { image, manifest }),
         )?;
