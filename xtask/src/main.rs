@@ -5,6 +5,7 @@ mod ci;
 mod demo;
 mod setup;
 mod vm;
+mod wan;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +26,13 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Boot a VM with the real ublk driver and run ferry's ublk checks in it.
     VmTest(vm::VmTestArgs),
+    /// Emulated WAN between two network namespaces: up, down, status, cut, relay.
+    Wan(wan::WanArgs),
+    /// The emulated WAN's forwarder process (started by `wan up`).
+    #[command(hide = true)]
+    WanForward(wan::ForwardArgs),
+    /// Short smoke test of the emulated WAN (relay and namespaces; root).
+    WanSmoke,
 }
 
 fn main() -> Result<()> {
@@ -33,5 +41,8 @@ fn main() -> Result<()> {
         Cmd::Ci => ci::run_ci(),
         Cmd::Demo(args) => demo::run_demo(&args),
         Cmd::VmTest(args) => vm::vm_test(&args),
+        Cmd::Wan(args) => wan::run_wan(&args),
+        Cmd::WanForward(args) => wan::run_forward(&args),
+        Cmd::WanSmoke => wan::wan_smoke(),
     }
 }
