@@ -4,6 +4,7 @@
 mod ci;
 mod demo;
 mod setup;
+mod tidy;
 mod vm;
 mod wan;
 

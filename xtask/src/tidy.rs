@@ -1,0 +1,106 @@
+//! Tree checks run as ordinary tests (`cargo test -p xtask`, part of
+//! `cargo xtask ci`): every Rust module says what it is for, every
+//! `unsafe` block carries a SAFETY comment, crates without kernel
+//! interfaces forbid unsafe code, and nothing is left ignored or stubbed.
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if p.is_dir() {
+                if name != "target" && !name.starts_with('.') {
+                    rust_files(&p, out);
+                }
+            } else if name.ends_with(".rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    fn sources() -> Vec<(PathBuf, String)> {
+        let root = crate::setup::workspace_root();
+        let mut files = Vec::new();
+        for d in ["crates", "transport", "ublk-target", "xtask", "tests"] {
+            rust_files(&root.join(d), &mut files);
+        }
+        assert!(files.len() > 20, "tidy found too few files: {}", files.len());
+        files
+            .into_iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).expect("read source");
+                (p, text)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_module_starts_with_a_doc_comment() {
+        let bad: Vec<String> = sources()
+            .into_iter()
+            .filter(|(_, t)| !t.trim_start().starts_with("//!"))
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        assert!(bad.is_empty(), "modules without a //! line: {bad:?}");
+    }
+
+    #[test]
+    fn every_unsafe_block_has_a_safety_comment() {
+        let mut bad = Vec::new();
+        for (p, t) in sources() {
+            let lines: Vec<&str> = t.lines().collect();
+            for (i, l) in lines.iter().enumerate() {
+                let code = l.split("//").next().unwrap_or("");
+                let block = concat!("unsafe", " {");
+                let imp = concat!("unsafe", " impl");
+                if code.contains(block) || code.trim_start().starts_with(imp) {
+                    let window = &lines[i.saturating_sub(8)..i];
+                    if !window.iter().any(|w| w.contains("SAFETY:")) {
+                        bad.push(format!("{}:{}", p.display(), i + 1));
+                    }
+                }
+            }
+        }
+        assert!(bad.is_empty(), "unsafe without a SAFETY comment: {bad:?}");
+    }
+
+    #[test]
+    fn library_crates_forbid_unsafe_code() {
+        let root = crate::setup::workspace_root();
+        for lib in [
+            "crates/ferry-core/src/lib.rs",
+            "crates/ferry-store/src/lib.rs",
+            "crates/ferry-device/src/lib.rs",
+            "crates/ferry-nbd/src/lib.rs",
+            "crates/ferry-ublk/src/lib.rs",
+            "transport/src/lib.rs",
+        ] {
+            let t = std::fs::read_to_string(root.join(lib)).expect("read lib.rs");
+            assert!(t.contains("#![forbid(unsafe_code)]"), "{lib} does not forbid unsafe code");
+        }
+    }
+
+    #[test]
+    fn no_ignored_tests_or_stubs() {
+        let needles = [
+            concat!("#[", "ignore]"),
+            concat!("todo", "!("),
+            concat!("unimplemented", "!("),
+        ];
+        let mut bad = Vec::new();
+        for (p, t) in sources() {
+            for n in needles {
+                if t.contains(n) {
+                    bad.push(format!("{}: {n}", p.display()));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "placeholders: {bad:?}");
+    }
+}
