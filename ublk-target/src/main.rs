@@ -6,6 +6,7 @@
 
 mod cli;
 mod control;
+mod notify;
 mod pull;
 mod serve;
 

@@ -90,6 +90,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
             a.disk.display(),
             server.local_addr()
         );
+        crate::notify::notify("READY=1\nSTATUS=exporting");
         server.run().await?;
         Ok(())
     })

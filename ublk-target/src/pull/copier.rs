@@ -98,6 +98,7 @@ pub(crate) async fn run_syncer(
     report: Arc<Report>,
 ) {
     let mut last_sync = Instant::now();
+    let mut last_status = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (unsynced, present) = {
@@ -105,6 +106,15 @@ pub(crate) async fn run_syncer(
             (e.unsynced_bytes(), e.present_bytes())
         };
         report.rate.sample(Instant::now(), present);
+        if last_status.elapsed() >= Duration::from_secs(5) {
+            last_status = Instant::now();
+            let total = shared.backing.size().max(1);
+            crate::notify::notify(&format!(
+                "STATUS={:.1}% present, {} B/s",
+                present as f64 * 100.0 / total as f64,
+                report.rate.last_rate.load(Ordering::Relaxed)
+            ));
+        }
         if unsynced > 0
             && (unsynced >= settings.sync_bytes || last_sync.elapsed() >= Duration::from_secs(1))
         {

@@ -271,6 +271,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                     .map_err(anyhow::Error::from)
             }));
         }
+        crate::notify::notify(&format!("READY=1\nSTATUS=serving {}", a.disk.display()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install a SIGTERM handler")?;
         tokio::select! {
@@ -278,6 +279,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!("stopping: syncing the disk and its state");
+        crate::notify::notify("STOPPING=1");
         let _ = stop_tx.send(true);
         if let Some(id) = ublk_id {
             if let Err(e) = ferry_ublk::stop_ublk(id) {
