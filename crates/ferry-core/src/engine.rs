@@ -15,7 +15,10 @@
 //!    data arrived, and a guest write waits while its chunk is being filled.
 //! 4. A sub-block write to an absent block fetches the block's chunk first.
 //! 5. Fetched data is checked against the manifest's hash before any of it
-//!    is written ([`Engine::fetch_arrived`]).
+//!    is written ([`Engine::fetch_arrived`]). Until the manifest has
+//!    arrived (it streams in after switchover, so the first read does not
+//!    wait for it), the source's hash carried with each chunk is used; it
+//!    comes from the same manifest.
 //! 7. Zero chunks are present from the start and never fetched.
 
 use std::collections::{HashMap, HashSet};
@@ -75,8 +78,26 @@ pub enum WritePlan {
 pub struct FillPlan {
     /// The chunk.
     pub chunk: u64,
-    /// Runs of blocks (absolute block numbers) to copy from the fetched data.
+    /// Runs of blocks (absolute block numbers) to copy from the fetched data
+    /// (or to zero, for a zero chunk).
     pub runs: Vec<Range<u64>>,
+    /// The source said the chunk holds only zeros: deallocate (or zero) the
+    /// runs instead of copying.
+    pub zero: bool,
+}
+
+/// What the source sent for a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload<'a> {
+    /// The chunk's bytes, with the hash the source's manifest gives them.
+    Data {
+        /// The bytes.
+        bytes: &'a [u8],
+        /// The source's hash for the chunk.
+        hash: [u8; 32],
+    },
+    /// The chunk holds only zeros.
+    Zero,
 }
 
 /// Result of handing fetched data to the engine.
@@ -136,7 +157,7 @@ pub struct Counters {
 /// The engine. See the module documentation.
 #[derive(Debug)]
 pub struct Engine {
-    manifest: Arc<Manifest>,
+    manifest: Option<Arc<Manifest>>,
     geo: Geometry,
     present: BitVec,
     guest_chunks: BitVec,
@@ -153,27 +174,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine for `manifest`, resuming from the persisted `present` bits
-    /// (one per block) and `guest_chunks` bits (one per chunk); pass empty
-    /// bit vectors for a fresh start.
-    ///
-    /// Blocks of zero chunks are present from the start (the backing file
-    /// is sparse, so they read as zeros) and are never fetched.
-    pub fn new(manifest: Arc<Manifest>, present: BitVec, guest_chunks: BitVec) -> Self {
-        let geo = manifest.geometry();
+    /// An engine for a source of geometry `geo` whose manifest has not
+    /// arrived yet, resuming from the persisted `present` bits (one per
+    /// block) and `guest_chunks` bits (one per chunk); pass empty bit
+    /// vectors for a fresh start. Guest I/O is served at once; the
+    /// background copier starts with [`Engine::set_manifest`].
+    pub fn new(geo: Geometry, present: BitVec, guest_chunks: BitVec) -> Self {
         let mut present = present;
         present.resize(geo.blocks() as usize, false);
         let mut guest_chunks = guest_chunks;
         guest_chunks.resize(geo.chunks() as usize, false);
-        for c in 0..geo.chunks() {
-            if manifest.chunk(c) == ChunkKind::Zero {
-                let b = geo.chunk_blocks(c);
-                present[b.start as usize..b.end as usize].fill(true);
-            }
-        }
         let present_blocks = present.count_ones() as u64;
         Self {
-            manifest,
+            manifest: None,
             geo,
             present,
             guest_chunks,
@@ -190,14 +203,48 @@ impl Engine {
         }
     }
 
+    /// [`Engine::new`] followed by [`Engine::set_manifest`].
+    pub fn with_manifest(manifest: Arc<Manifest>, present: BitVec, guest_chunks: BitVec) -> Self {
+        let mut e = Self::new(manifest.geometry(), present, guest_chunks);
+        e.set_manifest(manifest);
+        e
+    }
+
+    /// The source's manifest arrived. Blocks of zero chunks become present
+    /// (the backing file is sparse, so they read as zeros) and are never
+    /// fetched; the background copier can start.
+    ///
+    /// # Panics
+    /// If the manifest's geometry is not the engine's.
+    pub fn set_manifest(&mut self, manifest: Arc<Manifest>) {
+        assert_eq!(manifest.geometry(), self.geo, "manifest of another geometry");
+        for c in 0..self.geo.chunks() {
+            if manifest.chunk(c) == ChunkKind::Zero && !self.filling.contains_key(&c) {
+                let b = self.geo.chunk_blocks(c);
+                for i in b {
+                    if !self.present[i as usize] {
+                        self.present.set(i as usize, true);
+                        self.present_blocks += 1;
+                    }
+                }
+            }
+        }
+        self.manifest = Some(manifest);
+    }
+
+    /// Whether the manifest has arrived.
+    pub fn has_manifest(&self) -> bool {
+        self.manifest.is_some()
+    }
+
     /// The disk's geometry.
     pub fn geometry(&self) -> Geometry {
         self.geo
     }
 
-    /// The source's manifest.
-    pub fn manifest(&self) -> &Arc<Manifest> {
-        &self.manifest
+    /// The source's manifest, once it has arrived.
+    pub fn manifest(&self) -> Option<&Arc<Manifest>> {
+        self.manifest.as_ref()
     }
 
     /// Whether block `block` is present (its data is in the backing file).
@@ -241,7 +288,7 @@ impl Engine {
     pub fn phase(&self) -> Phase {
         if let Some(e) = &self.error {
             Phase::Error(e.clone())
-        } else if self.present_blocks == self.geo.blocks() {
+        } else if self.present_blocks == self.geo.blocks() && self.manifest.is_some() {
             Phase::Complete
         } else {
             Phase::Copying
@@ -402,9 +449,10 @@ impl Engine {
         if self.background_paused || self.error.is_some() {
             return None;
         }
+        let manifest = self.manifest.clone()?;
         let n = self.geo.chunks();
         let wanted = |e: &Self, c: u64| {
-            matches!(e.manifest.chunk(c), ChunkKind::Data(_))
+            matches!(manifest.chunk(c), ChunkKind::Data(_))
                 && !e.fetching.contains_key(&c)
                 && !e.filling.contains_key(&c)
                 && !e.chunk_present(c)
@@ -435,23 +483,34 @@ impl Engine {
         }
     }
 
-    /// Data for `chunk` arrived. It is checked against the manifest's hash
-    /// (invariant 5); on a match the chunk is marked as filling and the
-    /// blocks still absent are named for writing (invariant 3).
-    pub fn fetch_arrived(&mut self, chunk: u64, data: &[u8]) -> Arrival {
-        let kind = self
-            .fetching
-            .remove(&chunk)
-            .unwrap_or(FetchKind::Background);
-        let ok = match self.manifest.chunk(chunk) {
-            ChunkKind::Data(h) => {
-                data.len() == self.geo.chunk_len(chunk) as usize
-                    && *blake3::hash(data).as_bytes() == h
+    /// The source's answer for `chunk` arrived. Data is checked against
+    /// the manifest's hash, or before the manifest arrives against the hash
+    /// the source sent with it (invariant 5); a zero answer must match a
+    /// zero chunk. On a match the chunk is marked as filling and the blocks
+    /// still absent are named for writing (invariant 3).
+    pub fn fetch_arrived(&mut self, chunk: u64, payload: Payload<'_>) -> Arrival {
+        let kind = self.fetching.remove(&chunk).unwrap_or(FetchKind::Background);
+        let expected = match &self.manifest {
+            Some(m) => Some(m.chunk(chunk)),
+            None => None,
+        };
+        let len = self.geo.chunk_len(chunk) as usize;
+        let (ok, wire_len) = match payload {
+            Payload::Data { bytes, hash } => {
+                let want = match expected {
+                    Some(ChunkKind::Data(h)) => Some(h),
+                    Some(ChunkKind::Zero) => None,
+                    None => Some(hash),
+                };
+                let ok = want.is_some_and(|h| {
+                    bytes.len() == len && *blake3::hash(bytes).as_bytes() == h
+                });
+                (ok, bytes.len() as u64)
             }
-            ChunkKind::Zero => false,
+            Payload::Zero => (matches!(expected, None | Some(ChunkKind::Zero)), 0),
         };
         if !ok {
-            self.counters.rejected_corrupt += data.len() as u64;
+            self.counters.rejected_corrupt += wire_len;
             let streak = {
                 let s = self.corrupt_streak.entry(chunk).or_insert(0);
                 *s += 1;
@@ -466,10 +525,12 @@ impl Engine {
             }
             return Arrival::Corrupt { chunk };
         }
+        let zero = matches!(payload, Payload::Zero);
+        let data_len = if zero { 0 } else { len as u64 };
         self.corrupt_streak.remove(&chunk);
         match kind {
-            FetchKind::OnDemand => self.counters.fetched_on_demand += data.len() as u64,
-            FetchKind::Background => self.counters.fetched_background += data.len() as u64,
+            FetchKind::OnDemand => self.counters.fetched_on_demand += data_len,
+            FetchKind::Background => self.counters.fetched_background += data_len,
         }
         let mut runs: Vec<Range<u64>> = Vec::new();
         for b in self.geo.chunk_blocks(chunk) {
@@ -484,7 +545,7 @@ impl Engine {
             }
         }
         self.filling.insert(chunk, runs.clone());
-        Arrival::Fill(FillPlan { chunk, runs })
+        Arrival::Fill(FillPlan { chunk, runs, zero })
     }
 
     /// The blocks named by the fill of `chunk` were written to the backing
@@ -552,7 +613,8 @@ impl Engine {
     /// Data chunks the guest never wrote: the ones to verify against the
     /// source's hashes once the copy is complete.
     pub fn verifiable_chunks(&self) -> impl Iterator<Item = (u64, [u8; 32])> + '_ {
-        (0..self.geo.chunks()).filter_map(|c| match self.manifest.chunk(c) {
+        let m = self.manifest.clone();
+        (0..self.geo.chunks()).filter_map(move |c| match m.as_ref()?.chunk(c) {
             ChunkKind::Data(h) if !self.guest_chunks[c as usize] => Some((c, h)),
             _ => None,
         })

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bitvec::prelude::*;
-use ferry_core::engine::{Arrival, Engine, ReadPlan, SyncBatch, WritePlan};
+use ferry_core::engine::{Arrival, Engine, FillPlan, Payload, ReadPlan, SyncBatch, WritePlan};
 use ferry_core::geometry::BLOCK_SIZE;
 use ferry_core::{ChunkKind, Geometry, Manifest};
 
@@ -46,9 +46,17 @@ struct SimMap {
     guest: BitVec,
 }
 
+/// What the simulated source answers for one chunk.
+enum Answer {
+    Data(Vec<u8>, [u8; 32]),
+    Zero,
+}
+
 enum Event {
     /// A response to a fetch request of `range`; `None` = lost.
-    Response(Range<u64>, Option<Vec<Vec<u8>>>),
+    Response(Range<u64>, Option<Vec<Answer>>),
+    /// The manifest finished streaming in.
+    Manifest,
     /// The backing-file write of a fill finished.
     FillWritten(u64),
 }
@@ -63,7 +71,7 @@ struct Sim {
     now: u64,
     seq: u64,
     events: BTreeMap<(u64, u64), Event>,
-    pending_fills: BTreeMap<u64, (Vec<Range<u64>>, Vec<u8>)>,
+    pending_fills: BTreeMap<u64, (Vec<Range<u64>>, Option<Vec<u8>>)>,
     /// What the guest must read now.
     model: Vec<u8>,
     /// Per block: acceptable contents after a crash (the value at the last
@@ -106,7 +114,14 @@ impl Sim {
             });
         }
         let manifest = Arc::new(Manifest::new(geo, kinds));
-        let engine = Engine::new(manifest.clone(), BitVec::new(), BitVec::new());
+        // Half the runs start before the manifest has arrived, as a real
+        // pull does: it streams in after switchover.
+        let late_manifest = rng.chance(500);
+        let engine = if late_manifest {
+            Engine::new(geo, BitVec::new(), BitVec::new())
+        } else {
+            Engine::with_manifest(manifest.clone(), BitVec::new(), BitVec::new())
+        };
         let blocks = geo.blocks() as usize;
         let acceptable = (0..blocks)
             .map(|b| {
@@ -114,7 +129,7 @@ impl Sim {
                 vec![source[r.start as usize..r.end as usize].to_vec()]
             })
             .collect();
-        Self {
+        let mut sim = Self {
             latency: 1 + rng.below(20),
             loss_per_mille: rng.below(100),
             corrupt_per_mille: rng.below(50),
@@ -139,7 +154,21 @@ impl Sim {
             bytes_requested: 0,
             zero_chunk_requests: 0,
             write_stamp: 0,
+        };
+        if late_manifest {
+            let delay = 5 + sim.rng.below(200);
+            sim.schedule(delay, Event::Manifest);
         }
+        sim
+    }
+
+    /// Delivers the manifest at once (for tests of one scenario).
+    fn manifest_now(mut self) -> Self {
+        if !self.engine.has_manifest() {
+            self.engine.set_manifest(self.manifest.clone());
+            self.events.clear();
+        }
+        self
     }
 
     fn geo(&self) -> Geometry {
@@ -156,9 +185,17 @@ impl Sim {
         let geo = self.geo();
         let mut data = Vec::new();
         for c in range.clone() {
-            if self.manifest.chunk(c) == ChunkKind::Zero {
-                self.zero_chunk_requests += 1;
-            }
+            let hash = match self.manifest.chunk(c) {
+                ChunkKind::Zero => {
+                    // Allowed only before the manifest has arrived.
+                    if self.engine.has_manifest() {
+                        self.zero_chunk_requests += 1;
+                    }
+                    data.push(Answer::Zero);
+                    continue;
+                }
+                ChunkKind::Data(h) => h,
+            };
             let r = geo.chunk_bytes(c);
             self.bytes_requested += r.end - r.start;
             let mut d = self.source[r.start as usize..r.end as usize].to_vec();
@@ -166,7 +203,7 @@ impl Sim {
                 let i = self.rng.below(d.len() as u64) as usize;
                 d[i] ^= 0x40;
             }
-            data.push(d);
+            data.push(Answer::Data(d, hash));
         }
         let lost = self.rng.chance(self.loss_per_mille);
         let delay = self.latency + self.rng.below(3);
@@ -180,13 +217,25 @@ impl Sim {
         };
         self.now = self.now.max(t);
         match ev {
+            Event::Manifest => self.engine.set_manifest(self.manifest.clone()),
             Event::Response(range, None) => self.engine.fetch_failed(range),
             Event::Response(range, Some(data)) => {
-                for (c, d) in range.zip(data) {
-                    match self.engine.fetch_arrived(c, &d) {
+                for (c, answer) in range.zip(data) {
+                    let (payload, bytes) = match &answer {
+                        Answer::Data(d, hash) => (
+                            Payload::Data {
+                                bytes: d,
+                                hash: *hash,
+                            },
+                            Some(d.clone()),
+                        ),
+                        Answer::Zero => (Payload::Zero, None),
+                    };
+                    match self.engine.fetch_arrived(c, payload) {
                         Arrival::Corrupt { chunk } => assert_eq!(chunk, c),
                         Arrival::Fill(plan) => {
-                            self.pending_fills.insert(c, (plan.runs, d));
+                            assert_eq!(plan.zero, bytes.is_none());
+                            self.pending_fills.insert(c, (plan.runs, bytes));
                             let delay = self.rng.below(3);
                             self.schedule(delay, Event::FillWritten(c));
                         }
@@ -200,8 +249,11 @@ impl Sim {
                 for r in runs {
                     let lo = geo.block_bytes(r.start).start;
                     let hi = geo.block_bytes(r.end - 1).end;
-                    self.disk.cache[lo as usize..hi as usize]
-                        .copy_from_slice(&d[(lo - base) as usize..(hi - base) as usize]);
+                    let dst = &mut self.disk.cache[lo as usize..hi as usize];
+                    match &d {
+                        Some(d) => dst.copy_from_slice(&d[(lo - base) as usize..(hi - base) as usize]),
+                        None => dst.fill(0),
+                    }
                 }
                 self.engine.fill_done(c);
             }
@@ -301,11 +353,14 @@ impl Sim {
                 );
             }
         }
-        self.engine = Engine::new(
-            self.manifest.clone(),
-            self.map.present.clone(),
-            self.map.guest.clone(),
-        );
+        // The restarted pull gets the manifest again, sometimes late.
+        self.engine = Engine::new(self.geo(), self.map.present.clone(), self.map.guest.clone());
+        if self.rng.chance(500) {
+            self.engine.set_manifest(self.manifest.clone());
+        } else {
+            let delay = 1 + self.rng.below(100);
+            self.schedule(delay, Event::Manifest);
+        }
         // After the crash the guest sees one acceptable version per block:
         // read every block and adopt what it holds, checking it is allowed.
         for b in 0..self.geo().blocks() {
@@ -414,6 +469,14 @@ impl Sim {
     }
 }
 
+/// The payload the source sends for chunk `c` with bytes `data`.
+fn data_payload<'a>(sim: &Sim, c: u64, data: &'a [u8]) -> Payload<'a> {
+    match sim.manifest.chunk(c) {
+        ChunkKind::Data(hash) => Payload::Data { bytes: data, hash },
+        ChunkKind::Zero => Payload::Zero,
+    }
+}
+
 #[test]
 fn random_workloads_without_crashes_keep_every_invariant() {
     for seed in 0..150 {
@@ -447,7 +510,7 @@ fn without_loss_or_guest_every_data_byte_crosses_once() {
 #[test]
 fn late_fetched_data_never_overwrites_a_guest_write() {
     // Invariant 3, one scenario spelled out.
-    let mut sim = Sim::new(11, 16 * 1024, 8, 0);
+    let mut sim = Sim::new(11, 16 * 1024, 8, 0).manifest_now();
     let c = (0..8)
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
@@ -466,7 +529,7 @@ fn late_fetched_data_never_overwrites_a_guest_write() {
     // ...and the data arrives: that block is not in the fill.
     let r = sim.geo().chunk_bytes(c);
     let data = sim.source[r.start as usize..r.end as usize].to_vec();
-    match sim.engine.fetch_arrived(c, &data) {
+    match sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)) {
         Arrival::Fill(plan) => {
             let b = sim.geo().blocks_touching(start + 4096, 4096).start;
             assert!(
@@ -482,7 +545,7 @@ fn late_fetched_data_never_overwrites_a_guest_write() {
 #[test]
 fn sub_block_write_to_absent_block_fetches_first_whole_block_does_not() {
     // Invariant 4.
-    let mut sim = Sim::new(12, 16 * 1024, 8, 0);
+    let mut sim = Sim::new(12, 16 * 1024, 8, 0).manifest_now();
     let c = (0..8)
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
@@ -503,9 +566,50 @@ fn sub_block_write_to_absent_block_fetches_first_whole_block_does_not() {
 }
 
 #[test]
+fn before_the_manifest_reads_are_served_and_checked_against_the_carried_hash() {
+    // A fresh pull serves reads before the manifest has streamed in.
+    let mut sim = Sim::new(15, 16 * 1024, 8, 0);
+    sim.engine = Engine::new(sim.geo(), BitVec::new(), BitVec::new());
+    sim.events.clear();
+    assert_eq!(sim.engine.next_background(4), None, "no background copy without the manifest");
+    let data_c = (0..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let r = sim.geo().chunk_bytes(data_c);
+    assert!(matches!(sim.engine.plan_read(r.start, 4096), ReadPlan::Wait { .. }));
+    // Data whose bytes do not match the hash sent with it is refused.
+    let mut bad = sim.source[r.start as usize..r.end as usize].to_vec();
+    bad[0] ^= 1;
+    assert_eq!(
+        sim.engine.fetch_arrived(data_c, data_payload(&sim, data_c, &bad)),
+        Arrival::Corrupt { chunk: data_c }
+    );
+    // A zero answer is taken before the manifest, but refused for a chunk
+    // the manifest says holds data.
+    let zero_c = (0..8).find(|c| sim.manifest.chunk(*c) == ChunkKind::Zero);
+    if let Some(z) = zero_c {
+        let zr = sim.geo().chunk_bytes(z);
+        let _ = sim.engine.plan_read(zr.start, 1);
+        assert!(matches!(
+            sim.engine.fetch_arrived(z, Payload::Zero),
+            Arrival::Fill(FillPlan { zero: true, .. })
+        ));
+        sim.engine.fill_done(z);
+        assert_eq!(sim.engine.plan_read(zr.start, 1), ReadPlan::Ready);
+    }
+    sim.engine.set_manifest(sim.manifest.clone());
+    let _ = sim.engine.plan_read(r.start, 4096);
+    assert_eq!(
+        sim.engine.fetch_arrived(data_c, Payload::Zero),
+        Arrival::Corrupt { chunk: data_c }
+    );
+    assert!(sim.engine.next_background(4).is_some(), "the manifest starts the background copy");
+}
+
+#[test]
 fn corrupt_data_is_never_marked_present() {
     // Invariant 5.
-    let mut sim = Sim::new(13, 16 * 1024, 8, 0);
+    let mut sim = Sim::new(13, 16 * 1024, 8, 0).manifest_now();
     let c = (0..8)
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
@@ -517,7 +621,7 @@ fn corrupt_data_is_never_marked_present() {
     let mut data = sim.source[r.start as usize..r.end as usize].to_vec();
     data[5] ^= 1;
     assert_eq!(
-        sim.engine.fetch_arrived(c, &data),
+        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
         Arrival::Corrupt { chunk: c }
     );
     assert!(!sim.engine.is_present(sim.geo().chunk_blocks(c).start));
@@ -530,7 +634,7 @@ fn corrupt_data_is_never_marked_present() {
     );
     // A source that keeps sending other data stops the migration (invariant 6).
     for _ in 1..ferry_core::engine::MAX_CORRUPT_RETRIES {
-        let _ = sim.engine.fetch_arrived(c, &data);
+        let _ = sim.engine.fetch_arrived(c, data_payload(&sim, c, &data));
     }
     assert!(matches!(sim.engine.phase(), ferry_core::Phase::Error(_)));
     assert!(matches!(
@@ -542,7 +646,7 @@ fn corrupt_data_is_never_marked_present() {
 #[test]
 fn unsynced_bits_are_not_handed_out_before_their_write_completes() {
     // Invariant 1 at the API: a fill in progress is not in a sync batch.
-    let mut sim = Sim::new(14, 16 * 1024, 8, 0);
+    let mut sim = Sim::new(14, 16 * 1024, 8, 0).manifest_now();
     let c = (0..8)
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
@@ -550,7 +654,7 @@ fn unsynced_bits_are_not_handed_out_before_their_write_completes() {
     let _ = sim.engine.plan_read(r.start, 1);
     let data = sim.source[r.start as usize..r.end as usize].to_vec();
     assert!(matches!(
-        sim.engine.fetch_arrived(c, &data),
+        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
         Arrival::Fill(_)
     ));
     assert!(
