@@ -1,5 +1,6 @@
-//! The destination side: connects to a source, receives its manifest and
-//! fetches chunks.
+//! The destination side: connects to a source, learns its geometry and
+//! id at once (so the disk can be served after one round trip), fetches the
+//! manifest when asked, and fetches chunks.
 //!
 //! A [`Client`] is a cheap, clonable handle; many tasks may call
 //! [`Client::read_chunks`] at once, each request on its own QUIC stream.
@@ -7,7 +8,7 @@
 //! (exponential backoff from 100 ms doubling to 5 s, forever) while the
 //! others wait for it, then every caller re-issues its request: guest I/O
 //! waits instead of failing. A reconnect says Hello again and compares the
-//! manifest's source id with the first one: if the source disk changed,
+//! source id in the Welcome with the first one: if the source disk changed,
 //! every caller gets [`TransportError::SourceChanged`] from then on
 //! (design invariant 6).
 
@@ -15,7 +16,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_core::Manifest;
+use ferry_core::{Geometry, Manifest};
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
 
 use crate::error::TransportError;
@@ -35,6 +36,32 @@ pub const BACKOFF_START: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Largest manifest accepted: 16 GiB (a 32 TiB disk at 64 KiB chunks).
 pub const MAX_MANIFEST_LEN: u64 = 16 << 30;
+
+/// What the Welcome says about the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceInfo {
+    /// The disk's geometry.
+    pub geometry: Geometry,
+    /// The manifest's hash, identifying the source's content.
+    pub source_id: [u8; 32],
+    /// Length of the encoded manifest.
+    pub manifest_len: u64,
+}
+
+/// The source's answer for one chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// The chunk's bytes (decompressed), with the hash the source's
+    /// manifest gives them. Not yet checked: the caller checks.
+    Data {
+        /// The manifest's hash.
+        hash: [u8; 32],
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// The chunk holds only zeros.
+    Zero,
+}
 
 /// How to reach a source.
 #[derive(Debug, Clone)]
@@ -99,7 +126,8 @@ struct Inner {
     endpoint: Endpoint,
     config: quinn::ClientConfig,
     verifier: Arc<PinnedServerVerifier>,
-    manifest: Arc<Manifest>,
+    info: SourceInfo,
+    manifest: tokio::sync::OnceCell<Arc<Manifest>>,
     state: Mutex<State>,
     /// Held by the one task that reconnects.
     reconnect_lock: tokio::sync::Mutex<()>,
@@ -156,18 +184,23 @@ impl Client {
             config,
             verifier,
             // Replaced below by the source's.
-            manifest: Arc::new(Manifest::new(ferry_core::Geometry::new(0, 4096), vec![])),
+            info: SourceInfo {
+                geometry: Geometry::new(0, 4096),
+                source_id: [0; 32],
+                manifest_len: 0,
+            },
+            manifest: tokio::sync::OnceCell::new(),
             state: Mutex::new(State::default()),
             reconnect_lock: tokio::sync::Mutex::new(()),
         };
-        let (conn, manifest) = inner.establish().await?;
+        let (conn, info) = inner.establish().await?;
         tracing::info!(
             addr = %inner.addr,
-            source_id = %hex(&manifest.source_id()),
-            chunks = manifest.geometry().chunks(),
+            source_id = %hex(&info.source_id),
+            size = info.geometry.disk_size,
             "connected to the source"
         );
-        inner.manifest = Arc::new(manifest);
+        inner.info = info;
         inner
             .state
             .get_mut()
@@ -178,26 +211,52 @@ impl Client {
         })
     }
 
-    /// The source's manifest, as received at the first connection.
-    pub fn manifest(&self) -> &Arc<Manifest> {
-        &self.inner.manifest
+    /// What the source's Welcome said: geometry and source id.
+    pub fn info(&self) -> &SourceInfo {
+        &self.inner.info
     }
 
-    /// Fetches chunks `first..first + count` (all Data), in order. Requests
-    /// larger than [`MAX_READ_BYTES`] are split. On a lost connection it
-    /// reconnects with exponential backoff (100 ms doubling to 5 s, forever)
-    /// and re-issues the request: callers wait instead of failing. Returns
-    /// `Err` only for protocol errors: the source changed
+    /// The source's manifest: fetched on the first call (on its own
+    /// stream, re-issued across reconnects like a read), then cached. Its
+    /// hash must be the source id of the Welcome.
+    pub async fn manifest(&self) -> Result<Arc<Manifest>, TransportError> {
+        let inner = &self.inner;
+        inner
+            .manifest
+            .get_or_try_init(|| async {
+                let m = inner
+                    .with_retry("manifest", |conn| {
+                        let info = inner.info;
+                        async move { get_manifest(&conn, info).await }
+                    })
+                    .await?;
+                Ok::<_, TransportError>(Arc::new(m))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The manifest, if it has been fetched.
+    pub fn manifest_if_fetched(&self) -> Option<Arc<Manifest>> {
+        self.inner.manifest.get().cloned()
+    }
+
+    /// Fetches chunks `first..first + count`, in order: data (not yet
+    /// checked against its hash: the caller checks) or a zero marker.
+    /// Requests larger than [`MAX_READ_BYTES`] are split. On a lost
+    /// connection it reconnects with exponential backoff (100 ms doubling
+    /// to 5 s, forever) and re-issues the request: callers wait instead of
+    /// failing. Returns `Err` only for protocol errors: the source changed
     /// ([`TransportError::SourceChanged`]), the source's `Error` frames
-    /// ([`TransportError::Remote`], e.g. a zero or out-of-range chunk), or
+    /// ([`TransportError::Remote`], e.g. an out-of-range chunk), or
     /// malformed responses.
     pub async fn read_chunks(
         &self,
         first: u64,
         count: u32,
         priority: Priority,
-    ) -> Result<Vec<Vec<u8>>, TransportError> {
-        let chunk_size = u64::from(self.inner.manifest.geometry().chunk_size);
+    ) -> Result<Vec<Fetched>, TransportError> {
+        let chunk_size = u64::from(self.inner.info.geometry.chunk_size);
         let per = (MAX_READ_BYTES / chunk_size).clamp(1, u64::from(u32::MAX)) as u32;
         let mut out = Vec::with_capacity(count as usize);
         let mut done = 0u32;
@@ -209,7 +268,14 @@ impl Client {
                     op: "read",
                     reason: "chunk index overflows".into(),
                 })?;
-            out.extend(self.inner.read_piece(start, n, priority).await?);
+            let g = self.inner.info.geometry;
+            out.extend(
+                self.inner
+                    .with_retry("read", |conn| async move {
+                        request(&conn, g, start, n, priority).await
+                    })
+                    .await?,
+            );
             done += n;
         }
         Ok(out)
@@ -288,7 +354,7 @@ impl Inner {
     }
 
     /// Connects and says Hello, within the connect timeout.
-    async fn establish(&self) -> Result<(Connection, Manifest), TransportError> {
+    async fn establish(&self) -> Result<(Connection, SourceInfo), TransportError> {
         match tokio::time::timeout(self.connect_timeout, self.establish_inner()).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::Unreachable {
@@ -298,7 +364,7 @@ impl Inner {
         }
     }
 
-    async fn establish_inner(&self) -> Result<(Connection, Manifest), TransportError> {
+    async fn establish_inner(&self) -> Result<(Connection, SourceInfo), TransportError> {
         let connecting = self
             .endpoint
             .connect_with(self.config.clone(), self.addr, tls::SERVER_NAME)
@@ -353,9 +419,9 @@ impl Inner {
         let mut delay = BACKOFF_START;
         loop {
             match self.establish().await {
-                Ok((conn, manifest)) => {
+                Ok((conn, info)) => {
                     let mut st = self.lock();
-                    let (before, after) = (self.manifest.source_id(), manifest.source_id());
+                    let (before, after) = (self.info.source_id, info.source_id);
                     if before != after {
                         conn.close(VarInt::from_u32(0), b"source changed");
                         let s = conn.stats();
@@ -381,12 +447,14 @@ impl Inner {
         }
     }
 
-    async fn read_piece(
-        &self,
-        first: u64,
-        count: u32,
-        priority: Priority,
-    ) -> Result<Vec<Vec<u8>>, TransportError> {
+    /// Runs `attempt` on the current connection until it succeeds or
+    /// fails for good, reconnecting (with backoff) when the connection is
+    /// lost and re-issuing when the source abandoned the request.
+    async fn with_retry<T, F, Fut>(&self, op: &'static str, attempt: F) -> Result<T, TransportError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Fail>>,
+    {
         let mut delay = BACKOFF_START;
         loop {
             let (generation, conn) = {
@@ -400,15 +468,15 @@ impl Inner {
                 self.reconnect(generation).await?;
                 continue;
             };
-            match request(&conn, &self.manifest, first, count, priority).await {
+            match attempt(conn.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(Fail::Fatal(e)) => return Err(e),
                 Err(Fail::Lost(e)) => {
-                    tracing::debug!(addr = %self.addr, first, count, "connection lost during read: {e}");
+                    tracing::debug!(addr = %self.addr, op, "connection lost during the request: {e}");
                     self.reconnect(generation).await?;
                 }
                 Err(Fail::Retry(reason)) => {
-                    tracing::debug!(addr = %self.addr, first, count, "read abandoned by the source ({reason}); re-issuing in {delay:?}");
+                    tracing::debug!(addr = %self.addr, op, "request abandoned by the source ({reason}); re-issuing in {delay:?}");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(BACKOFF_MAX);
                     if conn.close_reason().is_some() {
@@ -459,13 +527,15 @@ fn unexpected(op: &'static str, m: &Message) -> Fail {
         Message::Read { .. } => "Read",
         Message::Chunk { .. } => "Chunk",
         Message::ZChunk { .. } => "ZChunk",
+        Message::Zero { .. } => "Zero",
+        Message::GetManifest => "GetManifest",
         Message::Error { .. } => "Error",
     };
     protocol(op, format!("unexpected {what} frame"))
 }
 
-/// Says Hello on a new stream and receives the manifest.
-async fn hello(conn: &Connection) -> Result<Manifest, Fail> {
+/// Says Hello on a new stream; the Welcome tells the geometry and id.
+async fn hello(conn: &Connection) -> Result<SourceInfo, Fail> {
     const OP: &str = "hello";
     let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
     frames::write_msg(
@@ -477,13 +547,16 @@ async fn hello(conn: &Connection) -> Result<Manifest, Fail> {
     .await
     .map_err(|e| write_fail(OP, e))?;
     let _ = send.finish();
-    let manifest_len = match frames::read_frame(&mut recv, SMALL_FRAME)
+    match frames::read_frame(&mut recv, SMALL_FRAME)
         .await
         .map_err(|e| read_fail(OP, e))?
     {
         Some(Message::Welcome {
             version,
             manifest_len,
+            disk_size,
+            chunk_size,
+            source_id,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(protocol(
@@ -491,29 +564,46 @@ async fn hello(conn: &Connection) -> Result<Manifest, Fail> {
                     format!("source answered with version {version}"),
                 ));
             }
-            manifest_len
+            if manifest_len > MAX_MANIFEST_LEN {
+                return Err(protocol(
+                    OP,
+                    format!("manifest of {manifest_len} bytes is too large"),
+                ));
+            }
+            if chunk_size < ferry_core::geometry::BLOCK_SIZE
+                || !chunk_size.is_multiple_of(ferry_core::geometry::BLOCK_SIZE)
+                || chunk_size > 64 << 20
+            {
+                return Err(protocol(OP, format!("bad chunk size {chunk_size}")));
+            }
+            Ok(SourceInfo {
+                geometry: Geometry::new(disk_size, chunk_size),
+                source_id,
+                manifest_len,
+            })
         }
-        Some(Message::Error { code, message }) => {
-            return Err(Fail::Fatal(TransportError::Remote {
-                op: OP,
-                code,
-                message,
-            }))
-        }
-        Some(m) => return Err(unexpected(OP, &m)),
-        None => {
-            return Err(protocol(
-                OP,
-                "source closed the stream without a Welcome".into(),
-            ))
-        }
-    };
-    if manifest_len > MAX_MANIFEST_LEN {
-        return Err(protocol(
+        Some(Message::Error { code, message }) => Err(Fail::Fatal(TransportError::Remote {
+            op: OP,
+            code,
+            message,
+        })),
+        Some(m) => Err(unexpected(OP, &m)),
+        None => Err(protocol(
             OP,
-            format!("manifest of {manifest_len} bytes is too large"),
-        ));
+            "source closed the stream without a Welcome".into(),
+        )),
     }
+}
+
+/// Fetches the manifest on a new stream and checks it against the Welcome.
+async fn get_manifest(conn: &Connection, info: SourceInfo) -> Result<Manifest, Fail> {
+    const OP: &str = "manifest";
+    let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
+    frames::write_msg(&mut send, &Message::GetManifest)
+        .await
+        .map_err(|e| write_fail(OP, e))?;
+    let _ = send.finish();
+    let manifest_len = info.manifest_len;
     let mut bytes = Vec::with_capacity(manifest_len.min(64 << 20) as usize);
     loop {
         match frames::read_frame(&mut recv, MAX_MANIFEST_PART + 1)
@@ -546,19 +636,25 @@ async fn hello(conn: &Connection) -> Result<Manifest, Fail> {
             ),
         ));
     }
-    Manifest::decode(&bytes).map_err(|e| Fail::Fatal(e.into()))
+    let m = Manifest::decode(&bytes).map_err(|e| Fail::Fatal(e.into()))?;
+    if m.source_id() != info.source_id || m.geometry() != info.geometry {
+        return Err(protocol(
+            OP,
+            "the manifest does not match the source id of the Welcome".into(),
+        ));
+    }
+    Ok(m)
 }
 
 /// One Read on a new stream.
 async fn request(
     conn: &Connection,
-    manifest: &Manifest,
+    g: Geometry,
     first: u64,
     count: u32,
     priority: Priority,
-) -> Result<Vec<Vec<u8>>, Fail> {
+) -> Result<Vec<Fetched>, Fail> {
     const OP: &str = "read";
-    let g = manifest.geometry();
     let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
     let _ = send.set_priority(priority.stream_priority());
     let req = Message::Read {
@@ -570,7 +666,7 @@ async fn request(
         .await
         .map_err(|e| write_fail(OP, e))?;
     let _ = send.finish();
-    let max = (g.chunk_size as usize + 64).min(wire::MAX_FRAME_LEN);
+    let max = (g.chunk_size as usize + 128).min(wire::MAX_FRAME_LEN);
     let mut out = Vec::with_capacity(count as usize);
     for i in 0..u64::from(count) {
         let want = first + i;
@@ -578,11 +674,18 @@ async fn request(
             .await
             .map_err(|e| read_fail(OP, e))?
         {
+            Some(Message::Zero { index }) => {
+                if index != want {
+                    return Err(protocol(OP, format!("got chunk {index}, expected {want}")));
+                }
+                out.push(Fetched::Zero);
+            }
             Some(m @ (Message::Chunk { .. } | Message::ZChunk { .. })) => {
-                let (index, data) = match m {
-                    Message::Chunk { index, data } => (index, data),
+                let (index, hash, data) = match m {
+                    Message::Chunk { index, hash, data } => (index, hash, data),
                     Message::ZChunk {
                         index,
+                        hash,
                         raw_len,
                         data,
                     } => {
@@ -595,7 +698,7 @@ async fn request(
                         let raw = zstd::bulk::decompress(&data, raw_len as usize).map_err(|e| {
                             protocol(OP, format!("chunk {index} does not decompress: {e}"))
                         })?;
-                        (index, raw)
+                        (index, hash, raw)
                     }
                     _ => unreachable!("matched above"),
                 };
@@ -612,7 +715,7 @@ async fn request(
                         ),
                     ));
                 }
-                out.push(data);
+                out.push(Fetched::Data { hash, bytes: data });
             }
             Some(Message::Error { code, message }) => {
                 return Err(Fail::Fatal(TransportError::Remote {

@@ -26,7 +26,7 @@ pub mod tls;
 pub mod tuning;
 pub mod wire;
 
-pub use client::{Client, ClientOptions, ClientStats, ConnState};
+pub use client::{Client, ClientOptions, ClientStats, ConnState, Fetched, SourceInfo};
 pub use error::TransportError;
 pub use identity::{Fingerprint, FingerprintParseError, Identity, IdentityError};
 pub use server::{ChunkSource, Server, ServerOptions};

@@ -255,6 +255,7 @@ async fn handle_stream(
     };
     match request {
         Message::Hello { version } => hello(&mut resp, &shared, version, remote).await,
+        Message::GetManifest => send_manifest(&mut resp, &shared, remote).await,
         Message::Read {
             first_chunk,
             count,
@@ -265,7 +266,7 @@ async fn handle_stream(
             let _ = recv.stop(CODE_MALFORMED);
             resp.error(
                 ErrorCode::UnexpectedMessage,
-                "expected Hello or Read".to_string(),
+                "expected Hello, GetManifest or Read".to_string(),
             )
             .await;
         }
@@ -282,13 +283,25 @@ async fn hello(resp: &mut Responder, shared: &Shared, version: u16, remote: Sock
         .await;
         return;
     }
+    let m = shared.source.manifest();
     let welcome = Message::Welcome {
         version: PROTOCOL_VERSION,
         manifest_len: shared.manifest_bytes.len() as u64,
+        disk_size: m.geometry().disk_size,
+        chunk_size: m.geometry().chunk_size,
+        source_id: m.source_id(),
     };
-    if resp.send(&welcome).await.is_err() {
-        return;
+    if resp.send(&welcome).await.is_ok() {
+        resp.finish();
     }
+}
+
+/// Stream priority of the manifest: below on-demand reads (the guest
+/// waits for those), above the background copy (which needs the manifest).
+const MANIFEST_PRIORITY: i32 = 50;
+
+async fn send_manifest(resp: &mut Responder, shared: &Shared, remote: SocketAddr) {
+    let _ = resp.stream().set_priority(MANIFEST_PRIORITY);
     // Empty manifests (a zero-size disk) still get their one frame.
     let mut parts = shared.manifest_bytes.chunks(MAX_MANIFEST_PART).peekable();
     if parts.peek().is_none() {
@@ -322,16 +335,15 @@ fn check_read(manifest: &Manifest, first: u64, count: u32) -> Result<u64, (Error
             format!("a read may cover at most {MAX_READ_BYTES} bytes, {count} chunks asked"),
         ));
     }
-    if let Some(z) = (first..end).find(|&i| manifest.chunk(i) == ChunkKind::Zero) {
-        return Err((
-            ErrorCode::ZeroChunk,
-            format!("chunk {z} is a zero chunk: zero chunks never cross the wire"),
-        ));
-    }
     Ok(end)
 }
 
 async fn read_one(shared: &Arc<Shared>, index: u64) -> Result<Vec<u8>, String> {
+    // Zero chunks are answered without reading or sending any bytes.
+    let hash = match shared.source.manifest().chunk(index) {
+        ChunkKind::Zero => return Ok(Message::Zero { index }.encode()),
+        ChunkKind::Data(h) => h,
+    };
     let permit = shared
         .reads
         .clone()
@@ -371,19 +383,20 @@ async fn read_one(shared: &Arc<Shared>, index: u64) -> Result<Vec<u8>, String> {
         buf[mid] ^= 0x5a;
     }
     let compress = shared.compress;
-    tokio::task::spawn_blocking(move || chunk_frame(index, buf, compress))
+    tokio::task::spawn_blocking(move || chunk_frame(index, hash, buf, compress))
         .await
         .map_err(|e| format!("encoding chunk {index}: {e}"))
 }
 
 /// The whole frame carrying chunk `index`: a `ZChunk` when zstd saves at
 /// least 3% of the bytes, else a plain `Chunk`.
-fn chunk_frame(index: u64, data: Vec<u8>, compress: bool) -> Vec<u8> {
+fn chunk_frame(index: u64, hash: [u8; 32], data: Vec<u8>, compress: bool) -> Vec<u8> {
     if compress && !data.is_empty() {
         if let Ok(z) = zstd::bulk::compress(&data, 1) {
             if z.len() + 4 < data.len() - data.len() / 33 {
                 return Message::ZChunk {
                     index,
+                    hash,
                     raw_len: data.len() as u32,
                     data: z,
                 }
@@ -391,8 +404,8 @@ fn chunk_frame(index: u64, data: Vec<u8>, compress: bool) -> Vec<u8> {
             }
         }
     }
-    let mut frame = Vec::with_capacity(data.len() + 13);
-    frame.extend_from_slice(&wire::chunk_header(index, data.len()));
+    let mut frame = Vec::with_capacity(data.len() + 45);
+    frame.extend_from_slice(&wire::chunk_header(index, &hash, data.len()));
     frame.extend_from_slice(&data);
     frame
 }
@@ -467,7 +480,8 @@ mod tests {
         );
         assert_eq!(check_read(&m, 2, 2), Ok(4));
         assert_eq!(check_read(&m, 0, 0), Ok(0));
-        assert_eq!(check_read(&m, 0, 2).unwrap_err().0, ErrorCode::ZeroChunk);
+        // Zero chunks are answered (with a Zero frame, no bytes).
+        assert_eq!(check_read(&m, 0, 2), Ok(2));
         assert_eq!(check_read(&m, 3, 2).unwrap_err().0, ErrorCode::OutOfRange);
         assert_eq!(
             check_read(&m, u64::MAX, 2).unwrap_err().0,

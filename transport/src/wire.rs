@@ -21,7 +21,7 @@
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of the frame header: `len: u32`.
 pub const HEADER_LEN: usize = 4;
 /// Largest payload of a chunk: 64 MiB (the largest chunk size a manifest
@@ -44,6 +44,8 @@ const T_READ: u8 = 4;
 const T_CHUNK: u8 = 5;
 const T_ERROR: u8 = 6;
 const T_ZCHUNK: u8 = 7;
+const T_GET_MANIFEST: u8 = 8;
+const T_ZERO: u8 = 9;
 
 /// Priority of a `Read`: guest reads overtake background copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,13 +149,23 @@ pub enum Message {
         /// [`PROTOCOL_VERSION`] of the client.
         version: u16,
     },
-    /// Server → client: accepted; the manifest follows.
+    /// Server → client: accepted. Says what the destination needs to serve
+    /// the disk at once; the manifest is fetched separately
+    /// ([`Message::GetManifest`]) while the disk is already in use.
     Welcome {
         /// [`PROTOCOL_VERSION`] of the server.
         version: u16,
-        /// Length of the encoded manifest that follows.
+        /// Length of the encoded manifest.
         manifest_len: u64,
+        /// Disk size in bytes.
+        disk_size: u64,
+        /// Chunk size in bytes.
+        chunk_size: u32,
+        /// The manifest's hash: identifies the source's content.
+        source_id: [u8; 32],
     },
+    /// Client → server: send the manifest (as `ManifestBytes` frames).
+    GetManifest,
     /// Server → client: (a part of) the encoded manifest.
     ManifestBytes(Vec<u8>),
     /// Client → server: send chunks `first_chunk..first_chunk + count`.
@@ -169,14 +181,24 @@ pub enum Message {
     Chunk {
         /// Chunk index.
         index: u64,
+        /// The manifest's BLAKE3 hash of the chunk (checked by the
+        /// destination; lets it verify before the manifest has arrived).
+        hash: [u8; 32],
         /// Its bytes (the last chunk of the disk may be short).
         data: Vec<u8>,
+    },
+    /// Server → client: the chunk holds only zeros (no bytes follow).
+    Zero {
+        /// Chunk index.
+        index: u64,
     },
     /// Server → client: one chunk, compressed with zstd (sent instead of
     /// `Chunk` when that saves bytes on the wire).
     ZChunk {
         /// Chunk index.
         index: u64,
+        /// The manifest's BLAKE3 hash of the (uncompressed) chunk.
+        hash: [u8; 32],
         /// Length of the chunk once decompressed.
         raw_len: u32,
         /// The zstd frame.
@@ -260,10 +282,21 @@ impl Message {
             Message::Welcome {
                 version,
                 manifest_len,
+                disk_size,
+                chunk_size,
+                source_id,
             } => {
                 out.push(T_WELCOME);
                 out.extend_from_slice(&version.to_le_bytes());
                 out.extend_from_slice(&manifest_len.to_le_bytes());
+                out.extend_from_slice(&disk_size.to_le_bytes());
+                out.extend_from_slice(&chunk_size.to_le_bytes());
+                out.extend_from_slice(source_id);
+            }
+            Message::GetManifest => out.push(T_GET_MANIFEST),
+            Message::Zero { index } => {
+                out.push(T_ZERO);
+                out.extend_from_slice(&index.to_le_bytes());
             }
             Message::ManifestBytes(b) => {
                 out.push(T_MANIFEST);
@@ -279,17 +312,19 @@ impl Message {
                 out.extend_from_slice(&count.to_le_bytes());
                 out.push(priority.to_u8());
             }
-            Message::Chunk { index, data } => {
-                out.extend_from_slice(&chunk_header(*index, data.len())[HEADER_LEN..]);
+            Message::Chunk { index, hash, data } => {
+                out.extend_from_slice(&chunk_header(*index, hash, data.len())[HEADER_LEN..]);
                 out.extend_from_slice(data);
             }
             Message::ZChunk {
                 index,
+                hash,
                 raw_len,
                 data,
             } => {
                 out.push(T_ZCHUNK);
                 out.extend_from_slice(&index.to_le_bytes());
+                out.extend_from_slice(hash);
                 out.extend_from_slice(&raw_len.to_le_bytes());
                 out.extend_from_slice(data);
             }
@@ -304,11 +339,13 @@ impl Message {
     fn payload_len(&self) -> usize {
         match self {
             Message::Hello { .. } => 2,
-            Message::Welcome { .. } => 10,
+            Message::Welcome { .. } => 54,
+            Message::GetManifest => 0,
+            Message::Zero { .. } => 8,
             Message::ManifestBytes(b) => b.len(),
             Message::Read { .. } => 13,
-            Message::Chunk { data, .. } => 8 + data.len(),
-            Message::ZChunk { data, .. } => 12 + data.len(),
+            Message::Chunk { data, .. } => 40 + data.len(),
+            Message::ZChunk { data, .. } => 44 + data.len(),
             Message::Error { message, .. } => 2 + truncate_utf8(message, MAX_ERROR_MESSAGE).len(),
         }
     }
@@ -325,14 +362,15 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// The header (length, type and index) of a `Chunk` frame carrying
+/// The header (length, type, index and hash) of a `Chunk` frame carrying
 /// `data_len` bytes, so a sender can write the data without copying it into
 /// a frame.
-pub fn chunk_header(index: u64, data_len: usize) -> [u8; HEADER_LEN + 9] {
-    let mut h = [0u8; HEADER_LEN + 9];
-    h[..4].copy_from_slice(&((1 + 8 + data_len) as u32).to_le_bytes());
+pub fn chunk_header(index: u64, hash: &[u8; 32], data_len: usize) -> [u8; HEADER_LEN + 41] {
+    let mut h = [0u8; HEADER_LEN + 41];
+    h[..4].copy_from_slice(&((1 + 40 + data_len) as u32).to_le_bytes());
     h[4] = T_CHUNK;
-    h[5..].copy_from_slice(&index.to_le_bytes());
+    h[5..13].copy_from_slice(&index.to_le_bytes());
+    h[13..].copy_from_slice(hash);
     h
 }
 
@@ -373,10 +411,15 @@ pub fn decode(buf: &[u8]) -> Result<(Message, usize), WireError> {
 /// Like [`decode_body`], but takes the body by value so a `Chunk`'s data
 /// reuses its allocation instead of being copied into a new one.
 pub fn decode_body_owned(mut body: Vec<u8>) -> Result<Message, WireError> {
-    if body.first() == Some(&T_CHUNK) && body.len() >= 9 && body.len() - 9 <= MAX_PAYLOAD {
+    if body.first() == Some(&T_CHUNK) && body.len() >= 41 && body.len() - 41 <= MAX_PAYLOAD {
         let index = u64::from_le_bytes(body[1..9].try_into().unwrap_or([0; 8]));
-        body.drain(..9);
-        return Ok(Message::Chunk { index, data: body });
+        let hash: [u8; 32] = body[9..41].try_into().unwrap_or([0; 32]);
+        body.drain(..41);
+        return Ok(Message::Chunk {
+            index,
+            hash,
+            data: body,
+        });
     }
     decode_body(&body)
 }
@@ -404,11 +447,22 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Ok(Message::Hello { version: u16_at(0) })
         }
         T_WELCOME => {
-            exact(10, "10")?;
+            exact(54, "54")?;
             Ok(Message::Welcome {
                 version: u16_at(0),
                 manifest_len: u64_at(2),
+                disk_size: u64_at(10),
+                chunk_size: u32_at(18),
+                source_id: p[22..54].try_into().unwrap_or([0; 32]),
             })
+        }
+        T_GET_MANIFEST => {
+            exact(0, "0")?;
+            Ok(Message::GetManifest)
+        }
+        T_ZERO => {
+            exact(8, "8")?;
+            Ok(Message::Zero { index: u64_at(0) })
         }
         T_MANIFEST => {
             if p.len() > MAX_MANIFEST_PART {
@@ -429,30 +483,32 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             })
         }
         T_CHUNK => {
-            if p.len() < 8 || p.len() - 8 > MAX_PAYLOAD {
+            if p.len() < 40 || p.len() - 40 > MAX_PAYLOAD {
                 return Err(WireError::BadLength {
                     kind,
                     len: p.len(),
-                    expected: "8 + at most 64 MiB",
+                    expected: "40 + at most 64 MiB",
                 });
             }
             Ok(Message::Chunk {
                 index: u64_at(0),
-                data: p[8..].to_vec(),
+                hash: p[8..40].try_into().unwrap_or([0; 32]),
+                data: p[40..].to_vec(),
             })
         }
         T_ZCHUNK => {
-            if p.len() < 12 || p.len() - 12 > MAX_PAYLOAD || u32_at(8) as usize > MAX_PAYLOAD {
+            if p.len() < 44 || p.len() - 44 > MAX_PAYLOAD || u32_at(40) as usize > MAX_PAYLOAD {
                 return Err(WireError::BadLength {
                     kind,
                     len: p.len(),
-                    expected: "12 + at most 64 MiB, decompressing to at most 64 MiB",
+                    expected: "44 + at most 64 MiB, decompressing to at most 64 MiB",
                 });
             }
             Ok(Message::ZChunk {
                 index: u64_at(0),
-                raw_len: u32_at(8),
-                data: p[12..].to_vec(),
+                hash: p[8..40].try_into().unwrap_or([0; 32]),
+                raw_len: u32_at(40),
+                data: p[44..].to_vec(),
             })
         }
         T_ERROR => {
@@ -504,7 +560,12 @@ mod tests {
             Message::Welcome {
                 version: 1,
                 manifest_len: u64::MAX,
+                disk_size: 1 << 40,
+                chunk_size: 65536,
+                source_id: [7; 32],
             },
+            Message::GetManifest,
+            Message::Zero { index: 77 },
             Message::ManifestBytes(vec![]),
             Message::ManifestBytes(rng.bytes(1000)),
             Message::Read {
@@ -519,14 +580,17 @@ mod tests {
             },
             Message::Chunk {
                 index: 42,
+                hash: [3; 32],
                 data: rng.bytes(65536),
             },
             Message::Chunk {
                 index: 0,
+                hash: [0; 32],
                 data: vec![],
             },
             Message::ZChunk {
                 index: 9,
+                hash: [4; 32],
                 raw_len: 65536,
                 data: rng.bytes(100),
             },
@@ -567,10 +631,11 @@ mod tests {
         // Chunk header matches the full encoding.
         let e = Message::Chunk {
             index: 5,
+            hash: [9; 32],
             data: vec![1, 2, 3],
         }
         .encode();
-        assert_eq!(&e[..13], &chunk_header(5, 3));
+        assert_eq!(&e[..45], &chunk_header(5, &[9; 32], 3));
     }
 
     #[test]

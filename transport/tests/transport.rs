@@ -9,13 +9,41 @@ use ferry_core::{ChunkKind, Geometry, Manifest};
 use ferry_transport::server::ChunkSource;
 use ferry_transport::wire::{self, ErrorCode, Message, Priority};
 use ferry_transport::{
-    tls, Client, ClientOptions, ConnState, Fingerprint, Identity, Server, ServerOptions,
+    tls, Client, ClientOptions, ConnState, Fetched, Fingerprint, Identity, Server, ServerOptions,
     TransportError, Tuning,
 };
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 const CHUNK: u32 = 64 * 1024;
+
+/// `read_chunks` of data chunks, as plain bytes (a zero answer is an error
+/// here: these tests ask for data chunks).
+trait ReadBytes {
+    async fn read_bytes(
+        &self,
+        first: u64,
+        count: u32,
+        prio: Priority,
+    ) -> Result<Vec<Vec<u8>>, TransportError>;
+}
+
+impl ReadBytes for Client {
+    async fn read_bytes(
+        &self,
+        first: u64,
+        count: u32,
+        prio: Priority,
+    ) -> Result<Vec<Vec<u8>>, TransportError> {
+        let v = self.read_chunks(first, count, prio).await?;
+        Ok(v.into_iter()
+            .map(|f| match f {
+                Fetched::Data { bytes, .. } => bytes,
+                Fetched::Zero => panic!("unexpected zero answer"),
+            })
+            .collect())
+    }
+}
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// A disk in memory; its manifest is computed like the real one: BLAKE3
@@ -182,22 +210,22 @@ async fn manifest_reads_and_concurrency() {
         let src = MemSource::new(disk(1));
         let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
-        assert_eq!(**client.manifest(), src.manifest);
-        let m = client.manifest().clone();
+        assert_eq!(client.info().source_id, src.manifest.source_id());
+        assert_eq!(client.info().geometry, src.manifest.geometry());
+        assert!(client.manifest_if_fetched().is_none());
+        let m = client.manifest().await.unwrap();
+        assert_eq!(*m, src.manifest);
         let n = m.geometry().chunks();
 
         // A run of data chunks, exact bytes.
-        let got = client
-            .read_chunks(1, 4, Priority::Background)
-            .await
-            .unwrap();
+        let got = client.read_bytes(1, 4, Priority::Background).await.unwrap();
         assert_eq!(got.len(), 4);
         for (i, d) in got.iter().enumerate() {
             assert_eq!(d.as_slice(), src.chunk(1 + i as u64));
         }
         // The short last chunk.
         let last = client
-            .read_chunks(n - 1, 1, Priority::OnDemand)
+            .read_bytes(n - 1, 1, Priority::OnDemand)
             .await
             .unwrap();
         assert_eq!(last[0].len(), 1000);
@@ -215,7 +243,7 @@ async fn manifest_reads_and_concurrency() {
                 } else {
                     Priority::Background
                 };
-                let d = client.read_chunks(c, 1, prio).await.unwrap();
+                let d = client.read_bytes(c, 1, prio).await.unwrap();
                 assert_eq!(d[0].as_slice(), src.chunk(c), "chunk {c}");
             }));
         }
@@ -223,19 +251,27 @@ async fn manifest_reads_and_concurrency() {
             t.await.unwrap();
         }
 
-        // Zero chunks never cross the wire; past the end is refused.
-        let e = client
-            .read_chunks(4, 2, Priority::OnDemand)
+        // Zero chunks are answered without their bytes; past the end is
+        // refused.
+        let zeros: Vec<u64> = (0..n).filter(|c| m.chunk(*c) == ChunkKind::Zero).collect();
+        assert!(!zeros.is_empty());
+        let before = client.stats().wire_rx_bytes;
+        let z = client
+            .read_chunks(zeros[0], 1, Priority::OnDemand)
             .await
-            .unwrap_err();
-        assert_eq!(e.remote_code(), Some(ErrorCode::ZeroChunk), "{e}");
+            .unwrap();
+        assert_eq!(z, vec![Fetched::Zero]);
+        assert!(
+            client.stats().wire_rx_bytes - before < 1000,
+            "a zero chunk crossed the wire"
+        );
         let e = client
-            .read_chunks(n - 1, 2, Priority::OnDemand)
+            .read_bytes(n - 1, 2, Priority::OnDemand)
             .await
             .unwrap_err();
         assert_eq!(e.remote_code(), Some(ErrorCode::OutOfRange), "{e}");
         // The client still works after refusals.
-        assert!(client.read_chunks(6, 1, Priority::OnDemand).await.is_ok());
+        assert!(client.read_bytes(6, 1, Priority::OnDemand).await.is_ok());
 
         let s = client.stats();
         assert_eq!(s.state, ConnState::Connected);
@@ -315,13 +351,13 @@ async fn reconnect_after_restart() {
         let src = MemSource::new(disk(4));
         let (addr, server) = start(server_opts(&ids, localhost()), src.clone());
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
-        assert!(client.read_chunks(1, 1, Priority::OnDemand).await.is_ok());
+        assert!(client.read_bytes(1, 1, Priority::OnDemand).await.is_ok());
 
         server.abort();
         let _ = server.await;
         // A read issued while the source is down waits...
         let c2 = client.clone();
-        let pending = tokio::spawn(async move { c2.read_chunks(2, 3, Priority::OnDemand).await });
+        let pending = tokio::spawn(async move { c2.read_bytes(2, 3, Priority::OnDemand).await });
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(!pending.is_finished(), "read did not wait for the source");
         // ...and succeeds once it is back.
@@ -330,10 +366,7 @@ async fn reconnect_after_restart() {
         for (i, d) in got.iter().enumerate() {
             assert_eq!(d.as_slice(), src.chunk(2 + i as u64));
         }
-        let got = client
-            .read_chunks(6, 1, Priority::Background)
-            .await
-            .unwrap();
+        let got = client.read_bytes(6, 1, Priority::Background).await.unwrap();
         assert_eq!(got[0].as_slice(), src.chunk(6));
         let s = client.stats();
         assert!(s.reconnects >= 1, "{s:?}");
@@ -353,7 +386,7 @@ async fn read_in_flight_survives_a_restart() {
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
         let c2 = client.clone();
         // Chunks 1..=4 take ~400 ms to read: the server dies in the middle.
-        let pending = tokio::spawn(async move { c2.read_chunks(1, 4, Priority::Background).await });
+        let pending = tokio::spawn(async move { c2.read_bytes(1, 4, Priority::Background).await });
         tokio::time::sleep(Duration::from_millis(150)).await;
         server.abort();
         let _ = server.await;
@@ -376,18 +409,18 @@ async fn changed_source_is_detected() {
         let ids = ids();
         let (addr, server) = start(server_opts(&ids, localhost()), MemSource::new(disk(5)));
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
-        assert!(client.read_chunks(1, 1, Priority::OnDemand).await.is_ok());
+        assert!(client.read_bytes(1, 1, Priority::OnDemand).await.is_ok());
         server.abort();
         let _ = server.await;
         let _server = restart(server_opts(&ids, addr), MemSource::new(disk(6))).await;
         let e = client
-            .read_chunks(1, 1, Priority::OnDemand)
+            .read_bytes(1, 1, Priority::OnDemand)
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::SourceChanged { .. }), "{e:?}");
         // And for every later caller too.
         let e = client
-            .read_chunks(2, 1, Priority::Background)
+            .read_bytes(2, 1, Priority::Background)
             .await
             .unwrap_err();
         assert!(matches!(e, TransportError::SourceChanged { .. }), "{e:?}");
@@ -460,6 +493,9 @@ async fn malformed_frames_do_not_break_the_connection() {
             &Message::Welcome {
                 version: 1,
                 manifest_len: 0,
+                disk_size: 0,
+                chunk_size: 4096,
+                source_id: [0; 32],
             }
             .encode(),
         )
@@ -500,10 +536,12 @@ async fn malformed_frames_do_not_break_the_connection() {
             vec![
                 Message::Chunk {
                     index: 1,
+                    hash: *blake3::hash(src.chunk(1)).as_bytes(),
                     data: src.chunk(1).to_vec()
                 },
                 Message::Chunk {
                     index: 2,
+                    hash: *blake3::hash(src.chunk(2)).as_bytes(),
                     data: src.chunk(2).to_vec()
                 },
             ]
@@ -539,11 +577,11 @@ async fn corrupt_once_corrupts_only_the_first_transmission() {
         opts.corrupt_once = vec![3];
         let (addr, _server) = start(opts, src.clone());
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
-        let m = client.manifest().clone();
-        let first = client.read_chunks(2, 2, Priority::OnDemand).await.unwrap();
+        let m = client.manifest().await.unwrap();
+        let first = client.read_bytes(2, 2, Priority::OnDemand).await.unwrap();
         assert!(hash_ok(&m, 2, &first[0]), "chunk 2 must be intact");
         assert!(!hash_ok(&m, 3, &first[1]), "chunk 3 must be corrupted once");
-        let again = client.read_chunks(3, 1, Priority::OnDemand).await.unwrap();
+        let again = client.read_bytes(3, 1, Priority::OnDemand).await.unwrap();
         assert!(hash_ok(&m, 3, &again[0]), "second read must be correct");
         assert_eq!(again[0].as_slice(), src.chunk(3));
     })
@@ -563,7 +601,7 @@ async fn large_reads_are_split() {
         let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
         let got = client
-            .read_chunks(0, 300, Priority::Background)
+            .read_bytes(0, 300, Priority::Background)
             .await
             .unwrap();
         assert_eq!(got.len(), 300);
@@ -586,10 +624,10 @@ async fn compressible_chunks_cross_the_wire_compressed_and_arrive_exact() {
         let src = MemSource::new(data);
         let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
-        let m = client.manifest().clone();
+        let m = client.manifest().await.unwrap();
         let before = client.stats().wire_rx_bytes;
         let got = client
-            .read_chunks(0, 64, Priority::Background)
+            .read_bytes(0, 64, Priority::Background)
             .await
             .unwrap();
         for (i, d) in got.iter().enumerate() {
@@ -608,10 +646,7 @@ async fn compressible_chunks_cross_the_wire_compressed_and_arrive_exact() {
         let (addr2, _server2) = start(opts, src.clone());
         let plain = Client::connect(client_opts(&ids, addr2)).await.unwrap();
         let before = plain.stats().wire_rx_bytes;
-        plain
-            .read_chunks(0, 64, Priority::Background)
-            .await
-            .unwrap();
+        plain.read_bytes(0, 64, Priority::Background).await.unwrap();
         assert!(plain.stats().wire_rx_bytes - before > 64 * u64::from(CHUNK));
     })
     .await

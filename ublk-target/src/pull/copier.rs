@@ -26,6 +26,30 @@ pub(crate) struct Verification {
     pub(crate) disk_blake3: Option<String>,
 }
 
+/// Fetches the manifest (while the disk is already served) and hands it to
+/// the engine, which starts the background copy.
+pub(crate) async fn fetch_manifest(shared: Arc<Shared>) {
+    let t0 = Instant::now();
+    match shared.client.manifest().await {
+        Ok(m) => {
+            tracing::info!(
+                data_bytes = m.data_bytes(),
+                ms = t0.elapsed().as_millis() as u64,
+                "manifest received; background copy can start"
+            );
+            shared.engine.lock().expect("engine lock").set_manifest(m);
+        }
+        Err(e) => {
+            shared
+                .engine
+                .lock()
+                .expect("engine lock")
+                .fail(format!("cannot fetch the source's manifest: {e}"));
+        }
+    }
+    shared.changed.notify_waiters();
+}
+
 /// Fetches every absent data chunk, paced and windowed, then verifies.
 pub(crate) async fn run_copier(
     shared: Arc<Shared>,
@@ -139,7 +163,11 @@ async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<Verification> {
         let (geo, manifest) = {
             let e = s.engine.lock().expect("engine lock");
-            (e.geometry(), e.manifest().clone())
+            let m = e
+                .manifest()
+                .cloned()
+                .ok_or_else(|| std::io::Error::other("no manifest"))?;
+            (e.geometry(), m)
         };
         let mut disk = blake3::Hasher::new();
         let mut v = Verification::default();
@@ -327,8 +355,8 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         error,
         total_bytes: geo.disk_size,
         present_bytes: e.present_bytes(),
-        source_data_bytes: e.manifest().data_bytes(),
-        skipped_zero_bytes: report.skipped_zero,
+        source_data_bytes: e.manifest().map_or(0, |m| m.data_bytes()),
+        skipped_zero_bytes: e.manifest().map_or(0, |m| geo.disk_size - m.data_bytes()),
         fetched_on_demand_bytes: c.fetched_on_demand,
         fetched_background_bytes: c.fetched_background,
         rejected_corrupt_bytes: c.rejected_corrupt,

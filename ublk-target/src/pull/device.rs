@@ -6,12 +6,12 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ferry_core::engine::{Arrival, FetchKind, ReadPlan, WritePlan};
+use ferry_core::engine::{Arrival, FetchKind, Payload, ReadPlan, WritePlan};
 use ferry_core::geometry::BLOCK_SIZE;
 use ferry_core::Engine;
 use ferry_device::BlockDevice;
 use ferry_store::{Backing, StateFile};
-use ferry_transport::{Client, Priority, TransportError};
+use ferry_transport::{Client, Fetched, Priority, TransportError};
 use tokio::sync::Notify;
 
 /// Everything the frontends, the copier and the control socket share.
@@ -71,8 +71,12 @@ impl Shared {
         self.changed.notify_waiters();
     }
 
-    async fn arrived(&self, chunk: u64, data: Vec<u8>) {
-        let arrival = self.lock().fetch_arrived(chunk, &data);
+    async fn arrived(&self, chunk: u64, fetched: Fetched) {
+        let payload = match &fetched {
+            Fetched::Data { hash, bytes } => Payload::Data { bytes, hash: *hash },
+            Fetched::Zero => Payload::Zero,
+        };
+        let arrival = self.lock().fetch_arrived(chunk, payload);
         match arrival {
             Arrival::Corrupt { chunk } => {
                 tracing::warn!(
@@ -89,7 +93,11 @@ impl Shared {
                     for r in runs {
                         let lo = geo.block_bytes(r.start).start;
                         let hi = geo.block_bytes(r.end - 1).end;
-                        backing.write_at(&data[(lo - base) as usize..(hi - base) as usize], lo)?;
+                        match &fetched {
+                            Fetched::Data { bytes, .. } => backing
+                                .write_at(&bytes[(lo - base) as usize..(hi - base) as usize], lo)?,
+                            Fetched::Zero => backing.punch_hole(lo, hi - lo)?,
+                        }
                     }
                     Ok(())
                 })

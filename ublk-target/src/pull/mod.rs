@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_core::{ChunkKind, Engine};
+use ferry_core::Engine;
 use ferry_nbd::{NbdListener, NbdServerConfig};
 use ferry_store::{Backing, BackingError, StateFile};
 use ferry_transport::{Client, ClientOptions, Fingerprint, Identity, Tuning};
@@ -32,10 +32,9 @@ fn default_state_path(disk: &Path) -> PathBuf {
 fn open_or_create(
     disk: &Path,
     state_path: &Path,
-    manifest: &ferry_core::Manifest,
+    geo: ferry_core::Geometry,
+    id: [u8; 32],
 ) -> Result<(Backing, StateFile, bool)> {
-    let geo = manifest.geometry();
-    let id = manifest.source_id();
     match (disk.exists(), state_path.exists()) {
         (true, true) => {
             let backing = Backing::open(disk, geo.disk_size)?;
@@ -93,7 +92,6 @@ pub(crate) struct CopierSettings {
 pub(crate) struct Report {
     pub(crate) started: Instant,
     pub(crate) present_at_start: u64,
-    pub(crate) skipped_zero: u64,
     pub(crate) verify: Mutex<copier::Verification>,
     pub(crate) rate: device::RateMeter,
 }
@@ -156,20 +154,17 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         })
         .await
         .with_context(|| format!("cannot connect to the source {}", a.source))?;
-        let manifest = client.manifest().clone();
-        let geo = manifest.geometry();
-        let (backing, state, resumed) = open_or_create(&a.disk, &state_path, &manifest)?;
-        let engine = Engine::new(
-            manifest.clone(),
+        let info = *client.info();
+        let geo = info.geometry;
+        let (backing, state, resumed) = open_or_create(&a.disk, &state_path, geo, info.source_id)?;
+        // The disk is served at once; the manifest (zero chunks, hashes)
+        // streams in meanwhile and starts the background copy.
+        let mut engine = Engine::new(
+            geo,
             state.present_bits(geo.blocks()),
             state.guest_bits(geo.chunks()),
         );
-        let skipped_zero: u64 = (0..geo.chunks())
-            .filter(|c| manifest.chunk(*c) == ChunkKind::Zero)
-            .map(|c| u64::from(geo.chunk_len(c)))
-            .sum();
-        let present_at_start = engine.present_bytes() - skipped_zero.min(engine.present_bytes());
-        let mut engine = engine;
+        let present_at_start = engine.present_bytes();
         engine.set_background_paused(a.hold_background);
         tracing::info!(
             disk = %a.disk.display(),
@@ -197,11 +192,11 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let report = Arc::new(Report {
             started,
             present_at_start,
-            skipped_zero,
             verify: Mutex::new(copier::Verification::default()),
             rate: device::RateMeter::default(),
         });
         let device = Arc::new(PullDevice(shared.clone()));
+        tokio::spawn(copier::fetch_manifest(shared.clone()));
         tokio::spawn(copier::run_copier(
             shared.clone(),
             settings.clone(),
