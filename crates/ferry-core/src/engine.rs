@@ -217,7 +217,11 @@ impl Engine {
     /// # Panics
     /// If the manifest's geometry is not the engine's.
     pub fn set_manifest(&mut self, manifest: Arc<Manifest>) {
-        assert_eq!(manifest.geometry(), self.geo, "manifest of another geometry");
+        assert_eq!(
+            manifest.geometry(),
+            self.geo,
+            "manifest of another geometry"
+        );
         for c in 0..self.geo.chunks() {
             if manifest.chunk(c) == ChunkKind::Zero && !self.filling.contains_key(&c) {
                 let b = self.geo.chunk_blocks(c);
@@ -489,11 +493,11 @@ impl Engine {
     /// zero chunk. On a match the chunk is marked as filling and the blocks
     /// still absent are named for writing (invariant 3).
     pub fn fetch_arrived(&mut self, chunk: u64, payload: Payload<'_>) -> Arrival {
-        let kind = self.fetching.remove(&chunk).unwrap_or(FetchKind::Background);
-        let expected = match &self.manifest {
-            Some(m) => Some(m.chunk(chunk)),
-            None => None,
-        };
+        let kind = self
+            .fetching
+            .remove(&chunk)
+            .unwrap_or(FetchKind::Background);
+        let expected = self.manifest.as_ref().map(|m| m.chunk(chunk));
         let len = self.geo.chunk_len(chunk) as usize;
         let (ok, wire_len) = match payload {
             Payload::Data { bytes, hash } => {
@@ -502,9 +506,8 @@ impl Engine {
                     Some(ChunkKind::Zero) => None,
                     None => Some(hash),
                 };
-                let ok = want.is_some_and(|h| {
-                    bytes.len() == len && *blake3::hash(bytes).as_bytes() == h
-                });
+                let ok = want
+                    .is_some_and(|h| bytes.len() == len && *blake3::hash(bytes).as_bytes() == h);
                 (ok, bytes.len() as u64)
             }
             Payload::Zero => (matches!(expected, None | Some(ChunkKind::Zero)), 0),

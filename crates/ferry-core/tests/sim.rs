@@ -251,7 +251,9 @@ impl Sim {
                     let hi = geo.block_bytes(r.end - 1).end;
                     let dst = &mut self.disk.cache[lo as usize..hi as usize];
                     match &d {
-                        Some(d) => dst.copy_from_slice(&d[(lo - base) as usize..(hi - base) as usize]),
+                        Some(d) => {
+                            dst.copy_from_slice(&d[(lo - base) as usize..(hi - base) as usize])
+                        }
                         None => dst.fill(0),
                     }
                 }
@@ -571,17 +573,25 @@ fn before_the_manifest_reads_are_served_and_checked_against_the_carried_hash() {
     let mut sim = Sim::new(15, 16 * 1024, 8, 0);
     sim.engine = Engine::new(sim.geo(), BitVec::new(), BitVec::new());
     sim.events.clear();
-    assert_eq!(sim.engine.next_background(4), None, "no background copy without the manifest");
+    assert_eq!(
+        sim.engine.next_background(4),
+        None,
+        "no background copy without the manifest"
+    );
     let data_c = (0..8)
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
     let r = sim.geo().chunk_bytes(data_c);
-    assert!(matches!(sim.engine.plan_read(r.start, 4096), ReadPlan::Wait { .. }));
+    assert!(matches!(
+        sim.engine.plan_read(r.start, 4096),
+        ReadPlan::Wait { .. }
+    ));
     // Data whose bytes do not match the hash sent with it is refused.
     let mut bad = sim.source[r.start as usize..r.end as usize].to_vec();
     bad[0] ^= 1;
     assert_eq!(
-        sim.engine.fetch_arrived(data_c, data_payload(&sim, data_c, &bad)),
+        sim.engine
+            .fetch_arrived(data_c, data_payload(&sim, data_c, &bad)),
         Arrival::Corrupt { chunk: data_c }
     );
     // A zero answer is taken before the manifest, but refused for a chunk
@@ -603,7 +613,10 @@ fn before_the_manifest_reads_are_served_and_checked_against_the_carried_hash() {
         sim.engine.fetch_arrived(data_c, Payload::Zero),
         Arrival::Corrupt { chunk: data_c }
     );
-    assert!(sim.engine.next_background(4).is_some(), "the manifest starts the background copy");
+    assert!(
+        sim.engine.next_background(4).is_some(),
+        "the manifest starts the background copy"
+    );
 }
 
 #[test]
