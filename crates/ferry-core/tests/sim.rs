@@ -46,6 +46,9 @@ struct SimMap {
     guest: BitVec,
 }
 
+/// A fill whose write has not finished: its runs and the data (None: zeros).
+type PendingFill = (Vec<Range<u64>>, Option<Vec<u8>>);
+
 /// What the simulated source answers for one chunk.
 enum Answer {
     Data(Vec<u8>, [u8; 32]),
@@ -71,7 +74,7 @@ struct Sim {
     now: u64,
     seq: u64,
     events: BTreeMap<(u64, u64), Event>,
-    pending_fills: BTreeMap<u64, (Vec<Range<u64>>, Option<Vec<u8>>)>,
+    pending_fills: BTreeMap<u64, PendingFill>,
     /// What the guest must read now.
     model: Vec<u8>,
     /// Per block: acceptable contents after a crash (the value at the last
