@@ -131,9 +131,12 @@ pub(crate) struct PullArgs {
     /// Chunks per background request.
     #[arg(long, default_value_t = 16)]
     pub(crate) batch_chunks: u32,
-    /// Background requests in flight.
-    #[arg(long, default_value_t = 8)]
-    pub(crate) window: usize,
+    /// Background requests in flight. Default: enough for twice the
+    /// link's bandwidth-delay product (from --link-mbit and --link-rtt-ms),
+    /// which fills the link while leaving QUIC's send window (4x BDP) room
+    /// for on-demand reads.
+    #[arg(long)]
+    pub(crate) window: Option<usize>,
     /// Persist the block map once this many fetched bytes are unsynced.
     #[arg(long, default_value_t = 32 << 20)]
     pub(crate) sync_bytes: u64,

@@ -118,9 +118,14 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     } else {
         false
     };
-    if a.batch_chunks == 0 || a.window == 0 {
+    if a.batch_chunks == 0 || a.window == Some(0) {
         bail!("--batch-chunks and --window must be at least 1");
     }
+    let window = a.window.unwrap_or_else(|| {
+        let bdp = a.link_mbit as f64 * 1e6 / 8.0 * a.link_rtt_ms as f64 / 1e3;
+        let batch = f64::from(a.batch_chunks) * f64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE);
+        ((2.0 * bdp / batch).ceil() as usize).clamp(2, 64)
+    });
     let state_path = a
         .state
         .clone()
@@ -186,7 +191,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let settings = Arc::new(CopierSettings {
             rate_limit: AtomicU64::new(a.rate),
             batch_chunks: u64::from(a.batch_chunks),
-            window: a.window,
+            window,
             sync_bytes: a.sync_bytes,
         });
         let report = Arc::new(Report {
