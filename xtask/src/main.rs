@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's automation. `cargo xtask ci` runs exactly
 //! what CI runs; `cargo xtask demo` runs a migration on loopback.
 
+mod bench;
 mod ci;
 mod demo;
 mod setup;
@@ -34,6 +35,9 @@ enum Cmd {
     WanForward(wan::ForwardArgs),
     /// Short smoke test of the emulated WAN (relay and namespaces; root).
     WanSmoke,
+    /// Benchmark ferry against stop-and-copy and the nbdkit lazy proxy on
+    /// the emulated WAN; writes BENCHMARKS.md.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -45,5 +49,6 @@ fn main() -> Result<()> {
         Cmd::Wan(args) => wan::run_wan(&args),
         Cmd::WanForward(args) => wan::run_forward(&args),
         Cmd::WanSmoke => wan::wan_smoke(),
+        Cmd::Bench(args) => bench::run_bench(&args),
     }
 }

@@ -129,6 +129,7 @@ struct PumpCounters {
     read_errors: AtomicU64,
     dropped_overflow: AtomicU64,
     late_ns_max: AtomicU64,
+    late_over_1ms: AtomicU64,
 }
 
 struct Dir {
@@ -186,6 +187,7 @@ impl Shared {
                     "read_errors": p.read_errors.load(Ordering::Relaxed),
                     "max_queue_ms": c.max_queue_ns as f64 / 1e6,
                     "max_late_ms": p.late_ns_max.load(Ordering::Relaxed) as f64 / 1e6,
+                    "late_over_1ms_pkts": p.late_over_1ms.load(Ordering::Relaxed),
                     "cut": cut,
                     "rate_bps": cfg.rate_bps,
                     "delay_ms": cfg.delay.as_secs_f64() * 1e3,
@@ -272,6 +274,8 @@ impl Drop for Forwarder {
 
 fn pump(shared: &Shared, dir: usize, mut rx: Box<dyn Rx>, mut tx: Box<dyn Tx>) {
     let d = &shared.dirs[dir];
+    // Keeping time matters more than anything else running here.
+    let _ = sys::set_realtime(10);
     let mut held: VecDeque<(Duration, Vec<u8>)> = VecDeque::new();
     let mut pool: Vec<Vec<u8>> = Vec::new();
     let mut buf = vec![0u8; 65536];
@@ -282,6 +286,9 @@ fn pump(shared: &Shared, dir: usize, mut rx: Box<dyn Rx>, mut tx: Box<dyn Tx>) {
             let (at, pkt) = held.pop_front().expect("front exists");
             let late = now.saturating_sub(at).as_nanos() as u64;
             d.pump.late_ns_max.fetch_max(late, Ordering::Relaxed);
+            if late > 1_000_000 {
+                d.pump.late_over_1ms.fetch_add(1, Ordering::Relaxed);
+            }
             match tx.send(&pkt) {
                 Ok(()) => {
                     d.pump.forwarded_pkts.fetch_add(1, Ordering::Relaxed);

@@ -67,6 +67,11 @@ impl Proc {
         self.cpu_last
     }
 
+    /// Its exit status, if it has exited.
+    pub(crate) fn try_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// Waits up to `timeout` for it to exit on its own.
     pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let t0 = Instant::now();

@@ -161,3 +161,20 @@ pub(crate) fn set_socket_buffers(fd: RawFd, bytes: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Best effort: moves the calling thread to SCHED_FIFO at `prio`, so the
+/// link keeps time while the benchmarked processes load both cores. The
+/// pumps sleep in `ppoll` between packets, and the kernel's RT throttling
+/// bounds them anyway.
+pub(crate) fn set_realtime(prio: libc::c_int) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: `param` is a valid sched_param for the call's duration; pid 0
+    // is the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,1157 @@
+//! `cargo xtask bench [--quick]`: ferry against its peers on the emulated
+//! WAN of [`crate::wan`], every system over the very same link in the same
+//! run, interleaved run by run.
+//!
+//! Systems: ferry (`ferry serve` in the source namespace, `ferry pull`
+//! with an NBD export in the destination namespace); stop-and-copy
+//! (`qemu-nbd` at the source, `nbdcopy` at the destination); the nbdkit lazy
+//! proxy (`nbdkit --filter=scan --filter=cow nbd ...` at the destination,
+//! reading from the same `qemu-nbd`). Images: ext4 holding real files, and
+//! random data. Measured per run: time until the destination serves its
+//! first read of an absent block, time until it holds the whole disk, bytes
+//! on the wire (the forwarder's counters), latency of 4 KiB reads of absent
+//! blocks while the background copy runs (one NBD connection, [`nbd`]),
+//! link utilisation, and CPU seconds per GiB at each end (from
+//! /proc/PID/stat). The results go into BENCHMARKS.md (between markers, so
+//! other sections of that file are kept) and a JSON file.
+
+mod nbd;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::setup::{ensure_tools, target_dir, workspace_root};
+use crate::wan::procs::{self, FerryIds, Proc};
+use crate::wan::{counter, LinkOpts, Wan, SRC_ADDR};
+
+const FERRY_PORT: u16 = 7700;
+const NBD_PORT: u16 = 10809;
+const PROBE_BYTES: usize = 4096;
+const MARK_BEGIN: &str = "<!-- BEGIN cargo xtask bench (WAN) -->";
+const MARK_END: &str = "<!-- END cargo xtask bench (WAN) -->";
+
+/// Options of `cargo xtask bench`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Just the default link (200 Mbit/s, 50 ms), small images, one run.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per system and case (default 3; 1 with --quick).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Size of the ext4 image in MiB (default 2048; 256 with --quick). The
+    /// random-data image is half of it.
+    #[arg(long)]
+    size_mib: Option<u64>,
+    /// Systems to run: ferry, nbdcopy, nbdkit-lazy.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ferry,nbdcopy,nbdkit-lazy"
+    )]
+    systems: Vec<String>,
+    /// Cases: base (200 Mbit/s, 50 ms), loss (same + 0.1% random loss),
+    /// rtt150 (200 Mbit/s, 150 ms). Default all (base with --quick).
+    #[arg(long, value_delimiter = ',')]
+    cases: Option<Vec<String>>,
+    /// Images: fs (ext4 with files), random.
+    #[arg(long, value_delimiter = ',', default_value = "fs,random")]
+    images: Vec<String>,
+    /// TCP congestion control pinned in both namespaces (for the TCP peers).
+    #[arg(long, default_value = "bbr")]
+    tcp_cc: String,
+    /// 4 KiB reads of absent blocks per run, while the copy runs.
+    #[arg(long, default_value_t = 20)]
+    probes: usize,
+    /// Pause between two probes, in ms.
+    #[arg(long, default_value_t = 150)]
+    probe_gap_ms: u64,
+    /// Give up a run after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_s: u64,
+    /// Where to write the report (default: BENCHMARKS.md in the workspace).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+struct Case {
+    id: &'static str,
+    link: LinkOpts,
+}
+
+fn all_cases() -> Vec<Case> {
+    let base = LinkOpts {
+        rate_mbit: 200.0,
+        rtt_ms: 50.0,
+        ..LinkOpts::default()
+    };
+    vec![
+        Case {
+            id: "base",
+            link: base.clone(),
+        },
+        Case {
+            id: "loss",
+            link: LinkOpts {
+                loss: 0.001,
+                ..base.clone()
+            },
+        },
+        Case {
+            id: "rtt150",
+            link: LinkOpts {
+                rtt_ms: 150.0,
+                ..base
+            },
+        },
+    ]
+}
+
+struct Image {
+    id: String,
+    path: PathBuf,
+    size: u64,
+    desc: String,
+    probes: Vec<u64>,
+}
+
+/// What one run of one system measured.
+#[derive(Default, Debug, Clone)]
+struct RunResult {
+    t_first: Option<f64>,
+    t_complete: f64,
+    wire_bytes: u64,
+    wire_fwd_bytes: u64,
+    probes_ms: Vec<f64>,
+    probe_hits: usize,
+    cpu_src: f64,
+    cpu_dst: f64,
+    drops_queue: u64,
+    drops_loss: u64,
+    max_late_ms: f64,
+    late_pkts: u64,
+    fwd_pkts: u64,
+    note: String,
+}
+
+impl RunResult {
+    fn to_json(&self) -> Value {
+        json!({
+            "first_read_s": self.t_first,
+            "whole_disk_s": self.t_complete,
+            "wire_bytes": self.wire_bytes,
+            "wire_src_to_dst_bytes": self.wire_fwd_bytes,
+            "probe_miss_ms": self.probes_ms,
+            "probe_local_hits": self.probe_hits,
+            "cpu_src_s": self.cpu_src,
+            "cpu_dst_s": self.cpu_dst,
+            "link_drops_queue_pkts": self.drops_queue,
+            "link_drops_loss_pkts": self.drops_loss,
+            "forwarder_max_late_ms": self.max_late_ms,
+            "forwarder_late_over_1ms_pkts": self.late_pkts,
+            "forwarded_pkts": self.fwd_pkts,
+            "note": self.note,
+        })
+    }
+}
+
+/// results[case][image][system] = one entry per run.
+type Results = BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<RunResult>>>>;
+
+struct Ctx<'a> {
+    a: &'a BenchArgs,
+    bin: PathBuf,
+    dir: PathBuf,
+    ids: FerryIds,
+    wan: Wan,
+    link: LinkOpts,
+}
+
+/// Runs the benchmark.
+pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
+    ensure_tools(&[
+        ("qemu-nbd", "qemu-utils"),
+        ("qemu-img", "qemu-utils"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("nbdkit", "nbdkit"),
+        ("nbdcopy", "libnbd-bin"),
+        ("nbdinfo", "libnbd-bin"),
+    ])?;
+    let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
+    let size_mib = a.size_mib.unwrap_or(if a.quick { 256 } else { 2048 });
+    let want_cases = a.cases.clone().unwrap_or_else(|| {
+        if a.quick {
+            vec!["base".into()]
+        } else {
+            vec!["base".into(), "loss".into(), "rtt150".into()]
+        }
+    });
+    let cases: Vec<Case> = all_cases()
+        .into_iter()
+        .filter(|c| want_cases.iter().any(|w| w == c.id))
+        .collect();
+    if cases.is_empty() {
+        bail!("no known case in {want_cases:?} (base, loss, rtt150)");
+    }
+    for s in &a.systems {
+        if !["ferry", "nbdcopy", "nbdkit-lazy"].contains(&s.as_str()) {
+            bail!("unknown system {s} (ferry, nbdcopy, nbdkit-lazy)");
+        }
+    }
+    let bin = procs::ferry_bin(true)?;
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let images = make_images(&dir, size_mib, &a.images, a.probes + 1)?;
+    let started = chrono_now();
+    let t_all = Instant::now();
+
+    // results[case][image][system] = runs
+    let mut results: Results = BTreeMap::new();
+    for case in &cases {
+        eprintln!("bench: case {} ({})", case.id, case.link.describe());
+        let wan = Wan::up("bench", &case.link, &a.tcp_cc, true)?;
+        let ctx = Ctx {
+            a,
+            bin: bin.clone(),
+            dir: dir.clone(),
+            ids: FerryIds::make(&bin, &dir)?,
+            wan,
+            link: case.link.clone(),
+        };
+        for img in &images {
+            let mut serve = None;
+            let mut qnbd = None;
+            if a.systems.iter().any(|s| s == "ferry") {
+                serve = Some(start_ferry_serve(&ctx, img)?);
+            }
+            if a.systems.iter().any(|s| s != "ferry") {
+                qnbd = Some(start_qemu_nbd(&ctx, img)?);
+            }
+            for run in 0..runs {
+                for sys in &a.systems {
+                    let r = match sys.as_str() {
+                        "ferry" => run_ferry(&ctx, img, serve.as_mut().expect("serve"), run),
+                        "nbdcopy" => run_nbdcopy(&ctx, img, qnbd.as_mut().expect("qemu-nbd")),
+                        _ => run_lazy(&ctx, img, qnbd.as_mut().expect("qemu-nbd")),
+                    }
+                    .with_context(|| {
+                        format!("{sys} on {} / {} run {}", case.id, img.id, run + 1)
+                    })?;
+                    eprintln!(
+                        "bench: {} {} {} run {}: first read {} s, whole disk {:.1} s, wire {:.1} MiB, misses p50 {} ms ({} probes, {} local), cpu src {:.1} s dst {:.1} s{}",
+                        case.id,
+                        img.id,
+                        sys,
+                        run + 1,
+                        r.t_first.map(|t| format!("{t:.2}")).unwrap_or("-".into()),
+                        r.t_complete,
+                        r.wire_bytes as f64 / 1048576.0,
+                        percentile(&r.probes_ms, 50.0)
+                            .map(|v| format!("{v:.0}"))
+                            .unwrap_or("-".into()),
+                        r.probes_ms.len(),
+                        r.probe_hits,
+                        r.cpu_src,
+                        r.cpu_dst,
+                        if r.note.is_empty() { String::new() } else { format!(" ({})", r.note) }
+                    );
+                    results
+                        .entry(case.id.to_string())
+                        .or_default()
+                        .entry(img.id.clone())
+                        .or_default()
+                        .entry(sys.clone())
+                        .or_default()
+                        .push(r);
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            drop(serve);
+            drop(qnbd);
+        }
+        ctx.wan.down()?;
+        if cases.len() > 1 && case.id != cases[cases.len() - 1].id {
+            finish(
+                a, runs, &cases, &images, &results, &started, t_all, &dir, false,
+            )?;
+        }
+    }
+
+    let out = finish(
+        a, runs, &cases, &images, &results, &started, t_all, &dir, true,
+    )?;
+    eprintln!(
+        "bench: wrote {} ({:.0} s)",
+        out.display(),
+        t_all.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Writes the report and the raw JSON; `last` false marks it partial.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    a: &BenchArgs,
+    runs: usize,
+    cases: &[Case],
+    images: &[Image],
+    results: &Results,
+    started: &str,
+    t_all: Instant,
+    dir: &Path,
+    last: bool,
+) -> Result<PathBuf> {
+    let mut report = render(a, runs, cases, images, results, started, t_all.elapsed())?;
+    if !last {
+        report = format!(
+            "**PARTIAL: the bench was still running when this was written; only the cases below had finished.**\n\n{report}"
+        );
+    }
+    let mut tree = serde_json::Map::new();
+    for (c, imgs) in results {
+        let mut ti = serde_json::Map::new();
+        for (i, syss) in imgs {
+            let mut ts = serde_json::Map::new();
+            for (s, rs) in syss {
+                ts.insert(
+                    s.clone(),
+                    Value::Array(rs.iter().map(RunResult::to_json).collect()),
+                );
+            }
+            ti.insert(i.clone(), Value::Object(ts));
+        }
+        tree.insert(c.clone(), Value::Object(ti));
+    }
+    let raw = json!({ "started": started, "runs": runs, "complete": last, "results": tree });
+    let raw_path = dir.join(if a.quick {
+        "results-quick.json"
+    } else {
+        "results.json"
+    });
+    std::fs::write(&raw_path, serde_json::to_string_pretty(&raw)?)?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    write_section(&out, &report)?;
+    Ok(out)
+}
+
+fn chrono_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Picks the largest of a few system directories that fills at most 60%
+/// of the image.
+fn fs_source_dir(size: u64) -> Option<(PathBuf, u64)> {
+    let mut best: Option<(PathBuf, u64)> = None;
+    for d in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/share",
+        "/usr/share/doc",
+        "/usr/lib/python3",
+    ] {
+        let Ok(o) = Command::new("du").args(["-sb", d]).output() else {
+            continue;
+        };
+        let Some(n) = String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if n * 10 <= size * 6 && best.as_ref().is_none_or(|(_, b)| n > *b) {
+            best = Some((PathBuf::from(d), n));
+        }
+    }
+    best
+}
+
+fn make_images(dir: &Path, size_mib: u64, which: &[String], nprobes: usize) -> Result<Vec<Image>> {
+    let mut out = Vec::new();
+    for id in which {
+        match id.as_str() {
+            "fs" => {
+                let size = size_mib << 20;
+                let path = dir.join(format!("fs-{size_mib}M.img"));
+                let (src, n) = fs_source_dir(size).context("no directory small enough")?;
+                let stamp = dir.join(format!("fs-{size_mib}M.from"));
+                let desc_want = format!("{}:{}", src.display(), n);
+                if !path.exists()
+                    || std::fs::read_to_string(&stamp).unwrap_or_default() != desc_want
+                {
+                    eprintln!(
+                        "bench: making a {size_mib} MiB ext4 image from {} ({:.0} MiB)",
+                        src.display(),
+                        n as f64 / 1048576.0
+                    );
+                    let _ = std::fs::remove_file(&path);
+                    crate::setup::run(
+                        Command::new("mkfs.ext4")
+                            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+                            .arg("-d")
+                            .arg(&src)
+                            .arg(&path)
+                            .arg(format!("{size_mib}M")),
+                    )?;
+                    std::fs::write(&stamp, &desc_want)?;
+                }
+                let alloc = allocated_bytes(&path)?;
+                out.push(Image {
+                    id: "fs".into(),
+                    probes: pick_probes(&path, size, nprobes)?,
+                    path,
+                    size,
+                    desc: format!(
+                        "ext4, {size_mib} MiB, `mkfs.ext4 -d {}` ({:.0} MiB of files; {:.0} MiB allocated in the image file)",
+                        src.display(),
+                        n as f64 / 1048576.0,
+                        alloc as f64 / 1048576.0
+                    ),
+                });
+            }
+            "random" => {
+                let mib = (size_mib / 2).max(16);
+                let size = mib << 20;
+                let path = dir.join(format!("random-{mib}M.img"));
+                if !path.exists() || std::fs::metadata(&path)?.len() != size {
+                    eprintln!("bench: making a {mib} MiB random-data image");
+                    procs::write_random_file(&path, size, 0xbe4c_0001)?;
+                }
+                out.push(Image {
+                    id: "random".into(),
+                    probes: pick_probes(&path, size, nprobes)?,
+                    path,
+                    size,
+                    desc: format!("{mib} MiB of random (incompressible) data, no zeros"),
+                });
+            }
+            other => bail!("unknown image {other} (fs, random)"),
+        }
+    }
+    Ok(out)
+}
+
+fn allocated_bytes(p: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(p)?.blocks() * 512)
+}
+
+/// Offsets of 4 KiB blocks holding data (not zeros), each in its own
+/// 1 MiB region, preferring the far end of the disk (every system copies
+/// from the start), in a fixed pseudo-random order.
+fn pick_probes(path: &Path, size: u64, n: usize) -> Result<Vec<u64>> {
+    let f = std::fs::File::open(path)?;
+    let regions = size >> 20;
+    let mut order: Vec<u64> = (0..regions).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut buf = vec![0u8; PROBE_BYTES];
+    let mut out = Vec::new();
+    for lower in [regions * 2 / 5, 0] {
+        for &r in &order {
+            if out.len() >= n {
+                break;
+            }
+            if r < lower || out.iter().any(|o| o >> 20 == r) {
+                continue;
+            }
+            // Try a few blocks within the region.
+            for k in 0..8u64 {
+                let off = (r << 20) + ((x.rotate_left(k as u32 * 7) % 256) << 12);
+                f.read_exact_at(&mut buf, off)?;
+                if buf.iter().any(|&b| b != 0) {
+                    out.push(off);
+                    break;
+                }
+            }
+        }
+    }
+    if out.len() < n.min(2) {
+        bail!(
+            "found only {} data blocks to probe in {}",
+            out.len(),
+            path.display()
+        );
+    }
+    Ok(out)
+}
+
+fn start_ferry_serve(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
+    let mut p = Proc::spawn(
+        "ferry serve",
+        ctx.wan
+            .in_src(&ctx.bin)
+            .args(["serve", "--disk"])
+            .arg(&img.path)
+            .args([
+                "--listen",
+                &format!("{SRC_ADDR}:{FERRY_PORT}"),
+                "--identity",
+            ])
+            .arg(&ctx.ids.src_dir)
+            .args(["--trust-peer", &ctx.ids.dst_fp])
+            .args(link_args(&ctx.link)),
+        &ctx.dir.join(format!("serve-{}.log", img.id)),
+    )?;
+    p.wait_for_log("ferry serve: exporting", Duration::from_secs(900))?;
+    Ok(p)
+}
+
+fn link_args(l: &LinkOpts) -> Vec<String> {
+    vec![
+        "--link-mbit".into(),
+        format!("{}", l.rate_mbit.round() as u64),
+        "--link-rtt-ms".into(),
+        format!("{}", l.rtt_ms.round() as u64),
+    ]
+}
+
+fn start_qemu_nbd(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
+    let mut p = Proc::spawn(
+        "qemu-nbd",
+        ctx.wan
+            .in_src("qemu-nbd")
+            .args(["-r", "-t", "-e", "16", "-f", "raw", "-b", SRC_ADDR])
+            .args(["-p", &NBD_PORT.to_string()])
+            .arg(&img.path),
+        &ctx.dir.join(format!("qemu-nbd-{}.log", img.id)),
+    )?;
+    let t0 = Instant::now();
+    loop {
+        let ok = ctx
+            .wan
+            .in_dst("nbdinfo")
+            .args(["--size", &format!("nbd://{SRC_ADDR}:{NBD_PORT}")])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(p);
+        }
+        p.check_running()?;
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("qemu-nbd did not answer in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Counter deltas of the link between two stats snapshots.
+fn link_delta(r: &mut RunResult, before: &Value, after: &Value) {
+    let d = |dir: &str, k: &str| counter(after, dir, k).saturating_sub(counter(before, dir, k));
+    r.wire_fwd_bytes = d("src_to_dst", "forwarded_bytes");
+    r.wire_bytes = r.wire_fwd_bytes + d("dst_to_src", "forwarded_bytes");
+    r.drops_queue = d("src_to_dst", "dropped_queue_pkts") + d("dst_to_src", "dropped_queue_pkts");
+    r.drops_loss = d("src_to_dst", "dropped_loss_pkts") + d("dst_to_src", "dropped_loss_pkts");
+    r.late_pkts = d("src_to_dst", "late_over_1ms_pkts") + d("dst_to_src", "late_over_1ms_pkts");
+    r.fwd_pkts = d("src_to_dst", "forwarded_pkts") + d("dst_to_src", "forwarded_pkts");
+    r.max_late_ms = ["src_to_dst", "dst_to_src"]
+        .iter()
+        .map(|k| after[k]["max_late_ms"].as_f64().unwrap_or(0.0))
+        .fold(0.0, f64::max);
+}
+
+/// First read and probes over one NBD connection; `done` says whether the
+/// copy has finished (probes stop then). Returns the connection so the
+/// caller can keep it open (nbdkit's scan runs only while a client is
+/// connected).
+fn probe(
+    ctx: &Ctx<'_>,
+    img: &Image,
+    sock: &Path,
+    export: &str,
+    t0: Instant,
+    r: &mut RunResult,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<nbd::NbdClient> {
+    let mut c = nbd::NbdClient::connect(sock, export, Duration::from_secs(120))?;
+    if c.size != img.size {
+        bail!("export size {} != image size {}", c.size, img.size);
+    }
+    let mut buf = vec![0u8; PROBE_BYTES];
+    let mut want = vec![0u8; PROBE_BYTES];
+    let file = std::fs::File::open(&img.path)?;
+    let check = |off: u64, got: &[u8], want: &mut [u8]| -> Result<()> {
+        file.read_exact_at(want, off)?;
+        if got != want {
+            bail!("read at {off} returned wrong data");
+        }
+        Ok(())
+    };
+    c.read(img.probes[0], &mut buf)?;
+    r.t_first = Some(t0.elapsed().as_secs_f64());
+    check(img.probes[0], &buf, &mut want)?;
+    let local = ctx.link.rtt_ms / 2.0;
+    for &off in img.probes.iter().skip(1) {
+        std::thread::sleep(Duration::from_millis(ctx.a.probe_gap_ms));
+        if done()? {
+            break;
+        }
+        let t = Instant::now();
+        c.read(off, &mut buf)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        check(off, &buf, &mut want)?;
+        // A read answered in under half an RTT never crossed the link: the
+        // block was already there. Only misses are latency samples.
+        if ms < local {
+            r.probe_hits += 1;
+        } else {
+            r.probes_ms.push(ms);
+        }
+    }
+    Ok(c)
+}
+
+fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result<RunResult> {
+    let mut r = RunResult::default();
+    let tag = format!("ferry-{}", img.id);
+    let disk = ctx.dir.join(format!("dst-{tag}.img"));
+    for p in [
+        disk.clone(),
+        ctx.dir.join(format!("dst-{tag}.img.ferry-state")),
+    ] {
+        let _ = std::fs::remove_file(p);
+    }
+    let sock = ctx.dir.join(format!("nbd-{tag}.sock"));
+    let ctl = ctx.dir.join(format!("ctl-{tag}.sock"));
+    let before = ctx.wan.stats()?;
+    let cpu_src0 = serve.cpu_seconds();
+    let t0 = Instant::now();
+    let mut pull = Proc::spawn(
+        "ferry pull",
+        ctx.wan
+            .in_dst(&ctx.bin)
+            .args(["pull", "--source", &format!("{SRC_ADDR}:{FERRY_PORT}")])
+            .arg("--disk")
+            .arg(&disk)
+            .arg("--nbd")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--control")
+            .arg(&ctl)
+            .arg("--identity")
+            .arg(&ctx.ids.dst_dir)
+            .args(["--trust-peer", &ctx.ids.src_fp])
+            .args(link_args(&ctx.link)),
+        &ctx.dir.join(format!("pull-{tag}-{}.log", run + 1)),
+    )?;
+    pull.wait_for_log("ferry pull: serving", Duration::from_secs(60))?;
+    let bin = ctx.bin.clone();
+    let ctl2 = ctl.clone();
+    let client = probe(ctx, img, &sock, "ferry", t0, &mut r, || {
+        Ok(procs::ferry_status(&bin, &ctl2)?["phase"] == "complete")
+    })?;
+    let (st, complete_at) = procs::wait_ferry_complete(
+        &ctx.bin,
+        &ctl,
+        Duration::from_secs(ctx.a.timeout_s),
+        &mut [&mut pull, serve],
+    )?;
+    r.t_complete = complete_at.duration_since(t0).as_secs_f64();
+    let after = ctx.wan.stats()?;
+    link_delta(&mut r, &before, &after);
+    drop(client);
+    r.cpu_src = serve.cpu_seconds() - cpu_src0;
+    r.cpu_dst = pull.stop();
+    r.note = format!(
+        "verified {}; {} MiB on demand, {} MiB background, {} MiB zero skipped",
+        st["verified"].as_str().unwrap_or("?"),
+        st["fetched_on_demand_bytes"].as_u64().unwrap_or(0) >> 20,
+        st["fetched_background_bytes"].as_u64().unwrap_or(0) >> 20,
+        st["skipped_zero_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+    Ok(r)
+}
+
+fn run_nbdcopy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
+    let mut r = RunResult::default();
+    let disk = ctx.dir.join(format!("dst-nbdcopy-{}.img", img.id));
+    let _ = std::fs::remove_file(&disk);
+    std::fs::File::create(&disk)?.set_len(img.size)?;
+    let before = ctx.wan.stats()?;
+    let cpu_src0 = qnbd.cpu_seconds();
+    let t0 = Instant::now();
+    let mut p = Proc::spawn(
+        "nbdcopy",
+        ctx.wan
+            .in_dst("nbdcopy")
+            .arg(format!("nbd://{SRC_ADDR}:{NBD_PORT}"))
+            .arg(&disk),
+        &ctx.dir.join(format!("nbdcopy-{}.log", img.id)),
+    )?;
+    let t_end = Instant::now() + Duration::from_secs(ctx.a.timeout_s);
+    let st = loop {
+        qnbd.cpu_seconds();
+        p.cpu_seconds();
+        if let Some(st) = p.try_status()? {
+            break st;
+        }
+        if Instant::now() > t_end {
+            bail!("nbdcopy did not finish in {} s", ctx.a.timeout_s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !st.success() {
+        bail!("nbdcopy failed ({st}): {}", procs::tail(&p.log_text()));
+    }
+    r.t_complete = t0.elapsed().as_secs_f64();
+    // Nothing is served at the destination before the copy ends.
+    r.t_first = Some(r.t_complete);
+    let after = ctx.wan.stats()?;
+    link_delta(&mut r, &before, &after);
+    r.cpu_src = qnbd.cpu_seconds() - cpu_src0;
+    r.cpu_dst = p.cpu_seconds();
+    let same = procs::same_contents(&img.path, &disk)?;
+    if !same {
+        bail!("nbdcopy's copy differs from the source");
+    }
+    r.note = "copy identical to the source".into();
+    Ok(r)
+}
+
+fn run_lazy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
+    let mut r = RunResult::default();
+    let sock = ctx.dir.join(format!("nbdkit-{}.sock", img.id));
+    let tmp = ctx.dir.join("nbdkit-tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let _ = std::fs::remove_file(&sock);
+    let before = ctx.wan.stats()?;
+    let cpu_src0 = qnbd.cpu_seconds();
+    let t0 = Instant::now();
+    let mut p = Proc::spawn(
+        "nbdkit lazy proxy",
+        ctx.wan
+            .in_dst("nbdkit")
+            .env("TMPDIR", &tmp)
+            .args(["-f", "-v", "-U"])
+            .arg(&sock)
+            .args(["--filter=scan", "--filter=cow", "nbd"])
+            .arg(format!("hostname={SRC_ADDR}"))
+            .arg(format!("port={NBD_PORT}"))
+            .args(LAZY_PARAMS),
+        &ctx.dir.join(format!("nbdkit-{}.log", img.id)),
+    )?;
+    let t_sock = Instant::now();
+    while !sock.exists() {
+        p.check_running()?;
+        if t_sock.elapsed() > Duration::from_secs(30) {
+            bail!("nbdkit made no socket in 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let log = p.log.clone();
+    let finished = move || -> Result<bool> {
+        Ok(std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(LAZY_DONE))
+    };
+    // Keep the connection: the scan runs only while a client is connected.
+    let client = probe(ctx, img, &sock, "", t0, &mut r, finished)?;
+    let t_end = Instant::now() + Duration::from_secs(ctx.a.timeout_s);
+    loop {
+        qnbd.cpu_seconds();
+        p.cpu_seconds();
+        p.check_running()?;
+        if p.log_text().contains(LAZY_DONE) {
+            break;
+        }
+        if Instant::now() > t_end {
+            bail!("nbdkit's scan did not finish in {} s", ctx.a.timeout_s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r.t_complete = t0.elapsed().as_secs_f64();
+    let after = ctx.wan.stats()?;
+    link_delta(&mut r, &before, &after);
+    r.cpu_src = qnbd.cpu_seconds() - cpu_src0;
+    r.cpu_dst = p.cpu_seconds();
+    drop(client);
+    p.stop();
+    r.note = "whole disk = scan filter's \"finished scanning\"".into();
+    Ok(r)
+}
+
+/// nbdkit's lazy-proxy parameters: 1 MiB copy-on-write blocks, reads and
+/// the scan's prefetches kept in the overlay, prefetch strictly in order
+/// (with scan-ahead the scan skips past a read and the skipped part is
+/// never prefetched).
+const LAZY_PARAMS: &[&str] = &[
+    "cow-block-size=1M",
+    "cow-on-read=true",
+    "cow-on-cache=true",
+    "scan-ahead=false",
+];
+const LAZY_DONE: &str = "finished scanning the plugin";
+
+fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (s.len() as f64 - 1.0)).round() as usize;
+    Some(s[rank.min(s.len() - 1)])
+}
+
+/// "median (min–max)" of some values.
+fn mmm(v: &[f64], digits: usize) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let med = percentile(v, 50.0).unwrap_or(0.0);
+    if v.len() == 1 {
+        return format!("{med:.digits$}");
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{med:.digits$} ({min:.digits$}–{max:.digits$})")
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    percentile(v, 50.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "?".into());
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<u64>().ok())
+        .map(|k| k / 1024 / 1024)
+        .unwrap_or(0);
+    format!("{nproc} CPUs ({cpu}), {mem} GiB RAM, Linux {kernel}")
+}
+
+fn tool_version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn git_head() -> String {
+    if let Some(bin) = std::env::var_os("FERRY_BIN") {
+        let commit = std::env::var("FERRY_BIN_COMMIT").unwrap_or_else(|_| "?".into());
+        return format!(
+            "{commit} (prebuilt binary {}, FERRY_BIN)",
+            Path::new(&bin).display()
+        );
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .current_dir(workspace_root())
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = git(&[
+        "status",
+        "--porcelain",
+        "-uno",
+        "--",
+        "crates",
+        "transport",
+        "ublk-target",
+    ]);
+    if dirty.is_empty() {
+        head
+    } else {
+        format!("{head} (plus uncommitted changes to ferry's sources in the tree)")
+    }
+}
+
+fn system_title(s: &str) -> &'static str {
+    match s {
+        "ferry" => "ferry (serve + pull, NBD export)",
+        "nbdcopy" => "stop-and-copy: qemu-nbd → nbdcopy",
+        _ => "lazy proxy: qemu-nbd → nbdkit nbd + scan + cow",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    a: &BenchArgs,
+    runs: usize,
+    cases: &[Case],
+    images: &[Image],
+    results: &Results,
+    started: &str,
+    took: Duration,
+) -> Result<String> {
+    let mut o = String::new();
+    writeln!(o, "## ferry vs. its peers on an emulated WAN")?;
+    writeln!(o)?;
+    writeln!(
+        o,
+        "Made by `cargo xtask bench{}` on {started} (took {:.0} min), ferry at commit {}. {}",
+        if a.quick { " --quick" } else { "" },
+        took.as_secs_f64() / 60.0,
+        git_head(),
+        if runs == 1 {
+            "**One run per figure** (`--quick`): no spread, read them as indications only."
+                .to_string()
+        } else {
+            format!("Each figure is the median of {runs} runs, with (min–max).")
+        }
+    )?;
+    writeln!(o)?;
+    writeln!(o, "**Machine:** {}.", machine())?;
+    writeln!(
+        o,
+        "Other work may have run on the same 2 cores during the runs (a shared development machine); the forwarder's lateness below shows how well it kept time."
+    )?;
+    writeln!(o)?;
+    writeln!(o, "**Link:** two network namespaces joined by `cargo xtask wan`'s TUN forwarder (one-way delay = RTT/2 each way, a bottleneck of the given rate each way with a 50 ms tail-drop queue, loss applied per direction after the bottleneck). TCP congestion control pinned to **{}** in both namespaces (`net.ipv4.tcp_congestion_control`; tcp_rmem/tcp_wmem max 32 MiB); UDP buffers are capped by the host's net.core.rmem_max ({} bytes). ferry uses its own congestion controller over QUIC and is told the link (`--link-mbit`, `--link-rtt-ms`).", a.tcp_cc, std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default().trim())?;
+    writeln!(o)?;
+    writeln!(o, "**Images:**")?;
+    for i in images {
+        writeln!(o, "- `{}`: {}", i.id, i.desc)?;
+    }
+    writeln!(o)?;
+    writeln!(
+        o,
+        "**Tools:** {}; {}; {}.",
+        tool_version("nbdkit", "--version"),
+        tool_version("nbdcopy", "--version"),
+        tool_version("qemu-nbd", "--version")
+    )?;
+    writeln!(o)?;
+    writeln!(o, "**What is measured** (clock starts when the destination side is launched; the source side is already up, ferry serve's one-time hashing of the image is not counted):")?;
+    writeln!(o, "- *first read*: until the destination answers a 4 KiB NBD read of a block it does not hold (for stop-and-copy: the end of the copy, since nothing is served before).")?;
+    writeln!(o, "- *whole disk*: until the destination holds every block (ferry: `phase` = complete in `ferry status`; nbdcopy: exit; nbdkit: the scan filter logs \"finished scanning the plugin\", every block being in the cow overlay).")?;
+    writeln!(o, "- *wire*: IP bytes the forwarder forwarded, both directions, during the run (headers included).")?;
+    writeln!(
+        o,
+        "- *link use*: source→destination wire bytes / (whole-disk time × link rate)."
+    )?;
+    writeln!(o, "- *4 KiB misses*: after the first read, up to {} further 4 KiB reads of data blocks at distinct 1 MiB regions in the far 60% of the disk, {} ms apart, on one NBD connection (a small client in `xtask/src/bench/nbd.rs`), while the copy runs; reads answered in under RTT/2 never crossed the link (the block had arrived) and are counted as local, not as misses. p50/p99 pool all runs' misses.", a.probes, a.probe_gap_ms)?;
+    writeln!(o, "- *CPU s/GiB*: user+system CPU seconds of the source server and of the destination process during the run (from /proc/PID/stat), per GiB of disk size. ferry's destination figure includes its end-to-end verification (hashing the whole disk).")?;
+    writeln!(o)?;
+
+    for case in cases {
+        let Some(per_img) = results.get(case.id) else {
+            continue;
+        };
+        writeln!(o, "### {}", case.link.describe())?;
+        writeln!(o)?;
+        for img in images {
+            let Some(per_sys) = per_img.get(&img.id) else {
+                continue;
+            };
+            writeln!(o, "#### image `{}` ({} MiB)", img.id, img.size >> 20)?;
+            writeln!(o)?;
+            writeln!(o, "| system | first read (s) | whole disk (s) | wire (MiB) | link use | 4 KiB misses p50 / p99 (ms) [n, local] | CPU s/GiB source / destination |")?;
+            writeln!(o, "|---|---|---|---|---|---|---|")?;
+            let gib = img.size as f64 / (1u64 << 30) as f64;
+            let rate = case.link.rate_mbit * 1e6;
+            for (sys, rs) in per_sys {
+                let first: Vec<f64> = rs.iter().filter_map(|r| r.t_first).collect();
+                let whole: Vec<f64> = rs.iter().map(|r| r.t_complete).collect();
+                let wire: Vec<f64> = rs.iter().map(|r| r.wire_bytes as f64 / 1048576.0).collect();
+                let util: Vec<f64> = rs
+                    .iter()
+                    .map(|r| r.wire_fwd_bytes as f64 * 8.0 / (r.t_complete * rate) * 100.0)
+                    .collect();
+                let misses: Vec<f64> = rs.iter().flat_map(|r| r.probes_ms.clone()).collect();
+                let hits: usize = rs.iter().map(|r| r.probe_hits).sum();
+                let cs: Vec<f64> = rs.iter().map(|r| r.cpu_src / gib).collect();
+                let cd: Vec<f64> = rs.iter().map(|r| r.cpu_dst / gib).collect();
+                let lat = if sys == "nbdcopy" {
+                    "nothing served before the end".to_string()
+                } else {
+                    format!(
+                        "{} / {} [{}, {}]",
+                        percentile(&misses, 50.0)
+                            .map(|v| format!("{v:.0}"))
+                            .unwrap_or("–".into()),
+                        percentile(&misses, 99.0)
+                            .map(|v| format!("{v:.0}"))
+                            .unwrap_or("–".into()),
+                        misses.len(),
+                        hits
+                    )
+                };
+                writeln!(
+                    o,
+                    "| {} | {} | {} | {} | {}% | {} | {} / {} |",
+                    system_title(sys),
+                    mmm(&first, 2),
+                    mmm(&whole, 1),
+                    mmm(&wire, 0),
+                    mmm(&util, 0),
+                    lat,
+                    mmm(&cs, 2),
+                    mmm(&cd, 2)
+                )?;
+            }
+            // Ratios ferry / peer.
+            if let Some(f) = per_sys.get("ferry") {
+                let fm = |g: &dyn Fn(&RunResult) -> Option<f64>, rs: &[RunResult]| {
+                    median(&rs.iter().filter_map(g).collect::<Vec<_>>())
+                };
+                let mut rows = Vec::new();
+                for (peer, prs) in per_sys.iter().filter(|(s, _)| *s != "ferry") {
+                    let ratio = |g: &dyn Fn(&RunResult) -> Option<f64>| match (fm(g, f), fm(g, prs))
+                    {
+                        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+                        _ => "–".into(),
+                    };
+                    let p99 = |rs: &[RunResult]| {
+                        percentile(
+                            &rs.iter()
+                                .flat_map(|r| r.probes_ms.clone())
+                                .collect::<Vec<_>>(),
+                            99.0,
+                        )
+                    };
+                    let lat_ratio = match (p99(f), p99(prs)) {
+                        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+                        _ => "–".into(),
+                    };
+                    rows.push(format!(
+                        "| ferry / {} | {} | {} | {} | {} |",
+                        peer,
+                        ratio(&|r| r.t_first),
+                        ratio(&|r| Some(r.t_complete)),
+                        ratio(&|r| Some(r.wire_bytes as f64)),
+                        lat_ratio
+                    ));
+                }
+                if !rows.is_empty() {
+                    writeln!(o)?;
+                    writeln!(o, "| ratio (medians; < 1 = ferry better) | first read | whole disk | wire bytes | miss p99 |")?;
+                    writeln!(o, "|---|---|---|---|---|")?;
+                    for r in rows {
+                        writeln!(o, "{r}")?;
+                    }
+                }
+            }
+            // Link fidelity.
+            let all: Vec<&RunResult> = per_sys.values().flatten().collect();
+            let late = all.iter().map(|r| r.max_late_ms).fold(0.0, f64::max);
+            let dq: u64 = all.iter().map(|r| r.drops_queue).sum();
+            let dl: u64 = all.iter().map(|r| r.drops_loss).sum();
+            writeln!(o)?;
+            let lp: u64 = all.iter().map(|r| r.late_pkts).sum();
+            let fp: u64 = all.iter().map(|r| r.fwd_pkts).sum();
+            writeln!(
+                o,
+                "Link counters over these runs: {dq} packets tail-dropped at the bottleneck queue, {dl} lost to the configured loss; {lp} of {fp} packets ({:.3}%) were delivered more than 1 ms later than the model asked (worst {late:.1} ms since the link came up).",
+                lp as f64 * 100.0 / fp.max(1) as f64
+            )?;
+            let notes: Vec<String> = per_sys
+                .iter()
+                .flat_map(|(s, rs)| {
+                    rs.iter()
+                        .enumerate()
+                        .filter(|(_, r)| !r.note.is_empty())
+                        .map(move |(i, r)| format!("{s} run {}: {}", i + 1, r.note))
+                })
+                .filter(|n| n.starts_with("ferry"))
+                .collect();
+            if !notes.is_empty() {
+                writeln!(o)?;
+                writeln!(o, "ferry's own status at the end: {}.", notes.join("; "))?;
+            }
+            writeln!(o)?;
+        }
+    }
+
+    writeln!(o, "### Exact commands")?;
+    writeln!(o)?;
+    writeln!(o, "```sh")?;
+    writeln!(
+        o,
+        "# the link (per case; the bench does this itself, as instance \"bench\")"
+    )?;
+    writeln!(o, "cargo xtask wan up --rate-mbit 200 --rtt-ms 50 --queue-ms 50 [--loss 0.001 | --rtt-ms 150] --tcp-cc {}", a.tcp_cc)?;
+    writeln!(o, "# ferry")?;
+    writeln!(o, "ip netns exec ferry-wan-src ferry serve --disk IMG --listen {SRC_ADDR}:{FERRY_PORT} --identity SRC_ID --trust-peer DST_FP --link-mbit 200 --link-rtt-ms RTT")?;
+    writeln!(o, "ip netns exec ferry-wan-dst ferry pull --source {SRC_ADDR}:{FERRY_PORT} --disk DST.img --nbd unix:NBD.sock --control CTL.sock --identity DST_ID --trust-peer SRC_FP --link-mbit 200 --link-rtt-ms RTT")?;
+    writeln!(o, "# the peers' source")?;
+    writeln!(
+        o,
+        "ip netns exec ferry-wan-src qemu-nbd -r -t -e 16 -f raw -b {SRC_ADDR} -p {NBD_PORT} IMG"
+    )?;
+    writeln!(o, "# stop-and-copy")?;
+    writeln!(
+        o,
+        "ip netns exec ferry-wan-dst nbdcopy nbd://{SRC_ADDR}:{NBD_PORT} DST.img"
+    )?;
+    writeln!(
+        o,
+        "# lazy proxy (the prober stays connected: the scan runs only while a client is)"
+    )?;
+    writeln!(o, "TMPDIR=DIR ip netns exec ferry-wan-dst nbdkit -f -v -U NBD.sock --filter=scan --filter=cow nbd hostname={SRC_ADDR} port={NBD_PORT} {}", LAZY_PARAMS.join(" "))?;
+    writeln!(o, "```")?;
+    writeln!(o)?;
+    writeln!(
+        o,
+        "Raw per-run figures: `target/bench/results{}.json` (not committed).",
+        if a.quick { "-quick" } else { "" }
+    )?;
+    Ok(o)
+}
+
+/// Replaces our section of BENCHMARKS.md (between the markers), keeping
+/// everything else in the file.
+fn write_section(path: &Path, body: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let section = format!("{MARK_BEGIN}\n{body}{MARK_END}\n");
+    let new = match (old.find(MARK_BEGIN), old.find(MARK_END)) {
+        (Some(b), Some(e)) if e > b => {
+            format!(
+                "{}{}{}",
+                &old[..b],
+                section,
+                old[e + MARK_END.len()..].trim_start_matches('\n')
+            )
+        }
+        _ if old.trim().is_empty() => format!("# Benchmarks\n\n{section}"),
+        _ => format!("{}\n\n{section}", old.trim_end()),
+    };
+    std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
