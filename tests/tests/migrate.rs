@@ -22,7 +22,7 @@ fn nbd_reads_fetch_on_demand_and_writes_survive_the_copy() {
         &[(MIB, 8 * MIB), (40 * MIB, 3 * MIB + 12345)],
         1,
     );
-    let (_serve, port) = w.serve(&src, &[]);
+    let (mut serve, port) = w.serve(&src, &[]);
     let mut args = w.pull_args(port, "dst.img");
     args.push("--hold-background".into());
     let _pull = w.pull(&args);
@@ -72,8 +72,11 @@ fn nbd_reads_fetch_on_demand_and_writes_survive_the_copy() {
     assert_eq!(s["present_bytes"], 64 * MIB);
     assert!(s["guest_written_chunks"].as_u64().unwrap() >= 3);
 
-    // Reads after completion come from the local file and match.
-    w.qemu_io(&["read -P 0xc3 20971520 8192"]);
+    // Verified complete: the source is let go, and reads after that come
+    // from the local file alone.
+    assert_eq!(s["source_state"], "released", "{s}");
+    serve.kill9();
+    w.qemu_io(&["read -P 0xc3 20971520 8192", "read -P 0xa1 2097152 65536"]);
     let st = std::process::Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(&expect)

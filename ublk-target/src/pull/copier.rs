@@ -216,6 +216,8 @@ async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
             disk_blake3 = v.disk_blake3.as_deref().unwrap_or(""),
             "copy complete and verified: every chunk the guest did not write equals the source; the source may be stopped"
         );
+        // Nothing more is needed from the source: let it go.
+        shared.client.close();
     } else {
         tracing::error!(state = %v.state, mismatches = ?v.mismatches, "verification FAILED");
     }
@@ -366,9 +368,13 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         wire_tx_bytes: stats.wire_tx_bytes,
         rate_bytes_per_sec: rate,
         eta_seconds: eta,
-        source_state: match stats.state {
-            ConnState::Connected => "connected",
-            ConnState::Reconnecting => "reconnecting",
+        source_state: if verify.state == "ok" {
+            "released"
+        } else {
+            match stats.state {
+                ConnState::Connected => "connected",
+                ConnState::Reconnecting => "reconnecting",
+            }
         }
         .to_string(),
         reconnects: stats.reconnects,
