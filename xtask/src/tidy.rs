@@ -30,7 +30,11 @@ mod tests {
         for d in ["crates", "transport", "ublk-target", "xtask", "tests"] {
             rust_files(&root.join(d), &mut files);
         }
-        assert!(files.len() > 20, "tidy found too few files: {}", files.len());
+        assert!(
+            files.len() > 20,
+            "tidy found too few files: {}",
+            files.len()
+        );
         files
             .into_iter()
             .map(|p| {
@@ -82,7 +86,10 @@ mod tests {
             "transport/src/lib.rs",
         ] {
             let t = std::fs::read_to_string(root.join(lib)).expect("read lib.rs");
-            assert!(t.contains("#![forbid(unsafe_code)]"), "{lib} does not forbid unsafe code");
+            assert!(
+                t.contains("#![forbid(unsafe_code)]"),
+                "{lib} does not forbid unsafe code"
+            );
         }
     }
 
