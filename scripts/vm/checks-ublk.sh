@@ -146,6 +146,37 @@ CHECK_TIMEOUT=120 check mkfs-mount-fsck ext4
 
 check graceful-stop stop_server
 
+# ---- stopping while a file system is still mounted --------------------------
+# The server must exit at once (the file system sees I/O errors), not wait
+# in DEL_DEV for the unmount; the id is free again after the unmount.
+if start_server mounted --size-mib 32 --dev-id 3; then
+    mounted_stop() {
+        mkdir -p /mnt/busy && mkfs.ext4 -q -F "$DEV" && mount -t ext4 "$DEV" /mnt/busy &&
+            echo data >/mnt/busy/f && sync || return 1
+        kill -TERM "$PID"
+        n=0
+        while kill -0 "$PID" 2>/dev/null && [ $n -lt 75 ]; do
+            sleep 0.2
+            n=$((n + 1))
+        done
+        if kill -0 "$PID" 2>/dev/null; then
+            echo "ublk-mem still running 15 s after SIGTERM with $DEV mounted"
+            umount /mnt/busy
+            wait "$PID"
+            return 1
+        fi
+        wait "$PID"
+    }
+    check stop-while-mounted-exits mounted_stop
+    umount /mnt/busy 2>/dev/null
+    reuse() {
+        start_server reused --size-mib 32 --dev-id 3 && stop_server
+    }
+    check stop-while-mounted-id-reusable reuse
+else
+    fail stop-while-mounted-setup "ublk-mem did not come up: $(server_log)"
+fi
+
 # ---- device errors reach the reader as EIO; the server keeps serving --------
 if start_server faulty --size-mib 16 --dev-id 2 --bad-block 100; then
     read_bad() { ! dd if="$DEV" of=/dev/null bs=4k skip=100 count=1 iflag=direct; }

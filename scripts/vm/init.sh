@@ -2,8 +2,9 @@
 # /init of the vm-test initramfs (see xtask/src/vm.rs).
 #
 # Mounts the pseudo file systems, inserts the kernel modules listed in
-# /ferry/modules/order, brings up the network when ferry_net=1, runs
-# /ferry/checks.sh and powers off. Speaks the FERRY-* line protocol on the
+# /ferry/modules/order, brings up the network when ferry_net=1, runs each
+# check script in /ferry/checks/ (in name order, each in its own shell) and
+# powers off. Speaks the FERRY-* line protocol on the
 # serial console: FERRY-BOOT, FERRY-MODULE OK|FAIL, FERRY-CHECK PASS|FAIL
 # (printed by the check script), FERRY-DONE.
 export PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -43,9 +44,13 @@ if [ "$ferry_net" = 1 ]; then
     echo "nameserver 10.0.2.3" > /etc/resolv.conf
 fi
 
-# A failing or crashing check script must not take /init down with it.
-sh /ferry/checks.sh
-echo "FERRY-CHECKS-EXIT $?"
+# A failing or crashing check script must not take /init down with it, nor
+# keep the next script from running.
+for script in /ferry/checks/*.sh; do
+    echo "FERRY-SCRIPT ${script##*/}"
+    sh "$script"
+    echo "FERRY-CHECKS-EXIT $? ${script##*/}"
+done
 echo "FERRY-DONE"
 sync
 poweroff -f

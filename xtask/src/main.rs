@@ -28,6 +28,9 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Boot a VM with the real ublk driver and run ferry's ublk checks in it.
     VmTest(vm::VmTestArgs),
+    /// Benchmark `ferry pull --ublk` against the loop device in the VM;
+    /// writes the "ublk in a VM" section of BENCHMARKS.md.
+    VmBench(vm::VmBenchArgs),
     /// Emulated WAN between two network namespaces: up, down, status, cut, relay.
     Wan(wan::WanArgs),
     /// The emulated WAN's forwarder process (started by `wan up`).
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
         Cmd::Ci => ci::run_ci(),
         Cmd::Demo(args) => demo::run_demo(&args),
         Cmd::VmTest(args) => vm::vm_test(&args),
+        Cmd::VmBench(args) => vm::vm_bench(&args),
         Cmd::Wan(args) => wan::run_wan(&args),
         Cmd::WanForward(args) => wan::run_forward(&args),
         Cmd::WanSmoke => wan::wan_smoke(),

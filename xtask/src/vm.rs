@@ -1,15 +1,26 @@
 //! `cargo xtask vm-test`: boots a kernel with the real ublk driver under QEMU
-//! and runs ferry's ublk checks inside it.
+//! and runs ferry's ublk checks inside it; `cargo xtask vm-bench` measures
+//! `ferry pull --ublk` against the kernel's loop device in the same VM.
 //!
 //! The host kernel has no ublk driver, so the checks run in a VM: Debian's
 //! 6.12 cloud kernel (fetched once into the cache), an initramfs holding
-//! busybox, the binaries under test and the tools the checks use, and a
-//! check script that prints one `FERRY-CHECK` line per check on the serial
+//! busybox, the binaries under test and the tools the checks use, and check
+//! scripts that print one `FERRY-CHECK` line per check on the serial
 //! console. QEMU runs under TCG (never KVM) and always under `timeout`.
+//!
+//! By default `vm-test` runs two scripts in one boot: `checks-ublk.sh` (the
+//! frontend through the `ublk-mem` example) and `checks-ferry.sh` (the real
+//! `ferry serve` + `ferry pull --ublk`, on source images prepared here and
+//! attached as read-only virtio disks with serial numbers, see
+//! [`fixtures`]).
 
+mod bench;
+mod fixtures;
 mod host;
 mod initramfs;
 mod serial;
+
+pub(crate) use bench::{vm_bench, VmBenchArgs};
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -20,7 +31,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 /// Kernel modules `/init` inserts, with their dependencies.
-const MODULES: &[&str] = &["ublk_drv", "virtio_blk", "virtio_net"];
+const MODULES: &[&str] = &["ublk_drv", "virtio_blk", "virtio_net", "loop"];
+
+/// Check scripts `vm-test` runs when none is named.
+const DEFAULT_CHECKS: &[&str] = &["scripts/vm/checks-ublk.sh", "scripts/vm/checks-ferry.sh"];
 
 /// Options of `cargo xtask vm-test`.
 #[derive(clap::Args, Debug)]
@@ -34,14 +48,15 @@ pub(crate) struct VmTestArgs {
 #[derive(clap::Args, Debug)]
 struct VmOptions {
     /// A binary under test, installed in the VM's /usr/local/bin
-    /// (repeatable). Without any, the `ublk-mem` example is built in release
-    /// mode and used.
+    /// (repeatable). Without any, the `ublk-mem` example and the `ferry`
+    /// binary are built in release mode and used.
     #[arg(long = "binary", value_name = "PATH")]
     binaries: Vec<PathBuf>,
-    /// The check script run inside the VM (sources $FERRY_LIB for the
-    /// `check`/`pass`/`fail` helpers).
-    #[arg(long, value_name = "PATH", default_value = "scripts/vm/checks-ublk.sh")]
-    checks: PathBuf,
+    /// A check script run inside the VM, in the order given (repeatable;
+    /// each sources $FERRY_LIB for the `check`/`pass`/`fail` helpers).
+    /// Default: scripts/vm/checks-ublk.sh, then scripts/vm/checks-ferry.sh.
+    #[arg(long = "checks", value_name = "PATH")]
+    checks: Vec<PathBuf>,
     /// An extra file for the VM, at /ferry/files/NAME (repeatable).
     #[arg(long = "include", value_name = "PATH")]
     includes: Vec<PathBuf>,
@@ -60,11 +75,12 @@ struct VmOptions {
     #[arg(long = "hostfwd-tcp", value_name = "PORT")]
     hostfwd_tcp: Vec<u16>,
     /// A host file attached as a raw virtio disk: /dev/vda, /dev/vdb, …
-    /// (repeatable).
+    /// (repeatable). The source images of checks-ferry.sh come after these
+    /// (found by serial number, not by name).
     #[arg(long = "drive", value_name = "FILE")]
     drives: Vec<PathBuf>,
     /// Kill the VM after this many seconds.
-    #[arg(long, default_value_t = 240)]
+    #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
@@ -84,6 +100,93 @@ struct VmOptions {
 /// Runs the VM test.
 pub(crate) fn vm_test(args: &VmTestArgs) -> Result<()> {
     let args = &*args.opts;
+    let checks: Vec<PathBuf> = if args.checks.is_empty() {
+        DEFAULT_CHECKS.iter().map(PathBuf::from).collect()
+    } else {
+        args.checks.clone()
+    };
+    let outcome = run_vm(args, &checks, |root, cache| {
+        let binaries = if args.binaries.is_empty() {
+            vec![build_example(root)?, build_ferry(root)?]
+        } else {
+            args.binaries
+                .iter()
+                .map(|b| resolve(root, b))
+                .collect::<Result<_>>()?
+        };
+        let fx = fixtures::test_fixtures(&cache.join("fixtures"))?;
+        Ok(Prepared {
+            binaries,
+            drives: fx.drives,
+            includes: fx.includes,
+            env: Vec::new(),
+        })
+    })?;
+    outcome.finish("vm-test")
+}
+
+/// What a VM run needs besides the options: built binaries, source images
+/// (virtio disks with a serial number), extra files and environment.
+struct Prepared {
+    binaries: Vec<PathBuf>,
+    drives: Vec<fixtures::Drive>,
+    includes: Vec<PathBuf>,
+    env: Vec<String>,
+}
+
+/// A finished VM run with its timings.
+struct Outcome {
+    vm: VmRun,
+    timeout_secs: u64,
+    log_path: PathBuf,
+    timings: String,
+}
+
+impl Outcome {
+    /// Every reason the run failed: failed checks, missing modules, no
+    /// boot, no end, a timeout.
+    fn problems(&self) -> Vec<String> {
+        let mut problems = self.vm.report.problems(&["ublk_drv"]);
+        if self.vm.timed_out {
+            problems.push(format!("the VM was killed after {} s", self.timeout_secs));
+        }
+        problems
+    }
+
+    /// Prints the summary; fails if anything went wrong.
+    fn finish(&self, what: &str) -> Result<()> {
+        let problems = self.problems();
+        println!("{what}: {}", self.timings);
+        for problem in &problems {
+            println!("{what}: FAILED: {problem}");
+        }
+        let non_check_problems = problems.len() - self.vm.report.failed.len();
+        println!(
+            "{what}: {} passed, {} failed",
+            self.vm.report.passed.len(),
+            self.vm.report.failed.len() + non_check_problems
+        );
+        if !problems.is_empty() {
+            if !self.vm.stderr.trim().is_empty() {
+                println!("{what}: qemu stderr:\n{}", self.vm.stderr.trim());
+            }
+            bail!(
+                "{what} failed ({} problem(s)); console log: {}",
+                problems.len(),
+                self.log_path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Sets up the host (packages, kernel), runs `prepare` (builds, images),
+/// packs the initramfs with `checks` and boots it.
+fn run_vm(
+    args: &VmOptions,
+    checks: &[PathBuf],
+    prepare: impl FnOnce(&Path, &Path) -> Result<Prepared>,
+) -> Result<Outcome> {
     let started = Instant::now();
     for kv in &args.env {
         check_env_word(kv)?;
@@ -103,28 +206,28 @@ pub(crate) fn vm_test(args: &VmTestArgs) -> Result<()> {
     let setup_time = started.elapsed();
 
     let build_started = Instant::now();
-    let binaries = if args.binaries.is_empty() {
-        vec![build_example(&root)?]
-    } else {
-        args.binaries
-            .iter()
-            .map(|b| resolve(&root, b))
-            .collect::<Result<_>>()?
-    };
+    let prepared = prepare(&root, &cache)?;
+    for kv in &prepared.env {
+        check_env_word(kv)?;
+    }
     let build_time = build_started.elapsed();
 
     let initramfs_started = Instant::now();
-    let checks = resolve(&root, &args.checks)?;
-    let includes = args
+    let checks = checks
+        .iter()
+        .map(|p| resolve(&root, p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut includes = args
         .includes
         .iter()
         .map(|p| resolve(&root, p))
         .collect::<Result<Vec<_>>>()?;
+    includes.extend(prepared.includes.iter().cloned());
     let run_dir = cache.join("run");
     fs::create_dir_all(&run_dir)?;
     let initrd = initramfs::build(
         &initramfs::Contents {
-            binaries: &binaries,
+            binaries: &prepared.binaries,
             modules: &modules,
             init: &root.join("scripts/vm/init.sh"),
             lib: &root.join("scripts/vm/lib.sh"),
@@ -136,55 +239,65 @@ pub(crate) fn vm_test(args: &VmTestArgs) -> Result<()> {
     let initramfs_time = initramfs_started.elapsed();
     let initrd_mib = fs::metadata(&initrd)?.len() as f64 / (1 << 20) as f64;
 
-    let drives = args
+    let mut drives = args
         .drives
         .iter()
-        .map(|p| resolve(&root, p))
+        .map(|p| {
+            Ok(fixtures::Drive {
+                path: resolve(&root, p)?,
+                serial: None,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
+    drives.extend(prepared.drives);
     let log_path = run_dir.join("serial.log");
+    let names: Vec<String> = checks
+        .iter()
+        .map(|c| {
+            c.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     println!(
-        "vm-test: kernel {}, initramfs {initrd_mib:.0} MiB, checks {}, console log {}",
+        "vm: kernel {}, initramfs {initrd_mib:.0} MiB, checks {}, console log {}",
         kernel.release,
-        checks.display(),
+        names.join(" + "),
         log_path.display()
     );
-    let vm = boot(args, &kernel.vmlinuz, &initrd, &drives, &log_path)?;
+    let mut env = args.env.clone();
+    env.extend(prepared.env);
+    let vm = boot(args, &env, &kernel.vmlinuz, &initrd, &drives, &log_path)?;
 
-    let mut problems = vm.report.problems(&["ublk_drv"]);
-    if vm.timed_out {
-        problems.push(format!("the VM was killed after {} s", args.timeout_secs));
-    }
     let secs = |d: Duration| d.as_secs_f64();
-    println!(
-        "vm-test: timings: setup {:.1}s, build {:.1}s, initramfs {:.1}s, boot to /init {}, checks {}, VM total {:.1}s, overall {:.1}s",
+    let mut timings = format!(
+        "timings: setup {:.1}s, build {:.1}s, initramfs {:.1}s, boot to /init {}, checks {}",
         secs(setup_time),
         secs(build_time),
         secs(initramfs_time),
         vm.boot.map_or("-".into(), |d| format!("{:.1}s", secs(d))),
         vm.checks.map_or("-".into(), |d| format!("{:.1}s", secs(d))),
+    );
+    if vm.scripts.len() > 1 {
+        let parts: Vec<String> = vm
+            .scripts
+            .iter()
+            .map(|(name, d)| format!("{name} {:.1}s", secs(*d)))
+            .collect();
+        timings.push_str(&format!(" ({})", parts.join(", ")));
+    }
+    timings.push_str(&format!(
+        ", VM total {:.1}s, overall {:.1}s",
         secs(vm.total),
-        secs(started.elapsed()),
-    );
-    for problem in &problems {
-        println!("vm-test: FAILED: {problem}");
-    }
-    let non_check_problems = problems.len() - vm.report.failed.len();
-    println!(
-        "vm-test: {} passed, {} failed",
-        vm.report.passed.len(),
-        vm.report.failed.len() + non_check_problems
-    );
-    if !problems.is_empty() {
-        if !vm.stderr.trim().is_empty() {
-            println!("vm-test: qemu stderr:\n{}", vm.stderr.trim());
-        }
-        bail!(
-            "vm-test failed ({} problem(s)); console log: {}",
-            problems.len(),
-            log_path.display()
-        );
-    }
-    Ok(())
+        secs(started.elapsed())
+    ));
+    Ok(Outcome {
+        vm,
+        timeout_secs: args.timeout_secs,
+        log_path,
+        timings,
+    })
 }
 
 /// Outcome of one VM run.
@@ -195,6 +308,9 @@ struct VmRun {
     boot: Option<Duration>,
     /// `FERRY-BOOT` to `FERRY-DONE`.
     checks: Option<Duration>,
+    /// Each check script that started, with how long it ran (to the next
+    /// script or `FERRY-DONE`, or to the end of the console).
+    scripts: Vec<(String, Duration)>,
     total: Duration,
     stderr: String,
 }
@@ -202,9 +318,10 @@ struct VmRun {
 /// Boots the VM, streams its console into `log_path` and parses it.
 fn boot(
     args: &VmOptions,
+    env: &[String],
     vmlinuz: &Path,
     initrd: &Path,
-    drives: &[PathBuf],
+    drives: &[fixtures::Drive],
     log_path: &Path,
 ) -> Result<VmRun> {
     let net = args.net || !args.hostfwd_udp.is_empty() || !args.hostfwd_tcp.is_empty();
@@ -214,7 +331,7 @@ fn boot(
         "panic=-1".to_string(),
         format!("ferry_net={}", u8::from(net)),
     ];
-    append.extend(args.env.iter().cloned());
+    append.extend(env.iter().cloned());
 
     let mut cmd = Command::new("timeout");
     cmd.args(["--kill-after=10", &args.timeout_secs.to_string()])
@@ -242,9 +359,23 @@ fn boot(
     } else {
         cmd.args(["-nic", "none"]);
     }
-    for drive in drives {
-        cmd.arg("-drive")
-            .arg(format!("file={},if=virtio,format=raw", drive.display()));
+    for (i, drive) in drives.iter().enumerate() {
+        match &drive.serial {
+            None => cmd.arg("-drive").arg(format!(
+                "file={},if=virtio,format=raw",
+                drive.path.display()
+            )),
+            // Read-only: the guest (and so `ferry serve`) cannot change a
+            // source image.
+            Some(serial) => cmd
+                .arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=fx{i},format=raw,readonly=on",
+                    drive.path.display()
+                ))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=fx{i},serial={serial}")),
+        };
     }
     let stderr_path = log_path.with_extension("stderr");
     cmd.stdin(Stdio::null())
@@ -259,6 +390,8 @@ fn boot(
     let mut log = fs::File::create(log_path)?;
     let mut report = serial::Report::default();
     let (mut boot, mut booted_at, mut checks) = (None, None, None);
+    let mut scripts: Vec<(String, Duration)> = Vec::new();
+    let mut script_started: Option<(String, Instant)> = None;
     let mut reader = BufReader::new(stdout);
     let mut raw = Vec::new();
     loop {
@@ -270,12 +403,23 @@ fn boot(
         let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end_matches(['\r', '\n']);
         let event = report.feed(line);
-        match event {
+        match &event {
             Some(serial::Event::Boot) => {
                 boot = Some(started.elapsed());
                 booted_at = Some(Instant::now());
             }
-            Some(serial::Event::Done) => checks = booted_at.map(|t| t.elapsed()),
+            Some(serial::Event::Done) => {
+                checks = booted_at.map(|t| t.elapsed());
+                if let Some((name, t)) = script_started.take() {
+                    scripts.push((name, t.elapsed()));
+                }
+            }
+            Some(serial::Event::Script(name)) => {
+                if let Some((prev, t)) = script_started.take() {
+                    scripts.push((prev, t.elapsed()));
+                }
+                script_started = Some((name.clone(), Instant::now()));
+            }
             _ => {}
         }
         if event.is_some() || args.verbose {
@@ -287,8 +431,12 @@ fn boot(
         }
     }
     let status = child.wait()?;
+    if let Some((name, t)) = script_started.take() {
+        scripts.push((name, t.elapsed()));
+    }
     let stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
     Ok(VmRun {
+        scripts,
         report,
         // timeout(1) exits 124 when it had to stop the command (137 after KILL).
         timed_out: matches!(status.code(), Some(124) | Some(137)),
@@ -302,7 +450,7 @@ fn boot(
 /// Builds the `ublk-mem` example in release mode and returns its path.
 fn build_example(root: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    println!("vm-test: building the ublk-mem example (release)");
+    println!("vm: building the ublk-mem example (release)");
     run(Command::new(cargo)
         .args([
             "build",
@@ -314,6 +462,20 @@ fn build_example(root: &Path) -> Result<PathBuf> {
         ])
         .current_dir(root))?;
     let bin = target_dir(root).join("release/examples/ublk-mem");
+    if !bin.exists() {
+        bail!("cargo built no {}", bin.display());
+    }
+    Ok(bin)
+}
+
+/// Builds the `ferry` binary in release mode and returns its path.
+fn build_ferry(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    println!("vm: building the ferry binary (release)");
+    run(Command::new(cargo)
+        .args(["build", "--release", "-p", "ferry", "--bin", "ferry"])
+        .current_dir(root))?;
+    let bin = target_dir(root).join("release/ferry");
     if !bin.exists() {
         bail!("cargo built no {}", bin.display());
     }

@@ -129,9 +129,12 @@ pub fn driver_features() -> Result<Option<u64>, UblkError> {
 ///
 /// Blocks the calling thread for the device's lifetime: call it from a plain
 /// thread or `spawn_blocking`, not from an async task. The device's futures
-/// are spawned on `rt`; each queue is served by its own thread. A device stopped or deleted on purpose is deleted before this
-/// returns; if the process dies instead, a device created with
-/// `UBLK_F_USER_RECOVERY` stays, quiesced, for a new server to recover.
+/// are spawned on `rt`; each queue is served by its own thread. A device
+/// stopped or deleted on purpose is deleted before this returns, without
+/// waiting for its openers (a file system still mounted on it sees I/O
+/// errors; the kernel frees the device at the unmount); if the process dies
+/// instead, a device created with `UBLK_F_USER_RECOVERY` stays, quiesced,
+/// for a new server to recover.
 pub fn serve_ublk<D: BlockDevice>(
     device: Arc<D>,
     rt: tokio::runtime::Handle,
@@ -196,16 +199,32 @@ pub fn serve_ublk<D: BlockDevice>(
         }
     };
     let served_result = ctrl.run_target(tgt_init, q_fn, live);
-    // A device created here is deleted when `ctrl` drops; a recovered one is
-    // not owned by `ctrl`, so delete it explicitly.
-    if opts.recover {
-        if let Err(e) = ctrl.del_dev() {
-            tracing::warn!(dev_id, "deleting the recovered ublk device failed: {e}");
-        }
-    }
+    // Delete explicitly (a recovered device is not owned by `ctrl`, and a
+    // created one would otherwise be deleted by `ctrl`'s drop with the
+    // synchronous DEL_DEV).
+    delete_device(&ctrl, dev_id);
     served_result
         .map(|_| ())
         .map_err(|source| UblkError::Serve { dev_id, source })
+}
+
+/// Deletes the stopped device without waiting for its last opener.
+///
+/// The synchronous DEL_DEV waits until nothing holds the block device: with
+/// a file system still mounted on `/dev/ublkbN` it would block this thread
+/// (and a `ferry pull` asked to stop) until the unmount. DEL_DEV_ASYNC
+/// (Linux 6.8+) removes the device at once and lets the kernel free it when
+/// the last opener goes; older drivers refuse it, and get DEL_DEV.
+fn delete_device(ctrl: &UblkCtrl, dev_id: u32) {
+    if let Err(e) = ctrl.del_dev_async() {
+        tracing::debug!(
+            dev_id,
+            "DEL_DEV_ASYNC failed ({e}); deleting with DEL_DEV, which waits for the last opener"
+        );
+        if let Err(e) = ctrl.del_dev() {
+            tracing::warn!(dev_id, "deleting the ublk device failed: {e}");
+        }
+    }
 }
 
 /// Stops ublk device `dev_id`: its queues are aborted and the

@@ -21,6 +21,8 @@ const TOOLS: &[&str] = &[
     "/usr/sbin/mke2fs",
     "/usr/sbin/e2fsck",
     "/usr/sbin/blkdiscard",
+    // util-linux losetup: `--show`, `-r` (busybox's has neither).
+    "/usr/sbin/losetup",
 ];
 
 /// Host configuration files the tools read.
@@ -36,8 +38,9 @@ pub(crate) struct Contents<'a> {
     pub(crate) init: &'a Path,
     /// Shell helpers the check script sources (`$FERRY_LIB`).
     pub(crate) lib: &'a Path,
-    /// The check script, installed as `/ferry/checks.sh`.
-    pub(crate) checks: &'a Path,
+    /// The check scripts, installed as `/ferry/checks/NN-NAME` and run by
+    /// `/init` in this order.
+    pub(crate) checks: &'a [PathBuf],
     /// Extra files, installed in `/ferry/files/`.
     pub(crate) includes: &'a [PathBuf],
 }
@@ -67,6 +70,7 @@ pub(crate) fn build(contents: &Contents<'_>, work: &Path) -> Result<PathBuf> {
         "root",
         "ferry/files",
         "ferry/modules",
+        "ferry/checks",
     ] {
         fs::create_dir_all(root.join(dir))?;
     }
@@ -111,7 +115,16 @@ pub(crate) fn build(contents: &Contents<'_>, work: &Path) -> Result<PathBuf> {
 
     install_script(contents.init, &root.join("init"))?;
     install_script(contents.lib, &root.join("ferry/lib.sh"))?;
-    install_script(contents.checks, &root.join("ferry/checks.sh"))?;
+    for (i, script) in contents.checks.iter().enumerate() {
+        let name = script
+            .file_name()
+            .context("check script has no file name")?;
+        let mut dst = format!("{:02}-{}", i + 1, name.to_string_lossy());
+        if !dst.ends_with(".sh") {
+            dst.push_str(".sh");
+        }
+        install_script(script, &root.join("ferry/checks").join(dst))?;
+    }
     for file in contents.includes {
         let name = file.file_name().context("include path has no file name")?;
         fs::copy(file, root.join("ferry/files").join(name))

@@ -3,8 +3,10 @@
 //! Lines (anywhere in a console line, since kernel messages may interleave):
 //! - `FERRY-BOOT <uptime>`: `/init` started.
 //! - `FERRY-MODULE OK <name>` / `FERRY-MODULE FAIL <name>: <reason>`.
+//! - `FERRY-SCRIPT <file>`: `/init` starts the next check script.
 //! - `FERRY-CHECK PASS <name>` / `FERRY-CHECK FAIL <name>: <reason>`.
-//! - `FERRY-DONE`: the check script finished; `/init` powers off next.
+//! - `FERRY-BENCH key=value ...`: one measurement (`cargo xtask vm-bench`).
+//! - `FERRY-DONE`: the check scripts finished; `/init` powers off next.
 
 /// What one VM run reported.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -19,7 +21,9 @@ pub(crate) struct Report {
     pub(crate) passed: Vec<String>,
     /// Checks that failed, with the reason.
     pub(crate) failed: Vec<(String, String)>,
-    /// The check script ran to its end.
+    /// `FERRY-BENCH` lines, without the prefix.
+    pub(crate) bench: Vec<String>,
+    /// The check scripts ran to their end.
     pub(crate) done: bool,
 }
 
@@ -31,6 +35,8 @@ pub(crate) enum Event {
     ModuleFail(String, String),
     Pass(String),
     Fail(String, String),
+    Script(String),
+    Bench(String),
     Done,
 }
 
@@ -54,6 +60,10 @@ pub(crate) fn parse_line(line: &str) -> Option<Event> {
     } else if let Some(s) = rest.strip_prefix("FERRY-CHECK FAIL ") {
         let (name, reason) = name_reason(s);
         Some(Event::Fail(name, reason))
+    } else if let Some(s) = rest.strip_prefix("FERRY-SCRIPT ") {
+        Some(Event::Script(s.trim().to_string()))
+    } else if let Some(s) = rest.strip_prefix("FERRY-BENCH ") {
+        Some(Event::Bench(s.trim().to_string()))
     } else if let Some(s) = rest.strip_prefix("FERRY-MODULE OK ") {
         Some(Event::ModuleOk(s.trim().to_string()))
     } else if let Some(s) = rest.strip_prefix("FERRY-MODULE FAIL ") {
@@ -76,6 +86,8 @@ impl Report {
             }
             Event::Pass(name) => self.passed.push(name.clone()),
             Event::Fail(name, reason) => self.failed.push((name.clone(), reason.clone())),
+            Event::Bench(line) => self.bench.push(line.clone()),
+            Event::Script(_) => {}
             Event::Done => self.done = true,
         }
         Some(event)
@@ -186,6 +198,18 @@ FERRY-DONE\r
         );
         let r = Report::parse("FERRY-BOOT 1\nFERRY-CHECK PASS a\nFERRY-DONE\n");
         assert!(r.problems(&["ublk_drv"])[0].contains("never loaded"));
+    }
+
+    #[test]
+    fn scripts_and_bench_lines_are_recognised() {
+        let r = Report::parse(
+            "FERRY-BOOT 1\nFERRY-SCRIPT 01-checks-ublk.sh\r\nFERRY-BENCH dev=ublk iops=12\r\n",
+        );
+        assert_eq!(r.bench, ["dev=ublk iops=12"]);
+        assert_eq!(
+            parse_line("FERRY-SCRIPT 02-checks-ferry.sh\r"),
+            Some(Event::Script("02-checks-ferry.sh".into()))
+        );
     }
 
     #[test]
