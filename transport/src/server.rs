@@ -27,7 +27,9 @@ use crate::wire::{
 };
 use crate::{net, tls};
 
-/// Chunk reads running at once (blocking threads), server-wide.
+/// Chunk reads running at once (blocking threads), server-wide, for each
+/// priority: on-demand reads have their own pool, so background reads
+/// waiting to be sent can never hold up a guest's read.
 pub const MAX_CONCURRENT_READS: usize = 8;
 /// Largest request frame accepted (requests are a few bytes).
 const MAX_REQUEST_FRAME: usize = 1024;
@@ -69,6 +71,7 @@ struct Shared {
     source: Arc<dyn ChunkSource>,
     manifest_bytes: Vec<u8>,
     reads: Arc<Semaphore>,
+    urgent_reads: Arc<Semaphore>,
     corrupt_once: Mutex<HashSet<u64>>,
     compress: bool,
 }
@@ -112,6 +115,7 @@ impl Server {
                 source,
                 manifest_bytes,
                 reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+                urgent_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
                 corrupt_once: Mutex::new(opts.corrupt_once.into_iter().collect()),
                 compress: opts.compress,
             }),
@@ -338,14 +342,17 @@ fn check_read(manifest: &Manifest, first: u64, count: u32) -> Result<u64, (Error
     Ok(end)
 }
 
-async fn read_one(shared: &Arc<Shared>, index: u64) -> Result<Vec<u8>, String> {
+async fn read_one(shared: &Arc<Shared>, index: u64, priority: Priority) -> Result<Vec<u8>, String> {
     // Zero chunks are answered without reading or sending any bytes.
     let hash = match shared.source.manifest().chunk(index) {
         ChunkKind::Zero => return Ok(Message::Zero { index }.encode()),
         ChunkKind::Data(h) => h,
     };
-    let permit = shared
-        .reads
+    let pool = match priority {
+        Priority::OnDemand => &shared.urgent_reads,
+        Priority::Background => &shared.reads,
+    };
+    let permit = pool
         .clone()
         .acquire_owned()
         .await
@@ -432,7 +439,7 @@ async fn read(
         return;
     }
     // Read chunk i+1 while chunk i is being sent.
-    let mut current = read_one(shared, first).await;
+    let mut current = read_one(shared, first, priority).await;
     for i in first..end {
         let data = match current {
             Ok(d) => d,
@@ -447,7 +454,7 @@ async fn read(
             s.write_all(&data).await
         };
         let (sent, next) = if i + 1 < end {
-            let (sent, next) = tokio::join!(send, read_one(shared, i + 1));
+            let (sent, next) = tokio::join!(send, read_one(shared, i + 1, priority));
             (sent, next)
         } else {
             (send.await, Ok(Vec::new()))
