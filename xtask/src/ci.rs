@@ -1,6 +1,7 @@
 //! `cargo xtask ci`: exactly what CI runs. Formatting, clippy with
 //! `-D warnings`, every test of the workspace (with the tools they need
-//! required, not skipped), then the VM test on the real ublk driver.
+//! required, not skipped), a short run of the emulated WAN, then the VM
+//! test on the real ublk driver.
 
 use std::process::Command;
 use std::time::Instant;
@@ -59,6 +60,11 @@ pub(crate) fn run_ci() -> Result<()> {
         run(Command::new(cargo())
             .current_dir(&root)
             .args(["test", "-p", "xtask"]))
+    })?;
+    step("wan-smoke (emulated WAN: UDP relay and TUN link between namespaces)", || {
+        run(Command::new(cargo())
+            .current_dir(&root)
+            .args(["run", "--quiet", "-p", "xtask", "--", "wan-smoke"]))
     })?;
     step("vm-test (real ublk driver in a VM)", || {
         run(Command::new(cargo())
