@@ -5,7 +5,7 @@
 #
 # Source images are virtio disks that the harness prepares on the host and
 # attaches with a serial number (found here through /sys/block/vd*/serial):
-#   ferry-src-raw   random data with a zero hole (raw-device scenarios)
+#   ferry-src-raw   32 MiB random data, zero at 8..24 MiB (raw scenarios)
 #   ferry-src-ext4  an ext4 file system holding known files; their SHA-256
 #                   list is /ferry/files/ext4.sha256 (paths relative to its root)
 #
@@ -265,12 +265,12 @@ if check ferry-serve start_serve "$RAW" &&
     check ferry-background-held held
 
     # Untouched regions: the first chunk, one mid-data, inside the source's
-    # zero hole (8..16 MiB), straddling the hole's end, the last 64 KiB.
+    # zero hole (8..24 MiB), straddling the hole's end, the last 64 KiB.
     untouched() {
         same_region 0 65536 &&
             same_region $((5 * MIB + 12288)) $((300 * 1024)) &&
             same_region $((9 * MIB)) $((256 * 1024)) &&
-            same_region $((16 * MIB - 131072)) 262144 &&
+            same_region $((24 * MIB - 131072)) 262144 &&
             same_region $((SIZE - 65536)) 65536
     }
     check ferry-odirect-reads-untouched untouched
@@ -381,9 +381,9 @@ CTL=$T/kill9.ctl
 SIZE=$(blockdev --getsize64 "$RAW")
 RECORDS=60
 head -c $((RECORDS * 16384)) /dev/urandom >"$T/records"
-# record I: 16 KiB at 12 MiB + 4 KiB + I * 164 KiB (crossing the source's
+# record I: 16 KiB at 20 MiB + 4 KiB + I * 164 KiB (crossing the source's
 # zero hole into data, some records straddling chunk boundaries).
-rec_block() { echo $((3072 + 1 + $1 * 41)); }
+rec_block() { echo $((5120 + 1 + $1 * 41)); }
 # The writer: one buffered 16 KiB write + fsync per record (GNU dd
 # conv=fsync); a record is acknowledged (appended to $T/acked) only after
 # its fsync returned. Any failure is recorded in $T/writer.err.

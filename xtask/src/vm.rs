@@ -79,8 +79,9 @@ struct VmOptions {
     /// (found by serial number, not by name).
     #[arg(long = "drive", value_name = "FILE")]
     drives: Vec<PathBuf>,
-    /// Kill the VM after this many seconds.
-    #[arg(long, default_value_t = 300)]
+    /// Kill the VM after this many seconds (a run takes about 2.5 minutes
+    /// on an idle 2-core machine; the margin is for a loaded one).
+    #[arg(long, default_value_t = 480)]
     timeout_secs: u64,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]

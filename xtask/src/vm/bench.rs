@@ -23,11 +23,11 @@ const SCRIPT: &str = "scripts/vm/bench-ublk.sh";
 #[derive(clap::Args, Debug)]
 pub(crate) struct VmBenchArgs {
     /// fio runs of each workload on each device (medians are reported; at
-    /// least 3).
-    #[arg(long, default_value_t = 3)]
+    /// least 3; more runs resist a busy host better).
+    #[arg(long, default_value_t = 5)]
     runs: u32,
     /// Seconds per fio run (after 1 s of ramp-up).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 5)]
     runtime_secs: u32,
     /// Size of the disk (random data), in MiB.
     #[arg(long, default_value_t = 96)]

@@ -40,7 +40,7 @@ pub(crate) struct Fixtures {
 }
 
 /// Makes, in `dir`:
-/// - `src-raw.img`, 32 MiB: random data with a zero hole at 8..16 MiB;
+/// - `src-raw.img`, 32 MiB: random data with a zero hole at 8..24 MiB;
 /// - `src-ext4.img`, 64 MiB: ext4 (4 KiB blocks) holding known files, whose
 ///   SHA-256 list (paths relative to the file system's root) goes to the VM
 ///   as `/ferry/files/ext4.sha256`.
@@ -50,8 +50,8 @@ pub(crate) fn test_fixtures(dir: &Path) -> Result<Fixtures> {
     {
         let mut f = fs::File::create(&raw)?;
         write_random(&mut f, 8 * MIB)?;
-        f.write_all(&vec![0u8; (8 * MIB) as usize])?;
-        write_random(&mut f, 16 * MIB)?;
+        f.write_all(&vec![0u8; (16 * MIB) as usize])?;
+        write_random(&mut f, 8 * MIB)?;
     }
 
     let tree = dir.join("ext4-root");
