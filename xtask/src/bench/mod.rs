@@ -34,8 +34,6 @@ use crate::wan::{counter, LinkOpts, Wan, SRC_ADDR};
 const FERRY_PORT: u16 = 7700;
 const NBD_PORT: u16 = 10809;
 const PROBE_BYTES: usize = 4096;
-const MARK_BEGIN: &str = "<!-- BEGIN cargo xtask bench (WAN) -->";
-const MARK_END: &str = "<!-- END cargo xtask bench (WAN) -->";
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args, Debug)]
@@ -79,6 +77,22 @@ pub(crate) struct BenchArgs {
     /// Where to write the report (default: BENCHMARKS.md in the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Name of the report's section in that file (a run with another name
+    /// adds its own section instead of replacing the main one).
+    #[arg(long, default_value = "")]
+    section: String,
+}
+
+fn markers(section: &str) -> (String, String) {
+    let tag = if section.is_empty() {
+        "WAN".to_string()
+    } else {
+        format!("WAN, {section}")
+    };
+    (
+        format!("<!-- BEGIN cargo xtask bench ({tag}) -->"),
+        format!("<!-- END cargo xtask bench ({tag}) -->"),
+    )
 }
 
 struct Case {
@@ -340,7 +354,7 @@ fn finish(
         .out
         .clone()
         .unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
-    write_section(&out, &report)?;
+    write_section(&out, &a.section, &report)?;
     Ok(out)
 }
 
@@ -922,7 +936,15 @@ fn render(
     took: Duration,
 ) -> Result<String> {
     let mut o = String::new();
-    writeln!(o, "## ferry vs. its peers on an emulated WAN")?;
+    if a.section.is_empty() {
+        writeln!(o, "## ferry vs. its peers on an emulated WAN")?;
+    } else {
+        writeln!(
+            o,
+            "## ferry vs. its peers on an emulated WAN: {}",
+            a.section
+        )?;
+    }
     writeln!(o)?;
     writeln!(
         o,
@@ -1138,16 +1160,18 @@ fn render(
 
 /// Replaces our section of BENCHMARKS.md (between the markers), keeping
 /// everything else in the file.
-fn write_section(path: &Path, body: &str) -> Result<()> {
+fn write_section(path: &Path, section: &str, body: &str) -> Result<()> {
+    let (mark_begin, mark_end) = markers(section);
+    let (mark_begin, mark_end) = (mark_begin.as_str(), mark_end.as_str());
     let old = std::fs::read_to_string(path).unwrap_or_default();
-    let section = format!("{MARK_BEGIN}\n{body}{MARK_END}\n");
-    let new = match (old.find(MARK_BEGIN), old.find(MARK_END)) {
+    let section = format!("{mark_begin}\n{body}{mark_end}\n");
+    let new = match (old.find(mark_begin), old.find(mark_end)) {
         (Some(b), Some(e)) if e > b => {
             format!(
                 "{}{}{}",
                 &old[..b],
                 section,
-                old[e + MARK_END.len()..].trim_start_matches('\n')
+                old[e + mark_end.len()..].trim_start_matches('\n')
             )
         }
         _ if old.trim().is_empty() => format!("# Benchmarks\n\n{section}"),

@@ -284,7 +284,7 @@ fn print_status(n: &Names, st: &Value, stats: &Value) {
     println!(
         "  link: {}; TCP {}",
         st["link"].as_str().unwrap_or("?"),
-        st["tcp_cc"]
+        st["tcp_cc"].as_str().unwrap_or("?")
     );
     for dir in ["src_to_dst", "dst_to_src"] {
         let d = &stats[dir];
@@ -520,12 +520,6 @@ pub(crate) struct Wan {
     /// The forwarder's PID.
     pub(crate) pid: u32,
     child: Option<Child>,
-    /// The link's options.
-    #[allow(dead_code)] // read by the bench
-    pub(crate) link: LinkOpts,
-    /// TCP congestion control pinned in the namespaces.
-    #[allow(dead_code)] // read by the bench
-    pub(crate) tcp_cc: String,
     detached: bool,
 }
 
@@ -552,8 +546,6 @@ impl Wan {
             names: n.clone(),
             pid: 0,
             child: None,
-            link: link.clone(),
-            tcp_cc: tcp_cc.to_string(),
             detached: false,
         };
         // From here on, a failure drops `wan`, which tears down.
@@ -761,15 +753,6 @@ pub(crate) fn in_ns(ns: &str, prog: impl AsRef<OsStr>) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]).arg(prog);
     c
-}
-
-/// Bytes the forwarder forwarded, both directions, from a stats object.
-#[allow(dead_code)] // used by the bench
-pub(crate) fn forwarded_bytes(stats: &Value) -> u64 {
-    ["src_to_dst", "dst_to_src"]
-        .iter()
-        .map(|d| stats[d]["forwarded_bytes"].as_u64().unwrap_or(0))
-        .sum()
 }
 
 /// A counter of one direction from a stats object.

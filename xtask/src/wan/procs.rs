@@ -20,7 +20,6 @@ pub(crate) struct Proc {
     cpu_last: f64,
 }
 
-#[allow(dead_code)] // some are used by the bench only
 impl Proc {
     /// Spawns `cmd` with stdout and stderr into `log`.
     pub(crate) fn spawn(what: &str, cmd: &mut Command, log: &Path) -> Result<Proc> {
@@ -38,11 +37,6 @@ impl Proc {
             what: what.to_string(),
             cpu_last: 0.0,
         })
-    }
-
-    /// Its PID.
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// Its log so far.
@@ -70,26 +64,6 @@ impl Proc {
     /// Its exit status, if it has exited.
     pub(crate) fn try_status(&mut self) -> Result<Option<std::process::ExitStatus>> {
         Ok(self.child.try_wait()?)
-    }
-
-    /// Waits up to `timeout` for it to exit on its own.
-    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let t0 = Instant::now();
-        loop {
-            self.cpu_seconds();
-            if let Some(st) = self.child.try_wait()? {
-                return Ok(st);
-            }
-            if t0.elapsed() > timeout {
-                bail!(
-                    "{} did not finish in {:?}: {}",
-                    self.what,
-                    timeout,
-                    tail(&self.log_text())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// Waits up to `timeout` for `needle` to appear in its log.
