@@ -6,7 +6,9 @@
 # file on tmpfs until every block is present and verified. Then fio reads
 # /dev/ublkb0 and a loop device over the same backing file, alternating
 # devices run by run, and prints one line per run:
-#   FERRY-BENCH dev=ublk|loop workload=W run=N iops=X bw_kib=Y
+#   FERRY-BENCH dev=ublk|loop|ublk-mem-file workload=W run=N iops=X bw_kib=Y
+# (ublk-mem-file, a reference: the ublk-mem example serving the same backing
+# file as /dev/ublkb1, i.e. ferry's ublk frontend without ferry's engine.)
 # plus `FERRY-BENCH info KEY=VALUE` lines describing the guest.
 # Environment (kernel command line): BENCH_RUNS, BENCH_RUNTIME (s per run),
 # BENCH_QUEUES, BENCH_DEPTH.
@@ -87,6 +89,14 @@ LOOP=$("$LOSETUP" -r -f --show "$DISK")
 check bench-loop-device test -b "$LOOP" || exit 1
 same() { cmp /dev/ublkb0 "$LOOP"; }
 check bench-devices-hold-the-same-bytes same
+DEVS="ublk loop"
+if command -v ublk-mem >/dev/null; then
+    ublk-mem --size-mib $((SIZE / 1048576)) --dev-id 1 --file "$DISK" >"$T/mem.out" 2>"$T/mem.log" &
+    MEM=$!
+    if check bench-ublk-mem-file-live wait_for 60 grep -q '^LIVE /dev/ublkb1' "$T/mem.out"; then
+        DEVS="ublk loop ublk-mem-file"
+    fi
+fi
 
 # fio_run DEV NAME RUN ARGS...: one fio run; prints its FERRY-BENCH line.
 # Terse output: field 7 is the read bandwidth in KiB/s, field 8 read IOPS.
@@ -97,6 +107,7 @@ fio_run() {
     shift 3
     path=/dev/ublkb0
     [ "$dev" = loop ] && path=$LOOP
+    [ "$dev" = ublk-mem-file ] && path=/dev/ublkb1
     out=$(timeout $((RUNTIME + 60)) fio --name="$name" --filename="$path" --readonly \
         --ioengine=libaio --direct=1 --numjobs=1 --time_based --ramp_time=1 \
         --runtime="$RUNTIME" --minimal "$@" 2>"$T/fio.err") || {
@@ -112,7 +123,11 @@ ok=0
 r=1
 while [ $r -le "$RUNS" ]; do
     # Alternate which device goes first, so drift does not favour one.
-    if [ $((r % 2)) -eq 1 ]; then order="ublk loop"; else order="loop ublk"; fi
+    if [ $((r % 2)) -eq 1 ]; then
+        order=$DEVS
+    else
+        order=$(echo "$DEVS" | tr ' ' '\n' | tac | tr '\n' ' ')
+    fi
     for dev in $order; do
         fio_run "$dev" randread-4k-qd32 $r --rw=randread --bs=4k --iodepth=32 || ok=1
     done
@@ -129,6 +144,10 @@ still() {
 }
 check bench-pull-healthy-after still
 "$LOSETUP" -d "$LOOP"
+if [ -n "$MEM" ]; then
+    kill -TERM "$MEM"
+    wait "$MEM"
+fi
 stop() {
     kill -TERM "$PULL" && wait "$PULL"
 }

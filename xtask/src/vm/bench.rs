@@ -30,7 +30,7 @@ pub(crate) struct VmBenchArgs {
     #[arg(long, default_value_t = 5)]
     runtime_secs: u32,
     /// Size of the disk (random data), in MiB.
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 64)]
     size_mib: u64,
     /// `ferry pull --queues`.
     #[arg(long, default_value_t = 1)]
@@ -109,6 +109,10 @@ struct Row {
     ublk_median: f64,
     loop_: Vec<f64>,
     loop_median: f64,
+    /// The same through `ublk-mem --file` over the same backing file (the
+    /// ublk frontend without ferry's engine), when measured.
+    frontend: Vec<f64>,
+    frontend_median: f64,
 }
 
 impl Row {
@@ -135,7 +139,7 @@ fn rows(samples: &[Sample], runs: u32) -> Result<Vec<Row>> {
                 .map(value)
                 .collect()
         };
-        let (mut ublk, mut loop_) = (of("ublk"), of("loop"));
+        let (mut ublk, mut loop_, mut frontend) = (of("ublk"), of("loop"), of("ublk-mem-file"));
         if ublk.len() < runs as usize || loop_.len() < runs as usize {
             bail!(
                 "{w}: {} ublk and {} loop runs, expected {runs} each",
@@ -143,14 +147,16 @@ fn rows(samples: &[Sample], runs: u32) -> Result<Vec<Row>> {
                 loop_.len()
             );
         }
-        let (ublk_runs, loop_runs) = (ublk.clone(), loop_.clone());
+        let (ublk_runs, loop_runs, frontend_runs) = (ublk.clone(), loop_.clone(), frontend.clone());
         rows.push(Row {
             workload: w.to_string(),
             unit: if seq { "MiB/s" } else { "IOPS" },
             ublk_median: median(&mut ublk),
             loop_median: median(&mut loop_),
+            frontend_median: median(&mut frontend),
             ublk: ublk_runs,
             loop_: loop_runs,
+            frontend: frontend_runs,
         });
     }
     if rows.is_empty() {
@@ -207,7 +213,9 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
          present, nothing fetched during the measurement). Then fio ({}, libaio, O_DIRECT, \
          {} s after 1 s ramp-up, one job) reads `/dev/ublkb0` and `/dev/loopN` \
          (`losetup -r`, default buffered mode) over the same backing file, alternating \
-         devices run by run; medians of {} runs.\n\n",
+         devices run by run; medians of {} runs. Reference: the `ublk-mem` example serving \
+         the same file (`--file`, 1 queue, depth 64) as `/dev/ublkb1`: ferry's ublk frontend \
+         (ferry-ublk) with a plain pread device behind it, without ferry's engine.\n\n",
         args.size_mib,
         args.queues,
         args.depth,
@@ -215,17 +223,25 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
         args.runtime_secs,
         args.runs,
     ));
-    s.push_str("| workload | ferry `/dev/ublkb0` | loop `/dev/loopN` | ferry / loop |\n");
-    s.push_str("|---|---|---|---|\n");
+    let frontend = rows.iter().any(|r| !r.frontend.is_empty());
+    s.push_str("| workload | ferry `/dev/ublkb0` | loop `/dev/loopN` | ferry / loop |");
+    if frontend {
+        s.push_str(" reference: `ublk-mem --file` (ublk frontend alone) vs loop |");
+    }
+    s.push_str(if frontend {
+        "\n|---|---|---|---|---|\n"
+    } else {
+        "\n|---|---|---|---|\n"
+    });
+    let runs = |v: &[f64]| {
+        v.iter()
+            .map(|x| fmt_value(*x))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     for r in rows {
-        let runs = |v: &[f64]| {
-            v.iter()
-                .map(|x| fmt_value(*x))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         s.push_str(&format!(
-            "| {} | {} {} (runs: {}) | {} {} (runs: {}) | **{:.2}x** |\n",
+            "| {} | {} {} (runs: {}) | {} {} (runs: {}) | **{:.2}x** |",
             describe_workload(&r.workload),
             fmt_value(r.ublk_median),
             r.unit,
@@ -235,6 +251,16 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
             runs(&r.loop_),
             r.ratio(),
         ));
+        if frontend {
+            s.push_str(&format!(
+                " {} {} (runs: {}): {:.2}x |",
+                fmt_value(r.frontend_median),
+                r.unit,
+                runs(&r.frontend),
+                r.frontend_median / r.loop_median,
+            ));
+        }
+        s.push('\n');
     }
     let goal: Vec<String> = rows
         .iter()
@@ -368,7 +394,7 @@ pub(crate) fn vm_bench(args: &VmBenchArgs) -> Result<()> {
     ];
     let outcome = run_vm(&opts, &[PathBuf::from(SCRIPT)], |root, cache| {
         Ok(super::Prepared {
-            binaries: vec![build_ferry(root)?],
+            binaries: vec![build_ferry(root)?, super::build_example(root)?],
             drives: vec![fixtures::bench_fixture(
                 &cache.join("bench-fixtures"),
                 args.size_mib,
