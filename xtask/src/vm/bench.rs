@@ -298,9 +298,17 @@ fn replace_section(text: &str, section: &str) -> String {
         out.push_str(section);
         return out;
     };
+    // The section ends at the next heading or another tool's marker, not
+    // at a `# ` line inside a code block.
+    let mut fenced = false;
     let end = lines[start + 1..]
         .iter()
-        .position(|l| l.starts_with("## ") || l.starts_with("# "))
+        .position(|l| {
+            if l.starts_with("```") {
+                fenced = !fenced;
+            }
+            !fenced && (l.starts_with("## ") || l.starts_with("# ") || l.starts_with("<!-- "))
+        })
         .map_or(lines.len(), |i| start + 1 + i);
     let mut out = String::new();
     for l in &lines[..start] {
@@ -499,6 +507,12 @@ mod tests {
         assert_eq!(
             out,
             format!("# Benchmarks\n\n## WAN\n\nwan figures\n\n{SECTION}\n\nnew figures\n\n## Later\n\nx\n")
+        );
+        let fenced =
+            format!("{SECTION}\n\nold\n```sh\n# comment\n```\nold\n<!-- BEGIN other -->\nx\n");
+        assert_eq!(
+            replace_section(&fenced, &new),
+            format!("{new}<!-- BEGIN other -->\nx\n")
         );
         let appended = replace_section("# Benchmarks\n\n## WAN\n\nw\n", &new);
         assert!(appended.ends_with(&new), "{appended}");
