@@ -553,7 +553,9 @@ impl Wan {
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
-        let exe = std::env::current_exe().context("cannot find our own executable")?;
+        // /proc/self/exe, not current_exe(): it still works when the binary
+        // was rebuilt (replaced) while a long benchmark runs.
+        let exe = PathBuf::from("/proc/self/exe");
         let log = n.dir.join("forwarder.log");
         let mut cmd = Command::new(exe);
         cmd.arg("wan-forward")
