@@ -1165,17 +1165,64 @@ fn write_section(path: &Path, section: &str, body: &str) -> Result<()> {
     let (mark_begin, mark_end) = (mark_begin.as_str(), mark_end.as_str());
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let section = format!("{mark_begin}\n{body}{mark_end}\n");
+    // Put `section` at byte `at` of the file, replacing up to `until`.
+    let splice = |at: usize, until: usize| {
+        let rest = old[until..].trim_start_matches('\n');
+        let sep = if rest.is_empty() { "" } else { "\n" };
+        format!("{}{section}{sep}{rest}", &old[..at])
+    };
+    let (_, main_end) = markers("");
     let new = match (old.find(mark_begin), old.find(mark_end)) {
-        (Some(b), Some(e)) if e > b => {
-            format!(
-                "{}{}{}",
-                &old[..b],
-                section,
-                old[e + mark_end.len()..].trim_start_matches('\n')
-            )
-        }
+        (Some(b), Some(e)) if e > b => splice(b, e + mark_end.len()),
         _ if old.trim().is_empty() => format!("# Benchmarks\n\n{section}"),
-        _ => format!("{}\n\n{section}", old.trim_end()),
+        // A new named section goes right after the main WAN section.
+        _ => match old.find(&main_end) {
+            Some(e) => {
+                let at = e + main_end.len();
+                let at = at + old[at..].len() - old[at..].trim_start_matches('\n').len();
+                let rest = &old[at..];
+                let sep = if rest.is_empty() { "" } else { "\n" };
+                format!("{}\n{section}{sep}{rest}", old[..at].trim_end_matches('\n'))
+            }
+            None => format!("{}\n\n{section}", old.trim_end()),
+        },
     };
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_keep_the_rest_of_the_file() {
+        let p = std::env::temp_dir().join(format!("bench-md-{}.md", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        write_section(&p, "", "main v1\n").unwrap();
+        let other = "## ublk in a VM\n\nnot ours\n";
+        let t = std::fs::read_to_string(&p).unwrap();
+        std::fs::write(&p, format!("{t}{other}")).unwrap();
+        write_section(&p, "extra", "extra v1\n").unwrap();
+        write_section(&p, "", "main v2\n").unwrap();
+        let t = std::fs::read_to_string(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        let (m, x, o) = (
+            t.find("main v2").unwrap(),
+            t.find("extra v1").unwrap(),
+            t.find("not ours").unwrap(),
+        );
+        assert!(m < x && x < o, "{t}");
+        assert!(!t.contains("main v1"), "{t}");
+        assert!(t.starts_with("# Benchmarks\n"), "{t}");
+        assert!(t.contains("-->\n\n## ublk in a VM"), "{t}");
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(51.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(mmm(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
+    }
 }
