@@ -61,11 +61,19 @@ pub(crate) fn run_ci() -> Result<()> {
             .current_dir(&root)
             .args(["test", "-p", "xtask"]))
     })?;
-    step("wan-smoke (emulated WAN: UDP relay and TUN link between namespaces)", || {
-        run(Command::new(cargo())
-            .current_dir(&root)
-            .args(["run", "--quiet", "-p", "xtask", "--", "wan-smoke"]))
-    })?;
+    step(
+        "wan-smoke (emulated WAN: UDP relay and TUN link between namespaces)",
+        || {
+            run(Command::new(cargo()).current_dir(&root).args([
+                "run",
+                "--quiet",
+                "-p",
+                "xtask",
+                "--",
+                "wan-smoke",
+            ]))
+        },
+    )?;
     step("vm-test (real ublk driver in a VM)", || {
         run(Command::new(cargo())
             .current_dir(&root)
