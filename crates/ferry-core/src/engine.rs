@@ -355,6 +355,12 @@ impl Engine {
         ranges
     }
 
+    /// Whether a read of `len` bytes at `offset` can be served from the
+    /// backing file now (every block present). Changes nothing.
+    pub fn readable(&self, offset: u64, len: u64) -> bool {
+        self.blocks_present(self.geo.blocks_touching(offset, len))
+    }
+
     /// Plans a guest read of `len` bytes at `offset` (inside the disk).
     pub fn plan_read(&mut self, offset: u64, len: u64) -> ReadPlan {
         let blocks = self.geo.blocks_touching(offset, len);

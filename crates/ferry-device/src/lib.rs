@@ -28,6 +28,16 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Reads `len` bytes at `offset`.
     fn read(&self, offset: u64, len: u32) -> impl Future<Output = io::Result<Vec<u8>>> + Send;
 
+    /// Reads `buf.len()` bytes at `offset` into `buf` at once, on the
+    /// caller's thread, if that needs no waiting on anything but local
+    /// storage (for ferry: every block is present). `None` means "use
+    /// [`BlockDevice::read`]". Frontends call it first on their hot path to
+    /// avoid a thread hop, an allocation and a copy.
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        let _ = (offset, buf);
+        None
+    }
+
     /// Writes `data` at `offset`. With `fua`, the data is durable when this
     /// returns.
     fn write(
@@ -89,6 +99,12 @@ impl MemDevice {
 impl BlockDevice for MemDevice {
     fn size(&self) -> u64 {
         self.data.lock().expect("lock").len() as u64
+    }
+
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        Some(self.range(offset, buf.len() as u64).map(|r| {
+            buf.copy_from_slice(&self.data.lock().expect("lock")[r]);
+        }))
     }
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
