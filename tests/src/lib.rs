@@ -393,3 +393,45 @@ pub fn assert_files_equal(a: &Path, b: &Path) {
         off += n as u64;
     }
 }
+
+/// Writes `data` at `offset` through the NBD export at unix socket `sock`
+/// with a minimal client that sends no FLUSH (qemu's clients flush when
+/// they close), then hangs up without NBD_CMD_DISC. Returns the server's
+/// error code for the write (0 = acknowledged).
+pub fn nbd_write_without_flush(sock: &Path, offset: u64, data: &[u8]) -> u32 {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect to the NBD socket");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).expect("server greeting");
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    assert_eq!(&hello[8..16], b"IHAVEOPT");
+    // Client flags: fixed newstyle, no zeroes.
+    s.write_all(&3u32.to_be_bytes()).expect("client flags");
+    let name = b"ferry";
+    let mut opt = Vec::new();
+    opt.extend_from_slice(b"IHAVEOPT");
+    opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+    opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    opt.extend_from_slice(name);
+    s.write_all(&opt).expect("export name");
+    let mut export = [0u8; 10];
+    s.read_exact(&mut export).expect("export info");
+    let mut req = Vec::new();
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes()); // no FUA
+    req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+    req.extend_from_slice(&7u64.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    req.extend_from_slice(data);
+    s.write_all(&req).expect("write request");
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).expect("write reply");
+    assert_eq!(
+        u32::from_be_bytes(reply[..4].try_into().expect("4")),
+        0x6744_6698
+    );
+    u32::from_be_bytes(reply[4..8].try_into().expect("4"))
+}

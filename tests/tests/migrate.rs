@@ -302,3 +302,35 @@ fn a_source_changed_after_switchover_stops_the_pull_and_keeps_guest_writes() {
     let dst = std::fs::read(w.path("dst.img")).unwrap();
     assert!(dst[..65536].iter().all(|b| *b == 0x77));
 }
+
+#[test]
+fn an_acknowledged_write_survives_a_pull_crash_before_any_flush() {
+    // The guest's write is acknowledged, then `ferry pull` dies before any
+    // FLUSH. The host's page cache still holds the write, and the guest
+    // (e.g. over a ublk device that outlives its server, or an NBD client
+    // that reconnects) will later FLUSH expecting it to be durable: the
+    // restarted pull must not re-fetch the source's old data over it.
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 16 * MIB, &[(0, 16 * MIB)], 9);
+    let (_serve, port) = w.serve(&src, &[]);
+    let mut args = w.pull_args(port, "dst.img");
+    args.push("--hold-background".into());
+    let mut pull = w.pull(&args);
+    // A client that sends no FLUSH (qemu's clients flush when they close).
+    let err = nbd_write_without_flush(&w.path("nbd.sock"), 1048576, &[0x42; 65536]);
+    assert_eq!(err, 0, "the write was not acknowledged");
+    pull.kill9();
+    let _pull2 = w.pull(&w.pull_args(port, "dst.img"));
+    w.qemu_io(&["flush", "read -P 0x42 1048576 65536"]);
+    let s = w.wait_verified(Duration::from_secs(60));
+    assert!(s["guest_written_chunks"].as_u64().unwrap() >= 1, "{s}");
+    let dst = std::fs::read(w.path("dst.img")).unwrap();
+    assert!(
+        dst[1048576..1048576 + 65536].iter().all(|b| *b == 0x42),
+        "the acknowledged write was overwritten by source data after the crash"
+    );
+}

@@ -314,6 +314,7 @@ async fn execute<D: BlockDevice>(device: &D, cmd: Command) -> Result<Option<Vec<
         Command::Trim { offset, len } => ("TRIM", *offset, *len),
         Command::WriteZeroes { offset, len, .. } => ("WRITE_ZEROES", *offset, *len),
     };
+    tracing::trace!(what, offset, len, "request");
     let fail = |e: io::Error| crate::errors::nbd_errno(&e, what, offset, len);
     match cmd {
         Command::Read { len: 0, .. } => Ok(Some(Vec::new())),

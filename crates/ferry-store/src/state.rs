@@ -1,12 +1,25 @@
 //! The persistent block map ("state file") of a destination disk.
 //!
 //! Layout: a 4 KiB header (magic, version, the source's id, disk size,
-//! chunk size, a BLAKE3 checksum of the header), then the present bitmap
-//! (one bit per block), then the guest bitmap (one bit per chunk), each
-//! padded to 4 KiB. Bits only ever go from 0 to 1 and are written only for
-//! data already synced, so a torn write of a bitmap page is harmless: every
-//! bit that reaches the disk is backed by durable data (invariant 1).
-//! Only the pages that changed are written, then fdatasync'd.
+//! chunk size, a BLAKE3 checksum of those; at byte 1024 the id of the boot
+//! that last opened the file), then the present bitmap (one bit per block),
+//! the guest bitmap (one bit per chunk) and the written bitmap (one bit per
+//! block), each padded to 4 KiB.
+//!
+//! *Present* bits only ever go from 0 to 1 and are written only for data
+//! already synced, so a torn write of a bitmap page is harmless: every bit
+//! that reaches the disk is backed by durable data (invariant 1). Only the
+//! pages that changed are written, then fdatasync'd.
+//!
+//! *Written* bits record guest writes as they are acknowledged, before any
+//! FLUSH: written to the file (page cache), not synced. If `ferry pull`
+//! dies, the host's page cache still holds both the guest's data and these
+//! bits, and the guest may FLUSH later (through a ublk device that outlived
+//! its server, or an NBD client that reconnects) expecting those writes to
+//! be durable. So a restart on the same boot adopts them as present (after
+//! syncing the backing file). After a reboot the page cache is gone and so
+//! are unflushed writes: the written bits are then discarded and the blocks
+//! fetched again, which is what a disk that lost power may do.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -18,7 +31,17 @@ use bitvec::prelude::*;
 use ferry_core::{Geometry, SyncBatch};
 
 const MAGIC: &[u8; 8] = b"FERRYST1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+const BOOT_ID_AT: usize = 1024;
+const BOOT_ID_LEN: usize = 64;
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), or empty if unknown
+/// (then written bits are never adopted: the safe choice).
+pub fn current_boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
 const PAGE: usize = 4096;
 
 /// Errors of the state file.
@@ -65,10 +88,13 @@ pub struct StateFile {
     path: PathBuf,
     present: Vec<u8>,
     guest: Vec<u8>,
+    written: Vec<u8>,
     present_off: u64,
     guest_off: u64,
+    written_off: u64,
     dirty_present: BTreeSet<usize>,
     dirty_guest: BTreeSet<usize>,
+    recovered: Vec<std::ops::Range<u64>>,
 }
 
 fn round_page(n: usize) -> usize {
@@ -110,19 +136,41 @@ impl StateFile {
         h
     }
 
-    fn layout(geo: Geometry) -> (u64, usize, u64, usize) {
+    /// Offsets and lengths of the present, guest and written bitmaps.
+    fn layout(geo: Geometry) -> [(u64, usize); 3] {
         let present_len = round_page((geo.blocks() as usize).div_ceil(8));
         let guest_len = round_page((geo.chunks() as usize).div_ceil(8));
-        (
-            PAGE as u64,
-            present_len,
-            (PAGE + present_len) as u64,
-            guest_len,
-        )
+        let p = PAGE as u64;
+        let g = p + present_len as u64;
+        let w = g + guest_len as u64;
+        [(p, present_len), (g, guest_len), (w, present_len)]
+    }
+
+    fn write_boot_id(file: &File, path: &Path, boot: &str) -> Result<(), StateError> {
+        let mut b = [0u8; BOOT_ID_LEN];
+        let n = boot.len().min(BOOT_ID_LEN);
+        b[..n].copy_from_slice(&boot.as_bytes()[..n]);
+        file.write_all_at(&b, BOOT_ID_AT as u64)
+            .and_then(|()| file.sync_data())
+            .map_err(|source| StateError::Io {
+                op: "cannot write",
+                path: path.to_owned(),
+                source,
+            })
     }
 
     /// Creates a new state file (fails if it exists) with every bit clear.
     pub fn create(path: &Path, geo: Geometry, source_id: [u8; 32]) -> Result<Self, StateError> {
+        Self::create_on_boot(path, geo, source_id, &current_boot_id())
+    }
+
+    /// [`StateFile::create`] as if on boot `boot`.
+    pub fn create_on_boot(
+        path: &Path,
+        geo: Geometry,
+        source_id: [u8; 32],
+        boot: &str,
+    ) -> Result<Self, StateError> {
         let io_err = |op| {
             move |source| StateError::Io {
                 op,
@@ -136,26 +184,44 @@ impl StateFile {
             .create_new(true)
             .open(path)
             .map_err(io_err("cannot create"))?;
-        let (present_off, present_len, guest_off, guest_len) = Self::layout(geo);
-        file.set_len(guest_off + guest_len as u64)
+        let [(present_off, present_len), (guest_off, guest_len), (written_off, written_len)] =
+            Self::layout(geo);
+        file.set_len(written_off + written_len as u64)
             .map_err(io_err("cannot size"))?;
         file.write_all_at(&Self::header(geo, source_id), 0)
             .map_err(io_err("cannot write"))?;
+        Self::write_boot_id(&file, path, boot)?;
         file.sync_all().map_err(io_err("cannot sync"))?;
         Ok(Self {
             file,
             path: path.to_owned(),
             present: vec![0; present_len],
             guest: vec![0; guest_len],
+            written: vec![0; written_len],
             present_off,
             guest_off,
+            written_off,
             dirty_present: BTreeSet::new(),
             dirty_guest: BTreeSet::new(),
+            recovered: Vec::new(),
         })
     }
 
     /// Opens an existing state file and checks it belongs to this source.
+    /// Guest writes acknowledged before a crash on this same boot are
+    /// named by [`StateFile::recovered_writes`]; after a reboot they are
+    /// discarded (see the module documentation).
     pub fn open(path: &Path, geo: Geometry, source_id: [u8; 32]) -> Result<Self, StateError> {
+        Self::open_on_boot(path, geo, source_id, &current_boot_id())
+    }
+
+    /// [`StateFile::open`] as if on boot `boot`.
+    pub fn open_on_boot(
+        path: &Path,
+        geo: Geometry,
+        source_id: [u8; 32],
+        boot: &str,
+    ) -> Result<Self, StateError> {
         let io_err = |op| {
             move |source| StateError::Io {
                 op,
@@ -199,22 +265,58 @@ impl StateFile {
         if size != geo.disk_size || chunk != geo.chunk_size {
             return Err(invalid("geometry differs from the source's"));
         }
-        let (present_off, present_len, guest_off, guest_len) = Self::layout(geo);
+        let [(present_off, present_len), (guest_off, guest_len), (written_off, written_len)] =
+            Self::layout(geo);
         let mut present = vec![0u8; present_len];
         let mut guest = vec![0u8; guest_len];
+        let mut written = vec![0u8; written_len];
         file.read_exact_at(&mut present, present_off)
             .map_err(|_| invalid("truncated present bitmap"))?;
         file.read_exact_at(&mut guest, guest_off)
             .map_err(|_| invalid("truncated guest bitmap"))?;
+        file.read_exact_at(&mut written, written_off)
+            .map_err(|_| invalid("truncated written bitmap"))?;
+        let stored = String::from_utf8_lossy(&h[BOOT_ID_AT..BOOT_ID_AT + BOOT_ID_LEN])
+            .trim_end_matches('\0')
+            .to_string();
+        let same_boot = !boot.is_empty() && stored == boot;
+        let mut recovered: Vec<std::ops::Range<u64>> = Vec::new();
+        if same_boot {
+            let p = present.view_bits::<Lsb0>();
+            let w = written.view_bits::<Lsb0>();
+            for i in w.iter_ones().take_while(|i| (*i as u64) < geo.blocks()) {
+                if !p[i] {
+                    let i = i as u64;
+                    match recovered.last_mut() {
+                        Some(r) if r.end == i => r.end += 1,
+                        _ => recovered.push(i..i + 1),
+                    }
+                }
+            }
+        } else if written.iter().any(|b| *b != 0) {
+            // Unflushed writes of another boot: gone with its page cache.
+            tracing::info!(path = %path.display(), "discarding unflushed guest writes from before a reboot");
+            written.fill(0);
+            file.write_all_at(&written, written_off)
+                .map_err(|source| StateError::Io {
+                    op: "cannot write",
+                    path: path.to_owned(),
+                    source,
+                })?;
+        }
+        Self::write_boot_id(&file, path, boot)?;
         Ok(Self {
             file,
             path: path.to_owned(),
             present,
             guest,
+            written,
             present_off,
             guest_off,
+            written_off,
             dirty_present: BTreeSet::new(),
             dirty_guest: BTreeSet::new(),
+            recovered,
         })
     }
 
@@ -231,6 +333,32 @@ impl StateFile {
     /// Guest bits, one per chunk (`chunks` long).
     pub fn guest_bits(&self, chunks: u64) -> BitVec {
         bits_from_bytes(&self.guest, chunks)
+    }
+
+    /// Runs of blocks the guest wrote (acknowledged, not flushed) before a
+    /// crash of the pull on this boot, not yet present: the caller syncs the
+    /// backing file and persists them as present before serving.
+    pub fn recovered_writes(&self) -> &[std::ops::Range<u64>] {
+        &self.recovered
+    }
+
+    /// Records guest writes of `blocks` as they are acknowledged: sets their
+    /// written bits and writes the changed pages, without syncing.
+    pub fn mark_written(&mut self, blocks: std::ops::Range<u64>) -> Result<(), StateError> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        self.written.view_bits_mut::<Lsb0>()[blocks.start as usize..blocks.end as usize].fill(true);
+        let first = blocks.start as usize / 8 / PAGE;
+        let last = (blocks.end as usize - 1) / 8 / PAGE;
+        let r = first * PAGE..(last + 1) * PAGE;
+        self.file
+            .write_all_at(&self.written[r.clone()], self.written_off + r.start as u64)
+            .map_err(|source| StateError::Io {
+                op: "cannot write",
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Persists a sync batch's bits. The caller has synced the backing file
@@ -320,6 +448,34 @@ mod tests {
         );
         std::fs::write(dir.path().join("junk"), b"hello").unwrap();
         assert!(StateFile::open(&dir.path().join("junk"), geo, [1; 32]).is_err());
+    }
+
+    #[test]
+    fn acknowledged_writes_are_recovered_on_the_same_boot_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let geo = Geometry::new(64 << 20, 65536);
+        let mut s = StateFile::create_on_boot(&p, geo, [1; 32], "boot-a").unwrap();
+        s.persist(&SyncBatch {
+            blocks: vec![0..4],
+            guest_chunks: vec![],
+        })
+        .unwrap();
+        s.mark_written(2..10).unwrap();
+        s.mark_written(100..101).unwrap();
+        drop(s); // a crash: nothing synced
+        let s = StateFile::open_on_boot(&p, geo, [1; 32], "boot-a").unwrap();
+        assert_eq!(s.recovered_writes(), &[4..10, 100..101]);
+        // After a reboot they are gone, for good.
+        let s = StateFile::open_on_boot(&p, geo, [1; 32], "boot-b").unwrap();
+        assert!(s.recovered_writes().is_empty());
+        let s = StateFile::open_on_boot(&p, geo, [1; 32], "boot-b").unwrap();
+        assert!(s.recovered_writes().is_empty());
+        // An unknown boot never adopts them.
+        let mut s = StateFile::open_on_boot(&p, geo, [1; 32], "").unwrap();
+        s.mark_written(7..8).unwrap();
+        let s = StateFile::open_on_boot(&p, geo, [1; 32], "").unwrap();
+        assert!(s.recovered_writes().is_empty());
     }
 
     #[test]

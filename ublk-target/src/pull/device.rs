@@ -171,10 +171,23 @@ impl Shared {
             match plan {
                 WritePlan::Ready(blocks) => {
                     let backing = self.backing.clone();
+                    let state = self.state.clone();
                     let op = op.take().expect("op used once");
-                    let res = tokio::task::spawn_blocking(move || op(&backing))
-                        .await
-                        .unwrap_or_else(|e| Err(eio(e.to_string())));
+                    let written = blocks.clone();
+                    // Data first, then its written bit (both reach the page
+                    // cache before the guest is told): a restart after a
+                    // crash of this process keeps the write (see
+                    // ferry_store::state).
+                    let res = tokio::task::spawn_blocking(move || {
+                        op(&backing)?;
+                        state
+                            .lock()
+                            .expect("state lock")
+                            .mark_written(written)
+                            .map_err(|e| eio(format!("{e:#}")))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(eio(e.to_string())));
                     // The blocks are present either way (marked by the
                     // plan); on error their contents are what the file
                     // holds, and the guest is told.

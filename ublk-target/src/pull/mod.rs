@@ -161,7 +161,29 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         .with_context(|| format!("cannot connect to the source {}", a.source))?;
         let info = *client.info();
         let geo = info.geometry;
-        let (backing, state, resumed) = open_or_create(&a.disk, &state_path, geo, info.source_id)?;
+        let (backing, mut state, resumed) =
+            open_or_create(&a.disk, &state_path, geo, info.source_id)?;
+        // Writes the guest was told were done before a crash of ours on this
+        // boot are in the page cache: make them durable and present now, so
+        // nothing fetched later can overwrite them.
+        let recovered = state.recovered_writes().to_vec();
+        if !recovered.is_empty() {
+            let blocks: u64 = recovered.iter().map(|r| r.end - r.start).sum();
+            let mut guest_chunks: Vec<u64> = recovered
+                .iter()
+                .flat_map(|r| geo.chunk_of_block(r.start)..=geo.chunk_of_block(r.end - 1))
+                .collect();
+            guest_chunks.dedup();
+            backing.sync().context("cannot sync the backing file")?;
+            state.persist(&ferry_core::SyncBatch {
+                blocks: recovered,
+                guest_chunks,
+            })?;
+            tracing::info!(
+                blocks,
+                "kept guest writes acknowledged before the previous run stopped"
+            );
+        }
         // The disk is served at once; the manifest (zero chunks, hashes)
         // streams in meanwhile and starts the background copy.
         let mut engine = Engine::new(
