@@ -1,9 +1,11 @@
-//! `cargo xtask demo`: a whole migration on this machine. A source image
-//! holding a real ext4 filesystem is served by `ferry serve`; `ferry pull`
-//! presents it over NBD at once; qemu-io reads and writes through the
-//! export while the background copy runs; when the copy is complete the
-//! result is proven with `qemu-img compare` and `e2fsck`, and a short
-//! report is printed.
+//! `cargo xtask demo`: a whole migration on this machine, over an emulated
+//! WAN. A source image holding a real ext4 filesystem is served by
+//! `ferry serve`; between it and `ferry pull` runs the emulated link (a UDP
+//! relay on loopback with the WAN link model of `cargo xtask wan`: 200 Mbit/s,
+//! 50 ms RTT by default; no root needed); `ferry pull` presents the disk over
+//! NBD at once; qemu-io reads and writes through the export while the
+//! background copy runs; when the copy is complete the result is proven with
+//! `qemu-img compare` and `e2fsck`, and a short report is printed.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,10 +21,19 @@ pub(crate) struct DemoArgs {
     /// Size of the demo disk in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
-    /// Background copy rate limit in MiB/s (so the copy is slow enough to
-    /// watch; 0 = unlimited).
-    #[arg(long, default_value_t = 40)]
+    /// Background copy rate limit in MiB/s (0 = unlimited: the link is the
+    /// limit).
+    #[arg(long, default_value_t = 0)]
     rate_mib: u64,
+    /// Emulated link rate in Mbit/s.
+    #[arg(long, default_value_t = 200.0)]
+    link_mbit: f64,
+    /// Emulated link round-trip time in ms.
+    #[arg(long, default_value_t = 50.0)]
+    rtt_ms: f64,
+    /// Random loss on the emulated link (fraction of packets).
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
     /// Where to put the demo's files.
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -167,6 +178,8 @@ pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--identity"])
             .arg(dir.join("src-id"))
             .args(["--trust-peer", dst_fp.trim()])
+            .args(["--link-mbit", &(a.link_mbit as u64).to_string()])
+            .args(["--link-rtt-ms", &(a.rtt_ms as u64).to_string()])
             .stdout(std::fs::File::create(&serve_log)?)
             .stderr(std::fs::File::options().append(true).open(&serve_log)?)
             .spawn()?,
@@ -177,11 +190,30 @@ pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
         Duration::from_secs(120),
     )?;
 
+    // The emulated WAN between the two.
+    let relay_port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let relay_addr: std::net::SocketAddr = format!("127.0.0.1:{relay_port}").parse()?;
+    let link = crate::wan::LinkOpts {
+        rate_mbit: a.link_mbit,
+        rtt_ms: a.rtt_ms,
+        loss: a.loss,
+        ..crate::wan::LinkOpts::default()
+    };
+    let relay =
+        crate::wan::relay::Relay::start(relay_addr, format!("127.0.0.1:{port}").parse()?, &link)?;
+    eprintln!(
+        "demo: emulated WAN {} Mbit/s, {} ms RTT, {}% loss (UDP relay {relay_addr} -> source)",
+        a.link_mbit,
+        a.rtt_ms,
+        a.loss * 100.0
+    );
     let pull_log = dir.join("pull.log");
     let t_start = Instant::now();
     let _pull = Guard(
         ferry(&bin)
-            .args(["pull", "--source", &format!("127.0.0.1:{port}"), "--disk"])
+            .args(["pull", "--source", &relay_addr.to_string(), "--disk"])
             .arg(&dst)
             .arg("--nbd")
             .arg(format!("unix:{}", sock.display()))
@@ -191,6 +223,8 @@ pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
             .arg(dir.join("dst-id"))
             .args(["--trust-peer", src_fp.trim()])
             .args(["--rate", &(a.rate_mib << 20).to_string()])
+            .args(["--link-mbit", &(a.link_mbit as u64).to_string()])
+            .args(["--link-rtt-ms", &(a.rtt_ms as u64).to_string()])
             .stdout(std::fs::File::create(&pull_log)?)
             .stderr(std::fs::File::options().append(true).open(&pull_log)?)
             .stdin(Stdio::null())
@@ -271,6 +305,8 @@ pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
     output(Command::new("e2fsck").args(["-fn"]).arg(&dst))
         .context("e2fsck found the destination's filesystem damaged")?;
 
+    let relay_stats = relay.stats();
+    drop(relay);
     let data = fin["source_data_bytes"].as_u64().unwrap_or(0);
     let wire = fin["wire_rx_bytes"].as_u64().unwrap_or(0);
     println!("ferry demo report ({})", dir.display());
@@ -294,9 +330,14 @@ pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
         rw.as_secs_f64() * 1e3
     );
     println!(
-        "  whole disk local:  {:.1} s (background rate limit {} MiB/s)",
-        t_complete.as_secs_f64(),
-        a.rate_mib
+        "  link:              {} Mbit/s, {} ms RTT, {}% loss (emulated)",
+        a.link_mbit,
+        a.rtt_ms,
+        a.loss * 100.0
+    );
+    println!(
+        "  whole disk local:  {:.1} s after start",
+        t_complete.as_secs_f64()
     );
     println!(
         "  fetched:           {:.1} MiB on demand, {:.1} MiB in background",
@@ -313,6 +354,11 @@ pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
         fin["verified"], fin["verified_chunks"], fin["disk_blake3"]
     );
     println!("  qemu-img compare:  identical to source + the demo's writes");
+    let c = &relay_stats["to_client"];
+    println!(
+        "  link counters:     {} B forwarded to the destination, {} packets dropped by the bottleneck queue (max {:.0} ms queued), {} by random loss",
+        c["forwarded_bytes"], c["dropped_queue_pkts"], c["max_queue_ms"].as_f64().unwrap_or(0.0), c["dropped_random_loss_pkts"]
+    );
     println!("  e2fsck -fn:        clean");
     Ok(())
 }
