@@ -386,23 +386,28 @@ head -c $((RECORDS * 16384)) /dev/urandom >"$T/records"
 rec_block() { echo $((5120 + 1 + $1 * 41)); }
 # The writer: one buffered 16 KiB write + fsync per record (GNU dd
 # conv=fsync); a record is acknowledged (appended to $T/acked) only after
-# its fsync returned. Any failure is recorded in $T/writer.err.
+# its fsync returned. Any failure is recorded in $T/writer.err. It writes
+# record positions 0..RECORDS-1 round and round until told to stop (the
+# file $T/stop-writer; at most 5000 writes), so it is still running when
+# the pull is killed and while it recovers, however slow the machine is.
 writer() {
     i=0
-    while [ $i -lt $RECORDS ]; do
+    while [ ! -e "$T/stop-writer" ] && [ $i -lt 5000 ]; do
+        j=$((i % RECORDS))
         start=$(now)
-        if timeout 120 "$DD" if="$T/records" of="$DEV" bs=4096 skip=$((i * 4)) \
-            seek="$(rec_block $i)" count=4 conv=notrunc,fsync status=none 2>>"$T/writer.err"; then
-            echo $i >>"$T/acked"
-            echo "$i $start $(now)" >>"$T/acked-times"
+        if timeout 120 "$DD" if="$T/records" of="$DEV" bs=4096 skip=$((j * 4)) \
+            seek="$(rec_block $j)" count=4 conv=notrunc,fsync status=none 2>>"$T/writer.err"; then
+            echo $j >>"$T/acked"
+            echo "$j $start $(now)" >>"$T/acked-times"
         else
-            echo "record $i: dd failed at $(now)" >>"$T/writer.err"
+            echo "record $j (write $i): dd failed at $(now)" >>"$T/writer.err"
             return 1
         fi
         i=$((i + 1))
-        sleep 0.1
+        sleep 0.05
     done
 }
+rm -f "$T/stop-writer"
 : >"$T/acked"
 # Only this scenario's kernel messages count.
 dmesg -c >/dev/null
@@ -441,16 +446,22 @@ if check ferry-kill9-serve start_serve "$RAW" &&
     RECOVERY_STARTED=$(now)
     check ferry-kill9-recover start_pull kill9-recovered --disk "$DISK"
     writer_ok() {
+        # Let it write on through the recovered device: at least every
+        # record position once, and 5 records after the recovery.
+        at_recovery=$(acked)
         n=0
-        while kill -0 "$WRITER" 2>/dev/null && [ $n -lt 600 ]; do
+        while kill -0 "$WRITER" 2>/dev/null && [ $n -lt 600 ] &&
+            { [ "$(acked)" -lt $RECORDS ] || [ "$(acked)" -lt $((at_recovery + 5)) ]; }; do
             sleep 0.2
             n=$((n + 1))
         done
+        touch "$T/stop-writer"
         wait "$WRITER"
         rc=$?
         WRITER=
-        [ $rc -eq 0 ] && [ ! -s "$T/writer.err" ] && [ "$(acked)" -eq $RECORDS ] || {
-            echo "writer exit $rc, $(acked)/$RECORDS acknowledged: $(cat "$T/writer.err")"
+        [ $rc -eq 0 ] && [ ! -s "$T/writer.err" ] && [ "$(acked)" -ge $RECORDS ] &&
+            [ "$(acked)" -ge $((at_recovery + 5)) ] || {
+            echo "writer exit $rc, $(acked) acknowledged ($at_recovery at recovery): $(cat "$T/writer.err")"
             return 1
         }
         if dmesg | grep -i 'error' | grep -q ublkb0; then
