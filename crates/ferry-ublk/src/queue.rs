@@ -2,11 +2,19 @@
 //! request to the device's tokio runtime.
 //!
 //! The queue thread runs libublk's single-threaded executor over the queue's
-//! io_uring. A request is decoded there, its device call is spawned on the
-//! tokio runtime, and the tag's task awaits a oneshot receiver. The tokio side
-//! sends the result and then bumps an eventfd that the queue's ring polls, so
-//! a thread blocked in `io_uring_enter` wakes up and runs the task; the queue
-//! thread itself never waits on the device.
+//! io_uring. A request is decoded there.
+//!
+//! A READ first tries the device's [`BlockDevice::read_now`] straight into
+//! the request's buffer, on the queue thread: for `ferry pull` with every
+//! block of the range present that is one pread from local storage, and the
+//! request is answered at once, with no allocation, copy or thread hop.
+//!
+//! Every other request (and a READ the device cannot serve at once, e.g. one
+//! that must fetch) is spawned on the tokio runtime, and the tag's task
+//! awaits a oneshot receiver. The tokio side sends the result and then bumps
+//! an eventfd that the queue's ring polls, so a thread blocked in
+//! `io_uring_enter` wakes up and runs the task; the queue thread never waits
+//! on a device future.
 
 use std::future::Future;
 use std::io;
@@ -163,6 +171,13 @@ impl<D: BlockDevice> TagCtx<D> {
         let device = Arc::clone(&self.device);
         match Request::decode(desc, self.size, buf.len())? {
             Request::Read { offset, len } => {
+                // `decode` checked `len <= buf.len()`: the slice is exactly
+                // the request.
+                let dst = &mut buf[..len as usize];
+                if let Some(done) = read_now(&*self.device, offset, dst) {
+                    done?;
+                    return Ok(len as i32);
+                }
                 let data = self
                     .on_runtime(async move { device.read(offset, len).await })
                     .await?;
@@ -226,6 +241,24 @@ impl<D: BlockDevice> TagCtx<D> {
     }
 }
 
+/// The fast path of a READ: [`BlockDevice::read_now`] straight into the
+/// request's buffer, on the queue thread (no allocation, copy or thread hop).
+/// `None` means the device must wait for something (for `ferry pull`: a block
+/// is missing); the caller then takes the async path.
+///
+/// A panic in the device becomes an error for this request, as it does on
+/// the async path, instead of taking the queue thread down.
+fn read_now<D: BlockDevice>(device: &D, offset: u64, dst: &mut [u8]) -> Option<io::Result<()>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        device.read_now(offset, dst)
+    }))
+    .unwrap_or_else(|_| {
+        Some(Err(io::Error::other(
+            "the device's synchronous read panicked",
+        )))
+    })
+}
+
 /// The runtime side of one device call: delivers the result and, whether or
 /// not one was delivered (panic, runtime shutdown), wakes the queue thread.
 struct Completion<T> {
@@ -249,5 +282,152 @@ impl<T> Drop for Completion<T> {
         if let Err(e) = self.wake.write(1) {
             tracing::error!("failed to wake the ublk queue thread: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::request::op;
+
+    const SIZE: u64 = 1 << 20;
+
+    /// What the fake device's `read_now` does.
+    #[derive(Clone, Copy)]
+    enum Now {
+        /// Fills the buffer with 0xab.
+        Serve,
+        /// Says "use the async read".
+        Decline,
+        /// Fails with ENOSPC.
+        Fail,
+        /// Panics.
+        Panic,
+    }
+
+    struct Fake {
+        now: Now,
+        /// Length of every buffer `read_now` was given.
+        now_lens: Mutex<Vec<usize>>,
+        /// Calls of the async `read`.
+        reads: AtomicUsize,
+    }
+
+    impl BlockDevice for Fake {
+        fn size(&self) -> u64 {
+            SIZE
+        }
+
+        fn read_now(&self, _offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+            self.now_lens.lock().unwrap().push(buf.len());
+            match self.now {
+                Now::Serve => {
+                    buf.fill(0xab);
+                    Some(Ok(()))
+                }
+                Now::Decline => None,
+                Now::Fail => Some(Err(io::Error::from_raw_os_error(libc::ENOSPC))),
+                Now::Panic => panic!("read_now panics"),
+            }
+        }
+
+        async fn read(&self, _offset: u64, len: u32) -> io::Result<Vec<u8>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![0xcd; len as usize])
+        }
+
+        async fn write(&self, _offset: u64, _data: Vec<u8>, _fua: bool) -> io::Result<()> {
+            Ok(())
+        }
+
+        async fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+
+        async fn trim(&self, _offset: u64, _len: u64) -> io::Result<()> {
+            Ok(())
+        }
+
+        async fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Runs a READ of `sectors` 512-byte sectors at sector 8 against a fake
+    /// device behaving as `now`, with a 64 KiB request buffer; returns the
+    /// result, the buffer and the device.
+    fn read(now: Now, sectors: u32) -> (io::Result<i32>, Vec<u8>, Arc<Fake>) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let device = Arc::new(Fake {
+            now,
+            now_lens: Mutex::default(),
+            reads: AtomicUsize::new(0),
+        });
+        let ctx = TagCtx {
+            qid: 0,
+            tag: 0,
+            device: Arc::clone(&device),
+            rt: rt.handle().clone(),
+            size: SIZE,
+            wake: Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap()),
+        };
+        let desc = Descriptor {
+            op_flags: op::READ,
+            nr_sectors: sectors,
+            start_sector: 8,
+        };
+        let mut buf = vec![0u8; 64 << 10];
+        let res = smol::block_on(ctx.handle(desc, &mut buf));
+        (res, buf, device)
+    }
+
+    #[test]
+    fn read_now_serves_into_exactly_the_request_and_skips_the_async_read() {
+        let (res, buf, device) = read(Now::Serve, 8);
+        assert_eq!(res.unwrap(), 4096);
+        assert_eq!(*device.now_lens.lock().unwrap(), [4096]);
+        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
+        assert!(buf[..4096].iter().all(|b| *b == 0xab));
+        assert!(
+            buf[4096..].iter().all(|b| *b == 0),
+            "wrote past the request"
+        );
+    }
+
+    #[test]
+    fn declined_read_now_falls_back_to_the_async_read() {
+        let (res, buf, device) = read(Now::Decline, 16);
+        assert_eq!(res.unwrap(), 8192);
+        assert_eq!(*device.now_lens.lock().unwrap(), [8192]);
+        assert_eq!(device.reads.load(Ordering::SeqCst), 1);
+        assert!(buf[..8192].iter().all(|b| *b == 0xcd));
+        assert!(buf[8192..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn read_now_errors_keep_their_errno() {
+        let (res, _, device) = read(Now::Fail, 8);
+        let err = res.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
+        let desc = Descriptor {
+            op_flags: op::READ,
+            nr_sectors: 8,
+            start_sector: 8,
+        };
+        assert_eq!(request_failed(0, 0, desc, &err), -libc::ENOSPC);
+    }
+
+    #[test]
+    fn a_panicking_read_now_fails_the_request_only() {
+        let (res, _, device) = read(Now::Panic, 8);
+        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::Other);
+        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
     }
 }
