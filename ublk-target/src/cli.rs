@@ -63,16 +63,8 @@ pub(crate) struct ServeArgs {
     /// Default: beside the disk, as DISK.ferry-manifest.
     #[arg(long)]
     pub(crate) hash_cache: Option<PathBuf>,
-    /// Congestion control: `loss-tolerant` (ferry's delay-aware controller,
-    /// which ignores random loss) or `cubic` (quinn's default).
-    #[arg(long, default_value = "loss-tolerant", value_parser = ["loss-tolerant", "cubic"])]
-    pub(crate) congestion: String,
-    /// Link bandwidth in Mbit/s, used to size QUIC windows.
-    #[arg(long, default_value_t = 1000)]
-    pub(crate) link_mbit: u64,
-    /// Link round-trip time in ms, used to size QUIC windows.
-    #[arg(long, default_value_t = 100)]
-    pub(crate) link_rtt_ms: u64,
+    #[command(flatten)]
+    pub(crate) link: LinkArgs,
     /// Send chunks as they are, without zstd compression.
     #[arg(long)]
     pub(crate) no_compress: bool,
@@ -143,16 +135,8 @@ pub(crate) struct PullArgs {
     /// Give up connecting to the source at start after this many seconds.
     #[arg(long, default_value_t = 10)]
     pub(crate) connect_timeout: u64,
-    /// Congestion control: `loss-tolerant` (ferry's delay-aware controller,
-    /// which ignores random loss) or `cubic` (quinn's default).
-    #[arg(long, default_value = "loss-tolerant", value_parser = ["loss-tolerant", "cubic"])]
-    pub(crate) congestion: String,
-    /// Link bandwidth in Mbit/s, used to size QUIC windows.
-    #[arg(long, default_value_t = 1000)]
-    pub(crate) link_mbit: u64,
-    /// Link round-trip time in ms, used to size QUIC windows.
-    #[arg(long, default_value_t = 100)]
-    pub(crate) link_rtt_ms: u64,
+    #[command(flatten)]
+    pub(crate) link: LinkArgs,
 }
 
 #[derive(Args, Debug)]
@@ -172,4 +156,31 @@ pub(crate) struct BackgroundArgs {
     pub(crate) control: PathBuf,
     /// pause, resume, or rate=BYTES_PER_SEC (0 = unlimited).
     pub(crate) action: String,
+}
+
+/// The link and congestion options shared by `serve` and `pull`.
+#[derive(Args, Debug)]
+pub(crate) struct LinkArgs {
+    /// Congestion control: `loss-tolerant` (ferry's delay-aware controller,
+    /// which ignores random loss) or `cubic` (quinn's default).
+    #[arg(long, default_value = "loss-tolerant", value_parser = ["loss-tolerant", "cubic"])]
+    pub(crate) congestion: String,
+    /// Link bandwidth in Mbit/s, used to size QUIC windows.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) link_mbit: u64,
+    /// Link round-trip time in ms, used to size QUIC windows.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) link_rtt_ms: u64,
+}
+
+impl LinkArgs {
+    /// QUIC tuning for this link.
+    pub(crate) fn tuning(&self) -> ferry_transport::Tuning {
+        let mut t = ferry_transport::Tuning::for_link(
+            self.link_mbit * 1_000_000,
+            std::time::Duration::from_millis(self.link_rtt_ms),
+        );
+        t.loss_tolerant = self.congestion == "loss-tolerant";
+        t
+    }
 }

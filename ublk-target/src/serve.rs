@@ -3,13 +3,12 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_core::geometry::DEFAULT_CHUNK_SIZE;
 use ferry_core::Manifest;
 use ferry_store::SourceImage;
-use ferry_transport::{ChunkSource, Fingerprint, Identity, Server, ServerOptions, Tuning};
+use ferry_transport::{ChunkSource, Fingerprint, Identity, Server, ServerOptions};
 
 use crate::cli::ServeArgs;
 
@@ -66,11 +65,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         data_bytes = manifest.data_bytes(),
         "source manifest ready"
     );
-    let mut tuning = Tuning::for_link(
-        a.link_mbit * 1_000_000,
-        Duration::from_millis(a.link_rtt_ms),
-    );
-    tuning.loss_tolerant = a.congestion == "loss-tolerant";
+    let tuning = a.link.tuning();
     let fingerprint = identity.fingerprint();
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {

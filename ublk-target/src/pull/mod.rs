@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use ferry_core::Engine;
 use ferry_nbd::{NbdListener, NbdServerConfig};
 use ferry_store::{Backing, BackingError, StateFile};
-use ferry_transport::{Client, ClientOptions, Fingerprint, Identity, Tuning};
+use ferry_transport::{Client, ClientOptions, Fingerprint, Identity};
 use tokio::sync::Notify;
 
 use crate::cli::PullArgs;
@@ -122,7 +122,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         bail!("--batch-chunks and --window must be at least 1");
     }
     let window = a.window.unwrap_or_else(|| {
-        let bdp = a.link_mbit as f64 * 1e6 / 8.0 * a.link_rtt_ms as f64 / 1e3;
+        let bdp = a.link.link_mbit as f64 * 1e6 / 8.0 * a.link.link_rtt_ms as f64 / 1e3;
         let batch = f64::from(a.batch_chunks) * f64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE);
         ((2.0 * bdp / batch).ceil() as usize).clamp(2, 64)
     });
@@ -144,11 +144,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             None => None,
         };
         let control = copier::ControlListener::bind(&a.control)?;
-        let mut tuning = Tuning::for_link(
-            a.link_mbit * 1_000_000,
-            Duration::from_millis(a.link_rtt_ms),
-        );
-        tuning.loss_tolerant = a.congestion == "loss-tolerant";
+        let tuning = a.link.tuning();
         let started = Instant::now();
         let client = Client::connect(ClientOptions {
             server: a.source,
