@@ -8,7 +8,8 @@
 //!
 //! - **queueing delay**: per round trip it takes the smallest RTT sample of
 //!   the round; if that exceeds the path's minimum RTT by more than the
-//!   delay target, a queue is building, and the window shrinks by 15%;
+//!   delay target (RTT/8, within 5–25 ms), a queue is building, and the
+//!   window shrinks by 15%;
 //! - **heavy loss**: if more than [`LossTolerantConfig::loss_threshold`] of
 //!   the round's bytes were lost (a queue overflowing drops far more than
 //!   random loss does), the window shrinks by 30%;
@@ -43,8 +44,10 @@ pub struct LossTolerantConfig {
     pub loss_threshold: f64,
     /// Queueing delay that counts as congestion: at least this long…
     pub min_delay_target: Duration,
-    /// …or this fraction of the minimum RTT, whichever is larger.
+    /// …or this fraction of the minimum RTT, whichever is larger…
     pub delay_target_fraction: f64,
+    /// …but never more than this (a bottleneck queue is often ~50 ms).
+    pub max_delay_target: Duration,
 }
 
 impl Default for LossTolerantConfig {
@@ -54,7 +57,8 @@ impl Default for LossTolerantConfig {
             initial_window: 14720,
             loss_threshold: 0.02,
             min_delay_target: Duration::from_millis(5),
-            delay_target_fraction: 0.25,
+            delay_target_fraction: 0.125,
+            max_delay_target: Duration::from_millis(25),
         }
     }
 }
@@ -103,9 +107,12 @@ impl LossTolerant {
     }
 
     fn delay_target(&self, min_rtt: Duration) -> Duration {
-        self.config
-            .min_delay_target
-            .max(min_rtt.mul_f64(self.config.delay_target_fraction))
+        min_rtt.mul_f64(self.config.delay_target_fraction).clamp(
+            self.config.min_delay_target,
+            self.config
+                .max_delay_target
+                .max(self.config.min_delay_target),
+        )
     }
 
     /// Ends the round at `now` if one RTT has passed, adjusting the window.
@@ -300,6 +307,20 @@ mod tests {
         );
         // Slow start leaves before its doubling overflows the queue.
         assert_eq!(drops, 0.0, "{drops} bytes dropped at the bottleneck queue");
+    }
+
+    #[test]
+    fn a_150_ms_link_keeps_its_queue_short_and_full() {
+        // 200 Mbit/s, 150 ms, a 50 ms queue: a delay target of RTT/4
+        // (37 ms) let the window overflow the queue over and over.
+        let rate = 25e6;
+        let (tput, qdelay, drops) = simulate(rate, Duration::from_millis(150), 1_250_000, 0.0, 600);
+        assert!(tput > 0.9 * rate, "throughput {tput} of {rate}");
+        assert!(
+            qdelay < Duration::from_millis(25),
+            "queueing delay {qdelay:?}"
+        );
+        assert!(drops < 5e6, "{drops} bytes dropped at the queue");
     }
 
     #[test]
