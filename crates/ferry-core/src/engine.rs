@@ -285,13 +285,9 @@ impl Engine {
         }
     }
 
-    /// Bytes of source data (non-zero chunks) still absent, counting whole
-    /// chunks that hold any absent block.
-    pub fn absent_data_bytes(&self) -> u64 {
-        (0..self.geo.chunks())
-            .filter(|c| !self.chunk_present(*c))
-            .map(|c| u64::from(self.geo.chunk_len(c)))
-            .sum()
+    /// Number of chunks the guest has written into.
+    pub fn guest_chunk_count(&self) -> u64 {
+        self.guest_chunks.count_ones() as u64
     }
 
     /// The counters.

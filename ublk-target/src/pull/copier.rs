@@ -351,7 +351,7 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
     } else {
         None
     };
-    let guest_written_chunks = (0..geo.chunks()).filter(|c| e.guest_wrote(*c)).count() as u64;
+    let guest_written_chunks = e.guest_chunk_count();
     Status {
         phase,
         error,
