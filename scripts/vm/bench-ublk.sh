@@ -76,6 +76,10 @@ complete() {
     done
     return 1
 }
+# How the device moves data: user_copy=true and flags with 0x80
+# (UBLK_F_USER_COPY) mean one copy per read, else per-tag buffers.
+info ublk_data_path "$(grep 'ublk device set up' "$T/pull.log" | tail -n 1 |
+    sed -n 's/.*\(user_copy=[a-z]*\).* \(flags=0x[0-9a-f]*\).*/\1, \2/p')"
 t0=$(cut -d' ' -f1 /proc/uptime)
 if ! check bench-copy-complete-verified complete; then
     cat "$T/status.json"

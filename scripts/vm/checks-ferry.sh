@@ -15,7 +15,8 @@
 #         the destination image is the source plus those writes.
 #   ext4  mounted from /dev/ublkb0 during the copy: files checked, new files
 #         written and synced; after completion e2fsck -fn is clean and the
-#         new files are in the image.
+#         new files are in the image. Served on the buffer path
+#         (--ublk-no-user-copy); the other scenarios use UBLK_F_USER_COPY.
 #   kill9 kill -9 of `ferry pull` under a writer that fsyncs every record,
 #         then `ferry pull --ublk --ublk-id 0` again: the writer sees no I/O
 #         error, every write acknowledged by fsync is in the final image.
@@ -258,6 +259,8 @@ if check ferry-serve start_serve "$RAW" &&
             [ "$(cat /sys/block/ublkb0/queue/logical_block_size)" = 4096 ]
     }
     check ferry-geometry geometry
+    # The driver has UBLK_F_USER_COPY: reads of present blocks cost one copy.
+    check ferry-ublk-user-copy user_copy "$POUT" yes
     held() {
         status && [ "$(field phase)" = copying ] && [ "$(field background)" = paused ] &&
             [ "$(field fetched_background_bytes)" = 0 ] && [ "$(field present_at_start_bytes)" = 0 ]
@@ -328,7 +331,9 @@ SIZE=$(blockdev --getsize64 "$EXT4")
 MNT=/mnt/ferry
 mkdir -p "$MNT"
 if check ferry-ext4-serve start_serve "$EXT4" &&
-    check ferry-ext4-pull-live start_pull ext4 --disk "$DISK" --hold-background; then
+    check ferry-ext4-pull-live start_pull ext4 --disk "$DISK" --hold-background --ublk-no-user-copy; then
+    # This scenario runs on the buffer path (the fallback without user copy).
+    check ferry-ext4-buffer-path user_copy "$POUT" no
     check ferry-ext4-mount-during-copy timeout 120 mount -t ext4 "$DEV" "$MNT"
     # No `timeout` inside a `cd $MNT`: busybox timeout leaves a watcher
     # process (cwd $MNT) for up to a second, which makes umount fail EBUSY.
@@ -445,6 +450,7 @@ if check ferry-kill9-serve start_serve "$RAW" &&
     # Recovery: the same command line, without holding the background.
     RECOVERY_STARTED=$(now)
     check ferry-kill9-recover start_pull kill9-recovered --disk "$DISK"
+    check ferry-kill9-recovered-keeps-user-copy user_copy "$POUT" yes
     writer_ok() {
         # Let it write on through the recovered device: at least every
         # record position once, and 5 records after the recovery.

@@ -74,6 +74,8 @@ else
     exit 1
 fi
 NAME=${DEV#/dev/}
+# The driver has UBLK_F_USER_COPY (6.12): the device must be created with it.
+check ublk-user-copy-in-use user_copy "$LOG" yes
 
 geometry() {
     [ "$(cat /sys/block/$NAME/size)" = $((64 * 2048)) ] &&
@@ -204,7 +206,7 @@ check crash-keeps-device test -b "$DEV"
 dd if="$DEV" of=/tmp/during bs=1M count=4 iflag=direct 2>/dev/null &
 HELD=$!
 
-if start_server recovered --size-mib 64 --dev-id 1 --file "$BACKING" --recover; then
+if start_server recovered --size-mib 64 --dev-id 1 --file "$BACKING" --recover --no-user-copy; then
     pass recover
 else
     fail recover "ublk-mem --recover did not come up: $(server_log)"
@@ -217,9 +219,47 @@ held_io() {
     wait "$HELD" && cmp -n $((4 * MIB)) /tmp/pattern /tmp/during
 }
 check io-held-across-crash held_io
+# Created with user copy, recovered by a server asked for buffers: the
+# device's mode wins.
+check recover-keeps-user-copy user_copy "$LOG" yes
 check recover-keeps-data readback
 check recover-serves-io offset_rw
 check recover-graceful-stop stop_server
+
+
+# ---- the buffer path (no user copy), and recovery keeping the device's mode --
+# A device created with --no-user-copy serves through per-tag buffers; a
+# server recovering it without the flag must keep that mode (the driver
+# refuses the other), and vice versa.
+BUFFERED=/tmp/buffered.img
+if start_server buffered --size-mib 64 --dev-id 4 --file "$BUFFERED" --no-user-copy; then
+    check ublk-buffers-no-user-copy user_copy "$LOG" no
+    turned_off() { grep -q 'UBLK_F_USER_COPY turned off' "$LOG"; }
+    check ublk-buffers-reason-logged turned_off
+    check ublk-buffers-odirect-write dd if=/tmp/pattern of="$DEV" bs=1M count=16 oflag=direct
+    check ublk-buffers-readback readback
+    check ublk-buffers-offset-4k offset_rw
+    if command -v fio >/dev/null; then
+        CHECK_TIMEOUT=120 check ublk-buffers-fio-verify fio --name=verify --filename="$DEV" \
+            --rw=randwrite --bs=64k --size=16M --direct=1 --ioengine=libaio --iodepth=8 \
+            --verify=crc32c --do_verify=1 --verify_fatal=1
+    else
+        skip ublk-buffers-fio-verify "fio is not in the initramfs"
+    fi
+    dd if=/tmp/pattern of="$DEV" bs=1M count=16 oflag=direct 2>/dev/null
+    kill -9 "$PID"
+    wait "$PID" 2>/dev/null
+    if start_server buffered-recovered --size-mib 64 --dev-id 4 --file "$BUFFERED" --recover; then
+        check ublk-buffers-recovered-keeps-mode user_copy "$LOG" no
+        check ublk-buffers-recovered-data readback
+        check ublk-buffers-recovered-stop stop_server
+    else
+        fail ublk-buffers-recover "ublk-mem --recover of a buffered device did not come up: $(server_log)"
+        kill -9 "$PID" 2>/dev/null
+    fi
+else
+    fail ublk-buffers-setup "ublk-mem --no-user-copy did not come up: $(server_log)"
+fi
 
 echo "---- last lines of the ublk-mem log ($LOG)"
 tail -n 30 "$LOG"

@@ -59,3 +59,30 @@ for tool in dd cmp blkdiscard; do
         fi
     done
 done
+
+# ublk_flags LOG: the UBLK_F_* flags of the device the server logged last in
+# LOG (its "ublk device set up ... flags=0x..." line: dev_info as the driver
+# returned it), e.g. 0xfa.
+ublk_flags() {
+    grep 'ublk device set up' "$1" | tail -n 1 | sed -n 's/.* flags=\(0x[0-9a-f]*\).*/\1/p'
+}
+
+# user_copy LOG yes|no: the device logged last in LOG was (yes) or was not
+# (no) created with UBLK_F_USER_COPY (0x80), and the server says it serves
+# it that way (user_copy=true|false).
+user_copy() {
+    flags=$(ublk_flags "$1")
+    [ -n "$flags" ] || {
+        echo "no 'ublk device set up ... flags=' line in $1"
+        return 1
+    }
+    line=$(grep 'ublk device set up' "$1" | tail -n 1)
+    if [ "$2" = yes ]; then
+        [ $((flags & 0x80)) -ne 0 ] && echo "$line" | grep -q 'user_copy=true'
+    else
+        [ $((flags & 0x80)) -eq 0 ] && echo "$line" | grep -q 'user_copy=false'
+    fi || {
+        echo "expected user copy $2, got flags $flags: $line"
+        return 1
+    }
+}

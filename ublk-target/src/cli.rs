@@ -101,6 +101,10 @@ pub(crate) struct PullArgs {
     /// ublk queue depth.
     #[arg(long, default_value_t = 64)]
     pub(crate) depth: u16,
+    /// Serve ublk requests through per-tag buffers (two copies per read)
+    /// even when the driver has UBLK_F_USER_COPY; for tests of that path.
+    #[arg(long, hide = true)]
+    pub(crate) ublk_no_user_copy: bool,
     /// NBD export name.
     #[arg(long, default_value = "ferry")]
     pub(crate) export_name: String,

@@ -466,7 +466,7 @@ fn build_example(root: &Path) -> Result<PathBuf> {
     if !bin.exists() {
         bail!("cargo built no {}", bin.display());
     }
-    Ok(bin)
+    private_copy(root, &bin)
 }
 
 /// Builds the `ferry` binary in release mode and returns its path.
@@ -480,7 +480,26 @@ fn build_ferry(root: &Path) -> Result<PathBuf> {
     if !bin.exists() {
         bail!("cargo built no {}", bin.display());
     }
-    Ok(bin)
+    private_copy(root, &bin)
+}
+
+/// Copies a binary just built out of the target directory into one of this
+/// checkout's own (`<target>/vm-bin/<checkout path>/`), so that a build of
+/// another checkout sharing `CARGO_TARGET_DIR` cannot replace it before the
+/// initramfs is packed.
+fn private_copy(root: &Path, bin: &Path) -> Result<PathBuf> {
+    let key: String = root
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let dir = target_dir(root).join("vm-bin").join(key);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = bin.file_name().context("a binary has a file name")?;
+    let dst = dir.join(name);
+    fs::copy(bin, &dst)
+        .with_context(|| format!("copying {} to {}", bin.display(), dst.display()))?;
+    Ok(dst)
 }
 
 /// The kernel passes `KEY=VALUE` words to `/init` as environment variables;

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
 
 /// A byte-addressed block device with the operations a guest can issue.
@@ -35,6 +36,26 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// avoid a thread hop, an allocation and a copy.
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let _ = (offset, buf);
+        None
+    }
+
+    /// Copies `len` bytes at `offset` to the file descriptor `out` at
+    /// `out_offset` at once, on the caller's thread, if that needs no
+    /// waiting on anything but local storage (as for
+    /// [`BlockDevice::read_now`]). `None` means "use `read_now` or `read`".
+    ///
+    /// For a device over a file this is one `pwrite` from the file's page
+    /// cache to `out`: the ublk frontend passes `/dev/ublkcN` at the
+    /// request's user-copy position (`UBLK_F_USER_COPY`), so the bytes
+    /// reach the block request's pages with a single copy.
+    fn copy_now(
+        &self,
+        offset: u64,
+        len: usize,
+        out: BorrowedFd<'_>,
+        out_offset: u64,
+    ) -> Option<io::Result<()>> {
+        let _ = (offset, len, out, out_offset);
         None
     }
 

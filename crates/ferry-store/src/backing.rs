@@ -1,12 +1,19 @@
 //! The destination's backing file: a sparse file the size of the source.
+//!
+//! Besides `pread`/`pwrite`, the file is mapped once, read-only and shared
+//! ([`crate::mapping`]), so [`Backing::copy_to`] can hand a range of it to
+//! another file descriptor with one `pwrite` from the page cache (the ublk
+//! frontend's single-copy READ).
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fallocate, FallocateFlags};
+
+use crate::mapping::FileMap;
 
 /// Errors opening or creating the backing file.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +59,9 @@ pub struct Backing {
     file: File,
     path: PathBuf,
     size: u64,
+    /// The whole file mapped read-only; `None` if mapping failed (then
+    /// [`Backing::copy_to`] declines and callers read with `read_at`).
+    map: Option<FileMap>,
 }
 
 impl Backing {
@@ -69,11 +79,7 @@ impl Backing {
             .map_err(err)?;
         file.set_len(size).map_err(err)?;
         file.sync_all().map_err(err)?;
-        Ok(Self {
-            file,
-            path: path.to_owned(),
-            size,
-        })
+        Ok(Self::with_map(file, path, size))
     }
 
     /// Opens an existing file, which must be `size` bytes long (a regular
@@ -96,11 +102,28 @@ impl Backing {
                 expected: size,
             });
         }
-        Ok(Self {
+        Ok(Self::with_map(file, path, size))
+    }
+
+    fn with_map(file: File, path: &Path, size: u64) -> Self {
+        // ferry never shrinks the file (it is created at its final size),
+        // which the mapping requires; see `FileMap::pwrite_to`.
+        let map = match FileMap::new(&file, size) {
+            Ok(map) => Some(map),
+            Err(e) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "cannot map the backing file ({e}); reads will be copied through a buffer"
+                );
+                None
+            }
+        };
+        Self {
             file,
             path: path.to_owned(),
             size,
-        })
+            map,
+        }
     }
 
     /// The path.
@@ -116,6 +139,22 @@ impl Backing {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    /// Copies `len` bytes at `offset` to `out` at `out_offset` with one
+    /// `pwrite` from the file's mapping: the bytes go from the page cache
+    /// straight to `out` (for ublk's user copy, into the block request's
+    /// pages), with no buffer in between. `None` when the file could not be
+    /// mapped; the caller then uses [`Backing::read_at`].
+    pub fn copy_to(
+        &self,
+        offset: u64,
+        len: usize,
+        out: BorrowedFd<'_>,
+        out_offset: u64,
+    ) -> Option<io::Result<()>> {
+        let map = self.map.as_ref()?;
+        Some(map.pwrite_to(offset, len, out, out_offset))
     }
 
     /// Writes `data` at `offset` (into the page cache; see [`Backing::sync`]).
@@ -170,5 +209,33 @@ mod tests {
         let e = Backing::open(&p, 2 << 20).unwrap_err();
         assert!(e.to_string().contains("exists with size 1048576"), "{e}");
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn copy_to_sends_what_the_file_holds_now() {
+        use std::os::fd::AsFd;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        Backing::create(&p, 1 << 20).unwrap();
+        // Reopened: the mapping is made by `open` as well.
+        let b = Backing::open(&p, 1 << 20).unwrap();
+        b.write_at(&[7; 8192], 65536).unwrap();
+        let out = tempfile::tempfile().unwrap();
+        b.copy_to(65536 - 4096, 16384, out.as_fd(), 0)
+            .expect("the file is mapped")
+            .unwrap();
+        let mut got = vec![1u8; 16384];
+        out.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..4096].iter().all(|x| *x == 0), "hole before");
+        assert!(got[4096..12288].iter().all(|x| *x == 7), "written data");
+        assert!(got[12288..].iter().all(|x| *x == 0), "hole after");
+        b.punch_hole(65536, 4096).unwrap();
+        b.copy_to(65536, 4096, out.as_fd(), 0).unwrap().unwrap();
+        out.read_exact_at(&mut got[..4096], 0).unwrap();
+        assert!(got[..4096].iter().all(|x| *x == 0), "punched");
+        assert!(b
+            .copy_to((1 << 20) - 4096, 8192, out.as_fd(), 0)
+            .unwrap()
+            .is_err());
     }
 }

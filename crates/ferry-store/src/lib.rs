@@ -7,9 +7,14 @@
 //! - [`source`]: the source side: opening an image or block device
 //!   read-only, finding holes and zero chunks, hashing data chunks into a
 //!   [`ferry_core::Manifest`], and caching that manifest.
-#![forbid(unsafe_code)]
+//!
+//! Unsafe code is denied except in one private module (`mapping`: the
+//! backing file's read-only mapping, used only as the source of a
+//! `pwrite`).
+#![deny(unsafe_code)]
 
 pub mod backing;
+mod mapping;
 pub mod source;
 pub mod state;
 

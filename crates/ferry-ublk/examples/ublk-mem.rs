@@ -6,11 +6,12 @@
 //! counting the requests that reached the device (so checks can prove that
 //! FLUSH, FUA, DISCARD and WRITE_ZEROES arrive). SIGTERM or SIGINT stops and
 //! deletes the device; SIGKILL leaves it quiesced for `--recover` (the backing
-//! file keeps the data across the crash).
+//! file keeps the data across the crash). `--no-user-copy` serves through
+//! per-tag buffers even when the driver has `UBLK_F_USER_COPY`.
 #![forbid(unsafe_code)]
 
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use ferry_device::{BlockDevice, MemDevice};
+use ferry_store::Backing;
 use ferry_ublk::{dev_id_of, serve_ublk, stop_ublk, UblkOptions};
 
 #[derive(Parser, Debug)]
@@ -48,6 +50,9 @@ struct Args {
     /// I/O error, to check how errors reach the block layer.
     #[arg(long)]
     bad_block: Option<u64>,
+    /// Do not use UBLK_F_USER_COPY: serve through per-tag buffers.
+    #[arg(long)]
+    no_user_copy: bool,
 }
 
 fn main() -> Result<()> {
@@ -70,6 +75,7 @@ fn main() -> Result<()> {
         depth: args.depth,
         io_buf_bytes: args.io_buf_kib * 1024,
         recover: args.recover,
+        user_copy: !args.no_user_copy,
     };
     let size = args.size_mib << 20;
     match &args.file {
@@ -209,6 +215,22 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
         Some(done)
     }
 
+    fn copy_now(
+        &self,
+        offset: u64,
+        len: usize,
+        out: BorrowedFd<'_>,
+        out_offset: u64,
+    ) -> Option<io::Result<()>> {
+        if let Err(e) = self.check(offset, len as u64) {
+            Counts::bump(&self.counts.read);
+            return Some(Err(e));
+        }
+        let done = self.inner.copy_now(offset, len, out, out_offset)?;
+        Counts::bump(&self.counts.read);
+        Some(done)
+    }
+
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         Counts::bump(&self.counts.read);
         self.check(offset, u64::from(len))?;
@@ -244,12 +266,13 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
 }
 
 /// A device backed by a regular file, so its contents survive a crash of the
-/// server (for the recovery check). Reads are served by `read_now` (a pread
-/// on the queue thread), as `ferry pull`'s are once every block is present,
-/// so `cargo xtask vm-bench`'s reference column measures the same path.
+/// server (for the recovery check). Reads are served at once on the queue
+/// thread, as `ferry pull`'s are once every block is present, so
+/// `cargo xtask vm-bench`'s reference column measures the same path: with
+/// user copy `copy_now` (one `pwrite` from the file's mapping to
+/// `/dev/ublkcN`), else `read_now` (a pread into the tag's buffer).
 struct FileDevice {
-    file: Arc<std::fs::File>,
-    size: u64,
+    backing: Arc<Backing>,
 }
 
 impl FileDevice {
@@ -266,18 +289,19 @@ impl FileDevice {
             file.set_len(size)
                 .with_context(|| format!("sizing {} to {size} bytes", path.display()))?;
         }
+        drop(file);
+        let backing = Backing::open(path, size)?;
         Ok(Self {
-            file: Arc::new(file),
-            size,
+            backing: Arc::new(backing),
         })
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&std::fs::File) -> io::Result<T> + Send + 'static,
+        f: impl FnOnce(&Backing) -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
-        let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || f(&file))
+        let backing = Arc::clone(&self.backing);
+        tokio::task::spawn_blocking(move || f(&backing))
             .await
             .map_err(io::Error::other)?
     }
@@ -285,27 +309,37 @@ impl FileDevice {
 
 impl BlockDevice for FileDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.backing.size()
     }
 
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
-        Some(self.file.read_exact_at(buf, offset))
+        Some(self.backing.read_at(buf, offset))
+    }
+
+    fn copy_now(
+        &self,
+        offset: u64,
+        len: usize,
+        out: BorrowedFd<'_>,
+        out_offset: u64,
+    ) -> Option<io::Result<()>> {
+        self.backing.copy_to(offset, len, out, out_offset)
     }
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        self.blocking(move |f| {
+        self.blocking(move |b| {
             let mut buf = vec![0; len as usize];
-            f.read_exact_at(&mut buf, offset)?;
+            b.read_at(&mut buf, offset)?;
             Ok(buf)
         })
         .await
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
-        self.blocking(move |f| {
-            f.write_all_at(&data, offset)?;
+        self.blocking(move |b| {
+            b.write_at(&data, offset)?;
             if fua {
-                f.sync_data()?;
+                b.sync()?;
             }
             Ok(())
         })
@@ -313,7 +347,7 @@ impl BlockDevice for FileDevice {
     }
 
     async fn flush(&self) -> io::Result<()> {
-        self.blocking(|f| f.sync_data()).await
+        self.blocking(|b| b.sync()).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -321,16 +355,16 @@ impl BlockDevice for FileDevice {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.blocking(move |f| {
+        self.blocking(move |b| {
             let zeros = vec![0; len.min(1 << 20) as usize];
             let mut done = 0;
             while done < len {
                 let n = (len - done).min(zeros.len() as u64);
-                f.write_all_at(&zeros[..n as usize], offset + done)?;
+                b.write_at(&zeros[..n as usize], offset + done)?;
                 done += n;
             }
             if fua {
-                f.sync_data()?;
+                b.sync()?;
             }
             Ok(())
         })

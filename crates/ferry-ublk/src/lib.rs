@@ -9,9 +9,17 @@
 //! Requests: READ, WRITE (FUA honoured), FLUSH, DISCARD and WRITE_ZEROES;
 //! anything else is answered -EOPNOTSUPP. Device errors become negative errno
 //! values in one place, which also logs them.
+//!
+//! Data path: with the driver's `UBLK_F_USER_COPY` (Linux 6.5+) a READ of a
+//! file-backed device costs one copy (page cache to the request's pages,
+//! through [`BlockDevice::copy_now`]); without it, per-tag buffers and two
+//! copies. See the `queue` module.
+//!
+//! Unsafe code is denied except in one private module (`cdev`: borrowing
+//! libublk's `/dev/ublkcN` descriptor).
+#![deny(unsafe_code)]
 
-#![forbid(unsafe_code)]
-
+mod cdev;
 mod errno;
 mod queue;
 mod request;
@@ -47,6 +55,11 @@ pub struct UblkOptions {
     /// Re-attach to the existing device `dev_id`, left quiesced by a server
     /// that crashed (`UBLK_F_USER_RECOVERY`), instead of creating one.
     pub recover: bool,
+    /// Create the device with `UBLK_F_USER_COPY` when the driver has it
+    /// (one copy per READ instead of two). `false` keeps the per-tag buffer
+    /// path (for tests of that path). A recovered device keeps the mode it
+    /// was created with, whatever this says.
+    pub user_copy: bool,
 }
 
 impl Default for UblkOptions {
@@ -57,6 +70,7 @@ impl Default for UblkOptions {
             depth: 64,
             io_buf_bytes: 1 << 20,
             recover: false,
+            user_copy: true,
         }
     }
 }
@@ -151,7 +165,7 @@ pub fn serve_ublk<D: BlockDevice>(
         features = format_args!("{:#x}", features.unwrap_or(0)),
         "ublk driver features"
     );
-    let plan = setup::plan_features(features, opts.recover)?;
+    let plan = setup::plan_features(features, opts.recover, opts.user_copy)?;
     for reason in &plan.degraded {
         tracing::warn!("ublk: degraded: {reason}");
     }
@@ -171,8 +185,10 @@ pub fn serve_ublk<D: BlockDevice>(
             .map_err(UblkError::Create)?
     };
     let dev_id = ctrl.dev_info().dev_id;
+    let user_copy = ctrl.dev_info().flags & setup::feature::USER_COPY != 0;
     tracing::info!(
         dev_id,
+        user_copy,
         size,
         queues = ctrl.dev_info().nr_hw_queues,
         depth = ctrl.dev_info().queue_depth,
@@ -286,6 +302,12 @@ fn check_options(opts: &UblkOptions) -> Result<(), UblkError> {
 
 /// Puts the quiesced device `opts.dev_id` into recovery and returns a
 /// control handle for serving it again.
+///
+/// The new server must move data the way the device was created to
+/// (the driver refuses a FETCH with a buffer address on a user-copy device,
+/// and one without on a buffered device), so the device's own
+/// `UBLK_F_USER_COPY` bit replaces the plan's; the queues then follow the
+/// flags the driver reports for the device.
 fn recover_ctrl(opts: &UblkOptions, ctrl_flags: u64, size: u64) -> Result<UblkCtrl, UblkError> {
     let dev_id = opts.dev_id.unwrap_or_default();
     let fail = |reason: String| UblkError::Recover { dev_id, reason };
@@ -316,6 +338,15 @@ fn recover_ctrl(opts: &UblkOptions, ctrl_flags: u64, size: u64) -> Result<UblkCt
             queues = info.nr_hw_queues,
             depth = info.queue_depth,
             "recovering with the existing device's queues and depth, not the options'"
+        );
+    }
+    let ctrl_flags =
+        (ctrl_flags & !setup::feature::USER_COPY) | (info.flags & setup::feature::USER_COPY);
+    if opts.user_copy != (info.flags & setup::feature::USER_COPY != 0) {
+        tracing::warn!(
+            dev_id,
+            device_user_copy = info.flags & setup::feature::USER_COPY != 0,
+            "recovering with the data path the device was created with, not the options'"
         );
     }
     tracing::info!(dev_id, state = info.state, "starting ublk user recovery");

@@ -4,10 +4,23 @@
 //! The queue thread runs libublk's single-threaded executor over the queue's
 //! io_uring. A request is decoded there.
 //!
-//! A READ first tries the device's [`BlockDevice::read_now`] straight into
-//! the request's buffer, on the queue thread: for `ferry pull` with every
-//! block of the range present that is one pread from local storage, and the
-//! request is answered at once, with no allocation, copy or thread hop.
+//! Request data moves one of two ways ([`DataPath`]), fixed by the flags the
+//! device was created with (a recovered device keeps its creator's):
+//! - *user copy* (`UBLK_F_USER_COPY`): the tags have no buffers. A READ
+//!   first tries [`BlockDevice::copy_now`], which for a file-backed device
+//!   is one `pwrite` from the page cache to `/dev/ublkcN` at the tag's
+//!   position: the driver copies it straight into the request's pages, so
+//!   each byte is copied once (as the loop device does). A device without
+//!   `copy_now` is read with `read_now` into a per-queue scratch buffer,
+//!   then written to the char device. A WRITE's data is `pread` from the
+//!   char device into the `Vec` handed to the device.
+//! - *buffers* (the driver lacks user copy, or it was turned off): each tag
+//!   has an I/O buffer that the driver copies to or from the request's
+//!   pages; a READ tries [`BlockDevice::read_now`] straight into it.
+//!
+//! Both fast paths run on the queue thread: for `ferry pull` with every
+//! block of the range present they need only local storage, and the request
+//! is answered at once, with no allocation or thread hop.
 //!
 //! Every other request (and a READ the device cannot serve at once, e.g. one
 //! that must fetch) is spawned on the tokio runtime, and the tag's task
@@ -16,22 +29,26 @@
 //! `io_uring_enter` wakes up and runs the task; the queue thread never waits
 //! on a device future.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use ferry_device::BlockDevice;
 use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
-use libublk::io::{UblkDev, UblkQueue};
+use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkError as LibError};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::os::fd::AsRawFd;
 use tokio::sync::oneshot;
 
+use crate::cdev;
 use crate::errno::request_failed;
 use crate::request::{Descriptor, Request};
+use crate::setup::feature;
 
 /// Seconds without I/O after which libublk lets an idle queue release the
 /// pages of its request buffers.
@@ -68,6 +85,23 @@ pub(crate) fn serve_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, served: &Serv
         }
     };
     let buf_len = dev.dev_info.max_io_buf_bytes as usize;
+    let cdev = if dev.dev_info.flags & feature::USER_COPY != 0 {
+        match cdev::cdev_fd(dev) {
+            Some(fd) => Some(fd),
+            None => {
+                tracing::error!(
+                    queue = qid,
+                    "the device uses UBLK_F_USER_COPY but libublk has no /dev/ublkcN descriptor"
+                );
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    // Shared by the tags of this queue: only used synchronously (no await
+    // while borrowed), and allocated on first use.
+    let scratch = Rc::new(RefCell::new(Vec::new()));
     let exe = Rc::new(smol::LocalExecutor::new());
 
     let mut tags = Vec::new();
@@ -81,8 +115,13 @@ pub(crate) fn serve_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, served: &Serv
             size: served.size,
             wake: Arc::clone(&wake),
         };
+        let scratch = Rc::clone(&scratch);
         tags.push(exe.spawn(async move {
-            match serve_tag(&queue, &ctx, buf_len).await {
+            let served = match cdev {
+                Some(cdev) => serve_tag_user_copy(&queue, &ctx, cdev, buf_len, &scratch).await,
+                None => serve_tag(&queue, &ctx, buf_len).await,
+            };
+            match served {
                 Ok(()) | Err(LibError::QueueIsDown) => {}
                 Err(e) => tracing::error!(queue = qid, tag, "ublk tag stopped: {e}"),
             }
@@ -137,7 +176,8 @@ struct TagCtx<D> {
     wake: Arc<EventFd>,
 }
 
-/// Fetches and answers requests on one tag until the queue goes down.
+/// Fetches and answers requests on one tag, with the tag's own buffer,
+/// until the queue goes down.
 async fn serve_tag<D: BlockDevice>(
     queue: &UblkQueue<'_>,
     ctx: &TagCtx<D>,
@@ -154,7 +194,7 @@ async fn serve_tag<D: BlockDevice>(
             nr_sectors: iod.nr_sectors,
             start_sector: iod.start_sector,
         };
-        let res = match ctx.handle(desc, buf.as_mut_slice()).await {
+        let res = match ctx.handle(desc, DataPath::Buffer(buf.as_mut_slice())).await {
             Ok(res) => res,
             Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
         };
@@ -164,37 +204,141 @@ async fn serve_tag<D: BlockDevice>(
     }
 }
 
+/// Fetches and answers requests on one tag with `UBLK_F_USER_COPY` (no
+/// buffer: data moves through `cdev`) until the queue goes down.
+async fn serve_tag_user_copy<D: BlockDevice>(
+    queue: &UblkQueue<'_>,
+    ctx: &TagCtx<D>,
+    cdev: BorrowedFd<'_>,
+    max_len: usize,
+    scratch: &RefCell<Vec<u8>>,
+) -> Result<(), LibError> {
+    let pos = UblkIOCtx::ublk_user_copy_pos(ctx.qid, ctx.tag, 0);
+    queue
+        .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(&[]), 0, None)
+        .await?;
+    loop {
+        let iod = queue.get_iod(ctx.tag);
+        let desc = Descriptor {
+            op_flags: iod.op_flags,
+            nr_sectors: iod.nr_sectors,
+            start_sector: iod.start_sector,
+        };
+        let path = DataPath::UserCopy(UserCopy {
+            cdev,
+            pos,
+            max_len,
+            scratch,
+        });
+        let res = match ctx.handle(desc, path).await {
+            Ok(res) => res,
+            Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
+        };
+        queue
+            .submit_io_commit_cmd(ctx.tag, BufDesc::Slice(&[]), res)
+            .await?;
+    }
+}
+
+/// Where one request's data lives while it is served.
+enum DataPath<'a> {
+    /// The tag's I/O buffer; the driver copies it to or from the request's
+    /// pages.
+    Buffer(&'a mut [u8]),
+    /// `UBLK_F_USER_COPY`: the request's data is read and written on the
+    /// char device.
+    UserCopy(UserCopy<'a>),
+}
+
+impl DataPath<'_> {
+    /// The largest request this path can carry.
+    fn max_len(&self) -> usize {
+        match self {
+            DataPath::Buffer(buf) => buf.len(),
+            DataPath::UserCopy(uc) => uc.max_len,
+        }
+    }
+}
+
+/// The char device side of one tag under `UBLK_F_USER_COPY`.
+struct UserCopy<'a> {
+    /// `/dev/ublkcN` (in tests, any file).
+    cdev: BorrowedFd<'a>,
+    /// The tag's user-copy position: byte 0 of its request.
+    pos: u64,
+    /// The device's largest request.
+    max_len: usize,
+    /// The queue's scratch buffer for devices without `copy_now`.
+    scratch: &'a RefCell<Vec<u8>>,
+}
+
+impl UserCopy<'_> {
+    /// A READ served at once: `copy_now` straight to the char device, else
+    /// `read_now` into the scratch buffer and from there to the char
+    /// device. `None`: the device must wait (take the async path).
+    fn read_now<D: BlockDevice>(
+        &self,
+        device: &D,
+        offset: u64,
+        len: usize,
+    ) -> Option<io::Result<()>> {
+        if let Some(done) = copy_now(device, offset, len, self.cdev, self.pos) {
+            return Some(done);
+        }
+        let mut scratch = self.scratch.borrow_mut();
+        if scratch.len() < len {
+            scratch.resize(self.max_len.max(len), 0);
+        }
+        let dst = &mut scratch[..len];
+        match read_now(device, offset, dst)? {
+            Ok(()) => Some(cdev::write_all_at(self.cdev, dst, self.pos)),
+            Err(e) => Some(Err(e)),
+        }
+    }
+}
+
 impl<D: BlockDevice> TagCtx<D> {
     /// Runs one request; the result is what the driver is told (bytes
     /// transferred for READ/WRITE, 0 for the others).
-    async fn handle(&self, desc: Descriptor, buf: &mut [u8]) -> io::Result<i32> {
+    async fn handle(&self, desc: Descriptor, mut path: DataPath<'_>) -> io::Result<i32> {
         let device = Arc::clone(&self.device);
-        match Request::decode(desc, self.size, buf.len())? {
+        match Request::decode(desc, self.size, path.max_len())? {
             Request::Read { offset, len } => {
-                // `decode` checked `len <= buf.len()`: the slice is exactly
-                // the request.
-                let dst = &mut buf[..len as usize];
-                if let Some(done) = read_now(&*self.device, offset, dst) {
+                let n = len as usize;
+                // `decode` checked `len <= path.max_len()`: the fast paths
+                // get exactly the request.
+                let served = match &mut path {
+                    DataPath::Buffer(buf) => read_now(&*self.device, offset, &mut buf[..n]),
+                    DataPath::UserCopy(uc) => uc.read_now(&*self.device, offset, n),
+                };
+                if let Some(done) = served {
                     done?;
                     return Ok(len as i32);
                 }
                 let data = self
                     .on_runtime(async move { device.read(offset, len).await })
                     .await?;
-                let dst = buf
-                    .get_mut(..len as usize)
-                    .filter(|d| d.len() == data.len());
-                let Some(dst) = dst else {
+                if data.len() != n {
                     return Err(io::Error::other(format!(
                         "the device returned {} bytes for a {len}-byte read",
                         data.len()
                     )));
-                };
-                dst.copy_from_slice(&data);
+                }
+                match path {
+                    DataPath::Buffer(buf) => buf[..n].copy_from_slice(&data),
+                    DataPath::UserCopy(uc) => cdev::write_all_at(uc.cdev, &data, uc.pos)?,
+                }
                 Ok(len as i32)
             }
             Request::Write { offset, len, fua } => {
-                let data = buf[..len as usize].to_vec();
+                let data = match path {
+                    DataPath::Buffer(buf) => buf[..len as usize].to_vec(),
+                    DataPath::UserCopy(uc) => {
+                        let mut data = vec![0; len as usize];
+                        cdev::read_exact_at(uc.cdev, &mut data, uc.pos)?;
+                        data
+                    }
+                };
                 self.on_runtime(async move { device.write(offset, data, fua).await })
                     .await?;
                 Ok(len as i32)
@@ -259,6 +403,25 @@ fn read_now<D: BlockDevice>(device: &D, offset: u64, dst: &mut [u8]) -> Option<i
     })
 }
 
+/// [`BlockDevice::copy_now`] to the char device, on the queue thread; a
+/// panic in the device fails this request only (as in [`read_now`]).
+fn copy_now<D: BlockDevice>(
+    device: &D,
+    offset: u64,
+    len: usize,
+    out: BorrowedFd<'_>,
+    out_offset: u64,
+) -> Option<io::Result<()>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        device.copy_now(offset, len, out, out_offset)
+    }))
+    .unwrap_or_else(|_| {
+        Some(Err(io::Error::other(
+            "the device's synchronous copy panicked",
+        )))
+    })
+}
+
 /// The runtime side of one device call: delivers the result and, whether or
 /// not one was delivered (panic, runtime shutdown), wakes the queue thread.
 struct Completion<T> {
@@ -287,6 +450,8 @@ impl<T> Drop for Completion<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
@@ -310,10 +475,16 @@ mod tests {
 
     struct Fake {
         now: Now,
+        /// Whether `copy_now` serves (writing 0xef), or declines.
+        copy: bool,
         /// Length of every buffer `read_now` was given.
         now_lens: Mutex<Vec<usize>>,
+        /// (offset, len, out_offset) of every served `copy_now`.
+        copies: Mutex<Vec<(u64, usize, u64)>>,
         /// Calls of the async `read`.
         reads: AtomicUsize,
+        /// (offset, data) of every write.
+        written: Mutex<Vec<(u64, Vec<u8>)>>,
     }
 
     impl BlockDevice for Fake {
@@ -334,12 +505,27 @@ mod tests {
             }
         }
 
+        fn copy_now(
+            &self,
+            offset: u64,
+            len: usize,
+            out: BorrowedFd<'_>,
+            out_offset: u64,
+        ) -> Option<io::Result<()>> {
+            if !self.copy {
+                return None;
+            }
+            self.copies.lock().unwrap().push((offset, len, out_offset));
+            Some(cdev::write_all_at(out, &vec![0xef; len], out_offset))
+        }
+
         async fn read(&self, _offset: u64, len: u32) -> io::Result<Vec<u8>> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             Ok(vec![0xcd; len as usize])
         }
 
-        async fn write(&self, _offset: u64, _data: Vec<u8>, _fua: bool) -> io::Result<()> {
+        async fn write(&self, offset: u64, data: Vec<u8>, _fua: bool) -> io::Result<()> {
+            self.written.lock().unwrap().push((offset, data));
             Ok(())
         }
 
@@ -366,8 +552,11 @@ mod tests {
             .unwrap();
         let device = Arc::new(Fake {
             now,
+            copy: false,
             now_lens: Mutex::default(),
+            copies: Mutex::default(),
             reads: AtomicUsize::new(0),
+            written: Mutex::default(),
         });
         let ctx = TagCtx {
             qid: 0,
@@ -383,8 +572,137 @@ mod tests {
             start_sector: 8,
         };
         let mut buf = vec![0u8; 64 << 10];
-        let res = smol::block_on(ctx.handle(desc, &mut buf));
+        let res = smol::block_on(ctx.handle(desc, DataPath::Buffer(&mut buf)));
         (res, buf, device)
+    }
+
+    /// Runs a request with `UBLK_F_USER_COPY` against a fake device: a temp
+    /// file stands for the char device and `POS` for the tag's position.
+    /// Returns the result, the "char device" and the device.
+    fn user_copy(
+        now: Now,
+        copy: bool,
+        op_flags: u32,
+        sectors: u32,
+        cdev: std::fs::File,
+    ) -> (io::Result<i32>, std::fs::File, Arc<Fake>) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let device = Arc::new(Fake {
+            now,
+            copy,
+            now_lens: Mutex::default(),
+            copies: Mutex::default(),
+            reads: AtomicUsize::new(0),
+            written: Mutex::default(),
+        });
+        let ctx = TagCtx {
+            qid: 0,
+            tag: 0,
+            device: Arc::clone(&device),
+            rt: rt.handle().clone(),
+            size: SIZE,
+            wake: Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap()),
+        };
+        let desc = Descriptor {
+            op_flags,
+            nr_sectors: sectors,
+            start_sector: 8,
+        };
+        let scratch = RefCell::new(Vec::new());
+        let path = DataPath::UserCopy(UserCopy {
+            cdev: cdev.as_fd(),
+            pos: POS,
+            max_len: 64 << 10,
+            scratch: &scratch,
+        });
+        let res = smol::block_on(ctx.handle(desc, path));
+        (res, cdev, device)
+    }
+
+    /// Stand-in for the tag's user-copy position.
+    const POS: u64 = 1 << 16;
+
+    fn cdev_bytes(cdev: &std::fs::File, len: usize) -> Vec<u8> {
+        let mut got = vec![0u8; len];
+        cdev.read_exact_at(&mut got, POS).unwrap();
+        got
+    }
+
+    #[test]
+    fn user_copy_read_uses_copy_now_with_the_tags_position() {
+        let cdev = tempfile::tempfile().unwrap();
+        let (res, cdev, device) = user_copy(Now::Decline, true, op::READ, 8, cdev);
+        assert_eq!(res.unwrap(), 4096);
+        assert_eq!(*device.copies.lock().unwrap(), [(4096, 4096, POS)]);
+        assert!(device.now_lens.lock().unwrap().is_empty());
+        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
+        assert!(cdev_bytes(&cdev, 4096).iter().all(|b| *b == 0xef));
+        assert_eq!(
+            cdev.metadata().unwrap().len(),
+            POS + 4096,
+            "wrote past the request"
+        );
+    }
+
+    #[test]
+    fn user_copy_read_without_copy_now_goes_through_read_now() {
+        let cdev = tempfile::tempfile().unwrap();
+        let (res, cdev, device) = user_copy(Now::Serve, false, op::READ, 16, cdev);
+        assert_eq!(res.unwrap(), 8192);
+        assert_eq!(*device.now_lens.lock().unwrap(), [8192]);
+        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
+        assert!(cdev_bytes(&cdev, 8192).iter().all(|b| *b == 0xab));
+        assert_eq!(cdev.metadata().unwrap().len(), POS + 8192);
+    }
+
+    #[test]
+    fn user_copy_read_falls_back_to_the_async_read() {
+        let cdev = tempfile::tempfile().unwrap();
+        let (res, cdev, device) = user_copy(Now::Decline, false, op::READ, 8, cdev);
+        assert_eq!(res.unwrap(), 4096);
+        assert_eq!(device.reads.load(Ordering::SeqCst), 1);
+        assert!(cdev_bytes(&cdev, 4096).iter().all(|b| *b == 0xcd));
+    }
+
+    #[test]
+    fn user_copy_read_errors_keep_their_errno() {
+        let cdev = tempfile::tempfile().unwrap();
+        let (res, _, device) = user_copy(Now::Fail, false, op::READ, 8, cdev);
+        assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
+        // A char device that refuses the data fails the request.
+        let dir = tempfile::tempdir().unwrap();
+        let ro = std::fs::File::open(dir.path()).unwrap();
+        let (res, _, _) = user_copy(Now::Serve, false, op::READ, 8, ro);
+        assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn user_copy_write_takes_its_data_from_the_char_device() {
+        let cdev = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        cdev.write_all_at(&data, POS).unwrap();
+        let (res, _, device) = user_copy(Now::Serve, true, op::WRITE, 16, cdev);
+        assert_eq!(res.unwrap(), 8192);
+        assert_eq!(*device.written.lock().unwrap(), [(4096, data)]);
+        // Nothing beyond the request can be taken: a short char device fails.
+        let short = tempfile::tempfile().unwrap();
+        short.set_len(POS + 100).unwrap();
+        let (res, _, device) = user_copy(Now::Serve, true, op::WRITE, 16, short);
+        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(device.written.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn user_copy_requests_larger_than_the_device_allows_are_invalid() {
+        let cdev = tempfile::tempfile().unwrap();
+        // 256 sectors = 128 KiB > max_len (64 KiB).
+        let (res, _, device) = user_copy(Now::Serve, true, op::READ, 256, cdev);
+        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert!(device.copies.lock().unwrap().is_empty());
     }
 
     #[test]

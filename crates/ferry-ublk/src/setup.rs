@@ -11,6 +11,9 @@ pub(crate) mod feature {
     pub(crate) const USER_RECOVERY: u64 = libublk::sys::UBLK_F_USER_RECOVERY as u64;
     /// On recovery, requests the dead server held are issued again.
     pub(crate) const USER_RECOVERY_REISSUE: u64 = libublk::sys::UBLK_F_USER_RECOVERY_REISSUE as u64;
+    /// Request data is copied with pread/pwrite on `/dev/ublkcN` by the
+    /// server, not through per-tag buffers.
+    pub(crate) const USER_COPY: u64 = libublk::sys::UBLK_F_USER_COPY as u64;
     /// Control and I/O commands use ioctl-encoded opcodes.
     pub(crate) const CMD_IOCTL_ENCODE: u64 = libublk::sys::UBLK_F_CMD_IOCTL_ENCODE as u64;
 }
@@ -29,8 +32,13 @@ pub(crate) struct FeaturePlan {
 /// when the driver cannot report them, before Linux 6.5).
 ///
 /// `recover` (re-attaching to a device a crashed server left) needs
-/// USER_RECOVERY; everything else degrades with a reason.
-pub(crate) fn plan_features(driver: Option<u64>, recover: bool) -> Result<FeaturePlan, UblkError> {
+/// USER_RECOVERY; everything else degrades with a reason. `user_copy: false`
+/// leaves USER_COPY out on purpose (also reported as a reason).
+pub(crate) fn plan_features(
+    driver: Option<u64>,
+    recover: bool,
+    user_copy: bool,
+) -> Result<FeaturePlan, UblkError> {
     let mut degraded = Vec::new();
     let Some(driver) = driver else {
         if recover {
@@ -38,7 +46,7 @@ pub(crate) fn plan_features(driver: Option<u64>, recover: bool) -> Result<Featur
         }
         degraded.push(
             "the driver does not report its features (Linux < 6.5): \
-             no crash recovery, legacy command encoding"
+             no crash recovery, legacy command encoding, reads copied twice (no user copy)"
                 .to_string(),
         );
         return Ok(FeaturePlan {
@@ -68,6 +76,21 @@ pub(crate) fn plan_features(driver: Option<u64>, recover: bool) -> Result<Featur
     } else {
         degraded
             .push("no UBLK_F_USER_RECOVERY: the block device dies with this process".to_string());
+    }
+    if !user_copy {
+        degraded.push(
+            "UBLK_F_USER_COPY turned off by the options: request data goes through \
+             per-tag buffers (two copies per read)"
+                .to_string(),
+        );
+    } else if driver & feature::USER_COPY != 0 {
+        ctrl_flags |= feature::USER_COPY;
+    } else {
+        degraded.push(
+            "no UBLK_F_USER_COPY: request data goes through per-tag buffers \
+             (two copies per read)"
+                .to_string(),
+        );
     }
     Ok(FeaturePlan {
         ctrl_flags,
@@ -140,34 +163,51 @@ mod tests {
     const LINUX_6_12: u64 = 0x1fe;
 
     #[test]
-    fn linux_6_12_gets_recovery_with_reissue() {
-        let plan = plan_features(Some(LINUX_6_12), false).unwrap();
+    fn linux_6_12_gets_recovery_with_reissue_and_user_copy() {
+        let plan = plan_features(Some(LINUX_6_12), false, true).unwrap();
         assert_eq!(
             plan.ctrl_flags,
-            feature::USER_RECOVERY | feature::USER_RECOVERY_REISSUE | feature::CMD_IOCTL_ENCODE
+            feature::USER_RECOVERY
+                | feature::USER_RECOVERY_REISSUE
+                | feature::CMD_IOCTL_ENCODE
+                | feature::USER_COPY
         );
         assert!(plan.degraded.is_empty(), "{:?}", plan.degraded);
+        assert_eq!(feature::USER_COPY, 0x80);
+    }
+
+    #[test]
+    fn user_copy_degrades_when_missing_or_turned_off() {
+        let plan = plan_features(Some(LINUX_6_12 & !feature::USER_COPY), false, true).unwrap();
+        assert_eq!(plan.ctrl_flags & feature::USER_COPY, 0);
+        assert_eq!(plan.degraded.len(), 1);
+        assert!(plan.degraded[0].contains("no UBLK_F_USER_COPY"));
+        let plan = plan_features(Some(LINUX_6_12), false, false).unwrap();
+        assert_eq!(plan.ctrl_flags & feature::USER_COPY, 0);
+        assert_ne!(plan.ctrl_flags & feature::USER_RECOVERY, 0);
+        assert_eq!(plan.degraded.len(), 1);
+        assert!(plan.degraded[0].contains("turned off"));
     }
 
     #[test]
     fn missing_recovery_degrades_unless_recovery_was_asked_for() {
         let driver = LINUX_6_12 & !feature::USER_RECOVERY & !feature::USER_RECOVERY_REISSUE;
-        let plan = plan_features(Some(driver), false).unwrap();
+        let plan = plan_features(Some(driver), false, true).unwrap();
         assert_eq!(plan.ctrl_flags & feature::USER_RECOVERY, 0);
         assert_eq!(plan.degraded.len(), 1);
         assert!(plan.degraded[0].contains("USER_RECOVERY"));
         assert!(matches!(
-            plan_features(Some(driver), true),
+            plan_features(Some(driver), true, true),
             Err(UblkError::RecoveryUnsupported)
         ));
     }
 
     #[test]
     fn unknown_features_degrade_everything() {
-        let plan = plan_features(None, false).unwrap();
+        let plan = plan_features(None, false, true).unwrap();
         assert_eq!(plan.ctrl_flags, 0);
         assert_eq!(plan.degraded.len(), 1);
-        assert!(plan_features(None, true).is_err());
+        assert!(plan_features(None, true, true).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::ops::Range;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -223,6 +224,24 @@ impl BlockDevice for PullDevice {
         // else (fetches, waits) goes through the async path.
         if s.lock().readable(offset, buf.len() as u64) {
             Some(s.backing.read_at(buf, offset))
+        } else {
+            None
+        }
+    }
+
+    fn copy_now(
+        &self,
+        offset: u64,
+        len: usize,
+        out: BorrowedFd<'_>,
+        out_offset: u64,
+    ) -> Option<io::Result<()>> {
+        let s = &self.0;
+        // As `read_now`: present blocks are never written by fills. A guest
+        // write racing this read may change the bytes under the copy, which
+        // the block layer allows for overlapping requests in flight.
+        if s.lock().readable(offset, len as u64) {
+            s.backing.copy_to(offset, len, out, out_offset)
         } else {
             None
         }

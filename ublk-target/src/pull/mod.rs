@@ -257,6 +257,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 queues: a.queues,
                 depth: a.depth,
                 recover: ublk_recover,
+                user_copy: !a.ublk_no_user_copy,
                 ..Default::default()
             };
             let (live_tx, live_rx) = tokio::sync::oneshot::channel::<String>();

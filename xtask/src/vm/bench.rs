@@ -213,15 +213,20 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
          present, nothing fetched during the measurement). Then fio ({}, libaio, O_DIRECT, \
          {} s after 1 s ramp-up, one job) reads `/dev/ublkb0` and `/dev/loopN` \
          (`losetup -r`, default buffered mode) over the same backing file, alternating \
-         devices run by run; medians of {} runs. Reference: the `ublk-mem` example serving \
-         the same file (`--file`, 1 queue, depth 64) as `/dev/ublkb1`: ferry's ublk frontend \
-         (ferry-ublk) with a plain pread device behind it, without ferry's engine.\n\n",
+         devices run by run; medians of {} runs. ublk data path of `ferry pull`: {} \
+         (`UBLK_F_USER_COPY` = 0x80: a READ of present blocks is one `pwrite` from the \
+         backing file's mapping to `/dev/ublkc0`, one copy; without it, a pread into the \
+         tag's buffer and the driver's copy out of it). Reference: the `ublk-mem` example \
+         serving the same file (`--file`, 1 queue, depth 64) as `/dev/ublkb1`: ferry's ublk \
+         frontend (ferry-ublk) with a plain file device behind it (the same single-copy \
+         read), without ferry's engine.\n\n",
         args.size_mib,
         args.queues,
         args.depth,
         get("fio"),
         args.runtime_secs,
         args.runs,
+        get("ublk_data_path"),
     ));
     let frontend = rows.iter().any(|r| !r.frontend.is_empty());
     s.push_str("| workload | ferry `/dev/ublkb0` | loop `/dev/loopN` | ferry / loop |");
