@@ -546,26 +546,7 @@ mod tests {
     /// device behaving as `now`, with a 64 KiB request buffer; returns the
     /// result, the buffer and the device.
     fn read(now: Now, sectors: u32) -> (io::Result<i32>, Vec<u8>, Arc<Fake>) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .build()
-            .unwrap();
-        let device = Arc::new(Fake {
-            now,
-            copy: false,
-            now_lens: Mutex::default(),
-            copies: Mutex::default(),
-            reads: AtomicUsize::new(0),
-            written: Mutex::default(),
-        });
-        let ctx = TagCtx {
-            qid: 0,
-            tag: 0,
-            device: Arc::clone(&device),
-            rt: rt.handle().clone(),
-            size: SIZE,
-            wake: Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap()),
-        };
+        let (_rt, device, ctx) = fixture(now, false);
         let desc = Descriptor {
             op_flags: op::READ,
             nr_sectors: sectors,
@@ -576,16 +557,9 @@ mod tests {
         (res, buf, device)
     }
 
-    /// Runs a request with `UBLK_F_USER_COPY` against a fake device: a temp
-    /// file stands for the char device and `POS` for the tag's position.
-    /// Returns the result, the "char device" and the device.
-    fn user_copy(
-        now: Now,
-        copy: bool,
-        op_flags: u32,
-        sectors: u32,
-        cdev: std::fs::File,
-    ) -> (io::Result<i32>, std::fs::File, Arc<Fake>) {
+    /// A runtime, a fake device behaving as `now` (`copy`: it has
+    /// `copy_now`), and tag 0 of queue 0 over it.
+    fn fixture(now: Now, copy: bool) -> (tokio::runtime::Runtime, Arc<Fake>, TagCtx<Fake>) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
@@ -606,6 +580,20 @@ mod tests {
             size: SIZE,
             wake: Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap()),
         };
+        (rt, device, ctx)
+    }
+
+    /// Runs a request with `UBLK_F_USER_COPY` against a fake device: a temp
+    /// file stands for the char device and `POS` for the tag's position.
+    /// Returns the result, the "char device" and the device.
+    fn user_copy(
+        now: Now,
+        copy: bool,
+        op_flags: u32,
+        sectors: u32,
+        cdev: std::fs::File,
+    ) -> (io::Result<i32>, std::fs::File, Arc<Fake>) {
+        let (_rt, device, ctx) = fixture(now, copy);
         let desc = Descriptor {
             op_flags,
             nr_sectors: sectors,
