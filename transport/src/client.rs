@@ -1,14 +1,15 @@
 //! The destination side: connects to a source, learns its geometry and
-//! id at once (so the disk can be served after one round trip), fetches the
-//! manifest when asked, and fetches chunks.
+//! id with the handshake (the source pushes its Welcome as 0.5-RTT data, so
+//! the disk can be served as soon as the QUIC handshake is done), fetches
+//! the manifest when asked, and fetches chunks.
 //!
 //! A [`Client`] is a cheap, clonable handle; many tasks may call
 //! [`Client::read_chunks`] at once, each request on its own QUIC stream.
 //! When the connection is lost, the first caller to notice reconnects
 //! (exponential backoff from 100 ms doubling to 5 s, forever) while the
 //! others wait for it, then every caller re-issues its request: guest I/O
-//! waits instead of failing. A reconnect says Hello again and compares the
-//! source id in the Welcome with the first one: if the source disk changed,
+//! waits instead of failing. A reconnect takes the new Welcome and compares
+//! its source id with the first one: if the source disk changed,
 //! every caller gets [`TransportError::SourceChanged`] from then on
 //! (design invariant 6).
 
@@ -131,6 +132,11 @@ struct Inner {
     state: Mutex<State>,
     /// Held by the one task that reconnects.
     reconnect_lock: tokio::sync::Mutex<()>,
+    /// The first connection's Welcome stream: the source finishes it once
+    /// it has checked our certificate (see [`Client::authenticated`]).
+    welcome_stream: tokio::sync::Mutex<Option<quinn::RecvStream>>,
+    /// Set once [`Client::authenticated`] has seen that finish.
+    authenticated: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -160,8 +166,15 @@ fn hex(b: &[u8]) -> String {
 
 impl Client {
     /// Connects (within `connect_timeout`, else
-    /// [`TransportError::Unreachable`] naming the address), says Hello,
-    /// receives the manifest.
+    /// [`TransportError::Unreachable`] naming the address) and takes the
+    /// source's Welcome: geometry and source id, authenticated by the
+    /// source's pinned certificate.
+    ///
+    /// The Welcome is 0.5-RTT data: it arrives with the source's handshake
+    /// flight, before the source has checked *our* certificate, so this
+    /// returns after one round trip even if the source will refuse us.
+    /// [`Client::authenticated`] tells that (one round trip later); any
+    /// request fails with [`TransportError::CertificateRefused`] too.
     pub async fn connect(opts: ClientOptions) -> Result<Client, TransportError> {
         let (config, verifier) = tls::quinn_client_config_with_verifier(
             &opts.identity,
@@ -192,8 +205,11 @@ impl Client {
             manifest: tokio::sync::OnceCell::new(),
             state: Mutex::new(State::default()),
             reconnect_lock: tokio::sync::Mutex::new(()),
+            welcome_stream: tokio::sync::Mutex::new(None),
+            authenticated: std::sync::atomic::AtomicBool::new(false),
         };
-        let (conn, info) = inner.establish().await?;
+        let (conn, info, stream) = inner.establish().await?;
+        *inner.welcome_stream.get_mut() = Some(stream);
         tracing::info!(
             addr = %inner.addr,
             source_id = %hex(&info.source_id),
@@ -209,6 +225,53 @@ impl Client {
         Ok(Client {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Resolves once the source has accepted our certificate (it finishes
+    /// the Welcome stream when its handshake completes), or fails with
+    /// [`TransportError::CertificateRefused`] (or the connection error)
+    /// if it did not. About one round trip after [`Client::connect`]
+    /// returns. Only the first connection is watched this way; requests
+    /// on any connection fail with the same error if refused.
+    pub async fn authenticated(&self) -> Result<(), TransportError> {
+        use std::sync::atomic::Ordering;
+        if self.is_authenticated() {
+            return Ok(());
+        }
+        let mut slot = self.inner.welcome_stream.lock().await;
+        if self.is_authenticated() {
+            return Ok(());
+        }
+        let Some(mut recv) = slot.take() else {
+            return Err(TransportError::Stream {
+                op: "authentication",
+                reason: "the source's acceptance was already found missing".into(),
+            });
+        };
+        match recv.read_to_end(SMALL_FRAME).await {
+            Ok(rest) if rest.is_empty() => {
+                self.inner.authenticated.store(true, Ordering::Release);
+                Ok(())
+            }
+            Ok(rest) => Err(TransportError::Protocol {
+                op: "authentication",
+                reason: format!("{} unexpected bytes after the Welcome", rest.len()),
+            }),
+            Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                Err(self.inner.classify("authentication", e))
+            }
+            Err(e) => Err(TransportError::Stream {
+                op: "authentication",
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Whether [`Client::authenticated`] has seen the source accept us.
+    pub fn is_authenticated(&self) -> bool {
+        self.inner
+            .authenticated
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// What the source's Welcome said: geometry and source id.
@@ -353,8 +416,10 @@ impl Inner {
         }
     }
 
-    /// Connects and says Hello, within the connect timeout.
-    async fn establish(&self) -> Result<(Connection, SourceInfo), TransportError> {
+    /// Connects and takes the Welcome, within the connect timeout.
+    async fn establish(
+        &self,
+    ) -> Result<(Connection, SourceInfo, quinn::RecvStream), TransportError> {
         match tokio::time::timeout(self.connect_timeout, self.establish_inner()).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::Unreachable {
@@ -364,7 +429,9 @@ impl Inner {
         }
     }
 
-    async fn establish_inner(&self) -> Result<(Connection, SourceInfo), TransportError> {
+    async fn establish_inner(
+        &self,
+    ) -> Result<(Connection, SourceInfo, quinn::RecvStream), TransportError> {
         let connecting = self
             .endpoint
             .connect_with(self.config.clone(), self.addr, tls::SERVER_NAME)
@@ -375,8 +442,8 @@ impl Inner {
         let conn = connecting
             .await
             .map_err(|e| self.classify("handshake", e))?;
-        match hello(&conn).await {
-            Ok(m) => Ok((conn, m)),
+        match welcome(&conn).await {
+            Ok((m, stream)) => Ok((conn, m, stream)),
             Err(f) => {
                 // Count the bytes of the failed connection too.
                 let s = conn.stats();
@@ -384,11 +451,11 @@ impl Inner {
                 st.rx_base += s.udp_rx.bytes;
                 st.tx_base += s.udp_tx.bytes;
                 drop(st);
-                conn.close(VarInt::from_u32(0), b"hello failed");
+                conn.close(VarInt::from_u32(0), b"welcome failed");
                 Err(match f {
-                    Fail::Lost(e) => self.classify("hello", e),
+                    Fail::Lost(e) => self.classify("welcome", e),
                     Fail::Retry(reason) => TransportError::Stream {
-                        op: "hello",
+                        op: "welcome",
                         reason,
                     },
                     Fail::Fatal(e) => e,
@@ -419,7 +486,10 @@ impl Inner {
         let mut delay = BACKOFF_START;
         loop {
             match self.establish().await {
-                Ok((conn, info)) => {
+                // Requests on the new connection prove the source accepted
+                // us (a refusal fails them), so its Welcome stream is not
+                // watched.
+                Ok((conn, info, _welcome)) => {
                     let mut st = self.lock();
                     let (before, after) = (self.info.source_id, info.source_id);
                     if before != after {
@@ -471,6 +541,10 @@ impl Inner {
             match attempt(conn.clone()).await {
                 Ok(v) => return Ok(v),
                 Err(Fail::Fatal(e)) => return Err(e),
+                Err(Fail::Lost(e)) if tls::is_cert_refusal(&e) => {
+                    // Refused by the source: no reconnect will fix that.
+                    return Err(self.classify(op, e));
+                }
                 Err(Fail::Lost(e)) => {
                     tracing::debug!(addr = %self.addr, op, "connection lost during the request: {e}");
                     self.reconnect(generation).await?;
@@ -534,19 +608,12 @@ fn unexpected(op: &'static str, m: &Message) -> Fail {
     protocol(op, format!("unexpected {what} frame"))
 }
 
-/// Says Hello on a new stream; the Welcome tells the geometry and id.
-async fn hello(conn: &Connection) -> Result<SourceInfo, Fail> {
-    const OP: &str = "hello";
-    let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
-    frames::write_msg(
-        &mut send,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-        },
-    )
-    .await
-    .map_err(|e| write_fail(OP, e))?;
-    let _ = send.finish();
+/// Takes the Welcome the source pushes on the first unidirectional stream
+/// (sent with its handshake flight): the geometry and the source id. The
+/// stream stays open until the source has accepted our certificate.
+async fn welcome(conn: &Connection) -> Result<(SourceInfo, quinn::RecvStream), Fail> {
+    const OP: &str = "welcome";
+    let mut recv = conn.accept_uni().await.map_err(Fail::Lost)?;
     match frames::read_frame(&mut recv, SMALL_FRAME)
         .await
         .map_err(|e| read_fail(OP, e))?
@@ -576,11 +643,14 @@ async fn hello(conn: &Connection) -> Result<SourceInfo, Fail> {
             {
                 return Err(protocol(OP, format!("bad chunk size {chunk_size}")));
             }
-            Ok(SourceInfo {
-                geometry: Geometry::new(disk_size, chunk_size),
-                source_id,
-                manifest_len,
-            })
+            Ok((
+                SourceInfo {
+                    geometry: Geometry::new(disk_size, chunk_size),
+                    source_id,
+                    manifest_len,
+                },
+                recv,
+            ))
         }
         Some(Message::Error { code, message }) => Err(Fail::Fatal(TransportError::Remote {
             op: OP,

@@ -169,14 +169,102 @@ fn peer_fingerprint(conn: &Connection) -> Option<Fingerprint> {
 
 async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
+    let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%remote, "handshake failed: {e}");
             return;
         }
     };
+    // 0.5-RTT: the Welcome leaves with our handshake flight, so the
+    // destination knows the geometry one round trip sooner. It carries no
+    // disk data; nothing else is sent, and no request is read, until the
+    // handshake has completed and the destination's certificate is pinned.
+    // Then the Welcome stream is finished: that tells the destination it
+    // was accepted.
+    let (conn, established) = match connecting.into_0rtt() {
+        Ok(pair) => pair,
+        // quinn always grants 0.5-RTT to a server; should it not, the
+        // Welcome goes out once the handshake is done.
+        Err(connecting) => match connecting.await {
+            Ok(c) => {
+                let stream = push_welcome(&c, &shared, remote).await;
+                return serve_connection(c, shared, remote, stream).await;
+            }
+            Err(e) => {
+                tracing::warn!(%remote, "handshake failed: {e}");
+                return;
+            }
+        },
+    };
+    let stream = push_welcome(&conn, &shared, remote).await;
+    // Resolves when the handshake ends. Its value tells whether the
+    // client's 0-RTT data was accepted (ferry's clients send none), not
+    // whether the handshake succeeded: that is told by the connection
+    // still being open.
+    let _client_0rtt = established.await;
+    if let Some(why) = conn.close_reason() {
+        tracing::warn!(%remote, "handshake failed: {why}");
+        return;
+    }
+    serve_connection(conn, shared, remote, stream).await;
+}
+
+/// Sends the Welcome on a unidirectional stream of its own, left open.
+async fn push_welcome(
+    conn: &Connection,
+    shared: &Shared,
+    remote: SocketAddr,
+) -> Option<quinn::SendStream> {
+    let m = shared.source.manifest();
+    let welcome = Message::Welcome {
+        version: PROTOCOL_VERSION,
+        manifest_len: shared.manifest_bytes.len() as u64,
+        disk_size: m.geometry().disk_size,
+        chunk_size: m.geometry().chunk_size,
+        source_id: m.source_id(),
+    };
+    let sent = async {
+        // A peer that allows us no unidirectional stream (not a ferry
+        // destination) gets no Welcome rather than a stalled handshake.
+        let mut s = tokio::time::timeout(std::time::Duration::from_secs(1), conn.open_uni())
+            .await
+            .map_err(|_| "the peer allows no unidirectional stream")??;
+        s.write_all(&welcome.encode()).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(s)
+    };
+    match sent.await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::debug!(%remote, "could not send the Welcome: {e}");
+            None
+        }
+    }
+}
+
+/// Serves the requests of an established connection whose peer presented
+/// a pinned certificate; first finishes the Welcome stream, which tells
+/// the destination it was accepted.
+async fn serve_connection(
+    conn: Connection,
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+    welcome: Option<quinn::SendStream>,
+) {
+    if conn.close_reason().is_some() {
+        return;
+    }
     let peer = peer_fingerprint(&conn);
+    if peer.is_none() {
+        // The verifier pins the destination's certificate during the
+        // handshake; a connection without one is never served.
+        conn.close(VarInt::from_u32(0), b"no client certificate");
+        tracing::warn!(%remote, "refused a connection without a client certificate");
+        return;
+    }
+    if let Some(mut s) = welcome {
+        let _ = s.finish();
+    }
     tracing::info!(%remote, peer = ?peer, "destination connected");
     let mut streams = JoinSet::new();
     loop {
@@ -258,7 +346,7 @@ async fn handle_stream(
         }
     };
     match request {
-        Message::Hello { version } => hello(&mut resp, &shared, version, remote).await,
+        Message::Hello { version } => hello(&mut resp, version, remote).await,
         Message::GetManifest => send_manifest(&mut resp, &shared, remote).await,
         Message::Read {
             first_chunk,
@@ -277,27 +365,15 @@ async fn handle_stream(
     }
 }
 
-async fn hello(resp: &mut Responder, shared: &Shared, version: u16, remote: SocketAddr) {
-    if version != PROTOCOL_VERSION {
-        tracing::warn!(%remote, version, "destination speaks another protocol version");
-        resp.error(
-            ErrorCode::VersionMismatch,
-            format!("source speaks protocol version {PROTOCOL_VERSION}, destination {version}"),
-        )
-        .await;
-        return;
-    }
-    let m = shared.source.manifest();
-    let welcome = Message::Welcome {
-        version: PROTOCOL_VERSION,
-        manifest_len: shared.manifest_bytes.len() as u64,
-        disk_size: m.geometry().disk_size,
-        chunk_size: m.geometry().chunk_size,
-        source_id: m.source_id(),
-    };
-    if resp.send(&welcome).await.is_ok() {
-        resp.finish();
-    }
+/// Since protocol 3 the source pushes its Welcome; a Hello comes only from
+/// a destination of an older version, and is told so.
+async fn hello(resp: &mut Responder, version: u16, remote: SocketAddr) {
+    tracing::warn!(%remote, version, "destination speaks another protocol version");
+    resp.error(
+        ErrorCode::VersionMismatch,
+        format!("source speaks protocol version {PROTOCOL_VERSION}, destination {version}"),
+    )
+    .await;
 }
 
 /// Stream priority of the manifest: below on-demand reads (the guest

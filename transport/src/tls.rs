@@ -292,7 +292,7 @@ pub(crate) fn quinn_client_config_with_verifier(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::QuicCrypto(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(tuning.transport_config());
+    cfg.transport_config(tuning.client_transport_config());
     Ok((cfg, verifier))
 }
 

@@ -92,8 +92,20 @@ impl Tuning {
         }
     }
 
-    /// The quinn transport configuration for these knobs.
+    /// The quinn transport configuration of a destination (client): as
+    /// [`Tuning::transport_config`], and the source may open the one
+    /// unidirectional stream that carries its Welcome.
+    pub fn client_transport_config(&self) -> Arc<TransportConfig> {
+        self.config_with_uni_streams(1)
+    }
+
+    /// The quinn transport configuration for these knobs (a source's: the
+    /// peer may open no unidirectional stream).
     pub fn transport_config(&self) -> Arc<TransportConfig> {
+        self.config_with_uni_streams(0)
+    }
+
+    fn config_with_uni_streams(&self, uni: u32) -> Arc<TransportConfig> {
         let var = |v: u64| VarInt::from_u64(v.min(MAX_WINDOW)).unwrap_or(VarInt::MAX);
         let mut t = TransportConfig::default();
         t.stream_receive_window(var(self.stream_receive_window))
@@ -101,7 +113,7 @@ impl Tuning {
             .send_window(self.send_window)
             .initial_rtt(self.initial_rtt)
             .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams))
-            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .max_concurrent_uni_streams(VarInt::from_u32(uni))
             .keep_alive_interval(if self.keep_alive.is_zero() {
                 None
             } else {

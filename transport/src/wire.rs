@@ -6,13 +6,19 @@
 //! [`MAX_FRAME_LEN`]; a reader checks the header (see [`frame_len`]) before
 //! allocating.
 //!
-//! Exchanges, each on its own bidirectional QUIC stream:
-//! - `Hello { version }` → `Welcome { version, manifest_len }` followed by
+//! Exchanges:
+//! - the source opens one unidirectional stream as soon as a destination
+//!   connects and sends `Welcome { version, manifest_len, disk_size,
+//!   chunk_size, source_id }` on it (0.5-RTT data: it leaves with the
+//!   handshake; it is all an unauthenticated peer can learn);
+//! - on its own bidirectional stream each: `GetManifest` →
 //!   [`Message::ManifestBytes`] frames whose payloads, concatenated, are the
 //!   `manifest_len` bytes of [`ferry_core::Manifest::encode`] (one frame for
 //!   manifests up to [`MAX_MANIFEST_PART`]; larger ones, e.g. the 512 MiB
-//!   manifest of a 1 TiB disk, are split) — or an `Error`
-//!   ([`ErrorCode::VersionMismatch`] when the versions differ).
+//!   manifest of a 1 TiB disk, are split);
+//! - `Hello { version }` is what destinations of protocol 1 and 2 sent
+//!   first; the source answers it with an `Error`
+//!   ([`ErrorCode::VersionMismatch`]) naming both versions;
 //! - `Read { first_chunk, count, priority }` → one `Chunk` frame per chunk in
 //!   order, then the server finishes the stream; or an `Error`
 //!   ([`ErrorCode::ZeroChunk`], [`ErrorCode::OutOfRange`], …). Zero chunks
@@ -21,7 +27,7 @@
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the frame header: `len: u32`.
 pub const HEADER_LEN: usize = 4;
 /// Largest payload of a chunk: 64 MiB (the largest chunk size a manifest

@@ -38,6 +38,21 @@ impl Shared {
         self.engine.lock().expect("engine lock poisoned")
     }
 
+    /// Holds guest I/O until the source has accepted our certificate. The
+    /// disk is served as soon as the source's Welcome arrives (0.5-RTT),
+    /// one round trip before that acceptance; no guest request is
+    /// answered before it, so a refused pull has acknowledged nothing and
+    /// can remove the files it created. Costs nothing afterwards.
+    async fn admitted(&self) -> io::Result<()> {
+        if self.client.is_authenticated() {
+            return Ok(());
+        }
+        self.client
+            .authenticated()
+            .await
+            .map_err(|e| eio(format!("the source did not accept us: {e}")))
+    }
+
     /// Starts fetching `range` from the source in its own task: the fetch
     /// completes even if the guest request that asked for it goes away.
     pub(crate) fn spawn_fetch(self: &Arc<Self>, range: Range<u64>, kind: FetchKind) {
@@ -219,6 +234,9 @@ impl BlockDevice for PullDevice {
 
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let s = &self.0;
+        if !s.client.is_authenticated() {
+            return None;
+        }
         // Present blocks are never written by fills, so once every block
         // is present the read can run outside the engine lock. Anything
         // else (fetches, waits) goes through the async path.
@@ -237,6 +255,9 @@ impl BlockDevice for PullDevice {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         let s = &self.0;
+        if !s.client.is_authenticated() {
+            return None;
+        }
         // As `read_now`: present blocks are never written by fills. A guest
         // write racing this read may change the bytes under the copy, which
         // the block layer allows for overlapping requests in flight.
@@ -249,6 +270,7 @@ impl BlockDevice for PullDevice {
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let s = &self.0;
+        s.admitted().await?;
         loop {
             let notified = s.changed.notified();
             tokio::pin!(notified);
@@ -276,6 +298,7 @@ impl BlockDevice for PullDevice {
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        self.0.admitted().await?;
         let len = data.len() as u64;
         self.0
             .write_blocks(offset, len, move |b| b.write_at(&data, offset))
@@ -287,10 +310,12 @@ impl BlockDevice for PullDevice {
     }
 
     async fn flush(&self) -> io::Result<()> {
+        self.0.admitted().await?;
         self.0.sync().await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.admitted().await?;
         // Only whole blocks are discarded; partial ones are left alone
         // (discard is advisory).
         let bs = u64::from(BLOCK_SIZE);
@@ -307,6 +332,7 @@ impl BlockDevice for PullDevice {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.0.admitted().await?;
         let bs = u64::from(BLOCK_SIZE);
         let end_all = offset + len;
         let start = offset.div_ceil(bs) * bs;

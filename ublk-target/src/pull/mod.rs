@@ -293,9 +293,27 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         crate::notify::notify(&format!("READY=1\nSTATUS=serving {}", a.disk.display()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install a SIGTERM handler")?;
+        // The source's Welcome came before it had checked our certificate
+        // (0.5-RTT, so the disk is served one round trip sooner); should it
+        // refuse us, stop at once with its reason instead of serving a disk
+        // that can never fill.
+        let refused = {
+            let client = shared.client.clone();
+            async move {
+                match client.authenticated().await {
+                    Ok(()) => std::future::pending().await,
+                    Err(e) => e,
+                }
+            }
+        };
+        let mut fatal = None;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            e = refused => {
+                tracing::error!("the source did not accept us: {e}");
+                fatal = Some(e);
+            }
         }
         tracing::info!("stopping: syncing the disk and its state");
         crate::notify::notify("STOPPING=1");
@@ -316,6 +334,21 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         }
         shared.sync().await.context("final sync failed")?;
         let _ = std::fs::remove_file(&a.control);
-        Ok(())
+        match fatal {
+            Some(e) => {
+                // No guest request was answered before the acceptance (see
+                // `Shared::admitted`), so the files this run created hold
+                // nothing of anyone's: remove them, as if it never started.
+                if !resumed {
+                    let _ = std::fs::remove_file(&a.disk);
+                    let _ = std::fs::remove_file(&state_path);
+                }
+                Err(anyhow::Error::from(e).context(format!(
+                    "the source {} did not accept this destination",
+                    a.source
+                )))
+            }
+            None => Ok(()),
+        }
     })
 }
