@@ -270,7 +270,6 @@ impl BlockDevice for PullDevice {
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let s = &self.0;
-        s.admitted().await?;
         loop {
             let notified = s.changed.notified();
             tokio::pin!(notified);
@@ -278,6 +277,9 @@ impl BlockDevice for PullDevice {
             let plan = s.lock().plan_read(offset, u64::from(len));
             match plan {
                 ReadPlan::Ready => {
+                    // Fetches go out at once (the source answers them only
+                    // once it has accepted us); only the answer waits.
+                    s.admitted().await?;
                     let backing = s.backing.clone();
                     return tokio::task::spawn_blocking(move || {
                         let mut buf = vec![0u8; len as usize];

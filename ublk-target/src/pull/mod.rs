@@ -146,6 +146,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let control = copier::ControlListener::bind(&a.control)?;
         let tuning = a.link.tuning();
         let started = Instant::now();
+        tracing::info!(source = %a.source, "connecting to the source");
         let client = Client::connect(ClientOptions {
             server: a.source,
             identity,
