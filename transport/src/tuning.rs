@@ -44,8 +44,12 @@ pub struct Tuning {
     /// Congestion control: the loss-tolerant, delay-aware controller of
     /// [`crate::congestion`] (true), or quinn's Cubic (false).
     pub loss_tolerant: bool,
-    /// Largest congestion window of the loss-tolerant controller: 2x BDP.
+    /// Hard ceiling of the loss-tolerant controller's window: 4x BDP (at
+    /// least 4 MB). Below it the controller keeps the window within 1.25x
+    /// `link_rate` x the measured RTT (see [`crate::congestion`]).
     pub max_congestion_window: u64,
+    /// The link's rate in bytes per second, as the operator gave it.
+    pub link_rate: u64,
     /// First congestion window of the loss-tolerant controller: BDP/2,
     /// within 14720 bytes (quinn's 10 datagrams) and 1 MiB. The operator
     /// told us the link, so the first on-demand read (64 KiB) need not
@@ -89,7 +93,8 @@ impl Tuning {
             keep_alive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
             loss_tolerant: true,
-            max_congestion_window: clamp(bdp.saturating_mul(2), MIN_CONN_WINDOW),
+            max_congestion_window: clamp(bdp.saturating_mul(4), MIN_CONN_WINDOW),
+            link_rate: bandwidth_bits_per_sec / 8,
             initial_congestion_window: (bdp / 2).clamp(MIN_INITIAL_WINDOW, MAX_INITIAL_WINDOW),
         }
     }
@@ -125,6 +130,7 @@ impl Tuning {
         if self.loss_tolerant {
             t.congestion_controller_factory(Arc::new(crate::congestion::LossTolerantConfig {
                 max_window: self.max_congestion_window,
+                link_rate: (self.link_rate > 0).then_some(self.link_rate as f64),
                 initial_window: self.initial_congestion_window,
                 ..Default::default()
             }));
