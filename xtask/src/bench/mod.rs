@@ -16,6 +16,7 @@
 //! other sections of that file are kept) and a JSON file.
 
 mod nbd;
+mod sampler;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +31,7 @@ use serde_json::{json, Value};
 use crate::setup::{ensure_tools, target_dir, workspace_root};
 use crate::wan::procs::{self, FerryIds, Proc};
 use crate::wan::{counter, LinkOpts, Wan, SRC_ADDR};
+use sampler::ProgressSampler;
 
 const FERRY_PORT: u16 = 7700;
 const NBD_PORT: u16 = 10809;
@@ -145,6 +147,12 @@ struct RunResult {
     wire_fwd_bytes: u64,
     probes_ms: Vec<f64>,
     probe_hits: usize,
+    /// Every probe after the first read: (s since t0 when it was sent,
+    /// latency in ms, whether it was a miss, i.e. not under RTT/2).
+    probe_series: Vec<(f64, f64, bool)>,
+    /// Bytes forwarded source → destination since the run started, read
+    /// every [`sampler::PERIOD`]: (s since t0, bytes).
+    progress: Vec<(f64, u64)>,
     cpu_src: f64,
     cpu_dst: f64,
     drops_queue: u64,
@@ -164,6 +172,16 @@ impl RunResult {
             "wire_src_to_dst_bytes": self.wire_fwd_bytes,
             "probe_miss_ms": self.probes_ms,
             "probe_local_hits": self.probe_hits,
+            "probe_series": self
+                .probe_series
+                .iter()
+                .map(|&(t, ms, miss)| json!({ "t_s": t, "ms": ms, "miss": miss }))
+                .collect::<Vec<_>>(),
+            "progress_src_to_dst": self
+                .progress
+                .iter()
+                .map(|&(t, b)| json!([t, b]))
+                .collect::<Vec<_>>(),
             "cpu_src_s": self.cpu_src,
             "cpu_dst_s": self.cpu_dst,
             "link_drops_queue_pkts": self.drops_queue,
@@ -568,6 +586,17 @@ fn start_qemu_nbd(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
     }
 }
 
+/// Starts sampling the link's source → destination bytes for a run that
+/// started at `t0`, counting from the `before` snapshot.
+fn start_progress(ctx: &Ctx<'_>, before: &Value, t0: Instant) -> Result<ProgressSampler> {
+    ProgressSampler::start(
+        ctx.wan.stats_handle(),
+        counter(before, "src_to_dst", "forwarded_bytes"),
+        t0,
+        sampler::PERIOD,
+    )
+}
+
 /// Counter deltas of the link between two stats snapshots.
 fn link_delta(r: &mut RunResult, before: &Value, after: &Value) {
     let d = |dir: &str, k: &str| counter(after, dir, k).saturating_sub(counter(before, dir, k));
@@ -620,9 +649,11 @@ fn probe(
             break;
         }
         let t = Instant::now();
+        let sent_at = t.duration_since(t0).as_secs_f64();
         c.read(off, &mut buf)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         check(off, &buf, &mut want)?;
+        r.probe_series.push((sent_at, ms, ms >= local));
         // A read answered in under half an RTT never crossed the link: the
         // block was already there. Only misses are latency samples.
         if ms < local {
@@ -649,6 +680,7 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
     let before = ctx.wan.stats()?;
     let cpu_src0 = serve.cpu_seconds();
     let t0 = Instant::now();
+    let progress = start_progress(ctx, &before, t0)?;
     let mut pull = Proc::spawn(
         "ferry pull",
         ctx.wan
@@ -680,6 +712,7 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
     )?;
     r.t_complete = complete_at.duration_since(t0).as_secs_f64();
     let after = ctx.wan.stats()?;
+    r.progress = progress.finish();
     link_delta(&mut r, &before, &after);
     drop(client);
     r.cpu_src = serve.cpu_seconds() - cpu_src0;
@@ -702,6 +735,7 @@ fn run_nbdcopy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult>
     let before = ctx.wan.stats()?;
     let cpu_src0 = qnbd.cpu_seconds();
     let t0 = Instant::now();
+    let progress = start_progress(ctx, &before, t0)?;
     let mut p = Proc::spawn(
         "nbdcopy",
         ctx.wan
@@ -729,6 +763,7 @@ fn run_nbdcopy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult>
     // Nothing is served at the destination before the copy ends.
     r.t_first = Some(r.t_complete);
     let after = ctx.wan.stats()?;
+    r.progress = progress.finish();
     link_delta(&mut r, &before, &after);
     r.cpu_src = qnbd.cpu_seconds() - cpu_src0;
     r.cpu_dst = p.cpu_seconds();
@@ -750,6 +785,7 @@ fn run_lazy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
     let before = ctx.wan.stats()?;
     let cpu_src0 = qnbd.cpu_seconds();
     let t0 = Instant::now();
+    let progress = start_progress(ctx, &before, t0)?;
     let mut p = Proc::spawn(
         "nbdkit lazy proxy",
         ctx.wan
@@ -794,6 +830,7 @@ fn run_lazy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
     }
     r.t_complete = t0.elapsed().as_secs_f64();
     let after = ctx.wan.stats()?;
+    r.progress = progress.finish();
     link_delta(&mut r, &before, &after);
     r.cpu_src = qnbd.cpu_seconds() - cpu_src0;
     r.cpu_dst = p.cpu_seconds();
