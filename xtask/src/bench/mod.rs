@@ -13,9 +13,13 @@
 //! blocks while the background copy runs (one NBD connection, [`nbd`]),
 //! link utilisation, and CPU seconds per GiB at each end (from
 //! /proc/PID/stat). The results go into BENCHMARKS.md (between markers, so
-//! other sections of that file are kept) and a JSON file.
+//! other sections of that file are kept) and a JSON file. Over each run,
+//! the bytes crossing the link ([`sampler`]) and every probe's latency are
+//! recorded as time series, drawn per case and image as a PNG in `plots/`
+//! next to the report ([`plot`]) and linked from it.
 
 mod nbd;
+mod plot;
 mod sampler;
 
 use std::collections::BTreeMap;
@@ -197,6 +201,9 @@ impl RunResult {
 /// results[case][image][system] = one entry per run.
 type Results = BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<RunResult>>>>;
 
+/// The plots written, by (case, image).
+type Plots = BTreeMap<(String, String), plot::Written>;
+
 struct Ctx<'a> {
     a: &'a BenchArgs,
     bin: PathBuf,
@@ -237,6 +244,8 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
             bail!("unknown system {s} (ferry, nbdcopy, nbdkit-lazy)");
         }
     }
+    // Fail now, not after the runs, when the plots cannot be drawn.
+    plot::ensure_font()?;
     let bin = procs::ferry_bin(true)?;
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -340,7 +349,21 @@ fn finish(
     dir: &Path,
     last: bool,
 ) -> Result<PathBuf> {
-    let mut report = render(a, runs, cases, images, results, started, t_all.elapsed())?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    let plots = write_plots(a, cases, images, results, &out)?;
+    let mut report = render(
+        a,
+        runs,
+        cases,
+        images,
+        results,
+        &plots,
+        started,
+        t_all.elapsed(),
+    )?;
     if !last {
         report = format!(
             "**PARTIAL: the bench was still running when this was written; only the cases below had finished.**\n\n{report}"
@@ -368,12 +391,34 @@ fn finish(
         "results.json"
     });
     std::fs::write(&raw_path, serde_json::to_string_pretty(&raw)?)?;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
     write_section(&out, &a.section, &report)?;
     Ok(out)
+}
+
+/// The plots of every case and image, in `plots/` next to the report
+/// `out`.
+fn write_plots(
+    a: &BenchArgs,
+    cases: &[Case],
+    images: &[Image],
+    results: &Results,
+    out: &Path,
+) -> Result<Plots> {
+    let dir = out.parent().unwrap_or(Path::new("")).join("plots");
+    let title = |case: &str, image: &str| {
+        let link = cases
+            .iter()
+            .find(|c| c.id == case)
+            .map(|c| c.link.describe())
+            .unwrap_or_default();
+        let size = images
+            .iter()
+            .find(|i| i.id == image)
+            .map(|i| format!(" ({} MiB)", i.size >> 20))
+            .unwrap_or_default();
+        format!("cargo xtask bench: case {case} ({link}), image {image}{size}")
+    };
+    plot::write_all(&dir, results, &a.section, a.quick, title)
 }
 
 fn chrono_now() -> String {
@@ -880,6 +925,17 @@ fn median(v: &[f64]) -> Option<f64> {
     percentile(v, 50.0)
 }
 
+/// Index in `v` of the value [`median`] returns.
+fn median_index(v: &[f64]) -> Option<usize> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let rank = (0.5 * (v.len() as f64 - 1.0)).round() as usize;
+    Some(order[rank.min(v.len() - 1)])
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -969,6 +1025,7 @@ fn render(
     cases: &[Case],
     images: &[Image],
     results: &Results,
+    plots: &Plots,
     started: &str,
     took: Duration,
 ) -> Result<String> {
@@ -1155,6 +1212,10 @@ fn render(
                 writeln!(o)?;
                 writeln!(o, "ferry's own status at the end: {}.", notes.join("; "))?;
             }
+            if let Some(p) = plots.get(&(case.id.to_string(), img.id.clone())) {
+                writeln!(o)?;
+                write_plot_link(&mut o, case, img, p)?;
+            }
             writeln!(o)?;
         }
     }
@@ -1193,6 +1254,27 @@ fn render(
         if a.quick { "-quick" } else { "" }
     )?;
     Ok(o)
+}
+
+/// The markdown image of one plot, and its one-line caption.
+fn write_plot_link(o: &mut String, case: &Case, img: &Image, p: &plot::Written) -> Result<()> {
+    writeln!(
+        o,
+        "![{} / `{}`: 4 KiB miss latency and MiB delivered over time]({})",
+        case.id, img.id, p.link
+    )?;
+    writeln!(o)?;
+    let runs: Vec<String> = p
+        .runs
+        .iter()
+        .map(|(s, i, n)| format!("{s} run {} of {n}", i + 1))
+        .collect();
+    writeln!(
+        o,
+        "*Plot: top, latency (ms, log scale) of each 4 KiB read that missed, against time since the destination was launched (s); bottom, MiB delivered over the link source → destination against the same time. Per system one run, the one whose whole-disk time is the median of its runs: {}.*",
+        runs.join(", ")
+    )?;
+    Ok(())
 }
 
 /// Replaces our section of BENCHMARKS.md (between the markers), keeping
@@ -1261,5 +1343,14 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(99.0));
         assert_eq!(percentile(&[], 50.0), None);
         assert_eq!(mmm(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
+        for v in [
+            vec![3.0, 1.0, 2.0],
+            vec![5.0, 4.0],
+            vec![7.0],
+            vec![2.0, 9.0, 1.0, 4.0],
+        ] {
+            assert_eq!(Some(v[median_index(&v).unwrap()]), median(&v), "{v:?}");
+        }
+        assert_eq!(median_index(&[]), None);
     }
 }
