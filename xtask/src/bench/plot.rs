@@ -99,7 +99,14 @@ pub(super) fn representative(rs: &[RunResult]) -> Option<usize> {
 
 /// The series of one run of `system`, with its legend text.
 pub(super) fn series_of(system: &str, run: usize, runs: usize, r: &RunResult) -> SystemSeries {
-    let mut end = format!("whole disk {:.1} s", r.t_complete);
+    let mut end = if r.capped {
+        format!(
+            "stopped at the {:.0} s cap, disk not yet whole",
+            r.t_complete
+        )
+    } else {
+        format!("whole disk {:.1} s", r.t_complete)
+    };
     if system == "nbdcopy" {
         end += "; serves no read before then (dashed line, top)";
     }
@@ -400,7 +407,7 @@ mod tests {
                 },
                 SystemSeries {
                     system: "nbdkit-lazy".into(),
-                    label: "nbdkit-lazy (run 3 of 3): stopped at the 120 s cap".into(),
+                    label: "nbdkit-lazy (run 3 of 3): stopped at the 120 s cap, disk not yet whole".into(),
                     misses: misses(400.0, 900.0, 110.0),
                     progress: ramp(3.5, 120.0, 2048.0),
                     end_s: 120.0,
