@@ -59,6 +59,7 @@ pub(crate) fn run_ci() -> Result<()> {
     step("xtask tests", || {
         run(Command::new(cargo())
             .current_dir(&root)
+            .env("FERRY_REQUIRE_ALL", "1")
             .args(["test", "-p", "xtask"]))
     })?;
     step(

@@ -13,9 +13,16 @@
 //! blocks while the background copy runs (one NBD connection, [`nbd`]),
 //! link utilisation, and CPU seconds per GiB at each end (from
 //! /proc/PID/stat). The results go into BENCHMARKS.md (between markers, so
-//! other sections of that file are kept) and a JSON file.
+//! other sections of that file are kept) and a JSON file. Over each run,
+//! the bytes crossing the link ([`sampler`]) and every probe's latency are
+//! recorded as time series, drawn per case and image as a PNG in `plots/`
+//! next to the report ([`plot`]) and linked from it. The lazy proxy's
+//! background scan is slow; a run of it is stopped at `--lazy-cap-s` and
+//! its whole-disk figure reported as a lower bound.
 
 mod nbd;
+mod plot;
+mod sampler;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,6 +37,7 @@ use serde_json::{json, Value};
 use crate::setup::{ensure_tools, target_dir, workspace_root};
 use crate::wan::procs::{self, FerryIds, Proc};
 use crate::wan::{counter, LinkOpts, Wan, SRC_ADDR};
+use sampler::ProgressSampler;
 
 const FERRY_PORT: u16 = 7700;
 const NBD_PORT: u16 = 10809;
@@ -74,6 +82,11 @@ pub(crate) struct BenchArgs {
     /// Give up a run after this many seconds.
     #[arg(long, default_value_t = 900)]
     timeout_s: u64,
+    /// Stop an nbdkit lazy-proxy run after this many seconds when its scan
+    /// has not finished by then (0: no cap); its whole-disk time is then
+    /// reported as a lower bound.
+    #[arg(long, default_value_t = 120)]
+    lazy_cap_s: u64,
     /// Where to write the report (default: BENCHMARKS.md in the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -132,6 +145,8 @@ struct Image {
     id: String,
     path: PathBuf,
     size: u64,
+    /// Bytes allocated in the image file (its non-hole part).
+    alloc: u64,
     desc: String,
     probes: Vec<u64>,
 }
@@ -140,11 +155,21 @@ struct Image {
 #[derive(Default, Debug, Clone)]
 struct RunResult {
     t_first: Option<f64>,
+    /// Whole disk, in s since t0; the cap when `capped`.
     t_complete: f64,
+    /// Stopped at `--lazy-cap-s` before the disk was whole: `t_complete`
+    /// and the byte counts are lower bounds.
+    capped: bool,
     wire_bytes: u64,
     wire_fwd_bytes: u64,
     probes_ms: Vec<f64>,
     probe_hits: usize,
+    /// Every probe after the first read: (s since t0 when it was sent,
+    /// latency in ms, whether it was a miss, i.e. not under RTT/2).
+    probe_series: Vec<(f64, f64, bool)>,
+    /// Bytes forwarded source → destination since the run started, read
+    /// every [`sampler::PERIOD`]: (s since t0, bytes).
+    progress: Vec<(f64, u64)>,
     cpu_src: f64,
     cpu_dst: f64,
     drops_queue: u64,
@@ -160,10 +185,21 @@ impl RunResult {
         json!({
             "first_read_s": self.t_first,
             "whole_disk_s": self.t_complete,
+            "capped": self.capped,
             "wire_bytes": self.wire_bytes,
             "wire_src_to_dst_bytes": self.wire_fwd_bytes,
             "probe_miss_ms": self.probes_ms,
             "probe_local_hits": self.probe_hits,
+            "probe_series": self
+                .probe_series
+                .iter()
+                .map(|&(t, ms, miss)| json!({ "t_s": t, "ms": ms, "miss": miss }))
+                .collect::<Vec<_>>(),
+            "progress_src_to_dst": self
+                .progress
+                .iter()
+                .map(|&(t, b)| json!([t, b]))
+                .collect::<Vec<_>>(),
             "cpu_src_s": self.cpu_src,
             "cpu_dst_s": self.cpu_dst,
             "link_drops_queue_pkts": self.drops_queue,
@@ -178,6 +214,9 @@ impl RunResult {
 
 /// results[case][image][system] = one entry per run.
 type Results = BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<RunResult>>>>;
+
+/// The plots written, by (case, image).
+type Plots = BTreeMap<(String, String), plot::Written>;
 
 struct Ctx<'a> {
     a: &'a BenchArgs,
@@ -219,6 +258,8 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
             bail!("unknown system {s} (ferry, nbdcopy, nbdkit-lazy)");
         }
     }
+    // Fail now, not after the runs, when the plots cannot be drawn.
+    plot::ensure_font()?;
     let bin = procs::ferry_bin(true)?;
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
@@ -259,13 +300,15 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
                         format!("{sys} on {} / {} run {}", case.id, img.id, run + 1)
                     })?;
                     eprintln!(
-                        "bench: {} {} {} run {}: first read {} s, whole disk {:.1} s, wire {:.1} MiB, misses p50 {} ms ({} probes, {} local), cpu src {:.1} s dst {:.1} s{}",
+                        "bench: {} {} {} run {}: first read {} s, whole disk {}{:.1} s{}, wire {:.1} MiB, misses p50 {} ms ({} probes, {} local), cpu src {:.1} s dst {:.1} s{}",
                         case.id,
                         img.id,
                         sys,
                         run + 1,
                         r.t_first.map(|t| format!("{t:.2}")).unwrap_or("-".into()),
+                        if r.capped { "> " } else { "" },
                         r.t_complete,
+                        if r.capped { " (capped)" } else { "" },
                         r.wire_bytes as f64 / 1048576.0,
                         percentile(&r.probes_ms, 50.0)
                             .map(|v| format!("{v:.0}"))
@@ -322,7 +365,21 @@ fn finish(
     dir: &Path,
     last: bool,
 ) -> Result<PathBuf> {
-    let mut report = render(a, runs, cases, images, results, started, t_all.elapsed())?;
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
+    let plots = write_plots(a, cases, images, results, &out)?;
+    let mut report = render(
+        a,
+        runs,
+        cases,
+        images,
+        results,
+        &plots,
+        started,
+        t_all.elapsed(),
+    )?;
     if !last {
         report = format!(
             "**PARTIAL: the bench was still running when this was written; only the cases below had finished.**\n\n{report}"
@@ -343,19 +400,47 @@ fn finish(
         }
         tree.insert(c.clone(), Value::Object(ti));
     }
-    let raw = json!({ "started": started, "runs": runs, "complete": last, "results": tree });
+    let raw = json!({
+        "started": started,
+        "runs": runs,
+        "lazy_cap_s": a.lazy_cap_s,
+        "complete": last,
+        "results": tree,
+    });
     let raw_path = dir.join(if a.quick {
         "results-quick.json"
     } else {
         "results.json"
     });
     std::fs::write(&raw_path, serde_json::to_string_pretty(&raw)?)?;
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace_root().join("BENCHMARKS.md"));
     write_section(&out, &a.section, &report)?;
     Ok(out)
+}
+
+/// The plots of every case and image, in `plots/` next to the report
+/// `out`.
+fn write_plots(
+    a: &BenchArgs,
+    cases: &[Case],
+    images: &[Image],
+    results: &Results,
+    out: &Path,
+) -> Result<Plots> {
+    let dir = out.parent().unwrap_or(Path::new("")).join("plots");
+    let title = |case: &str, image: &str| {
+        let link = cases
+            .iter()
+            .find(|c| c.id == case)
+            .map(|c| c.link.describe())
+            .unwrap_or_default();
+        let size = images
+            .iter()
+            .find(|i| i.id == image)
+            .map(|i| format!(" ({} MiB)", i.size >> 20))
+            .unwrap_or_default();
+        format!("cargo xtask bench: case {case} ({link}), image {image}{size}")
+    };
+    plot::write_all(&dir, results, &a.section, a.quick, title)
 }
 
 fn chrono_now() -> String {
@@ -428,6 +513,7 @@ fn make_images(dir: &Path, size_mib: u64, which: &[String], nprobes: usize) -> R
                     probes: pick_probes(&path, size, nprobes)?,
                     path,
                     size,
+                    alloc,
                     desc: format!(
                         "ext4, {size_mib} MiB, `mkfs.ext4 -d {}` ({:.0} MiB of files; {:.0} MiB allocated in the image file)",
                         src.display(),
@@ -447,6 +533,7 @@ fn make_images(dir: &Path, size_mib: u64, which: &[String], nprobes: usize) -> R
                 out.push(Image {
                     id: "random".into(),
                     probes: pick_probes(&path, size, nprobes)?,
+                    alloc: allocated_bytes(&path)?,
                     path,
                     size,
                     desc: format!("{mib} MiB of random (incompressible) data, no zeros"),
@@ -568,6 +655,17 @@ fn start_qemu_nbd(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
     }
 }
 
+/// Starts sampling the link's source → destination bytes for a run that
+/// started at `t0`, counting from the `before` snapshot.
+fn start_progress(ctx: &Ctx<'_>, before: &Value, t0: Instant) -> Result<ProgressSampler> {
+    ProgressSampler::start(
+        ctx.wan.stats_handle(),
+        counter(before, "src_to_dst", "forwarded_bytes"),
+        t0,
+        sampler::PERIOD,
+    )
+}
+
 /// Counter deltas of the link between two stats snapshots.
 fn link_delta(r: &mut RunResult, before: &Value, after: &Value) {
     let d = |dir: &str, k: &str| counter(after, dir, k).saturating_sub(counter(before, dir, k));
@@ -620,9 +718,11 @@ fn probe(
             break;
         }
         let t = Instant::now();
+        let sent_at = t.duration_since(t0).as_secs_f64();
         c.read(off, &mut buf)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         check(off, &buf, &mut want)?;
+        r.probe_series.push((sent_at, ms, ms >= local));
         // A read answered in under half an RTT never crossed the link: the
         // block was already there. Only misses are latency samples.
         if ms < local {
@@ -649,6 +749,7 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
     let before = ctx.wan.stats()?;
     let cpu_src0 = serve.cpu_seconds();
     let t0 = Instant::now();
+    let progress = start_progress(ctx, &before, t0)?;
     let mut pull = Proc::spawn(
         "ferry pull",
         ctx.wan
@@ -680,6 +781,7 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
     )?;
     r.t_complete = complete_at.duration_since(t0).as_secs_f64();
     let after = ctx.wan.stats()?;
+    r.progress = progress.finish();
     link_delta(&mut r, &before, &after);
     drop(client);
     r.cpu_src = serve.cpu_seconds() - cpu_src0;
@@ -702,6 +804,7 @@ fn run_nbdcopy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult>
     let before = ctx.wan.stats()?;
     let cpu_src0 = qnbd.cpu_seconds();
     let t0 = Instant::now();
+    let progress = start_progress(ctx, &before, t0)?;
     let mut p = Proc::spawn(
         "nbdcopy",
         ctx.wan
@@ -729,6 +832,7 @@ fn run_nbdcopy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult>
     // Nothing is served at the destination before the copy ends.
     r.t_first = Some(r.t_complete);
     let after = ctx.wan.stats()?;
+    r.progress = progress.finish();
     link_delta(&mut r, &before, &after);
     r.cpu_src = qnbd.cpu_seconds() - cpu_src0;
     r.cpu_dst = p.cpu_seconds();
@@ -750,6 +854,7 @@ fn run_lazy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
     let before = ctx.wan.stats()?;
     let cpu_src0 = qnbd.cpu_seconds();
     let t0 = Instant::now();
+    let progress = start_progress(ctx, &before, t0)?;
     let mut p = Proc::spawn(
         "nbdkit lazy proxy",
         ctx.wan
@@ -772,10 +877,14 @@ fn run_lazy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let log = p.log.clone();
+    let cap = (ctx.a.lazy_cap_s > 0).then(|| Duration::from_secs(ctx.a.lazy_cap_s));
+    let to_cap = move || cap.map(|c| c.saturating_sub(t0.elapsed()));
+    // Probes stop when the scan has finished or at the cap.
     let finished = move || -> Result<bool> {
-        Ok(std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains(LAZY_DONE))
+        Ok(to_cap() == Some(Duration::ZERO)
+            || std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(LAZY_DONE))
     };
     // Keep the connection: the scan runs only while a client is connected.
     let client = probe(ctx, img, &sock, "", t0, &mut r, finished)?;
@@ -787,19 +896,35 @@ fn run_lazy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
         if p.log_text().contains(LAZY_DONE) {
             break;
         }
+        if to_cap() == Some(Duration::ZERO) {
+            r.capped = true;
+            break;
+        }
         if Instant::now() > t_end {
             bail!("nbdkit's scan did not finish in {} s", ctx.a.timeout_s);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let nap = Duration::from_millis(50);
+        std::thread::sleep(to_cap().map_or(nap, |left| left.min(nap)));
     }
-    r.t_complete = t0.elapsed().as_secs_f64();
+    r.t_complete = match cap {
+        Some(c) if r.capped => c.as_secs_f64(),
+        _ => t0.elapsed().as_secs_f64(),
+    };
     let after = ctx.wan.stats()?;
+    r.progress = progress.finish();
     link_delta(&mut r, &before, &after);
     r.cpu_src = qnbd.cpu_seconds() - cpu_src0;
     r.cpu_dst = p.cpu_seconds();
     drop(client);
     p.stop();
-    r.note = "whole disk = scan filter's \"finished scanning\"".into();
+    r.note = if r.capped {
+        format!(
+            "stopped at the {} s cap before the scan filter's \"finished scanning\"",
+            ctx.a.lazy_cap_s
+        )
+    } else {
+        "whole disk = scan filter's \"finished scanning\"".into()
+    };
     Ok(r)
 }
 
@@ -841,6 +966,17 @@ fn mmm(v: &[f64], digits: usize) -> String {
 
 fn median(v: &[f64]) -> Option<f64> {
     percentile(v, 50.0)
+}
+
+/// Index in `v` of the value [`median`] returns.
+fn median_index(v: &[f64]) -> Option<usize> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let rank = (0.5 * (v.len() as f64 - 1.0)).round() as usize;
+    Some(order[rank.min(v.len() - 1)])
 }
 
 fn machine() -> String {
@@ -932,6 +1068,7 @@ fn render(
     cases: &[Case],
     images: &[Image],
     results: &Results,
+    plots: &Plots,
     started: &str,
     took: Duration,
 ) -> Result<String> {
@@ -989,6 +1126,7 @@ fn render(
         o,
         "- *link use*: source→destination wire bytes / (whole-disk time × link rate)."
     )?;
+    writeln!(o, "- *capped*: {}", cap_text(a.lazy_cap_s))?;
     writeln!(o, "- *4 KiB misses*: after the first read, up to {} further 4 KiB reads of data blocks at distinct 1 MiB regions in the far 60% of the disk, {} ms apart, on one NBD connection (a small client in `xtask/src/bench/nbd.rs`), while the copy runs; reads answered in under RTT/2 never crossed the link (the block had arrived) and are counted as local, not as misses. p50/p99 pool all runs' misses.", a.probes, a.probe_gap_ms)?;
     writeln!(o, "- *CPU s/GiB*: user+system CPU seconds of the source server and of the destination process during the run (from /proc/PID/stat), per GiB of disk size. ferry's destination figure includes its end-to-end verification (hashing the whole disk).")?;
     writeln!(o)?;
@@ -1011,7 +1149,6 @@ fn render(
             let rate = case.link.rate_mbit * 1e6;
             for (sys, rs) in per_sys {
                 let first: Vec<f64> = rs.iter().filter_map(|r| r.t_first).collect();
-                let whole: Vec<f64> = rs.iter().map(|r| r.t_complete).collect();
                 let wire: Vec<f64> = rs.iter().map(|r| r.wire_bytes as f64 / 1048576.0).collect();
                 let util: Vec<f64> = rs
                     .iter()
@@ -1036,14 +1173,22 @@ fn render(
                         hits
                     )
                 };
+                // Capped runs: bytes up to the cap, link use over the capped time.
+                let to_cap = if rs.iter().any(|r| r.capped) {
+                    (" (until the cap)", " (over the capped time)")
+                } else {
+                    ("", "")
+                };
                 writeln!(
                     o,
-                    "| {} | {} | {} | {} | {}% | {} | {} / {} |",
+                    "| {} | {} | {} | {}{} | {}%{} | {} | {} / {} |",
                     system_title(sys),
                     mmm(&first, 2),
-                    mmm(&whole, 1),
+                    whole_disk_cell(rs, img.alloc),
                     mmm(&wire, 0),
+                    to_cap.0,
                     mmm(&util, 0),
+                    to_cap.1,
                     lat,
                     mmm(&cs, 2),
                     mmm(&cd, 2)
@@ -1055,12 +1200,16 @@ fn render(
                     median(&rs.iter().filter_map(g).collect::<Vec<_>>())
                 };
                 let mut rows = Vec::new();
+                let mut bounds = false;
                 for (peer, prs) in per_sys.iter().filter(|(s, _)| *s != "ferry") {
                     let ratio = |g: &dyn Fn(&RunResult) -> Option<f64>| match (fm(g, f), fm(g, prs))
                     {
                         (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
                         _ => "–".into(),
                     };
+                    let whole = bounded_ratio(whole_median(f), whole_median(prs));
+                    let wire = bounded_ratio(wire_median(f), wire_median(prs));
+                    bounds |= [&whole, &wire].iter().any(|c| c.starts_with(['<', '>']));
                     let p99 = |rs: &[RunResult]| {
                         percentile(
                             &rs.iter()
@@ -1077,8 +1226,8 @@ fn render(
                         "| ferry / {} | {} | {} | {} | {} |",
                         peer,
                         ratio(&|r| r.t_first),
-                        ratio(&|r| Some(r.t_complete)),
-                        ratio(&|r| Some(r.wire_bytes as f64)),
+                        whole,
+                        wire,
                         lat_ratio
                     ));
                 }
@@ -1088,6 +1237,10 @@ fn render(
                     writeln!(o, "|---|---|---|---|---|")?;
                     for r in rows {
                         writeln!(o, "{r}")?;
+                    }
+                    if bounds {
+                        writeln!(o)?;
+                        writeln!(o, "`< x`: the peer's median is only a lower bound (capped runs), so the true ratio is at most x.")?;
                     }
                 }
             }
@@ -1117,6 +1270,10 @@ fn render(
             if !notes.is_empty() {
                 writeln!(o)?;
                 writeln!(o, "ferry's own status at the end: {}.", notes.join("; "))?;
+            }
+            if let Some(p) = plots.get(&(case.id.to_string(), img.id.clone())) {
+                writeln!(o)?;
+                write_plot_link(&mut o, case, img, p)?;
             }
             writeln!(o)?;
         }
@@ -1156,6 +1313,109 @@ fn render(
         if a.quick { "-quick" } else { "" }
     )?;
     Ok(o)
+}
+
+/// What the report says about `--lazy-cap-s`.
+fn cap_text(cap_s: u64) -> String {
+    if cap_s == 0 {
+        return "no cap (`--lazy-cap-s 0`): every run goes on until its disk is whole.".into();
+    }
+    format!("an nbdkit run whose scan has not finished {cap_s} s after launch (`--lazy-cap-s {cap_s}`) is stopped there, probes included. Its whole disk is then shown as a lower bound, `> {cap_s}`, with the share of the image's allocated bytes that crossed the link by then (source→destination wire bytes, headers included, / bytes allocated in the image file); its wire bytes are those up to the cap, its link use is over the capped time, and a ratio against its median whole disk or wire bytes is an upper bound, `< x`.")
+}
+
+/// The whole-disk cell of one system: `mmm` of the runs, with capped runs
+/// as lower bounds (`> 120.0`) and how much had crossed the link by then.
+fn whole_disk_cell(rs: &[RunResult], alloc: u64) -> String {
+    let whole: Vec<f64> = rs.iter().map(|r| r.t_complete).collect();
+    let capped: Vec<&RunResult> = rs.iter().filter(|r| r.capped).collect();
+    let Some(med) = median_index(&whole) else {
+        return "–".into();
+    };
+    if capped.is_empty() {
+        return mmm(&whole, 1);
+    }
+    let fig = |r: &RunResult| {
+        let bound = if r.capped { "> " } else { "" };
+        format!("{bound}{:.1}", r.t_complete)
+    };
+    let pct: Vec<f64> = capped
+        .iter()
+        .map(|r| r.wire_fwd_bytes as f64 * 100.0 / alloc.max(1) as f64)
+        .collect();
+    let (lo, hi) = pct.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &p| {
+        (lo.min(p), hi.max(p))
+    });
+    let crossed = if capped.len() == 1 {
+        format!("{hi:.0}% of the image's allocated bytes crossed the link")
+    } else {
+        format!("{lo:.0}–{hi:.0}% of the image's allocated bytes crossed the link")
+    };
+    if rs.len() == 1 {
+        return format!("{} (capped; {crossed})", fig(&rs[0]));
+    }
+    // Capped runs sort last among equal times: the maximum is a bound then.
+    let key = |r: &&RunResult| (r.t_complete, r.capped);
+    let cmp = |a: &&RunResult, b: &&RunResult| {
+        let (a, b) = (key(a), key(b));
+        a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+    };
+    let min = rs.iter().min_by(cmp).map(fig).unwrap_or_default();
+    let max = rs.iter().max_by(cmp).map(fig).unwrap_or_default();
+    format!(
+        "{} ({min}–{max}; {} of {} runs capped, {crossed})",
+        fig(&rs[med]),
+        capped.len(),
+        rs.len()
+    )
+}
+
+/// Median whole-disk time of some runs, and whether it is only a lower
+/// bound (the median run was capped).
+fn whole_median(rs: &[RunResult]) -> Option<(f64, bool)> {
+    let whole: Vec<f64> = rs.iter().map(|r| r.t_complete).collect();
+    median_index(&whole).map(|i| (rs[i].t_complete, rs[i].capped))
+}
+
+/// Median wire bytes of some runs, and whether it is only a lower bound
+/// (some run was capped, so its bytes are too).
+fn wire_median(rs: &[RunResult]) -> Option<(f64, bool)> {
+    let wire: Vec<f64> = rs.iter().map(|r| r.wire_bytes as f64).collect();
+    median(&wire).map(|m| (m, rs.iter().any(|r| r.capped)))
+}
+
+/// x / y of two (value, is a lower bound) figures: `< r` when only y is a
+/// lower bound, `> r` when only x is; no figure when both are.
+fn bounded_ratio(x: Option<(f64, bool)>, y: Option<(f64, bool)>) -> String {
+    match (x, y) {
+        (Some((x, xl)), Some((y, yl))) if y > 0.0 => match (xl, yl) {
+            (false, false) => format!("{:.2}", x / y),
+            (false, true) => format!("< {:.2}", x / y),
+            (true, false) => format!("> {:.2}", x / y),
+            (true, true) => "– (both capped)".into(),
+        },
+        _ => "–".into(),
+    }
+}
+
+/// The markdown image of one plot, and its one-line caption.
+fn write_plot_link(o: &mut String, case: &Case, img: &Image, p: &plot::Written) -> Result<()> {
+    writeln!(
+        o,
+        "![{} / `{}`: 4 KiB miss latency and MiB delivered over time]({})",
+        case.id, img.id, p.link
+    )?;
+    writeln!(o)?;
+    let runs: Vec<String> = p
+        .runs
+        .iter()
+        .map(|(s, i, n)| format!("{s} run {} of {n}", i + 1))
+        .collect();
+    writeln!(
+        o,
+        "*Plot: top, latency (ms, log scale) of each 4 KiB read that missed, against time since the destination was launched (s); bottom, MiB delivered over the link source → destination against the same time. Per system one run, the one whose whole-disk time is the median of its runs (a capped run ends at the cap): {}.*",
+        runs.join(", ")
+    )?;
+    Ok(())
 }
 
 /// Replaces our section of BENCHMARKS.md (between the markers), keeping
@@ -1217,6 +1477,138 @@ mod tests {
         assert!(t.contains("-->\n\n## ublk in a VM"), "{t}");
     }
 
+    fn run(t: f64, capped: bool, fwd: u64) -> RunResult {
+        RunResult {
+            t_first: Some(0.5),
+            t_complete: t,
+            capped,
+            wire_bytes: fwd + (fwd >> 5),
+            wire_fwd_bytes: fwd,
+            ..RunResult::default()
+        }
+    }
+
+    #[test]
+    fn capped_runs_are_lower_bounds() {
+        let free = [run(30.0, false, 1), run(10.0, false, 1)];
+        assert_eq!(whole_disk_cell(&free, 100), mmm(&[30.0, 10.0], 1));
+        assert_eq!(
+            whole_disk_cell(&[run(120.0, true, 43)], 100),
+            "> 120.0 (capped; 43% of the image's allocated bytes crossed the link)"
+        );
+        let mixed = [
+            run(120.0, true, 40),
+            run(100.0, false, 99),
+            run(120.0, true, 45),
+        ];
+        assert_eq!(
+            whole_disk_cell(&mixed, 100),
+            "> 120.0 (100.0–> 120.0; 2 of 3 runs capped, 40–45% of the image's allocated bytes crossed the link)"
+        );
+        let one = [
+            run(100.0, false, 99),
+            run(120.0, true, 45),
+            run(90.0, false, 99),
+        ];
+        assert!(whole_disk_cell(&one, 100).starts_with("100.0 (90.0–> 120.0; 1 of 3"));
+        assert_eq!(whole_median(&one), Some((100.0, false)));
+        assert_eq!(whole_median(&mixed), Some((120.0, true)));
+        assert_eq!(
+            bounded_ratio(Some((30.0, false)), Some((120.0, true))),
+            "< 0.25"
+        );
+        assert_eq!(
+            bounded_ratio(Some((30.0, false)), Some((60.0, false))),
+            "0.50"
+        );
+        assert_eq!(
+            bounded_ratio(Some((30.0, true)), Some((60.0, false))),
+            "> 0.50"
+        );
+        assert_eq!(
+            bounded_ratio(Some((30.0, true)), Some((60.0, true))),
+            "– (both capped)"
+        );
+        assert_eq!(bounded_ratio(None, Some((60.0, false))), "–");
+    }
+
+    #[test]
+    fn the_report_shows_caps_and_links_the_plot() {
+        let a = BenchArgs {
+            quick: true,
+            runs: None,
+            size_mib: None,
+            systems: vec!["ferry".into(), "nbdkit-lazy".into()],
+            cases: None,
+            images: vec!["fs".into()],
+            tcp_cc: "bbr".into(),
+            probes: 20,
+            probe_gap_ms: 150,
+            timeout_s: 900,
+            lazy_cap_s: 120,
+            out: None,
+            section: String::new(),
+        };
+        let cases = vec![Case {
+            id: "base",
+            link: LinkOpts::default(),
+        }];
+        let images = vec![Image {
+            id: "fs".into(),
+            path: PathBuf::from("/nonexistent"),
+            size: 256 << 20,
+            alloc: 100 << 20,
+            desc: "test".into(),
+            probes: vec![],
+        }];
+        let mut results = Results::new();
+        let per_sys = results
+            .entry("base".into())
+            .or_default()
+            .entry("fs".into())
+            .or_default();
+        per_sys.insert("ferry".into(), vec![run(30.0, false, 100 << 20)]);
+        per_sys.insert("nbdkit-lazy".into(), vec![run(120.0, true, 43 << 20)]);
+        let mut plots = Plots::new();
+        plots.insert(
+            ("base".into(), "fs".into()),
+            plot::Written {
+                link: "plots/bench-base-fs-quick.png".into(),
+                runs: vec![("ferry".into(), 0, 1), ("nbdkit-lazy".into(), 0, 1)],
+            },
+        );
+        let md = render(
+            &a,
+            1,
+            &cases,
+            &images,
+            &results,
+            &plots,
+            "now",
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        assert!(
+            md.contains(
+                "| > 120.0 (capped; 43% of the image's allocated bytes crossed the link) |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("% (over the capped time) |"), "{md}");
+        assert!(
+            md.contains("| ferry / nbdkit-lazy | 1.00 | < 0.25 | < "),
+            "{md}"
+        );
+        assert!(
+            md.contains("](plots/bench-base-fs-quick.png)\n\n*Plot: top, latency"),
+            "{md}"
+        );
+        assert!(
+            md.contains("ferry run 1 of 1, nbdkit-lazy run 1 of 1"),
+            "{md}"
+        );
+    }
+
     #[test]
     fn percentiles() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
@@ -1224,5 +1616,14 @@ mod tests {
         assert_eq!(percentile(&v, 99.0), Some(99.0));
         assert_eq!(percentile(&[], 50.0), None);
         assert_eq!(mmm(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
+        for v in [
+            vec![3.0, 1.0, 2.0],
+            vec![5.0, 4.0],
+            vec![7.0],
+            vec![2.0, 9.0, 1.0, 4.0],
+        ] {
+            assert_eq!(Some(v[median_index(&v).unwrap()]), median(&v), "{v:?}");
+        }
+        assert_eq!(median_index(&[]), None);
     }
 }

@@ -674,8 +674,15 @@ impl Wan {
 
     /// The forwarder's counters (see `forward::Shared::stats`).
     pub(crate) fn stats(&self) -> Result<Value> {
-        let s = forward::control(&self.names.ctl(), "stats")?;
-        Ok(serde_json::from_str(&s)?)
+        self.stats_handle().stats()
+    }
+
+    /// A handle that reads the same counters and can move to another
+    /// thread (a sampler running while the guard stays here).
+    pub(crate) fn stats_handle(&self) -> StatsHandle {
+        StatsHandle {
+            ctl: self.names.ctl(),
+        }
     }
 
     /// Cuts the link for `dur`.
@@ -712,6 +719,27 @@ impl Wan {
             let _ = c.wait();
         }
         r
+    }
+}
+
+/// Reads a forwarder's counters through its control socket; a cheap
+/// clone of the socket's path, independent of the [`Wan`] guard.
+#[derive(Clone, Debug)]
+pub(crate) struct StatsHandle {
+    ctl: PathBuf,
+}
+
+impl StatsHandle {
+    /// A handle on the control socket at `ctl` (tests: a fake forwarder).
+    #[cfg(test)]
+    pub(crate) fn at(ctl: PathBuf) -> Self {
+        Self { ctl }
+    }
+
+    /// The forwarder's counters (see `forward::Shared::stats`).
+    pub(crate) fn stats(&self) -> Result<Value> {
+        let s = forward::control(&self.ctl, "stats")?;
+        Ok(serde_json::from_str(&s)?)
     }
 }
 
