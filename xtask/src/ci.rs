@@ -1,14 +1,15 @@
 //! `cargo xtask ci`: exactly what CI runs. Formatting, clippy with
 //! `-D warnings`, every test of the workspace (with the tools they need
-//! required, not skipped), a short run of the emulated WAN, then the VM
-//! test on the real ublk driver.
+//! required, not skipped), a short run of the emulated WAN, a short run of
+//! the benchmark harness (every system, tiny images: it must work, its
+//! figures mean nothing), then the VM test on the real ublk driver.
 
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::setup::{cargo, ensure_tools, run, workspace_root};
+use crate::setup::{cargo, ensure_tools, run, target_dir, workspace_root};
 
 /// Tools the tests need, and the Debian packages that have them.
 pub(crate) const TEST_TOOLS: &[(&str, &str)] = &[
@@ -75,11 +76,63 @@ pub(crate) fn run_ci() -> Result<()> {
             ]))
         },
     )?;
+    step(
+        "bench-smoke (the benchmark harness: all systems, 128 MiB, capped)",
+        bench_smoke,
+    )?;
     step("vm-test (real ublk driver in a VM)", || {
         run(Command::new(cargo())
             .current_dir(&root)
             .args(["run", "--quiet", "-p", "xtask", "--", "vm-test"]))
     })?;
     eprintln!("==> ci: all steps passed");
+    Ok(())
+}
+
+/// Runs `cargo xtask bench --quick` on tiny images with the debug ferry
+/// binary (built by the `build ferry` step), into a scratch report, and
+/// checks that every system produced its row and that the plot was drawn.
+/// Bounded: a 128 MiB ext4 and a 64 MiB random image, 3 probes, the lazy proxy capped at 30 s, any
+/// run given up after 300 s.
+fn bench_smoke() -> Result<()> {
+    let root = workspace_root();
+    let dir = target_dir().join("bench-smoke");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("BENCHMARKS.md");
+    run(Command::new(cargo())
+        .current_dir(&root)
+        .env("FERRY_BIN", target_dir().join("debug").join("ferry"))
+        .args(["run", "--quiet", "-p", "xtask", "--", "bench", "--quick"])
+        .args(["--size-mib", "128", "--probes", "3", "--lazy-cap-s", "30"])
+        .args(["--timeout-s", "300", "--out"])
+        .arg(&out))?;
+    let report = std::fs::read_to_string(&out)
+        .with_context(|| format!("the bench wrote no report at {}", out.display()))?;
+    for row in [
+        "| ferry (serve + pull",
+        "| stop-and-copy: qemu-nbd → nbdcopy",
+        "| lazy proxy: qemu-nbd → nbdkit",
+    ] {
+        anyhow::ensure!(
+            report.matches(row).count() >= 2,
+            "the smoke report lacks a row `{row}` for each image:\n{report}"
+        );
+    }
+    let plots: Vec<_> = std::fs::read_dir(dir.join("plots"))
+        .context("the bench drew no plots")?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .collect();
+    anyhow::ensure!(
+        plots.len() >= 2,
+        "expected a plot per image, found {}",
+        plots.len()
+    );
+    eprintln!(
+        "bench-smoke: report and {} plots in {}",
+        plots.len(),
+        dir.display()
+    );
     Ok(())
 }
