@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{IdleTimeout, TransportConfig, VarInt};
+use quinn::{AckFrequencyConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 /// Knobs of a QUIC connection. Build one with [`Tuning::for_link`] or take
 /// the [`Default`] (1 Gbit/s, 100 ms).
@@ -70,6 +70,10 @@ const MIN_STREAM_WINDOW: u64 = 1_250_000;
 const MIN_CONN_WINDOW: u64 = 4 * 1024 * 1024;
 const MAX_WINDOW: u64 = 1 << 30;
 const MIN_INITIAL_WINDOW: u64 = 14720;
+/// Largest UDP payload on a 1500-byte MTU path (IPv4).
+const MAX_UDP_PAYLOAD: u16 = 1472;
+/// The receiver acknowledges at least every this many packets.
+const ACK_EVERY_PACKETS: u32 = 8;
 const MAX_INITIAL_WINDOW: u64 = 1024 * 1024;
 
 impl Tuning {
@@ -127,6 +131,21 @@ impl Tuning {
                 Some(self.keep_alive)
             })
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
+        // Fewer bytes on the wire for the same data. Datagrams of up to
+        // 1472 bytes (a 1500-byte Ethernet MTU less IP and UDP headers; MTU
+        // discovery probes up to it and falls back on a smaller path)
+        // instead of quinn's 1452 cap. And the receiver acknowledges every
+        // 8th packet (or after 10 ms) instead of every 2nd: about 0.5%
+        // instead of 2% of the data rate in ACKs flowing back. The
+        // controller keeps its RTT samples (minimum per round), and quinn
+        // still acknowledges at once on reordering or loss.
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(MAX_UDP_PAYLOAD);
+        t.mtu_discovery_config(Some(mtu));
+        let mut ack = AckFrequencyConfig::default();
+        ack.ack_eliciting_threshold(VarInt::from_u32(ACK_EVERY_PACKETS - 1))
+            .max_ack_delay(Some(Duration::from_millis(10)));
+        t.ack_frequency_config(Some(ack));
         if self.loss_tolerant {
             t.congestion_controller_factory(Arc::new(crate::congestion::LossTolerantConfig {
                 max_window: self.max_congestion_window,
