@@ -34,8 +34,10 @@
 //! pacer at 1.25x the window's rate) a round's smallest RTT sample often
 //! comes from a burst's head, before the queue builds, and at 150 ms the
 //! window grew into tail drops every few rounds (measured: 70% link use,
-//! 4% of packets dropped). The cap uses the measured RTT, not the
-//! configured one, so a path longer than configured is still filled.
+//! 4% of packets dropped). The cap uses the measured RTT when it is
+//! longer than the configured one, so a path longer than configured is
+//! still filled, but never a shorter one: on a path far shorter than
+//! configured (loopback) the cap would shrink to a few datagrams.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -65,6 +67,11 @@ pub struct LossTolerantConfig {
     pub link_rate: Option<f64>,
     /// Window cap as a multiple of `link_rate` x the measured minimum RTT.
     pub bdp_cap: f64,
+    /// The link's RTT as the operator gave it: the cap never uses a
+    /// shorter RTT than this. Without this floor a path far shorter than
+    /// configured (loopback: 0.1 ms) got a cap of a few datagrams, and
+    /// any scheduling delay then starved the connection.
+    pub link_rtt: Duration,
 }
 
 impl Default for LossTolerantConfig {
@@ -78,6 +85,7 @@ impl Default for LossTolerantConfig {
             max_delay_target: Duration::from_millis(25),
             link_rate: None,
             bdp_cap: 1.25,
+            link_rtt: Duration::ZERO,
         }
     }
 }
@@ -130,6 +138,7 @@ impl LossTolerant {
     fn max_window(&self) -> u64 {
         let mut cap = self.config.max_window;
         if let (Some(rate), Some(rtt)) = (self.config.link_rate, self.min_rtt) {
+            let rtt = rtt.max(self.config.link_rtt);
             let bdp = self.config.bdp_cap * rate * rtt.as_secs_f64();
             cap = cap.min(bdp as u64);
         }
@@ -384,6 +393,30 @@ mod tests {
             None,
         );
         assert!(qdelay > Duration::ZERO, "{qdelay:?}");
+    }
+
+    #[test]
+    fn the_cap_never_uses_an_rtt_below_the_configured_one() {
+        // Loopback measures 0.1 ms; the operator said 100 ms (the default).
+        let cfg = LossTolerantConfig {
+            link_rate: Some(125e6),
+            link_rtt: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let mut cc = LossTolerant::new(Arc::new(cfg), t0, 1200);
+        cc.min_rtt = Some(Duration::from_micros(100));
+        assert_eq!(cc.max_window(), 15_625_000);
+        let mut bare = LossTolerant::new(
+            Arc::new(LossTolerantConfig {
+                link_rate: Some(125e6),
+                ..Default::default()
+            }),
+            t0,
+            1200,
+        );
+        bare.min_rtt = Some(Duration::from_micros(100));
+        assert!(bare.max_window() < 20_000, "{}", bare.max_window());
     }
 
     #[test]

@@ -152,6 +152,7 @@ impl Tuning {
             t.congestion_controller_factory(Arc::new(crate::congestion::LossTolerantConfig {
                 max_window: self.max_congestion_window,
                 link_rate: (self.link_rate > 0).then_some(self.link_rate as f64),
+                link_rtt: self.initial_rtt,
                 initial_window: self.initial_congestion_window,
                 ..Default::default()
             }));
