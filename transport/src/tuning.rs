@@ -22,9 +22,10 @@ pub struct Tuning {
     /// Bytes all streams of a connection may have in flight towards us:
     /// 4x BDP.
     pub receive_window: u64,
-    /// Bytes we may have unacknowledged in flight: 4x BDP. Headroom matters:
-    /// a full send window blocks on-demand writes too, so the background
-    /// copier must pace itself below the link rate rather than fill it.
+    /// Bytes we may have buffered unacknowledged: 8x BDP. Headroom matters:
+    /// a full send window blocks on-demand writes too, so it is twice what
+    /// the background copier may have outstanding (4x BDP of uncompressed
+    /// data); the congestion window, not this, bounds what is in flight.
     pub send_window: u64,
     /// RTT assumed before the first sample: the link's RTT (quinn's default
     /// of 333 ms makes the first round trips slow on a short link).
@@ -78,7 +79,8 @@ const MAX_INITIAL_WINDOW: u64 = 1024 * 1024;
 
 impl Tuning {
     /// Tuning for a link of `bandwidth_bits_per_sec` and round-trip time
-    /// `rtt`: stream window 2x BDP, connection windows 4x BDP (never below
+    /// `rtt`: stream window 2x BDP, connection receive window 4x BDP, send
+    /// window 8x BDP (never below
     /// quinn's defaults, at most 1 GiB).
     pub fn for_link(bandwidth_bits_per_sec: u64, rtt: Duration) -> Tuning {
         let bdp = (u128::from(bandwidth_bits_per_sec / 8) * rtt.as_micros() / 1_000_000) as u64;
@@ -86,7 +88,7 @@ impl Tuning {
         Tuning {
             stream_receive_window: clamp(bdp.saturating_mul(2), MIN_STREAM_WINDOW),
             receive_window: clamp(bdp.saturating_mul(4), MIN_CONN_WINDOW),
-            send_window: clamp(bdp.saturating_mul(4), MIN_CONN_WINDOW),
+            send_window: clamp(bdp.saturating_mul(8), MIN_CONN_WINDOW),
             initial_rtt: if rtt.is_zero() {
                 Duration::from_millis(1)
             } else {
@@ -169,7 +171,7 @@ mod tests {
         let t = Tuning::default();
         assert_eq!(t.stream_receive_window, 25_000_000);
         assert_eq!(t.receive_window, 50_000_000);
-        assert_eq!(t.send_window, 50_000_000);
+        assert_eq!(t.send_window, 100_000_000);
         assert_eq!(t.initial_rtt, Duration::from_millis(100));
         // 12.5 MB / 2 is above the cap.
         assert_eq!(t.initial_congestion_window, MAX_INITIAL_WINDOW);

@@ -50,6 +50,10 @@ pub(crate) async fn fetch_manifest(shared: Arc<Shared>) {
     shared.changed.notify_waiters();
 }
 
+/// Background requests in flight at the start of the copy (see
+/// `run_copier`).
+const RAMP_START: usize = 4;
+
 /// Fetches every absent data chunk, paced and windowed, then verifies.
 pub(crate) async fn run_copier(
     shared: Arc<Shared>,
@@ -57,6 +61,10 @@ pub(crate) async fn run_copier(
     report: Arc<Report>,
 ) {
     let mut next_allowed = Instant::now();
+    // Requests issued so far: the window opens like slow start, from
+    // RAMP_START requests by one per completed request, so the copier's
+    // first burst does not stand in front of the guest's first reads.
+    let mut issued = 0usize;
     loop {
         let notified = shared.changed.notified();
         tokio::pin!(notified);
@@ -80,7 +88,9 @@ pub(crate) async fn run_copier(
         // Back-pressure: at most `window` requests in flight, and no more
         // than one sync batch of unsynced data, so a crash costs at most
         // one batch of re-fetching.
-        if in_flight >= settings.window || unsynced >= settings.sync_bytes {
+        let completed = issued.saturating_sub(in_flight);
+        let window = settings.window.min(RAMP_START + completed);
+        if in_flight >= window || unsynced >= settings.sync_bytes {
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
             continue;
         }
@@ -105,6 +115,7 @@ pub(crate) async fn run_copier(
                 next_allowed.max(now) + Duration::from_secs_f64(bytes as f64 / rate as f64);
         }
         shared.bg_in_flight.fetch_add(1, Ordering::Relaxed);
+        issued += 1;
         let s = shared.clone();
         tokio::spawn(async move {
             s.clone().fetch(range, FetchKind::Background).await;

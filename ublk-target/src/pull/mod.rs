@@ -124,7 +124,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     let window = a.window.unwrap_or_else(|| {
         let bdp = a.link.link_mbit as f64 * 1e6 / 8.0 * a.link.link_rtt_ms as f64 / 1e3;
         let batch = f64::from(a.batch_chunks) * f64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE);
-        ((2.0 * bdp / batch).ceil() as usize).clamp(2, 64)
+        ((4.0 * bdp / batch).ceil() as usize).clamp(4, 128)
     });
     let state_path = a
         .state
