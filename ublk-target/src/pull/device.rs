@@ -38,6 +38,13 @@ impl Shared {
         self.engine.lock().expect("engine lock poisoned")
     }
 
+    /// Whether a read of `offset..offset + len` can be answered at once
+    /// from the backing file: the source has accepted us (see
+    /// [`Shared::admitted`]) and every block is present.
+    fn readable_now(&self, offset: u64, len: u64) -> bool {
+        self.client.is_authenticated() && self.lock().readable(offset, len)
+    }
+
     /// Holds guest I/O until the source has accepted our certificate. The
     /// disk is served as soon as the source's Welcome arrives (0.5-RTT),
     /// one round trip before that acceptance; no guest request is
@@ -234,13 +241,10 @@ impl BlockDevice for PullDevice {
 
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let s = &self.0;
-        if !s.client.is_authenticated() {
-            return None;
-        }
         // Present blocks are never written by fills, so once every block
         // is present the read can run outside the engine lock. Anything
         // else (fetches, waits) goes through the async path.
-        if s.lock().readable(offset, buf.len() as u64) {
+        if s.readable_now(offset, buf.len() as u64) {
             Some(s.backing.read_at(buf, offset))
         } else {
             None
@@ -255,13 +259,10 @@ impl BlockDevice for PullDevice {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         let s = &self.0;
-        if !s.client.is_authenticated() {
-            return None;
-        }
         // As `read_now`: present blocks are never written by fills. A guest
         // write racing this read may change the bytes under the copy, which
         // the block layer allows for overlapping requests in flight.
-        if s.lock().readable(offset, len as u64) {
+        if s.readable_now(offset, len as u64) {
             s.backing.copy_to(offset, len, out, out_offset)
         } else {
             None
