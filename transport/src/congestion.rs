@@ -22,8 +22,17 @@
 //!
 //! Keeping the queue short also keeps on-demand reads fast: a read waits
 //! behind at most the delay target of queued background data. The window
-//! is capped at `max_window` (sized from the link) and never below 4
-//! datagrams. quinn paces the window over the smoothed RTT.
+//! is capped at `max_window` (sized from the link) and never below
+//! [`LossTolerantConfig::min_window_packets`] datagrams: two of the
+//! receiver's ACK groups. The receiver acknowledges every 8th packet at
+//! once and the rest after its `max_ack_delay` (10 ms, see
+//! [`crate::tuning`]); a window of fewer than 8 packets therefore got
+//! only delayed ACKs, whose RTT samples carry that 10 ms, which read as a
+//! queue and kept the window at its floor for good (measured: after a
+//! 400 ms link cut, 4 datagrams per round at 20 ms RTT, 34 KB/s, until the
+//! test gave up). With two groups per window every round carries at least
+//! one packet acknowledged at once, whose sample holds no ACK delay. quinn
+//! paces the window over the smoothed RTT.
 //!
 //! When the operator told us the link's rate ([`LossTolerantConfig::link_rate`]),
 //! the window is also capped at [`LossTolerantConfig::bdp_cap`] (1.25) times
@@ -72,6 +81,10 @@ pub struct LossTolerantConfig {
     /// configured (loopback: 0.1 ms) got a cap of a few datagrams, and
     /// any scheduling delay then starved the connection.
     pub link_rtt: Duration,
+    /// Smallest window in datagrams: at least twice the number of packets
+    /// after which the receiver acknowledges at once (see the module
+    /// documentation).
+    pub min_window_packets: u64,
 }
 
 impl Default for LossTolerantConfig {
@@ -86,6 +99,7 @@ impl Default for LossTolerantConfig {
             link_rate: None,
             bdp_cap: 1.25,
             link_rtt: Duration::ZERO,
+            min_window_packets: 16,
         }
     }
 }
@@ -130,7 +144,7 @@ impl LossTolerant {
     }
 
     fn min_window(&self) -> u64 {
-        4 * self.mtu
+        self.config.min_window_packets.max(4) * self.mtu
     }
 
     /// The largest window allowed now: `max_window`, and with a known link
@@ -474,6 +488,70 @@ mod tests {
             tput > 0.8 * rate,
             "throughput {tput} of {rate} under 0.1% loss"
         );
+    }
+
+    /// Rounds after a persistent-congestion reset on an empty 100 Mbit/s,
+    /// 20 ms path whose receiver acknowledges every 8th packet at once and
+    /// the rest after 10 ms (quinn's ack-frequency settings in
+    /// [`crate::tuning`]); returns the window after `rounds` rounds.
+    fn regrow_after_a_cut_with_delayed_acks(min_window_packets: u64, rounds: u32) -> u64 {
+        const MTU: u64 = 1472;
+        let rate = 12.5e6;
+        let rtt = Duration::from_millis(20);
+        let ack_delay = Duration::from_millis(10);
+        let cfg = LossTolerantConfig {
+            max_window: 4 << 20,
+            link_rate: Some(rate),
+            link_rtt: rtt,
+            min_window_packets,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let mut cc = LossTolerant::new(Arc::new(cfg), t0, MTU as u16);
+        cc.window = 300_000;
+        cc.min_rtt = Some(rtt);
+        let mut now = t0 + Duration::from_secs(1);
+        cc.on_congestion_event(now, now, true, 0);
+        for _ in 0..rounds {
+            // The window's packets, paced evenly over one RTT; the path is
+            // empty (the window stays below the BDP), so any sample above
+            // 20 ms is ACK delay.
+            let n = (cc.window() / MTU).max(1);
+            let gap = rtt / n as u32;
+            let mut round_min = Duration::MAX;
+            for i in 0..n {
+                let group_end = (i / 8 + 1) * 8 - 1;
+                let sample = if group_end < n {
+                    // Acknowledged when the group's 8th packet arrives.
+                    rtt + gap * (group_end - i) as u32
+                } else {
+                    // A partial group waits out the ACK delay.
+                    rtt + gap * (n - 1 - i) as u32 + ack_delay
+                };
+                round_min = round_min.min(sample);
+            }
+            cc.min_rtt = Some(cc.min_rtt.map_or(round_min, |m| m.min(round_min)));
+            cc.round_min_rtt = Some(round_min);
+            cc.round_acked += n * MTU;
+            cc.round_app_limited = false;
+            now += rtt + ack_delay;
+            cc.maybe_end_round(now, rtt);
+        }
+        cc.window()
+    }
+
+    #[test]
+    fn the_window_regrows_after_a_cut_although_most_acks_are_delayed() {
+        // The cap: 1.25 x 12.5 MB/s x 20 ms.
+        let cap = 312_500;
+        let w = regrow_after_a_cut_with_delayed_acks(16, 40);
+        assert!(w >= cap * 9 / 10, "window {w} after 40 rounds, cap {cap}");
+        // The old floor of 4 datagrams never saw an undelayed ACK: every
+        // round read as a queue and the window stayed at its floor (the
+        // stalls seen in CI). This is what the floor of two ACK groups
+        // prevents.
+        let stuck = regrow_after_a_cut_with_delayed_acks(4, 40);
+        assert_eq!(stuck, 4 * 1472, "window {stuck}");
     }
 
     #[test]

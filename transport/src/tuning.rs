@@ -154,6 +154,9 @@ impl Tuning {
                 link_rate: (self.link_rate > 0).then_some(self.link_rate as f64),
                 link_rtt: self.initial_rtt,
                 initial_window: self.initial_congestion_window,
+                // Every window holds at least two ACK groups, so every
+                // round has an RTT sample without ACK delay.
+                min_window_packets: 2 * u64::from(ACK_EVERY_PACKETS),
                 ..Default::default()
             }));
         }
