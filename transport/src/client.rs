@@ -14,6 +14,7 @@
 //! (design invariant 6).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::error::TransportError;
 use crate::frames::{self, ReadFail, CODE_ABORTED};
 use crate::identity::{Fingerprint, Identity};
 use crate::net;
+use crate::path;
 use crate::tls::{self, PinnedServerVerifier};
 use crate::tuning::Tuning;
 use crate::wire::{self, Message, Priority, MAX_MANIFEST_PART, MAX_READ_BYTES, PROTOCOL_VERSION};
@@ -102,6 +104,11 @@ pub struct ClientStats {
     pub wire_rx_bytes: u64,
     /// UDP payload bytes sent, all connections together.
     pub wire_tx_bytes: u64,
+    /// On-demand reads sent twice because the source reported a lossy
+    /// path (see [`crate::path`]).
+    pub hedged_reads: u64,
+    /// The source's last report of its lost packets, per million sent.
+    pub source_lost_ppm: u32,
 }
 
 /// A handle to a source. Clone it freely.
@@ -132,11 +139,16 @@ struct Inner {
     state: Mutex<State>,
     /// Held by the one task that reconnects.
     reconnect_lock: tokio::sync::Mutex<()>,
-    /// The first connection's Welcome stream: the source finishes it once
-    /// it has checked our certificate (see [`Client::authenticated`]).
+    /// The first connection's Welcome stream: the source sends its first
+    /// `Path` report on it once it has checked our certificate (see
+    /// [`Client::authenticated`]).
     welcome_stream: tokio::sync::Mutex<Option<quinn::RecvStream>>,
-    /// Set once [`Client::authenticated`] has seen that finish.
+    /// Set once [`Client::authenticated`] has seen the first report.
     authenticated: std::sync::atomic::AtomicBool,
+    /// The source's latest `Path` report (lost packets per million).
+    lost_ppm: Arc<AtomicU32>,
+    /// On-demand reads hedged so far.
+    hedged: AtomicU64,
 }
 
 #[derive(Default)]
@@ -207,6 +219,8 @@ impl Client {
             reconnect_lock: tokio::sync::Mutex::new(()),
             welcome_stream: tokio::sync::Mutex::new(None),
             authenticated: std::sync::atomic::AtomicBool::new(false),
+            lost_ppm: Arc::new(AtomicU32::new(0)),
+            hedged: AtomicU64::new(0),
         };
         let (conn, info, stream) = inner.establish().await?;
         *inner.welcome_stream.get_mut() = Some(stream);
@@ -227,14 +241,14 @@ impl Client {
         })
     }
 
-    /// Resolves once the source has accepted our certificate (it finishes
-    /// the Welcome stream when its handshake completes), or fails with
+    /// Resolves once the source has accepted our certificate (it sends its
+    /// first `Path` report on the Welcome stream when its handshake
+    /// completes; a task then keeps reading the reports), or fails with
     /// [`TransportError::CertificateRefused`] (or the connection error)
     /// if it did not. About one round trip after [`Client::connect`]
     /// returns. Only the first connection is watched this way; requests
     /// on any connection fail with the same error if refused.
     pub async fn authenticated(&self) -> Result<(), TransportError> {
-        use std::sync::atomic::Ordering;
         if self.is_authenticated() {
             return Ok(());
         }
@@ -248,30 +262,38 @@ impl Client {
                 reason: "the source's acceptance was already found missing".into(),
             });
         };
-        match recv.read_to_end(SMALL_FRAME).await {
-            Ok(rest) if rest.is_empty() => {
+        match frames::read_frame(&mut recv, SMALL_FRAME).await {
+            Ok(Some(Message::Path { lost_ppm })) => {
+                self.inner.lost_ppm.store(lost_ppm, Ordering::Relaxed);
                 self.inner.authenticated.store(true, Ordering::Release);
+                tokio::spawn(read_path_reports(recv, self.inner.lost_ppm.clone()));
                 Ok(())
             }
-            Ok(rest) => Err(TransportError::Protocol {
+            Ok(Some(m)) => Err(TransportError::Protocol {
                 op: "authentication",
-                reason: format!("{} unexpected bytes after the Welcome", rest.len()),
+                reason: format!("unexpected {} frame after the Welcome", frame_name(&m)),
             }),
-            Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(e))) => {
+            Ok(None) => Err(TransportError::Protocol {
+                op: "authentication",
+                reason: "the source closed its Welcome stream without accepting us".into(),
+            }),
+            Err(ReadFail::Stream(quinn::ReadError::ConnectionLost(e))) => {
                 Err(self.inner.classify("authentication", e))
             }
-            Err(e) => Err(TransportError::Stream {
+            Err(ReadFail::Stream(e)) => Err(TransportError::Stream {
                 op: "authentication",
                 reason: e.to_string(),
+            }),
+            Err(ReadFail::Wire(source)) => Err(TransportError::Wire {
+                op: "authentication",
+                source,
             }),
         }
     }
 
     /// Whether [`Client::authenticated`] has seen the source accept us.
     pub fn is_authenticated(&self) -> bool {
-        self.inner
-            .authenticated
-            .load(std::sync::atomic::Ordering::Acquire)
+        self.inner.authenticated.load(Ordering::Acquire)
     }
 
     /// What the source's Welcome said: geometry and source id.
@@ -332,13 +354,28 @@ impl Client {
                     reason: "chunk index overflows".into(),
                 })?;
             let g = self.inner.info.geometry;
-            out.extend(
-                self.inner
-                    .with_retry("read", |conn| async move {
-                        request(&conn, g, start, n, priority).await
-                    })
-                    .await?,
-            );
+            let once = || {
+                self.inner.with_retry("read", |conn| async move {
+                    request(&conn, g, start, n, priority).await
+                })
+            };
+            let lost_ppm = self.inner.lost_ppm.load(Ordering::Relaxed);
+            let hedge = priority == Priority::OnDemand
+                && path::should_hedge(lost_ppm, u64::from(n) * chunk_size);
+            let got = if hedge {
+                // Two requests on two streams; the first complete answer
+                // wins and dropping the other stops its stream.
+                self.inner.hedged.fetch_add(1, Ordering::Relaxed);
+                let (a, b) = (once(), once());
+                tokio::pin!(a, b);
+                tokio::select! {
+                    r = &mut a => match r { Ok(v) => Ok(v), Err(_) => b.await },
+                    r = &mut b => match r { Ok(v) => Ok(v), Err(_) => a.await },
+                }
+            } else {
+                once().await
+            };
+            out.extend(got?);
             done += n;
         }
         Ok(out)
@@ -361,6 +398,8 @@ impl Client {
             reconnects: st.reconnects,
             wire_rx_bytes: rx,
             wire_tx_bytes: tx,
+            hedged_reads: self.inner.hedged.load(Ordering::Relaxed),
+            source_lost_ppm: self.inner.lost_ppm.load(Ordering::Relaxed),
         }
     }
 
@@ -488,8 +527,9 @@ impl Inner {
             match self.establish().await {
                 // Requests on the new connection prove the source accepted
                 // us (a refusal fails them), so its Welcome stream is not
-                // watched.
-                Ok((conn, info, _welcome)) => {
+                // waited for; it is read for the source's `Path` reports.
+                Ok((conn, info, welcome)) => {
+                    tokio::spawn(read_path_reports(welcome, self.lost_ppm.clone()));
                     let mut st = self.lock();
                     let (before, after) = (self.info.source_id, info.source_id);
                     if before != after {
@@ -594,7 +634,26 @@ fn protocol(op: &'static str, reason: String) -> Fail {
 }
 
 fn unexpected(op: &'static str, m: &Message) -> Fail {
-    let what = match m {
+    protocol(op, format!("unexpected {} frame", frame_name(m)))
+}
+
+/// Reads the source's `Path` reports on a Welcome stream until it ends,
+/// keeping the latest in `lost_ppm`.
+async fn read_path_reports(mut recv: quinn::RecvStream, lost_ppm: Arc<AtomicU32>) {
+    loop {
+        match frames::read_frame(&mut recv, SMALL_FRAME).await {
+            Ok(Some(Message::Path { lost_ppm: v })) => lost_ppm.store(v, Ordering::Relaxed),
+            Ok(Some(m)) => {
+                tracing::debug!("unexpected {} frame on the Welcome stream", frame_name(&m));
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+fn frame_name(m: &Message) -> &'static str {
+    match m {
         Message::Hello { .. } => "Hello",
         Message::Welcome { .. } => "Welcome",
         Message::ManifestBytes(_) => "ManifestBytes",
@@ -603,9 +662,9 @@ fn unexpected(op: &'static str, m: &Message) -> Fail {
         Message::ZChunk { .. } => "ZChunk",
         Message::Zero { .. } => "Zero",
         Message::GetManifest => "GetManifest",
+        Message::Path { .. } => "Path",
         Message::Error { .. } => "Error",
-    };
-    protocol(op, format!("unexpected {what} frame"))
+    }
 }
 
 /// Takes the Welcome the source pushes on the first unidirectional stream

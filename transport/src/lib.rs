@@ -10,6 +10,8 @@
 //!   buffers, keep-alive and idle timeout.
 //! - [`server`]: the source side, serving chunks of a [`server::ChunkSource`].
 //! - [`client`]: the destination side, with reconnect and re-issue.
+//! - [`path`]: the source's packet-loss estimate and the destination's rule
+//!   for hedging on-demand reads on a lossy path.
 //!
 //! Every error is typed ([`IdentityError`], [`WireError`],
 //! [`TransportError`]); nothing a peer sends can make this crate panic.
@@ -21,6 +23,7 @@ pub mod error;
 mod frames;
 pub mod identity;
 mod net;
+pub mod path;
 pub mod server;
 pub mod tls;
 pub mod tuning;

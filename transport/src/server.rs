@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use crate::error::TransportError;
 use crate::frames::{self, ReadFail, CODE_ABORTED, CODE_MALFORMED};
 use crate::identity::{Fingerprint, Identity};
+use crate::path::LossWindow;
 use crate::tuning::Tuning;
 use crate::wire::{
     self, ErrorCode, Message, Priority, MAX_MANIFEST_PART, MAX_READ_BYTES, PROTOCOL_VERSION,
@@ -180,8 +181,8 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     // destination knows the geometry one round trip sooner. It carries no
     // disk data; nothing else is sent, and no request is read, until the
     // handshake has completed and the destination's certificate is pinned.
-    // Then the Welcome stream is finished: that tells the destination it
-    // was accepted.
+    // Then the first `Path` report goes out on the Welcome stream: that
+    // tells the destination it was accepted.
     let (conn, established) = match connecting.into_0rtt() {
         Ok(pair) => pair,
         // quinn always grants 0.5-RTT to a server; should it not, the
@@ -243,8 +244,8 @@ async fn push_welcome(
 }
 
 /// Serves the requests of an established connection whose peer presented
-/// a pinned certificate; first finishes the Welcome stream, which tells
-/// the destination it was accepted.
+/// a pinned certificate; first starts the `Path` reports on the Welcome
+/// stream, the first of which tells the destination it was accepted.
 async fn serve_connection(
     conn: Connection,
     shared: Arc<Shared>,
@@ -262,8 +263,8 @@ async fn serve_connection(
         tracing::warn!(%remote, "refused a connection without a client certificate");
         return;
     }
-    if let Some(mut s) = welcome {
-        let _ = s.finish();
+    if let Some(s) = welcome {
+        tokio::spawn(report_path(conn.clone(), s, remote));
     }
     tracing::info!(%remote, peer = ?peer, "destination connected");
     let mut streams = JoinSet::new();
@@ -279,6 +280,35 @@ async fn serve_connection(
                 }
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+/// Reports sent over the window of [`LossWindow`]: 5 s of them.
+const PATH_WINDOW_REPORTS: usize = 10;
+
+/// Stream priority of the Welcome stream's reports: the first one tells
+/// the destination it is accepted, so it must not wait behind data.
+const PATH_PRIORITY: i32 = 200;
+
+/// Sends `Path` reports on the Welcome stream until the connection ends:
+/// the first at once (it tells the destination it was accepted), then
+/// every [`wire::PATH_REPORT_INTERVAL_MS`], each with the share of our
+/// packets lost over the last [`PATH_WINDOW_REPORTS`] reports.
+async fn report_path(conn: Connection, mut stream: SendStream, remote: SocketAddr) {
+    let _ = stream.set_priority(PATH_PRIORITY);
+    let mut window = LossWindow::new(PATH_WINDOW_REPORTS);
+    let every = std::time::Duration::from_millis(wire::PATH_REPORT_INTERVAL_MS);
+    loop {
+        let path = conn.stats().path;
+        let lost_ppm = window.update(path.sent_packets, path.lost_packets);
+        if let Err(e) = frames::write_msg(&mut stream, &Message::Path { lost_ppm }).await {
+            tracing::debug!(%remote, "path reports end: {e}");
+            return;
+        }
+        tokio::time::sleep(every).await;
+        if conn.close_reason().is_some() {
+            return;
         }
     }
 }

@@ -19,6 +19,11 @@
 //! - `Hello { version }` is what destinations of protocol 1 and 2 sent
 //!   first; the source answers it with an `Error`
 //!   ([`ErrorCode::VersionMismatch`]) naming both versions;
+//! - once the source has checked the destination's certificate it sends
+//!   `Path { lost_ppm }` on the Welcome stream (that first one says "you
+//!   are accepted"), then again every [`PATH_REPORT_INTERVAL_MS`]: the
+//!   share of its packets lost recently, which the destination uses to
+//!   decide whether to hedge on-demand reads (see `client`);
 //! - `Read { first_chunk, count, priority }` → one `Chunk` frame per chunk in
 //!   order, then the server finishes the stream; or an `Error`
 //!   ([`ErrorCode::ZeroChunk`], [`ErrorCode::OutOfRange`], …). Zero chunks
@@ -27,7 +32,9 @@
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
+/// How often the source sends a `Path` report, in ms.
+pub const PATH_REPORT_INTERVAL_MS: u64 = 500;
 /// Size of the frame header: `len: u32`.
 pub const HEADER_LEN: usize = 4;
 /// Largest payload of a chunk: 64 MiB (the largest chunk size a manifest
@@ -52,6 +59,7 @@ const T_ERROR: u8 = 6;
 const T_ZCHUNK: u8 = 7;
 const T_GET_MANIFEST: u8 = 8;
 const T_ZERO: u8 = 9;
+const T_PATH: u8 = 10;
 
 /// Priority of a `Read`: guest reads overtake background copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -210,6 +218,12 @@ pub enum Message {
         /// The zstd frame.
         data: Vec<u8>,
     },
+    /// Server → client, on the Welcome stream: the client is accepted,
+    /// and this share of the server's recently sent packets was lost.
+    Path {
+        /// Lost packets per million sent, over the last few seconds.
+        lost_ppm: u32,
+    },
     /// Either way: the request failed.
     Error {
         /// What kind of failure.
@@ -334,6 +348,10 @@ impl Message {
                 out.extend_from_slice(&raw_len.to_le_bytes());
                 out.extend_from_slice(data);
             }
+            Message::Path { lost_ppm } => {
+                out.push(T_PATH);
+                out.extend_from_slice(&lost_ppm.to_le_bytes());
+            }
             Message::Error { code, message } => {
                 out.push(T_ERROR);
                 out.extend_from_slice(&code.to_u16().to_le_bytes());
@@ -348,6 +366,7 @@ impl Message {
             Message::Welcome { .. } => 54,
             Message::GetManifest => 0,
             Message::Zero { .. } => 8,
+            Message::Path { .. } => 4,
             Message::ManifestBytes(b) => b.len(),
             Message::Read { .. } => 13,
             Message::Chunk { data, .. } => 40 + data.len(),
@@ -470,6 +489,12 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             exact(8, "8")?;
             Ok(Message::Zero { index: u64_at(0) })
         }
+        T_PATH => {
+            exact(4, "4")?;
+            Ok(Message::Path {
+                lost_ppm: u32_at(0),
+            })
+        }
         T_MANIFEST => {
             if p.len() > MAX_MANIFEST_PART {
                 return Err(WireError::BadLength {
@@ -572,6 +597,7 @@ mod tests {
             },
             Message::GetManifest,
             Message::Zero { index: 77 },
+            Message::Path { lost_ppm: 1234 },
             Message::ManifestBytes(vec![]),
             Message::ManifestBytes(rng.bytes(1000)),
             Message::Read {

@@ -53,6 +53,8 @@ struct MemSource {
     manifest: Manifest,
     /// Time each chunk read takes.
     delay: Duration,
+    /// Chunk reads so far.
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl MemSource {
@@ -73,6 +75,7 @@ impl MemSource {
             manifest: Manifest::new(g, chunks),
             data,
             delay: Duration::ZERO,
+            reads: Default::default(),
         })
     }
 
@@ -95,6 +98,8 @@ impl ChunkSource for MemSource {
 
     fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
         std::thread::sleep(self.delay);
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         buf.clear();
         buf.extend_from_slice(self.chunk(index));
         Ok(())
@@ -668,6 +673,98 @@ async fn compressible_chunks_cross_the_wire_compressed_and_arrive_exact() {
         let before = plain.stats().wire_rx_bytes;
         plain.read_bytes(0, 64, Priority::Background).await.unwrap();
         assert!(plain.stats().wire_rx_bytes - before > 64 * u64::from(CHUNK));
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A UDP relay on 127.0.0.1 in front of `server` that drops every
+/// `every`-th datagram towards the client (after the first 20, so the
+/// handshake is not slowed). Runs until the test's runtime ends.
+async fn lossy_relay(server: SocketAddr, every: u64) -> SocketAddr {
+    let front = Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
+    let back = Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let (f, b, c) = (front.clone(), back.clone(), client.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = f.recv_from(&mut buf).await {
+            *c.lock().unwrap() = Some(from);
+            let _ = b.send(&buf[..n]).await;
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        let mut count = 0u64;
+        while let Ok(n) = back.recv(&mut buf).await {
+            count += 1;
+            if count > 20 && count.is_multiple_of(every) {
+                continue;
+            }
+            let to = *client.lock().unwrap();
+            if let Some(to) = to {
+                let _ = front.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_reads_are_hedged_on_a_lossy_path_only() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(9));
+        let data = data_chunks(&src.manifest);
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+
+        // A clean path: the source reports no loss, nothing is hedged.
+        let clean = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        clean.authenticated().await.unwrap();
+        for &c in &data[..8] {
+            let got = clean.read_bytes(c, 1, Priority::OnDemand).await.unwrap();
+            assert_eq!(got[0].as_slice(), src.chunk(c));
+        }
+        assert_eq!(clean.stats().hedged_reads, 0);
+        assert_eq!(clean.stats().source_lost_ppm, 0);
+
+        // 2% of the datagrams towards the destination dropped.
+        let relay = lossy_relay(addr, 50).await;
+        let lossy = Client::connect(client_opts(&ids, relay)).await.unwrap();
+        lossy.authenticated().await.unwrap();
+        // Background copy until the source has measured and reported its
+        // loss; background reads are never hedged.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while lossy.stats().source_lost_ppm < 5000 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the source never reported the loss: {:?}",
+                lossy.stats()
+            );
+            for &c in &data {
+                let got = lossy.read_bytes(c, 1, Priority::Background).await.unwrap();
+                assert_eq!(got[0].as_slice(), src.chunk(c));
+            }
+        }
+        assert_eq!(lossy.stats().hedged_reads, 0, "background reads hedged");
+        // Now every on-demand read goes out twice and still returns the
+        // right bytes, once.
+        let before = src.reads.load(std::sync::atomic::Ordering::Relaxed);
+        for &c in &data[..6] {
+            let got = lossy.read_bytes(c, 1, Priority::OnDemand).await.unwrap();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].as_slice(), src.chunk(c), "chunk {c}");
+        }
+        assert_eq!(lossy.stats().hedged_reads, 6);
+        // The source saw both requests of at least some of them (a second
+        // one may be stopped before it is read).
+        let reads = src.reads.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert!(
+            reads > 6,
+            "{reads} chunk reads at the source for 6 hedged reads"
+        );
     })
     .await
     .expect("test timed out");

@@ -32,6 +32,8 @@ pub(crate) struct Status {
     pub(crate) eta_seconds: Option<u64>,
     pub(crate) source_state: String,
     pub(crate) reconnects: u64,
+    pub(crate) hedged_reads: u64,
+    pub(crate) source_lost_ppm: u32,
     pub(crate) background: String,
     pub(crate) rate_limit_bytes_per_sec: u64,
     pub(crate) verified: String,
@@ -104,8 +106,12 @@ pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
         .unwrap_or_else(|| "-".into());
     println!("rate:        {}/s, ETA {eta}", human(s.rate_bytes_per_sec));
     println!(
-        "source:      {} ({} reconnects); background {}",
-        s.source_state, s.reconnects, s.background
+        "source:      {} ({} reconnects; it reports {:.3}% of its packets lost, {} on-demand reads hedged); background {}",
+        s.source_state,
+        s.reconnects,
+        f64::from(s.source_lost_ppm) / 1e4,
+        s.hedged_reads,
+        s.background
     );
     println!("verified:    {} ({} chunks)", s.verified, s.verified_chunks);
     Ok(())

@@ -389,6 +389,8 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         }
         .to_string(),
         reconnects: stats.reconnects,
+        hedged_reads: stats.hedged_reads,
+        source_lost_ppm: stats.source_lost_ppm,
         background: if e.background_paused() {
             "paused"
         } else {
