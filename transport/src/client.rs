@@ -354,8 +354,8 @@ impl Client {
                     reason: "chunk index overflows".into(),
                 })?;
             let g = self.inner.info.geometry;
-            let once = || {
-                self.inner.with_retry("read", |conn| async move {
+            let once = |priority| {
+                self.inner.with_retry("read", move |conn| async move {
                     request(&conn, g, start, n, priority).await
                 })
             };
@@ -363,17 +363,19 @@ impl Client {
             let hedge = priority == Priority::OnDemand
                 && path::should_hedge(lost_ppm, u64::from(n) * chunk_size);
             let got = if hedge {
-                // Two requests on two streams; the first complete answer
-                // wins and dropping the other stops its stream.
+                // Two requests on two streams, the second just below the
+                // first in priority (so a lossless first answer is not
+                // slowed by the second); the first complete answer wins
+                // and dropping the other stops its stream.
                 self.inner.hedged.fetch_add(1, Ordering::Relaxed);
-                let (a, b) = (once(), once());
+                let (a, b) = (once(priority), once(Priority::Hedge));
                 tokio::pin!(a, b);
                 tokio::select! {
                     r = &mut a => match r { Ok(v) => Ok(v), Err(_) => b.await },
                     r = &mut b => match r { Ok(v) => Ok(v), Err(_) => a.await },
                 }
             } else {
-                once().await
+                once(priority).await
             };
             out.extend(got?);
             done += n;

@@ -285,7 +285,7 @@ async fn serve_connection(
 }
 
 /// Reports sent over the window of [`LossWindow`]: 5 s of them.
-const PATH_WINDOW_REPORTS: usize = 10;
+const PATH_WINDOW_REPORTS: usize = 50;
 
 /// Stream priority of the Welcome stream's reports: the first one tells
 /// the destination it is accepted, so it must not wait behind data.
@@ -455,7 +455,7 @@ async fn read_one(shared: &Arc<Shared>, index: u64, priority: Priority) -> Resul
         ChunkKind::Data(h) => h,
     };
     let pool = match priority {
-        Priority::OnDemand => &shared.urgent_reads,
+        Priority::OnDemand | Priority::Hedge => &shared.urgent_reads,
         Priority::Background => &shared.reads,
     };
     let permit = pool

@@ -34,7 +34,7 @@ use std::fmt;
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 4;
 /// How often the source sends a `Path` report, in ms.
-pub const PATH_REPORT_INTERVAL_MS: u64 = 500;
+pub const PATH_REPORT_INTERVAL_MS: u64 = 100;
 /// Size of the frame header: `len: u32`.
 pub const HEADER_LEN: usize = 4;
 /// Largest payload of a chunk: 64 MiB (the largest chunk size a manifest
@@ -68,6 +68,10 @@ pub enum Priority {
     OnDemand,
     /// Background copy.
     Background,
+    /// The second request of a hedged on-demand read (see
+    /// `ferry_transport::path`): sent just below the first, so it does
+    /// not slow the first answer down, and above everything else.
+    Hedge,
 }
 
 impl Priority {
@@ -75,6 +79,7 @@ impl Priority {
         match self {
             Priority::OnDemand => 0,
             Priority::Background => 1,
+            Priority::Hedge => 2,
         }
     }
 
@@ -82,6 +87,7 @@ impl Priority {
         match v {
             0 => Ok(Priority::OnDemand),
             1 => Ok(Priority::Background),
+            2 => Ok(Priority::Hedge),
             other => Err(WireError::BadPriority(other)),
         }
     }
@@ -90,6 +96,7 @@ impl Priority {
     pub fn stream_priority(self) -> i32 {
         match self {
             Priority::OnDemand => 100,
+            Priority::Hedge => 99,
             Priority::Background => 0,
         }
     }
@@ -609,6 +616,11 @@ mod tests {
                 first_chunk: 7,
                 count: 3,
                 priority: Priority::OnDemand,
+            },
+            Message::Read {
+                first_chunk: 8,
+                count: 1,
+                priority: Priority::Hedge,
             },
             Message::Chunk {
                 index: 42,

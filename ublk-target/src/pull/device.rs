@@ -73,10 +73,20 @@ impl Shared {
             FetchKind::Background => Priority::Background,
         };
         let count = (range.end - range.start) as u32;
+        let t0 = std::time::Instant::now();
         match self.client.read_chunks(range.start, count, prio).await {
             Ok(chunks) => {
+                let fetched = t0.elapsed();
                 for (chunk, data) in range.clone().zip(chunks) {
                     self.arrived(chunk, data).await;
+                }
+                if kind == FetchKind::OnDemand {
+                    tracing::debug!(
+                        chunks = ?range,
+                        fetch_ms = fetched.as_secs_f64() * 1e3,
+                        fill_ms = (t0.elapsed() - fetched).as_secs_f64() * 1e3,
+                        "on-demand fetch"
+                    );
                 }
             }
             Err(e) => {
