@@ -50,6 +50,15 @@ use crate::errno::request_failed;
 use crate::request::{Descriptor, Request};
 use crate::setup::feature;
 
+/// The fields of the kernel's I/O descriptor that serving a request needs.
+fn descriptor(iod: &libublk::sys::ublksrv_io_desc) -> Descriptor {
+    Descriptor {
+        op_flags: iod.op_flags,
+        nr_sectors: iod.nr_sectors,
+        start_sector: iod.start_sector,
+    }
+}
+
 /// Seconds without I/O after which libublk lets an idle queue release the
 /// pages of its request buffers.
 const IDLE_SECS: u64 = 20;
@@ -188,12 +197,7 @@ async fn serve_tag<D: BlockDevice>(
         .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
         .await?;
     loop {
-        let iod = queue.get_iod(ctx.tag);
-        let desc = Descriptor {
-            op_flags: iod.op_flags,
-            nr_sectors: iod.nr_sectors,
-            start_sector: iod.start_sector,
-        };
+        let desc = descriptor(queue.get_iod(ctx.tag));
         let res = match ctx.handle(desc, DataPath::Buffer(buf.as_mut_slice())).await {
             Ok(res) => res,
             Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
@@ -218,12 +222,7 @@ async fn serve_tag_user_copy<D: BlockDevice>(
         .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(&[]), 0, None)
         .await?;
     loop {
-        let iod = queue.get_iod(ctx.tag);
-        let desc = Descriptor {
-            op_flags: iod.op_flags,
-            nr_sectors: iod.nr_sectors,
-            start_sector: iod.start_sector,
-        };
+        let desc = descriptor(queue.get_iod(ctx.tag));
         let path = DataPath::UserCopy(UserCopy {
             cdev,
             pos,
