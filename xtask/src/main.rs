@@ -31,6 +31,10 @@ enum Cmd {
     /// Benchmark `ferry pull --ublk` against the loop device in the VM;
     /// writes the "ublk in a VM" section of BENCHMARKS.md.
     VmBench(vm::VmBenchArgs),
+    /// Benchmark `ferry pull --ublk` in the VM against a source on the
+    /// host over the emulated WAN; writes the "ublk in a VM over the
+    /// emulated WAN" section of BENCHMARKS.md.
+    VmWanBench(vm::VmWanBenchArgs),
     /// Emulated WAN between two network namespaces: up, down, status, cut, relay.
     Wan(wan::WanArgs),
     /// The emulated WAN's forwarder process (started by `wan up`).
@@ -50,6 +54,7 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo::run_demo(&args),
         Cmd::VmTest(args) => vm::vm_test(&args),
         Cmd::VmBench(args) => vm::vm_bench(&args),
+        Cmd::VmWanBench(args) => vm::vm_wan_bench(&args),
         Cmd::Wan(args) => wan::run_wan(&args),
         Cmd::WanForward(args) => wan::run_forward(&args),
         Cmd::WanSmoke => wan::wan_smoke(),

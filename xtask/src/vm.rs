@@ -19,8 +19,10 @@ mod fixtures;
 mod host;
 mod initramfs;
 mod serial;
+mod wan_bench;
 
 pub(crate) use bench::{vm_bench, VmBenchArgs};
+pub(crate) use wan_bench::{vm_wan_bench, VmWanBenchArgs};
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};

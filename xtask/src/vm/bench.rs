@@ -290,8 +290,14 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
 
 /// `text` with the section replaced (or appended); other sections kept.
 fn replace_section(text: &str, section: &str) -> String {
+    replace_named_section(text, SECTION, section)
+}
+
+/// Replaces the section headed `heading` (a `## ` line) of `text` with
+/// `section`, or appends it; the rest of the text is kept.
+pub(super) fn replace_named_section(text: &str, heading: &str, section: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    let start = lines.iter().position(|l| l.trim_end() == SECTION);
+    let start = lines.iter().position(|l| l.trim_end() == heading);
     let Some(start) = start else {
         let mut out = if text.trim().is_empty() {
             "# Benchmarks\n\n".to_string()
