@@ -13,6 +13,9 @@
 #          dd under TCG); Y: that read alone (dd's timing);
 #   FERRY-BENCH wan run=N probe_ms=X
 #       each further read of an absent block while the copy runs;
+#   FERRY-BENCH wan run=N local_ms=X
+#       a read of a present block once the copy is done (the guest's own
+#       floor under TCG: block layer, ublk driver, ferry, no network);
 #   FERRY-BENCH wan run=N whole_disk_s=X wire_rx_bytes=B on_demand_bytes=C
 #       until every block is present and verified; ferry's own counters.
 # Environment (kernel command line): WAN_SOURCE, WAN_FP_SRC, WAN_RUNS,
@@ -99,6 +102,10 @@ one_run() {
             t2=$(now)
             wire=$(sed -n 's/.*"wire_rx_bytes":\([0-9]*\).*/\1/p' "$T/status.json")
             od=$(sed -n 's/.*"fetched_on_demand_bytes":\([0-9]*\).*/\1/p' "$T/status.json")
+            # The floor under TCG: a read of a present block, which never
+            # leaves the guest (the first read's block, now local).
+            local_ms=$(read_4k $((size / 4096 - 1))) || return 1
+            echo "FERRY-BENCH wan run=$run local_ms=$local_ms" >>"$T/bench.txt"
             echo "FERRY-BENCH wan run=$run whole_disk_s=$(echo "$t0 $t2" | awk '{printf "%.2f", $2 - $1}') wire_rx_bytes=$wire on_demand_bytes=$od size_bytes=$size" >>"$T/bench.txt"
             kill "$PULL"
             wait "$PULL"
