@@ -85,7 +85,35 @@ pub(crate) fn run_ci() -> Result<()> {
             .current_dir(&root)
             .args(["run", "--quiet", "-p", "xtask", "--", "vm-test"]))
     })?;
+    step(
+        "vm-wan-smoke (ublk in the VM, source on the host over the emulated WAN)",
+        vm_wan_smoke,
+    )?;
     eprintln!("==> ci: all steps passed");
+    Ok(())
+}
+
+/// Runs `cargo xtask vm-wan-bench` small (16 MiB, 3 runs of 2 probes)
+/// into a scratch report and checks that its section was written: the
+/// harness works, the figures are not judged.
+fn vm_wan_smoke() -> Result<()> {
+    let dir = target_dir().join("vm-wan-smoke");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let out = dir.join("BENCHMARKS.md");
+    run(Command::new(cargo())
+        .current_dir(workspace_root())
+        .args(["run", "--quiet", "-p", "xtask", "--", "vm-wan-bench"])
+        .args(["--runs", "3", "--size-mib", "16", "--probes", "2"])
+        .args(["--timeout-secs", "900", "--output"])
+        .arg(&out))?;
+    let report = std::fs::read_to_string(&out)
+        .with_context(|| format!("vm-wan-bench wrote no report at {}", out.display()))?;
+    anyhow::ensure!(
+        report.contains("## ublk in a VM over the emulated WAN")
+            && report.contains("| first read from launch (ms) |"),
+        "the vm-wan-bench report lacks its table:\n{report}"
+    );
     Ok(())
 }
 
