@@ -163,6 +163,7 @@ impl Shared {
         }
         let backing = self.backing.clone();
         let state = self.state.clone();
+        let t0 = std::time::Instant::now();
         let (batch, res) = tokio::task::spawn_blocking(move || {
             let r = backing.sync().and_then(|()| {
                 state
@@ -175,6 +176,7 @@ impl Shared {
         })
         .await
         .map_err(|e| eio(e.to_string()))?;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "sync round");
         let mut engine = self.lock();
         match res {
             Ok(()) => {
