@@ -25,7 +25,6 @@ DISK=$T/disk.img
 CTL=$T/ctl
 LOSETUP=/usr/sbin/losetup
 
-info() { echo "FERRY-BENCH info $1=$(echo "$2" | tr ' ' '_' | tr -s '_')"; }
 
 if [ ! -e /dev/ublk-control ]; then
     fail bench-ublk-driver "/dev/ublk-control does not exist after insmod ublk_drv"

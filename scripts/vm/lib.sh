@@ -6,6 +6,10 @@
 
 pass() { echo "FERRY-CHECK PASS $1"; }
 
+# info KEY VALUE: a `FERRY-BENCH info KEY=VALUE` line for the benchmarks
+# (spaces in VALUE become underscores).
+info() { echo "FERRY-BENCH info $1=$(echo "$2" | tr ' ' '_' | tr -s '_')"; }
+
 # fail NAME REASON...
 fail() {
     name=$1

@@ -30,7 +30,6 @@ mkdir -p "$T/id-dst"
 DISK=$T/disk.img
 CTL=$T/ctl
 
-info() { echo "FERRY-BENCH info $1=$(echo "$2" | tr ' ' '_' | tr -s '_')"; }
 now() { cut -d' ' -f1 /proc/uptime; }
 
 if [ ! -e /dev/ublk-control ]; then

@@ -86,7 +86,7 @@ fn parse_sample(line: &str) -> Option<Sample> {
     })
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(super) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n == 0 {
@@ -289,6 +289,36 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
 }
 
 /// `text` with the section replaced (or appended); other sections kept.
+/// The `info KEY=VALUE` lines of a VM's `FERRY-BENCH` output.
+pub(super) fn guest_info(bench: &[String]) -> BTreeMap<String, String> {
+    bench
+        .iter()
+        .filter_map(|line| line.strip_prefix("info "))
+        .filter_map(|rest| rest.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Writes `section` (headed `heading`) into `output` (relative to the
+/// workspace), keeping the file's other sections; returns the path.
+pub(super) fn write_section(output: &Path, heading: &str, section: &str) -> Result<PathBuf> {
+    let path = if output.is_absolute() {
+        output.to_path_buf()
+    } else {
+        workspace_root().join(output)
+    };
+    // Read just before writing: another section may have changed meanwhile.
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    fs::write(&path, replace_named_section(&text, heading, section))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+#[cfg(test)]
 fn replace_section(text: &str, section: &str) -> String {
     replace_named_section(text, SECTION, section)
 }
@@ -433,31 +463,13 @@ pub(crate) fn vm_bench(args: &VmBenchArgs) -> Result<()> {
     let rows = rows(&samples, args.runs)?;
     let root = workspace_root();
     let mut info = host_info(&root);
-    for line in &report.bench {
-        if let Some(rest) = line.strip_prefix("info ") {
-            if let Some((k, v)) = rest.split_once('=') {
-                info.insert(k.trim().to_string(), v.trim().to_string());
-            }
-        }
-    }
+    info.extend(guest_info(&report.bench));
     let section = render(&rows, args, &info);
     println!("\n{section}");
     if args.no_write {
         return Ok(());
     }
-    let path = if args.output.is_absolute() {
-        args.output.clone()
-    } else {
-        root.join(&args.output)
-    };
-    // Read just before writing: another section may have changed meanwhile.
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    fs::write(&path, replace_section(&text, &section))
-        .with_context(|| format!("writing {}", path.display()))?;
+    let path = write_section(&args.output, SECTION, &section)?;
     println!(
         "vm-bench: wrote section \"{SECTION}\" of {}",
         path.display()

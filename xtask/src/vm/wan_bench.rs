@@ -137,12 +137,7 @@ fn parse_runs(lines: &[String], runs: u32) -> Result<Vec<Run>> {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
+    super::bench::median(&mut v)
 }
 
 /// Nearest-rank percentile.
@@ -358,14 +353,10 @@ pub(crate) fn vm_wan_bench(a: &VmWanBenchArgs) -> Result<()> {
 
     let report = &outcome.vm.report;
     let runs = parse_runs(&report.bench, a.runs)?;
-    let mut info = BTreeMap::new();
-    for line in &report.bench {
-        if let Some(rest) = line.strip_prefix("info ") {
-            if let Some((k, v)) = rest.split_once('=') {
-                info.insert(k.trim().to_string(), v.trim().replace('_', " "));
-            }
-        }
-    }
+    let info: BTreeMap<String, String> = super::bench::guest_info(&report.bench)
+        .into_iter()
+        .map(|(k, v)| (k, v.replace('_', " ")))
+        .collect();
     let mut section = render(&runs, a, &info);
     section.push_str(&format!(
         "The relay's own counters over all runs: {} B forwarded to the destination, {} packets dropped by its loss model, {} by its queue.\n",
@@ -377,21 +368,7 @@ pub(crate) fn vm_wan_bench(a: &VmWanBenchArgs) -> Result<()> {
     if a.no_write {
         return Ok(());
     }
-    let path = if a.output.is_absolute() {
-        a.output.clone()
-    } else {
-        root.join(&a.output)
-    };
-    let text = match fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    fs::write(
-        &path,
-        super::bench::replace_named_section(&text, SECTION, &section),
-    )
-    .with_context(|| format!("writing {}", path.display()))?;
+    let path = super::bench::write_section(&a.output, SECTION, &section)?;
     println!(
         "vm-wan-bench: wrote section \"{SECTION}\" of {}",
         path.display()
