@@ -127,11 +127,11 @@ pub(crate) struct PullArgs {
     /// Chunks per background request.
     #[arg(long, default_value_t = 16)]
     pub(crate) batch_chunks: u32,
-    /// Background requests in flight. Default: four times the link's
-    /// bandwidth-delay product (from --link-mbit and --link-rtt-ms) of
-    /// uncompressed data, so that compressible data (a request then costs
-    /// far less than its size on the wire) still fills the link; QUIC's
-    /// send window (8x BDP) leaves room for on-demand reads.
+    /// Background requests in flight. Default: enough for four times the
+    /// link's bandwidth-delay product (from --link-mbit and --link-rtt-ms)
+    /// on the wire, by the compression seen so far (4 to 128 requests), so
+    /// that compressible data still fills the link; QUIC's send window
+    /// (8x BDP) leaves room for on-demand reads.
     #[arg(long)]
     pub(crate) window: Option<usize>,
     /// Persist the block map once this many fetched bytes are unsynced.

@@ -54,6 +54,43 @@ pub(crate) async fn fetch_manifest(shared: Arc<Shared>) {
 /// `run_copier`).
 const RAMP_START: usize = 4;
 
+/// How many background requests may be in flight.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Window {
+    /// As many as the operator said (`--window`).
+    Fixed(usize),
+    /// Enough for four times the link's bandwidth-delay product (`bdp`,
+    /// bytes) *on the wire*, from the compression the copy has seen so
+    /// far; `request_bytes` is a request's uncompressed size. A window
+    /// counted in uncompressed bytes left a link idle where the source's
+    /// data compresses: measured on the ext4 image at 200 Mbit/s and
+    /// 50 ms, 5 requests of 1 MiB (2.6:1, so 1.6 BDP on the wire) filled
+    /// 78% of the link and the copy took 15.1 s; 12 requests, 12.5 s.
+    Wire { bdp: f64, request_bytes: f64 },
+}
+
+/// Uncompressed bytes fetched after which their compression ratio is
+/// trusted (before that, data counts as incompressible).
+const RATIO_AFTER_BYTES: u64 = 8 << 20;
+
+impl Window {
+    /// Requests allowed in flight after `fetched` uncompressed bytes came
+    /// in over `wire` bytes of UDP payload.
+    pub(crate) fn requests(self, fetched: u64, wire: u64) -> usize {
+        match self {
+            Window::Fixed(n) => n,
+            Window::Wire { bdp, request_bytes } => {
+                let ratio = if fetched >= RATIO_AFTER_BYTES && wire > 0 {
+                    (fetched as f64 / wire as f64).clamp(1.0, 16.0)
+                } else {
+                    1.0
+                };
+                ((4.0 * bdp * ratio / request_bytes).ceil() as usize).clamp(4, 128)
+            }
+        }
+    }
+}
+
 /// Fetches every absent data chunk, paced and windowed, then verifies.
 pub(crate) async fn run_copier(
     shared: Arc<Shared>,
@@ -69,9 +106,14 @@ pub(crate) async fn run_copier(
         let notified = shared.changed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let (phase, unsynced) = {
+        let (phase, unsynced, fetched) = {
             let e = shared.engine.lock().expect("engine lock");
-            (e.phase(), e.unsynced_bytes())
+            let c = e.counters();
+            (
+                e.phase(),
+                e.unsynced_bytes(),
+                c.fetched_background + c.fetched_on_demand,
+            )
         };
         match phase {
             Phase::Complete => {
@@ -89,7 +131,11 @@ pub(crate) async fn run_copier(
         // than one sync batch of unsynced data, so a crash costs at most
         // one batch of re-fetching.
         let completed = issued.saturating_sub(in_flight);
-        let window = settings.window.min(RAMP_START + completed);
+        let wire = shared.client.stats().wire_rx_bytes;
+        let window = settings
+            .window
+            .requests(fetched, wire)
+            .min(RAMP_START + completed);
         if in_flight >= window || unsynced >= settings.sync_bytes {
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
             continue;
@@ -407,5 +453,39 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         guest_written_chunks,
         disk_blake3: verify.disk_blake3,
         elapsed_seconds: report.started.elapsed().as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_counts_wire_bytes_once_the_compression_is_known() {
+        // 200 Mbit/s x 50 ms = 1.25 MB; requests of 1 MiB.
+        let w = Window::Wire {
+            bdp: 1.25e6,
+            request_bytes: 1048576.0,
+        };
+        // Nothing seen yet, or incompressible data: 4 x BDP uncompressed.
+        assert_eq!(w.requests(0, 0), 5);
+        assert_eq!(w.requests(100 << 20, 105 << 20), 5);
+        // Too little seen to trust the ratio.
+        assert_eq!(w.requests(4 << 20, 1 << 20), 5);
+        // 2.6:1 on the wire: 2.6 times as many requests.
+        assert_eq!(w.requests(260 << 20, 100 << 20), 13);
+        // Bounded either way.
+        assert_eq!(w.requests(1 << 40, 1), 77);
+        let long = Window::Wire {
+            bdp: 125e6,
+            request_bytes: 1048576.0,
+        };
+        assert_eq!(long.requests(0, 0), 128);
+        let short = Window::Wire {
+            bdp: 1e3,
+            request_bytes: 1048576.0,
+        };
+        assert_eq!(short.requests(0, 0), 4);
+        assert_eq!(Window::Fixed(7).requests(1 << 30, 1), 7);
     }
 }

@@ -84,7 +84,7 @@ fn open_or_create(
 pub(crate) struct CopierSettings {
     pub(crate) rate_limit: AtomicU64,
     pub(crate) batch_chunks: u64,
-    pub(crate) window: usize,
+    pub(crate) window: copier::Window,
     pub(crate) sync_bytes: u64,
 }
 
@@ -121,11 +121,14 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     if a.batch_chunks == 0 || a.window == Some(0) {
         bail!("--batch-chunks and --window must be at least 1");
     }
-    let window = a.window.unwrap_or_else(|| {
-        let bdp = a.link.link_mbit as f64 * 1e6 / 8.0 * a.link.link_rtt_ms as f64 / 1e3;
-        let batch = f64::from(a.batch_chunks) * f64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE);
-        ((4.0 * bdp / batch).ceil() as usize).clamp(4, 128)
-    });
+    let window = match a.window {
+        Some(n) => copier::Window::Fixed(n),
+        None => copier::Window::Wire {
+            bdp: a.link.link_mbit as f64 * 1e6 / 8.0 * a.link.link_rtt_ms as f64 / 1e3,
+            request_bytes: f64::from(a.batch_chunks)
+                * f64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE),
+        },
+    };
     let state_path = a
         .state
         .clone()
