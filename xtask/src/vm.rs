@@ -81,10 +81,41 @@ struct VmOptions {
     /// (found by serial number, not by name).
     #[arg(long = "drive", value_name = "FILE")]
     drives: Vec<PathBuf>,
-    /// Kill the VM after this many seconds (a run takes about 2.5 minutes
-    /// on an idle 2-core machine; the margin is for a loaded one).
-    #[arg(long, default_value_t = 480)]
-    timeout_secs: u64,
+    #[command(flatten)]
+    machine: MachineOpts,
+}
+
+impl VmOptions {
+    /// Options for `machine` with nothing else: no binaries, checks,
+    /// files, network or drives (the benchmarks set what they need).
+    fn for_machine(machine: MachineOpts) -> Self {
+        VmOptions {
+            binaries: Vec::new(),
+            checks: Vec::new(),
+            includes: Vec::new(),
+            env: Vec::new(),
+            net: false,
+            hostfwd_udp: Vec::new(),
+            hostfwd_tcp: Vec::new(),
+            drives: Vec::new(),
+            machine,
+        }
+    }
+}
+
+/// vm-test's time limit: a run takes about 2.5 minutes on an idle 2-core
+/// machine; the margin is for a loaded one.
+const VM_TEST_TIMEOUT_SECS: u64 = 480;
+
+/// The machine's options, shared by `vm-test`, `vm-bench` and
+/// `vm-wan-bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct MachineOpts {
+    /// Kill the VM after this many seconds. Default: 480 for vm-test (a
+    /// run takes about 2.5 minutes on an idle 2-core machine), 900 for
+    /// vm-bench, 1500 for vm-wan-bench.
+    #[arg(long, value_name = "SECS")]
+    timeout_secs: Option<u64>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 1024)]
     memory_mib: u32,
@@ -98,6 +129,18 @@ struct VmOptions {
     /// Echo the whole serial console, not only the FERRY lines.
     #[arg(long, short)]
     verbose: bool,
+}
+
+impl MachineOpts {
+    /// These options, with `secs` as the time limit unless one was given.
+    fn with_default_timeout(mut self, secs: u64) -> Self {
+        self.timeout_secs.get_or_insert(secs);
+        self
+    }
+
+    fn timeout_secs(&self) -> u64 {
+        self.timeout_secs.unwrap_or(VM_TEST_TIMEOUT_SECS)
+    }
 }
 
 /// Runs the VM test.
@@ -196,6 +239,7 @@ fn run_vm(
     }
     let root = workspace_root();
     let cache = args
+        .machine
         .cache
         .clone()
         .or_else(|| std::env::var_os("FERRY_VM_CACHE").map(PathBuf::from))
@@ -297,7 +341,7 @@ fn run_vm(
     ));
     Ok(Outcome {
         vm,
-        timeout_secs: args.timeout_secs,
+        timeout_secs: args.machine.timeout_secs(),
         log_path,
         timings,
     })
@@ -337,14 +381,14 @@ fn boot(
     append.extend(env.iter().cloned());
 
     let mut cmd = Command::new("timeout");
-    cmd.args(["--kill-after=10", &args.timeout_secs.to_string()])
+    cmd.args(["--kill-after=10", &args.machine.timeout_secs().to_string()])
         .arg("qemu-system-x86_64")
         // Single-threaded TCG: with one host thread per vCPU (MTTCG) the
         // guest kernel's int3-based code patching races and oopses
         // (seen: "Oops: int3" in urandom_read_iter, a panic mid-run).
         .args(["-nographic", "-no-reboot", "-accel", "tcg,thread=single"])
-        .args(["-m", &args.memory_mib.to_string()])
-        .args(["-smp", &args.smp.to_string()])
+        .args(["-m", &args.machine.memory_mib.to_string()])
+        .args(["-smp", &args.machine.smp.to_string()])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
@@ -425,7 +469,7 @@ fn boot(
             }
             _ => {}
         }
-        if event.is_some() || args.verbose {
+        if event.is_some() || args.machine.verbose {
             println!(
                 "[{:6.1}s] {}",
                 started.elapsed().as_secs_f64(),

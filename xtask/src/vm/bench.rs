@@ -14,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::{build_ferry, fixtures, run_vm, workspace_root, VmOptions};
+use super::{build_ferry, fixtures, run_vm, workspace_root, MachineOpts, VmOptions};
 
 const SECTION: &str = "## ublk in a VM";
 const SCRIPT: &str = "scripts/vm/bench-ublk.sh";
@@ -44,22 +44,8 @@ pub(crate) struct VmBenchArgs {
     /// Print the results without writing them.
     #[arg(long)]
     no_write: bool,
-    /// Kill the VM after this many seconds.
-    #[arg(long, default_value_t = 900)]
-    timeout_secs: u64,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 1024)]
-    memory_mib: u32,
-    /// Guest CPUs.
-    #[arg(long, default_value_t = 2)]
-    smp: u32,
-    /// Cache directory (kernel, initramfs, logs); default $FERRY_VM_CACHE or
-    /// <target dir>/vm.
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
-    /// Echo the whole serial console.
-    #[arg(long, short)]
-    verbose: bool,
+    #[command(flatten)]
+    machine: MachineOpts,
 }
 
 /// One fio result from a `FERRY-BENCH` line.
@@ -201,9 +187,9 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
         get("host_cores"),
         get("host_kernel"),
         get("qemu"),
-        args.smp,
+        args.machine.smp,
         get("guest_cpu"),
-        args.memory_mib,
+        args.machine.memory_mib,
         get("guest_kernel"),
     ));
     s.push_str(&format!(
@@ -420,21 +406,7 @@ pub(crate) fn vm_bench(args: &VmBenchArgs) -> Result<()> {
     if args.runs < 3 {
         bail!("--runs must be at least 3 (medians of at least 3 runs)");
     }
-    let opts = VmOptions {
-        binaries: Vec::new(),
-        checks: Vec::new(),
-        includes: Vec::new(),
-        env: Vec::new(),
-        net: false,
-        hostfwd_udp: Vec::new(),
-        hostfwd_tcp: Vec::new(),
-        drives: Vec::new(),
-        timeout_secs: args.timeout_secs,
-        memory_mib: args.memory_mib,
-        smp: args.smp,
-        cache: args.cache.clone(),
-        verbose: args.verbose,
-    };
+    let opts = VmOptions::for_machine(args.machine.clone().with_default_timeout(900));
     let env = vec![
         format!("BENCH_RUNS={}", args.runs),
         format!("BENCH_RUNTIME={}", args.runtime_secs),

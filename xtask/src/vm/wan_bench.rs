@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{build_ferry, run_vm, workspace_root, Prepared, VmOptions};
+use super::{build_ferry, run_vm, workspace_root, MachineOpts, Prepared, VmOptions};
 use crate::wan::procs::{self, FerryIds, Proc};
 use crate::wan::relay::Relay;
 use crate::wan::LinkOpts;
@@ -52,22 +52,8 @@ pub(crate) struct VmWanBenchArgs {
     /// Print the results without writing them.
     #[arg(long)]
     no_write: bool,
-    /// Kill the VM after this many seconds.
-    #[arg(long, default_value_t = 1500)]
-    timeout_secs: u64,
-    /// Guest memory in MiB (the backing file is on the guest's tmpfs).
-    #[arg(long, default_value_t = 1024)]
-    memory_mib: u32,
-    /// Guest CPUs.
-    #[arg(long, default_value_t = 2)]
-    smp: u32,
-    /// Cache directory (kernel, initramfs, logs); default $FERRY_VM_CACHE or
-    /// <target dir>/vm.
-    #[arg(long, value_name = "DIR")]
-    cache: Option<PathBuf>,
-    /// Echo the whole serial console.
-    #[arg(long, short)]
-    verbose: bool,
+    #[command(flatten)]
+    machine: MachineOpts,
 }
 
 /// What one run measured.
@@ -274,11 +260,11 @@ pub(crate) fn vm_wan_bench(a: &VmWanBenchArgs) -> Result<()> {
     if a.runs < 3 {
         bail!("--runs must be at least 3 (medians of at least 3 runs)");
     }
-    if a.size_mib == 0 || a.size_mib * 2 > u64::from(a.memory_mib) {
+    if a.size_mib == 0 || a.size_mib * 2 > u64::from(a.machine.memory_mib) {
         bail!(
             "--size-mib {} must be above 0 and fit twice in the guest's {} MiB (the backing file is on tmpfs)",
             a.size_mib,
-            a.memory_mib
+            a.machine.memory_mib
         );
     }
     let root = workspace_root();
@@ -311,21 +297,8 @@ pub(crate) fn vm_wan_bench(a: &VmWanBenchArgs) -> Result<()> {
     let listen: SocketAddr = format!("127.0.0.1:{relay_port}").parse()?;
     let relay = Relay::start(listen, to, &a.link)?;
 
-    let opts = VmOptions {
-        binaries: Vec::new(),
-        checks: Vec::new(),
-        includes: Vec::new(),
-        env: Vec::new(),
-        net: true,
-        hostfwd_udp: Vec::new(),
-        hostfwd_tcp: Vec::new(),
-        drives: Vec::new(),
-        timeout_secs: a.timeout_secs,
-        memory_mib: a.memory_mib,
-        smp: a.smp,
-        cache: a.cache.clone(),
-        verbose: a.verbose,
-    };
+    let mut opts = VmOptions::for_machine(a.machine.clone().with_default_timeout(1500));
+    opts.net = true;
     let env = vec![
         format!("WAN_SOURCE=10.0.2.2:{relay_port}"),
         format!("WAN_FP_SRC={}", ids.src_fp),
