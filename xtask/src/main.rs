@@ -5,6 +5,7 @@ mod bench;
 mod ci;
 mod demo;
 mod setup;
+mod stats;
 mod tidy;
 mod vm;
 mod wan;

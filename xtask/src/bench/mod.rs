@@ -35,6 +35,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::setup::{ensure_tools, target_dir, workspace_root};
+use crate::stats::{median, median_index, mmm, percentile};
 use crate::wan::procs::{self, FerryIds, Proc};
 use crate::wan::{counter, LinkOpts, Wan, SRC_ADDR};
 use sampler::ProgressSampler;
@@ -943,45 +944,6 @@ const LAZY_PARAMS: &[&str] = &[
 ];
 const LAZY_DONE: &str = "finished scanning the plugin";
 
-fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * (s.len() as f64 - 1.0)).round() as usize;
-    Some(s[rank.min(s.len() - 1)])
-}
-
-/// "median (min–max)" of some values.
-fn mmm(v: &[f64], digits: usize) -> String {
-    if v.is_empty() {
-        return "–".into();
-    }
-    let med = percentile(v, 50.0).unwrap_or(0.0);
-    if v.len() == 1 {
-        return format!("{med:.digits$}");
-    }
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!("{med:.digits$} ({min:.digits$}–{max:.digits$})")
-}
-
-fn median(v: &[f64]) -> Option<f64> {
-    percentile(v, 50.0)
-}
-
-/// Index in `v` of the value [`median`] returns.
-fn median_index(v: &[f64]) -> Option<usize> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let rank = (0.5 * (v.len() as f64 - 1.0)).round() as usize;
-    Some(order[rank.min(v.len() - 1)])
-}
-
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -1130,7 +1092,7 @@ fn render(
         "- *link use*: source→destination wire bytes / (whole-disk time × link rate)."
     )?;
     writeln!(o, "- *capped*: {}", cap_text(a.lazy_cap_s))?;
-    writeln!(o, "- *4 KiB misses*: after the first read, up to {} further 4 KiB reads of data blocks at distinct 1 MiB regions in the far 60% of the disk, {} ms apart, on one NBD connection (a small client in `xtask/src/bench/nbd.rs`), while the copy runs; reads answered in under RTT/2 never crossed the link (the block had arrived) and are counted as local, not as misses. p50/p99 pool all runs' misses.", a.probes, a.probe_gap_ms)?;
+    writeln!(o, "- *4 KiB misses*: after the first read, up to {} further 4 KiB reads of data blocks at distinct 1 MiB regions in the far 60% of the disk, {} ms apart, on one NBD connection (a small client in `xtask/src/bench/nbd.rs`), while the copy runs; reads answered in under RTT/2 never crossed the link (the block had arrived) and are counted as local, not as misses. p50/p99 pool all runs' misses.\n- *medians, percentiles*: always one of the samples, the one at index round(p/100 × (n − 1)) of the sorted values (numpy's `nearest`; `xtask/src/stats.rs`), so a median of runs is one of the runs.", a.probes, a.probe_gap_ms)?;
     writeln!(o, "- *CPU s/GiB*: user+system CPU seconds of the source server and of the destination process during the run (from /proc/PID/stat), per GiB of disk size. ferry's destination figure includes its end-to-end verification (hashing the whole disk).")?;
     writeln!(o)?;
 
@@ -1610,23 +1572,5 @@ mod tests {
             md.contains("ferry run 1 of 1, nbdkit-lazy run 1 of 1"),
             "{md}"
         );
-    }
-
-    #[test]
-    fn percentiles() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), Some(51.0));
-        assert_eq!(percentile(&v, 99.0), Some(99.0));
-        assert_eq!(percentile(&[], 50.0), None);
-        assert_eq!(mmm(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
-        for v in [
-            vec![3.0, 1.0, 2.0],
-            vec![5.0, 4.0],
-            vec![7.0],
-            vec![2.0, 9.0, 1.0, 4.0],
-        ] {
-            assert_eq!(Some(v[median_index(&v).unwrap()]), median(&v), "{v:?}");
-        }
-        assert_eq!(median_index(&[]), None);
     }
 }

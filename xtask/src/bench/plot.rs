@@ -94,7 +94,7 @@ pub(super) struct Written {
 /// same rank as the report's medians, so its time is the figure shown).
 pub(super) fn representative(rs: &[RunResult]) -> Option<usize> {
     let times: Vec<f64> = rs.iter().map(|r| r.t_complete).collect();
-    super::median_index(&times)
+    crate::stats::median_index(&times)
 }
 
 /// The series of one run of `system`, with its legend text.

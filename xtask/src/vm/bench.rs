@@ -72,17 +72,9 @@ fn parse_sample(line: &str) -> Option<Sample> {
     })
 }
 
-pub(super) fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n == 0 {
-        return f64::NAN;
-    }
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
+/// The median of some runs (see [`crate::stats`]); NaN for none.
+fn median(values: &[f64]) -> f64 {
+    crate::stats::median(values).unwrap_or(f64::NAN)
 }
 
 /// A workload's figures: per device, every run and the median.
@@ -125,7 +117,7 @@ fn rows(samples: &[Sample], runs: u32) -> Result<Vec<Row>> {
                 .map(value)
                 .collect()
         };
-        let (mut ublk, mut loop_, mut frontend) = (of("ublk"), of("loop"), of("ublk-mem-file"));
+        let (ublk, loop_, frontend) = (of("ublk"), of("loop"), of("ublk-mem-file"));
         if ublk.len() < runs as usize || loop_.len() < runs as usize {
             bail!(
                 "{w}: {} ublk and {} loop runs, expected {runs} each",
@@ -137,9 +129,9 @@ fn rows(samples: &[Sample], runs: u32) -> Result<Vec<Row>> {
         rows.push(Row {
             workload: w.to_string(),
             unit: if seq { "MiB/s" } else { "IOPS" },
-            ublk_median: median(&mut ublk),
-            loop_median: median(&mut loop_),
-            frontend_median: median(&mut frontend),
+            ublk_median: median(&ublk),
+            loop_median: median(&loop_),
+            frontend_median: median(&frontend),
             ublk: ublk_runs,
             loop_: loop_runs,
             frontend: frontend_runs,
@@ -464,8 +456,9 @@ mod tests {
 
     #[test]
     fn medians_and_ratios() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert!(median(&[]).is_nan());
         let mk = |dev: &str, w: &str, iops: f64, bw: f64| Sample {
             dev: dev.into(),
             workload: w.into(),

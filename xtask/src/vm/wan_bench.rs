@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 
 use super::{build_ferry, run_vm, workspace_root, MachineOpts, Prepared, VmOptions};
+use crate::stats::mmm;
 use crate::wan::procs::{self, FerryIds, Proc};
 use crate::wan::relay::Relay;
 use crate::wan::LinkOpts;
@@ -122,29 +123,12 @@ fn parse_runs(lines: &[String], runs: u32) -> Result<Vec<Run>> {
     Ok(out.into_values().collect())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    super::bench::median(&mut v)
+fn median(v: &[f64]) -> f64 {
+    crate::stats::median(v).unwrap_or(f64::NAN)
 }
 
-/// Nearest-rank percentile.
 fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
-    v[rank.min(v.len()) - 1]
-}
-
-/// "median (min–max)".
-fn spread(v: &[f64], digits: usize) -> String {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!(
-        "{:.digits$} ({lo:.digits$}–{hi:.digits$})",
-        median(v.to_vec())
-    )
+    crate::stats::percentile(v, p).unwrap_or(f64::NAN)
 }
 
 fn render(runs: &[Run], a: &VmWanBenchArgs, info: &BTreeMap<String, String>) -> String {
@@ -184,7 +168,7 @@ fn render(runs: &[Run], a: &VmWanBenchArgs, info: &BTreeMap<String, String>) -> 
          The guest, QEMU 7.2 under **TCG software emulation** ({}, kernel {}), reaches it over QEMU user networking at 10.0.2.2 and runs `ferry pull --ublk --link-mbit {} --link-rtt-ms {}` per run with an empty backing file on tmpfs. \
          Reads are 4 KiB `O_DIRECT` reads of `/dev/ublkb0` with GNU dd (dd's own timing): the guest's block layer, the ublk driver, ferry and QUIC over the WAN. \
          *First read*: from launching `ferry pull` to the first read of an absent block (the disk's last block) returning, by `/proc/uptime` (10 ms resolution; it includes starting dd, slow under TCG). \
-         *Misses*: {} reads of absent blocks per run in the far 40% of the disk, 150 ms apart, while the copy runs; p50/p99 pool all runs. \
+         *Misses*: {} reads of absent blocks per run in the far 40% of the disk, 150 ms apart, while the copy runs; p50/p99 pool all runs (as in `cargo xtask bench`: the sample at index round(p/100 × (n − 1)) of the sorted values). \
          *Whole disk*: until `ferry status` says complete and verified. *Wire*: ferry's own count of UDP bytes received. TCG makes ferry's CPU work in the guest many times slower than on the host, so the whole-disk time and link use here are bounded by the emulated CPU, not by the link or by ferry: they are not comparable with the NBD rows above.\n\n",
         size / f64::from(1u32 << 20),
         l.rate_mbit,
@@ -201,20 +185,20 @@ fn render(runs: &[Run], a: &VmWanBenchArgs, info: &BTreeMap<String, String>) -> 
     let first = col(|r| r.first_read_ms);
     s.push_str(&format!(
         "| first read from launch (ms) | {} | {:.1} |\n",
-        spread(&first, 0),
-        median(first.clone()) / rtt
+        mmm(&first, 0),
+        median(&first) / rtt
     ));
     let read = col(|r| r.read_ms);
     s.push_str(&format!(
         "| that read alone (ms) | {} | {:.1} |\n",
-        spread(&read, 1),
-        median(read.clone()) / rtt
+        mmm(&read, 1),
+        median(&read) / rtt
     ));
     let local = col(|r| r.local_ms);
     s.push_str(&format!(
         "| a read of a present block, after the copy (ms): the guest's floor under TCG | {} | {:.1} |\n",
-        spread(&local, 1),
-        median(local.clone()) / rtt
+        mmm(&local, 1),
+        median(&local) / rtt
     ));
     let p50 = percentile(&probes, 50.0);
     let p99 = percentile(&probes, 99.0);
@@ -226,16 +210,16 @@ fn render(runs: &[Run], a: &VmWanBenchArgs, info: &BTreeMap<String, String>) -> 
     ));
     s.push_str(&format!(
         "| whole disk (s) | {} | |\n",
-        spread(&col(|r| r.whole_disk_s), 1)
+        mmm(&col(|r| r.whole_disk_s), 1)
     ));
-    s.push_str(&format!("| link use | {}% | |\n", spread(&rate_use, 0)));
+    s.push_str(&format!("| link use | {}% | |\n", mmm(&rate_use, 0)));
     s.push_str(&format!(
         "| wire bytes / disk bytes | {} | |\n",
-        spread(&wire, 3)
+        mmm(&wire, 3)
     ));
     s.push_str(&format!(
         "| fetched on demand (MiB) | {} | |\n\n",
-        spread(
+        mmm(
             &runs
                 .iter()
                 .map(|r| r.on_demand_bytes / f64::from(1u32 << 20))
@@ -378,10 +362,11 @@ mod tests {
     }
 
     #[test]
-    fn percentiles_and_spreads() {
+    fn percentiles_are_the_shared_ones() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&v, 99.0), 99.0);
-        assert_eq!(percentile(&v, 50.0), 50.0);
-        assert_eq!(spread(&[3.0, 1.0, 2.0], 0), "2 (1–3)");
+        assert_eq!(percentile(&v, 50.0), 51.0);
+        assert!(percentile(&[], 50.0).is_nan());
+        assert_eq!(mmm(&[3.0, 1.0, 2.0], 0), "2 (1–3)");
     }
 }
