@@ -38,6 +38,8 @@ pub struct Manifest {
     geometry: Geometry,
     chunks: Vec<ChunkKind>,
     source_id: [u8; 32],
+    /// Bytes in data chunks, counted once (status reports ask often).
+    data_bytes: u64,
 }
 
 const MAGIC: &[u8; 8] = b"FERRYMF1";
@@ -49,10 +51,15 @@ impl Manifest {
     /// If `chunks.len()` differs from `geometry.chunks()`.
     pub fn new(geometry: Geometry, chunks: Vec<ChunkKind>) -> Self {
         assert_eq!(chunks.len() as u64, geometry.chunks());
+        let data_bytes = (0..geometry.chunks())
+            .filter(|&c| matches!(chunks[c as usize], ChunkKind::Data(_)))
+            .map(|c| u64::from(geometry.chunk_len(c)))
+            .sum();
         let mut m = Self {
             geometry,
             chunks,
             source_id: [0; 32],
+            data_bytes,
         };
         m.source_id = *blake3::hash(&m.encode()).as_bytes();
         m
@@ -80,10 +87,7 @@ impl Manifest {
 
     /// Bytes in data (non-zero) chunks.
     pub fn data_bytes(&self) -> u64 {
-        (0..self.geometry.chunks())
-            .filter(|c| matches!(self.chunk(*c), ChunkKind::Data(_)))
-            .map(|c| u64::from(self.geometry.chunk_len(c)))
-            .sum()
+        self.data_bytes
     }
 
     /// Encodes: magic, disk size, chunk size, chunk count, a bitmap of data
