@@ -14,7 +14,7 @@
 //! (design invariant 6).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use crate::error::TransportError;
 use crate::frames::{self, ReadFail, CODE_ABORTED};
 use crate::identity::{Fingerprint, Identity};
 use crate::net;
-use crate::path;
+use crate::path::{self, PathReports};
 use crate::tls::{self, PinnedServerVerifier};
 use crate::tuning::Tuning;
 use crate::wire::{self, Message, Priority, MAX_MANIFEST_PART, MAX_READ_BYTES, PROTOCOL_VERSION};
@@ -109,6 +109,10 @@ pub struct ClientStats {
     pub hedged_reads: u64,
     /// The source's last report of its lost packets, per million sent.
     pub source_lost_ppm: u32,
+    /// Packets the source had sent on the current connection at its last
+    /// report (on-demand reads are hedged until this reaches
+    /// [`crate::path::TRUSTED_PACKETS`]).
+    pub source_sent_packets: u32,
 }
 
 /// A handle to a source. Clone it freely.
@@ -145,8 +149,8 @@ struct Inner {
     welcome_stream: tokio::sync::Mutex<Option<quinn::RecvStream>>,
     /// Set once [`Client::authenticated`] has seen the first report.
     authenticated: std::sync::atomic::AtomicBool,
-    /// The source's latest `Path` report (lost packets per million).
-    lost_ppm: Arc<AtomicU32>,
+    /// The source's latest `Path` report.
+    path: Arc<PathReports>,
     /// On-demand reads hedged so far.
     hedged: AtomicU64,
 }
@@ -219,7 +223,7 @@ impl Client {
             reconnect_lock: tokio::sync::Mutex::new(()),
             welcome_stream: tokio::sync::Mutex::new(None),
             authenticated: std::sync::atomic::AtomicBool::new(false),
-            lost_ppm: Arc::new(AtomicU32::new(0)),
+            path: Arc::new(PathReports::default()),
             hedged: AtomicU64::new(0),
         };
         let (conn, info, stream) = inner.establish().await?;
@@ -263,10 +267,13 @@ impl Client {
             });
         };
         match frames::read_frame(&mut recv, SMALL_FRAME).await {
-            Ok(Some(Message::Path { lost_ppm })) => {
-                self.inner.lost_ppm.store(lost_ppm, Ordering::Relaxed);
+            Ok(Some(Message::Path {
+                lost_ppm,
+                sent_packets,
+            })) => {
+                self.inner.path.store(lost_ppm, sent_packets);
                 self.inner.authenticated.store(true, Ordering::Release);
-                tokio::spawn(read_path_reports(recv, self.inner.lost_ppm.clone()));
+                tokio::spawn(read_path_reports(recv, self.inner.path.clone()));
                 Ok(())
             }
             Ok(Some(m)) => Err(TransportError::Protocol {
@@ -359,9 +366,9 @@ impl Client {
                     request(&conn, g, start, n, priority).await
                 })
             };
-            let lost_ppm = self.inner.lost_ppm.load(Ordering::Relaxed);
+            let (lost_ppm, sent_packets) = self.inner.path.load();
             let hedge = priority == Priority::OnDemand
-                && path::should_hedge(lost_ppm, u64::from(n) * chunk_size);
+                && path::should_hedge(lost_ppm, sent_packets, u64::from(n) * chunk_size);
             let got = if hedge {
                 // Two requests on two streams, the second just below the
                 // first in priority (so a lossless first answer is not
@@ -401,7 +408,8 @@ impl Client {
             wire_rx_bytes: rx,
             wire_tx_bytes: tx,
             hedged_reads: self.inner.hedged.load(Ordering::Relaxed),
-            source_lost_ppm: self.inner.lost_ppm.load(Ordering::Relaxed),
+            source_lost_ppm: self.inner.path.load().0,
+            source_sent_packets: self.inner.path.load().1,
         }
     }
 
@@ -531,7 +539,10 @@ impl Inner {
                 // us (a refusal fails them), so its Welcome stream is not
                 // waited for; it is read for the source's `Path` reports.
                 Ok((conn, info, welcome)) => {
-                    tokio::spawn(read_path_reports(welcome, self.lost_ppm.clone()));
+                    // Until the new connection's first report, it has sent
+                    // nothing to judge by.
+                    self.path.store(0, 0);
+                    tokio::spawn(read_path_reports(welcome, self.path.clone()));
                     let mut st = self.lock();
                     let (before, after) = (self.info.source_id, info.source_id);
                     if before != after {
@@ -640,11 +651,14 @@ fn unexpected(op: &'static str, m: &Message) -> Fail {
 }
 
 /// Reads the source's `Path` reports on a Welcome stream until it ends,
-/// keeping the latest in `lost_ppm`.
-async fn read_path_reports(mut recv: quinn::RecvStream, lost_ppm: Arc<AtomicU32>) {
+/// keeping the latest in `path`.
+async fn read_path_reports(mut recv: quinn::RecvStream, path: Arc<PathReports>) {
     loop {
         match frames::read_frame(&mut recv, SMALL_FRAME).await {
-            Ok(Some(Message::Path { lost_ppm: v })) => lost_ppm.store(v, Ordering::Relaxed),
+            Ok(Some(Message::Path {
+                lost_ppm,
+                sent_packets,
+            })) => path.store(lost_ppm, sent_packets),
             Ok(Some(m)) => {
                 tracing::debug!("unexpected {} frame on the Welcome stream", frame_name(&m));
                 return;

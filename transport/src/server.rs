@@ -302,7 +302,12 @@ async fn report_path(conn: Connection, mut stream: SendStream, remote: SocketAdd
     loop {
         let path = conn.stats().path;
         let lost_ppm = window.update(path.sent_packets, path.lost_packets);
-        if let Err(e) = frames::write_msg(&mut stream, &Message::Path { lost_ppm }).await {
+        let sent_packets = u32::try_from(path.sent_packets).unwrap_or(u32::MAX);
+        let report = Message::Path {
+            lost_ppm,
+            sent_packets,
+        };
+        if let Err(e) = frames::write_msg(&mut stream, &report).await {
             tracing::debug!(%remote, "path reports end: {e}");
             return;
         }

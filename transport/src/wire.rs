@@ -20,10 +20,11 @@
 //!   first; the source answers it with an `Error`
 //!   ([`ErrorCode::VersionMismatch`]) naming both versions;
 //! - once the source has checked the destination's certificate it sends
-//!   `Path { lost_ppm }` on the Welcome stream (that first one says "you
-//!   are accepted"), then again every [`PATH_REPORT_INTERVAL_MS`]: the
-//!   share of its packets lost recently, which the destination uses to
-//!   decide whether to hedge on-demand reads (see `client`);
+//!   `Path { lost_ppm, sent_packets }` on the Welcome stream (that first
+//!   one says "you are accepted"), then again every
+//!   [`PATH_REPORT_INTERVAL_MS`]: the share of its packets lost recently
+//!   and how many packets it has sent in all, which the destination uses
+//!   to decide whether to hedge on-demand reads (see `crate::path`);
 //! - `Read { first_chunk, count, priority }` → one `Chunk` frame per chunk in
 //!   order, then the server finishes the stream; or an `Error`
 //!   ([`ErrorCode::ZeroChunk`], [`ErrorCode::OutOfRange`], …). Zero chunks
@@ -32,7 +33,7 @@
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// How often the source sends a `Path` report, in ms.
 pub const PATH_REPORT_INTERVAL_MS: u64 = 100;
 /// Size of the frame header: `len: u32`.
@@ -230,6 +231,9 @@ pub enum Message {
     Path {
         /// Lost packets per million sent, over the last few seconds.
         lost_ppm: u32,
+        /// Packets the server has sent on this connection (saturating):
+        /// what the estimate can rest on.
+        sent_packets: u32,
     },
     /// Either way: the request failed.
     Error {
@@ -355,9 +359,13 @@ impl Message {
                 out.extend_from_slice(&raw_len.to_le_bytes());
                 out.extend_from_slice(data);
             }
-            Message::Path { lost_ppm } => {
+            Message::Path {
+                lost_ppm,
+                sent_packets,
+            } => {
                 out.push(T_PATH);
                 out.extend_from_slice(&lost_ppm.to_le_bytes());
+                out.extend_from_slice(&sent_packets.to_le_bytes());
             }
             Message::Error { code, message } => {
                 out.push(T_ERROR);
@@ -373,7 +381,7 @@ impl Message {
             Message::Welcome { .. } => 54,
             Message::GetManifest => 0,
             Message::Zero { .. } => 8,
-            Message::Path { .. } => 4,
+            Message::Path { .. } => 8,
             Message::ManifestBytes(b) => b.len(),
             Message::Read { .. } => 13,
             Message::Chunk { data, .. } => 40 + data.len(),
@@ -497,9 +505,10 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Ok(Message::Zero { index: u64_at(0) })
         }
         T_PATH => {
-            exact(4, "4")?;
+            exact(8, "8")?;
             Ok(Message::Path {
                 lost_ppm: u32_at(0),
+                sent_packets: u32_at(4),
             })
         }
         T_MANIFEST => {
@@ -604,7 +613,10 @@ mod tests {
             },
             Message::GetManifest,
             Message::Zero { index: 77 },
-            Message::Path { lost_ppm: 1234 },
+            Message::Path {
+                lost_ppm: 1234,
+                sent_packets: u32::MAX,
+            },
             Message::ManifestBytes(vec![]),
             Message::ManifestBytes(rng.bytes(1000)),
             Message::Read {

@@ -720,14 +720,38 @@ async fn on_demand_reads_are_hedged_on_a_lossy_path_only() {
         let data = data_chunks(&src.manifest);
         let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
 
-        // A clean path: the source reports no loss, nothing is hedged.
+        // A clean path. A young connection hedges: the source has sent too
+        // few packets for "no loss seen" to mean anything.
         let clean = Client::connect(client_opts(&ids, addr)).await.unwrap();
         clean.authenticated().await.unwrap();
+        let got = clean
+            .read_bytes(data[0], 1, Priority::OnDemand)
+            .await
+            .unwrap();
+        assert_eq!(got[0].as_slice(), src.chunk(data[0]));
+        assert_eq!(clean.stats().hedged_reads, 1);
+        // Background copy until the source's reports rest on enough
+        // packets; then, with no loss reported, nothing is hedged.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while clean.stats().source_sent_packets < ferry_transport::path::TRUSTED_PACKETS {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the source's reports never reached {} packets: {:?}",
+                ferry_transport::path::TRUSTED_PACKETS,
+                clean.stats()
+            );
+            for &c in &data {
+                let got = clean.read_bytes(c, 1, Priority::Background).await.unwrap();
+                assert_eq!(got[0].as_slice(), src.chunk(c));
+            }
+            // The next report (every 100 ms) carries the new count.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         for &c in &data[..8] {
             let got = clean.read_bytes(c, 1, Priority::OnDemand).await.unwrap();
             assert_eq!(got[0].as_slice(), src.chunk(c));
         }
-        assert_eq!(clean.stats().hedged_reads, 0);
+        assert_eq!(clean.stats().hedged_reads, 1, "{:?}", clean.stats());
         assert_eq!(clean.stats().source_lost_ppm, 0);
 
         // 2% of the datagrams towards the destination dropped.
@@ -748,7 +772,8 @@ async fn on_demand_reads_are_hedged_on_a_lossy_path_only() {
                 assert_eq!(got[0].as_slice(), src.chunk(c));
             }
         }
-        assert_eq!(lossy.stats().hedged_reads, 0, "background reads hedged");
+        let young = lossy.stats().hedged_reads;
+        assert_eq!(young, 0, "background reads hedged");
         // Now every on-demand read goes out twice and still returns the
         // right bytes, once.
         let before = src.reads.load(std::sync::atomic::Ordering::Relaxed);

@@ -34,6 +34,8 @@ pub(crate) struct Status {
     pub(crate) reconnects: u64,
     pub(crate) hedged_reads: u64,
     pub(crate) source_lost_ppm: u32,
+    #[serde(default)]
+    pub(crate) source_sent_packets: u32,
     pub(crate) background: String,
     pub(crate) rate_limit_bytes_per_sec: u64,
     pub(crate) verified: String,

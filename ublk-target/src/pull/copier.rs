@@ -437,6 +437,7 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         reconnects: stats.reconnects,
         hedged_reads: stats.hedged_reads,
         source_lost_ppm: stats.source_lost_ppm,
+        source_sent_packets: stats.source_sent_packets,
         background: if e.background_paused() {
             "paused"
         } else {
