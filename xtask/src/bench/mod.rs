@@ -798,11 +798,13 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
     r.cpu_src = serve.cpu_seconds() - cpu_src0;
     r.cpu_dst = pull.stop();
     r.note = format!(
-        "verified {}; {} MiB on demand, {} MiB background, {} MiB zero skipped",
+        "verified {}; {} MiB on demand, {} MiB background, {} MiB zero skipped; {} on-demand reads hedged, the source last reported {} ppm lost",
         st["verified"].as_str().unwrap_or("?"),
         st["fetched_on_demand_bytes"].as_u64().unwrap_or(0) >> 20,
         st["fetched_background_bytes"].as_u64().unwrap_or(0) >> 20,
-        st["skipped_zero_bytes"].as_u64().unwrap_or(0) >> 20
+        st["skipped_zero_bytes"].as_u64().unwrap_or(0) >> 20,
+        st["hedged_reads"].as_u64().unwrap_or(0),
+        st["source_lost_ppm"].as_u64().unwrap_or(0)
     );
     Ok(r)
 }
