@@ -392,6 +392,7 @@ impl Client {
 
     /// Connection state, reconnects and honest wire byte counts.
     pub fn stats(&self) -> ClientStats {
+        let (source_lost_ppm, source_sent_packets) = self.inner.path.load();
         let st = self.inner.lock();
         let (mut rx, mut tx, mut state) = (st.rx_base, st.tx_base, ConnState::Reconnecting);
         if let Some(c) = &st.conn {
@@ -408,8 +409,8 @@ impl Client {
             wire_rx_bytes: rx,
             wire_tx_bytes: tx,
             hedged_reads: self.inner.hedged.load(Ordering::Relaxed),
-            source_lost_ppm: self.inner.path.load().0,
-            source_sent_packets: self.inner.path.load().1,
+            source_lost_ppm,
+            source_sent_packets,
         }
     }
 
