@@ -8,7 +8,7 @@
 
 /// The `p`th percentile of `v`; `None` when `v` is empty.
 pub(crate) fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    median_or_rank_index(v, p).map(|i| v[i])
+    rank_index(v, p).map(|i| v[i])
 }
 
 /// The median of `v` (its 50th percentile).
@@ -18,11 +18,11 @@ pub(crate) fn median(v: &[f64]) -> Option<f64> {
 
 /// Index in `v` of the value [`median`] returns.
 pub(crate) fn median_index(v: &[f64]) -> Option<usize> {
-    median_or_rank_index(v, 50.0)
+    rank_index(v, 50.0)
 }
 
 /// Index in `v` of its `p`th percentile.
-fn median_or_rank_index(v: &[f64], p: f64) -> Option<usize> {
+fn rank_index(v: &[f64], p: f64) -> Option<usize> {
     if v.is_empty() {
         return None;
     }
