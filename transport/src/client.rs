@@ -13,10 +13,13 @@
 //! every caller gets [`TransportError::SourceChanged`] from then on
 //! (design invariant 6).
 
+use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use ferry_core::{Geometry, Manifest};
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
@@ -104,8 +107,8 @@ pub struct ClientStats {
     pub wire_rx_bytes: u64,
     /// UDP payload bytes sent, all connections together.
     pub wire_tx_bytes: u64,
-    /// On-demand reads sent twice because the source reported a lossy
-    /// path (see [`crate::path`]).
+    /// On-demand reads sent two or three times because the path is lossy
+    /// or not yet known to be clean (see [`crate::path::copies`]).
     pub hedged_reads: u64,
     /// The source's last report of its lost packets, per million sent.
     pub source_lost_ppm: u32,
@@ -367,20 +370,37 @@ impl Client {
                 })
             };
             let (lost_ppm, sent_packets) = self.inner.path.load();
-            let hedge = priority == Priority::OnDemand
-                && path::should_hedge(lost_ppm, sent_packets, u64::from(n) * chunk_size);
-            let got = if hedge {
-                // Two requests on two streams, the second just below the
-                // first in priority (so a lossless first answer is not
-                // slowed by the second); the first complete answer wins
-                // and dropping the other stops its stream.
-                self.inner.hedged.fetch_add(1, Ordering::Relaxed);
-                let (a, b) = (once(priority), once(Priority::Hedge));
-                tokio::pin!(a, b);
-                tokio::select! {
-                    r = &mut a => match r { Ok(v) => Ok(v), Err(_) => b.await },
-                    r = &mut b => match r { Ok(v) => Ok(v), Err(_) => a.await },
+            let copies = match priority {
+                Priority::OnDemand => {
+                    path::copies(lost_ppm, sent_packets, u64::from(n) * chunk_size)
                 }
+                _ => 1,
+            };
+            let got = if copies > 1 {
+                // The copies go on separate streams, HEDGE_SPACING apart
+                // (so they leave in separate datagrams), the later ones
+                // just below the first in priority (so a lossless first
+                // answer is not slowed by them); the first complete answer
+                // wins and dropping the others stops their streams.
+                self.inner.hedged.fetch_add(1, Ordering::Relaxed);
+                let t0 = Instant::now();
+                let mut racing: Vec<Racer<'_, Vec<Fetched>>> = vec![Box::pin(once(priority))];
+                for k in 1..copies {
+                    let once = &once;
+                    racing.push(Box::pin(async move {
+                        tokio::time::sleep(HEDGE_SPACING * k).await;
+                        once(Priority::Hedge).await
+                    }));
+                }
+                let got = first_ok(racing).await;
+                tracing::debug!(
+                    start,
+                    copies,
+                    won = got.as_ref().map(|(i, _)| *i).ok(),
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "hedged read"
+                );
+                got.map(|(_, v)| v)
             } else {
                 once(priority).await
             };
@@ -793,6 +813,39 @@ async fn get_manifest(conn: &Connection, info: SourceInfo) -> Result<Manifest, F
 }
 
 /// One Read on a new stream.
+/// Time between two copies of a hedged request: enough for quinn to send
+/// the first in a datagram of its own, so one lost datagram does not lose
+/// every copy (a lost request is found only by quinn's probe timeout,
+/// about 1.5 RTT later).
+const HEDGE_SPACING: Duration = Duration::from_millis(1);
+
+/// One of the racing copies of a hedged request.
+type Racer<'a, T> = Pin<Box<dyn Future<Output = Result<T, TransportError>> + Send + 'a>>;
+
+/// The first `Ok` of `racing` (polled together) with its index, or the last
+/// error when every one fails. The others are dropped on return.
+async fn first_ok<T>(mut racing: Vec<Racer<'_, T>>) -> Result<(usize, T), TransportError> {
+    let mut index: Vec<usize> = (0..racing.len()).collect();
+    std::future::poll_fn(move |cx| {
+        let mut i = 0;
+        while i < racing.len() {
+            match racing[i].as_mut().poll(cx) {
+                Poll::Ready(Ok(v)) => return Poll::Ready(Ok((index[i], v))),
+                Poll::Ready(Err(e)) => {
+                    drop(racing.remove(i));
+                    index.remove(i);
+                    if racing.is_empty() {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+                Poll::Pending => i += 1,
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 async fn request(
     conn: &Connection,
     g: Geometry,
@@ -801,7 +854,9 @@ async fn request(
     priority: Priority,
 ) -> Result<Vec<Fetched>, Fail> {
     const OP: &str = "read";
+    let t0 = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
+    let opened = t0.elapsed();
     let _ = send.set_priority(priority.stream_priority());
     let req = Message::Read {
         first_chunk: first,
@@ -893,5 +948,52 @@ async fn request(
         Ok(Some(m)) => return Err(unexpected(OP, &m)),
         Err(e) => return Err(read_fail(OP, e)),
     }
+    if priority != Priority::Background {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::debug!(
+            first,
+            count,
+            ?priority,
+            open_ms = ms(opened),
+            total_ms = ms(t0.elapsed()),
+            "on-demand answer complete"
+        );
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(what: &str) -> TransportError {
+        TransportError::Protocol {
+            op: "read",
+            reason: what.into(),
+        }
+    }
+
+    fn after(ms: u64, r: Result<u32, TransportError>) -> Racer<'static, u32> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            r
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_answer_wins_and_failures_wait_for_the_others() {
+        // The quickest Ok wins, whatever its place.
+        let got = first_ok(vec![after(30, Ok(1)), after(10, Ok(2)), after(20, Ok(3))]).await;
+        assert_eq!(got.unwrap(), (1, 2));
+        // A quick failure does not end the race.
+        let got = first_ok(vec![after(1, Err(fail("a"))), after(5, Ok(7))]).await;
+        assert_eq!(got.unwrap(), (1, 7));
+        // All fail: the last error.
+        let got = first_ok(vec![
+            after(2, Err(fail("late one"))),
+            after(1, Err(fail("early one"))),
+        ])
+        .await;
+        assert!(got.unwrap_err().to_string().contains("late one"));
+    }
 }

@@ -1,6 +1,6 @@
 //! Packet loss on the path, and hedged on-demand reads.
 //!
-//! Over a lossy link an on-demand answer (one 64 KiB chunk: about 45
+//! Over a lossy link an on-demand answer (one 64 KiB chunk: about 47
 //! datagrams) that loses a datagram waits for its retransmission: about one
 //! more RTT, detected by the packets after it or by a timer. At 0.1% random
 //! loss that is 1 answer in 22, so the guest's p99 read latency is that of
@@ -10,22 +10,28 @@
 //! Only the source knows how many of its packets are lost (the receiver of
 //! data sees no count of what never arrived). It measures the share of lost
 //! packets over the last few seconds ([`LossWindow`]) and reports it on the
-//! Welcome stream every [`crate::wire::PATH_REPORT_INTERVAL_MS`]. When that
-//! share makes a lost datagram likelier than 1 in 100 per answer (the p99),
-//! the destination *hedges* each on-demand read ([`should_hedge`]): it
-//! sends the request twice, on two streams, takes the first complete answer
-//! and stops the other (a hedged request, as in Dean and Barroso, "The Tail
-//! at Scale"). Both answers are lost only with the square of that chance.
-//! The cost is the second answer's bytes, for on-demand reads only, and
-//! only on a lossy path, or while the source has sent too few packets to
-//! tell ([`TRUSTED_PACKETS`]): a new connection hedges until then.
-//! *Decision:* without that, the first second of a copy over a lossy link
-//! was unhedged (the estimate still 0) and its misses were the p99
-//! (measured: 111 and 113 ms at 50 ms RTT and 0.1% loss, t = 0.3–0.5 s,
-//! against 68–83 ms for the hedged ones). On a clean path it costs one
-//! duplicate 64 KiB answer per guest read during that first second. It did
-//! not lower that p99 (126 ms in the next run; every read was hedged, and
-//! the slow ones came at any time in the copy): see BENCHMARKS.md.
+//! Welcome stream every [`crate::wire::PATH_REPORT_INTERVAL_MS`]. From that
+//! share the destination *hedges* each on-demand read ([`copies`]): it
+//! sends the request two or three times, on separate streams, 1 ms apart
+//! (so in separate datagrams), takes the first complete answer and stops
+//! the others (a hedged request, as in Dean and Barroso, "The Tail at
+//! Scale"). It sends the fewest copies whose answers all lose a datagram
+//! at most 1 time in 1000 ([`SLOW_SHARE`]). The cost is the extra answers'
+//! bytes, for on-demand reads only, and only on a lossy path, or while the
+//! source has sent too few packets to tell ([`TRUSTED_PACKETS`]): a new
+//! connection hedges until then.
+//!
+//! *Decisions.* Hedging while young: without it the first second of a copy
+//! over a lossy link was unhedged (the estimate still 0) and its misses
+//! were the p99 (measured: 111 and 113 ms at 50 ms RTT and 0.1% loss,
+//! t = 0.3–0.5 s, against 68–83 ms for the hedged ones); on a clean path it
+//! costs one duplicate 64 KiB answer per guest read during that first
+//! second. Three copies: with two, both answers lose a datagram 1 time in
+//! 500 at 0.1% loss, and per-read traces of the slow misses (96 ms from the
+//! source writing both answers to the first arriving, against ~30 ms) were
+//! exactly that; 1 to 3 of 60 misses per run, so the p99 was 105–141 ms.
+//! With three copies sent 1 ms apart: 145 misses, the slowest 88 ms (see
+//! BENCHMARKS.md).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,8 +39,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Packets the source must have sent on a connection before a loss
 /// estimate of zero is believed: with no loss seen in n packets, the loss
 /// rate is below 3/n (95% confidence), and 3/15 000 = 200 ppm is where a
-/// 64 KiB answer loses a datagram 1 time in 100 ([`should_hedge`]'s
-/// threshold). About 1 s at 200 Mbit/s.
+/// 64 KiB answer loses a datagram 1 time in 100, and two copies both
+/// lose one 1 time in 10 000 ([`copies`]). About 1 s at 200 Mbit/s.
 pub const TRUSTED_PACKETS: u32 = 15_000;
 
 /// The latest `Path` report of the source, shared by a client's tasks:
@@ -101,18 +107,33 @@ impl LossWindow {
 /// carry after QUIC's headers (so the count errs towards more packets).
 const PAYLOAD_PER_PACKET: u64 = 1400;
 
-/// Whether an on-demand read whose answer is `answer_bytes` long should be
-/// hedged on a path losing `lost_ppm` packets per million, by a source
-/// that has sent `sent_packets` on the connection: when the answer loses
-/// at least one datagram more often than 1 time in 100, or while fewer
-/// than [`TRUSTED_PACKETS`] were sent to tell.
-pub fn should_hedge(lost_ppm: u32, sent_packets: u32, answer_bytes: u64) -> bool {
-    if sent_packets < TRUSTED_PACKETS {
-        return true;
-    }
+/// Most copies of one on-demand request ([`copies`]).
+pub const MAX_COPIES: u32 = 3;
+
+/// Share of on-demand reads allowed to wait for a retransmission: one in a
+/// thousand, a tenth of what the p99 stands on, so a run's p99 is that of
+/// the reads loss did not touch.
+pub const SLOW_SHARE: f64 = 1e-3;
+
+/// How many copies of an on-demand request whose answer is `answer_bytes`
+/// long to send, on a path losing `lost_ppm` packets per million, by a
+/// source that has sent `sent_packets` on the connection: the fewest
+/// (at most [`MAX_COPIES`]) whose answers all lose a datagram at most
+/// [`SLOW_SHARE`] of the time; at least 2 while fewer than
+/// [`TRUSTED_PACKETS`] were sent to tell. 1 means not hedged.
+pub fn copies(lost_ppm: u32, sent_packets: u32, answer_bytes: u64) -> u32 {
     let packets = answer_bytes.div_ceil(PAYLOAD_PER_PACKET).max(1);
-    let p = f64::from(lost_ppm) / 1e6;
-    1.0 - (1.0 - p).powf(packets as f64) > 0.01
+    let loss = f64::from(lost_ppm.min(1_000_000)) / 1e6;
+    // Chance that one answer loses at least one of its datagrams.
+    let hit = 1.0 - (1.0 - loss).powf(packets as f64);
+    let mut n = 1;
+    while n < MAX_COPIES && hit.powi(n as i32) > SLOW_SHARE {
+        n += 1;
+    }
+    if sent_packets < TRUSTED_PACKETS {
+        n = n.max(2);
+    }
+    n
 }
 
 #[cfg(test)]
@@ -143,33 +164,39 @@ mod tests {
     }
 
     #[test]
-    fn hedging_starts_where_one_answer_in_a_hundred_loses_a_datagram() {
+    fn copies_keep_slow_reads_under_one_in_a_thousand() {
         let chunk = 64 * 1024;
         let known = TRUSTED_PACKETS;
         // A path known to be clean never hedges.
-        assert!(!should_hedge(0, known, chunk));
-        assert!(!should_hedge(0, u32::MAX, chunk));
-        // 0.1% random loss: a 64 KiB answer (47 datagrams) loses one 4.6%
-        // of the time.
-        assert!(should_hedge(1000, known, chunk));
-        // 0.01%: 0.5%, under the threshold.
-        assert!(!should_hedge(100, known, chunk));
+        assert_eq!(copies(0, known, chunk), 1);
+        assert_eq!(copies(0, u32::MAX, chunk), 1);
+        // 10 ppm: a 64 KiB answer (47 datagrams) loses one 0.05% of the
+        // time, within the share.
+        assert_eq!(copies(10, known, chunk), 1);
+        // 0.01%: 0.5% alone, 0.002% for two.
+        assert_eq!(copies(100, known, chunk), 2);
+        // 0.1% random loss: 4.6% alone, 0.2% for two, 0.01% for three.
+        assert_eq!(copies(1000, known, chunk), 3);
+        // Never more than three, however bad the path.
+        assert_eq!(copies(1_000_000, known, chunk), MAX_COPIES);
+        assert_eq!(copies(u32::MAX, known, chunk), MAX_COPIES);
         // Small answers need more loss.
-        assert!(!should_hedge(1000, known, 4096));
-        assert!(should_hedge(5000, known, 4096));
+        assert_eq!(copies(1000, known, 4096), 2);
+        assert_eq!(copies(200, known, 4096), 1);
     }
 
     #[test]
     fn a_young_connection_hedges_until_its_estimate_can_be_believed() {
         // No loss seen yet says little after a few packets.
-        assert!(should_hedge(0, 0, 65536));
-        assert!(should_hedge(0, TRUSTED_PACKETS - 1, 65536));
-        assert!(!should_hedge(0, TRUSTED_PACKETS, 65536));
-        // The threshold is where no loss in that many packets bounds the
-        // rate (3/n at 95%) below what makes 1 answer in 100 lose one.
+        assert_eq!(copies(0, 0, 65536), 2);
+        assert_eq!(copies(0, TRUSTED_PACKETS - 1, 65536), 2);
+        assert_eq!(copies(0, TRUSTED_PACKETS, 65536), 1);
+        // Loss already seen counts while young too.
+        assert_eq!(copies(1000, 100, 65536), 3);
+        // Young, two copies cover what no loss in that many packets
+        // bounds the rate to (3/n at 95%).
         let bound_ppm = 3_000_000 / TRUSTED_PACKETS;
-        assert!(!should_hedge(bound_ppm, TRUSTED_PACKETS, 65536));
-        assert!(should_hedge(2 * bound_ppm, TRUSTED_PACKETS, 65536));
+        assert_eq!(copies(bound_ppm, TRUSTED_PACKETS - 1, 65536), 2);
         let r = PathReports::default();
         assert_eq!(r.load(), (0, 0));
         r.store(7, 9);

@@ -387,7 +387,19 @@ async fn handle_stream(
             first_chunk,
             count,
             priority,
-        } => read(&mut resp, &shared, first_chunk, count, priority, remote).await,
+        } => {
+            let t0 = std::time::Instant::now();
+            read(&mut resp, &shared, first_chunk, count, priority, remote).await;
+            if priority != Priority::Background {
+                tracing::debug!(
+                    %remote,
+                    first_chunk,
+                    ?priority,
+                    ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "on-demand read written"
+                );
+            }
+        }
         other => {
             tracing::warn!(%remote, "unexpected request {other:?}");
             let _ = recv.stop(CODE_MALFORMED);
