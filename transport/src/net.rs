@@ -33,22 +33,24 @@ pub(crate) fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, T
     Ok(sock)
 }
 
-/// A quinn endpoint on `sock` (server side when `server` is given). Must be
-/// called inside a tokio runtime.
+/// A quinn endpoint on `sock` (server side when `server` is given) that
+/// accepts datagrams of up to `max_udp_payload` bytes. Must be called
+/// inside a tokio runtime.
 pub(crate) fn endpoint(
     sock: UdpSocket,
     server: Option<quinn::ServerConfig>,
+    max_udp_payload: u16,
 ) -> Result<quinn::Endpoint, TransportError> {
     let addr = sock
         .local_addr()
         .map_err(|source| TransportError::Endpoint { source })?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(max_udp_payload.max(1200))
+        .map_err(|e| TransportError::Endpoint {
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+        })?;
+    quinn::Endpoint::new(config, server, sock, Arc::new(quinn::TokioRuntime)).map_err(|source| {
         tracing::debug!(%addr, "cannot create the QUIC endpoint");
         TransportError::Endpoint { source }
     })

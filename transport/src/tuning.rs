@@ -58,6 +58,10 @@ pub struct Tuning {
     /// the RTT, so this is also the first round's rate: half the link
     /// (with BDP/8 the first 64 KiB answer took ~17 ms at 50 ms RTT).
     pub initial_congestion_window: u64,
+    /// Largest UDP payload: the link's MTU less the IPv4 and UDP headers
+    /// (1472 on a 1500-byte MTU; [`Tuning::with_link_mtu`]). MTU discovery
+    /// probes up to it and falls back on a smaller path.
+    pub max_udp_payload: u16,
 }
 
 impl Default for Tuning {
@@ -73,6 +77,20 @@ const MAX_WINDOW: u64 = 1 << 30;
 const MIN_INITIAL_WINDOW: u64 = 14720;
 /// Largest UDP payload on a 1500-byte MTU path (IPv4).
 const MAX_UDP_PAYLOAD: u16 = 1472;
+/// IPv4 and UDP headers.
+const IP_UDP_HEADERS: u32 = 28;
+/// Datagrams quinn 0.11 puts in one GSO send (`MAX_TRANSMIT_SEGMENTS`).
+const QUINN_GSO_SEGMENTS: usize = 10;
+/// Largest UDP payload of one send, GSO included (IPv4: 65535 less the IP
+/// and UDP headers).
+const MAX_UDP_SEND: usize = 65_507;
+
+/// Whether a full GSO batch of datagrams of `max_udp_payload` bytes fits in
+/// one send.
+fn gso_fits(max_udp_payload: u16) -> bool {
+    usize::from(max_udp_payload) * QUINN_GSO_SEGMENTS <= MAX_UDP_SEND
+}
+
 /// The receiver acknowledges at least every this many packets.
 const ACK_EVERY_PACKETS: u32 = 8;
 const MAX_INITIAL_WINDOW: u64 = 1024 * 1024;
@@ -102,7 +120,17 @@ impl Tuning {
             max_congestion_window: clamp(bdp.saturating_mul(4), MIN_CONN_WINDOW),
             link_rate: bandwidth_bits_per_sec / 8,
             initial_congestion_window: (bdp / 2).clamp(MIN_INITIAL_WINDOW, MAX_INITIAL_WINDOW),
+            max_udp_payload: MAX_UDP_PAYLOAD,
         }
+    }
+
+    /// These knobs for a link whose MTU is `mtu` bytes (1500 unless the
+    /// operator knows better, e.g. 9000 on a link with jumbo frames): the
+    /// largest datagram is the MTU less 28 bytes of IPv4 and UDP headers,
+    /// within 1200 (QUIC's minimum) and 65527.
+    pub fn with_link_mtu(mut self, mtu: u32) -> Tuning {
+        self.max_udp_payload = mtu.saturating_sub(IP_UDP_HEADERS).clamp(1200, 65527) as u16;
+        self
     }
 
     /// The quinn transport configuration of a destination (client): as
@@ -134,16 +162,22 @@ impl Tuning {
             })
             .max_idle_timeout(IdleTimeout::try_from(self.idle_timeout).ok());
         // Fewer bytes on the wire for the same data. Datagrams of up to
-        // 1472 bytes (a 1500-byte Ethernet MTU less IP and UDP headers; MTU
-        // discovery probes up to it and falls back on a smaller path)
-        // instead of quinn's 1452 cap. And the receiver acknowledges every
+        // `max_udp_payload` (1472 bytes on a 1500-byte Ethernet MTU less IP
+        // and UDP headers; MTU discovery probes up to it and falls back on
+        // a smaller path) instead of quinn's 1452 cap. And the receiver acknowledges every
         // 8th packet (or after 10 ms) instead of every 2nd: about 0.5%
         // instead of 2% of the data rate in ACKs flowing back. The
         // controller keeps its RTT samples (minimum per round), and quinn
         // still acknowledges at once on reordering or loss.
         let mut mtu = MtuDiscoveryConfig::default();
-        mtu.upper_bound(MAX_UDP_PAYLOAD);
+        mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
+        // quinn hands the kernel up to QUINN_GSO_SEGMENTS datagrams in one
+        // segmentation-offload (GSO) send, and the kernel takes at most
+        // 64 KiB in one; quinn counts a refused send (EMSGSIZE) as sent, so
+        // every datagram of it is lost. With jumbo datagrams the batch would
+        // not fit (10 x 8972 bytes): send them one by one instead.
+        t.enable_segmentation_offload(gso_fits(self.max_udp_payload));
         let mut ack = AckFrequencyConfig::default();
         ack.ack_eliciting_threshold(VarInt::from_u32(ACK_EVERY_PACKETS - 1))
             .max_ack_delay(Some(Duration::from_millis(10)));
@@ -190,5 +224,18 @@ mod tests {
         let huge = Tuning::for_link(u64::MAX, Duration::from_secs(100));
         assert_eq!(huge.receive_window, MAX_WINDOW);
         let _ = huge.transport_config();
+    }
+
+    #[test]
+    fn datagrams_follow_the_link_mtu() {
+        let t = Tuning::default();
+        assert_eq!(t.max_udp_payload, 1472);
+        assert_eq!(t.clone().with_link_mtu(9000).max_udp_payload, 8972);
+        assert_eq!(t.clone().with_link_mtu(576).max_udp_payload, 1200);
+        assert_eq!(t.clone().with_link_mtu(70_000).max_udp_payload, 65527);
+        // GSO batches stay within one 64 KiB send, else GSO is off.
+        assert!(gso_fits(t.max_udp_payload));
+        assert!(gso_fits(6550));
+        assert!(!gso_fits(t.with_link_mtu(9000).max_udp_payload));
     }
 }

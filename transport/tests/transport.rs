@@ -797,3 +797,46 @@ async fn on_demand_reads_are_hedged_on_a_lossy_path_only() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jumbo_datagrams_carry_the_data_with_under_2_percent_overhead() {
+    timeout(LIMIT, async {
+        // Loopback takes 9000-byte packets: told the link has jumbo frames,
+        // both ends send datagrams of up to 8972 bytes once MTU discovery
+        // has found them (quinn's GSO batches of 10 would not fit one send:
+        // they must not be lost).
+        let ids = ids();
+        let src = MemSource::new(disk(11));
+        let data = data_chunks(&src.manifest);
+        let mut sopts = server_opts(&ids, localhost());
+        sopts.tuning = tuning().with_link_mtu(9000);
+        sopts.compress = false;
+        let (addr, _server) = start(sopts, src.clone());
+        let mut copts = client_opts(&ids, addr);
+        copts.tuning = tuning().with_link_mtu(9000);
+        let client = Client::connect(copts).await.unwrap();
+        client.authenticated().await.unwrap();
+        // Warm up: MTU discovery runs in the first round trips.
+        for &c in &data[..4] {
+            client.read_bytes(c, 1, Priority::Background).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = client.stats().wire_rx_bytes;
+        let mut bytes = 0u64;
+        for _ in 0..8 {
+            for &c in &data {
+                let got = client.read_bytes(c, 1, Priority::Background).await.unwrap();
+                assert_eq!(got[0].as_slice(), src.chunk(c));
+                bytes += got[0].len() as u64;
+            }
+        }
+        // Let a Path report carry the source's loss count.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let st = client.stats();
+        let ratio = (st.wire_rx_bytes - before) as f64 / bytes as f64;
+        assert!(ratio < 1.02, "wire/data {ratio:.4} ({st:?})");
+        assert!(st.source_lost_ppm < 1000, "{st:?}");
+    })
+    .await
+    .expect("test timed out");
+}

@@ -65,7 +65,8 @@ pub(crate) struct BenchArgs {
     )]
     systems: Vec<String>,
     /// Cases: base (200 Mbit/s, 50 ms), loss (same + 0.1% random loss),
-    /// rtt150 (200 Mbit/s, 150 ms). Default all (base with --quick).
+    /// rtt150 (200 Mbit/s, 150 ms), jumbo (as base with a 9000-byte MTU).
+    /// Default base, loss and rtt150 (base with --quick).
     #[arg(long, value_delimiter = ',')]
     cases: Option<Vec<String>>,
     /// Images: fs (ext4 with files), random.
@@ -136,8 +137,12 @@ fn all_cases() -> Vec<Case> {
             id: "rtt150",
             link: LinkOpts {
                 rtt_ms: 150.0,
-                ..base
+                ..base.clone()
             },
+        },
+        Case {
+            id: "jumbo",
+            link: LinkOpts { mtu: 9000, ..base },
         },
     ]
 }
@@ -252,7 +257,7 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
         .filter(|c| want_cases.iter().any(|w| w == c.id))
         .collect();
     if cases.is_empty() {
-        bail!("no known case in {want_cases:?} (base, loss, rtt150)");
+        bail!("no known case in {want_cases:?} (base, loss, rtt150, jumbo)");
     }
     for s in &a.systems {
         if !["ferry", "nbdcopy", "nbdkit-lazy"].contains(&s.as_str()) {
@@ -626,6 +631,8 @@ fn link_args(l: &LinkOpts) -> Vec<String> {
         format!("{}", l.rate_mbit.round() as u64),
         "--link-rtt-ms".into(),
         format!("{}", l.rtt_ms.round() as u64),
+        "--link-mtu".into(),
+        l.mtu.to_string(),
     ]
 }
 
@@ -1070,7 +1077,7 @@ fn render(
         "Other work may have run on the same 2 cores during the runs (a shared development machine); the forwarder's lateness below shows how well it kept time."
     )?;
     writeln!(o)?;
-    writeln!(o, "**Link:** two network namespaces joined by `cargo xtask wan`'s TUN forwarder (one-way delay = RTT/2 each way, a bottleneck of the given rate each way with a 50 ms tail-drop queue, loss applied per direction after the bottleneck). TCP congestion control pinned to **{}** in both namespaces (`net.ipv4.tcp_congestion_control`; tcp_rmem/tcp_wmem max 32 MiB); UDP buffers are capped by the host's net.core.rmem_max ({} bytes). ferry uses its own congestion controller over QUIC and is told the link (`--link-mbit`, `--link-rtt-ms`).", a.tcp_cc, std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default().trim())?;
+    writeln!(o, "**Link:** two network namespaces joined by `cargo xtask wan`'s TUN forwarder (one-way delay = RTT/2 each way, a bottleneck of the given rate each way with a 50 ms tail-drop queue, loss applied per direction after the bottleneck). TCP congestion control pinned to **{}** in both namespaces (`net.ipv4.tcp_congestion_control`; tcp_rmem/tcp_wmem max 32 MiB); UDP buffers are capped by the host's net.core.rmem_max ({} bytes). ferry uses its own congestion controller over QUIC and is told the link (`--link-mbit`, `--link-rtt-ms`, `--link-mtu`). MTU 1500 unless the case says otherwise.", a.tcp_cc, std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default().trim())?;
     writeln!(o)?;
     writeln!(o, "**Images:**")?;
     for i in images {

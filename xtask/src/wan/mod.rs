@@ -78,6 +78,10 @@ pub(crate) struct LinkOpts {
     /// Seed of the loss and jitter random numbers.
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
+    /// MTU of the two TUN ends, in bytes (9000: a link with jumbo frames).
+    /// The UDP relay carries whatever datagram it gets.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(1280..=65535))]
+    pub(crate) mtu: u32,
 }
 
 impl Default for LinkOpts {
@@ -91,6 +95,7 @@ impl Default for LinkOpts {
             jitter_ms: 0.0,
             queue_ms: 50.0,
             seed: 1,
+            mtu: 1500,
         }
     }
 }
@@ -128,6 +133,7 @@ impl LinkOpts {
             format!("--jitter-ms={}", self.jitter_ms),
             format!("--queue-ms={}", self.queue_ms),
             format!("--seed={}", self.seed),
+            format!("--mtu={}", self.mtu),
         ]
     }
 
@@ -149,6 +155,9 @@ impl LinkOpts {
         }
         if self.jitter_ms > 0.0 {
             s += &format!(", jitter ±{} ms", self.jitter_ms);
+        }
+        if self.mtu != 1500 {
+            s += &format!(", MTU {}", self.mtu);
         }
         s
     }
@@ -614,7 +623,7 @@ impl Wan {
                 "set",
                 TUN_NAME,
                 "mtu",
-                "1500",
+                &link.mtu.to_string(),
                 "txqueuelen",
                 "10000",
                 "up",
