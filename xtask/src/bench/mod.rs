@@ -66,7 +66,7 @@ pub(crate) struct BenchArgs {
     systems: Vec<String>,
     /// Cases: base (200 Mbit/s, 50 ms), loss (same + 0.1% random loss),
     /// rtt150 (200 Mbit/s, 150 ms), jumbo (as base with a 9000-byte MTU).
-    /// Default base, loss and rtt150 (base with --quick).
+    /// Default all (base with --quick).
     #[arg(long, value_delimiter = ',')]
     cases: Option<Vec<String>>,
     /// Images: fs (ext4 with files), random.
@@ -249,7 +249,12 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
         if a.quick {
             vec!["base".into()]
         } else {
-            vec!["base".into(), "loss".into(), "rtt150".into()]
+            vec![
+                "base".into(),
+                "loss".into(),
+                "rtt150".into(),
+                "jumbo".into(),
+            ]
         }
     });
     let cases: Vec<Case> = all_cases()
