@@ -25,6 +25,8 @@ pub(crate) struct Status {
     pub(crate) fetched_background_bytes: u64,
     pub(crate) rejected_corrupt_bytes: u64,
     pub(crate) discarded_guest_won_bytes: u64,
+    #[serde(default)]
+    pub(crate) duplicate_bytes: u64,
     pub(crate) present_at_start_bytes: u64,
     pub(crate) wire_rx_bytes: u64,
     pub(crate) wire_tx_bytes: u64,

@@ -20,6 +20,11 @@
 //!    wait for it), the source's hash carried with each chunk is used; it
 //!    comes from the same manifest.
 //! 7. Zero chunks are present from the start and never fetched.
+//!
+//! A guest request for a chunk that only the background copier is fetching
+//! starts its own, on-demand fetch of it (the background answer may wait
+//! behind a bandwidth-delay product of other data); the first good answer
+//! fills the chunk and later ones are [`Arrival::Duplicate`]s, never written.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -112,6 +117,12 @@ pub enum Arrival {
         /// The chunk.
         chunk: u64,
     },
+    /// Another request for the chunk answered first (an on-demand read
+    /// overtook a background fetch of it): nothing to write.
+    Duplicate {
+        /// The chunk.
+        chunk: u64,
+    },
 }
 
 /// Blocks whose present bits a sync round persists.
@@ -152,6 +163,16 @@ pub struct Counters {
     pub rejected_corrupt: u64,
     /// Fetched bytes not written because the guest had written them.
     pub discarded_guest_won: u64,
+    /// Bytes fetched twice: a background fetch overtaken by an on-demand
+    /// one for the same chunk, whichever answered second.
+    pub duplicate: u64,
+}
+
+/// A chunk being fetched: why, and by how many requests.
+#[derive(Debug, Clone, Copy)]
+struct Fetch {
+    kind: FetchKind,
+    requests: u32,
 }
 
 /// The engine. See the module documentation.
@@ -161,7 +182,7 @@ pub struct Engine {
     geo: Geometry,
     present: BitVec,
     guest_chunks: BitVec,
-    fetching: HashMap<u64, FetchKind>,
+    fetching: HashMap<u64, Fetch>,
     filling: HashMap<u64, Vec<Range<u64>>>,
     unsynced: Vec<Range<u64>>,
     unsynced_guest: HashSet<u64>,
@@ -337,12 +358,19 @@ impl Engine {
         self.present[blocks.start as usize..blocks.end as usize].all()
     }
 
-    /// Marks `chunks` (absent, not in flight) as fetching and groups them
-    /// into consecutive ranges.
+    /// Marks `chunks` (absent; not in flight, or in flight in the
+    /// background when `kind` is on-demand) as fetching by one more request
+    /// and groups them into consecutive ranges.
     fn start_fetches(&mut self, chunks: Vec<u64>, kind: FetchKind) -> Vec<Range<u64>> {
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for c in chunks {
-            self.fetching.insert(c, kind);
+            self.fetching
+                .entry(c)
+                .and_modify(|f| {
+                    f.kind = kind;
+                    f.requests += 1;
+                })
+                .or_insert(Fetch { kind, requests: 1 });
             match ranges.last_mut() {
                 Some(r) if r.end == c => r.end += 1,
                 _ => ranges.push(c..c + 1),
@@ -355,6 +383,20 @@ impl Engine {
     /// backing file now (every block present). Changes nothing.
     pub fn readable(&self, offset: u64, len: u64) -> bool {
         self.blocks_present(self.geo.blocks_touching(offset, len))
+    }
+
+    /// Whether a guest request needing `chunk` must start a fetch of it:
+    /// none is in flight, or only a background one. That one may wait
+    /// behind a bandwidth-delay product of other background data (and
+    /// answers with its whole batch), so the guest's request asks again
+    /// at on-demand priority; the first answer fills the chunk
+    /// ([`Arrival::Duplicate`] for the other).
+    fn must_fetch(&self, chunk: u64) -> bool {
+        !self.filling.contains_key(&chunk)
+            && self
+                .fetching
+                .get(&chunk)
+                .is_none_or(|f| f.kind == FetchKind::Background)
     }
 
     /// Plans a guest read of `len` bytes at `offset` (inside the disk).
@@ -371,10 +413,7 @@ impl Engine {
             let cb = self.geo.chunk_blocks(c);
             let lo = cb.start.max(blocks.start);
             let hi = cb.end.min(blocks.end);
-            if self.blocks_present(lo..hi)
-                || self.fetching.contains_key(&c)
-                || self.filling.contains_key(&c)
-            {
+            if self.blocks_present(lo..hi) || !self.must_fetch(c) {
                 continue;
             }
             to_start.push(c);
@@ -420,10 +459,7 @@ impl Engine {
             }
             must_wait = true;
             let c = self.geo.chunk_of_block(b);
-            if !self.fetching.contains_key(&c)
-                && !self.filling.contains_key(&c)
-                && !to_start.contains(&c)
-            {
+            if self.must_fetch(c) && !to_start.contains(&c) {
                 to_start.push(c);
             }
         }
@@ -496,7 +532,12 @@ impl Engine {
     /// absent again and may be fetched anew.
     pub fn fetch_failed(&mut self, chunks: Range<u64>) {
         for c in chunks {
-            self.fetching.remove(&c);
+            if let Some(f) = self.fetching.get_mut(&c) {
+                f.requests -= 1;
+                if f.requests == 0 {
+                    self.fetching.remove(&c);
+                }
+            }
         }
     }
 
@@ -506,10 +547,14 @@ impl Engine {
     /// zero chunk. On a match the chunk is marked as filling and the blocks
     /// still absent are named for writing (invariant 3).
     pub fn fetch_arrived(&mut self, chunk: u64, payload: Payload<'_>) -> Arrival {
-        let kind = self
-            .fetching
-            .remove(&chunk)
-            .unwrap_or(FetchKind::Background);
+        let Some(fetch) = self.fetching.get(&chunk).copied() else {
+            // Another request for it answered first.
+            if let Payload::Data { bytes, .. } = payload {
+                self.counters.duplicate += bytes.len() as u64;
+            }
+            return Arrival::Duplicate { chunk };
+        };
+        let kind = fetch.kind;
         let expected = self.manifest.as_ref().map(|m| m.chunk(chunk));
         let len = self.geo.chunk_len(chunk) as usize;
         let (ok, wire_len) = match payload {
@@ -527,6 +572,15 @@ impl Engine {
         };
         if !ok {
             self.counters.rejected_corrupt += wire_len;
+            // Another request for the chunk may still bring good data; the
+            // streak counts rounds of requests, not their answers.
+            if fetch.requests > 1 {
+                if let Some(f) = self.fetching.get_mut(&chunk) {
+                    f.requests -= 1;
+                }
+                return Arrival::Corrupt { chunk };
+            }
+            self.fetching.remove(&chunk);
             let streak = {
                 let s = self.corrupt_streak.entry(chunk).or_insert(0);
                 *s += 1;
@@ -541,6 +595,8 @@ impl Engine {
             }
             return Arrival::Corrupt { chunk };
         }
+        // The first good answer: any other request's answer is a duplicate.
+        self.fetching.remove(&chunk);
         let zero = matches!(payload, Payload::Zero);
         let data_len = if zero { 0 } else { len as u64 };
         self.corrupt_streak.remove(&chunk);

@@ -235,7 +235,9 @@ impl Sim {
                         Answer::Zero => (Payload::Zero, None),
                     };
                     match self.engine.fetch_arrived(c, payload) {
-                        Arrival::Corrupt { chunk } => assert_eq!(chunk, c),
+                        Arrival::Corrupt { chunk } | Arrival::Duplicate { chunk } => {
+                            assert_eq!(chunk, c)
+                        }
                         Arrival::Fill(plan) => {
                             assert_eq!(plan.zero, bytes.is_none());
                             self.pending_fills.insert(c, (plan.runs, bytes));
@@ -649,7 +651,10 @@ fn corrupt_data_is_never_marked_present() {
         }
     );
     // A source that keeps sending other data stops the migration (invariant 6).
-    for _ in 1..ferry_core::engine::MAX_CORRUPT_RETRIES {
+    for i in 1..ferry_core::engine::MAX_CORRUPT_RETRIES {
+        if i > 1 {
+            let _ = sim.engine.plan_read(r.start, 1);
+        }
         let _ = sim.engine.fetch_arrived(c, data_payload(&sim, c, &data));
     }
     assert!(matches!(sim.engine.phase(), ferry_core::Phase::Error(_)));
@@ -680,4 +685,80 @@ fn unsynced_bits_are_not_handed_out_before_their_write_completes() {
     sim.engine.fill_done(c);
     let batch = sim.engine.begin_sync();
     assert_eq!(batch.blocks, vec![sim.geo().chunk_blocks(c)]);
+}
+
+#[test]
+fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
+    let mut sim = Sim::new(13, 16 * 1024, 8, 0).manifest_now();
+    let bg = sim.engine.next_background(8).expect("background work");
+    let c = bg
+        .clone()
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let start = sim.geo().chunk_bytes(c).start;
+    // The read does not wait for the background fetch: it asks again.
+    match sim.engine.plan_read(start, 4096) {
+        ReadPlan::Wait { start } => assert_eq!(start, vec![c..c + 1]),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Once: a second read of the chunk waits for that request.
+    assert_eq!(
+        sim.engine.plan_read(start + 4096, 4096),
+        ReadPlan::Wait { start: vec![] }
+    );
+    // The background request fails: the on-demand one is still awaited.
+    sim.engine.fetch_failed(bg.clone());
+    assert_eq!(
+        sim.engine.plan_read(start, 4096),
+        ReadPlan::Wait { start: vec![] }
+    );
+    let r = sim.geo().chunk_bytes(c);
+    let data = sim.source[r.start as usize..r.end as usize].to_vec();
+    match sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)) {
+        Arrival::Fill(plan) => assert!(!plan.runs.is_empty()),
+        other => panic!("unexpected {other:?}"),
+    }
+    sim.engine.fill_done(c);
+    assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Ready);
+    // The guest writes the chunk; a late answer of another request for it
+    // (here: a retried background fetch) writes nothing (invariant 3).
+    assert!(matches!(
+        sim.engine.plan_write(start, 4096),
+        WritePlan::Ready(_)
+    ));
+    assert_eq!(
+        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        Arrival::Duplicate { chunk: c }
+    );
+    assert_eq!(sim.engine.counters().duplicate, data.len() as u64);
+}
+
+#[test]
+fn both_answers_of_an_overtaken_fetch_fill_the_chunk_once() {
+    let mut sim = Sim::new(14, 16 * 1024, 8, 0).manifest_now();
+    let bg = sim.engine.next_background(8).expect("background work");
+    let c = bg
+        .clone()
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let start = sim.geo().chunk_bytes(c).start;
+    assert!(matches!(
+        sim.engine.plan_read(start, 4096),
+        ReadPlan::Wait { .. }
+    ));
+    let r = sim.geo().chunk_bytes(c);
+    let data = sim.source[r.start as usize..r.end as usize].to_vec();
+    // The background answer comes first this time: it fills.
+    assert!(matches!(
+        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        Arrival::Fill(_)
+    ));
+    // While that fill is written, the on-demand answer is dropped, so two
+    // fills of one chunk never race a guest write.
+    assert_eq!(
+        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        Arrival::Duplicate { chunk: c }
+    );
+    sim.engine.fill_done(c);
+    assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Ready);
 }

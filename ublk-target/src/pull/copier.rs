@@ -420,6 +420,7 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         fetched_background_bytes: c.fetched_background,
         rejected_corrupt_bytes: c.rejected_corrupt,
         discarded_guest_won_bytes: c.discarded_guest_won,
+        duplicate_bytes: c.duplicate,
         present_at_start_bytes: report.present_at_start,
         wire_rx_bytes: stats.wire_rx_bytes,
         wire_tx_bytes: stats.wire_tx_bytes,

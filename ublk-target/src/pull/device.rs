@@ -117,6 +117,9 @@ impl Shared {
                     "fetched chunk failed its hash check; dropped, will fetch again"
                 );
             }
+            Arrival::Duplicate { chunk } => {
+                tracing::debug!(chunk, "second answer for a chunk already filled; dropped");
+            }
             Arrival::Fill(plan) => {
                 let geo = self.lock().geometry();
                 let backing = self.backing.clone();
