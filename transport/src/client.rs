@@ -854,9 +854,7 @@ async fn request(
     priority: Priority,
 ) -> Result<Vec<Fetched>, Fail> {
     const OP: &str = "read";
-    let t0 = Instant::now();
     let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
-    let opened = t0.elapsed();
     let _ = send.set_priority(priority.stream_priority());
     let req = Message::Read {
         first_chunk: first,
@@ -947,17 +945,6 @@ async fn request(
         }
         Ok(Some(m)) => return Err(unexpected(OP, &m)),
         Err(e) => return Err(read_fail(OP, e)),
-    }
-    if priority != Priority::Background {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        tracing::debug!(
-            first,
-            count,
-            ?priority,
-            open_ms = ms(opened),
-            total_ms = ms(t0.elapsed()),
-            "on-demand answer complete"
-        );
     }
     Ok(out)
 }

@@ -687,15 +687,24 @@ fn unsynced_bits_are_not_handed_out_before_their_write_completes() {
     assert_eq!(batch.blocks, vec![sim.geo().chunk_blocks(c)]);
 }
 
-#[test]
-fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
-    let mut sim = Sim::new(13, 16 * 1024, 8, 0).manifest_now();
+/// A simulation whose background copier has started fetching a range
+/// (returned) holding data chunk `c` (returned, with its first byte and
+/// its source data).
+fn background_fetching(seed: u64) -> (Sim, Range<u64>, u64, u64, Vec<u8>) {
+    let mut sim = Sim::new(seed, 16 * 1024, 8, 0).manifest_now();
     let bg = sim.engine.next_background(8).expect("background work");
     let c = bg
         .clone()
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
-    let start = sim.geo().chunk_bytes(c).start;
+    let r = sim.geo().chunk_bytes(c);
+    let data = sim.source[r.start as usize..r.end as usize].to_vec();
+    (sim, bg, c, r.start, data)
+}
+
+#[test]
+fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
+    let (mut sim, bg, c, start, data) = background_fetching(13);
     // The read does not wait for the background fetch: it asks again.
     match sim.engine.plan_read(start, 4096) {
         ReadPlan::Wait { start } => assert_eq!(start, vec![c..c + 1]),
@@ -712,8 +721,6 @@ fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
         sim.engine.plan_read(start, 4096),
         ReadPlan::Wait { start: vec![] }
     );
-    let r = sim.geo().chunk_bytes(c);
-    let data = sim.source[r.start as usize..r.end as usize].to_vec();
     match sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)) {
         Arrival::Fill(plan) => assert!(!plan.runs.is_empty()),
         other => panic!("unexpected {other:?}"),
@@ -721,7 +728,7 @@ fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
     sim.engine.fill_done(c);
     assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Ready);
     // The guest writes the chunk; a late answer of another request for it
-    // (here: a retried background fetch) writes nothing (invariant 3).
+    // writes nothing (invariant 3).
     assert!(matches!(
         sim.engine.plan_write(start, 4096),
         WritePlan::Ready(_)
@@ -735,19 +742,11 @@ fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
 
 #[test]
 fn both_answers_of_an_overtaken_fetch_fill_the_chunk_once() {
-    let mut sim = Sim::new(14, 16 * 1024, 8, 0).manifest_now();
-    let bg = sim.engine.next_background(8).expect("background work");
-    let c = bg
-        .clone()
-        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
-        .expect("a data chunk");
-    let start = sim.geo().chunk_bytes(c).start;
+    let (mut sim, _, c, start, data) = background_fetching(14);
     assert!(matches!(
         sim.engine.plan_read(start, 4096),
         ReadPlan::Wait { .. }
     ));
-    let r = sim.geo().chunk_bytes(c);
-    let data = sim.source[r.start as usize..r.end as usize].to_vec();
     // The background answer comes first this time: it fills.
     assert!(matches!(
         sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
