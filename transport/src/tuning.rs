@@ -19,13 +19,22 @@ pub struct Tuning {
     /// Bytes one stream may have in flight towards us: 2x BDP, so a single
     /// background stream can fill the link.
     pub stream_receive_window: u64,
-    /// Bytes all streams of a connection may have in flight towards us:
-    /// 4x BDP.
+    /// Bytes all streams of a connection may have in flight towards us, or
+    /// buffered at the peer waiting to be sent: 8x BDP. This credit is
+    /// shared by every stream and priority does not reach it: a peer that
+    /// has written its whole credit cannot even buffer an on-demand answer
+    /// until we have read enough to send it more (at least half an RTT
+    /// later). The background copier keeps up to 4x BDP on the wire
+    /// outstanding (plus one request's rounding), so this is twice that.
+    /// With 4x BDP, the copier's fifth 1 MiB request at 200 Mbit/s and
+    /// 50 ms (5.2 MB against 5 MB) made the source wait 16–41 ms to write
+    /// on-demand answers 0.5 s into a copy (4 of 10 runs; see
+    /// BENCHMARKS.md).
     pub receive_window: u64,
-    /// Bytes we may have buffered unacknowledged: 8x BDP. Headroom matters:
-    /// a full send window blocks on-demand writes too, so it is twice what
-    /// the background copier may have outstanding (4x BDP of uncompressed
-    /// data); the congestion window, not this, bounds what is in flight.
+    /// Bytes we may have buffered unacknowledged: 8x BDP, as the peer's
+    /// receive window, which already bounds what we may buffer (a full
+    /// send window would block on-demand writes too); the congestion
+    /// window, not this, bounds what is in flight.
     pub send_window: u64,
     /// RTT assumed before the first sample: the link's RTT (quinn's default
     /// of 333 ms makes the first round trips slow on a short link).
@@ -72,8 +81,12 @@ impl Default for Tuning {
 }
 
 const MIN_STREAM_WINDOW: u64 = 1_250_000;
-const MIN_CONN_WINDOW: u64 = 4 * 1024 * 1024;
+/// Smallest connection windows: twice what the copier's smallest window
+/// (4 requests of 1 MiB) may have outstanding.
+const MIN_CONN_WINDOW: u64 = 8 * 1024 * 1024;
 const MAX_WINDOW: u64 = 1 << 30;
+/// Smallest hard ceiling of the loss-tolerant controller's window.
+const MIN_CONGESTION_CAP: u64 = 4 * 1024 * 1024;
 const MIN_INITIAL_WINDOW: u64 = 14720;
 /// Largest UDP payload on a 1500-byte MTU path (IPv4).
 const MAX_UDP_PAYLOAD: u16 = 1472;
@@ -97,15 +110,15 @@ const MAX_INITIAL_WINDOW: u64 = 1024 * 1024;
 
 impl Tuning {
     /// Tuning for a link of `bandwidth_bits_per_sec` and round-trip time
-    /// `rtt`: stream window 2x BDP, connection receive window 4x BDP, send
-    /// window 8x BDP (never below
+    /// `rtt`: stream window 2x BDP, connection receive and send windows
+    /// 8x BDP (never below
     /// quinn's defaults, at most 1 GiB).
     pub fn for_link(bandwidth_bits_per_sec: u64, rtt: Duration) -> Tuning {
         let bdp = (u128::from(bandwidth_bits_per_sec / 8) * rtt.as_micros() / 1_000_000) as u64;
         let clamp = |v: u64, min: u64| v.clamp(min, MAX_WINDOW);
         Tuning {
             stream_receive_window: clamp(bdp.saturating_mul(2), MIN_STREAM_WINDOW),
-            receive_window: clamp(bdp.saturating_mul(4), MIN_CONN_WINDOW),
+            receive_window: clamp(bdp.saturating_mul(8), MIN_CONN_WINDOW),
             send_window: clamp(bdp.saturating_mul(8), MIN_CONN_WINDOW),
             initial_rtt: if rtt.is_zero() {
                 Duration::from_millis(1)
@@ -117,7 +130,7 @@ impl Tuning {
             keep_alive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
             loss_tolerant: true,
-            max_congestion_window: clamp(bdp.saturating_mul(4), MIN_CONN_WINDOW),
+            max_congestion_window: clamp(bdp.saturating_mul(4), MIN_CONGESTION_CAP),
             link_rate: bandwidth_bits_per_sec / 8,
             initial_congestion_window: (bdp / 2).clamp(MIN_INITIAL_WINDOW, MAX_INITIAL_WINDOW),
             max_udp_payload: MAX_UDP_PAYLOAD,
@@ -207,7 +220,7 @@ mod tests {
         // 1 Gbit/s x 100 ms = 12.5 MB.
         let t = Tuning::default();
         assert_eq!(t.stream_receive_window, 25_000_000);
-        assert_eq!(t.receive_window, 50_000_000);
+        assert_eq!(t.receive_window, 100_000_000);
         assert_eq!(t.send_window, 100_000_000);
         assert_eq!(t.initial_rtt, Duration::from_millis(100));
         // 12.5 MB / 2 is above the cap.

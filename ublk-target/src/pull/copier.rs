@@ -74,6 +74,15 @@ pub(crate) enum Window {
 const RATIO_AFTER_BYTES: u64 = 8 << 20;
 
 impl Window {
+    /// The window of a copy over a link of `link_mbit` Mbit/s and
+    /// `link_rtt_ms` ms RTT, with requests of `request_bytes`.
+    pub(crate) fn wire(link_mbit: u64, link_rtt_ms: u64, request_bytes: u64) -> Window {
+        Window::Wire {
+            bdp: link_mbit as f64 * 1e6 / 8.0 * link_rtt_ms as f64 / 1e3,
+            request_bytes: request_bytes as f64,
+        }
+    }
+
     /// Requests allowed in flight after `fetched` uncompressed bytes came
     /// in over `wire` bytes of UDP payload.
     pub(crate) fn requests(self, fetched: u64, wire: u64) -> usize {
@@ -489,5 +498,41 @@ mod tests {
         };
         assert_eq!(short.requests(0, 0), 4);
         assert_eq!(Window::Fixed(7).requests(1 << 30, 1), 7);
+    }
+
+    /// The source can buffer only what the destination's connection
+    /// receive window credits, for all streams together: what the copier
+    /// keeps outstanding on the wire, plus a hedged 1 MiB guest read (three
+    /// copies), must fit in it, less the eighth by which quinn lets the
+    /// credit it has sent lag behind. Else an on-demand answer waits for
+    /// the background answers ahead of it to be read.
+    #[test]
+    fn the_background_window_leaves_flow_control_credit_for_on_demand_reads() {
+        let request = 16 * u64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE);
+        let on_demand = u64::from(ferry_transport::path::MAX_COPIES) * (1 << 20);
+        for (mbit, rtt_ms) in [
+            (1, 1),
+            (10, 10),
+            (200, 50),
+            (200, 150),
+            (1000, 100),
+            (10_000, 300),
+        ] {
+            let tuning =
+                ferry_transport::Tuning::for_link(mbit * 1_000_000, Duration::from_millis(rtt_ms));
+            let credit = tuning.receive_window - tuning.receive_window / 8;
+            let window = Window::wire(mbit, rtt_ms, request);
+            for ratio in [1.0, 2.6, 16.0] {
+                let fetched = 1u64 << 30;
+                let wire = (fetched as f64 / ratio) as u64;
+                let outstanding =
+                    (window.requests(fetched, wire) as f64 * request as f64 / ratio) as u64;
+                assert!(
+                    outstanding + on_demand <= credit,
+                    "{mbit} Mbit/s, {rtt_ms} ms, {ratio}:1: {outstanding} B outstanding + \
+                     {on_demand} B on demand > {credit} B of credit"
+                );
+            }
+        }
     }
 }

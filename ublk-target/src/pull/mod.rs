@@ -123,11 +123,11 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     }
     let window = match a.window {
         Some(n) => copier::Window::Fixed(n),
-        None => copier::Window::Wire {
-            bdp: a.link.link_mbit as f64 * 1e6 / 8.0 * a.link.link_rtt_ms as f64 / 1e3,
-            request_bytes: f64::from(a.batch_chunks)
-                * f64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE),
-        },
+        None => copier::Window::wire(
+            a.link.link_mbit,
+            a.link.link_rtt_ms,
+            u64::from(a.batch_chunks) * u64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE),
+        ),
     };
     let state_path = a
         .state
