@@ -35,6 +35,18 @@
 //! one packet acknowledged at once, whose sample holds no ACK delay. quinn
 //! paces the window over the smoothed RTT.
 //!
+//! The path's minimum RTT is the smallest sample of the last
+//! [`MIN_RTT_WINDOW`] (10 s, in 1 s buckets, as BBR keeps it), not of the
+//! whole connection: one sample shorter than the path (here: 43.9 ms on a
+//! 50 ms path; likely a stale clock, as quinn's endpoint stamps every
+//! datagram of a receive loop with the time the loop began, and both ends
+//! and the emulator share two busy cores) made
+//! every later round read as queued, 7 ms above it, and held the window at
+//! its floor for good (23 KB per round, 0.6 MB/s on a 25 MB/s link, until
+//! the bench gave up after 900 s). A standing queue cannot hide in the
+//! window: the controller shrinks the window whenever it sees one, so the
+//! queue drains and the path's RTT shows again within it.
+//!
 //! When the operator told us the link's rate ([`LossTolerantConfig::link_rate`]),
 //! the window is also capped at [`LossTolerantConfig::bdp_cap`] (1.25) times
 //! that rate times the *measured* minimum RTT: never more than a quarter of
@@ -50,11 +62,17 @@
 //! configured (loopback) the cap would shrink to a few datagrams.
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::congestion::{Controller, ControllerFactory};
 use quinn_proto::RttEstimator;
+
+/// How long an RTT sample counts towards the path's minimum RTT.
+pub const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
+/// The minimum RTT is kept per bucket of this length.
+const MIN_RTT_BUCKET: Duration = Duration::from_secs(1);
 
 /// Configuration of [`LossTolerant`].
 #[derive(Debug, Clone)]
@@ -122,6 +140,10 @@ pub struct LossTolerant {
     mtu: u64,
     window: u64,
     slow_start: bool,
+    /// Smallest RTT sample of each [`MIN_RTT_BUCKET`] of the last
+    /// [`MIN_RTT_WINDOW`]: (bucket start, smallest sample).
+    rtt_buckets: VecDeque<(Instant, Duration)>,
+    /// The smallest of `rtt_buckets`: the path's minimum RTT.
     min_rtt: Option<Duration>,
     round_start: Instant,
     round_min_rtt: Option<Duration>,
@@ -139,6 +161,7 @@ impl LossTolerant {
             mtu: u64::from(mtu),
             window,
             slow_start: true,
+            rtt_buckets: VecDeque::new(),
             min_rtt: None,
             round_start: now,
             round_min_rtt: None,
@@ -192,6 +215,24 @@ impl LossTolerant {
         )
     }
 
+    /// Adds an RTT sample taken at `now` to the windowed minimum.
+    fn note_rtt(&mut self, now: Instant, sample: Duration) {
+        match self.rtt_buckets.back_mut() {
+            Some((start, min)) if now.saturating_duration_since(*start) < MIN_RTT_BUCKET => {
+                *min = (*min).min(sample);
+            }
+            _ => self.rtt_buckets.push_back((now, sample)),
+        }
+        while self
+            .rtt_buckets
+            .front()
+            .is_some_and(|(start, _)| now.saturating_duration_since(*start) >= MIN_RTT_WINDOW)
+        {
+            self.rtt_buckets.pop_front();
+        }
+        self.min_rtt = self.rtt_buckets.iter().map(|&(_, m)| m).min();
+    }
+
     /// Takes an acknowledgement of `bytes` with RTT `sample`; `rtt` is the
     /// smoothed RTT (the round's length). [`Controller::on_ack`] without
     /// quinn's `RttEstimator`, which tests cannot build.
@@ -203,7 +244,7 @@ impl LossTolerant {
         app_limited: bool,
         rtt: Duration,
     ) {
-        self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
+        self.note_rtt(now, sample);
         self.round_min_rtt = Some(self.round_min_rtt.map_or(sample, |m| m.min(sample)));
         self.round_acked += bytes;
         if !app_limited {
@@ -686,7 +727,7 @@ mod tests {
         let t0 = Instant::now();
         let mut cc = LossTolerant::new(Arc::new(cfg), t0, MTU as u16);
         cc.window = 300_000;
-        cc.min_rtt = Some(rtt);
+        cc.note_rtt(t0, rtt);
         let mut now = t0 + Duration::from_secs(1);
         cc.on_congestion_event(now, now, true, 0);
         for _ in 0..rounds {
@@ -751,5 +792,59 @@ mod tests {
         cc.round_min_rtt = Some(Duration::from_millis(50));
         cc.maybe_end_round(t0 + Duration::from_millis(300), Duration::from_millis(50));
         assert_eq!(cc.window(), 595_000);
+    }
+
+    /// One RTT sample 6 ms shorter than the path (a stale clock reading)
+    /// must not hold the window down for good: rounds on the real path,
+    /// 1 ms above its RTT, read as queued only until the sample has left
+    /// the minimum's window.
+    #[test]
+    fn a_too_short_rtt_sample_is_forgotten() {
+        const MTU: u64 = 1472;
+        let rate = 25e6;
+        let rtt = Duration::from_millis(50);
+        let cfg = LossTolerantConfig {
+            max_window: 5 << 20,
+            link_rate: Some(rate),
+            link_rtt: rtt,
+            min_window_packets: 16,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let mut cc = LossTolerant::new(Arc::new(cfg), t0, MTU as u16);
+        let mut now = t0;
+        // Two seconds on the path, then the stray sample.
+        let round = |cc: &mut LossTolerant, now: &mut Instant, sample: Duration| {
+            *now += sample;
+            cc.ack(*now, sample, cc.window(), false, rtt);
+        };
+        for _ in 0..40 {
+            round(&mut cc, &mut now, rtt);
+        }
+        let filled = cc.window();
+        assert!(filled > 1_000_000, "window {filled}");
+        cc.ack(now, Duration::from_micros(43_900), MTU, false, rtt);
+        let stray_at = now;
+        let path = rtt + Duration::from_millis(1);
+        let mut floor_at = None;
+        while now.duration_since(stray_at) < MIN_RTT_WINDOW + Duration::from_secs(5) {
+            round(&mut cc, &mut now, path);
+            if floor_at.is_none() && cc.window() == 16 * MTU {
+                floor_at = Some(now.duration_since(stray_at));
+            }
+        }
+        // While the sample counted, every round read as a queue.
+        assert!(
+            floor_at.is_some_and(|t| t < Duration::from_secs(2)),
+            "the window never fell to its floor: {floor_at:?}"
+        );
+        // Once it has left the window, the window is back at the cap.
+        assert_eq!(cc.min_rtt, Some(path));
+        let cap = (1.25 * rate * path.as_secs_f64()) as u64;
+        assert!(
+            cc.window() >= cap * 9 / 10,
+            "window {} cap {cap}",
+            cc.window()
+        );
     }
 }
