@@ -130,8 +130,8 @@ pub(crate) struct PullArgs {
     /// Background requests in flight. Default: enough for four times the
     /// link's bandwidth-delay product (from --link-mbit and --link-rtt-ms)
     /// on the wire, by the compression seen so far (4 to 128 requests), so
-    /// that compressible data still fills the link; QUIC's send window
-    /// (8x BDP) leaves room for on-demand reads.
+    /// that compressible data still fills the link; QUIC's connection
+    /// windows (8x BDP) leave room for on-demand reads.
     #[arg(long)]
     pub(crate) window: Option<usize>,
     /// Persist the block map once this many fetched bytes are unsynced.
