@@ -215,7 +215,9 @@ impl LossTolerant {
         )
     }
 
-    /// Adds an RTT sample taken at `now` to the windowed minimum.
+    /// Adds an RTT sample taken at `now` to the windowed minimum. Called
+    /// per acknowledged packet: the buckets are scanned again only when
+    /// one expires.
     fn note_rtt(&mut self, now: Instant, sample: Duration) {
         match self.rtt_buckets.back_mut() {
             Some((start, min)) if now.saturating_duration_since(*start) < MIN_RTT_BUCKET => {
@@ -223,14 +225,19 @@ impl LossTolerant {
             }
             _ => self.rtt_buckets.push_back((now, sample)),
         }
+        self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
+        let mut expired = false;
         while self
             .rtt_buckets
             .front()
             .is_some_and(|(start, _)| now.saturating_duration_since(*start) >= MIN_RTT_WINDOW)
         {
             self.rtt_buckets.pop_front();
+            expired = true;
         }
-        self.min_rtt = self.rtt_buckets.iter().map(|&(_, m)| m).min();
+        if expired {
+            self.min_rtt = self.rtt_buckets.iter().map(|&(_, m)| m).min();
+        }
     }
 
     /// Takes an acknowledgement of `bytes` with RTT `sample`; `rtt` is the
