@@ -23,6 +23,7 @@
 mod nbd;
 mod plot;
 mod sampler;
+mod steal;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -170,9 +171,14 @@ struct RunResult {
     wire_fwd_bytes: u64,
     probes_ms: Vec<f64>,
     probe_hits: usize,
+    /// Host CPU steal during each of `probes_ms`, in ms (see [`steal`]).
+    probes_stolen_ms: Vec<f64>,
     /// Every probe after the first read: (s since t0 when it was sent,
-    /// latency in ms, whether it was a miss, i.e. not under RTT/2).
-    probe_series: Vec<(f64, f64, bool)>,
+    /// latency in ms, whether it was a miss, i.e. not under RTT/2, host
+    /// CPU steal during it in ms).
+    probe_series: Vec<(f64, f64, bool, f64)>,
+    /// Host CPU steal over the whole run (set-up included), in ms.
+    host_stolen_ms: f64,
     /// Bytes forwarded source → destination since the run started, read
     /// every [`sampler::PERIOD`]: (s since t0, bytes).
     progress: Vec<(f64, u64)>,
@@ -199,13 +205,16 @@ impl RunResult {
             "probe_series": self
                 .probe_series
                 .iter()
-                .map(|&(t, ms, miss)| json!({ "t_s": t, "ms": ms, "miss": miss }))
+                .map(|&(t, ms, miss, stolen)| {
+                    json!({ "t_s": t, "ms": ms, "miss": miss, "host_stolen_ms": stolen })
+                })
                 .collect::<Vec<_>>(),
             "progress_src_to_dst": self
                 .progress
                 .iter()
                 .map(|&(t, b)| json!([t, b]))
                 .collect::<Vec<_>>(),
+            "host_stolen_ms": self.host_stolen_ms,
             "cpu_src_s": self.cpu_src,
             "cpu_dst_s": self.cpu_dst,
             "link_drops_queue_pkts": self.drops_queue,
@@ -302,7 +311,8 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
             }
             for run in 0..runs {
                 for sys in &a.systems {
-                    let r = match sys.as_str() {
+                    let stolen0 = steal::stolen_ms();
+                    let mut r = match sys.as_str() {
                         "ferry" => run_ferry(&ctx, img, serve.as_mut().expect("serve"), run),
                         "nbdcopy" => run_nbdcopy(&ctx, img, qnbd.as_mut().expect("qemu-nbd")),
                         _ => run_lazy(&ctx, img, qnbd.as_mut().expect("qemu-nbd")),
@@ -310,8 +320,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
                     .with_context(|| {
                         format!("{sys} on {} / {} run {}", case.id, img.id, run + 1)
                     })?;
+                    r.host_stolen_ms = steal::between(stolen0, steal::stolen_ms());
                     eprintln!(
-                        "bench: {} {} {} run {}: first read {} s, whole disk {}{:.1} s{}, wire {:.1} MiB, misses p50 {} ms ({} probes, {} local), cpu src {:.1} s dst {:.1} s{}",
+                        "bench: {} {} {} run {}: first read {} s, whole disk {}{:.1} s{}, wire {:.1} MiB, misses p50 {} ms ({} probes, {} local), cpu src {:.1} s dst {:.1} s, host stole {:.0} ms{}",
                         case.id,
                         img.id,
                         sys,
@@ -328,6 +339,7 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
                         r.probe_hits,
                         r.cpu_src,
                         r.cpu_dst,
+                        r.host_stolen_ms,
                         if r.note.is_empty() { String::new() } else { format!(" ({})", r.note) }
                     );
                     results
@@ -733,21 +745,72 @@ fn probe(
         if done()? {
             break;
         }
+        let stolen0 = steal::stolen_ms();
         let t = Instant::now();
         let sent_at = t.duration_since(t0).as_secs_f64();
         c.read(off, &mut buf)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
+        let stolen = steal::between(stolen0, steal::stolen_ms());
         check(off, &buf, &mut want)?;
-        r.probe_series.push((sent_at, ms, ms >= local));
+        r.probe_series.push((sent_at, ms, ms >= local, stolen));
         // A read answered in under half an RTT never crossed the link: the
         // block was already there. Only misses are latency samples.
         if ms < local {
             r.probe_hits += 1;
         } else {
             r.probes_ms.push(ms);
+            r.probes_stolen_ms.push(stolen);
         }
     }
     Ok(c)
+}
+
+/// The report's line on host CPU steal under one table: the total over
+/// its runs, and per system with misses how many were disturbed by the
+/// host and the p99 of the others.
+fn steal_line(per_sys: &BTreeMap<String, Vec<RunResult>>) -> String {
+    let total: f64 = per_sys.values().flatten().map(|r| r.host_stolen_ms).sum();
+    let runs = per_sys.values().map(Vec::len).sum::<usize>();
+    let mut parts = Vec::new();
+    for (sys, rs) in per_sys {
+        let pairs: Vec<(f64, f64)> = rs
+            .iter()
+            .flat_map(|r| {
+                r.probes_ms
+                    .iter()
+                    .copied()
+                    .zip(r.probes_stolen_ms.iter().copied())
+            })
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let calm: Vec<f64> = pairs
+            .iter()
+            .filter(|&&(_, stolen)| stolen < steal::DISTURBED_MS)
+            .map(|&(ms, _)| ms)
+            .collect();
+        parts.push(format!(
+            "{sys} {} of {} misses disturbed, p99 of the others {} ms",
+            pairs.len() - calm.len(),
+            pairs.len(),
+            percentile(&calm, 99.0)
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or("–".into())
+        ));
+    }
+    let mut line = format!(
+        "Host CPU steal over these {runs} runs: {:.1} s in all.",
+        total / 1e3
+    );
+    if !parts.is_empty() {
+        line += &format!(
+            " Misses during which the host stole ≥ {:.0} ms: {}.",
+            steal::DISTURBED_MS,
+            parts.join("; ")
+        );
+    }
+    line
 }
 
 fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result<RunResult> {
@@ -1108,6 +1171,7 @@ fn render(
     writeln!(o, "- *capped*: {}", cap_text(a.lazy_cap_s))?;
     writeln!(o, "- *4 KiB misses*: after the first read, up to {} further 4 KiB reads of data blocks at distinct 1 MiB regions in the far 60% of the disk, {} ms apart, on one NBD connection (a small client in `xtask/src/bench/nbd.rs`), while the copy runs; reads answered in under RTT/2 never crossed the link (the block had arrived) and are counted as local, not as misses. p50/p99 pool all runs' misses.\n- *medians, percentiles*: always one of the samples, the one at index round(p/100 × (n − 1)) of the sorted values (numpy's `nearest`; `xtask/src/stats.rs`), so a median of runs is one of the runs.", a.probes, a.probe_gap_ms)?;
     writeln!(o, "- *CPU s/GiB*: user+system CPU seconds of the source server and of the destination process during the run (from /proc/PID/stat), per GiB of disk size. ferry's destination figure includes its end-to-end verification (hashing the whole disk).")?;
+    writeln!(o, "- *host CPU steal*: this machine is a virtual machine; `steal` in /proc/stat counts the time its host ran something else while one of our CPUs wanted to run. Read around every run and every miss (summed over the CPUs). A miss during which the host stole at least {:.0} ms counts as *disturbed by the host*: everything stalls then, the emulated link and both ends alike, whatever system runs. The tables' p99 includes every miss; the line under each table gives the p99 without the disturbed ones too.", steal::DISTURBED_MS)?;
     writeln!(o)?;
 
     for case in cases {
@@ -1236,6 +1300,8 @@ fn render(
                 "Link counters over these runs: {dq} packets tail-dropped at the bottleneck queue, {dl} lost to the configured loss; {lp} of {fp} packets ({:.3}%) were delivered more than 1 ms later than the model asked (worst {late:.1} ms since the link came up).",
                 lp as f64 * 100.0 / fp.max(1) as f64
             )?;
+            writeln!(o)?;
+            writeln!(o, "{}", steal_line(per_sys))?;
             let notes: Vec<String> = per_sys
                 .iter()
                 .flat_map(|(s, rs)| {
@@ -1432,6 +1498,32 @@ fn write_section(path: &Path, section: &str, body: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_steal_line_leaves_out_only_misses_the_host_disturbed() {
+        let mut per_sys = BTreeMap::new();
+        per_sys.insert(
+            "ferry".to_string(),
+            vec![RunResult {
+                probes_ms: vec![60.0, 300.0, 70.0],
+                probes_stolen_ms: vec![0.0, 150.0, 10.0],
+                host_stolen_ms: 400.0,
+                ..RunResult::default()
+            }],
+        );
+        per_sys.insert(
+            "nbdcopy".to_string(),
+            vec![RunResult {
+                host_stolen_ms: 100.0,
+                ..RunResult::default()
+            }],
+        );
+        assert_eq!(
+            steal_line(&per_sys),
+            "Host CPU steal over these 2 runs: 0.5 s in all. Misses during which the host \
+             stole ≥ 20 ms: ferry 1 of 3 misses disturbed, p99 of the others 70 ms."
+        );
+    }
 
     #[test]
     fn sections_keep_the_rest_of_the_file() {

@@ -117,7 +117,7 @@ pub(super) fn series_of(system: &str, run: usize, runs: usize, r: &RunResult) ->
             .probe_series
             .iter()
             .filter(|p| p.2)
-            .map(|&(t, ms, _)| (t, ms))
+            .map(|&(t, ms, _, _)| (t, ms))
             .collect(),
         progress: r
             .progress
@@ -459,7 +459,7 @@ mod tests {
         }
         let run = |t: f64| RunResult {
             t_complete: t,
-            probe_series: vec![(1.0, 60.0, true), (1.2, 3.0, false)],
+            probe_series: vec![(1.0, 60.0, true, 0.0), (1.2, 3.0, false, 0.0)],
             progress: vec![(0.0, 0), (t, 100 << 20)],
             ..RunResult::default()
         };
