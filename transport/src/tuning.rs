@@ -108,13 +108,20 @@ fn gso_fits(max_udp_payload: u16) -> bool {
 const ACK_EVERY_PACKETS: u32 = 8;
 const MAX_INITIAL_WINDOW: u64 = 1024 * 1024;
 
+/// The bandwidth-delay product of a link, in bytes: what it holds in
+/// flight. Every window sized from the link (the transport's here, the
+/// copier's in the destination) starts from this one figure.
+pub fn bdp_bytes(bandwidth_bits_per_sec: u64, rtt: Duration) -> u64 {
+    (u128::from(bandwidth_bits_per_sec / 8) * rtt.as_micros() / 1_000_000) as u64
+}
+
 impl Tuning {
     /// Tuning for a link of `bandwidth_bits_per_sec` and round-trip time
     /// `rtt`: stream window 2x BDP, connection receive and send windows
     /// 8x BDP (never below
     /// quinn's defaults, at most 1 GiB).
     pub fn for_link(bandwidth_bits_per_sec: u64, rtt: Duration) -> Tuning {
-        let bdp = (u128::from(bandwidth_bits_per_sec / 8) * rtt.as_micros() / 1_000_000) as u64;
+        let bdp = bdp_bytes(bandwidth_bits_per_sec, rtt);
         let clamp = |v: u64, min: u64| v.clamp(min, MAX_WINDOW);
         Tuning {
             stream_receive_window: clamp(bdp.saturating_mul(2), MIN_STREAM_WINDOW),
@@ -214,6 +221,20 @@ impl Tuning {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bdp_is_rate_times_rtt() {
+        assert_eq!(bdp_bytes(200_000_000, Duration::from_millis(50)), 1_250_000);
+        assert_eq!(
+            bdp_bytes(200_000_000, Duration::from_millis(150)),
+            3_750_000
+        );
+        assert_eq!(
+            bdp_bytes(10_000_000_000, Duration::from_micros(100)),
+            125_000
+        );
+        assert_eq!(bdp_bytes(u64::MAX, Duration::from_secs(1)), u64::MAX / 8);
+    }
 
     #[test]
     fn windows_follow_the_bdp() {

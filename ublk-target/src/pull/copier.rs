@@ -78,7 +78,10 @@ impl Window {
     /// `link_rtt_ms` ms RTT, with requests of `request_bytes`.
     pub(crate) fn wire(link_mbit: u64, link_rtt_ms: u64, request_bytes: u64) -> Window {
         Window::Wire {
-            bdp: link_mbit as f64 * 1e6 / 8.0 * link_rtt_ms as f64 / 1e3,
+            bdp: ferry_transport::tuning::bdp_bytes(
+                link_mbit.saturating_mul(1_000_000),
+                Duration::from_millis(link_rtt_ms),
+            ) as f64,
             request_bytes: request_bytes as f64,
         }
     }
