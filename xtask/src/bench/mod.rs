@@ -240,6 +240,9 @@ struct Ctx<'a> {
     ids: FerryIds,
     wan: Wan,
     link: LinkOpts,
+    /// Where this case's process logs go: `target/bench/logs/CASE/`, so a
+    /// later case does not overwrite the logs of an earlier one.
+    logs: PathBuf,
 }
 
 /// Runs the benchmark.
@@ -299,7 +302,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
             ids: FerryIds::make(&bin, &dir)?,
             wan,
             link: case.link.clone(),
+            logs: dir.join("logs").join(case.id),
         };
+        std::fs::create_dir_all(&ctx.logs)?;
         for img in &images {
             let mut serve = None;
             let mut qnbd = None;
@@ -636,7 +641,7 @@ fn start_ferry_serve(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
             .arg(&ctx.ids.src_dir)
             .args(["--trust-peer", &ctx.ids.dst_fp])
             .args(link_args(&ctx.link)),
-        &ctx.dir.join(format!("serve-{}.log", img.id)),
+        &ctx.logs.join(format!("serve-{}.log", img.id)),
     )?;
     p.wait_for_log("ferry serve: exporting", Duration::from_secs(900))?;
     Ok(p)
@@ -661,7 +666,7 @@ fn start_qemu_nbd(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
             .args(["-r", "-t", "-e", "16", "-f", "raw", "-b", SRC_ADDR])
             .args(["-p", &NBD_PORT.to_string()])
             .arg(&img.path),
-        &ctx.dir.join(format!("qemu-nbd-{}.log", img.id)),
+        &ctx.logs.join(format!("qemu-nbd-{}.log", img.id)),
     )?;
     let t0 = Instant::now();
     loop {
@@ -844,7 +849,7 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
             .arg(&ctx.ids.dst_dir)
             .args(["--trust-peer", &ctx.ids.src_fp])
             .args(link_args(&ctx.link)),
-        &ctx.dir.join(format!("pull-{tag}-{}.log", run + 1)),
+        &ctx.logs.join(format!("pull-{tag}-{}.log", run + 1)),
     )?;
     pull.wait_for_log("ferry pull: serving", Duration::from_secs(60))?;
     let bin = ctx.bin.clone();
@@ -892,7 +897,7 @@ fn run_nbdcopy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult>
             .in_dst("nbdcopy")
             .arg(format!("nbd://{SRC_ADDR}:{NBD_PORT}"))
             .arg(&disk),
-        &ctx.dir.join(format!("nbdcopy-{}.log", img.id)),
+        &ctx.logs.join(format!("nbdcopy-{}.log", img.id)),
     )?;
     let t_end = Instant::now() + Duration::from_secs(ctx.a.timeout_s);
     let st = loop {
@@ -947,7 +952,7 @@ fn run_lazy(ctx: &Ctx<'_>, img: &Image, qnbd: &mut Proc) -> Result<RunResult> {
             .arg(format!("hostname={SRC_ADDR}"))
             .arg(format!("port={NBD_PORT}"))
             .args(LAZY_PARAMS),
-        &ctx.dir.join(format!("nbdkit-{}.log", img.id)),
+        &ctx.logs.join(format!("nbdkit-{}.log", img.id)),
     )?;
     let t_sock = Instant::now();
     while !sock.exists() {
