@@ -171,8 +171,6 @@ struct RunResult {
     wire_fwd_bytes: u64,
     probes_ms: Vec<f64>,
     probe_hits: usize,
-    /// Host CPU steal during each of `probes_ms`, in ms (see [`steal`]).
-    probes_stolen_ms: Vec<f64>,
     /// Every probe after the first read: (s since t0 when it was sent,
     /// latency in ms, whether it was a miss, i.e. not under RTT/2, host
     /// CPU steal during it in ms).
@@ -764,7 +762,6 @@ fn probe(
             r.probe_hits += 1;
         } else {
             r.probes_ms.push(ms);
-            r.probes_stolen_ms.push(stolen);
         }
     }
     Ok(c)
@@ -780,12 +777,9 @@ fn steal_line(per_sys: &BTreeMap<String, Vec<RunResult>>) -> String {
     for (sys, rs) in per_sys {
         let pairs: Vec<(f64, f64)> = rs
             .iter()
-            .flat_map(|r| {
-                r.probes_ms
-                    .iter()
-                    .copied()
-                    .zip(r.probes_stolen_ms.iter().copied())
-            })
+            .flat_map(|r| &r.probe_series)
+            .filter(|p| p.2)
+            .map(|&(_, ms, _, stolen)| (ms, stolen))
             .collect();
         if pairs.is_empty() {
             continue;
@@ -1510,8 +1504,12 @@ mod tests {
         per_sys.insert(
             "ferry".to_string(),
             vec![RunResult {
-                probes_ms: vec![60.0, 300.0, 70.0],
-                probes_stolen_ms: vec![0.0, 150.0, 10.0],
+                probe_series: vec![
+                    (1.0, 60.0, true, 0.0),
+                    (1.2, 300.0, true, 150.0),
+                    (1.4, 3.0, false, 40.0),
+                    (1.6, 70.0, true, 10.0),
+                ],
                 host_stolen_ms: 400.0,
                 ..RunResult::default()
             }],

@@ -8,8 +8,6 @@
 //! counter around every probe and every run so the report can say which
 //! figures such a stall touched, instead of leaving it unexplained.
 
-use std::time::Duration;
-
 /// A probe during which the host stole at least this much CPU time
 /// (summed over the CPUs) counts as disturbed by the host.
 pub(super) const DISTURBED_MS: f64 = 20.0;
@@ -18,7 +16,7 @@ pub(super) const DISTURBED_MS: f64 = 20.0;
 /// `/proc/stat` has no steal field (not a guest, or not Linux).
 pub(super) fn stolen_ms() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    parse_steal(&stat).map(|ticks| ticks as f64 * tick().as_secs_f64() * 1e3)
+    parse_steal(&stat).map(|ticks| ticks as f64 * TICK_MS)
 }
 
 /// The `steal` field (in clock ticks) of the aggregate `cpu` line.
@@ -28,11 +26,9 @@ fn parse_steal(stat: &str) -> Option<u64> {
     line.split_whitespace().nth(8)?.parse().ok()
 }
 
-/// One clock tick of `/proc/stat`: 1/USER_HZ, which Linux fixes at 100
-/// for user space on x86-64 and arm64 whatever the kernel's own HZ.
-fn tick() -> Duration {
-    Duration::from_millis(10)
-}
+/// One clock tick of `/proc/stat` in ms: 1/USER_HZ, which Linux fixes at
+/// 100 for user space on x86-64 and arm64 whatever the kernel's own HZ.
+const TICK_MS: f64 = 10.0;
 
 /// Stolen ms between two readings; 0 when either is missing.
 pub(super) fn between(before: Option<f64>, after: Option<f64>) -> f64 {
