@@ -269,7 +269,13 @@ impl LossTolerant {
     /// At the end of a round: extends or breaks the run of rounds with
     /// held-back samples, and believes them once the run is long enough.
     fn confirm_low_rtt(&mut self, now: Instant) {
-        let Some(low) = self.round_low_rtt else {
+        // Only a round whose samples were all low counts: on a path that
+        // really got shorter every sample is. Under sustained CPU load a
+        // stale sample showed up in every round among ordinary ones
+        // (measured: a 31 ms sample on a 50 ms path believed after a run of
+        // such rounds; the window sat at its floor for 8 s).
+        let low = self.round_low_rtt.filter(|_| self.round_min_rtt.is_none());
+        let Some(low) = low else {
             self.low_run = None;
             return;
         };
@@ -904,6 +910,28 @@ mod tests {
             if round % 2 == 0 && round < 8 {
                 cc.ack(now, Duration::from_millis(27), 1472, false, rtt);
             }
+            cc.ack(now, rtt + Duration::from_millis(1), cc.window(), false, rtt);
+            lowest = lowest.min(cc.window());
+        }
+        assert_eq!(cc.min_rtt, Some(rtt));
+        assert!(
+            lowest >= filled * 9 / 10,
+            "window fell from {filled} to {lowest}"
+        );
+    }
+
+    /// Under sustained CPU load a stale short sample can come in every
+    /// round, among ordinary ones, for longer than [`LOW_RTT_CONFIRM`]:
+    /// that is not a shorter path and must not become the minimum.
+    #[test]
+    fn a_stale_sample_in_every_round_is_not_a_shorter_path() {
+        let (mut cc, mut now) = filled_50_ms();
+        let rtt = Duration::from_millis(50);
+        let filled = cc.window();
+        let mut lowest = filled;
+        for _ in 0..60 {
+            now += rtt;
+            cc.ack(now, Duration::from_millis(31), 1472, false, rtt);
             cc.ack(now, rtt + Duration::from_millis(1), cc.window(), false, rtt);
             lowest = lowest.min(cc.window());
         }
