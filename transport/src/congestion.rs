@@ -55,8 +55,11 @@
 //! fell to its floor and stayed there until the sample left the 10 s
 //! window (measured: 9 s at 143 KB per round, a 12 s copy took 21 s). Such
 //! a sample is held back; it becomes the minimum only when every round for
-//! [`LOW_RTT_CONFIRM`] (and at least [`LOW_RTT_CONFIRM_ROUNDS`] rounds) has
-//! seen one as low, as a path that really got shorter does. Believing a
+//! [`LOW_RTT_CONFIRM`] (and at least [`LOW_RTT_CONFIRM_ROUNDS`] rounds) saw
+//! only such low samples, as a path that really got shorter does (under
+//! sustained load a stale sample came in every round among ordinary ones,
+//! and counting those rounds let a 31 ms sample on a 50 ms path through).
+//! Believing a
 //! shorter path late costs nothing: until then its rounds read as not
 //! queued. A stale sample within the margin moves the minimum by less
 //! than half the delay target, which no round then mistakes for a queue.
