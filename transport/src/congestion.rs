@@ -59,9 +59,8 @@
 //! only such low samples, as a path that really got shorter does (under
 //! sustained load a stale sample came in every round among ordinary ones,
 //! and counting those rounds let a 31 ms sample on a 50 ms path through).
-//! Believing a
-//! shorter path late costs nothing: until then its rounds read as not
-//! queued. A stale sample within the margin moves the minimum by less
+//! Believing a shorter path late costs nothing: until then its rounds read
+//! as not queued. A stale sample within the margin moves the minimum by less
 //! than half the delay target, which no round then mistakes for a queue.
 //!
 //! When the operator told us the link's rate ([`LossTolerantConfig::link_rate`]),
@@ -272,11 +271,7 @@ impl LossTolerant {
     /// At the end of a round: extends or breaks the run of rounds with
     /// held-back samples, and believes them once the run is long enough.
     fn confirm_low_rtt(&mut self, now: Instant) {
-        // Only a round whose samples were all low counts: on a path that
-        // really got shorter every sample is. Under sustained CPU load a
-        // stale sample showed up in every round among ordinary ones
-        // (measured: a 31 ms sample on a 50 ms path believed after a run of
-        // such rounds; the window sat at its floor for 8 s).
+        // Only a round whose samples were all low counts (module doc).
         let low = self.round_low_rtt.filter(|_| self.round_min_rtt.is_none());
         let Some(low) = low else {
             self.low_run = None;
@@ -903,15 +898,27 @@ mod tests {
     /// and the window fell to its floor for 10 s.
     #[test]
     fn stale_short_samples_during_a_stall_do_not_shrink_the_window() {
+        // Rounds 0, 2, 4 and 6 (a 0.35 s stall) each carry one stale sample.
+        stale_samples_keep_the_minimum_and_the_window(Duration::from_millis(27), |round| {
+            round % 2 == 0 && round < 8
+        });
+    }
+
+    /// 60 rounds on the filled 50 ms path, one stale `sample` in each round
+    /// `stale(round)` picks among the ordinary ones: the minimum stays
+    /// 50 ms and the window within 90% of where it was.
+    fn stale_samples_keep_the_minimum_and_the_window(
+        sample: Duration,
+        stale: impl Fn(u32) -> bool,
+    ) {
         let (mut cc, mut now) = filled_50_ms();
         let rtt = Duration::from_millis(50);
         let filled = cc.window();
         let mut lowest = filled;
         for round in 0..60 {
             now += rtt;
-            // Rounds 0, 2, 4 and 6 (a 0.35 s stall) each carry one stale sample.
-            if round % 2 == 0 && round < 8 {
-                cc.ack(now, Duration::from_millis(27), 1472, false, rtt);
+            if stale(round) {
+                cc.ack(now, sample, 1472, false, rtt);
             }
             cc.ack(now, rtt + Duration::from_millis(1), cc.window(), false, rtt);
             lowest = lowest.min(cc.window());
@@ -928,21 +935,7 @@ mod tests {
     /// that is not a shorter path and must not become the minimum.
     #[test]
     fn a_stale_sample_in_every_round_is_not_a_shorter_path() {
-        let (mut cc, mut now) = filled_50_ms();
-        let rtt = Duration::from_millis(50);
-        let filled = cc.window();
-        let mut lowest = filled;
-        for _ in 0..60 {
-            now += rtt;
-            cc.ack(now, Duration::from_millis(31), 1472, false, rtt);
-            cc.ack(now, rtt + Duration::from_millis(1), cc.window(), false, rtt);
-            lowest = lowest.min(cc.window());
-        }
-        assert_eq!(cc.min_rtt, Some(rtt));
-        assert!(
-            lowest >= filled * 9 / 10,
-            "window fell from {filled} to {lowest}"
-        );
+        stale_samples_keep_the_minimum_and_the_window(Duration::from_millis(31), |_| true);
     }
 
     /// A path that really got shorter (a route change, 50 to 30 ms) gives
