@@ -61,7 +61,17 @@
 //! and counting those rounds let a 31 ms sample on a 50 ms path through).
 //! Believing a shorter path late costs nothing: until then its rounds read
 //! as not queued. A stale sample within the margin moves the minimum by less
-//! than half the delay target, which no round then mistakes for a queue.
+//! than half the delay target, which no round then mistakes for a queue; the
+//! margin is measured from the minimum as the round began, so a staircase
+//! of stale samples (one stale stamp, later packets) cannot walk it down
+//! step by step within a round (measured: 50 to 33 ms in one round).
+//!
+//! At the root, the sample's end is read from the clock when the ACK is
+//! processed, not taken from quinn's stamp on the datagram
+//! ([`Controller::on_ack`]): that is never earlier than the ACK's arrival,
+//! so the sample is never shorter than the path. The hold-back above stays
+//! as a second line of defence, and its log field `stamp_lag_us` shows how
+//! far quinn's stamps lag the clock.
 //!
 //! When the operator told us the link's rate ([`LossTolerantConfig::link_rate`]),
 //! the window is also capped at [`LossTolerantConfig::bdp_cap`] (1.25) times
@@ -168,8 +178,15 @@ pub struct LossTolerant {
     min_rtt: Option<Duration>,
     round_start: Instant,
     round_min_rtt: Option<Duration>,
+    /// The minimum RTT when this round began: a sample is held back when
+    /// it is far below this, not below the minimum as this round's own
+    /// samples lowered it (see [`LossTolerant::ack`]).
+    round_ref_rtt: Option<Duration>,
     /// Smallest sample of this round held back as too far below `min_rtt`.
     round_low_rtt: Option<Duration>,
+    /// Longest an acknowledgement's time stamp lagged the clock when the
+    /// controller saw it, this round (logged; see [`Controller::on_ack`]).
+    round_stamp_lag: Duration,
     /// Consecutive rounds, each with a held-back sample: (first round's
     /// start, rounds, largest of their smallest held-back samples).
     low_run: Option<(Instant, u32, Duration)>,
@@ -191,7 +208,9 @@ impl LossTolerant {
             min_rtt: None,
             round_start: now,
             round_min_rtt: None,
+            round_ref_rtt: None,
             round_low_rtt: None,
+            round_stamp_lag: Duration::ZERO,
             low_run: None,
             round_acked: 0,
             round_lost: 0,
@@ -305,7 +324,12 @@ impl LossTolerant {
         app_limited: bool,
         rtt: Duration,
     ) {
-        match self.min_rtt {
+        // Against the minimum as the round began: a receive loop's stale
+        // stamp gives a run of samples each a little shorter than the last
+        // (later packets, one stale `now`), and measured against the
+        // running minimum each was within the margin of the one before;
+        // the minimum walked from 50 to 33 ms within one round.
+        match self.round_ref_rtt.or(self.min_rtt) {
             Some(m) if sample + self.delay_target(m) / 2 < m => {
                 self.round_low_rtt = Some(self.round_low_rtt.map_or(sample, |l| l.min(sample)));
             }
@@ -376,11 +400,14 @@ impl LossTolerant {
             lost = self.round_lost,
             round_min_rtt_us = self.round_min_rtt.map_or(0, |d| d.as_micros() as u64),
             min_rtt_us = self.min_rtt.map_or(0, |d| d.as_micros() as u64),
+            stamp_lag_us = self.round_stamp_lag.as_micros() as u64,
             "congestion round"
         );
         self.round_start = now;
         self.round_min_rtt = None;
+        self.round_ref_rtt = self.min_rtt;
         self.round_low_rtt = None;
+        self.round_stamp_lag = Duration::ZERO;
         self.round_acked = 0;
         self.round_lost = 0;
         self.round_app_limited = true;
@@ -396,9 +423,18 @@ impl Controller for LossTolerant {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
+        // `now` is the time quinn stamped on the datagram carrying the ACK,
+        // which can be the start of a receive loop that then stalled: the
+        // sample `now - sent` came out shorter than the path (33 ms on a
+        // 50 ms path, measured). The clock read here is never earlier than
+        // the ACK's arrival, and `sent` never later than the packet's
+        // departure, so this sample is never shorter than the path; a late
+        // read only lengthens it, which the round's minimum ignores.
+        let seen = Instant::now().max(now);
+        self.round_stamp_lag = self.round_stamp_lag.max(seen - now);
         self.ack(
             now,
-            now.saturating_duration_since(sent),
+            seen.saturating_duration_since(sent),
             bytes,
             app_limited,
             rtt.get(),
@@ -936,6 +972,41 @@ mod tests {
     #[test]
     fn a_stale_sample_in_every_round_is_not_a_shorter_path() {
         stale_samples_keep_the_minimum_and_the_window(Duration::from_millis(31), |_| true);
+    }
+
+    /// A receive loop that stalled stamps the ACKs it then reads with the
+    /// time it began: each later ACK acknowledges a later packet, so the
+    /// samples form a staircase down (49, 47, … 33 ms on a 50 ms path),
+    /// each step within the margin of the one before. The minimum must not
+    /// walk down it (measured: it went from 50 to 33 ms in one round, and
+    /// the window then sat at its floor for 8 s).
+    #[test]
+    fn a_staircase_of_stale_samples_in_one_round_does_not_walk_the_minimum_down() {
+        let (mut cc, mut now) = filled_50_ms();
+        let rtt = Duration::from_millis(50);
+        let filled = cc.window();
+        let mut lowest = filled;
+        for round in 0..60 {
+            now += rtt;
+            cc.ack(now, rtt + Duration::from_millis(1), 1472, false, rtt);
+            if round == 3 {
+                for step in 0..9 {
+                    let stale = Duration::from_millis(49 - 2 * step);
+                    cc.ack(now, stale, 1472, false, rtt);
+                }
+            }
+            cc.ack(now, rtt + Duration::from_millis(1), cc.window(), false, rtt);
+            lowest = lowest.min(cc.window());
+        }
+        let min = cc.min_rtt.expect("a minimum");
+        assert!(
+            min >= Duration::from_millis(46),
+            "minimum walked down to {min:?}"
+        );
+        assert!(
+            lowest >= filled * 9 / 10,
+            "window fell from {filled} to {lowest}"
+        );
     }
 
     /// A path that really got shorter (a route change, 50 to 30 ms) gives
