@@ -324,11 +324,8 @@ impl LossTolerant {
         app_limited: bool,
         rtt: Duration,
     ) {
-        // Against the minimum as the round began: a receive loop's stale
-        // stamp gives a run of samples each a little shorter than the last
-        // (later packets, one stale `now`), and measured against the
-        // running minimum each was within the margin of the one before;
-        // the minimum walked from 50 to 33 ms within one round.
+        // Against the minimum as the round began, not the running one
+        // (a staircase of stale samples; module doc).
         match self.round_ref_rtt.or(self.min_rtt) {
             Some(m) if sample + self.delay_target(m) / 2 < m => {
                 self.round_low_rtt = Some(self.round_low_rtt.map_or(sample, |l| l.min(sample)));
@@ -940,26 +937,36 @@ mod tests {
         });
     }
 
-    /// 60 rounds on the filled 50 ms path, one stale `sample` in each round
-    /// `stale(round)` picks among the ordinary ones: the minimum stays
-    /// 50 ms and the window within 90% of where it was.
-    fn stale_samples_keep_the_minimum_and_the_window(
-        sample: Duration,
-        stale: impl Fn(u32) -> bool,
-    ) {
+    /// 60 rounds on the filled 50 ms path; in each, the 1472-byte ACKs
+    /// with the samples `extra(round)` gives, then the window's ordinary
+    /// one. Returns the controller, the window it started from and the
+    /// lowest window seen.
+    fn run_with_extra_samples(extra: impl Fn(u32) -> Vec<Duration>) -> (LossTolerant, u64, u64) {
         let (mut cc, mut now) = filled_50_ms();
         let rtt = Duration::from_millis(50);
         let filled = cc.window();
         let mut lowest = filled;
         for round in 0..60 {
             now += rtt;
-            if stale(round) {
+            for sample in extra(round) {
                 cc.ack(now, sample, 1472, false, rtt);
             }
             cc.ack(now, rtt + Duration::from_millis(1), cc.window(), false, rtt);
             lowest = lowest.min(cc.window());
         }
-        assert_eq!(cc.min_rtt, Some(rtt));
+        (cc, filled, lowest)
+    }
+
+    /// One stale `sample` in each round `stale(round)` picks, among the
+    /// ordinary ones: the minimum stays 50 ms and the window within 90% of
+    /// where it was.
+    fn stale_samples_keep_the_minimum_and_the_window(
+        sample: Duration,
+        stale: impl Fn(u32) -> bool,
+    ) {
+        let (cc, filled, lowest) =
+            run_with_extra_samples(|round| if stale(round) { vec![sample] } else { vec![] });
+        assert_eq!(cc.min_rtt, Some(Duration::from_millis(50)));
         assert!(
             lowest >= filled * 9 / 10,
             "window fell from {filled} to {lowest}"
@@ -982,22 +989,14 @@ mod tests {
     /// the window then sat at its floor for 8 s).
     #[test]
     fn a_staircase_of_stale_samples_in_one_round_does_not_walk_the_minimum_down() {
-        let (mut cc, mut now) = filled_50_ms();
-        let rtt = Duration::from_millis(50);
-        let filled = cc.window();
-        let mut lowest = filled;
-        for round in 0..60 {
-            now += rtt;
-            cc.ack(now, rtt + Duration::from_millis(1), 1472, false, rtt);
+        let ordinary = Duration::from_millis(51);
+        let (cc, filled, lowest) = run_with_extra_samples(|round| {
+            let mut samples = vec![ordinary];
             if round == 3 {
-                for step in 0..9 {
-                    let stale = Duration::from_millis(49 - 2 * step);
-                    cc.ack(now, stale, 1472, false, rtt);
-                }
+                samples.extend((0..9).map(|step| Duration::from_millis(49 - 2 * step)));
             }
-            cc.ack(now, rtt + Duration::from_millis(1), cc.window(), false, rtt);
-            lowest = lowest.min(cc.window());
-        }
+            samples
+        });
         let min = cc.min_rtt.expect("a minimum");
         assert!(
             min >= Duration::from_millis(46),
