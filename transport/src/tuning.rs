@@ -55,7 +55,7 @@ pub struct Tuning {
     /// [`crate::congestion`] (true), or quinn's Cubic (false).
     pub loss_tolerant: bool,
     /// Hard ceiling of the loss-tolerant controller's window: 4x BDP (at
-    /// least 4 MB). Below it the controller keeps the window within 1.25x
+    /// least 4 MB). Below it the controller keeps the window within 1.1x
     /// `link_rate` x the measured RTT (see [`crate::congestion`]).
     pub max_congestion_window: u64,
     /// The link's rate in bytes per second, as the operator gave it.
