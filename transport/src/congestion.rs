@@ -299,7 +299,8 @@ impl LossTolerant {
     ///
     /// A doubling round sends twice what the previous round delivered,
     /// paced at 1.25 x the new window per RTT: the round that doubles the
-    /// window to the cap pours 1.25 BDP into the bottleneck at 1.6 times
+    /// window to the cap (1.25 BDP when this was measured) pours it into
+    /// the bottleneck at 1.6 times
     /// its rate within 0.8 RTT, and the queue it builds (0.45 RTT of data,
     /// 67 ms at 150 ms) overflows a 50 ms queue, although the window
     /// itself never exceeds what the queue holds in a steady state
