@@ -107,6 +107,12 @@ pub struct ClientStats {
     pub wire_rx_bytes: u64,
     /// UDP payload bytes sent, all connections together.
     pub wire_tx_bytes: u64,
+    /// UDP datagrams received, all connections together.
+    pub wire_rx_datagrams: u64,
+    /// ACK frames sent, all connections together: about one per
+    /// [`crate::tuning::ACK_EVERY_PACKETS`] datagrams received while data
+    /// flows, if the source honoured the ACK frequency asked for.
+    pub acks_sent: u64,
     /// On-demand reads sent two or three times because the path is lossy
     /// or not yet known to be clean (see [`crate::path::copies`]).
     pub hedged_reads: u64,
@@ -158,14 +164,32 @@ struct Inner {
     hedged: AtomicU64,
 }
 
+/// Wire counters summed over connections.
+#[derive(Clone, Copy, Default)]
+struct WireCounts {
+    rx_bytes: u64,
+    tx_bytes: u64,
+    rx_datagrams: u64,
+    acks_sent: u64,
+}
+
+impl WireCounts {
+    fn add(&mut self, s: &quinn::ConnectionStats) {
+        self.rx_bytes += s.udp_rx.bytes;
+        self.tx_bytes += s.udp_tx.bytes;
+        self.rx_datagrams += s.udp_rx.datagrams;
+        self.acks_sent += s.frame_tx.acks;
+    }
+}
+
 #[derive(Default)]
 struct State {
     conn: Option<Connection>,
     /// Bumped on every successful reconnect.
     generation: u64,
     reconnects: u64,
-    rx_base: u64,
-    tx_base: u64,
+    /// Counts of the connections closed so far.
+    closed: WireCounts,
     changed: Option<(String, String)>,
 }
 
@@ -414,11 +438,9 @@ impl Client {
     pub fn stats(&self) -> ClientStats {
         let (source_lost_ppm, source_sent_packets) = self.inner.path.load();
         let st = self.inner.lock();
-        let (mut rx, mut tx, mut state) = (st.rx_base, st.tx_base, ConnState::Reconnecting);
+        let (mut w, mut state) = (st.closed, ConnState::Reconnecting);
         if let Some(c) = &st.conn {
-            let s = c.stats();
-            rx += s.udp_rx.bytes;
-            tx += s.udp_tx.bytes;
+            w.add(&c.stats());
             if c.close_reason().is_none() && st.changed.is_none() {
                 state = ConnState::Connected;
             }
@@ -426,8 +448,10 @@ impl Client {
         ClientStats {
             state,
             reconnects: st.reconnects,
-            wire_rx_bytes: rx,
-            wire_tx_bytes: tx,
+            wire_rx_bytes: w.rx_bytes,
+            wire_tx_bytes: w.tx_bytes,
+            wire_rx_datagrams: w.rx_datagrams,
+            acks_sent: w.acks_sent,
             hedged_reads: self.inner.hedged.load(Ordering::Relaxed),
             source_lost_ppm,
             source_sent_packets,
@@ -518,8 +542,7 @@ impl Inner {
                 // Count the bytes of the failed connection too.
                 let s = conn.stats();
                 let mut st = self.lock();
-                st.rx_base += s.udp_rx.bytes;
-                st.tx_base += s.udp_tx.bytes;
+                st.closed.add(&s);
                 drop(st);
                 conn.close(VarInt::from_u32(0), b"welcome failed");
                 Err(match f {
@@ -548,8 +571,7 @@ impl Inner {
             }
             if let Some(old) = st.conn.take() {
                 let s = old.stats();
-                st.rx_base += s.udp_rx.bytes;
-                st.tx_base += s.udp_tx.bytes;
+                st.closed.add(&s);
                 old.close(VarInt::from_u32(0), b"reconnecting");
             }
         }
@@ -569,8 +591,7 @@ impl Inner {
                     if before != after {
                         conn.close(VarInt::from_u32(0), b"source changed");
                         let s = conn.stats();
-                        st.rx_base += s.udp_rx.bytes;
-                        st.tx_base += s.udp_tx.bytes;
+                        st.closed.add(&s);
                         st.changed = Some((hex(&before), hex(&after)));
                         let e = self.source_changed(&st).expect("just set");
                         tracing::error!(addr = %self.addr, "{e}");

@@ -105,7 +105,7 @@ fn gso_fits(max_udp_payload: u16) -> bool {
 }
 
 /// The receiver acknowledges at least every this many packets.
-const ACK_EVERY_PACKETS: u32 = 8;
+pub const ACK_EVERY_PACKETS: u32 = 8;
 const MAX_INITIAL_WINDOW: u64 = 1024 * 1024;
 
 /// The bandwidth-delay product of a link, in bytes: what it holds in

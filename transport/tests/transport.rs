@@ -840,3 +840,106 @@ async fn jumbo_datagrams_carry_the_data_with_under_2_percent_overhead() {
     .await
     .expect("test timed out");
 }
+
+/// A UDP relay in front of `server` that passes the server's datagrams to
+/// the client one at a time, `gap` apart, as a paced link delivers them
+/// (on bare loopback a whole train arrives at once and is acknowledged by
+/// one ACK whatever the ACK frequency).
+async fn paced_relay(server: SocketAddr, gap: Duration) -> SocketAddr {
+    let front = std::net::UdpSocket::bind(localhost()).unwrap();
+    let back = std::net::UdpSocket::bind(localhost()).unwrap();
+    back.connect(server).unwrap();
+    let addr = front.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let (f, b, c) = (
+        front.try_clone().unwrap(),
+        back.try_clone().unwrap(),
+        client.clone(),
+    );
+    // Both threads end when the test process does; a read timeout bounds
+    // each wait.
+    for s in [&front, &back] {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+    }
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let end = std::time::Instant::now() + LIMIT;
+        while std::time::Instant::now() < end {
+            if let Ok((n, from)) = f.recv_from(&mut buf) {
+                *c.lock().unwrap() = Some(from);
+                let _ = b.send(&buf[..n]);
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        let end = std::time::Instant::now() + LIMIT;
+        while std::time::Instant::now() < end {
+            if let Ok(n) = back.recv(&mut buf) {
+                let to = *client.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to);
+                }
+                std::thread::sleep(gap);
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_acknowledges_about_every_8th_datagram() {
+    timeout(LIMIT, async {
+        // Both ends ask for an ACK every ACK_EVERY_PACKETS ack-eliciting
+        // packets (or after 10 ms), not quinn's default of every 2nd: an
+        // ACK costs the destination a send and the source a receive, and
+        // the path an ACK-sized datagram, per couple of data datagrams.
+        let ids = ids();
+        let src = MemSource::new(disk(12));
+        let data = data_chunks(&src.manifest);
+        let mut sopts = server_opts(&ids, localhost());
+        sopts.compress = false;
+        let (addr, _server) = start(sopts, src.clone());
+        let relay = paced_relay(addr, Duration::from_micros(100)).await;
+        let client = Client::connect(client_opts(&ids, relay)).await.unwrap();
+        client.authenticated().await.unwrap();
+        // The ACK_FREQUENCY frame goes out once the handshake is confirmed.
+        client
+            .read_bytes(data[0], 1, Priority::Background)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = client.stats();
+        for _ in 0..2 {
+            // Eight reads in flight: the source sends long trains.
+            let mut tasks = Vec::new();
+            for part in data.chunks(data.len().div_ceil(8)) {
+                let (client, part) = (client.clone(), part.to_vec());
+                tasks.push(tokio::spawn(async move {
+                    for c in part {
+                        client.read_bytes(c, 1, Priority::Background).await.unwrap();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        }
+        let st = client.stats();
+        let datagrams = st.wire_rx_datagrams - before.wire_rx_datagrams;
+        let acks = st.acks_sent - before.acks_sent;
+        // 2 x 52 chunks of 64 KiB: about 4600 datagrams.
+        assert!(datagrams > 4000, "{datagrams} datagrams ({st:?})");
+        // Every 8th is 1/8; requests and the ends of trains (acknowledged
+        // after max_ack_delay) add a few. Every 2nd would be 1/2.
+        let per = acks as f64 / datagrams as f64;
+        eprintln!("{acks} ACKs for {datagrams} datagrams ({per:.3})");
+        assert!(
+            per < 0.2,
+            "{acks} ACKs for {datagrams} datagrams ({per:.3})"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
