@@ -21,3 +21,13 @@ pub mod state;
 pub use backing::{Backing, BackingError};
 pub use source::{SourceError, SourceImage};
 pub use state::{StateError, StateFile};
+
+/// Makes the directory entry of a newly created `path` durable: fsync of
+/// its parent directory (a file's own fsync need not cover its name).
+pub fn sync_parent_dir(path: &std::path::Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(parent)?.sync_all()
+}

@@ -146,12 +146,12 @@ impl StateFile {
         [(p, present_len), (g, guest_len), (w, present_len)]
     }
 
-    fn write_boot_id(file: &File, path: &Path, boot: &str) -> Result<(), StateError> {
+    fn write_boot_id(file: &File, path: &Path, boot: &str, sync: bool) -> Result<(), StateError> {
         let mut b = [0u8; BOOT_ID_LEN];
         let n = boot.len().min(BOOT_ID_LEN);
         b[..n].copy_from_slice(&boot.as_bytes()[..n]);
         file.write_all_at(&b, BOOT_ID_AT as u64)
-            .and_then(|()| file.sync_data())
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) })
             .map_err(|source| StateError::Io {
                 op: "cannot write",
                 path: path.to_owned(),
@@ -164,12 +164,40 @@ impl StateFile {
         Self::create_on_boot(path, geo, source_id, &current_boot_id())
     }
 
+    /// [`StateFile::create`] without waiting for the new file to be
+    /// durable: the caller makes it so (`sync_all` of
+    /// [`StateFile::durable_handle`], then [`crate::sync_parent_dir`])
+    /// before its first [`StateFile::persist`], off its critical path.
+    pub fn create_unsynced(
+        path: &Path,
+        geo: Geometry,
+        source_id: [u8; 32],
+    ) -> Result<Self, StateError> {
+        Self::create_with(path, geo, source_id, &current_boot_id(), false)
+    }
+
+    /// A second descriptor of the file, to make it durable from another
+    /// thread.
+    pub fn durable_handle(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// [`StateFile::create`] as if on boot `boot`.
     pub fn create_on_boot(
         path: &Path,
         geo: Geometry,
         source_id: [u8; 32],
         boot: &str,
+    ) -> Result<Self, StateError> {
+        Self::create_with(path, geo, source_id, boot, true)
+    }
+
+    fn create_with(
+        path: &Path,
+        geo: Geometry,
+        source_id: [u8; 32],
+        boot: &str,
+        sync: bool,
     ) -> Result<Self, StateError> {
         let io_err = |op| {
             move |source| StateError::Io {
@@ -190,8 +218,10 @@ impl StateFile {
             .map_err(io_err("cannot size"))?;
         file.write_all_at(&Self::header(geo, source_id), 0)
             .map_err(io_err("cannot write"))?;
-        Self::write_boot_id(&file, path, boot)?;
-        file.sync_all().map_err(io_err("cannot sync"))?;
+        Self::write_boot_id(&file, path, boot, false)?;
+        if sync {
+            file.sync_all().map_err(io_err("cannot sync"))?;
+        }
         Ok(Self {
             file,
             path: path.to_owned(),
@@ -304,7 +334,7 @@ impl StateFile {
                     source,
                 })?;
         }
-        Self::write_boot_id(&file, path, boot)?;
+        Self::write_boot_id(&file, path, boot, true)?;
         Ok(Self {
             file,
             path: path.to_owned(),
@@ -418,6 +448,25 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unsynced_creation_writes_the_same_file_and_refuses_an_existing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let geo = Geometry::new(100 << 20, 65536);
+        drop(StateFile::create(&a, geo, [4; 32]).unwrap());
+        let s = StateFile::create_unsynced(&b, geo, [4; 32]).unwrap();
+        s.durable_handle().unwrap().sync_all().unwrap();
+        crate::sync_parent_dir(&b).unwrap();
+        drop(s);
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let s = StateFile::open(&b, geo, [4; 32]).unwrap();
+        assert!(s.present_bits(geo.blocks()).not_any());
+        assert!(matches!(
+            StateFile::create_unsynced(&b, geo, [4; 32]),
+            Err(StateError::Io { .. })
+        ));
+    }
 
     #[test]
     fn persisted_bits_survive_reopen_and_other_sources_are_refused() {

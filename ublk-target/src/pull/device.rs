@@ -24,6 +24,9 @@ pub(crate) struct Shared {
     pub(crate) state: Arc<Mutex<StateFile>>,
     /// Serialises sync rounds.
     pub(crate) sync_lock: tokio::sync::Mutex<()>,
+    /// Making freshly created files durable, until the first sync round has
+    /// waited for it (see `open_or_create`).
+    pub(crate) created: tokio::sync::Mutex<Option<tokio::task::JoinHandle<io::Result<()>>>>,
     pub(crate) client: Client,
     /// Background requests currently in flight.
     pub(crate) bg_in_flight: AtomicU64,
@@ -155,6 +158,17 @@ impl Shared {
     /// (invariants 1 and 2).
     pub(crate) async fn sync(&self) -> io::Result<()> {
         let _round = self.sync_lock.lock().await;
+        // Nothing is durable before the files that hold it are.
+        let created = self.created.lock().await.take();
+        if let Some(task) = created {
+            if let Err(e) = task.await.unwrap_or_else(|e| Err(eio(e.to_string()))) {
+                // A failed fsync cannot be retried into success: stop.
+                let msg = format!("cannot make the new disk and state files durable: {e}");
+                tracing::error!("{msg}");
+                self.lock().fail(msg.clone());
+                return Err(eio(msg));
+            }
+        }
         let batch = self.lock().begin_sync();
         if batch.is_empty() {
             // Guest writes that were already synced, or none: still make
