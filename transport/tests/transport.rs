@@ -680,40 +680,6 @@ async fn compressible_chunks_cross_the_wire_compressed_and_arrive_exact() {
     .expect("test timed out");
 }
 
-/// A UDP relay on 127.0.0.1 in front of `server` that drops every
-/// `every`-th datagram towards the client (after the first 20, so the
-/// handshake is not slowed). Runs until the test's runtime ends.
-async fn lossy_relay(server: SocketAddr, every: u64) -> SocketAddr {
-    let front = Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
-    let back = Arc::new(tokio::net::UdpSocket::bind(localhost()).await.unwrap());
-    back.connect(server).await.unwrap();
-    let addr = front.local_addr().unwrap();
-    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-    let (f, b, c) = (front.clone(), back.clone(), client.clone());
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = f.recv_from(&mut buf).await {
-            *c.lock().unwrap() = Some(from);
-            let _ = b.send(&buf[..n]).await;
-        }
-    });
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        let mut count = 0u64;
-        while let Ok(n) = back.recv(&mut buf).await {
-            count += 1;
-            if count > 20 && count.is_multiple_of(every) {
-                continue;
-            }
-            let to = *client.lock().unwrap();
-            if let Some(to) = to {
-                let _ = front.send_to(&buf[..n], to).await;
-            }
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_demand_reads_are_hedged_on_a_lossy_path_only() {
     timeout(LIMIT, async {
@@ -757,7 +723,7 @@ async fn on_demand_reads_are_hedged_on_a_lossy_path_only() {
         assert_eq!(clean.stats().source_lost_ppm, 0);
 
         // 2% of the datagrams towards the destination dropped.
-        let relay = lossy_relay(addr, 50).await;
+        let relay = relay(addr, 50, Duration::ZERO);
         let lossy = Client::connect(client_opts(&ids, relay)).await.unwrap();
         lossy.authenticated().await.unwrap();
         // Background copy until the source has measured and reported its
@@ -841,11 +807,13 @@ async fn jumbo_datagrams_carry_the_data_with_under_2_percent_overhead() {
     .expect("test timed out");
 }
 
-/// A UDP relay in front of `server` that passes the server's datagrams to
-/// the client one at a time, `gap` apart, as a paced link delivers them
-/// (on bare loopback a whole train arrives at once and is acknowledged by
-/// one ACK whatever the ACK frequency).
-async fn paced_relay(server: SocketAddr, gap: Duration) -> SocketAddr {
+/// A UDP relay in front of `server`. The server's datagrams go to the
+/// client one at a time, `gap` apart (when not zero), as a paced link
+/// delivers them (on bare loopback a whole train arrives at once and is
+/// acknowledged by one ACK whatever the ACK frequency); with `drop_every`
+/// above zero, every `drop_every`-th of them after the first 20 (so the
+/// handshake is not slowed) is dropped.
+fn relay(server: SocketAddr, drop_every: u64, gap: Duration) -> SocketAddr {
     let front = std::net::UdpSocket::bind(localhost()).unwrap();
     let back = std::net::UdpSocket::bind(localhost()).unwrap();
     back.connect(server).unwrap();
@@ -875,13 +843,20 @@ async fn paced_relay(server: SocketAddr, gap: Duration) -> SocketAddr {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 65536];
         let end = std::time::Instant::now() + LIMIT;
+        let mut count = 0u64;
         while std::time::Instant::now() < end {
             if let Ok(n) = back.recv(&mut buf) {
+                count += 1;
+                if drop_every > 0 && count > 20 && count.is_multiple_of(drop_every) {
+                    continue;
+                }
                 let to = *client.lock().unwrap();
                 if let Some(to) = to {
                     let _ = front.send_to(&buf[..n], to);
                 }
-                std::thread::sleep(gap);
+                if !gap.is_zero() {
+                    std::thread::sleep(gap);
+                }
             }
         }
     });
@@ -901,7 +876,7 @@ async fn the_client_acknowledges_about_every_8th_datagram() {
         let mut sopts = server_opts(&ids, localhost());
         sopts.compress = false;
         let (addr, _server) = start(sopts, src.clone());
-        let relay = paced_relay(addr, Duration::from_micros(100)).await;
+        let relay = relay(addr, 0, Duration::from_micros(100));
         let client = Client::connect(client_opts(&ids, relay)).await.unwrap();
         client.authenticated().await.unwrap();
         // The ACK_FREQUENCY frame goes out once the handshake is confirmed.

@@ -26,7 +26,7 @@ pub(crate) struct Shared {
     pub(crate) sync_lock: tokio::sync::Mutex<()>,
     /// Making freshly created files durable, until the first sync round has
     /// waited for it (see `open_or_create`).
-    pub(crate) created: tokio::sync::Mutex<Option<tokio::task::JoinHandle<io::Result<()>>>>,
+    pub(crate) created: Mutex<Option<tokio::task::JoinHandle<io::Result<()>>>>,
     pub(crate) client: Client,
     /// Background requests currently in flight.
     pub(crate) bg_in_flight: AtomicU64,
@@ -159,7 +159,7 @@ impl Shared {
     pub(crate) async fn sync(&self) -> io::Result<()> {
         let _round = self.sync_lock.lock().await;
         // Nothing is durable before the files that hold it are.
-        let created = self.created.lock().await.take();
+        let created = self.created.lock().expect("created lock").take();
         if let Some(task) = created {
             if let Err(e) = task.await.unwrap_or_else(|e| Err(eio(e.to_string()))) {
                 // A failed fsync cannot be retried into success: stop.

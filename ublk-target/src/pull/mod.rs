@@ -251,7 +251,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             backing: Arc::new(backing),
             state: Arc::new(Mutex::new(state)),
             sync_lock: tokio::sync::Mutex::new(()),
-            created: tokio::sync::Mutex::new(created),
+            created: Mutex::new(created),
             client,
             bg_in_flight: AtomicU64::new(0),
         });
