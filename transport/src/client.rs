@@ -230,7 +230,12 @@ impl Client {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let sock = net::udp_socket(bind, opts.tuning.socket_buffer)?;
-        let endpoint = net::endpoint(sock, None, opts.tuning.max_udp_payload)?;
+        let endpoint = net::endpoint(
+            sock,
+            None,
+            opts.tuning.max_udp_payload,
+            opts.tuning.recv_moderation,
+        )?;
         let mut inner = Inner {
             addr: opts.server,
             ours: opts.identity.fingerprint(),

@@ -10,6 +10,8 @@
 //!   buffers, keep-alive and idle timeout.
 //! - [`server`]: the source side, serving chunks of a [`server::ChunkSource`].
 //! - [`client`]: the destination side, with reconnect and re-issue.
+//! - `socket`: the UDP socket under quinn, whose receive wake-ups are
+//!   moderated (one per window while datagrams stream in).
 //! - [`path`]: the source's packet-loss estimate and the destination's rule
 //!   for hedging on-demand reads on a lossy path.
 //!
@@ -25,6 +27,7 @@ pub mod identity;
 mod net;
 pub mod path;
 pub mod server;
+mod socket;
 pub mod tls;
 pub mod tuning;
 pub mod wire;

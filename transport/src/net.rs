@@ -1,4 +1,5 @@
-//! UDP sockets with large kernel buffers, wrapped into quinn endpoints.
+//! UDP sockets with large kernel buffers, wrapped into quinn endpoints
+//! (through [`crate::socket`], which moderates their receive wake-ups).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
@@ -6,6 +7,7 @@ use std::sync::Arc;
 use nix::sys::socket::{getsockopt, setsockopt, sockopt};
 
 use crate::error::TransportError;
+use crate::socket::ModeratedSocket;
 
 /// Binds a UDP socket at `addr` and asks for `buffer` bytes of send and
 /// receive buffer (the kernel may grant less; that is logged, not fatal).
@@ -34,12 +36,14 @@ pub(crate) fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<UdpSocket, T
 }
 
 /// A quinn endpoint on `sock` (server side when `server` is given) that
-/// accepts datagrams of up to `max_udp_payload` bytes. Must be called
-/// inside a tokio runtime.
+/// accepts datagrams of up to `max_udp_payload` bytes and wakes its
+/// receiver at most once per `moderation` while datagrams stream in. Must
+/// be called inside a tokio runtime.
 pub(crate) fn endpoint(
     sock: UdpSocket,
     server: Option<quinn::ServerConfig>,
     max_udp_payload: u16,
+    moderation: std::time::Duration,
 ) -> Result<quinn::Endpoint, TransportError> {
     let addr = sock
         .local_addr()
@@ -50,8 +54,16 @@ pub(crate) fn endpoint(
         .map_err(|e| TransportError::Endpoint {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
         })?;
-    quinn::Endpoint::new(config, server, sock, Arc::new(quinn::TokioRuntime)).map_err(|source| {
+    let fail = |source| {
         tracing::debug!(%addr, "cannot create the QUIC endpoint");
         TransportError::Endpoint { source }
-    })
+    };
+    let socket = ModeratedSocket::new(sock, moderation).map_err(fail)?;
+    quinn::Endpoint::new_with_abstract_socket(
+        config,
+        server,
+        Arc::new(socket),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(fail)
 }

@@ -98,7 +98,12 @@ impl Server {
         }
         let config = tls::quinn_server_config(&opts.identity, &opts.trusted, &opts.tuning)?;
         let sock = net::udp_socket(opts.listen, opts.tuning.socket_buffer)?;
-        let endpoint = net::endpoint(sock, Some(config), opts.tuning.max_udp_payload)?;
+        let endpoint = net::endpoint(
+            sock,
+            Some(config),
+            opts.tuning.max_udp_payload,
+            opts.tuning.recv_moderation,
+        )?;
         let local = endpoint
             .local_addr()
             .map_err(|source| TransportError::Endpoint { source })?;

@@ -71,6 +71,13 @@ pub struct Tuning {
     /// (1472 on a 1500-byte MTU; [`Tuning::with_link_mtu`]). MTU discovery
     /// probes up to it and falls back on a smaller path.
     pub max_udp_payload: u16,
+    /// While datagrams stream in, the receiver is woken at most once per
+    /// this long and takes what came meanwhile in one batch (a datagram
+    /// after a longer quiet spell wakes it at once; see `crate::socket`):
+    /// a fiftieth of the RTT, at most 1 ms, so a batch adds less delay
+    /// than the congestion controller's target (5 ms at least) or an ACK's
+    /// timing notices. Zero: woken at every arrival.
+    pub recv_moderation: Duration,
 }
 
 impl Default for Tuning {
@@ -107,6 +114,8 @@ fn gso_fits(max_udp_payload: u16) -> bool {
 /// The receiver acknowledges at least every this many packets.
 pub const ACK_EVERY_PACKETS: u32 = 8;
 const MAX_INITIAL_WINDOW: u64 = 1024 * 1024;
+/// Longest receive moderation window ([`Tuning::recv_moderation`]).
+const MAX_RECV_MODERATION: Duration = Duration::from_millis(1);
 
 /// The bandwidth-delay product of a link, in bytes: what it holds in
 /// flight. Every window sized from the link (the transport's here, the
@@ -141,6 +150,7 @@ impl Tuning {
             link_rate: bandwidth_bits_per_sec / 8,
             initial_congestion_window: (bdp / 2).clamp(MIN_INITIAL_WINDOW, MAX_INITIAL_WINDOW),
             max_udp_payload: MAX_UDP_PAYLOAD,
+            recv_moderation: (rtt / 50).min(MAX_RECV_MODERATION),
         }
     }
 
