@@ -585,9 +585,12 @@ async fn read(
                 return read_ms;
             }
         };
+        // Handed over whole: quinn keeps the buffer instead of copying it
+        // into its own. One copy of every byte sent fewer; on the emulated
+        // WAN no change in CPU per GiB stood out of the noise.
         let send = async {
             let s = resp.stream();
-            s.write_all(&data).await
+            s.write_chunk(bytes::Bytes::from(data)).await
         };
         let (sent, next) = if i + 1 < end {
             let (sent, next) = tokio::join!(send, read_one(shared, i + 1, priority));
