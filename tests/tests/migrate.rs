@@ -1,7 +1,8 @@
 //! End-to-end migrations with real NBD clients: on-demand reads before any
 //! background copy, guest writes during the copy, byte-for-byte results,
 //! bytes on the wire for a sparse disk, kill -9 and resume, corrupted
-//! chunks, and a source that goes away and comes back.
+//! chunks, a source that goes away and comes back, and a first FLUSH that
+//! must wait for a fresh disk's files to be durable.
 
 use std::time::Duration;
 
@@ -273,8 +274,11 @@ fn a_source_changed_after_switchover_stops_the_pull_and_keeps_guest_writes() {
     // does: it opens it read-only).
     make_image(&src, 16 * MIB, &[(0, 16 * MIB)], 8);
     // A read of absent data now fails instead of returning other data...
+    // Write-back, so the write is acknowledged at once and the FLUSH is
+    // the first sync round (qemu-io's default, write-through, makes the
+    // write itself one, with FUA).
     let out = std::process::Command::new("timeout")
-        .args(["60", "qemu-io", "--image-opts"])
+        .args(["60", "qemu-io", "-t", "writeback", "--image-opts"])
         .arg(format!(
             "driver=nbd,server.type=unix,server.path={},export=ferry",
             w.path("nbd.sock").display()
@@ -332,5 +336,67 @@ fn an_acknowledged_write_survives_a_pull_crash_before_any_flush() {
     assert!(
         dst[1048576..1048576 + 65536].iter().all(|b| *b == 0x42),
         "the acknowledged write was overwritten by source data after the crash"
+    );
+}
+
+#[test]
+fn the_first_flush_waits_for_a_fresh_disks_files_to_be_durable() {
+    // A fresh disk is served before its two new files are durable: their
+    // fsyncs run beside serving, and the first sync round must wait for
+    // them and fail with them (invariants 1 and 2: nothing is made
+    // durable before the files that hold it). The hook fails those fsyncs
+    // 3 s after they begin, so a FLUSH sent before then must wait and
+    // fail; a sync round that did not wait would acknowledge it.
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 16 * MIB, &[(0, 16 * MIB)], 11);
+    let (_serve, port) = w.serve(&src, &[]);
+    let mut args = w.pull_args(port, "dst.img");
+    args.extend([
+        "--hold-background".to_string(),
+        "--inject-creation-sync-failure-ms".to_string(),
+        "3000".to_string(),
+    ]);
+    let t0 = std::time::Instant::now();
+    let _pull = w.pull(&args);
+    // Write-back, so the write is acknowledged at once and the FLUSH is
+    // the first sync round (qemu-io's default, write-through, makes the
+    // write itself one, with FUA).
+    let out = std::process::Command::new("timeout")
+        .args(["60", "qemu-io", "-t", "writeback", "--image-opts"])
+        .arg(format!(
+            "driver=nbd,server.type=unix,server.path={},export=ferry",
+            w.path("nbd.sock").display()
+        ))
+        .args(["-c", "write -P 0x5a 0 64k", "-c", "flush"])
+        .output()
+        .expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("wrote 65536"),
+        "the write itself failed: {text}"
+    );
+    // qemu-io prints nothing for a failed flush; its exit status tells.
+    assert!(
+        !out.status.success(),
+        "the flush was acknowledged before the new files were durable: {text}"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3),
+        "the flush failed before the fsyncs did: {text}"
+    );
+    let s = w.status();
+    assert_eq!(s["phase"], "error", "{s}");
+    assert!(
+        s.to_string()
+            .contains("cannot make the new disk and state files durable"),
+        "{s}"
     );
 }

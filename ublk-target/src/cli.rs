@@ -121,6 +121,10 @@ pub(crate) struct PullArgs {
     /// `ferry background --control PATH resume`).
     #[arg(long)]
     pub(crate) hold_background: bool,
+    /// Test hook: a fresh disk's creation fsyncs fail, this many ms after
+    /// they begin.
+    #[arg(long, hide = true)]
+    pub(crate) inject_creation_sync_failure_ms: Option<u64>,
     /// Background copy rate limit in bytes per second (0: none).
     #[arg(long, default_value_t = 0)]
     pub(crate) rate: u64,

@@ -88,11 +88,16 @@ fn open_or_create(
 
 /// Makes freshly created files durable (both files, then their directory
 /// entries) on a blocking thread; see [`open_or_create`].
+///
+/// `inject_failure_ms` is a test hook: the fsyncs then fail that many ms
+/// after they begin (`--inject-creation-sync-failure-ms`), so a test can
+/// tell whether the first sync round waited for them.
 fn creation_sync(
     backing: &Backing,
     state: &StateFile,
     disk: &Path,
     state_path: &Path,
+    inject_failure_ms: Option<u64>,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
     let files = [
         backing
@@ -105,6 +110,13 @@ fn creation_sync(
     let paths = [disk.to_owned(), state_path.to_owned()];
     Ok(tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
+        if let Some(ms) = inject_failure_ms {
+            std::thread::sleep(Duration::from_millis(ms));
+            tracing::warn!("test hook: failing the new files' fsyncs");
+            return Err(std::io::Error::other(
+                "test hook: the new files' fsyncs failed",
+            ));
+        }
         for f in &files {
             f.sync_all()?;
         }
@@ -205,7 +217,13 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let created = if resumed {
             None
         } else {
-            Some(creation_sync(&backing, &state, &a.disk, &state_path)?)
+            Some(creation_sync(
+                &backing,
+                &state,
+                &a.disk,
+                &state_path,
+                a.inject_creation_sync_failure_ms,
+            )?)
         };
         // Writes the guest was told were done before a crash of ours on this
         // boot are in the page cache: make them durable and present now, so
