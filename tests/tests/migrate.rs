@@ -28,6 +28,24 @@ fn nbd_reads_fetch_on_demand_and_writes_survive_the_copy() {
     args.push("--hold-background".into());
     let _pull = w.pull(&args);
 
+    // `ferry status | true`: a reader that went away before the output
+    // came is no error (it was a panic on EPIPE).
+    let piped = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; '{}' status --control '{}' | true",
+            ferry_bin().display(),
+            w.path("ctl.sock").display()
+        ))
+        .output()
+        .expect("run bash");
+    assert!(
+        piped.status.success() && piped.stderr.is_empty(),
+        "status into a closed pipe: {:?} {}",
+        piped.status,
+        String::from_utf8_lossy(&piped.stderr)
+    );
+
     // Background held back: a read of an untouched region returns the
     // source's bytes, fetched on demand.
     let src_bytes = std::fs::read(&src).unwrap();

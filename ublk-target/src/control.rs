@@ -76,40 +76,66 @@ fn human(b: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
+/// Appends one formatted line to a `String`.
+macro_rules! outln {
+    ($o:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        // Writing to a String cannot fail.
+        let _ = writeln!($o, $($arg)*);
+    }};
+}
+
+/// Writes `text` to stdout. A reader that went away (`ferry status |
+/// head`) is no error: the output was not wanted any more.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("cannot write to stdout"),
+    }
+}
+
 pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
     let reply = request(&a.control, "status")?;
     if a.json {
-        print!("{reply}");
-        return Ok(());
+        return emit(&reply);
     }
     let s: Status = serde_json::from_str(&reply).context("malformed status reply")?;
+    let mut o = String::new();
     let pct = if s.total_bytes == 0 {
         100.0
     } else {
         s.present_bytes as f64 * 100.0 / s.total_bytes as f64
     };
-    println!("phase:       {}", s.phase);
+    outln!(o, "phase:       {}", s.phase);
     if let Some(e) = &s.error {
-        println!("error:       {e}");
+        outln!(o, "error:       {e}");
     }
-    println!(
+    outln!(
+        o,
         "present:     {} of {} ({pct:.1}%)",
         human(s.present_bytes),
         human(s.total_bytes)
     );
-    println!(
+    outln!(
+        o,
         "fetched:     {} on demand, {} in background; {} skipped as zero",
         human(s.fetched_on_demand_bytes),
         human(s.fetched_background_bytes),
         human(s.skipped_zero_bytes)
     );
-    println!("on the wire: {} received", human(s.wire_rx_bytes));
+    outln!(o, "on the wire: {} received", human(s.wire_rx_bytes));
     let eta = s
         .eta_seconds
         .map(|e| format!("{e} s"))
         .unwrap_or_else(|| "-".into());
-    println!("rate:        {}/s, ETA {eta}", human(s.rate_bytes_per_sec));
-    println!(
+    outln!(
+        o,
+        "rate:        {}/s, ETA {eta}",
+        human(s.rate_bytes_per_sec)
+    );
+    outln!(o, 
         "source:      {} ({} reconnects; it reports {:.3}% of its packets lost, {} on-demand reads hedged); background {}",
         s.source_state,
         s.reconnects,
@@ -117,8 +143,13 @@ pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
         s.hedged_reads,
         s.background
     );
-    println!("verified:    {} ({} chunks)", s.verified, s.verified_chunks);
-    Ok(())
+    outln!(
+        o,
+        "verified:    {} ({} chunks)",
+        s.verified,
+        s.verified_chunks
+    );
+    emit(&o)
 }
 
 pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {
