@@ -135,7 +135,7 @@ pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
         "rate:        {}/s, ETA {eta}",
         human(s.rate_bytes_per_sec)
     );
-    outln!(o, 
+    outln!(o,
         "source:      {} ({} reconnects; it reports {:.3}% of its packets lost, {} on-demand reads hedged); background {}",
         s.source_state,
         s.reconnects,
