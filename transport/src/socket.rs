@@ -351,19 +351,25 @@ mod tests {
         })
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_stream_of_datagrams_is_taken_in_batches_one_wake_a_window() {
-        // 400 datagrams 250 µs apart: 100 ms of stream. With a 10 ms
-        // window the receiver is woken about 10 times; woken at every
-        // arrival it would be about 400 times.
-        let (sock, tx) = pair(Duration::from_millis(10));
+    /// Streams 400 datagrams 250 µs apart (100 ms) through a socket with
+    /// `window`, checks every one arrives, and returns the receiver's
+    /// wake-ups.
+    async fn wakes_for_a_stream(window: Duration) -> u64 {
+        let (sock, tx) = pair(window);
         let sender = stream(tx, 400, Duration::from_micros(250));
         let got = tokio::time::timeout(Duration::from_secs(20), receive(&sock, 400))
             .await
             .expect("every datagram arrives");
         sender.join().unwrap();
         assert_eq!(got, 400);
-        let wakes = sock.wakes();
+        sock.wakes()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_of_datagrams_is_taken_in_batches_one_wake_a_window() {
+        // With a 10 ms window the receiver is woken about 10 times for the
+        // 100 ms stream; woken at every arrival it would be about 400.
+        let wakes = wakes_for_a_stream(Duration::from_millis(10)).await;
         // A stalled sender thread splits the stream into quiet spells,
         // each of which may start a batch early: leave room for that.
         assert!(wakes <= 40, "{wakes} wakes for 400 datagrams over 100 ms");
@@ -374,14 +380,7 @@ mod tests {
     async fn without_a_window_every_arrival_wakes_the_receiver() {
         // The same stream with no window: the count above is the window's
         // doing, not an artefact of how the test receives.
-        let (sock, tx) = pair(Duration::ZERO);
-        let sender = stream(tx, 400, Duration::from_micros(250));
-        let got = tokio::time::timeout(Duration::from_secs(20), receive(&sock, 400))
-            .await
-            .expect("every datagram arrives");
-        sender.join().unwrap();
-        assert_eq!(got, 400);
-        let wakes = sock.wakes();
+        let wakes = wakes_for_a_stream(Duration::ZERO).await;
         assert!(wakes > 100, "{wakes} wakes for 400 datagrams");
     }
 
