@@ -80,6 +80,19 @@ impl Gate {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Takes the waiters to wake: the reader if `read`, the writers if
+    /// `write`.
+    fn take(&self, read: bool, write: bool) -> (Option<Waker>, Vec<Waker>) {
+        let mut w = self.lock();
+        let reader = if read { w.reader.take() } else { None };
+        let writers = if write {
+            std::mem::take(&mut w.writers)
+        } else {
+            Vec::new()
+        };
+        (reader, writers)
+    }
+
     fn kick(&self) {
         // Only fails if the counter would overflow, i.e. it already holds
         // a kick the watcher has not read: nothing is lost.
@@ -172,15 +185,8 @@ fn watch(gate: &Gate, window: Duration) {
                 // Cannot wait any more: wake everyone for good, so quinn
                 // sees the socket's state itself instead of hanging.
                 tracing::error!(error = %e, "UDP watcher cannot poll; waking every waiter");
-                let mut w = gate.lock();
-                let wakers: Vec<Waker> = w
-                    .reader
-                    .take()
-                    .into_iter()
-                    .chain(w.writers.drain(..))
-                    .collect();
-                drop(w);
-                wakers.into_iter().for_each(Waker::wake);
+                let (reader, writers) = gate.take(true, true);
+                reader.into_iter().chain(writers).for_each(Waker::wake);
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
@@ -202,21 +208,12 @@ fn watch(gate: &Gate, window: Duration) {
         }
         let readable = sock.contains(PollFlags::POLLIN) || (failed && read);
         let writable = sock.contains(PollFlags::POLLOUT) || (failed && write);
-        let mut wakers = Vec::new();
-        {
-            let mut w = gate.lock();
-            if readable {
-                if let Some(r) = w.reader.take() {
-                    wakers.push(r);
-                    last_read_wake = Some(Instant::now());
-                    gate.wakes.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if writable {
-                wakers.append(&mut w.writers);
-            }
+        let (reader, writers) = gate.take(readable, writable);
+        if reader.is_some() {
+            last_read_wake = Some(Instant::now());
+            gate.wakes.fetch_add(1, Ordering::Relaxed);
         }
-        wakers.into_iter().for_each(Waker::wake);
+        reader.into_iter().chain(writers).for_each(Waker::wake);
     }
 }
 

@@ -87,7 +87,7 @@ macro_rules! outln {
 
 /// Writes `text` to stdout. A reader that went away (`ferry status |
 /// head`) is no error: the output was not wanted any more.
-fn emit(text: &str) -> Result<()> {
+pub(crate) fn emit(text: &str) -> Result<()> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
@@ -164,6 +164,5 @@ pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {
         other => bail!("unknown action {other:?}: use pause, resume or rate=BYTES_PER_SEC"),
     };
     let reply = request(&a.control, &line)?;
-    print!("{reply}");
-    Ok(())
+    emit(&reply)
 }

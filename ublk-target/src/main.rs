@@ -35,13 +35,11 @@ fn run(cli: cli::Cli) -> Result<()> {
     match cli.command {
         cli::Command::Keygen(a) => {
             let id = ferry_transport::identity::Identity::generate_into(&a.dir)?;
-            println!("{}", id.fingerprint());
-            Ok(())
+            control::emit(&format!("{}\n", id.fingerprint()))
         }
         cli::Command::Fingerprint(a) => {
             let id = ferry_transport::identity::Identity::load(&a.identity)?;
-            println!("{}", id.fingerprint());
-            Ok(())
+            control::emit(&format!("{}\n", id.fingerprint()))
         }
         cli::Command::Serve(a) => serve::run(a),
         cli::Command::Pull(a) => pull::run(a),
