@@ -303,11 +303,13 @@ impl World {
         assert!(out.status.success(), "background {action} failed: {out:?}");
     }
 
-    /// Runs qemu-io on the pull's NBD export with the given commands.
-    pub fn qemu_io(&self, cmds: &[&str]) -> String {
+    /// Runs qemu-io with `options` (e.g. `-t writeback`) on the pull's NBD
+    /// export with the given commands; returns whether it succeeded and
+    /// its output (stdout and stderr).
+    pub fn qemu_io_with(&self, options: &[&str], cmds: &[&str]) -> (bool, String) {
         let sock = self.path("nbd.sock");
         let mut c = Command::new("timeout");
-        c.args(["120", "qemu-io", "--image-opts"]);
+        c.args(["120", "qemu-io"]).args(options).arg("--image-opts");
         c.arg(format!(
             "driver=nbd,server.type=unix,server.path={},export=ferry",
             sock.display()
@@ -321,7 +323,14 @@ impl World {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "qemu-io failed: {text}");
+        (out.status.success(), text)
+    }
+
+    /// Runs qemu-io on the pull's NBD export with the given commands, which
+    /// must all succeed.
+    pub fn qemu_io(&self, cmds: &[&str]) -> String {
+        let (ok, text) = self.qemu_io_with(&[], cmds);
+        assert!(ok, "qemu-io failed: {text}");
         assert!(
             !text.contains("Pattern verification failed"),
             "qemu-io: {text}"

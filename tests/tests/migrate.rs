@@ -292,24 +292,8 @@ fn a_source_changed_after_switchover_stops_the_pull_and_keeps_guest_writes() {
     // does: it opens it read-only).
     make_image(&src, 16 * MIB, &[(0, 16 * MIB)], 8);
     // A read of absent data now fails instead of returning other data...
-    // Write-back, so the write is acknowledged at once and the FLUSH is
-    // the first sync round (qemu-io's default, write-through, makes the
-    // write itself one, with FUA).
-    let out = std::process::Command::new("timeout")
-        .args(["60", "qemu-io", "-t", "writeback", "--image-opts"])
-        .arg(format!(
-            "driver=nbd,server.type=unix,server.path={},export=ferry",
-            w.path("nbd.sock").display()
-        ))
-        .args(["-c", "read 8388608 4096"])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        text.contains("Input/output error") || !out.status.success(),
-        "{text}"
-    );
+    let (ok, text) = w.qemu_io_with(&[], &["read 8388608 4096"]);
+    assert!(text.contains("Input/output error") || !ok, "{text}");
     // ...the pull says why...
     let s = w.wait_status("error phase", Duration::from_secs(30), |s| {
         s["phase"] == "error"
@@ -383,27 +367,14 @@ fn the_first_flush_waits_for_a_fresh_disks_files_to_be_durable() {
     // Write-back, so the write is acknowledged at once and the FLUSH is
     // the first sync round (qemu-io's default, write-through, makes the
     // write itself one, with FUA).
-    let out = std::process::Command::new("timeout")
-        .args(["60", "qemu-io", "-t", "writeback", "--image-opts"])
-        .arg(format!(
-            "driver=nbd,server.type=unix,server.path={},export=ferry",
-            w.path("nbd.sock").display()
-        ))
-        .args(["-c", "write -P 0x5a 0 64k", "-c", "flush"])
-        .output()
-        .expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text) = w.qemu_io_with(&["-t", "writeback"], &["write -P 0x5a 0 64k", "flush"]);
     assert!(
         text.contains("wrote 65536"),
         "the write itself failed: {text}"
     );
     // qemu-io prints nothing for a failed flush; its exit status tells.
     assert!(
-        !out.status.success(),
+        !ok,
         "the flush was acknowledged before the new files were durable: {text}"
     );
     assert!(
