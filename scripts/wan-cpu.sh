@@ -10,7 +10,7 @@
 # elapsed time and each side's user+system CPU seconds (from
 # /proc/PID/stat). `stat` adds `perf stat` (task clock, context switches)
 # of both processes for 10 s from 5 s in; `record` a `perf record -g` of
-# the pull for the same 10 s (pull.perf in the work directory). Needs root
+# the pull for the same 10 s (PERF_AT and PERF_FOR change the 5 and 10 s; PERF_OF=serve records the serve instead, to serve.perf) (pull.perf in the work directory). Needs root
 # and, for stat/record, perf. Removes the link and its files at the end,
 # also after a failure; stops only the processes it started.
 set -euo pipefail
@@ -22,6 +22,9 @@ fi
 F=$(realpath "$1")
 IMG=$(realpath "$2")
 MODE=${3:-}
+# When perf starts and for how long (seconds after the pull starts).
+AT=${PERF_AT:-5}
+FOR=${PERF_FOR:-10}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/ferry-wan-cpu.XXXXXX)
 S="ip netns exec ferry-wan-cpu-src"
@@ -61,11 +64,11 @@ PP=$!
 PIDS+=("$PP")
 case "$MODE" in
     stat)
-        (sleep 5; perf stat -e task-clock,context-switches -p "$PP" -- sleep 10 2>pull.stat) &
-        (sleep 5; perf stat -e task-clock,context-switches -p "$SP" -- sleep 10 2>serve.stat) &
+        (sleep "$AT"; perf stat -e task-clock,context-switches -p "$PP" -- sleep "$FOR" 2>pull.stat) &
+        (sleep "$AT"; perf stat -e task-clock,context-switches -p "$SP" -- sleep "$FOR" 2>serve.stat) &
         ;;
     record)
-        (sleep 5; perf record -F 499 -g -p "$PP" -o "$OLDPWD/pull.perf" -- sleep 10 >/dev/null 2>&1) &
+        (sleep "$AT"; perf record -F 499 -g -p "$([ "${PERF_OF:-pull}" = serve ] && echo "$SP" || echo "$PP")" -o "$OLDPWD/${PERF_OF:-pull}.perf" -- sleep "$FOR" >/dev/null 2>&1) &
         ;;
 esac
 
@@ -90,6 +93,6 @@ wait_perf() { for _ in $(seq 1 100); do [ -s "$1" ] && grep -q elapsed "$1" && r
 if [ "$MODE" = stat ]; then
     wait_perf pull.stat
     wait_perf serve.stat
-    echo "pull (10 s):";  grep -E "task-clock|context-switches" pull.stat || true
-    echo "serve (10 s):"; grep -E "task-clock|context-switches" serve.stat || true
+    echo "pull ($FOR s):";  grep -E "task-clock|context-switches" pull.stat || true
+    echo "serve ($FOR s):"; grep -E "task-clock|context-switches" serve.stat || true
 fi

@@ -28,6 +28,13 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    /// Starting the source's background read threads failed.
+    #[error("cannot start the background read threads: {source}")]
+    Threads {
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// Building the TLS configuration failed.
     #[error("TLS setup ({what}): {source}")]
     Tls {

@@ -12,6 +12,8 @@
 //! - [`client`]: the destination side, with reconnect and re-issue.
 //! - `socket`: the UDP socket under quinn, whose receive wake-ups are
 //!   moderated (one per window while datagrams stream in).
+//! - `background`: the threads, of lower CPU priority, on which the source
+//!   reads and compresses background chunks.
 //! - [`path`]: the source's packet-loss estimate and the destination's rule
 //!   for hedging on-demand reads on a lossy path.
 //!
@@ -19,6 +21,7 @@
 //! [`TransportError`]); nothing a peer sends can make this crate panic.
 #![forbid(unsafe_code)]
 
+mod background;
 pub mod client;
 pub mod congestion;
 pub mod error;

@@ -18,6 +18,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::background::LowPriorityPool;
 use crate::error::TransportError;
 use crate::frames::{self, ReadFail, CODE_ABORTED, CODE_MALFORMED};
 use crate::identity::{Fingerprint, Identity};
@@ -73,6 +74,10 @@ struct Shared {
     manifest_bytes: Vec<u8>,
     reads: Arc<Semaphore>,
     urgent_reads: Arc<Semaphore>,
+    /// Where background chunks are read and encoded: threads of lower CPU
+    /// priority (see `crate::background`). On-demand chunks use tokio's
+    /// blocking pool, at normal priority.
+    background: LowPriorityPool,
     corrupt_once: Mutex<HashSet<u64>>,
     compress: bool,
 }
@@ -122,6 +127,8 @@ impl Server {
                 manifest_bytes,
                 reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
                 urgent_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+                background: LowPriorityPool::new("ferry-bg-read", MAX_CONCURRENT_READS)
+                    .map_err(|source| TransportError::Threads { source })?,
                 corrupt_once: Mutex::new(opts.corrupt_once.into_iter().collect()),
                 compress: opts.compress,
             }),
@@ -471,7 +478,8 @@ fn check_read(manifest: &Manifest, first: u64, count: u32) -> Result<u64, (Error
     Ok(end)
 }
 
-/// Reads chunk `index` and encodes its frame, in one blocking task: a
+/// Reads chunk `index` and encodes its frame, in one blocking task (on
+/// the low-priority pool for background chunks, see `crate::background`): a
 /// chunk waits for the blocking pool once, not once to read and again to
 /// compress (each hop waits for a thread on a busy host). Measured on the
 /// emulated WAN, the on-demand answer's time at the source went from a
@@ -495,7 +503,7 @@ async fn read_one(shared: &Arc<Shared>, index: u64, priority: Priority) -> Resul
         .await
         .map_err(|_| "server shutting down".to_string())?;
     let s = shared.clone();
-    tokio::task::spawn_blocking(move || {
+    let job = move || {
         let _permit = permit;
         let expected = s.source.manifest().geometry().chunk_len(index) as usize;
         let mut buf = Vec::with_capacity(expected);
@@ -522,9 +530,17 @@ async fn read_one(shared: &Arc<Shared>, index: u64, priority: Priority) -> Resul
             buf[mid] ^= 0x5a;
         }
         Ok(chunk_frame(index, hash, buf, s.compress))
-    })
-    .await
-    .map_err(|e| format!("reading chunk {index}: read task failed: {e}"))?
+    };
+    match priority {
+        Priority::OnDemand | Priority::Hedge => tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| format!("reading chunk {index}: read task failed: {e}"))?,
+        Priority::Background => shared
+            .background
+            .run(job)
+            .await
+            .ok_or_else(|| format!("reading chunk {index}: background read task failed"))?,
+    }
 }
 
 /// The whole frame carrying chunk `index`: a `ZChunk` when zstd saves at

@@ -55,6 +55,8 @@ struct MemSource {
     delay: Duration,
     /// Chunk reads so far.
     reads: std::sync::atomic::AtomicU64,
+    /// The nice value of the thread that read each chunk, in read order.
+    reader_nice: std::sync::Mutex<Vec<(u64, i32)>>,
 }
 
 impl MemSource {
@@ -76,6 +78,7 @@ impl MemSource {
             data,
             delay: Duration::ZERO,
             reads: Default::default(),
+            reader_nice: Default::default(),
         })
     }
 
@@ -100,10 +103,26 @@ impl ChunkSource for MemSource {
         std::thread::sleep(self.delay);
         self.reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reader_nice
+            .lock()
+            .unwrap()
+            .push((index, this_threads_nice()));
         buf.clear();
         buf.extend_from_slice(self.chunk(index));
         Ok(())
     }
+}
+
+/// The calling thread's nice value (field 19 of /proc/thread-self/stat).
+fn this_threads_nice() -> i32 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    rest.split(' ')
+        .nth(16)
+        .expect("nice")
+        .parse()
+        .expect("number")
 }
 
 /// 64 chunks and a short one; every 5th chunk is zero.
@@ -611,6 +630,43 @@ async fn corrupt_once_corrupts_only_the_first_transmission() {
         let again = client.read_bytes(3, 1, Priority::Background).await.unwrap();
         assert!(hash_ok(&m, 3, &again[0]), "second read must be correct");
         assert_eq!(again[0].as_slice(), src.chunk(3));
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Background chunks are read (and compressed) on threads of lower CPU
+/// priority, on-demand chunks at the server's own priority: a busy
+/// background copy does not take the CPU from a guest's read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_chunks_are_read_at_a_lower_cpu_priority_than_on_demand_ones() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(11));
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        let ours = this_threads_nice();
+        client.read_bytes(1, 4, Priority::Background).await.unwrap();
+        client.read_bytes(6, 3, Priority::OnDemand).await.unwrap();
+        let seen = src.reader_nice.lock().unwrap().clone();
+        // On-demand reads of a young connection are hedged: each chunk
+        // may be read more than once.
+        for c in [1, 2, 3, 4, 6, 7, 8] {
+            assert!(
+                seen.iter().any(|&(k, _)| k == c),
+                "chunk {c} not read: {seen:?}"
+            );
+        }
+        for (chunk, nice) in seen {
+            if chunk < 5 {
+                assert!(
+                    nice >= 10 && nice > ours,
+                    "background chunk {chunk} read at nice {nice}"
+                );
+            } else {
+                assert_eq!(nice, ours, "on-demand chunk {chunk} read at nice {nice}");
+            }
+        }
     })
     .await
     .expect("test timed out");
