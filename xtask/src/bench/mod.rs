@@ -77,12 +77,13 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "bbr")]
     tcp_cc: String,
     /// 4 KiB reads of absent blocks per run, while the copy runs: enough
-    /// that they span a whole 13 s copy (150 ms apart) and that the p99 of
-    /// three runs' misses is not simply the second-largest sample.
-    #[arg(long, default_value_t = 60)]
+    /// that they span a whole 13 s copy (50 ms apart) and that three runs
+    /// give about 200 misses, so their p99 is not decided by one or two
+    /// stalled reads (README, *Decision: 240 probes per run*).
+    #[arg(long, default_value_t = 240)]
     probes: usize,
     /// Pause between two probes, in ms.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 50)]
     probe_gap_ms: u64,
     /// Give up a run after this many seconds.
     #[arg(long, default_value_t = 900)]
