@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use ferry_core::{Geometry, Manifest};
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
 
-use crate::background::LowPriorityPool;
 use crate::error::TransportError;
 use crate::frames::{self, ReadFail, CODE_ABORTED};
 use crate::identity::{Fingerprint, Identity};
@@ -123,9 +122,6 @@ pub struct ClientStats {
     /// report (on-demand reads are hedged until this reaches
     /// [`crate::path::TRUSTED_PACKETS`]).
     pub source_sent_packets: u32,
-    /// Compressed background chunks decompressed on the threads of lower
-    /// CPU priority (on-demand chunks are decompressed where they arrive).
-    pub background_decompressed: u64,
 }
 
 /// A handle to a source. Clone it freely.
@@ -166,10 +162,6 @@ struct Inner {
     path: Arc<PathReports>,
     /// On-demand reads hedged so far.
     hedged: AtomicU64,
-    /// Where background chunks are decompressed: threads of lower CPU
-    /// priority (see `crate::background`), so the copy's CPU work yields
-    /// to on-demand reads and to whatever else the host runs.
-    decode: Arc<LowPriorityPool>,
 }
 
 /// Wire counters summed over connections.
@@ -265,10 +257,6 @@ impl Client {
             authenticated: std::sync::atomic::AtomicBool::new(false),
             path: Arc::new(PathReports::default()),
             hedged: AtomicU64::new(0),
-            decode: Arc::new(
-                LowPriorityPool::new("ferry-bg-decode", DECODE_THREADS)
-                    .map_err(|source| TransportError::Threads { source })?,
-            ),
         };
         let (conn, info, stream) = inner.establish().await?;
         *inner.welcome_stream.get_mut() = Some(stream);
@@ -406,9 +394,8 @@ impl Client {
                 })?;
             let g = self.inner.info.geometry;
             let once = |priority| {
-                self.inner.with_retry("read", move |conn| {
-                    let decode = self.inner.decode.clone();
-                    async move { request(&conn, g, start, n, priority, &decode).await }
+                self.inner.with_retry("read", move |conn| async move {
+                    request(&conn, g, start, n, priority).await
                 })
             };
             let (lost_ppm, sent_packets) = self.inner.path.load();
@@ -473,7 +460,6 @@ impl Client {
             hedged_reads: self.inner.hedged.load(Ordering::Relaxed),
             source_lost_ppm,
             source_sent_packets,
-            background_decompressed: self.inner.decode.jobs_done(),
         }
     }
 
@@ -852,10 +838,7 @@ async fn get_manifest(conn: &Connection, info: SourceInfo) -> Result<Manifest, F
     Ok(m)
 }
 
-/// Threads decompressing background chunks: zstd decompresses a 64 KiB
-/// chunk in about 0.1 ms, so two keep up with a link of several Gbit/s.
-const DECODE_THREADS: usize = 2;
-
+/// One Read on a new stream.
 /// Time between two copies of a hedged request: enough for quinn to send
 /// the first in a datagram of its own, so one lost datagram does not lose
 /// every copy (a lost request is found only by quinn's probe timeout,
@@ -889,15 +872,12 @@ async fn first_ok<T>(mut racing: Vec<Racer<'_, T>>) -> Result<(usize, T), Transp
     .await
 }
 
-/// One Read on a new stream; background chunks are decompressed on
-/// `decode`, on-demand ones at once.
 async fn request(
     conn: &Connection,
     g: Geometry,
     first: u64,
     count: u32,
     priority: Priority,
-    decode: &LowPriorityPool,
 ) -> Result<Vec<Fetched>, Fail> {
     const OP: &str = "read";
     let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
@@ -940,15 +920,7 @@ async fn request(
                                 format!("compressed chunk {index} claims {raw_len} bytes"),
                             ));
                         }
-                        let unzip = move || zstd::bulk::decompress(&data, raw_len as usize);
-                        let raw = if priority == Priority::Background {
-                            decode.run(unzip).await.ok_or_else(|| {
-                                protocol(OP, format!("chunk {index}: decompression task failed"))
-                            })?
-                        } else {
-                            unzip()
-                        }
-                        .map_err(|e| {
+                        let raw = zstd::bulk::decompress(&data, raw_len as usize).map_err(|e| {
                             protocol(OP, format!("chunk {index} does not decompress: {e}"))
                         })?;
                         (index, hash, raw)

@@ -672,35 +672,6 @@ async fn background_chunks_are_read_at_a_lower_cpu_priority_than_on_demand_ones(
     .expect("test timed out");
 }
 
-/// At the destination too: compressed background chunks are decompressed
-/// on the threads of lower priority, on-demand ones where they arrive.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn background_chunks_are_decompressed_at_a_lower_cpu_priority() {
-    timeout(LIMIT, async {
-        let ids = ids();
-        // 20 chunks that compress (a repeating pattern).
-        let data: Vec<u8> = (0..20 * CHUNK as usize)
-            .map(|i| (i % 97) as u8 | 1)
-            .collect();
-        let src = MemSource::new(data);
-        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
-        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
-        assert_eq!(client.stats().background_decompressed, 0);
-        let got = client.read_bytes(0, 8, Priority::Background).await.unwrap();
-        assert_eq!(client.stats().background_decompressed, 8);
-        let on_demand = client.read_bytes(10, 3, Priority::OnDemand).await.unwrap();
-        assert_eq!(client.stats().background_decompressed, 8);
-        for (i, d) in got.iter().enumerate() {
-            assert_eq!(d.as_slice(), src.chunk(i as u64), "chunk {i}");
-        }
-        for (i, d) in on_demand.iter().enumerate() {
-            assert_eq!(d.as_slice(), src.chunk(10 + i as u64), "chunk {}", 10 + i);
-        }
-    })
-    .await
-    .expect("test timed out");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_reads_are_split() {
     timeout(LIMIT, async {
