@@ -115,17 +115,10 @@ fn lower_this_threads_priority(nice: i32) -> std::io::Result<()> {
     rustix::process::setpriority_process(None, nice).map_err(std::io::Error::from)
 }
 
-/// The calling thread's nice value (field 19 of /proc/thread-self/stat).
+/// The calling thread's nice value.
 #[cfg(test)]
 fn this_threads_nice() -> i32 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    rest.split(' ')
-        .nth(16)
-        .expect("nice")
-        .parse()
-        .expect("number")
+    rustix::process::getpriority_process(None).expect("getpriority")
 }
 
 #[cfg(test)]

@@ -113,16 +113,10 @@ impl ChunkSource for MemSource {
     }
 }
 
-/// The calling thread's nice value (field 19 of /proc/thread-self/stat).
+/// The calling thread's nice value (Linux: `getpriority(PRIO_PROCESS, 0)`
+/// reads the calling thread's).
 fn this_threads_nice() -> i32 {
-    let stat = std::fs::read_to_string("/proc/thread-self/stat").expect("stat");
-    // The command name (field 2) is in parentheses and may hold spaces.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    rest.split(' ')
-        .nth(16)
-        .expect("nice")
-        .parse()
-        .expect("number")
+    rustix::process::getpriority_process(None).expect("getpriority")
 }
 
 /// 64 chunks and a short one; every 5th chunk is zero.
