@@ -10,7 +10,9 @@
 # elapsed time and each side's user+system CPU seconds (from
 # /proc/PID/stat). `stat` adds `perf stat` (task clock, context switches)
 # of both processes for 10 s from 5 s in; `record` a `perf record -g` of
-# the pull for the same 10 s (PERF_AT and PERF_FOR change the 5 and 10 s; PERF_OF=serve records the serve instead, to serve.perf) (pull.perf in the work directory). Needs root
+# the pull for the same 10 s (pull.perf in the work directory). PERF_AT
+# and PERF_FOR change the 5 and 10 s; PERF_OF=serve records the serve
+# instead (serve.perf). Needs root
 # and, for stat/record, perf. Removes the link and its files at the end,
 # also after a failure; stops only the processes it started.
 set -euo pipefail
@@ -22,9 +24,11 @@ fi
 F=$(realpath "$1")
 IMG=$(realpath "$2")
 MODE=${3:-}
-# When perf starts and for how long (seconds after the pull starts).
+# When perf starts and for how long (seconds after the pull starts), and
+# which side `record` records.
 AT=${PERF_AT:-5}
 FOR=${PERF_FOR:-10}
+OF=${PERF_OF:-pull}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/ferry-wan-cpu.XXXXXX)
 S="ip netns exec ferry-wan-cpu-src"
@@ -68,7 +72,8 @@ case "$MODE" in
         (sleep "$AT"; perf stat -e task-clock,context-switches -p "$SP" -- sleep "$FOR" 2>serve.stat) &
         ;;
     record)
-        (sleep "$AT"; perf record -F 499 -g -p "$([ "${PERF_OF:-pull}" = serve ] && echo "$SP" || echo "$PP")" -o "$OLDPWD/${PERF_OF:-pull}.perf" -- sleep "$FOR" >/dev/null 2>&1) &
+        if [ "$OF" = serve ]; then RP=$SP; else RP=$PP; fi
+        (sleep "$AT"; perf record -F 499 -g -p "$RP" -o "$OLDPWD/$OF.perf" -- sleep "$FOR" >/dev/null 2>&1) &
         ;;
 esac
 

@@ -20,7 +20,6 @@
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 /// The nice value of background threads (0 is normal, 19 the lowest): a
 /// CPU-bound thread at nice 10 gets about a tenth of the share of one at
@@ -30,16 +29,18 @@ pub(crate) const BACKGROUND_NICE: i32 = 10;
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A fixed set of threads at [`BACKGROUND_NICE`] running blocking jobs.
-/// Dropping it lets the threads finish their current job and exit.
+/// Dropping it closes the queue: each thread finishes its current job and
+/// exits. They are not joined, so a job blocked on a slow disk does not
+/// hold up the drop.
 pub(crate) struct LowPriorityPool {
-    jobs: Option<mpsc::Sender<Job>>,
-    threads: Vec<JoinHandle<()>>,
+    jobs: mpsc::Sender<Job>,
+    threads: usize,
 }
 
 impl std::fmt::Debug for LowPriorityPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LowPriorityPool")
-            .field("threads", &self.threads.len())
+            .field("threads", &self.threads)
             .finish_non_exhaustive()
     }
 }
@@ -50,10 +51,10 @@ impl LowPriorityPool {
     pub(crate) fn new(name: &str, threads: usize) -> std::io::Result<LowPriorityPool> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
-        let mut handles = Vec::with_capacity(threads);
-        for _ in 0..threads.max(1) {
+        let threads = threads.max(1);
+        for _ in 0..threads {
             let rx = rx.clone();
-            let h = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name(name.to_string())
                 .spawn(move || {
                     if let Err(e) = lower_this_threads_priority(BACKGROUND_NICE) {
@@ -75,12 +76,8 @@ impl LowPriorityPool {
                         }
                     }
                 })?;
-            handles.push(h);
         }
-        Ok(LowPriorityPool {
-            jobs: Some(tx),
-            threads: handles,
-        })
+        Ok(LowPriorityPool { jobs: tx, threads })
     }
 
     /// Runs `f` on one of the pool's threads and returns its result; `None`
@@ -94,18 +91,8 @@ impl LowPriorityPool {
         let job: Job = Box::new(move || {
             let _ = tx.send(f());
         });
-        self.jobs.as_ref()?.send(job).ok()?;
+        self.jobs.send(job).ok()?;
         rx.await.ok()
-    }
-}
-
-impl Drop for LowPriorityPool {
-    fn drop(&mut self) {
-        // Closing the queue ends every thread after its current job. They
-        // are not joined: a job blocked on a slow disk must not hold up
-        // the caller's drop.
-        self.jobs.take();
-        self.threads.clear();
     }
 }
 
