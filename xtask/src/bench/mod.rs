@@ -93,6 +93,13 @@ pub(crate) struct BenchArgs {
     /// reported as a lower bound.
     #[arg(long, default_value_t = 120)]
     lazy_cap_s: u64,
+    /// The source image's page cache before every run of every system:
+    /// `cold` drops it (`posix_fadvise(DONTNEED)`), as a source whose
+    /// hypervisor opens the disk with `cache=none` has it; `warm` leaves
+    /// whatever the runs before left (README, *Decision: every run reads a
+    /// cold source*).
+    #[arg(long, default_value = "cold", value_parser = ["cold", "warm"])]
+    source_cache: String,
     /// Where to write the report (default: BENCHMARKS.md in the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -317,6 +324,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
             }
             for run in 0..runs {
                 for sys in &a.systems {
+                    if a.source_cache == "cold" {
+                        drop_page_cache(&img.path)?;
+                    }
                     let stolen0 = steal::stolen_ms();
                     let mut r = match sys.as_str() {
                         "ferry" => run_ferry(&ctx, img, serve.as_mut().expect("serve"), run),
@@ -646,6 +656,16 @@ fn start_ferry_serve(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
     )?;
     p.wait_for_log("ferry serve: exporting", Duration::from_secs(900))?;
     Ok(p)
+}
+
+/// Drops `path`'s clean pages from the page cache, so the next run reads
+/// the source image from the disk, as a migration of a disk that the
+/// source's hypervisor opens with `cache=none` does.
+fn drop_page_cache(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+        .with_context(|| format!("dropping {} from the page cache", path.display()))?;
+    Ok(())
 }
 
 fn link_args(l: &LinkOpts) -> Vec<String> {
@@ -1172,6 +1192,15 @@ fn render(
     )?;
     writeln!(o, "- *capped*: {}", cap_text(a.lazy_cap_s))?;
     writeln!(o, "- *4 KiB misses*: after the first read, up to {} further 4 KiB reads of data blocks at distinct 1 MiB regions in the far 60% of the disk, {} ms apart, on one NBD connection (a small client in `xtask/src/bench/nbd.rs`), while the copy runs; reads answered in under RTT/2 never crossed the link (the block had arrived) and are counted as local, not as misses. p50/p99 pool all runs' misses.\n- *medians, percentiles*: always one of the samples, the one at index round(p/100 × (n − 1)) of the sorted values (numpy's `nearest`; `xtask/src/stats.rs`), so a median of runs is one of the runs.", a.probes, a.probe_gap_ms)?;
+    writeln!(
+        o,
+        "- *source cache*: {}",
+        if a.source_cache == "cold" {
+            "the source image is dropped from the page cache (`posix_fadvise(DONTNEED)`) before every run of every system (`--source-cache cold`), so each run reads it from the disk (here a virtual disk, which the host under this machine may still cache), as a source whose hypervisor opens the disk with `cache=none` does."
+        } else {
+            "left as the runs before left it (`--source-cache warm`): later runs may read the source image from the page cache."
+        }
+    )?;
     writeln!(o, "- *CPU s/GiB*: user+system CPU seconds of the source server and of the destination process during the run (from /proc/PID/stat), per GiB of disk size. ferry's destination figure includes its end-to-end verification (hashing the whole disk).")?;
     writeln!(o, "- *host CPU steal*: this machine is a virtual machine; `steal` in /proc/stat counts the time its host ran something else while one of our CPUs wanted to run. Read around every run and every miss (summed over the CPUs). A miss during which the host stole at least {:.0} ms counts as *disturbed by the host*: everything stalls then, the emulated link and both ends alike, whatever system runs. The tables' p99 includes every miss; the line under each table gives the p99 without the disturbed ones too.", steal::DISTURBED_MS)?;
     writeln!(o)?;
@@ -1623,6 +1652,7 @@ mod tests {
             probe_gap_ms: 150,
             timeout_s: 900,
             lazy_cap_s: 120,
+            source_cache: "cold".into(),
             out: None,
             section: String::new(),
         };
@@ -1682,6 +1712,10 @@ mod tests {
         );
         assert!(
             md.contains("ferry run 1 of 1, nbdkit-lazy run 1 of 1"),
+            "{md}"
+        );
+        assert!(
+            md.contains("before every run of every system (`--source-cache cold`)"),
             "{md}"
         );
     }
