@@ -57,6 +57,12 @@ struct MemSource {
     reads: std::sync::atomic::AtomicU64,
     /// The nice value of the thread that read each chunk, in read order.
     reader_nice: std::sync::Mutex<Vec<(u64, i32)>>,
+    /// Every read that reached the "disk" (`read_chunks`), as (first
+    /// chunk, count), in order.
+    disk_reads: std::sync::Mutex<Vec<(u64, u64)>>,
+    /// Reads at the disk now, and the most there were at once.
+    disk_inside: std::sync::atomic::AtomicUsize,
+    disk_most: std::sync::atomic::AtomicUsize,
 }
 
 impl MemSource {
@@ -79,6 +85,9 @@ impl MemSource {
             delay: Duration::ZERO,
             reads: Default::default(),
             reader_nice: Default::default(),
+            disk_reads: Default::default(),
+            disk_inside: Default::default(),
+            disk_most: Default::default(),
         })
     }
 
@@ -100,15 +109,25 @@ impl ChunkSource for MemSource {
     }
 
     fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        self.read_chunks(index, 1, buf)
+    }
+
+    /// One read of the range, as a disk does: it takes `delay` whatever
+    /// its size.
+    fn read_chunks(&self, first: u64, count: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.disk_reads.lock().unwrap().push((first, count));
+        let now = self.disk_inside.fetch_add(1, SeqCst) + 1;
+        self.disk_most.fetch_max(now, SeqCst);
         std::thread::sleep(self.delay);
-        self.reads
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.reader_nice
-            .lock()
-            .unwrap()
-            .push((index, this_threads_nice()));
+        self.disk_inside.fetch_sub(1, SeqCst);
+        self.reads.fetch_add(count, SeqCst);
+        let nice = this_threads_nice();
         buf.clear();
-        buf.extend_from_slice(self.chunk(index));
+        for c in first..first + count {
+            self.reader_nice.lock().unwrap().push((c, nice));
+            buf.extend_from_slice(self.chunk(c));
+        }
         Ok(())
     }
 }
@@ -419,11 +438,12 @@ async fn read_in_flight_survives_a_restart() {
     timeout(LIMIT, async {
         let ids = ids();
         let data = disk(10);
-        let slow = MemSource::slow(data.clone(), Duration::from_millis(100));
+        let slow = MemSource::slow(data.clone(), Duration::from_millis(400));
         let (addr, server) = start(server_opts(&ids, localhost()), slow);
         let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
         let c2 = client.clone();
-        // Chunks 1..=4 take ~400 ms to read: the server dies in the middle.
+        // Chunks 1..=4 take 400 ms to read (one background read of the
+        // run): the server dies in the middle.
         let pending = tokio::spawn(async move { c2.read_bytes(1, 4, Priority::Background).await });
         tokio::time::sleep(Duration::from_millis(150)).await;
         server.abort();
@@ -661,6 +681,68 @@ async fn background_chunks_are_read_at_a_lower_cpu_priority_than_on_demand_ones(
                 assert_eq!(nice, ours, "on-demand chunk {chunk} read at nice {nice}");
             }
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_reads_reach_the_disk_as_runs_of_up_to_1_mib_two_at_a_time() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        // 200 chunks; chunk 7 of every 25 is zero.
+        let mut data: Vec<u8> = (0..200 * CHUNK as usize)
+            .map(|i| (i % 251) as u8 | 1)
+            .collect();
+        for r in 0..8 {
+            let s = (r * 25 + 7) * CHUNK as usize;
+            data[s..s + CHUNK as usize].fill(0);
+        }
+        let src = MemSource::slow(data, Duration::from_millis(3));
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Arc::new(Client::connect(client_opts(&ids, addr)).await.unwrap());
+        // Eight requests of 25 chunks at once, as the copier keeps many
+        // batches in flight.
+        let mut tasks = Vec::new();
+        for r in 0..8u64 {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                (
+                    r,
+                    client.read_chunks(r * 25, 25, Priority::Background).await,
+                )
+            }));
+        }
+        for t in tasks {
+            let (r, got) = t.await.unwrap();
+            let got = got.unwrap();
+            assert_eq!(got.len(), 25);
+            for (i, f) in got.into_iter().enumerate() {
+                let c = r * 25 + i as u64;
+                match f {
+                    Fetched::Zero => assert_eq!(c % 25, 7, "chunk {c} answered as zero"),
+                    Fetched::Data { bytes, .. } => {
+                        assert_eq!(bytes.as_slice(), src.chunk(c), "chunk {c}")
+                    }
+                }
+            }
+        }
+        // Each request's data chunks went to the disk in runs of at most
+        // 16 chunks (1 MiB), never across a zero chunk, each chunk once.
+        let mut seen = src.disk_reads.lock().unwrap().clone();
+        seen.sort();
+        let mut want = Vec::new();
+        for r in 0..8u64 {
+            want.extend([(r * 25, 7), (r * 25 + 8, 16), (r * 25 + 24, 1)]);
+        }
+        assert_eq!(seen, want);
+        // At most two at the disk at once (and two, not one: the copy
+        // keeps a read in flight while another is answered).
+        assert_eq!(
+            src.disk_most.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "background reads at the disk at once"
+        );
     })
     .await
     .expect("test timed out");

@@ -26,6 +26,11 @@ impl ChunkSource for ImageSource {
     fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
         self.image.read_chunk(self.manifest.geometry(), index, buf)
     }
+
+    fn read_chunks(&self, first: u64, count: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+        self.image
+            .read_chunks(self.manifest.geometry(), first, count, buf)
+    }
 }
 
 /// Parses `--trust-peer` values.
@@ -65,6 +70,12 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         data_bytes = manifest.data_bytes(),
         "source manifest ready"
     );
+    // From here on ferry reads exactly what it sends (README, *Decision:
+    // the source reads exactly what it sends*); without the advice the
+    // disk still works, only with the kernel's readahead guesses.
+    if let Err(e) = image.turn_readahead_off() {
+        tracing::warn!(error = %e, "cannot turn the kernel's readahead off for the source disk");
+    }
     let tuning = a.link.tuning();
     let fingerprint = identity.fingerprint();
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
