@@ -24,6 +24,7 @@ mod nbd;
 mod plot;
 mod sampler;
 mod steal;
+mod throttle;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -100,6 +101,11 @@ pub(crate) struct BenchArgs {
     /// cold source*).
     #[arg(long, default_value = "cold", value_parser = ["cold", "warm"])]
     source_cache: String,
+    /// Limit the source side's servers (`ferry serve`, `qemu-nbd`) to this
+    /// many reads per second from the image's disk (a cgroup; 0: no
+    /// limit), as a cloud volume's I/O budget does.
+    #[arg(long, default_value_t = 0)]
+    source_read_iops: u64,
     /// Where to write the report (default: BENCHMARKS.md in the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -297,6 +303,17 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
     let images = make_images(&dir, size_mib, &a.images, a.probes + 1)?;
     let started = chrono_now();
     let t_all = Instant::now();
+    let throttle = match (a.source_read_iops, images.first()) {
+        (0, _) | (_, None) => None,
+        (iops, Some(img)) => {
+            let t = throttle::ReadThrottle::new(&img.path, iops)?;
+            eprintln!(
+                "bench: the source side's servers read at most {iops} times a second from disk {}",
+                t.device
+            );
+            Some(t)
+        }
+    };
 
     // results[case][image][system] = runs
     let mut results: Results = BTreeMap::new();
@@ -321,6 +338,11 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
             }
             if a.systems.iter().any(|s| s != "ferry") {
                 qnbd = Some(start_qemu_nbd(&ctx, img)?);
+            }
+            if let Some(t) = &throttle {
+                for p in serve.iter().chain(qnbd.iter()) {
+                    t.add(p.pid())?;
+                }
             }
             for run in 0..runs {
                 for sys in &a.systems {
@@ -1201,6 +1223,9 @@ fn render(
             "left as the runs before left it (`--source-cache warm`): later runs may read the source image from the page cache."
         }
     )?;
+    if a.source_read_iops > 0 {
+        writeln!(o, "- *source disk*: the source side's servers (`ferry serve`, `qemu-nbd`) read the image's disk at most **{} times a second** (`--source-read-iops`; a cgroup's read-IOPS throttle), as a cloud volume's I/O budget allows; reads beyond it wait in the kernel, in order.", a.source_read_iops)?;
+    }
     writeln!(o, "- *CPU s/GiB*: user+system CPU seconds of the source server and of the destination process during the run (from /proc/PID/stat), per GiB of disk size. ferry's destination figure includes its end-to-end verification (hashing the whole disk).")?;
     writeln!(o, "- *host CPU steal*: this machine is a virtual machine; `steal` in /proc/stat counts the time its host ran something else while one of our CPUs wanted to run. Read around every run and every miss (summed over the CPUs). A miss during which the host stole at least {:.0} ms counts as *disturbed by the host*: everything stalls then, the emulated link and both ends alike, whatever system runs. The tables' p99 includes every miss; the line under each table gives the p99 without the disturbed ones too.", steal::DISTURBED_MS)?;
     writeln!(o)?;
@@ -1653,6 +1678,7 @@ mod tests {
             timeout_s: 900,
             lazy_cap_s: 120,
             source_cache: "cold".into(),
+            source_read_iops: 0,
             out: None,
             section: String::new(),
         };
