@@ -581,10 +581,18 @@ fn start_piece(
             let _ = tx.send(Err("server shutting down".to_string())).await;
             return;
         };
+        // The request's stream went away while this piece waited for its
+        // permit: nothing to read for.
+        if tx.is_closed() {
+            return;
+        }
         let s = shared.clone();
         let out = tx.clone();
         let job = move || {
             let _permit = permit;
+            if out.is_closed() {
+                return;
+            }
             // Frames sent into `out`; the channel holds the whole piece, so
             // this never blocks, and a receiver gone (the request's stream
             // failed) only ends the piece early.
