@@ -18,12 +18,12 @@
 //! again (raising needs `CAP_SYS_NICE`), so no job of normal priority ever
 //! runs on these threads.
 //!
-//! [`DiskGate`] bounds how many of those jobs read the disk at once: the
-//! CPU priority does nothing for a read queued at the disk behind the
-//! background copy's reads.
+//! The CPU priority does nothing for a read queued at the disk behind the
+//! background copy's reads: the server bounds how many background jobs
+//! read the disk at once (`BACKGROUND_DISK_READS` in `crate::server`).
 
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 /// The nice value of background threads (0 is normal, 19 the lowest): a
 /// CPU-bound thread at nice 10 gets about a tenth of the share of one at
@@ -100,58 +100,6 @@ impl LowPriorityPool {
     }
 }
 
-/// A counting gate for blocking threads: at most `n` of them hold a
-/// [`DiskPass`] at once; the others wait in [`DiskGate::enter`].
-#[derive(Debug)]
-pub(crate) struct DiskGate {
-    inside: Mutex<usize>,
-    freed: Condvar,
-    limit: usize,
-}
-
-/// Leave to be inside a [`DiskGate`]; dropping it lets the next one in.
-pub(crate) struct DiskPass<'a> {
-    gate: &'a DiskGate,
-}
-
-impl DiskGate {
-    /// A gate letting `n` (at least 1) threads in at once.
-    pub(crate) fn new(n: usize) -> DiskGate {
-        DiskGate {
-            inside: Mutex::new(0),
-            freed: Condvar::new(),
-            limit: n.max(1),
-        }
-    }
-
-    /// Blocks until fewer than the limit are inside, then enters. The count
-    /// is one integer, valid whatever panicked while holding the lock, so a
-    /// poisoned lock is used as it is.
-    pub(crate) fn enter(&self) -> DiskPass<'_> {
-        let mut inside = self.inside.lock().unwrap_or_else(PoisonError::into_inner);
-        while *inside >= self.limit {
-            inside = self
-                .freed
-                .wait(inside)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        *inside += 1;
-        DiskPass { gate: self }
-    }
-}
-
-impl Drop for DiskPass<'_> {
-    fn drop(&mut self) {
-        let mut inside = self
-            .gate
-            .inside
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *inside -= 1;
-        self.gate.freed.notify_one();
-    }
-}
-
 /// Sets the calling thread's nice value to `nice` (on Linux,
 /// `setpriority(PRIO_PROCESS, 0, ..)` acts on the calling thread only).
 fn lower_this_threads_priority(nice: i32) -> std::io::Result<()> {
@@ -167,32 +115,6 @@ fn this_threads_nice() -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    #[test]
-    fn a_disk_gate_lets_in_at_most_its_limit() {
-        let gate = DiskGate::new(2);
-        let inside = AtomicUsize::new(0);
-        let most = AtomicUsize::new(0);
-        let done = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..6 {
-                s.spawn(|| {
-                    for _ in 0..20 {
-                        let _pass = gate.enter();
-                        let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
-                        most.fetch_max(now, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_micros(200));
-                        inside.fetch_sub(1, Ordering::SeqCst);
-                        done.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
-            }
-        });
-        assert_eq!(done.load(Ordering::SeqCst), 120);
-        // Six threads wanted in at once; two were let in, and both were.
-        assert_eq!(most.load(Ordering::SeqCst), 2);
-    }
 
     #[tokio::test]
     async fn jobs_run_at_the_background_nice_value_and_return_their_result() {

@@ -21,7 +21,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::background::{DiskGate, LowPriorityPool};
+use crate::background::LowPriorityPool;
 use crate::error::TransportError;
 use crate::frames::{self, ReadFail, CODE_ABORTED, CODE_MALFORMED};
 use crate::identity::{Fingerprint, Identity};
@@ -105,8 +105,10 @@ struct Shared {
     /// priority (see `crate::background`). On-demand chunks use tokio's
     /// blocking pool, at normal priority.
     background: LowPriorityPool,
-    /// Bounds the background reads at the disk ([`BACKGROUND_DISK_READS`]).
-    background_disk: DiskGate,
+    /// Bounds the background reads at the disk ([`BACKGROUND_DISK_READS`]):
+    /// a background task takes one of these after its `reads` permit and
+    /// drops it once its read is done, before it compresses.
+    background_disk: Arc<Semaphore>,
     corrupt_once: Mutex<HashSet<u64>>,
     compress: bool,
 }
@@ -158,7 +160,7 @@ impl Server {
                 urgent_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
                 background: LowPriorityPool::new("ferry-bg-read", MAX_CONCURRENT_READS)
                     .map_err(|source| TransportError::Threads { source })?,
-                background_disk: DiskGate::new(BACKGROUND_DISK_READS),
+                background_disk: Arc::new(Semaphore::new(BACKGROUND_DISK_READS)),
                 corrupt_once: Mutex::new(opts.corrupt_once.into_iter().collect()),
                 compress: opts.compress,
             }),
@@ -556,8 +558,8 @@ type PieceFrames = tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>;
 /// p50/p99 of 1.3/16 ms to 1.1/14 ms, within this host's noise; kept as
 /// the simpler code, which can only remove waits. The permit of
 /// `priority`'s pool is held for the whole task, so it also bounds how
-/// many chunks are compressed at once; a background task holds the disk
-/// gate only while it reads.
+/// many chunks are compressed at once; a background task holds a
+/// `background_disk` permit only while it reads.
 fn start_piece(
     shared: &Arc<Shared>,
     (first, count): (u64, u64),
@@ -577,7 +579,17 @@ fn start_piece(
             Priority::OnDemand | Priority::Hedge => &shared.urgent_reads,
             Priority::Background => &shared.reads,
         };
-        let Ok(permit) = pool.clone().acquire_owned().await else {
+        let permits = async {
+            let permit = pool.clone().acquire_owned().await.ok()?;
+            let disk = match priority {
+                Priority::Background => {
+                    Some(shared.background_disk.clone().acquire_owned().await.ok()?)
+                }
+                Priority::OnDemand | Priority::Hedge => None,
+            };
+            Some((permit, disk))
+        };
+        let Some((permit, disk)) = permits.await else {
             let _ = tx.send(Err("server shutting down".to_string())).await;
             return;
         };
@@ -610,10 +622,8 @@ fn start_piece(
                 .map(|c| geo.chunk_len(c) as usize)
                 .sum();
             let mut buf = Vec::with_capacity(expected);
-            let read = {
-                let _disk = (priority == Priority::Background).then(|| s.background_disk.enter());
-                s.source.read_chunks(first, count, &mut buf)
-            };
+            let read = s.source.read_chunks(first, count, &mut buf);
+            drop(disk);
             if let Err(e) = read {
                 send(Err(format!("reading {}: {e}", what())));
                 return;
@@ -718,7 +728,7 @@ async fn read(
     let mut current = start_piece(shared, pieces[0], priority);
     let mut read_ms = None;
     for k in 0..pieces.len() {
-        let mut next = pieces.get(k + 1).map(|&p| start_piece(shared, p, priority));
+        let next = pieces.get(k + 1).map(|&p| start_piece(shared, p, priority));
         for i in 0..pieces[k].1 {
             let frame = match current.recv().await {
                 Some(Ok(f)) => f,
@@ -744,7 +754,7 @@ async fn read(
                 return read_ms.unwrap_or(0.0);
             }
         }
-        if let Some(n) = next.take() {
+        if let Some(n) = next {
             current = n;
         }
     }
