@@ -99,8 +99,8 @@ pub(crate) struct BenchArgs {
     /// hypervisor opens the disk with `cache=none` has it; `warm` leaves
     /// whatever the runs before left (README, *Decision: every run reads a
     /// cold source*).
-    #[arg(long, default_value = "cold", value_parser = ["cold", "warm"])]
-    source_cache: String,
+    #[arg(long, value_enum, default_value_t = SourceCache::Cold)]
+    source_cache: SourceCache,
     /// Limit the source side's servers (`ferry serve`, `qemu-nbd`) to this
     /// many reads per second from the image's disk (a cgroup; 0: no
     /// limit), as a cloud volume's I/O budget does.
@@ -113,6 +113,15 @@ pub(crate) struct BenchArgs {
     /// adds its own section instead of replacing the main one).
     #[arg(long, default_value = "")]
     section: String,
+}
+
+/// The source image's page cache before a run (`--source-cache`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SourceCache {
+    /// Dropped before every run of every system.
+    Cold,
+    /// Left as the runs before left it.
+    Warm,
 }
 
 fn markers(section: &str) -> (String, String) {
@@ -346,7 +355,7 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
             }
             for run in 0..runs {
                 for sys in &a.systems {
-                    if a.source_cache == "cold" {
+                    if a.source_cache == SourceCache::Cold {
                         drop_page_cache(&img.path)?;
                     }
                     let stolen0 = steal::stolen_ms();
@@ -1217,7 +1226,7 @@ fn render(
     writeln!(
         o,
         "- *source cache*: {}",
-        if a.source_cache == "cold" {
+        if a.source_cache == SourceCache::Cold {
             "the source image is dropped from the page cache (`posix_fadvise(DONTNEED)`) before every run of every system (`--source-cache cold`), so each run reads it from the disk (here a virtual disk, which the host under this machine may still cache), as a source whose hypervisor opens the disk with `cache=none` does."
         } else {
             "left as the runs before left it (`--source-cache warm`): later runs may read the source image from the page cache."
@@ -1677,7 +1686,7 @@ mod tests {
             probe_gap_ms: 150,
             timeout_s: 900,
             lazy_cap_s: 120,
-            source_cache: "cold".into(),
+            source_cache: SourceCache::Cold,
             source_read_iops: 0,
             out: None,
             section: String::new(),
