@@ -28,6 +28,12 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    /// A server option is out of its range.
+    #[error("invalid server options: {reason}")]
+    Options {
+        /// What is wrong, with the allowed range.
+        reason: String,
+    },
     /// Starting the source's background read threads failed.
     #[error("cannot start the background read threads: {source}")]
     Threads {

@@ -38,6 +38,6 @@ pub mod wire;
 pub use client::{Client, ClientOptions, ClientStats, ConnState, Fetched, SourceInfo};
 pub use error::TransportError;
 pub use identity::{Fingerprint, FingerprintParseError, Identity, IdentityError};
-pub use server::{ChunkSource, Server, ServerOptions};
+pub use server::{ChunkSource, DiskReads, Server, ServerOptions};
 pub use tuning::Tuning;
 pub use wire::{ErrorCode, Message, Priority, WireError, PROTOCOL_VERSION};

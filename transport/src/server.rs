@@ -36,12 +36,14 @@ use crate::{net, tls};
 /// priority: on-demand reads have their own pool, so background reads
 /// waiting to be sent can never hold up a guest's read.
 pub const MAX_CONCURRENT_READS: usize = 8;
-/// The most a background read asks of the disk at once: up to this many
-/// bytes of consecutive data chunks of one request, in one read. With the
-/// kernel's readahead off (`ferry_store::SourceImage::turn_readahead_off`)
-/// the disk still sees large sequential requests.
+/// The most a background read asks of the disk at once, by default: up to
+/// this many bytes of consecutive data chunks of one request, in one read.
+/// With the kernel's readahead off
+/// (`ferry_store::SourceImage::turn_readahead_off`) the disk still sees
+/// large sequential requests. [`DiskReads::read_bytes`] sets another size.
 pub const BACKGROUND_READ_BYTES: u64 = 1 << 20;
-/// Background reads at the disk at once, server-wide: one. An on-demand
+/// Background reads at the disk at once, server-wide, by default: one
+/// ([`DiskReads::at_once`] sets another bound). An on-demand
 /// read queues behind at most one of them (1 MiB: about 7 ms on a disk
 /// reading 141 MB/s, this machine's uncached rate). One read at a time of
 /// 1 MiB still reads faster than the link carries (the copy's speed was
@@ -88,6 +90,32 @@ pub struct ServerOptions {
     pub corrupt_once: Vec<u64>,
     /// Compress chunks with zstd when that saves at least 3% of their bytes.
     pub compress: bool,
+    /// How the background copy reads the source's disk.
+    pub disk_reads: DiskReads,
+}
+
+/// How the background copy reads the source's disk: how many reads at once
+/// and how large each is. The defaults suit a disk whose reads queue behind
+/// each other (README, *Decision: one background read at the disk at a
+/// time*); a source on fast flash with deep queues may want more at once.
+/// On-demand reads are never bounded by these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskReads {
+    /// Background reads at the disk at once, server-wide (1 to
+    /// [`MAX_CONCURRENT_READS`]).
+    pub at_once: usize,
+    /// Bytes a background read asks for at most (at least one chunk; at
+    /// most [`MAX_READ_BYTES`]); rounded down to whole chunks.
+    pub read_bytes: u64,
+}
+
+impl Default for DiskReads {
+    fn default() -> Self {
+        DiskReads {
+            at_once: BACKGROUND_DISK_READS,
+            read_bytes: BACKGROUND_READ_BYTES,
+        }
+    }
 }
 
 /// A bound source server; [`Server::run`] serves it.
@@ -106,7 +134,9 @@ struct Shared {
     /// priority (see `crate::background`). On-demand chunks use tokio's
     /// blocking pool, at normal priority.
     background: LowPriorityPool,
-    /// Bounds the background reads at the disk ([`BACKGROUND_DISK_READS`]):
+    /// Chunks a background read covers at most ([`DiskReads::read_bytes`]).
+    chunks_per_read: u64,
+    /// Bounds the background reads at the disk ([`DiskReads::at_once`]):
     /// a background task takes one of these after its `reads` permit and
     /// drops it once its read is done, before it compresses.
     background_disk: Arc<Semaphore>,
@@ -132,6 +162,24 @@ impl Server {
     ) -> Result<Server, TransportError> {
         if opts.trusted.is_empty() {
             tracing::warn!("no trusted destination fingerprints: every client will be refused");
+        }
+        let chunk_size = u64::from(source.manifest().geometry().chunk_size).max(1);
+        let d = opts.disk_reads;
+        if d.at_once == 0 || d.at_once > MAX_CONCURRENT_READS {
+            return Err(TransportError::Options {
+                reason: format!(
+                    "background disk reads at once must be 1 to {MAX_CONCURRENT_READS}, not {}",
+                    d.at_once
+                ),
+            });
+        }
+        if d.read_bytes < chunk_size || d.read_bytes > MAX_READ_BYTES {
+            return Err(TransportError::Options {
+                reason: format!(
+                    "a background read must be {chunk_size} to {MAX_READ_BYTES} bytes (one chunk to the largest request), not {}",
+                    d.read_bytes
+                ),
+            });
         }
         let config = tls::quinn_server_config(&opts.identity, &opts.trusted, &opts.tuning)?;
         let sock = net::udp_socket(opts.listen, opts.tuning.socket_buffer)?;
@@ -161,7 +209,8 @@ impl Server {
                 urgent_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
                 background: LowPriorityPool::new("ferry-bg-read", MAX_CONCURRENT_READS)
                     .map_err(|source| TransportError::Threads { source })?,
-                background_disk: Arc::new(Semaphore::new(BACKGROUND_DISK_READS)),
+                chunks_per_read: d.read_bytes / chunk_size,
+                background_disk: Arc::new(Semaphore::new(d.at_once)),
                 corrupt_once: Mutex::new(opts.corrupt_once.into_iter().collect()),
                 compress: opts.compress,
             }),
@@ -514,13 +563,17 @@ fn check_read(manifest: &Manifest, first: u64, count: u32) -> Result<u64, (Error
 /// The pieces a Read is answered in, as `(first, count)`: every chunk on
 /// its own for on-demand reads (the first chunk's frame leaves as soon as
 /// it is read); for background reads, runs of consecutive data chunks of
-/// up to [`BACKGROUND_READ_BYTES`], each read from the disk in one go, and
+/// up to `chunks_per_read` chunks, each read from the disk in one go, and
 /// zero chunks on their own (they are never read).
-fn pieces(manifest: &Manifest, first: u64, end: u64, priority: Priority) -> Vec<(u64, u64)> {
+fn pieces(
+    manifest: &Manifest,
+    first: u64,
+    end: u64,
+    priority: Priority,
+    chunks_per_read: u64,
+) -> Vec<(u64, u64)> {
     let per_run = match priority {
-        Priority::Background => {
-            (BACKGROUND_READ_BYTES / u64::from(manifest.geometry().chunk_size).max(1)).max(1)
-        }
+        Priority::Background => chunks_per_read.max(1),
         Priority::OnDemand | Priority::Hedge => 1,
     };
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -724,7 +777,13 @@ async fn read(
         return 0.0;
     }
     // Read piece k+1 while piece k is being sent.
-    let pieces = pieces(shared.source.manifest(), first, end, priority);
+    let pieces = pieces(
+        shared.source.manifest(),
+        first,
+        end,
+        priority,
+        shared.chunks_per_read,
+    );
     let t0 = std::time::Instant::now();
     let mut current = start_piece(shared, pieces[0], priority);
     let mut read_ms = None;

@@ -9,8 +9,8 @@ use ferry_core::{ChunkKind, Geometry, Manifest};
 use ferry_transport::server::ChunkSource;
 use ferry_transport::wire::{self, ErrorCode, Message, Priority};
 use ferry_transport::{
-    tls, Client, ClientOptions, ConnState, Fetched, Fingerprint, Identity, Server, ServerOptions,
-    TransportError, Tuning,
+    tls, Client, ClientOptions, ConnState, DiskReads, Fetched, Fingerprint, Identity, Server,
+    ServerOptions, TransportError, Tuning,
 };
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -185,6 +185,7 @@ fn server_opts(ids: &Ids, listen: SocketAddr) -> ServerOptions {
         tuning: tuning(),
         corrupt_once: vec![],
         compress: true,
+        disk_reads: DiskReads::default(),
     }
 }
 
@@ -686,62 +687,148 @@ async fn background_chunks_are_read_at_a_lower_cpu_priority_than_on_demand_ones(
     .expect("test timed out");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn background_reads_reach_the_disk_as_runs_of_up_to_1_mib_one_at_a_time() {
-    timeout(LIMIT, async {
-        let ids = ids();
-        // 200 chunks; chunk 7 of every 25 is zero.
-        let mut data: Vec<u8> = (0..200 * CHUNK as usize)
-            .map(|i| (i % 251) as u8 | 1)
-            .collect();
-        for r in 0..8 {
-            let s = (r * 25 + 7) * CHUNK as usize;
-            data[s..s + CHUNK as usize].fill(0);
-        }
-        let src = MemSource::slow(data, Duration::from_millis(3));
-        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
-        let client = Arc::new(Client::connect(client_opts(&ids, addr)).await.unwrap());
-        // Eight requests of 25 chunks at once, as the copier keeps many
-        // batches in flight.
-        let mut tasks = Vec::new();
-        for r in 0..8u64 {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                (
-                    r,
-                    client.read_chunks(r * 25, 25, Priority::Background).await,
-                )
-            }));
-        }
-        for t in tasks {
-            let (r, got) = t.await.unwrap();
-            let got = got.unwrap();
-            assert_eq!(got.len(), 25);
-            for (i, f) in got.into_iter().enumerate() {
-                let c = r * 25 + i as u64;
-                match f {
-                    Fetched::Zero => assert_eq!(c % 25, 7, "chunk {c} answered as zero"),
-                    Fetched::Data { bytes, .. } => {
-                        assert_eq!(bytes.as_slice(), src.chunk(c), "chunk {c}")
-                    }
+/// 200 chunks, of which chunk 7 of every 25 is zero, served with
+/// `disk_reads` from a disk that takes 3 ms per read; eight background
+/// requests of 25 chunks at once, as the copier keeps many batches in
+/// flight. Checks every answer and returns the reads that reached the disk
+/// as `(first, count)`, sorted, and the most that were at the disk at once.
+async fn eight_background_requests(disk_reads: DiskReads) -> (Vec<(u64, u64)>, usize) {
+    let ids = ids();
+    let mut data: Vec<u8> = (0..200 * CHUNK as usize)
+        .map(|i| (i % 251) as u8 | 1)
+        .collect();
+    for r in 0..8 {
+        let s = (r * 25 + 7) * CHUNK as usize;
+        data[s..s + CHUNK as usize].fill(0);
+    }
+    let src = MemSource::slow(data, Duration::from_millis(3));
+    let mut opts = server_opts(&ids, localhost());
+    opts.disk_reads = disk_reads;
+    let (addr, _server) = start(opts, src.clone());
+    let client = Arc::new(Client::connect(client_opts(&ids, addr)).await.unwrap());
+    let mut tasks = Vec::new();
+    for r in 0..8u64 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            (
+                r,
+                client.read_chunks(r * 25, 25, Priority::Background).await,
+            )
+        }));
+    }
+    for t in tasks {
+        let (r, got) = t.await.unwrap();
+        let got = got.unwrap();
+        assert_eq!(got.len(), 25);
+        for (i, f) in got.into_iter().enumerate() {
+            let c = r * 25 + i as u64;
+            match f {
+                Fetched::Zero => assert_eq!(c % 25, 7, "chunk {c} answered as zero"),
+                Fetched::Data { bytes, .. } => {
+                    assert_eq!(bytes.as_slice(), src.chunk(c), "chunk {c}")
                 }
             }
         }
+    }
+    let mut seen = src.disk_reads.lock().unwrap().clone();
+    seen.sort();
+    let most = src.disk_most.load(std::sync::atomic::Ordering::SeqCst);
+    (seen, most)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_reads_reach_the_disk_as_runs_of_up_to_1_mib_one_at_a_time() {
+    timeout(LIMIT, async {
+        let (seen, most) = eight_background_requests(DiskReads::default()).await;
         // Each request's data chunks went to the disk in runs of at most
         // 16 chunks (1 MiB), never across a zero chunk, each chunk once.
-        let mut seen = src.disk_reads.lock().unwrap().clone();
-        seen.sort();
         let mut want = Vec::new();
         for r in 0..8u64 {
             want.extend([(r * 25, 7), (r * 25 + 8, 16), (r * 25 + 24, 1)]);
         }
         assert_eq!(seen, want);
         // One at the disk at a time, though eight requests wanted to read.
-        assert_eq!(
-            src.disk_most.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "background reads at the disk at once"
+        assert_eq!(most, 1, "background reads at the disk at once");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// The operator's bounds (`ferry serve --background-disk-reads`,
+/// `--background-read-kib`) replace the defaults: runs of 4 chunks, and
+/// more than one read at the disk at once, never more than asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_disk_reads_follow_the_operators_bounds() {
+    timeout(LIMIT, async {
+        let (seen, most) = eight_background_requests(DiskReads {
+            at_once: 3,
+            read_bytes: 4 * u64::from(CHUNK) + 100,
+        })
+        .await;
+        let mut want = Vec::new();
+        for r in 0..8u64 {
+            let b = r * 25;
+            want.extend([(b, 4), (b + 4, 3)]);
+            want.extend([
+                (b + 8, 4),
+                (b + 12, 4),
+                (b + 16, 4),
+                (b + 20, 4),
+                (b + 24, 1),
+            ]);
+        }
+        want.sort();
+        assert_eq!(seen, want);
+        assert!(
+            (2..=3).contains(&most),
+            "{most} background reads at the disk at once, bound 3"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_read_bounds_out_of_range_are_refused_by_name() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(4));
+        for (d, what) in [
+            (
+                DiskReads {
+                    at_once: 0,
+                    ..DiskReads::default()
+                },
+                "at once",
+            ),
+            (
+                DiskReads {
+                    at_once: 9,
+                    ..DiskReads::default()
+                },
+                "at once",
+            ),
+            (
+                DiskReads {
+                    read_bytes: u64::from(CHUNK) - 1,
+                    ..DiskReads::default()
+                },
+                "background read must be",
+            ),
+            (
+                DiskReads {
+                    read_bytes: 17 << 20,
+                    ..DiskReads::default()
+                },
+                "background read must be",
+            ),
+        ] {
+            let mut opts = server_opts(&ids, localhost());
+            opts.disk_reads = d;
+            let e = Server::bind(opts, src.clone()).unwrap_err();
+            assert!(matches!(e, TransportError::Options { .. }), "{e:?}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
     })
     .await
     .expect("test timed out");

@@ -68,6 +68,20 @@ pub(crate) struct ServeArgs {
     /// Send chunks as they are, without zstd compression.
     #[arg(long)]
     pub(crate) no_compress: bool,
+    /// Background-copy reads at the source's disk at once (1 to 8). One
+    /// keeps a guest's on-demand read behind at most one background read
+    /// on a disk that serves its queue in turn; a source on flash with
+    /// deep queues may read faster with more. On-demand reads are never
+    /// bounded by it.
+    #[arg(long, default_value_t = ferry_transport::server::BACKGROUND_DISK_READS,
+          value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=8), usize::from))]
+    pub(crate) background_disk_reads: usize,
+    /// Largest background-copy read at the source's disk, in KiB (64 to
+    /// 16384, rounded down to whole 64 KiB chunks): consecutive data
+    /// chunks of a request are read in one go up to this size.
+    #[arg(long, default_value_t = ferry_transport::server::BACKGROUND_READ_BYTES / 1024,
+          value_parser = clap::value_parser!(u64).range(64..=16384))]
+    pub(crate) background_read_kib: u64,
     /// Test hook: flip a byte in the first transmission of this chunk.
     #[arg(long, hide = true)]
     pub(crate) inject_corrupt_chunk: Vec<u64>,

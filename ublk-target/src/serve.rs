@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use ferry_core::geometry::DEFAULT_CHUNK_SIZE;
 use ferry_core::Manifest;
 use ferry_store::SourceImage;
-use ferry_transport::{ChunkSource, Fingerprint, Identity, Server, ServerOptions};
+use ferry_transport::{ChunkSource, DiskReads, Fingerprint, Identity, Server, ServerOptions};
 
 use crate::cli::ServeArgs;
 
@@ -88,6 +88,10 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
                 tuning,
                 corrupt_once: a.inject_corrupt_chunk.clone(),
                 compress: !a.no_compress,
+                disk_reads: DiskReads {
+                    at_once: a.background_disk_reads,
+                    read_bytes: a.background_read_kib * 1024,
+                },
             },
             Arc::new(ImageSource { image, manifest }),
         )?;

@@ -47,7 +47,7 @@ const NBD_PORT: u16 = 10809;
 const PROBE_BYTES: usize = 4096;
 
 /// Options of `cargo xtask bench`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub(crate) struct BenchArgs {
     /// Just the default link (200 Mbit/s, 50 ms), small images, one run.
     #[arg(long)]
@@ -110,9 +110,16 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Name of the report's section in that file (a run with another name
-    /// adds its own section instead of replacing the main one).
+    /// adds its own section instead of replacing the main one). Default:
+    /// the main section, or `quick` for a `--quick` run, so a quick look
+    /// never replaces the full run's figures.
     #[arg(long, default_value = "")]
     section: String,
+    /// An extra argument for `ferry serve` (repeatable, in order), e.g.
+    /// `--ferry-serve-arg=--background-disk-reads --ferry-serve-arg=2`;
+    /// the report names them.
+    #[arg(long = "ferry-serve-arg", allow_hyphen_values = true)]
+    ferry_serve_args: Vec<String>,
 }
 
 /// The source image's page cache before a run (`--source-cache`).
@@ -123,6 +130,9 @@ pub(crate) enum SourceCache {
     /// Left as the runs before left it.
     Warm,
 }
+
+/// The section a `--quick` run without `--section` writes.
+const QUICK_SECTION: &str = "quick";
 
 fn markers(section: &str) -> (String, String) {
     let tag = if section.is_empty() {
@@ -270,6 +280,16 @@ struct Ctx<'a> {
 
 /// Runs the benchmark.
 pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
+    let owned;
+    let a = if a.quick && a.section.is_empty() {
+        owned = BenchArgs {
+            section: QUICK_SECTION.to_string(),
+            ..a.clone()
+        };
+        &owned
+    } else {
+        a
+    };
     ensure_tools(&[
         ("qemu-nbd", "qemu-utils"),
         ("qemu-img", "qemu-utils"),
@@ -682,7 +702,8 @@ fn start_ferry_serve(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
             ])
             .arg(&ctx.ids.src_dir)
             .args(["--trust-peer", &ctx.ids.dst_fp])
-            .args(link_args(&ctx.link)),
+            .args(link_args(&ctx.link))
+            .args(&ctx.a.ferry_serve_args),
         &ctx.logs.join(format!("serve-{}.log", img.id)),
     )?;
     p.wait_for_log("ferry serve: exporting", Duration::from_secs(900))?;
@@ -1192,6 +1213,14 @@ fn render(
         }
     )?;
     writeln!(o)?;
+    if !a.ferry_serve_args.is_empty() {
+        writeln!(
+            o,
+            "**ferry serve** ran with the extra arguments `{}`.",
+            a.ferry_serve_args.join(" ")
+        )?;
+        writeln!(o)?;
+    }
     writeln!(o, "**Machine:** {}.", machine())?;
     writeln!(
         o,
@@ -1690,6 +1719,7 @@ mod tests {
             source_read_iops: 0,
             out: None,
             section: String::new(),
+            ferry_serve_args: Vec::new(),
         };
         let cases = vec![Case {
             id: "base",
