@@ -17,6 +17,7 @@ pub(crate) const TEST_TOOLS: &[(&str, &str)] = &[
     ("qemu-img", "qemu-utils"),
     ("qemu-nbd", "qemu-utils"),
     ("mkfs.ext4", "e2fsprogs"),
+    ("systemd-analyze", "systemd"),
 ];
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
