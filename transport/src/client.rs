@@ -13,6 +13,7 @@
 //! every caller gets [`TransportError::SourceChanged`] from then on
 //! (design invariant 6).
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -872,6 +873,27 @@ async fn first_ok<T>(mut racing: Vec<Racer<'_, T>>) -> Result<(usize, T), Transp
     .await
 }
 
+thread_local! {
+    /// This thread's zstd context, made on its first compressed chunk and
+    /// kept (the runtime's few worker threads decompress every chunk).
+    static UNZSTD: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// `data` decompressed with this thread's zstd context into at most
+/// `capacity` bytes.
+fn unzstd(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    UNZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.is_none() {
+            *z = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match z.as_mut() {
+            Some(d) => d.decompress(data, capacity),
+            None => unreachable!("made above"),
+        }
+    })
+}
+
 async fn request(
     conn: &Connection,
     g: Geometry,
@@ -920,7 +942,7 @@ async fn request(
                                 format!("compressed chunk {index} claims {raw_len} bytes"),
                             ));
                         }
-                        let raw = zstd::bulk::decompress(&data, raw_len as usize).map_err(|e| {
+                        let raw = unzstd(&data, raw_len as usize).map_err(|e| {
                             protocol(OP, format!("chunk {index} does not decompress: {e}"))
                         })?;
                         (index, hash, raw)

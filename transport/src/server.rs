@@ -12,6 +12,7 @@
 //! request gets an `Error` frame and its stream is stopped; the connection
 //! and the server stay up.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -735,7 +736,7 @@ fn start_piece(
 /// least 3% of the bytes, else a plain `Chunk`.
 fn chunk_frame(index: u64, hash: [u8; 32], data: &[u8], compress: bool) -> Vec<u8> {
     if compress && !data.is_empty() {
-        if let Ok(z) = zstd::bulk::compress(data, 1) {
+        if let Some(z) = zstd_level_1(data) {
             if z.len() + 4 < data.len() - data.len() / 33 {
                 return Message::ZChunk {
                     index,
@@ -751,6 +752,26 @@ fn chunk_frame(index: u64, hash: [u8; 32], data: &[u8], compress: bool) -> Vec<u
     frame.extend_from_slice(&wire::chunk_header(index, &hash, data.len()));
     frame.extend_from_slice(data);
     frame
+}
+
+thread_local! {
+    /// This thread's zstd context, made on its first chunk and kept: the
+    /// chunks are read and compressed on a few long-lived threads, and a
+    /// context made for every 64 KiB chunk costs an allocation and its
+    /// set-up each time.
+    static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// `data` compressed with zstd at level 1, on this thread's context;
+/// `None` when zstd fails (the chunk is then sent as it is).
+fn zstd_level_1(data: &[u8]) -> Option<Vec<u8>> {
+    ZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.is_none() {
+            *z = zstd::bulk::Compressor::new(1).ok();
+        }
+        z.as_mut()?.compress(data).ok()
+    })
 }
 
 /// Answers a Read; returns how long the first chunk took to read and
