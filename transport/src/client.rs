@@ -884,13 +884,11 @@ thread_local! {
 fn unzstd(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     UNZSTD.with(|z| {
         let mut z = z.borrow_mut();
-        if z.is_none() {
-            *z = Some(zstd::bulk::Decompressor::new()?);
-        }
-        match z.as_mut() {
-            Some(d) => d.decompress(data, capacity),
-            None => unreachable!("made above"),
-        }
+        let d = match z.as_mut() {
+            Some(d) => d,
+            None => z.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress(data, capacity)
     })
 }
 
