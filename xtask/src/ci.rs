@@ -9,15 +9,42 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::setup::{cargo, ensure_tools, run, target_dir, workspace_root};
+use crate::setup::{cargo, ensure, file, run, target_dir, tool, workspace_root, Need, LIBCLANG};
 
-/// Tools the tests need, and the Debian packages that have them.
-pub(crate) const TEST_TOOLS: &[(&str, &str)] = &[
-    ("qemu-io", "qemu-utils"),
-    ("qemu-img", "qemu-utils"),
-    ("qemu-nbd", "qemu-utils"),
-    ("mkfs.ext4", "e2fsprogs"),
-    ("systemd-analyze", "systemd"),
+/// What CI needs, installed in its first step: the tests' NBD clients and
+/// tools, the VM test's packages, the emulated WAN's and the bench's, and
+/// libclang for building ferry at all. Every later step's needs are here
+/// (a test checks), so a machine that lacks something stops CI at once
+/// with every missing package named.
+pub(crate) const NEEDS: &[Need] = &[
+    tool("qemu-io", "qemu-utils"),
+    tool("qemu-img", "qemu-utils"),
+    tool("qemu-nbd", "qemu-utils"),
+    tool("mkfs.ext4", "e2fsprogs"),
+    tool("e2fsck", "e2fsprogs"),
+    tool("systemd-analyze", "systemd"),
+    LIBCLANG,
+    // the ublk VM test
+    tool("qemu-system-x86_64", "qemu-system-x86"),
+    file("/bin/busybox", "busybox-static"),
+    tool("cpio", "cpio"),
+    tool("xz", "xz-utils"),
+    tool("zstd", "zstd"),
+    file("/usr/sbin/depmod", "kmod"),
+    tool("fio", "fio"),
+    file("/usr/sbin/blkdiscard", "util-linux"),
+    tool("cmp", "diffutils"),
+    // the emulated WAN (namespaces, TUN, tc)
+    tool("ip", "iproute2"),
+    tool("iptables", "iptables"),
+    // the bench's peers and plots (bench-smoke)
+    tool("nbdkit", "nbdkit"),
+    tool("nbdcopy", "libnbd-bin"),
+    tool("nbdinfo", "libnbd-bin"),
+    file(
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
@@ -31,7 +58,9 @@ fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
 /// Runs CI.
 pub(crate) fn run_ci() -> Result<()> {
     let root = workspace_root();
-    step("tools", || ensure_tools(TEST_TOOLS))?;
+    step("packages (installed if missing, none removed)", || {
+        ensure(NEEDS)
+    })?;
     step("fmt", || {
         run(Command::new(cargo())
             .current_dir(&root)
@@ -80,6 +109,17 @@ pub(crate) fn run_ci() -> Result<()> {
     step(
         "bench-smoke (the benchmark harness: all systems, 128 MiB, capped)",
         bench_smoke,
+    )?;
+    step(
+        "chaos (short: kills, serve restarts, link cuts, a full destination, under a flushing guest)",
+        || {
+            run(Command::new(cargo())
+                .current_dir(&root)
+                .env("FERRY_BIN", target_dir().join("debug").join("ferry"))
+                .args(["run", "--quiet", "-p", "xtask", "--", "chaos"])
+                .args(["--rounds", "6", "--size-mib", "16", "--seed", "24"])
+                .args(["--cut-min-s", "2", "--cut-max-s", "5", "--round-timeout-s", "300"]))
+        },
     )?;
     step("vm-test (real ublk driver in a VM)", || {
         run(Command::new(cargo())

@@ -13,7 +13,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::setup::{cargo, ensure_tools, run, target_dir, workspace_root};
+use crate::setup::{cargo, ensure, run, target_dir, tool, workspace_root, Need, LIBCLANG};
+
+/// What the demo needs: the NBD clients and mkfs it drives, and libclang
+/// to build ferry.
+pub(crate) const NEEDS: &[Need] = &[
+    tool("qemu-io", "qemu-utils"),
+    tool("qemu-img", "qemu-utils"),
+    tool("mkfs.ext4", "e2fsprogs"),
+    tool("e2fsck", "e2fsprogs"),
+    LIBCLANG,
+];
 
 /// Options of `cargo xtask demo`.
 #[derive(clap::Args, Debug)]
@@ -112,12 +122,7 @@ fn mib(b: u64) -> f64 {
 
 /// Runs the demo.
 pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
-    ensure_tools(&[
-        ("qemu-io", "qemu-utils"),
-        ("qemu-img", "qemu-utils"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("e2fsck", "e2fsprogs"),
-    ])?;
+    ensure(NEEDS)?;
     let root = workspace_root();
     eprintln!("demo: building ferry (release)");
     run(Command::new(cargo()).current_dir(&root).args([

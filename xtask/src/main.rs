@@ -2,6 +2,7 @@
 //! what CI runs; `cargo xtask demo` runs a migration on loopback.
 
 mod bench;
+mod chaos;
 mod ci;
 mod demo;
 mod setup;
@@ -22,7 +23,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run everything CI runs: fmt, clippy, all tests, the VM test.
+    /// Run everything CI runs, in this order: install missing packages
+    /// (never removing one), fmt, clippy -D warnings, build ferry, the
+    /// workspace's tests, xtask's tests, wan-smoke, bench-smoke, a short
+    /// chaos run, vm-test (real ublk driver in a VM), vm-wan-smoke.
     Ci,
     /// Run a migration demo: serve a disk holding a filesystem, pull it,
     /// use it with qemu-io while it copies, prove the result.
@@ -46,6 +50,10 @@ enum Cmd {
     /// Benchmark ferry against stop-and-copy and the nbdkit lazy proxy on
     /// the emulated WAN; writes BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Fault injection against whole migrations: kill pull/serve, cut the
+    /// link, fill the destination, while a guest writes and flushes; checks
+    /// every flushed write and the final image.
+    Chaos(chaos::ChaosArgs),
 }
 
 fn main() -> Result<()> {
@@ -60,5 +68,6 @@ fn main() -> Result<()> {
         Cmd::WanForward(args) => wan::run_forward(&args),
         Cmd::WanSmoke => wan::wan_smoke(),
         Cmd::Bench(args) => bench::run_bench(&args),
+        Cmd::Chaos(args) => chaos::run_chaos(&args),
     }
 }

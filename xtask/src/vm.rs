@@ -16,7 +16,7 @@
 
 mod bench;
 mod fixtures;
-mod host;
+pub(crate) mod host;
 mod initramfs;
 mod serial;
 mod wan_bench;

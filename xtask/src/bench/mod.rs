@@ -20,7 +20,7 @@
 //! background scan is slow; a run of it is stopped at `--lazy-cap-s` and
 //! its whole-disk figure reported as a lower bound.
 
-mod nbd;
+pub(crate) mod nbd;
 mod plot;
 mod sampler;
 mod steal;
@@ -36,7 +36,23 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::setup::{ensure_tools, target_dir, workspace_root};
+use crate::setup::{ensure, file, target_dir, tool, workspace_root, Need};
+
+/// What the bench needs: its peers, mkfs and the plots' font.
+pub(crate) const NEEDS: &[Need] = &[
+    tool("qemu-nbd", "qemu-utils"),
+    tool("qemu-img", "qemu-utils"),
+    tool("mkfs.ext4", "e2fsprogs"),
+    tool("nbdkit", "nbdkit"),
+    tool("nbdcopy", "libnbd-bin"),
+    tool("nbdinfo", "libnbd-bin"),
+    tool("ip", "iproute2"),
+    tool("iptables", "iptables"),
+    file(
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
+];
 use crate::stats::{median, median_index, mmm, percentile};
 use crate::wan::procs::{self, FerryIds, Proc};
 use crate::wan::{counter, LinkOpts, Wan, SRC_ADDR};
@@ -294,14 +310,7 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
         section: report_section(a.quick, &a.section).to_string(),
         ..a.clone()
     };
-    ensure_tools(&[
-        ("qemu-nbd", "qemu-utils"),
-        ("qemu-img", "qemu-utils"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("nbdkit", "nbdkit"),
-        ("nbdcopy", "libnbd-bin"),
-        ("nbdinfo", "libnbd-bin"),
-    ])?;
+    ensure(NEEDS)?;
     let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
     let size_mib = a.size_mib.unwrap_or(if a.quick { 256 } else { 2048 });
     let want_cases = a.cases.clone().unwrap_or_else(|| {

@@ -8,78 +8,32 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::run;
+use crate::setup::{file, Need};
 
 /// Debian packages the harness uses, each with a file that shows it is
 /// installed.
-const PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
-    ("busybox-static", "/bin/busybox"),
-    ("cpio", "/usr/bin/cpio"),
-    ("xz-utils", "/usr/bin/xz"),
-    ("kmod", "/usr/sbin/depmod"),
+pub(crate) const NEEDS: &[Need] = &[
+    file("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+    file("/bin/busybox", "busybox-static"),
+    file("/usr/bin/cpio", "cpio"),
+    file("/usr/bin/xz", "xz-utils"),
+    file("/usr/bin/zstd", "zstd"),
+    file("/usr/sbin/depmod", "kmod"),
     // libublk's -sys crate runs bindgen, which needs libclang.
-    ("libclang-dev", "/usr/lib/llvm-14/lib/libclang.so"),
-    ("e2fsprogs", "/usr/sbin/mkfs.ext4"),
-    ("fio", "/usr/bin/fio"),
-    ("util-linux", "/usr/sbin/blkdiscard"),
-    ("diffutils", "/usr/bin/cmp"),
+    crate::setup::LIBCLANG,
+    file("/usr/sbin/mkfs.ext4", "e2fsprogs"),
+    file("/usr/bin/fio", "fio"),
+    file("/usr/sbin/blkdiscard", "util-linux"),
+    file("/usr/bin/cmp", "diffutils"),
 ];
 
 /// The metapackage that depends on the current 6.12 cloud kernel.
 const KERNEL_META: &str = "linux-image-6.12-cloud-amd64";
 
-/// Installs whatever of [`PACKAGES`] is missing (as root), or fails naming
-/// the packages to install.
+/// Installs whatever of [`NEEDS`] is missing (as root, never removing a
+/// package), or fails naming the packages to install.
 pub(crate) fn ensure_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(pkg, file)| !Path::new(file).exists() && !dpkg_installed(pkg))
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!(
-            "vm-test needs these Debian packages, which are missing: {} \
-             (run: sudo apt-get install -y {})",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    println!("vm-test: installing {}", missing.join(" "));
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("running apt-get install")
-    };
-    if !install()?.success() {
-        println!("vm-test: apt-get install failed; running apt-get update and retrying");
-        run(Command::new("apt-get").arg("update"))?;
-        if !install()?.success() {
-            bail!("apt-get install -y {} failed", missing.join(" "));
-        }
-    }
-    Ok(())
-}
-
-fn dpkg_installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f", "${db:Status-Status}", pkg])
-        .output()
-        .map(|o| o.status.success() && o.stdout == b"installed")
-        .unwrap_or(false)
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    crate::setup::ensure(NEEDS).context("vm-test's packages")
 }
 
 /// An unpacked kernel: its image and decompressed modules.
@@ -236,7 +190,7 @@ fn concrete_kernel_package() -> Result<String> {
     if let Some(pkg) = query()? {
         return Ok(pkg);
     }
-    if is_root() {
+    if rustix::process::geteuid().is_root() {
         println!("vm-test: {KERNEL_META} unknown to apt; running apt-get update");
         run(Command::new("apt-get").arg("update"))?;
         if let Some(pkg) = query()? {
