@@ -40,8 +40,6 @@ const VERIFIED_AT: usize = 2048;
 const VERIFIED_MAGIC: &[u8; 8] = b"VERIFIED";
 /// Magic, disk hash, chunks checked, then a BLAKE3 checksum of those.
 const VERIFIED_BODY: usize = 8 + 32 + 8;
-/// Bytes of the header before its checksum.
-const HEADER_BODY: usize = 8 + 4 + 32 + 8 + 4;
 
 /// What a state file's header says, read without knowing the source:
 /// enough to serve the disk before (or without) reaching it.
@@ -328,15 +326,31 @@ impl StateFile {
             .write(true)
             .open(path)
             .map_err(io_err("cannot open"))?;
-        let (h, header) = Self::parse_header(&file, path)?;
-        if header.source_id != source_id {
+        let mut h = vec![0u8; PAGE];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|_| invalid("shorter than its header"))?;
+        if &h[..8] != MAGIC {
+            return Err(invalid("bad magic"));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(invalid(&format!("unsupported version {version}")));
+        }
+        let body = 8 + 4 + 32 + 8 + 4;
+        if blake3::hash(&h[..body]).as_bytes() != &h[body..body + 32] {
+            return Err(invalid("header checksum mismatch"));
+        }
+        let found: [u8; 32] = h[12..44].try_into().expect("32 bytes");
+        if found != source_id {
             return Err(StateError::OtherSource {
                 path: path.to_owned(),
-                found: hex(&header.source_id),
+                found: hex(&found),
                 expected: hex(&source_id),
             });
         }
-        if header.geometry != geo {
+        let size = u64::from_le_bytes(h[44..52].try_into().expect("8 bytes"));
+        let chunk = u32::from_le_bytes(h[52..56].try_into().expect("4 bytes"));
+        if size != geo.disk_size || chunk != geo.chunk_size {
             return Err(invalid("geometry differs from the source's"));
         }
         let [(present_off, present_len), (guest_off, guest_len), (written_off, written_len)] =
@@ -391,7 +405,7 @@ impl StateFile {
             dirty_present: BTreeSet::new(),
             dirty_guest: BTreeSet::new(),
             recovered,
-            verified: header.verified,
+            verified: Verified::decode(&h),
         })
     }
 
@@ -399,20 +413,16 @@ impl StateFile {
     /// changing anything: the geometry and source id it was made for, and
     /// whether the copy was complete and verified. A resumed pull serves
     /// the disk from these before (or without) reaching the source.
-    pub fn read_header(path: &Path) -> Result<StateHeader, StateError> {
+    pub fn peek(path: &Path) -> Result<StateHeader, StateError> {
+        let invalid = |why: &str| StateError::Invalid {
+            path: path.to_owned(),
+            why: why.to_owned(),
+        };
         let file = File::open(path).map_err(|source| StateError::Io {
             op: "cannot open",
             path: path.to_owned(),
             source,
         })?;
-        Ok(Self::parse_header(&file, path)?.1)
-    }
-
-    fn parse_header(file: &File, path: &Path) -> Result<(Vec<u8>, StateHeader), StateError> {
-        let invalid = |why: &str| StateError::Invalid {
-            path: path.to_owned(),
-            why: why.to_owned(),
-        };
         let mut h = vec![0u8; PAGE];
         file.read_exact_at(&mut h, 0)
             .map_err(|_| invalid("shorter than its header"))?;
@@ -423,21 +433,20 @@ impl StateFile {
         if version != VERSION {
             return Err(invalid(&format!("unsupported version {version}")));
         }
-        if blake3::hash(&h[..HEADER_BODY]).as_bytes() != &h[HEADER_BODY..HEADER_BODY + 32] {
+        let body = 8 + 4 + 32 + 8 + 4;
+        if blake3::hash(&h[..body]).as_bytes() != &h[body..body + 32] {
             return Err(invalid("header checksum mismatch"));
         }
-        let source_id: [u8; 32] = h[12..44].try_into().expect("32 bytes");
         let size = u64::from_le_bytes(h[44..52].try_into().expect("8 bytes"));
         let chunk = u32::from_le_bytes(h[52..56].try_into().expect("4 bytes"));
         if chunk == 0 || chunk % ferry_core::geometry::BLOCK_SIZE != 0 {
             return Err(invalid(&format!("bad chunk size {chunk}")));
         }
-        let header = StateHeader {
+        Ok(StateHeader {
             geometry: Geometry::new(size, chunk),
-            source_id,
+            source_id: h[12..44].try_into().expect("32 bytes"),
             verified: Verified::decode(&h),
-        };
-        Ok((h, header))
+        })
     }
 
     /// Whether the copy was recorded as complete and verified (see
@@ -617,7 +626,7 @@ mod tests {
         let p = dir.path().join("s");
         let geo = Geometry::new(40 << 20, 65536);
         let mut s = StateFile::create(&p, geo, [9; 32]).unwrap();
-        let h = StateFile::read_header(&p).unwrap();
+        let h = StateFile::peek(&p).unwrap();
         assert_eq!(
             h,
             StateHeader {
@@ -632,16 +641,16 @@ mod tests {
         };
         s.record_verified(v).unwrap();
         drop(s);
-        assert_eq!(StateFile::read_header(&p).unwrap().verified, Some(v));
+        assert_eq!(StateFile::peek(&p).unwrap().verified, Some(v));
         let s = StateFile::open(&p, geo, [9; 32]).unwrap();
         assert_eq!(s.verified(), Some(v));
         drop(s);
         // A damaged record is no record: not verified.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], (VERIFIED_AT + 20) as u64).unwrap();
-        assert_eq!(StateFile::read_header(&p).unwrap().verified, None);
+        assert_eq!(StateFile::peek(&p).unwrap().verified, None);
         std::fs::write(dir.path().join("junk"), vec![0u8; 8192]).unwrap();
-        let e = StateFile::read_header(&dir.path().join("junk")).unwrap_err();
+        let e = StateFile::peek(&dir.path().join("junk")).unwrap_err();
         assert!(e.to_string().contains("bad magic"), "{e}");
     }
 

@@ -289,7 +289,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     // before (or without) reaching the source; only a fresh one must ask
     // the source first. Nothing is changed by reading it.
     let header = if state_path.exists() {
-        Some(StateFile::read_header(&state_path)?)
+        Some(StateFile::peek(&state_path)?)
     } else {
         None
     };
