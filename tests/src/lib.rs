@@ -204,6 +204,39 @@ impl World {
         panic!("cannot start ferry serve");
     }
 
+    /// Starts `ferry serve` of `disk` again on `port` (after the first one
+    /// on that port was stopped) and waits until it exports.
+    pub fn serve_on(&self, disk: &Path, port: u16) -> Proc {
+        let listen = format!("127.0.0.1:{port}");
+        let id = self.dir.path().join("src-id");
+        let args = [
+            "serve",
+            "--disk",
+            disk.to_str().expect("utf8"),
+            "--listen",
+            &listen,
+            "--identity",
+            id.to_str().expect("utf8"),
+            "--trust-peer",
+            &self.dst_fp,
+        ];
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(60) {
+            let mut p = self.spawn("serve", &args);
+            while t0.elapsed() < Duration::from_secs(60) {
+                if p.log_text().contains("ferry serve: exporting") {
+                    return p;
+                }
+                if p.wait_exit(Duration::from_millis(50)).is_some() {
+                    break;
+                }
+            }
+            // The port may not be free again yet.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("cannot start ferry serve again on port {port}");
+    }
+
     /// Arguments of `ferry pull` from the source at `port` into `disk`.
     pub fn pull_args(&self, port: u16, disk: &str) -> Vec<String> {
         self.pull_args_tagged(port, disk, "")
@@ -338,6 +371,15 @@ impl World {
         assert!(!text.contains("failed"), "qemu-io: {text}");
         text
     }
+}
+
+/// `bytes` as qemu-io's `read -v` prints them: hex pairs, space apart.
+pub fn qemu_hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 impl Default for World {

@@ -163,6 +163,9 @@ struct Inner {
     path: Arc<PathReports>,
     /// On-demand reads hedged so far.
     hedged: AtomicU64,
+    /// Set by [`Client::close`]: the source is no longer needed, so
+    /// [`Client::keep_connected`] stops.
+    released: std::sync::atomic::AtomicBool,
 }
 
 /// Wire counters summed over connections.
@@ -258,6 +261,7 @@ impl Client {
             authenticated: std::sync::atomic::AtomicBool::new(false),
             path: Arc::new(PathReports::default()),
             hedged: AtomicU64::new(0),
+            released: std::sync::atomic::AtomicBool::new(false),
         };
         let (conn, info, stream) = inner.establish().await?;
         *inner.welcome_stream.get_mut() = Some(stream);
@@ -465,10 +469,48 @@ impl Client {
     }
 
     /// Closes the connection to the source (requests in flight fail over
-    /// to a reconnect if the handle is used again).
+    /// to a reconnect if the handle is used again) and ends
+    /// [`Client::keep_connected`].
     pub fn close(&self) {
+        self.inner.released.store(true, Ordering::Release);
         if let Some(c) = &self.inner.lock().conn {
             c.close(VarInt::from_u32(0), b"destination closed");
+        }
+    }
+
+    /// Watches the connection and replaces it as soon as it is lost, even
+    /// when no request is waiting on it, so the loss shows in
+    /// [`Client::stats`] within the idle timeout (see
+    /// [`crate::tuning::Tuning::idle_timeout`]) and is logged once, and a
+    /// connection is ready when the next request comes. Returns `Ok` after
+    /// [`Client::close`]; an error if the source refused us or changed (no
+    /// reconnect can fix either).
+    pub async fn keep_connected(&self) -> Result<(), TransportError> {
+        let inner = &self.inner;
+        loop {
+            let (generation, conn) = {
+                let st = inner.lock();
+                if inner.released.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                if let Some(e) = inner.source_changed(&st) {
+                    return Err(e);
+                }
+                (st.generation, st.conn.clone())
+            };
+            if let Some(conn) = conn {
+                let reason = conn.closed().await;
+                if inner.released.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+                if tls::is_cert_refusal(&reason) {
+                    return Err(inner.classify("connection", reason));
+                }
+                if !matches!(reason, ConnectionError::LocallyClosed) {
+                    tracing::warn!(addr = %inner.addr, "lost the connection to the source: {reason}; reconnecting");
+                }
+            }
+            inner.reconnect(generation).await?;
         }
     }
 }
@@ -516,16 +558,28 @@ impl Inner {
         }
     }
 
-    /// Connects and takes the Welcome, within the connect timeout.
+    /// Connects and takes the Welcome, within the connect timeout. A
+    /// handshake that times out sooner (QUIC's idle timeout, which is
+    /// sized to notice a dead peer quickly) is tried again until then.
     async fn establish(
         &self,
     ) -> Result<(Connection, SourceInfo, quinn::RecvStream), TransportError> {
-        match tokio::time::timeout(self.connect_timeout, self.establish_inner()).await {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::Unreachable {
-                addr: self.addr,
-                after: self.connect_timeout,
-            }),
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.establish_inner()).await {
+                Ok(Err(TransportError::Unreachable { .. }))
+                    if tokio::time::Instant::now() + BACKOFF_START < deadline =>
+                {
+                    tokio::time::sleep(BACKOFF_START).await;
+                }
+                Ok(r) => return r,
+                Err(_) => {
+                    return Err(TransportError::Unreachable {
+                        addr: self.addr,
+                        after: self.connect_timeout,
+                    })
+                }
+            }
         }
     }
 
@@ -582,6 +636,7 @@ impl Inner {
             }
         }
         let mut delay = BACKOFF_START;
+        let mut failures = 0u64;
         loop {
             match self.establish().await {
                 // Requests on the new connection prove the source accepted
@@ -609,8 +664,14 @@ impl Inner {
                     tracing::info!(addr = %self.addr, reconnects = st.reconnects, "reconnected to the source");
                     return Ok(());
                 }
+                // Said once per outage; the retries are for debugging.
+                Err(e) if failures == 0 => {
+                    failures += 1;
+                    tracing::warn!(addr = %self.addr, "reconnect failed: {e}; retrying with backoff up to {BACKOFF_MAX:?}");
+                }
                 Err(e) => {
-                    tracing::warn!(addr = %self.addr, "reconnect failed: {e}; retrying in {delay:?}");
+                    failures += 1;
+                    tracing::debug!(addr = %self.addr, failures, "reconnect failed: {e}; retrying in {delay:?}");
                 }
             }
             tokio::time::sleep(delay).await;

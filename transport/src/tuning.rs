@@ -46,10 +46,15 @@ pub struct Tuning {
     /// requests in flight on one connection.
     pub max_concurrent_bidi_streams: u32,
     /// Interval of keep-alive pings, so an idle but healthy connection is
-    /// not dropped and a dead one is noticed.
+    /// not dropped and a dead one is noticed: a fifth of `idle_timeout`.
     pub keep_alive: Duration,
     /// A connection with no packet from the peer for this long is dead:
-    /// the client then reconnects. About 5 keep-alives.
+    /// the client then reconnects. Six RTTs of the link, within
+    /// [`MIN_IDLE_TIMEOUT`] and [`MAX_IDLE_TIMEOUT`]: a source that died
+    /// is noticed in seconds (it was 10 s whatever the link, and guest
+    /// I/O and `source_state` waited that long), and five keep-alives in
+    /// a row, each retransmitted by quinn's probe timer, must be lost
+    /// before a live one is dropped.
     pub idle_timeout: Duration,
     /// Congestion control: the loss-tolerant, delay-aware controller of
     /// [`crate::congestion`] (true), or quinn's Cubic (false).
@@ -86,6 +91,17 @@ impl Default for Tuning {
         Tuning::for_link(1_000_000_000, Duration::from_millis(100))
     }
 }
+
+/// Shortest idle timeout ([`Tuning::idle_timeout`]): a loaded host may
+/// leave a live connection's packets unread for a while (tests run at
+/// nice 19 on two busy cores).
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Longest idle timeout ([`Tuning::idle_timeout`]).
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle timeout in RTTs of the link.
+const IDLE_TIMEOUT_RTTS: u32 = 6;
+/// Keep-alives per idle timeout.
+const KEEP_ALIVES_PER_IDLE_TIMEOUT: u32 = 5;
 
 const MIN_STREAM_WINDOW: u64 = 1_250_000;
 /// Smallest connection windows: twice what the copier's smallest window
@@ -132,6 +148,9 @@ impl Tuning {
     pub fn for_link(bandwidth_bits_per_sec: u64, rtt: Duration) -> Tuning {
         let bdp = bdp_bytes(bandwidth_bits_per_sec, rtt);
         let clamp = |v: u64, min: u64| v.clamp(min, MAX_WINDOW);
+        let idle_timeout = rtt
+            .saturating_mul(IDLE_TIMEOUT_RTTS)
+            .clamp(MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT);
         Tuning {
             stream_receive_window: clamp(bdp.saturating_mul(2), MIN_STREAM_WINDOW),
             receive_window: clamp(bdp.saturating_mul(8), MIN_CONN_WINDOW),
@@ -143,8 +162,8 @@ impl Tuning {
             },
             socket_buffer: 8 * 1024 * 1024,
             max_concurrent_bidi_streams: 256,
-            keep_alive: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(10),
+            keep_alive: idle_timeout / KEEP_ALIVES_PER_IDLE_TIMEOUT,
+            idle_timeout,
             loss_tolerant: true,
             max_congestion_window: clamp(bdp.saturating_mul(4), MIN_CONGESTION_CAP),
             link_rate: bandwidth_bits_per_sec / 8,
@@ -268,6 +287,23 @@ mod tests {
         let huge = Tuning::for_link(u64::MAX, Duration::from_secs(100));
         assert_eq!(huge.receive_window, MAX_WINDOW);
         let _ = huge.transport_config();
+    }
+
+    #[test]
+    fn a_dead_peer_is_noticed_within_a_few_rtts_of_the_link() {
+        let at = |ms| Tuning::for_link(200_000_000, Duration::from_millis(ms));
+        // Short links: the floor.
+        assert_eq!(at(1).idle_timeout, MIN_IDLE_TIMEOUT);
+        assert_eq!(at(100).idle_timeout, MIN_IDLE_TIMEOUT);
+        assert_eq!(at(100).keep_alive, Duration::from_millis(300));
+        // Long ones: six RTTs, five keep-alives in each.
+        assert_eq!(at(500).idle_timeout, Duration::from_secs(3));
+        assert_eq!(at(500).keep_alive, Duration::from_millis(600));
+        assert_eq!(at(5000).idle_timeout, MAX_IDLE_TIMEOUT);
+        for t in [at(1), at(50), at(150), at(300), at(5000)] {
+            assert!(t.keep_alive * KEEP_ALIVES_PER_IDLE_TIMEOUT <= t.idle_timeout);
+            let _ = t.transport_config();
+        }
     }
 
     #[test]

@@ -89,9 +89,11 @@ pub(crate) struct ServeArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct PullArgs {
-    /// Source address (where `ferry serve` listens).
+    /// Source address (where `ferry serve` listens). Needed unless the
+    /// state file says the copy is complete and verified. A resumed pull
+    /// serves its disk first and reaches the source in the background.
     #[arg(long)]
-    pub(crate) source: SocketAddr,
+    pub(crate) source: Option<SocketAddr>,
     /// Local backing file for the disk (created sparse, or resumed).
     #[arg(long)]
     pub(crate) disk: PathBuf,
@@ -128,9 +130,9 @@ pub(crate) struct PullArgs {
     /// Our identity directory (from `ferry keygen`).
     #[arg(long)]
     pub(crate) identity: PathBuf,
-    /// Fingerprint of the source's certificate.
+    /// Fingerprint of the source's certificate (needed with --source).
     #[arg(long = "trust-peer")]
-    pub(crate) trust_peer: String,
+    pub(crate) trust_peer: Option<String>,
     /// Start with the background copy held back (release it with
     /// `ferry background --control PATH resume`).
     #[arg(long)]
@@ -155,9 +157,16 @@ pub(crate) struct PullArgs {
     /// Persist the block map once this many fetched bytes are unsynced.
     #[arg(long, default_value_t = 32 << 20)]
     pub(crate) sync_bytes: u64,
-    /// Give up connecting to the source at start after this many seconds.
+    /// Give up connecting to the source at start after this many seconds
+    /// (a fresh pull, which learns the disk's geometry from the source;
+    /// a resumed one keeps trying in the background).
     #[arg(long, default_value_t = 10)]
     pub(crate) connect_timeout: u64,
+    /// Fail a guest request (EIO) that has waited this many seconds for
+    /// absent data, e.g. while the source is unreachable. Default: wait
+    /// until the source answers.
+    #[arg(long)]
+    pub(crate) absent_timeout_secs: Option<u64>,
     #[command(flatten)]
     pub(crate) link: LinkArgs,
 }

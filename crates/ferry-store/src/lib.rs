@@ -20,7 +20,7 @@ pub mod state;
 
 pub use backing::{Backing, BackingError};
 pub use source::{SourceError, SourceImage};
-pub use state::{StateError, StateFile};
+pub use state::{StateError, StateFile, StateHeader, Verified};
 
 /// Makes the directory entry of a newly created `path` durable: fsync of
 /// its parent directory (a file's own fsync need not cover its name).

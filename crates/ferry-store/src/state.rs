@@ -2,7 +2,8 @@
 //!
 //! Layout: a 4 KiB header (magic, version, the source's id, disk size,
 //! chunk size, a BLAKE3 checksum of those; at byte 1024 the id of the boot
-//! that last opened the file), then the present bitmap (one bit per block),
+//! that last opened the file; at byte 2048, once the copy is complete and
+//! verified, a record saying so, with its own checksum), then the present bitmap (one bit per block),
 //! the guest bitmap (one bit per chunk) and the written bitmap (one bit per
 //! block), each padded to 4 KiB.
 //!
@@ -34,6 +35,61 @@ const MAGIC: &[u8; 8] = b"FERRYST1";
 const VERSION: u32 = 2;
 const BOOT_ID_AT: usize = 1024;
 const BOOT_ID_LEN: usize = 64;
+/// Where the "complete and verified" record is (see [`Verified`]).
+const VERIFIED_AT: usize = 2048;
+const VERIFIED_MAGIC: &[u8; 8] = b"VERIFIED";
+/// Magic, disk hash, chunks checked, then a BLAKE3 checksum of those.
+const VERIFIED_BODY: usize = 8 + 32 + 8;
+
+/// What a state file's header says, read without knowing the source:
+/// enough to serve the disk before (or without) reaching it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateHeader {
+    /// The disk's geometry.
+    pub geometry: Geometry,
+    /// The id of the source the disk is copied from.
+    pub source_id: [u8; 32],
+    /// Set once the copy was complete and verified against the source.
+    pub verified: Option<Verified>,
+}
+
+/// The durable record that a copy was complete and verified: every block
+/// present, every chunk the guest did not write equal to the source's.
+/// From then on the disk needs no source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// BLAKE3 of the whole disk when it was verified.
+    pub disk_blake3: [u8; 32],
+    /// Chunks checked against the source's hashes.
+    pub chunks_checked: u64,
+}
+
+impl Verified {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(VERIFIED_BODY + 32);
+        b.extend_from_slice(VERIFIED_MAGIC);
+        b.extend_from_slice(&self.disk_blake3);
+        b.extend_from_slice(&self.chunks_checked.to_le_bytes());
+        let sum = *blake3::hash(&b).as_bytes();
+        b.extend_from_slice(&sum);
+        b
+    }
+
+    /// The record in a header page, if there is a valid one (a torn or
+    /// absent record reads as "not verified": the safe side).
+    fn decode(page: &[u8]) -> Option<Verified> {
+        let b = page.get(VERIFIED_AT..VERIFIED_AT + VERIFIED_BODY + 32)?;
+        if &b[..8] != VERIFIED_MAGIC
+            || blake3::hash(&b[..VERIFIED_BODY]).as_bytes() != &b[VERIFIED_BODY..]
+        {
+            return None;
+        }
+        Some(Verified {
+            disk_blake3: b[8..40].try_into().ok()?,
+            chunks_checked: u64::from_le_bytes(b[40..48].try_into().ok()?),
+        })
+    }
+}
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), or empty if unknown
 /// (then written bits are never adopted: the safe choice).
@@ -95,6 +151,7 @@ pub struct StateFile {
     dirty_present: BTreeSet<usize>,
     dirty_guest: BTreeSet<usize>,
     recovered: Vec<std::ops::Range<u64>>,
+    verified: Option<Verified>,
 }
 
 fn round_page(n: usize) -> usize {
@@ -234,6 +291,7 @@ impl StateFile {
             dirty_present: BTreeSet::new(),
             dirty_guest: BTreeSet::new(),
             recovered: Vec::new(),
+            verified: None,
         })
     }
 
@@ -347,7 +405,70 @@ impl StateFile {
             dirty_present: BTreeSet::new(),
             dirty_guest: BTreeSet::new(),
             recovered,
+            verified: Verified::decode(&h),
         })
+    }
+
+    /// Reads and checks the header of the state file at `path` without
+    /// changing anything: the geometry and source id it was made for, and
+    /// whether the copy was complete and verified. A resumed pull serves
+    /// the disk from these before (or without) reaching the source.
+    pub fn peek(path: &Path) -> Result<StateHeader, StateError> {
+        let invalid = |why: &str| StateError::Invalid {
+            path: path.to_owned(),
+            why: why.to_owned(),
+        };
+        let file = File::open(path).map_err(|source| StateError::Io {
+            op: "cannot open",
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut h = vec![0u8; PAGE];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|_| invalid("shorter than its header"))?;
+        if &h[..8] != MAGIC {
+            return Err(invalid("bad magic"));
+        }
+        let version = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(invalid(&format!("unsupported version {version}")));
+        }
+        let body = 8 + 4 + 32 + 8 + 4;
+        if blake3::hash(&h[..body]).as_bytes() != &h[body..body + 32] {
+            return Err(invalid("header checksum mismatch"));
+        }
+        let size = u64::from_le_bytes(h[44..52].try_into().expect("8 bytes"));
+        let chunk = u32::from_le_bytes(h[52..56].try_into().expect("4 bytes"));
+        if chunk == 0 || chunk % ferry_core::geometry::BLOCK_SIZE != 0 {
+            return Err(invalid(&format!("bad chunk size {chunk}")));
+        }
+        Ok(StateHeader {
+            geometry: Geometry::new(size, chunk),
+            source_id: h[12..44].try_into().expect("32 bytes"),
+            verified: Verified::decode(&h),
+        })
+    }
+
+    /// Whether the copy was recorded as complete and verified (see
+    /// [`StateFile::record_verified`]).
+    pub fn verified(&self) -> Option<Verified> {
+        self.verified
+    }
+
+    /// Records durably that the copy is complete and verified: from then
+    /// on the disk is served without its source. The caller has synced the
+    /// backing file and persisted every present bit before.
+    pub fn record_verified(&mut self, v: Verified) -> Result<(), StateError> {
+        self.file
+            .write_all_at(&v.encode(), VERIFIED_AT as u64)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| StateError::Io {
+                op: "cannot record the verification in",
+                path: self.path.clone(),
+                source,
+            })?;
+        self.verified = Some(v);
+        Ok(())
     }
 
     /// The path.
@@ -497,6 +618,40 @@ mod tests {
         );
         std::fs::write(dir.path().join("junk"), b"hello").unwrap();
         assert!(StateFile::open(&dir.path().join("junk"), geo, [1; 32]).is_err());
+    }
+
+    #[test]
+    fn the_header_and_the_verified_record_read_without_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let geo = Geometry::new(40 << 20, 65536);
+        let mut s = StateFile::create(&p, geo, [9; 32]).unwrap();
+        let h = StateFile::peek(&p).unwrap();
+        assert_eq!(
+            h,
+            StateHeader {
+                geometry: geo,
+                source_id: [9; 32],
+                verified: None
+            }
+        );
+        let v = Verified {
+            disk_blake3: [3; 32],
+            chunks_checked: 17,
+        };
+        s.record_verified(v).unwrap();
+        drop(s);
+        assert_eq!(StateFile::peek(&p).unwrap().verified, Some(v));
+        let s = StateFile::open(&p, geo, [9; 32]).unwrap();
+        assert_eq!(s.verified(), Some(v));
+        drop(s);
+        // A damaged record is no record: not verified.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], (VERIFIED_AT + 20) as u64).unwrap();
+        assert_eq!(StateFile::peek(&p).unwrap().verified, None);
+        std::fs::write(dir.path().join("junk"), vec![0u8; 8192]).unwrap();
+        let e = StateFile::peek(&dir.path().join("junk")).unwrap_err();
+        assert!(e.to_string().contains("bad magic"), "{e}");
     }
 
     #[test]

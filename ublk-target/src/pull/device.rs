@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ferry_core::engine::{Arrival, FetchKind, Payload, ReadPlan, WritePlan};
 use ferry_core::geometry::BLOCK_SIZE;
@@ -27,9 +28,20 @@ pub(crate) struct Shared {
     /// Making freshly created files durable, until the first sync round has
     /// waited for it (see `open_or_create`).
     pub(crate) created: Mutex<Option<tokio::task::JoinHandle<io::Result<()>>>>,
-    pub(crate) client: Client,
+    /// The connection to the source, once reached: a fresh pull has it
+    /// before it serves; a resumed one serves first and gets it later
+    /// (or never, for a copy complete and verified).
+    pub(crate) source: tokio::sync::watch::Sender<Option<Client>>,
+    /// Whether guest I/O waits for the source's acceptance (a fresh pull;
+    /// see [`Shared::admitted`]).
+    pub(crate) gated: bool,
+    /// How long a guest request waits for absent data before it fails
+    /// (`--absent-timeout-secs`; `None`: until the source answers).
+    pub(crate) absent_timeout: Option<Duration>,
     /// Background requests currently in flight.
     pub(crate) bg_in_flight: AtomicU64,
+    /// Bytes of the background requests currently in flight.
+    pub(crate) bg_in_flight_bytes: AtomicU64,
 }
 
 fn eio(msg: impl Into<String>) -> io::Error {
@@ -41,26 +53,93 @@ impl Shared {
         self.engine.lock().expect("engine lock poisoned")
     }
 
+    /// The connection to the source, if it has been reached.
+    pub(crate) fn client_now(&self) -> Option<Client> {
+        self.source.borrow().clone()
+    }
+
+    /// The connection to the source, once it has been reached.
+    pub(crate) async fn client(&self) -> Client {
+        let mut rx = self.source.subscribe();
+        let client = match rx.wait_for(Option::is_some).await {
+            Ok(c) => c.clone(),
+            // The sender lives as long as `self`.
+            Err(_) => None,
+        };
+        match client {
+            Some(c) => c,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Whether guest I/O may be answered now (see [`Shared::admitted`]).
+    fn admitted_now(&self) -> bool {
+        !self.gated
+            || self
+                .source
+                .borrow()
+                .as_ref()
+                .is_none_or(|c| c.is_authenticated())
+    }
+
     /// Whether a read of `offset..offset + len` can be answered at once
     /// from the backing file: the source has accepted us (see
     /// [`Shared::admitted`]) and every block is present.
     fn readable_now(&self, offset: u64, len: u64) -> bool {
-        self.client.is_authenticated() && self.lock().readable(offset, len)
+        self.admitted_now() && self.lock().readable(offset, len)
     }
 
-    /// Holds guest I/O until the source has accepted our certificate. The
-    /// disk is served as soon as the source's Welcome arrives (0.5-RTT),
-    /// one round trip before that acceptance; no guest request is
-    /// answered before it, so a refused pull has acknowledged nothing and
-    /// can remove the files it created. Costs nothing afterwards.
+    /// Holds a fresh pull's guest I/O until the source has accepted our
+    /// certificate. Its disk is served as soon as the source's Welcome
+    /// arrives (0.5-RTT), one round trip before that acceptance; no guest
+    /// request is answered before it, so a refused pull has acknowledged
+    /// nothing and can remove the files it created. Costs nothing
+    /// afterwards, and nothing ever in a resumed pull: its disk holds data
+    /// of its own, served without the source.
     async fn admitted(&self) -> io::Result<()> {
-        if self.client.is_authenticated() {
+        if self.admitted_now() {
             return Ok(());
         }
-        self.client
+        let Some(client) = self.client_now() else {
+            return Ok(());
+        };
+        client
             .authenticated()
             .await
             .map_err(|e| eio(format!("the source did not accept us: {e}")))
+    }
+
+    /// The latest time a guest request that started now may wait for
+    /// absent data (see `--absent-timeout-secs`).
+    fn absent_deadline(&self) -> Option<tokio::time::Instant> {
+        self.absent_timeout.map(|t| tokio::time::Instant::now() + t)
+    }
+
+    /// Waits for `notified` (a chunk's state changed), or fails the guest
+    /// request for `what` once `deadline` has passed.
+    async fn wait_absent(
+        &self,
+        notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        deadline: Option<tokio::time::Instant>,
+        (what, offset, len): (&str, u64, u64),
+    ) -> io::Result<()> {
+        let Some(deadline) = deadline else {
+            notified.await;
+            return Ok(());
+        };
+        if tokio::time::timeout_at(deadline, notified).await.is_ok() {
+            return Ok(());
+        }
+        let state = match self.client_now() {
+            None => "not reached yet".to_string(),
+            Some(c) => format!("{:?}", c.stats().state).to_lowercase(),
+        };
+        let msg = format!(
+            "{what} of {len} bytes at {offset}: absent data not fetched within {:?} (--absent-timeout-secs); the source is {state}",
+            self.absent_timeout.unwrap_or_default()
+        );
+        tracing::warn!("{msg}");
+        Err(eio(msg))
     }
 
     /// Starts fetching `range` from the source in its own task: the fetch
@@ -76,8 +155,9 @@ impl Shared {
             FetchKind::Background => Priority::Background,
         };
         let count = (range.end - range.start) as u32;
+        let client = self.client().await;
         let t0 = std::time::Instant::now();
-        match self.client.read_chunks(range.start, count, prio).await {
+        match client.read_chunks(range.start, count, prio).await {
             Ok(chunks) => {
                 let fetched = t0.elapsed();
                 for (chunk, data) in range.clone().zip(chunks) {
@@ -215,6 +295,7 @@ impl Shared {
         F: FnOnce(&Backing) -> io::Result<()> + Send + 'static,
     {
         let mut op = Some(op);
+        let deadline = self.absent_deadline();
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -251,7 +332,8 @@ impl Shared {
                     for r in start {
                         self.spawn_fetch(r, FetchKind::OnDemand);
                     }
-                    notified.await;
+                    self.wait_absent(notified, deadline, ("write", offset, len))
+                        .await?;
                 }
                 WritePlan::Failed(e) => return Err(eio(e)),
             }
@@ -300,6 +382,7 @@ impl BlockDevice for PullDevice {
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let s = &self.0;
+        let deadline = s.absent_deadline();
         loop {
             let notified = s.changed.notified();
             tokio::pin!(notified);
@@ -322,7 +405,8 @@ impl BlockDevice for PullDevice {
                     for r in start {
                         s.spawn_fetch(r, FetchKind::OnDemand);
                     }
-                    notified.await;
+                    s.wait_absent(notified, deadline, ("read", offset, u64::from(len)))
+                        .await?;
                 }
                 ReadPlan::Failed(e) => return Err(eio(e)),
             }

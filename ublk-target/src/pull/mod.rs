@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use ferry_core::Engine;
 use ferry_nbd::{NbdListener, NbdServerConfig};
 use ferry_store::{Backing, BackingError, StateFile};
-use ferry_transport::{Client, ClientOptions, Fingerprint, Identity};
+use ferry_transport::{Client, ClientOptions, Fingerprint, Identity, TransportError};
 use tokio::sync::Notify;
 
 use crate::cli::PullArgs;
@@ -137,6 +137,8 @@ pub(crate) struct CopierSettings {
     pub(crate) batch_chunks: u64,
     pub(crate) window: copier::Window,
     pub(crate) sync_bytes: u64,
+    /// The link's round-trip time (`--link-rtt-ms`), for the rate limit.
+    pub(crate) link_rtt: Duration,
 }
 
 /// Facts for the status report.
@@ -147,18 +149,152 @@ pub(crate) struct Report {
     pub(crate) rate: device::RateMeter,
 }
 
+/// How a pull reaches its source: `--source` and `--trust-peer`.
+fn source_options(
+    a: &PullArgs,
+    identity: Identity,
+    verified: bool,
+    state_path: &Path,
+) -> Result<Option<ClientOptions>> {
+    let fp = match &a.trust_peer {
+        Some(t) => Some(
+            t.parse::<Fingerprint>()
+                .with_context(|| format!("--trust-peer {t:?} is not a certificate fingerprint"))?,
+        ),
+        None => None,
+    };
+    match (a.source, fp) {
+        (Some(server), Some(server_fingerprint)) => Ok(Some(ClientOptions {
+            server,
+            identity,
+            server_fingerprint,
+            tuning: a.link.tuning(),
+            connect_timeout: Duration::from_secs(a.connect_timeout),
+        })),
+        (Some(_), None) => {
+            bail!("--source needs --trust-peer (the source's certificate fingerprint)")
+        }
+        (None, _) if verified => Ok(None),
+        (None, _) => bail!(
+            "--source and --trust-peer are needed: the state file {} does not say the copy is \
+             complete and verified",
+            state_path.display()
+        ),
+    }
+}
+
+/// Reaches the source of a resumed pull, whose disk is already served:
+/// retries with backoff until the source answers, checks it is the one
+/// the disk was copied from and that it accepts us, then hands the
+/// connection to the copier (or, for a copy already complete and
+/// verified, lets it go). Returns an error only for what no retry can
+/// fix; the pull then stops, keeping its disk and state.
+async fn reach_source(
+    shared: Arc<Shared>,
+    opts: ClientOptions,
+    state_path: PathBuf,
+    geo: ferry_core::Geometry,
+    id: [u8; 32],
+    verified: bool,
+) -> Result<()> {
+    let addr = opts.server;
+    let mut delay = ferry_transport::client::BACKOFF_START;
+    let mut failures = 0u64;
+    let client = loop {
+        match Client::connect(opts.clone()).await {
+            Ok(c) => break c,
+            Err(
+                e @ (TransportError::ServerNotTrusted { .. }
+                | TransportError::CertificateRefused { .. }),
+            ) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("the source {addr} did not accept this destination")))
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::warn!(
+                        "cannot reach the source {addr}: {e}; serving the data present here \
+                         and retrying in the background"
+                    );
+                } else {
+                    tracing::debug!(failures, "cannot reach the source {addr}: {e}");
+                }
+                failures += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(ferry_transport::client::BACKOFF_MAX);
+            }
+        }
+    };
+    let info = *client.info();
+    if info.source_id != id || info.geometry != geo {
+        client.close();
+        bail!(
+            "state file {} belongs to another source (its source id {}, size {}; the source at \
+             {addr} has id {}, size {}); refusing to go on: the destination disk would mix two \
+             sources. Its data and the guest's writes are kept",
+            state_path.display(),
+            hex(&id),
+            geo.disk_size,
+            hex(&info.source_id),
+            info.geometry.disk_size
+        );
+    }
+    if let Err(e) = client.authenticated().await {
+        return Err(anyhow::Error::from(e)
+            .context(format!("the source {addr} did not accept this destination")));
+    }
+    if verified {
+        tracing::info!(%addr, "reached the source; the copy is already complete and verified, so it is let go");
+        client.close();
+        return Ok(());
+    }
+    tracing::info!(%addr, "reached the source; fetching what is absent");
+    shared.source.send_replace(Some(client.clone()));
+    shared.changed.notify_waiters();
+    keep_connected(shared, client).await;
+    Ok(())
+}
+
+/// Keeps the connection to the source up (see
+/// [`Client::keep_connected`]) until the copy is verified; a source that
+/// changed stops the migration, as a fetch that notices it does.
+async fn keep_connected(shared: Arc<Shared>, client: Client) {
+    match client.keep_connected().await {
+        Ok(()) => {}
+        Err(e @ TransportError::SourceChanged { .. }) => {
+            shared.engine.lock().expect("engine lock").fail(format!(
+                "{e}; the source must not change after switchover; the destination's writes are kept"
+            ));
+            shared.changed.notify_waiters();
+        }
+        Err(e) => tracing::warn!(error = %e, "stopped watching the connection to the source"),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 pub(crate) fn run(a: PullArgs) -> Result<()> {
-    let fp: Fingerprint = a.trust_peer.parse().with_context(|| {
-        format!(
-            "--trust-peer {:?} is not a certificate fingerprint",
-            a.trust_peer
-        )
-    })?;
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
     if a.nbd.is_none() && !a.ublk {
         bail!("no frontend: pass --ublk, or --nbd ADDR:PORT, or --nbd unix:PATH");
     }
+    let state_path = a
+        .state
+        .clone()
+        .unwrap_or_else(|| default_state_path(&a.disk));
+    // A resumed pull learns the disk from its state file, and serves it
+    // before (or without) reaching the source; only a fresh one must ask
+    // the source first. Nothing is changed by reading it.
+    let header = if state_path.exists() {
+        Some(StateFile::peek(&state_path)?)
+    } else {
+        None
+    };
+    let verified = header.and_then(|h| h.verified);
+    let source = source_options(&a, identity, verified.is_some(), &state_path)?;
     // With --ublk, check for the driver before anything is created.
     let ublk_recover = if a.ublk {
         if !Path::new(ferry_ublk::CONTROL_PATH).exists() {
@@ -180,10 +316,6 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             u64::from(a.batch_chunks) * u64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE),
         ),
     };
-    let state_path = a
-        .state
-        .clone()
-        .unwrap_or_else(|| default_state_path(&a.disk));
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         // Bind every listener before touching any file, so a port in use
@@ -198,22 +330,21 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             None => None,
         };
         let control = copier::ControlListener::bind(&a.control)?;
-        let tuning = a.link.tuning();
         let started = Instant::now();
-        tracing::info!(source = %a.source, "connecting to the source");
-        let client = Client::connect(ClientOptions {
-            server: a.source,
-            identity,
-            server_fingerprint: fp,
-            tuning,
-            connect_timeout: Duration::from_secs(a.connect_timeout),
-        })
-        .await
-        .with_context(|| format!("cannot connect to the source {}", a.source))?;
-        let info = *client.info();
-        let geo = info.geometry;
-        let (backing, mut state, resumed) =
-            open_or_create(&a.disk, &state_path, geo, info.source_id)?;
+        let (client, geo, id, later) = match (header, source) {
+            (Some(h), source) => (None, h.geometry, h.source_id, source),
+            (None, Some(opts)) => {
+                tracing::info!(source = %opts.server, "connecting to the source");
+                let server = opts.server;
+                let client = Client::connect(opts)
+                    .await
+                    .with_context(|| format!("cannot connect to the source {server}"))?;
+                let info = *client.info();
+                (Some(client), info.geometry, info.source_id, None)
+            }
+            (None, None) => bail!("--source and --trust-peer are needed for a fresh pull"),
+        };
+        let (backing, mut state, resumed) = open_or_create(&a.disk, &state_path, geo, id)?;
         let created = if resumed {
             None
         } else {
@@ -248,11 +379,14 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         }
         // The disk is served at once; the manifest (zero chunks, hashes)
         // streams in meanwhile and starts the background copy.
-        let mut engine = Engine::new(
-            geo,
-            state.present_bits(geo.blocks()),
-            state.guest_bits(geo.chunks()),
-        );
+        // A copy complete and verified has every block: it needs no
+        // manifest (which would mark the zero chunks present) nor source.
+        let present = if verified.is_some() {
+            bitvec::bitvec![1; geo.blocks() as usize]
+        } else {
+            state.present_bits(geo.blocks())
+        };
+        let mut engine = Engine::new(geo, present, state.guest_bits(geo.chunks()));
         let present_at_start = engine.present_bytes();
         engine.set_background_paused(a.hold_background);
         tracing::info!(
@@ -270,28 +404,59 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             state: Arc::new(Mutex::new(state)),
             sync_lock: tokio::sync::Mutex::new(()),
             created: Mutex::new(created),
-            client,
+            source: tokio::sync::watch::Sender::new(client.clone()),
+            gated: !resumed,
+            absent_timeout: a.absent_timeout_secs.map(Duration::from_secs),
             bg_in_flight: AtomicU64::new(0),
+            bg_in_flight_bytes: AtomicU64::new(0),
         });
         let settings = Arc::new(CopierSettings {
             rate_limit: AtomicU64::new(a.rate),
             batch_chunks: u64::from(a.batch_chunks),
             window,
             sync_bytes: a.sync_bytes,
+            link_rtt: Duration::from_millis(a.link.link_rtt_ms),
         });
+        let verification = match verified {
+            Some(v) => copier::Verification {
+                state: "ok".into(),
+                chunks_checked: v.chunks_checked,
+                mismatches: Vec::new(),
+                disk_blake3: Some(hex(&v.disk_blake3)),
+                disk_blake3_bytes: v.disk_blake3,
+            },
+            None => copier::Verification::default(),
+        };
         let report = Arc::new(Report {
             started,
             present_at_start,
-            verify: Mutex::new(copier::Verification::default()),
+            verify: Mutex::new(verification),
             rate: device::RateMeter::default(),
         });
         let device = Arc::new(PullDevice(shared.clone()));
-        tokio::spawn(copier::fetch_manifest(shared.clone()));
-        tokio::spawn(copier::run_copier(
-            shared.clone(),
-            settings.clone(),
-            report.clone(),
-        ));
+        if verified.is_some() {
+            tracing::info!("the copy is complete and verified: serving it without the source");
+        } else {
+            tokio::spawn(copier::fetch_manifest(shared.clone()));
+            tokio::spawn(copier::run_copier(
+                shared.clone(),
+                settings.clone(),
+                report.clone(),
+            ));
+        }
+        if let Some(c) = &client {
+            tokio::spawn(keep_connected(shared.clone(), c.clone()));
+        }
+        let reaching = later.map(|opts| {
+            tokio::spawn(reach_source(
+                shared.clone(),
+                opts,
+                state_path.clone(),
+                geo,
+                id,
+                verified.is_some(),
+            ))
+        });
         tokio::spawn(copier::run_syncer(
             shared.clone(),
             settings.clone(),
@@ -364,22 +529,38 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         // (0.5-RTT, so the disk is served one round trip sooner); should it
         // refuse us, stop at once with its reason instead of serving a disk
         // that can never fill.
-        let refused = {
-            let client = shared.client.clone();
-            async move {
-                match client.authenticated().await {
+        let refused = async move {
+            match client {
+                Some(c) => match c.authenticated().await {
                     Ok(()) => std::future::pending().await,
                     Err(e) => e,
-                }
+                },
+                None => std::future::pending().await,
+            }
+        };
+        // A resumed pull's source may turn out to be another, or refuse us.
+        let unusable = async move {
+            match reaching {
+                Some(task) => match task.await {
+                    Ok(Ok(())) => std::future::pending().await,
+                    Ok(Err(e)) => e,
+                    Err(e) => anyhow::anyhow!("the task reaching the source failed: {e}"),
+                },
+                None => std::future::pending().await,
             }
         };
         let mut fatal = None;
+        let mut stop_error = None;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
             e = refused => {
                 tracing::error!("the source did not accept us: {e}");
                 fatal = Some(e);
+            }
+            e = unusable => {
+                tracing::error!("{e:#}");
+                stop_error = Some(e);
             }
         }
         tracing::info!("stopping: syncing the disk and its state");
@@ -401,6 +582,9 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         }
         shared.sync().await.context("final sync failed")?;
         let _ = std::fs::remove_file(&a.control);
+        if let Some(e) = stop_error {
+            return Err(e);
+        }
         match fatal {
             Some(e) => {
                 // No guest request was answered before the acceptance (see
@@ -413,6 +597,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 Err(anyhow::Error::from(e).context(format!(
                     "the source {} did not accept this destination",
                     a.source
+                        .map_or_else(|| "(none)".to_string(), |s| s.to_string())
                 )))
             }
             None => Ok(()),
