@@ -275,9 +275,13 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<
 
 /// One batch of guest writes through qemu-io, ending with a flush. Returns
 /// whether qemu-io reported every command done.
-fn guest_batch(sock: &Path, writes: &[(u64, u64, u8)], timeout: Duration) -> Result<bool> {
+fn guest_batch(
+    sock: &Path,
+    writes: &[(u64, u64, u8)],
+    timeout: Duration,
+) -> Result<(bool, String)> {
     let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", "--image-opts"]).arg(format!(
+    c.arg("--image-opts").arg(format!(
         "driver=nbd,server.type=unix,server.path={},export=ferry",
         sock.display()
     ));
@@ -301,12 +305,13 @@ fn guest_batch(sock: &Path, writes: &[(u64, u64, u8)], timeout: Duration) -> Res
                 String::from_utf8_lossy(&out.stderr)
             );
             let wrote = text.matches("wrote ").count();
-            return Ok(st.success() && wrote == writes.len() && !text.contains("failed"));
+            let ok = st.success() && wrote == writes.len() && !text.contains("failed");
+            return Ok((ok, text));
         }
         if t0.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            return Ok(false);
+            return Ok((false, format!("qemu-io gave no answer in {timeout:?}")));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -342,7 +347,7 @@ fn guest_loop(
             let len = 1 + rng.below(SLOT - a);
             writes.push((slot * SLOT + a, len, 1 + rng.below(255) as u8));
         }
-        let ok = guest_batch(&sock, &writes, Duration::from_secs(300)).unwrap_or(false);
+        let ok = guest_batch(&sock, &writes, Duration::from_secs(300)).is_ok_and(|(ok, _)| ok);
         let mut m = model.lock().expect("model");
         for &(off, len, pat) in &writes {
             let slot = off / SLOT;
@@ -412,7 +417,40 @@ fn mount_tmpfs(dir: &Path, size: u64) -> Result<()> {
 }
 
 fn umount(dir: &Path) {
-    let _ = Command::new("umount").arg(dir).status();
+    if is_mountpoint(dir) {
+        let _ = Command::new("umount").arg(dir).status();
+    }
+}
+
+fn is_mountpoint(dir: &Path) -> bool {
+    let Ok(canon) = dir.canonicalize() else {
+        return false;
+    };
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&*canon.to_string_lossy()))
+    })
+}
+
+/// Takes all but about `keep` bytes of the filesystem of `dir` with
+/// `filler` (the pull writes meanwhile, so a refused size is retried
+/// smaller).
+fn fill(dir: &Path, filler: &Path, keep: u64) -> Result<()> {
+    let f = File::create(filler)?;
+    let mut taken = 0u64;
+    for _ in 0..64 {
+        let free = free_bytes(dir)?;
+        if free <= keep {
+            return Ok(());
+        }
+        let want = (free - keep) / 2 + 1;
+        match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), taken, want) {
+            Ok(()) => taken += want,
+            Err(rustix::io::Errno::NOSPC) => continue,
+            Err(e) => bail!("cannot fill {}: {e}", dir.display()),
+        }
+    }
+    Ok(())
 }
 
 fn free_bytes(dir: &Path) -> Result<u64> {
@@ -634,10 +672,8 @@ fn one_round(
         if !unknown.is_empty() {
             let writes: Vec<(u64, u64, u8)> =
                 unknown.iter().map(|s| (s * SLOT, SLOT, 0x77)).collect();
-            ensure!(
-                guest_batch(&rig.sock(), &writes, Duration::from_secs(300))?,
-                "rewriting slots cut off by faults failed"
-            );
+            let (ok, out) = guest_batch(&rig.sock(), &writes, Duration::from_secs(300))?;
+            ensure!(ok, "rewriting slots cut off by faults failed: {out}");
             let mut m = model.lock().expect("model");
             for s in unknown {
                 let e = m.slot_mut(s)?;
@@ -752,14 +788,8 @@ fn inject(
             std::thread::sleep(Duration::from_secs(secs));
         }
         Fault::Fill => {
-            let free = free_bytes(&rig.dst_dir)?;
             let filler = rig.dst_dir.join("filler");
-            let keep = 256 * 1024;
-            if free > keep {
-                run(Command::new("fallocate")
-                    .args(["-l", &(free - keep).to_string()])
-                    .arg(&filler))?;
-            }
+            fill(&rig.dst_dir, &filler, 256 * 1024)?;
             std::thread::sleep(Duration::from_millis(rng.range(2000, 5000)));
             std::fs::remove_file(&filler).ok();
         }
