@@ -104,22 +104,56 @@ impl Rng {
 /// The guest's view: what every slot it wrote must hold.
 struct Model {
     source: File,
-    /// Expected bytes of each written slot, and whether a write to it was
-    /// cut off (not acknowledged) so its content is unknown until rewritten.
-    slots: BTreeMap<u64, (Vec<u8>, bool)>,
+    /// Every content each written slot may hold: one version while every
+    /// write to it was acknowledged; a write cut off by a fault (never
+    /// acknowledged) may or may not have landed, block by block, so it
+    /// adds the versions with it applied.
+    slots: BTreeMap<u64, Vec<Vec<u8>>>,
     flushed_writes: u64,
     failed_writes: u64,
 }
 
 impl Model {
-    fn slot_mut(&mut self, slot: u64) -> Result<&mut (Vec<u8>, bool)> {
+    fn slot_mut(&mut self, slot: u64) -> Result<&mut Vec<Vec<u8>>> {
         if !self.slots.contains_key(&slot) {
             let mut b = vec![0u8; SLOT as usize];
             self.source.read_exact_at(&mut b, slot * SLOT)?;
-            self.slots.insert(slot, (b, false));
+            self.slots.insert(slot, vec![b]);
         }
         Ok(self.slots.get_mut(&slot).expect("inserted"))
     }
+
+    /// Records a write: acknowledged, it is in every version; cut off,
+    /// each version is kept beside a copy with the write applied.
+    fn record(&mut self, off: u64, len: u64, pat: u8, acknowledged: bool) -> Result<()> {
+        let slot = off / SLOT;
+        let a = (off - slot * SLOT) as usize;
+        let versions = self.slot_mut(slot)?;
+        if acknowledged {
+            for v in versions.iter_mut() {
+                v[a..a + len as usize].fill(pat);
+            }
+        } else {
+            let mut more: Vec<Vec<u8>> = versions.clone();
+            for v in more.iter_mut() {
+                v[a..a + len as usize].fill(pat);
+            }
+            versions.extend(more);
+            versions.sort();
+            versions.dedup();
+        }
+        Ok(())
+    }
+}
+
+/// Whether `got` is a possible content of a slot: every 4 KiB block equal
+/// to that block of one of the versions (a write lands block by block).
+fn matches(got: &[u8], versions: &[Vec<u8>]) -> bool {
+    got.chunks(4096).enumerate().all(|(i, b)| {
+        versions
+            .iter()
+            .any(|v| &v[i * 4096..i * 4096 + b.len()] == b)
+    })
 }
 
 /// Counters of the whole run.
@@ -318,8 +352,9 @@ fn guest_batch(
 }
 
 /// The guest: writes (some sub-block, unaligned) with flushes until told
-/// to stop; every acknowledged batch goes into the model, every cut-off
-/// one marks its slots unknown until a later batch rewrites them whole.
+/// to stop; every acknowledged batch goes into the model as certain, every
+/// cut-off one as a possibility (see [`Model::record`]). A slot with too
+/// many possible contents is rewritten whole, which settles it.
 fn guest_loop(
     sock: PathBuf,
     model: Arc<Mutex<Model>>,
@@ -334,9 +369,8 @@ fn guest_loop(
         let mut writes = Vec::new();
         {
             let m = model.lock().expect("model");
-            // Unknown slots are rewritten whole first.
-            for (&slot, (_, unknown)) in m.slots.iter() {
-                if *unknown && writes.len() < 4 {
+            for (&slot, versions) in m.slots.iter() {
+                if versions.len() > 8 && writes.len() < 3 {
                     writes.push((slot * SLOT, SLOT, 1 + rng.below(255) as u8));
                 }
             }
@@ -350,11 +384,9 @@ fn guest_loop(
         let ok = guest_batch(&sock, &writes, Duration::from_secs(300)).is_ok_and(|(ok, _)| ok);
         let mut m = model.lock().expect("model");
         for &(off, len, pat) in &writes {
-            let slot = off / SLOT;
-            let Ok(s) = m.slot_mut(slot) else { continue };
-            let a = (off - slot * SLOT) as usize;
-            s.0[a..a + len as usize].fill(pat);
-            s.1 = !ok;
+            if let Err(e) = m.record(off, len, pat, ok) {
+                eprintln!("chaos: cannot read the source: {e:#}");
+            }
         }
         if ok {
             m.flushed_writes += writes.len() as u64;
@@ -367,22 +399,20 @@ fn guest_loop(
     }
 }
 
-/// Reads every known slot back through NBD; returns (slots checked,
-/// slots that differ from what was flushed).
+/// Reads every written slot back through NBD; returns (slots checked,
+/// slots holding something no sequence of the guest's writes explains:
+/// a flushed write lost, or garbage).
 fn check_flushed(rig: &Rig, model: &Mutex<Model>) -> Result<(u64, Vec<u64>)> {
     let m = model.lock().expect("model");
     let mut nbd = NbdClient::connect(&rig.sock(), "ferry", Duration::from_secs(300))?;
     let mut buf = vec![0u8; SLOT as usize];
     let mut checked = 0;
     let mut bad = Vec::new();
-    for (&slot, (want, unknown)) in m.slots.iter() {
-        if *unknown {
-            continue;
-        }
+    for (&slot, versions) in m.slots.iter() {
         nbd.read(slot * SLOT, &mut buf)
             .with_context(|| format!("reading slot {slot}"))?;
         checked += 1;
-        if &buf != want {
+        if !matches(&buf, versions) {
             bad.push(slot);
         }
     }
@@ -659,29 +689,7 @@ fn one_round(
     stop.store(true, Ordering::Relaxed);
     let _ = guest.join();
     result?;
-    // Finish: lift the rate, rewrite unknown slots, wait for verification.
-    {
-        let unknown: Vec<u64> = model
-            .lock()
-            .expect("model")
-            .slots
-            .iter()
-            .filter(|(_, (_, u))| *u)
-            .map(|(s, _)| *s)
-            .collect();
-        if !unknown.is_empty() {
-            let writes: Vec<(u64, u64, u8)> =
-                unknown.iter().map(|s| (s * SLOT, SLOT, 0x77)).collect();
-            let (ok, out) = guest_batch(&rig.sock(), &writes, Duration::from_secs(300))?;
-            ensure!(ok, "rewriting slots cut off by faults failed: {out}");
-            let mut m = model.lock().expect("model");
-            for s in unknown {
-                let e = m.slot_mut(s)?;
-                e.0.fill(0x77);
-                e.1 = false;
-            }
-        }
-    }
+    // Finish: lift the rate, wait for verification.
     let out = rig
         .ferry()
         .args(["background", "--control"])
@@ -738,14 +746,14 @@ fn one_round(
     let mut differ = Vec::new();
     for slot in 0..len / SLOT {
         dst.read_exact_at(&mut x, slot * SLOT)?;
-        let want: &[u8] = match m.slots.get(&slot) {
-            Some((b, _)) => b,
+        let ok = match m.slots.get(&slot) {
+            Some(versions) => matches(&x, versions),
             None => {
                 src.read_exact_at(&mut y, slot * SLOT)?;
-                &y
+                x == y
             }
         };
-        if x != want {
+        if !ok {
             differ.push(slot);
         }
     }
@@ -801,6 +809,47 @@ fn inject(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_off_write_may_or_may_not_have_landed_but_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("chaos-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("src");
+        std::fs::write(&src, vec![0u8; 2 * SLOT as usize]).unwrap();
+        let mut m = Model {
+            source: File::open(&src).unwrap(),
+            slots: BTreeMap::new(),
+            flushed_writes: 0,
+            failed_writes: 0,
+        };
+        m.record(100, 5000, 7, true).unwrap();
+        m.record(8192, 8192, 9, false).unwrap();
+        let v = &m.slots[&0];
+        let mut acked = vec![0u8; SLOT as usize];
+        acked[100..5100].fill(7);
+        let mut landed = acked.clone();
+        landed[8192..16384].fill(9);
+        let mut half = acked.clone();
+        half[8192..12288].fill(9);
+        assert!(matches(&acked, v));
+        assert!(matches(&landed, v));
+        assert!(matches(&half, v), "a write lands block by block");
+        // The acknowledged write lost: not a possible content.
+        let mut lost = landed.clone();
+        lost[100..5100].fill(0);
+        assert!(!matches(&lost, v));
+        // Garbage where nothing was written.
+        let mut garbage = acked.clone();
+        garbage[40000] = 1;
+        assert!(!matches(&garbage, v));
+        // A later acknowledged write covers every version.
+        m.record(8192, 8192, 3, true).unwrap();
+        let mut now = acked.clone();
+        now[8192..16384].fill(3);
+        assert!(matches(&now, &m.slots[&0]));
+        assert!(!matches(&landed, &m.slots[&0]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_seed_replays_the_same_schedule() {
