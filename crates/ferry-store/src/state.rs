@@ -282,7 +282,8 @@ impl Map {
     }
 
     /// Reads it; the pages whose two slots are both invalid are returned
-    /// (and left empty).
+    /// (and left empty). Reads a batch of pages at a time, and checks the
+    /// older slot of a page only when its newer one is torn.
     fn load(
         file: &File,
         key: &[u8; 32],
@@ -290,36 +291,41 @@ impl Map {
         off: u64,
         pages: usize,
     ) -> io::Result<(Self, Vec<usize>)> {
+        const BATCH: usize = 128;
+        static ZERO: [u8; PAGE] = [0; PAGE];
         let mut m = Self::new(kind, off, pages);
-        let mut raw = vec![0u8; pages * 2 * PAGE];
-        file.read_exact_at(&mut raw, off)?;
+        let mut raw = vec![0u8; BATCH.min(pages) * 2 * PAGE];
         let mut bad = Vec::new();
-        for p in 0..pages {
-            let slots = [
-                &raw[2 * p * PAGE..(2 * p + 1) * PAGE],
-                &raw[(2 * p + 1) * PAGE..(2 * p + 2) * PAGE],
-            ];
-            let ver = |s: &[u8]| {
-                u64::from_le_bytes(s[SLOT_BITS..SLOT_BITS + 8].try_into().expect("8 bytes"))
-            };
-            let valid = |s: &[u8]| {
-                if s.iter().all(|b| *b == 0) {
-                    return true;
+        let ver =
+            |s: &[u8]| u64::from_le_bytes(s[SLOT_BITS..SLOT_BITS + 8].try_into().expect("8 bytes"));
+        for first in (0..pages).step_by(BATCH) {
+            let n = BATCH.min(pages - first);
+            let raw = &mut raw[..n * 2 * PAGE];
+            file.read_exact_at(raw, off + (first * 2 * PAGE) as u64)?;
+            for (i, pair) in raw.chunks_exact(2 * PAGE).enumerate() {
+                let p = first + i;
+                let slots = [&pair[..PAGE], &pair[PAGE..]];
+                let valid = |s: &[u8]| {
+                    if ver(s) == 0 {
+                        // Never written: all zeros, or damaged.
+                        return s == &ZERO[..];
+                    }
+                    page_sum(key, kind, p, s)[..] == s[SLOT_BITS + 8..]
+                };
+                // The newer first; the older only if the newer is torn.
+                let order = if ver(slots[1]) > ver(slots[0]) {
+                    [1, 0]
+                } else {
+                    [0, 1]
+                };
+                match order.into_iter().find(|i| valid(slots[*i])) {
+                    Some(i) => {
+                        m.bits[p * SLOT_BITS..(p + 1) * SLOT_BITS]
+                            .copy_from_slice(&slots[i][..SLOT_BITS]);
+                        m.version[p] = ver(slots[i]);
+                    }
+                    None => bad.push(p),
                 }
-                ver(s) > 0 && page_sum(key, kind, p, s)[..] == s[SLOT_BITS + 8..]
-            };
-            // The newer first; the older only if the newer is torn.
-            let mut order = [0, 1];
-            if ver(slots[1]) > ver(slots[0]) {
-                order = [1, 0];
-            }
-            match order.into_iter().find(|i| valid(slots[*i])) {
-                Some(i) => {
-                    m.bits[p * SLOT_BITS..(p + 1) * SLOT_BITS]
-                        .copy_from_slice(&slots[i][..SLOT_BITS]);
-                    m.version[p] = ver(slots[i]);
-                }
-                None => bad.push(p),
             }
         }
         Ok((m, bad))
