@@ -42,6 +42,10 @@ pub(crate) struct Status {
     pub(crate) rate_limit_bytes_per_sec: u64,
     pub(crate) verified: String,
     pub(crate) verified_chunks: u64,
+    /// Chunks a failed verification found differing from the source and
+    /// fetched again.
+    #[serde(default)]
+    pub(crate) verify_refetched_chunks: u64,
     pub(crate) guest_written_chunks: u64,
     pub(crate) disk_blake3: Option<String>,
     pub(crate) elapsed_seconds: f64,
@@ -145,9 +149,10 @@ pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
     );
     outln!(
         o,
-        "verified:    {} ({} chunks)",
+        "verified:    {} ({} chunks; {} fetched again after a mismatch)",
         s.verified,
-        s.verified_chunks
+        s.verified_chunks,
+        s.verify_refetched_chunks
     );
     emit(&o)
 }

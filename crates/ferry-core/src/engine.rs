@@ -502,13 +502,13 @@ impl Engine {
         if self.background_paused || self.error.is_some() {
             return None;
         }
-        let manifest = self.manifest.clone()?;
+        self.manifest.as_ref()?;
         let n = self.geo.chunks();
+        // Any absent chunk: zero chunks are present from the manifest's
+        // arrival on, absent again only when made so by
+        // [`Engine::refetch`].
         let wanted = |e: &Self, c: u64| {
-            matches!(manifest.chunk(c), ChunkKind::Data(_))
-                && !e.fetching.contains_key(&c)
-                && !e.filling.contains_key(&c)
-                && !e.chunk_present(c)
+            !e.fetching.contains_key(&c) && !e.filling.contains_key(&c) && !e.chunk_present(c)
         };
         // One pass from the cursor, wrapping once, so chunks passed over
         // while in flight (and later failed) are found again.
@@ -680,6 +680,46 @@ impl Engine {
     pub fn sync_failed(&mut self, batch: SyncBatch) {
         self.unsynced.extend(batch.blocks);
         self.unsynced_guest.extend(batch.guest_chunks);
+    }
+
+    /// Chunks whose data was found not to be the source's once the copy was
+    /// complete (a failed verification): those the guest never wrote, and
+    /// that are not being fetched or filled, become absent again, so they
+    /// are fetched anew. Returns the blocks made absent (for the caller to
+    /// clear in the state file).
+    pub fn refetch(&mut self, chunks: &[u64]) -> Vec<Range<u64>> {
+        let mut cleared = Vec::new();
+        for &c in chunks {
+            if c >= self.geo.chunks()
+                || self.guest_chunks[c as usize]
+                || self.fetching.contains_key(&c)
+                || self.filling.contains_key(&c)
+            {
+                continue;
+            }
+            let b = self.geo.chunk_blocks(c);
+            let bits = &mut self.present[b.start as usize..b.end as usize];
+            self.present_blocks -= bits.count_ones() as u64;
+            bits.fill(false);
+            // Not yet persisted bits of these blocks must not be.
+            let mut kept = Vec::with_capacity(self.unsynced.len());
+            for r in std::mem::take(&mut self.unsynced) {
+                if r.end <= b.start || r.start >= b.end {
+                    kept.push(r);
+                    continue;
+                }
+                if r.start < b.start {
+                    kept.push(r.start..b.start);
+                }
+                if r.end > b.end {
+                    kept.push(b.end..r.end);
+                }
+            }
+            self.unsynced = kept;
+            self.bg_cursor = self.bg_cursor.min(c);
+            cleared.push(b);
+        }
+        cleared
     }
 
     /// Data chunks the guest never wrote: the ones to verify against the

@@ -761,3 +761,23 @@ fn both_answers_of_an_overtaken_fetch_fill_the_chunk_once() {
     sim.engine.fill_done(c);
     assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Ready);
 }
+
+#[test]
+fn chunks_failing_verification_are_fetched_again_unless_the_guest_wrote_them() {
+    let geo = Geometry::new(8 * 65536, 65536);
+    let m = Arc::new(Manifest::new(
+        geo,
+        (0..8).map(|c| ChunkKind::Data([c as u8; 32])).collect(),
+    ));
+    let mut guest = bitvec![0; 8];
+    guest.set(2, true);
+    let mut e = Engine::with_manifest(m, bitvec![1; geo.blocks() as usize], guest);
+    assert_eq!(e.phase(), ferry_core::Phase::Complete);
+    let cleared = e.refetch(&[1, 2]);
+    assert_eq!(cleared, vec![geo.chunk_blocks(1)], "chunk 2 is the guest's");
+    assert_eq!(e.phase(), ferry_core::Phase::Copying);
+    assert!(!e.is_present(geo.chunk_blocks(1).start));
+    assert!(e.is_present(geo.chunk_blocks(2).start));
+    assert_eq!(e.next_background(16), Some(1..2));
+    assert_eq!(e.present_bytes(), 7 * 65536);
+}

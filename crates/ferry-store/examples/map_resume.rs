@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ferry_core::{ChunkKind, Engine, Geometry, Manifest, SyncBatch};
-use ferry_store::StateFile;
+use ferry_store::{Backing, Pairing, StateFile};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -18,8 +18,11 @@ fn main() {
     let path = dir.path().join("state");
     let geo = Geometry::new(tib << 40, 65536);
     let id = [7u8; 32];
+    // A sparse backing file, for the state file to be bound to.
+    let backing = Backing::create(&dir.path().join("disk"), geo.disk_size).expect("backing");
+    let pairing = Pairing::bind(&backing).expect("bind");
     {
-        let mut s = StateFile::create(&path, geo, id).expect("create");
+        let mut s = StateFile::create(&path, geo, id, pairing).expect("create");
         // Half the disk present, in runs, so the bitmap is not all zeros.
         let blocks = geo.blocks();
         let runs: Vec<_> = (0..blocks)
@@ -36,7 +39,7 @@ fn main() {
     let mut engine_ms = Vec::new();
     for _ in 0..runs {
         let t0 = Instant::now();
-        let s = StateFile::open(&path, geo, id).expect("open");
+        let s = StateFile::open(&path, geo, id, &backing).expect("open");
         let present = s.present_bits(geo.blocks());
         let guest = s.guest_bits(geo.chunks());
         let t1 = Instant::now();
@@ -51,7 +54,7 @@ fn main() {
         geo,
         vec![ChunkKind::Zero; geo.chunks() as usize],
     ));
-    let s = StateFile::open(&path, geo, id).expect("open");
+    let s = StateFile::open(&path, geo, id, &backing).expect("open");
     let mut e = Engine::new(
         geo,
         s.present_bits(geo.blocks()),

@@ -13,7 +13,52 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{fallocate, FallocateFlags};
 
+use crate::lock::{describe_holder, lock_exclusive, LockFail};
 use crate::mapping::FileMap;
+
+/// The extended attribute holding the id that binds a backing file to its
+/// state file (see [`crate::state`]).
+const PAIR_XATTR: &str = "user.ferry.pair";
+
+/// What the backing file says about the state file it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairMark {
+    /// The id written at creation.
+    Id([u8; 16]),
+    /// The filesystem keeps extended attributes but the file has none.
+    Missing,
+    /// The filesystem keeps no user extended attributes.
+    Unsupported,
+}
+
+/// Opens `path` read-write (creating it, owner-only, when `create`) and
+/// locks it.
+pub(crate) fn open_locked(path: &Path, create: bool) -> Result<File, BackingError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let err = |source| BackingError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if create {
+        o.create_new(true).mode(0o600);
+    }
+    let file = o.open(path).map_err(err)?;
+    if create {
+        // The mode asked for is masked by the umask: set it outright.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
+    }
+    match lock_exclusive(&file) {
+        Ok(()) => Ok(file),
+        Err(LockFail::Held(pid)) => Err(BackingError::Locked {
+            path: path.to_owned(),
+            holder: describe_holder(pid),
+        }),
+        Err(LockFail::Io(source)) => Err(err(source)),
+    }
+}
 
 /// Errors opening or creating the backing file.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +84,17 @@ pub enum BackingError {
         found: u64,
         /// The source's size.
         expected: u64,
+    },
+    /// Another process (another `ferry pull`) has the file open and locked.
+    #[error(
+        "backing file {path} is in use by {holder} (another ferry pull of this disk?); \
+         refusing to serve it twice"
+    )]
+    Locked {
+        /// The path.
+        path: PathBuf,
+        /// Who holds the lock ("PID 123").
+        holder: String,
     },
     /// The file exists but there is no state file telling what it holds.
     #[error(
@@ -76,43 +132,35 @@ impl Backing {
     }
 
     /// [`Backing::create`] without waiting for the new file to be durable:
-    /// the caller makes it so, off its critical path, with
-    /// [`Backing::durable_handle`] and [`crate::sync_parent_dir`], before it
-    /// records anything as durable in it. (On a busy filesystem one fsync
-    /// of a new file can wait for a whole journal commit: 200 ms seen here.)
+    /// the caller makes it so ([`Backing::sync_all`], then
+    /// [`crate::sync_parent_dir`]) before it records anything as durable in
+    /// it. The file is owner-only (0600, whatever the umask) and locked.
     pub fn create_unsynced(path: &Path, size: u64) -> Result<Self, BackingError> {
         let err = |source| BackingError::Open {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(err)?;
+        let file = open_locked(path, true)?;
         file.set_len(size).map_err(err)?;
         Ok(Self::with_map(file, path, size))
     }
 
-    /// A second descriptor of the file, to make it durable (`sync_all`) from
-    /// another thread.
-    pub fn durable_handle(&self) -> io::Result<File> {
-        self.file.try_clone()
+    /// Makes the file and its metadata (size, extended attributes) durable
+    /// (fsync). There is deliberately no second descriptor of the file to
+    /// do this with: closing one would drop this process's classic lock
+    /// on it (see [`crate::lock`]).
+    pub fn sync_all(&self) -> io::Result<()> {
+        self.file.sync_all()
     }
 
-    /// Opens an existing file, which must be `size` bytes long (a regular
-    /// file) or at least that long (a block device is not resized).
+    /// Opens an existing file, which must be `size` bytes long, and locks
+    /// it ([`BackingError::Locked`] if another process holds it).
     pub fn open(path: &Path, size: u64) -> Result<Self, BackingError> {
         let err = |source| BackingError::Open {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(err)?;
+        let file = open_locked(path, false)?;
         let found = file.metadata().map_err(err)?.len();
         if found != size {
             return Err(BackingError::SizeMismatch {
@@ -148,6 +196,40 @@ impl Backing {
     /// The path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records `id` as the id of this file's state file (an extended
+    /// attribute); `Ok(false)` where the filesystem keeps none.
+    pub fn set_pair_id(&self, id: &[u8; 16]) -> io::Result<bool> {
+        match rustix::fs::fsetxattr(&self.file, PAIR_XATTR, id, rustix::fs::XattrFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::NOTSUP) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The id of the state file this file belongs to.
+    pub fn pair_mark(&self) -> io::Result<PairMark> {
+        let mut buf = [0u8; 16];
+        match rustix::fs::fgetxattr(&self.file, PAIR_XATTR, &mut buf[..]) {
+            Ok(16) => Ok(PairMark::Id(buf)),
+            Ok(n) => Err(io::Error::other(format!(
+                "extended attribute {PAIR_XATTR} is {n} bytes, not 16"
+            ))),
+            Err(rustix::io::Errno::NODATA) => Ok(PairMark::Missing),
+            Err(rustix::io::Errno::NOTSUP) => Ok(PairMark::Unsupported),
+            Err(rustix::io::Errno::RANGE) => Err(io::Error::other(format!(
+                "extended attribute {PAIR_XATTR} is longer than 16 bytes"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The file's inode number (binds the state file where the filesystem
+    /// keeps no extended attributes).
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.ino())
     }
 
     /// Size in bytes.
@@ -225,6 +307,7 @@ mod tests {
             Backing::create(&p, 1 << 20),
             Err(BackingError::Open { .. })
         ));
+        drop(b);
         let e = Backing::open(&p, 2 << 20).unwrap_err();
         assert!(e.to_string().contains("exists with size 1048576"), "{e}");
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);

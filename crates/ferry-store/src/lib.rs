@@ -4,6 +4,8 @@
 //!   source), written by fills and guest writes.
 //! - [`state`]: the persistent block map beside it: which blocks are present
 //!   and which chunks the guest wrote, tied to one source by its id.
+//! - [`destination`]: the two opened or created together, atomically,
+//!   locked against a second `ferry pull`.
 //! - [`source`]: the source side: opening an image or block device
 //!   read-only, finding holes and zero chunks, hashing data chunks into a
 //!   [`ferry_core::Manifest`], and caching that manifest.
@@ -14,13 +16,16 @@
 #![deny(unsafe_code)]
 
 pub mod backing;
+pub mod destination;
+mod lock;
 mod mapping;
 pub mod source;
 pub mod state;
 
-pub use backing::{Backing, BackingError};
+pub use backing::{Backing, BackingError, PairMark};
+pub use destination::{open_or_create, Destination, DestinationError};
 pub use source::{SourceError, SourceImage};
-pub use state::{StateError, StateFile, StateHeader, Verified};
+pub use state::{Pairing, StateError, StateFile, StateHeader, Verified};
 
 /// Makes the directory entry of a newly created `path` durable: fsync of
 /// its parent directory (a file's own fsync need not cover its name).

@@ -26,7 +26,15 @@ pub(crate) struct Verification {
     pub(crate) disk_blake3: Option<String>,
     /// `disk_blake3` as bytes (zero until known).
     pub(crate) disk_blake3_bytes: [u8; 32],
+    /// Chunks that earlier rounds found differing from the source and
+    /// fetched again (so `ok` after them means repaired, not clean).
+    pub(crate) refetched: u64,
 }
+
+/// Verification rounds: after a failed one, the mismatching chunks are
+/// fetched again and the disk verified again, at most this many times in
+/// all; a mismatch that survives a fresh fetch is reported as failed.
+const MAX_VERIFY_ROUNDS: u32 = 3;
 
 /// Fetches the manifest (while the disk is already served) and hands it to
 /// the engine, which starts the background copy.
@@ -195,6 +203,7 @@ pub(crate) async fn run_copier(
     // RAMP_START requests by one per completed request, so the copier's
     // first burst does not stand in front of the guest's first reads.
     let mut issued = 0usize;
+    let mut rounds = 0u32;
     loop {
         let notified = shared.changed.notified();
         tokio::pin!(notified);
@@ -210,7 +219,10 @@ pub(crate) async fn run_copier(
         };
         match phase {
             Phase::Complete => {
-                verify(&shared, &report).await;
+                rounds += 1;
+                if verify(&shared, &report, rounds < MAX_VERIFY_ROUNDS).await {
+                    continue;
+                }
                 return;
             }
             Phase::Error(e) => {
@@ -312,7 +324,11 @@ pub(crate) async fn run_syncer(
 
 /// Once every block is present: sync, then read the whole disk, hash it,
 /// and check every chunk the guest never wrote against the source's hash.
-async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
+/// With `may_refetch`, chunks that differ (and that the guest did not write
+/// meanwhile) are made absent again, in the engine and the state file, so
+/// the copier fetches them anew: returns true then, and the copy goes on.
+async fn verify(shared: &Arc<Shared>, report: &Arc<Report>, may_refetch: bool) -> bool {
+    let refetched_before = report.verify.lock().expect("verify lock").refetched;
     if let Err(e) = shared.sync().await {
         tracing::error!(error = %e, "sync before verification failed");
     }
@@ -336,16 +352,18 @@ async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
             buf.resize((r.end - r.start) as usize, 0);
             s.backing.read_at(&mut buf, r.start)?;
             disk.update(&buf);
-            if let ferry_core::ChunkKind::Data(h) = manifest.chunk(c) {
-                if s.engine.lock().expect("engine lock").guest_wrote(c) {
-                    continue;
-                }
-                v.chunks_checked += 1;
-                if *blake3::hash(&buf).as_bytes() != h
-                    && !s.engine.lock().expect("engine lock").guest_wrote(c)
-                {
-                    v.mismatches.push(c);
-                }
+            if s.engine.lock().expect("engine lock").guest_wrote(c) {
+                continue;
+            }
+            // Every chunk the guest did not write: data against its hash,
+            // zero chunks against zeros.
+            v.chunks_checked += 1;
+            let same = match manifest.chunk(c) {
+                ferry_core::ChunkKind::Data(h) => *blake3::hash(&buf).as_bytes() == h,
+                ferry_core::ChunkKind::Zero => buf.iter().all(|b| *b == 0),
+            };
+            if !same && !s.engine.lock().expect("engine lock").guest_wrote(c) {
+                v.mismatches.push(c);
             }
         }
         let digest = disk.finalize();
@@ -360,7 +378,7 @@ async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
         Ok(v)
     })
     .await;
-    let v = match result {
+    let mut v = match result {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => Verification {
             state: format!("failed: {e}"),
@@ -371,9 +389,43 @@ async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
             ..Default::default()
         },
     };
+    v.refetched = refetched_before;
+    if may_refetch && !v.mismatches.is_empty() {
+        let cleared = shared
+            .engine
+            .lock()
+            .expect("engine lock")
+            .refetch(&v.mismatches);
+        if !cleared.is_empty() {
+            let state = shared.state.clone();
+            let n = cleared.len() as u64;
+            let blocks = cleared.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                state.lock().expect("state lock").clear_present(&blocks)
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot record the chunks to fetch again; a restart verifies them again")
+                }
+                Err(e) => tracing::error!(error = %e, "state task failed"),
+            }
+            tracing::warn!(
+                chunks = ?v.mismatches,
+                "verification found chunks differing from the source's hashes; fetching them again"
+            );
+            v.refetched += n;
+            v.state = "refetching".into();
+            *report.verify.lock().expect("verify lock") = v;
+            shared.changed.notify_waiters();
+            return true;
+        }
+    }
     if v.state == "ok" {
         tracing::info!(
             chunks = v.chunks_checked,
+            refetched = v.refetched,
             disk_blake3 = v.disk_blake3.as_deref().unwrap_or(""),
             "copy complete and verified: every chunk the guest did not write equals the source; the source may be stopped"
         );
@@ -401,9 +453,10 @@ async fn verify(shared: &Arc<Shared>, report: &Arc<Report>) {
             c.close();
         }
     } else {
-        tracing::error!(state = %v.state, mismatches = ?v.mismatches, "verification FAILED");
+        tracing::error!(state = %v.state, mismatches = ?v.mismatches, refetched = v.refetched, "verification FAILED");
     }
     *report.verify.lock().expect("verify lock") = v;
+    false
 }
 
 /// Removes a unix socket left behind by a crashed process, but never a
@@ -584,6 +637,7 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
             verify.state
         },
         verified_chunks: verify.chunks_checked,
+        verify_refetched_chunks: verify.refetched,
         guest_written_chunks,
         disk_blake3: verify.disk_blake3,
         elapsed_seconds: report.started.elapsed().as_secs_f64(),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ferry_core::Engine;
 use ferry_nbd::{NbdListener, NbdServerConfig};
-use ferry_store::{Backing, BackingError, StateFile};
+use ferry_store::StateFile;
 use ferry_transport::{Client, ClientOptions, Fingerprint, Identity, TransportError};
 use tokio::sync::Notify;
 
@@ -26,89 +26,37 @@ fn default_state_path(disk: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Opens (resume) or creates (fresh) the backing file and its state,
-/// refusing every combination whose contents would be unknown. Never
-/// modifies an existing file it refuses.
+/// Opens (resume) or creates (fresh) the backing file and its state, locked
+/// and bound to each other, refusing every combination whose contents would
+/// be unknown ([`ferry_store::destination`]). Never modifies an existing
+/// file it refuses.
 ///
-/// Fresh files are not made durable here: the disk is served without
-/// waiting for that (on a busy filesystem the fsyncs of two new files took
-/// 220 ms here, more than the whole switchover); [`creation_sync`] does it
-/// on a blocking thread, and the first sync round waits for it, so nothing
-/// is recorded as durable before the files themselves are.
+/// New files are made durable before they get their final names; their
+/// directory entries are not: [`creation_sync`] does that on a blocking
+/// thread, and the first sync round waits for it, so nothing is recorded as
+/// durable before the files themselves are.
 fn open_or_create(
     disk: &Path,
     state_path: &Path,
     geo: ferry_core::Geometry,
     id: [u8; 32],
-) -> Result<(Backing, StateFile, bool)> {
-    match (disk.exists(), state_path.exists()) {
-        (true, true) => {
-            let backing = Backing::open(disk, geo.disk_size)?;
-            let state = StateFile::open(state_path, geo, id)?;
-            Ok((backing, state, true))
-        }
-        (true, false) => {
-            // Check the size first for the clearer message.
-            let found = std::fs::metadata(disk)
-                .with_context(|| format!("cannot stat {}", disk.display()))?
-                .len();
-            if found != geo.disk_size {
-                return Err(BackingError::SizeMismatch {
-                    path: disk.to_owned(),
-                    found,
-                    expected: geo.disk_size,
-                }
-                .into());
-            }
-            Err(BackingError::Orphan {
-                path: disk.to_owned(),
-                state: state_path.to_owned(),
-            }
-            .into())
-        }
-        (false, true) => bail!(
-            "state file {} exists but the disk {} does not; refusing to start \
-             (remove the state file to start afresh)",
-            state_path.display(),
-            disk.display()
-        ),
-        (false, false) => {
-            let backing = Backing::create_unsynced(disk, geo.disk_size)?;
-            match StateFile::create_unsynced(state_path, geo, id) {
-                Ok(state) => Ok((backing, state, false)),
-                Err(e) => {
-                    drop(backing);
-                    let _ = std::fs::remove_file(disk);
-                    Err(e.into())
-                }
-            }
-        }
-    }
+) -> Result<ferry_store::Destination> {
+    Ok(ferry_store::open_or_create(disk, state_path, geo, id)?)
 }
 
-/// Makes freshly created files durable (both files, then their directory
-/// entries) on a blocking thread; see [`open_or_create`].
+/// Makes freshly created files' directory entries durable on a blocking
+/// thread; see [`open_or_create`].
 ///
 /// `inject_failure_ms` is a test hook: the fsyncs then fail that many ms
 /// after they begin (`--inject-creation-sync-failure-ms`), so a test can
 /// tell whether the first sync round waited for them.
 fn creation_sync(
-    backing: &Backing,
-    state: &StateFile,
     disk: &Path,
     state_path: &Path,
     inject_failure_ms: Option<u64>,
-) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
-    let files = [
-        backing
-            .durable_handle()
-            .with_context(|| format!("cannot reopen {}", disk.display()))?,
-        state
-            .durable_handle()
-            .with_context(|| format!("cannot reopen {}", state_path.display()))?,
-    ];
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
     let paths = [disk.to_owned(), state_path.to_owned()];
-    Ok(tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let t0 = Instant::now();
         if let Some(ms) = inject_failure_ms {
             std::thread::sleep(Duration::from_millis(ms));
@@ -116,9 +64,6 @@ fn creation_sync(
             return Err(std::io::Error::other(
                 "test hook: the new files' fsyncs failed",
             ));
-        }
-        for f in &files {
-            f.sync_all()?;
         }
         for p in &paths {
             ferry_store::sync_parent_dir(p)?;
@@ -128,7 +73,7 @@ fn creation_sync(
             "new disk and state files durable"
         );
         Ok(())
-    }))
+    })
 }
 
 /// Settings of the background copier that can change while running.
@@ -344,29 +289,24 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             }
             (None, None) => bail!("--source and --trust-peer are needed for a fresh pull"),
         };
-        let (backing, mut state, resumed) = open_or_create(&a.disk, &state_path, geo, id)?;
-        let created = if resumed {
-            None
-        } else {
-            Some(creation_sync(
-                &backing,
-                &state,
-                &a.disk,
-                &state_path,
-                a.inject_creation_sync_failure_ms,
-            )?)
-        };
+        let ferry_store::Destination {
+            backing,
+            mut state,
+            resumed,
+            created,
+        } = open_or_create(&a.disk, &state_path, geo, id)?;
+        let created =
+            created.then(|| creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms));
         // Writes the guest was told were done before a crash of ours on this
         // boot are in the page cache: make them durable and present now, so
         // nothing fetched later can overwrite them.
+        // Their chunks are the guest's, present blocks or not: never
+        // compared with the source's.
         let recovered = state.recovered_writes().to_vec();
-        if !recovered.is_empty() {
+        let guest_chunks = state.recovered_guest_chunks().to_vec();
+        if !recovered.is_empty() || !guest_chunks.is_empty() {
             let blocks: u64 = recovered.iter().map(|r| r.end - r.start).sum();
-            let mut guest_chunks: Vec<u64> = recovered
-                .iter()
-                .flat_map(|r| geo.chunk_of_block(r.start)..=geo.chunk_of_block(r.end - 1))
-                .collect();
-            guest_chunks.dedup();
+            let guest_chunks_n = guest_chunks.len();
             backing.sync().context("cannot sync the backing file")?;
             state.persist(&ferry_core::SyncBatch {
                 blocks: recovered,
@@ -374,6 +314,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             })?;
             tracing::info!(
                 blocks,
+                chunks = guest_chunks_n,
                 "kept guest writes acknowledged before the previous run stopped"
             );
         }
@@ -424,6 +365,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 mismatches: Vec::new(),
                 disk_blake3: Some(hex(&v.disk_blake3)),
                 disk_blake3_bytes: v.disk_blake3,
+                refetched: 0,
             },
             None => copier::Verification::default(),
         };
