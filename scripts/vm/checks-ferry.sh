@@ -55,9 +55,12 @@ field() {
     tr ',{}' '\n\n\n' <"$T/status.json" | sed -n "s/^\"$1\"://p" | tr -d '"'
 }
 
-# status: refreshes $T/status.json from the running pull's control socket.
+# status: refreshes $T/status.json from the running pull's control socket
+# (`ferry status` exits 2 when the pull reports phase error: still a status).
 status() {
     timeout 20 ferry status --control "$CTL" --json >"$T/status.json" 2>"$T/status.err"
+    rc=$?
+    [ "$rc" -eq 0 ] || [ "$rc" -eq 2 ]
 }
 
 # wait_complete SECS: until the pull reports phase complete, verified ok.

@@ -291,8 +291,19 @@ impl World {
             self.path(ctl).to_str().expect("utf8"),
             "--json",
         ]);
-        assert!(out.status.success(), "status failed: {out:?}");
-        serde_json::from_slice(&out.stdout).expect("status is JSON")
+        // Exit code 2: the pull reports phase error (the status is printed).
+        assert!(
+            out.status.success() || out.status.code() == Some(2),
+            "status failed: {out:?}"
+        );
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
+        assert_eq!(
+            out.status.code() == Some(2),
+            s["phase"] == "error",
+            "status exit code {:?} does not match {s}",
+            out.status.code()
+        );
+        s
     }
 
     /// Polls status until `pred` holds, or panics after `timeout`.

@@ -226,6 +226,7 @@ fn ports_in_use_are_clear_errors() {
     let mut args = w.pull_args(port, "dst.img");
     let i = args.iter().position(|a| a == "--nbd").unwrap();
     args[i + 1] = taken_addr.clone();
+    args.push("--nbd-tcp-insecure".into());
     let out = run_pull(&w, &args);
     assert!(!out.status.success());
     assert!(stderr(&out).contains(&taken_addr), "{}", stderr(&out));

@@ -10,8 +10,11 @@
 //! three runs, against about 0.3 ms of work.
 //!
 //! [`LowPriorityPool`] runs jobs on its own threads, each of which lowers
-//! its own nice value once, at start, to [`BACKGROUND_NICE`] (Linux nice
-//! values are per thread). The scheduler then runs on-demand reads, the
+//! its own nice value once, at start, by [`BACKGROUND_NICE_STEP`] below
+//! the nice value it inherited (the process's own), clamped at 19 (Linux
+//! nice values are per thread). It never sets an absolute value: under
+//! `nice -n 19` an absolute 10 would have *raised* the background work
+//! above the on-demand path (as root; as another user it failed). The scheduler then runs on-demand reads, the
 //! QUIC driver and everything else on the host before them, and gives
 //! them the CPU that is left over: the background copy still uses every
 //! idle cycle. A thread lowers its priority only once and never raises it
@@ -25,14 +28,28 @@
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-/// The nice value of background threads (0 is normal, 19 the lowest): a
-/// CPU-bound thread at nice 10 gets about a tenth of the share of one at
-/// 0 while both want to run, and all of an otherwise idle CPU.
-pub(crate) const BACKGROUND_NICE: i32 = 10;
+/// How many nice levels background threads run below the process (0 is
+/// normal, 19 the lowest): a CPU-bound thread 10 levels lower gets about a
+/// tenth of the share of the other while both want to run, and all of an
+/// otherwise idle CPU.
+pub(crate) const BACKGROUND_NICE_STEP: i32 = 10;
+
+/// The lowest priority there is (the highest nice value).
+const LOWEST_NICE: i32 = 19;
+
+/// The nice value for background work of a process at nice `own`:
+/// [`BACKGROUND_NICE_STEP`] levels lower, clamped at 19, and never higher
+/// in priority than `own`.
+pub(crate) fn background_nice(own: i32) -> i32 {
+    own.saturating_add(BACKGROUND_NICE_STEP)
+        .min(LOWEST_NICE)
+        .max(own)
+}
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
-/// A fixed set of threads at [`BACKGROUND_NICE`] running blocking jobs.
+/// A fixed set of threads at [`background_nice`] of the creating thread's
+/// nice value, running blocking jobs.
 /// Dropping it closes the queue: each thread finishes its current job and
 /// exits. They are not joined, so a job blocked on a slow disk does not
 /// hold up the drop.
@@ -61,7 +78,7 @@ impl LowPriorityPool {
             std::thread::Builder::new()
                 .name(name.to_string())
                 .spawn(move || {
-                    if let Err(e) = lower_this_threads_priority(BACKGROUND_NICE) {
+                    if let Err(e) = lower_this_threads_priority() {
                         tracing::warn!(error = %e, "cannot lower a background thread's CPU priority");
                     }
                     loop {
@@ -100,9 +117,16 @@ impl LowPriorityPool {
     }
 }
 
-/// Sets the calling thread's nice value to `nice` (on Linux,
-/// `setpriority(PRIO_PROCESS, 0, ..)` acts on the calling thread only).
-fn lower_this_threads_priority(nice: i32) -> std::io::Result<()> {
+/// Lowers the calling thread's priority to [`background_nice`] of the
+/// nice value it has (inherited from the thread that started it). On
+/// Linux `getpriority`/`setpriority(PRIO_PROCESS, 0, ..)` act on the
+/// calling thread only.
+fn lower_this_threads_priority() -> std::io::Result<()> {
+    let own = rustix::process::getpriority_process(None).map_err(std::io::Error::from)?;
+    let nice = background_nice(own);
+    if nice == own {
+        return Ok(());
+    }
     rustix::process::setpriority_process(None, nice).map_err(std::io::Error::from)
 }
 
@@ -129,12 +153,26 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(nice, BACKGROUND_NICE.max(caller));
+        assert_eq!(nice, (caller + BACKGROUND_NICE_STEP).min(19));
+        assert!(
+            nice >= caller,
+            "background work above the caller's priority"
+        );
         assert_eq!(name.as_deref(), Some("ferry-test-bg"));
         // The caller's own priority is untouched.
         assert_eq!(this_threads_nice(), caller);
         let sum: u64 = pool.run(|| (1..=10u64).sum()).await.unwrap();
         assert_eq!(sum, 55);
+    }
+
+    #[test]
+    fn background_work_is_ten_levels_below_the_process_and_never_above_it() {
+        assert_eq!(background_nice(0), 10);
+        assert_eq!(background_nice(5), 15);
+        assert_eq!(background_nice(9), 19);
+        assert_eq!(background_nice(15), 19);
+        assert_eq!(background_nice(19), 19);
+        assert_eq!(background_nice(-20), -10);
     }
 
     #[tokio::test]

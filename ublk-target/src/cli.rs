@@ -100,9 +100,20 @@ pub(crate) struct PullArgs {
     /// Persistent block map; default DISK.ferry-state.
     #[arg(long)]
     pub(crate) state: Option<PathBuf>,
-    /// Serve the disk over NBD at ADDR:PORT or unix:PATH.
+    /// Serve the disk over NBD at unix:PATH (or at ADDR:PORT over TCP,
+    /// which needs --nbd-tcp-insecure).
     #[arg(long)]
     pub(crate) nbd: Option<String>,
+    /// Allow --nbd ADDR:PORT: NBD over TCP has no authentication and no
+    /// encryption, so anyone who can reach the port can read and write the
+    /// disk. Use a unix socket unless the hypervisor is on another host.
+    #[arg(long)]
+    pub(crate) nbd_tcp_insecure: bool,
+    /// Give this group (name or number, e.g. the hypervisor's libvirt-qemu)
+    /// access: the NBD and control sockets become 0660 and the disk and
+    /// state files 0660, all of that group. Default: owner only (0600).
+    #[arg(long)]
+    pub(crate) group: Option<String>,
     /// Present the disk as /dev/ublkbN through the kernel's ublk driver.
     #[arg(long)]
     pub(crate) ublk: bool,
@@ -141,8 +152,9 @@ pub(crate) struct PullArgs {
     /// they begin.
     #[arg(long, hide = true)]
     pub(crate) inject_creation_sync_failure_ms: Option<u64>,
-    /// Background copy rate limit in bytes per second (0: none).
-    #[arg(long, default_value_t = 0)]
+    /// Background copy rate limit in bytes per second (0: none; at most
+    /// 1 TiB/s).
+    #[arg(long, default_value_t = 0, value_parser = parse_rate)]
     pub(crate) rate: u64,
     /// Chunks per background request.
     #[arg(long, default_value_t = 16)]
@@ -188,6 +200,24 @@ pub(crate) struct BackgroundArgs {
     pub(crate) control: PathBuf,
     /// pause, resume, or rate=BYTES_PER_SEC (0 = unlimited).
     pub(crate) action: String,
+}
+
+/// The highest background rate limit accepted, in bytes per second:
+/// 1 TiB/s, above any link ferry runs on (a larger number is a typo).
+pub(crate) const MAX_RATE: u64 = 1 << 40;
+
+/// Parses a background rate limit in bytes per second (0: unlimited).
+pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
+    let v: u64 = s
+        .parse()
+        .map_err(|_| format!("rate {s:?} is not a number of bytes per second"))?;
+    if v > MAX_RATE {
+        return Err(format!(
+            "rate {v} bytes/s is more than the most allowed, {MAX_RATE} (1 TiB/s); \
+             use 0 for unlimited"
+        ));
+    }
+    Ok(v)
 }
 
 /// The link and congestion options shared by `serve` and `pull`.

@@ -100,12 +100,42 @@ pub(crate) fn emit(text: &str) -> Result<()> {
     }
 }
 
+/// `ferry status` found the pull stopped by an error (its reason): the
+/// command exits with [`PullStopped::EXIT_CODE`] after printing the status,
+/// so scripts notice.
+#[derive(Debug)]
+pub(crate) struct PullStopped(pub(crate) String);
+
+impl PullStopped {
+    /// Exit code of `ferry status` for a pull in phase `error` (1 is any
+    /// other failure, e.g. no pull at the control socket).
+    pub(crate) const EXIT_CODE: u8 = 2;
+}
+
+impl std::fmt::Display for PullStopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the pull stopped with an error: {}", self.0)
+    }
+}
+
+impl std::error::Error for PullStopped {}
+
 pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
     let reply = request(&a.control, "status")?;
-    if a.json {
-        return emit(&reply);
-    }
     let s: Status = serde_json::from_str(&reply).context("malformed status reply")?;
+    if a.json {
+        emit(&reply)?;
+    } else {
+        emit(&human_status(&s))?;
+    }
+    if s.phase == "error" {
+        return Err(PullStopped(s.error.unwrap_or_default()).into());
+    }
+    Ok(())
+}
+
+/// `ferry status` without `--json`.
+fn human_status(s: &Status) -> String {
     let mut o = String::new();
     let pct = if s.total_bytes == 0 {
         100.0
@@ -154,20 +184,28 @@ pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
         s.verified_chunks,
         s.verify_refetched_chunks
     );
-    emit(&o)
+    o
 }
 
 pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {
     let line = match a.action.as_str() {
         "pause" | "resume" => a.action.clone(),
         r if r.starts_with("rate=") => {
-            let v: u64 = r[5..]
-                .parse()
-                .with_context(|| format!("{r:?}: rate must be a number of bytes per second"))?;
+            let v = crate::cli::parse_rate(&r[5..]).map_err(anyhow::Error::msg)?;
             format!("rate {v}")
         }
         other => bail!("unknown action {other:?}: use pause, resume or rate=BYTES_PER_SEC"),
     };
     let reply = request(&a.control, &line)?;
-    emit(&reply)
+    emit(&reply)?;
+    // A refusal (e.g. an absurd rate) fails the command.
+    let answer: serde_json::Value =
+        serde_json::from_str(&reply).context("malformed control reply")?;
+    if answer["ok"] == false {
+        bail!(
+            "the pull refused {line:?}: {}",
+            answer["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(())
 }

@@ -26,7 +26,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<control::PullStopped>().is_some() {
+                std::process::ExitCode::from(control::PullStopped::EXIT_CODE)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }

@@ -34,5 +34,5 @@ mod server;
 mod transmission;
 
 pub use errors::NbdError;
-pub use listener::NbdListener;
-pub use server::{serve, NbdServerConfig};
+pub use listener::{bind_unix_socket, NbdListener, SocketAccess};
+pub use server::{serve, NbdServerConfig, HANDSHAKE_TIMEOUT, MAX_CLIENTS};

@@ -14,8 +14,15 @@ use crate::listener::{Conn, NbdListener};
 use crate::{transmission, NbdError};
 
 /// How long a client may take to negotiate before it is disconnected, so
-/// idle connections cannot pile up.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// idle connections cannot pile up (qemu negotiates in milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Clients served at once. A connection beyond it is closed at once, before
+/// the greeting, so connections left open cannot exhaust the process's
+/// file descriptors (which the disk, the source's connection and the
+/// control socket need too). A hypervisor opens one, or a few with
+/// multi-connection.
+pub const MAX_CLIENTS: usize = 64;
 
 /// What the server exports.
 #[derive(Debug, Clone)]
@@ -29,7 +36,7 @@ pub struct NbdServerConfig {
 }
 
 /// Accepts connections on `listener` until `shutdown` resolves, serving
-/// each concurrently on `device`.
+/// each concurrently on `device`, at most [`MAX_CLIENTS`] at once.
 ///
 /// A connection that breaks the protocol is logged and closed; the server
 /// goes on serving the others. When `shutdown` resolves the server stops
@@ -56,11 +63,21 @@ pub async fn serve<D: BlockDevice>(
     );
     tokio::pin!(shutdown);
     let mut conns = JoinSet::new();
+    // Whether connections are being turned away (logged once per episode).
+    let mut refusing = false;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
+                Ok((conn, peer)) if conns.len() >= MAX_CLIENTS => {
+                    drop(conn);
+                    if !refusing {
+                        refusing = true;
+                        warn!(peer = %peer, open = conns.len(), "too many NBD clients at once; closing new connections until one ends");
+                    }
+                }
                 Ok((conn, peer)) => {
+                    refusing = false;
                     let device = device.clone();
                     let export = export.clone();
                     let span = tracing::info_span!("nbd", peer = %peer);

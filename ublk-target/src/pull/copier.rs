@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use ferry_core::engine::FetchKind;
 use ferry_core::Phase;
 use ferry_transport::ConnState;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 
 use super::{CopierSettings, Report, Shared};
@@ -482,6 +482,18 @@ pub(crate) fn remove_stale_socket(path: &Path, what: &str) -> Result<()> {
         .with_context(|| format!("cannot remove stale socket {}", path.display()))
 }
 
+/// Longest control request line, newline included; a longer one is
+/// refused (the requests are a few bytes; without a cap a peer that never
+/// sends a newline made the pull buffer all it sent).
+pub(crate) const MAX_REQUEST_BYTES: usize = 4096;
+
+/// Control connections served at once; more are closed at once, so idle
+/// connections cannot take every file descriptor.
+pub(crate) const MAX_CONTROL_CONNECTIONS: usize = 64;
+
+/// How long a control client may take to send its request line.
+pub(crate) const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The control socket.
 pub(crate) struct ControlListener {
     listener: UnixListener,
@@ -489,10 +501,12 @@ pub(crate) struct ControlListener {
 }
 
 impl ControlListener {
-    /// Binds `path`, replacing a stale socket but never a live one.
-    pub(crate) fn bind(path: &Path) -> Result<Self> {
+    /// Binds `path`, replacing a stale socket but never a live one, with
+    /// the mode of `access` (owner-only by default) whatever the umask.
+    pub(crate) fn bind(path: &Path, access: &ferry_nbd::SocketAccess) -> Result<Self> {
         remove_stale_socket(path, "--control")?;
-        let listener = UnixListener::bind(path)
+        let listener = ferry_nbd::bind_unix_socket(path, access)
+            .and_then(UnixListener::from_std)
             .with_context(|| format!("cannot bind control socket {}", path.display()))?;
         Ok(Self {
             listener,
@@ -500,7 +514,8 @@ impl ControlListener {
         })
     }
 
-    /// Answers requests until the process ends.
+    /// Answers requests until the process ends: one request line per
+    /// connection, at most [`MAX_CONTROL_CONNECTIONS`] connections at once.
     pub(crate) async fn serve(
         self,
         shared: Arc<Shared>,
@@ -508,23 +523,85 @@ impl ControlListener {
         report: Arc<Report>,
     ) {
         let _keep = self.path;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
+        let mut refusing = false;
         loop {
-            let Ok((stream, _)) = self.listener.accept().await else {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off, do not spin.
+                    tracing::warn!(error = %e, "accepting a control connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if !refusing {
+                    refusing = true;
+                    tracing::warn!(
+                        open = MAX_CONTROL_CONNECTIONS,
+                        "too many control connections at once; closing new ones until one ends"
+                    );
+                }
+                let _ = stream
+                    .try_write(b"{\"ok\":false,\"error\":\"too many control connections\"}\n");
                 continue;
             };
+            refusing = false;
             let (shared, settings, report) = (shared.clone(), settings.clone(), report.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let (r, mut w) = stream.into_split();
-                let mut line = String::new();
-                let mut r = BufReader::new(r);
-                if r.read_line(&mut line).await.is_err() {
-                    return;
-                }
-                let reply = handle(line.trim(), &shared, &settings, &report);
-                let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                let reply = match tokio::time::timeout(CONTROL_IDLE_TIMEOUT, read_request(r)).await
+                {
+                    Err(_) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "control connection failed");
+                        return;
+                    }
+                    Ok(Ok(Request::Line(line))) => handle(line.trim(), &shared, &settings, &report),
+                    Ok(Ok(Request::Bad(why))) => error_reply(&why),
+                };
+                let _ = tokio::time::timeout(
+                    CONTROL_IDLE_TIMEOUT,
+                    w.write_all(format!("{reply}\n").as_bytes()),
+                )
+                .await;
             });
         }
     }
+}
+
+/// One control request as read.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    /// A line of UTF-8 (without its newline).
+    Line(String),
+    /// Not a request: why.
+    Bad(String),
+}
+
+/// Reads one request line of at most [`MAX_REQUEST_BYTES`].
+async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<Request> {
+    let mut buf = Vec::new();
+    let mut r = BufReader::new(r.take(MAX_REQUEST_BYTES as u64 + 1));
+    r.read_until(b'\n', &mut buf).await?;
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_REQUEST_BYTES {
+        return Ok(Request::Bad(format!(
+            "request longer than {MAX_REQUEST_BYTES} bytes"
+        )));
+    }
+    Ok(match String::from_utf8(buf) {
+        Ok(line) => Request::Line(line),
+        Err(_) => Request::Bad("request is not UTF-8 text".into()),
+    })
+}
+
+/// A JSON error reply.
+fn error_reply(why: &str) -> String {
+    serde_json::json!({ "ok": false, "error": why }).to_string()
 }
 
 fn handle(
@@ -555,12 +632,12 @@ fn handle(
             shared.changed.notify_waiters();
             r#"{"ok":true,"background":"running"}"#.into()
         }
-        (Some("rate"), Some(v)) => match v.parse::<u64>() {
+        (Some("rate"), Some(v)) => match crate::cli::parse_rate(v) {
             Ok(v) => {
                 settings.rate_limit.store(v, Ordering::Relaxed);
                 format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#)
             }
-            Err(_) => r#"{"ok":false,"error":"rate needs a number"}"#.into(),
+            Err(e) => error_reply(&e),
         },
         _ => r#"{"ok":false,"error":"unknown request"}"#.into(),
     }
@@ -582,6 +659,7 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         Phase::Complete => ("complete".to_string(), None),
         Phase::Error(m) => ("error".to_string(), Some(m)),
     };
+    let stopped = error.is_some();
     let rate = report.rate.last_rate.load(Ordering::Relaxed);
     let remaining = geo.disk_size - e.present_bytes();
     let eta = if remaining == 0 {
@@ -609,8 +687,12 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         wire_tx_bytes: stats.map_or(0, |s| s.wire_tx_bytes),
         rate_bytes_per_sec: rate,
         eta_seconds: eta,
+        // A migration stopped by an error asks nothing more of the source
+        // (a changed source left the client "reconnecting" for good).
         source_state: if verify.state == "ok" {
             "released"
+        } else if stopped {
+            "stopped"
         } else {
             match stats.map(|s| s.state) {
                 // A resumed pull serves before it has reached the source.

@@ -76,6 +76,40 @@ fn creation_sync(
     })
 }
 
+/// Resolves `--group` (a group name, or a number) to a group id.
+fn resolve_group(name: &str) -> Result<u32> {
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => name
+            .parse::<u32>()
+            .with_context(|| format!("--group {name:?}: no such group")),
+        Err(e) => Err(e).with_context(|| format!("--group {name:?}: cannot look the group up")),
+    }
+}
+
+/// Gives group `gid` read and write access to `path` (mode 0660, that
+/// group), for `--group`.
+fn grant_group(path: &Path, gid: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, None, Some(gid))
+        .with_context(|| format!("cannot give {} to group {gid}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot make {} group-writable", path.display()))
+}
+
+/// Socket files this run bound: removed when the run ends, however it
+/// ends (a refused start leaves none behind).
+#[derive(Default)]
+struct BoundSockets(Vec<PathBuf>);
+
+impl Drop for BoundSockets {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 /// Settings of the background copier that can change while running.
 pub(crate) struct CopierSettings {
     pub(crate) rate_limit: AtomicU64,
@@ -224,7 +258,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
     if a.nbd.is_none() && !a.ublk {
-        bail!("no frontend: pass --ublk, or --nbd ADDR:PORT, or --nbd unix:PATH");
+        bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tcp-insecure)");
     }
     let state_path = a
         .state
@@ -240,6 +274,22 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     };
     let verified = header.and_then(|h| h.verified);
     let source = source_options(&a, identity, verified.is_some(), &state_path)?;
+    if let Some(spec) = a.nbd.as_deref().filter(|s| !s.starts_with("unix:")) {
+        if !a.nbd_tcp_insecure {
+            bail!(
+                "--nbd {spec}: NBD over TCP has no authentication and no encryption, so \
+                 anyone who can reach that port could read and write the disk; use \
+                 --nbd unix:PATH, or pass --nbd-tcp-insecure to accept that"
+            );
+        }
+        tracing::warn!(
+            "INSECURE: --nbd {spec} serves the disk over TCP without authentication or \
+             encryption: anyone who can reach that port can read and write it"
+        );
+    }
+    let access = ferry_nbd::SocketAccess {
+        group: a.group.as_deref().map(resolve_group).transpose()?,
+    };
     // With --ublk, check for the driver before anything is created.
     let ublk_recover = if a.ublk {
         if !Path::new(ferry_ublk::CONTROL_PATH).exists() {
@@ -265,16 +315,22 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     rt.block_on(async move {
         // Bind every listener before touching any file, so a port in use
         // fails the start with nothing changed.
+        let mut sockets = BoundSockets::default();
         let listener = match &a.nbd {
             Some(spec) => {
                 if let Some(path) = spec.strip_prefix("unix:") {
                     copier::remove_stale_socket(Path::new(path), "--nbd")?;
                 }
-                Some(NbdListener::bind(spec).await?)
+                let l = NbdListener::bind_with(spec, &access).await?;
+                if let NbdListener::Unix(_, path) = &l {
+                    sockets.0.push(path.clone());
+                }
+                Some(l)
             }
             None => None,
         };
-        let control = copier::ControlListener::bind(&a.control)?;
+        let control = copier::ControlListener::bind(&a.control, &access)?;
+        sockets.0.push(a.control.clone());
         let started = Instant::now();
         let (client, geo, id, later) = match (header, source) {
             (Some(h), source) => (None, h.geometry, h.source_id, source),
@@ -295,6 +351,10 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             resumed,
             created,
         } = open_or_create(&a.disk, &state_path, geo, id)?;
+        if let Some(gid) = access.group {
+            grant_group(&a.disk, gid)?;
+            grant_group(&state_path, gid)?;
+        }
         let created =
             created.then(|| creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms));
         // Writes the guest was told were done before a crash of ours on this
@@ -523,7 +583,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             }
         }
         shared.sync().await.context("final sync failed")?;
-        let _ = std::fs::remove_file(&a.control);
+        drop(sockets);
         if let Some(e) = stop_error {
             return Err(e);
         }
