@@ -96,6 +96,17 @@ fn a_full_destination_fails_requests_at_once_backs_off_and_recovers() {
         !ok && text.contains("No space left on device"),
         "sub-block write into an absent block on a full disk ({took:?}): {text}"
     );
+    // A whole-block write into absent blocks cannot land either: it fails,
+    // and the blocks keep their old content (the source's, fetched once
+    // space returns), or get the new one; never the zeros of the hole it
+    // left (they were marked present and kept: issue 24 #4's fix let the
+    // guest get this far).
+    let whole = 62 * MIB;
+    let (ok, text, took) = qemu_io_bounded(&w, &[&format!("write -P 0x22 {whole} {}", 64 * 1024)]);
+    assert!(
+        !ok && text.contains("No space left on device"),
+        "whole-block write into absent blocks on a full disk ({took:?}): {text}"
+    );
 
     // The background copy backs off: once the requests it had in flight
     // when the disk filled are in (it fetched without pause: hundreds of
@@ -128,7 +139,7 @@ fn a_full_destination_fails_requests_at_once_backs_off_and_recovers() {
     assert_eq!(
         count(&text, "cannot write fetched data"),
         1,
-        "one line per episode: {} lines in the log",
+        "one line per episode: {} lines in the log: {text}",
         text.lines().count()
     );
     assert!(
@@ -152,6 +163,29 @@ fn a_full_destination_fails_requests_at_once_backs_off_and_recovers() {
         .map(|b| format!("{b:02x}"))
         .collect();
     assert!(ok && text.contains(&hex.join(" ")), "{text}");
+    // Each block of the failed write: the source's bytes or the write's,
+    // looked at in the middle of the block and at its end.
+    let reads: Vec<String> = (0..16u64)
+        .flat_map(|b| [whole + b * 4096 + 2000, whole + b * 4096 + 4080])
+        .map(|off| format!("read -v {off} 16"))
+        .collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    let (ok, text, _) = qemu_io_bounded(&w, &reads);
+    assert!(ok, "{text}");
+    for b in 0..16u64 {
+        for off in [whole + b * 4096 + 2000, whole + b * 4096 + 4080] {
+            let old = format!(
+                "{off:08x}:  {}",
+                qemu_hex(&src_bytes[off as usize..off as usize + 16])
+            );
+            let new = format!("{off:08x}:  {}", qemu_hex(&[0x22; 16]));
+            assert!(
+                text.contains(&old) || text.contains(&new),
+                "block {b} of the failed write holds neither the source's data nor the \
+                 write's at {off} (want {old}): {text}"
+            );
+        }
+    }
     assert!(
         count(&pull.log_text(), "works again") >= 1,
         "{}",

@@ -467,10 +467,14 @@ impl Shared {
                     })
                     .await
                     .unwrap_or_else(|e| Err(eio(e.to_string())));
-                    // The blocks are present either way (marked by the
-                    // plan); on error their contents are what the file
-                    // holds, and the guest is told.
-                    self.lock().write_done(blocks);
+                    // On error (e.g. a full filesystem) the blocks this
+                    // write made present hold no known data: they are
+                    // absent again and fetched anew; the others keep what
+                    // the file holds, and the guest is told.
+                    match &res {
+                        Ok(()) => self.lock().write_done(blocks),
+                        Err(_) => self.lock().write_failed(blocks),
+                    }
                     self.changed.notify_waiters();
                     return res;
                 }
