@@ -71,6 +71,8 @@ pub(crate) struct FillTrouble {
 /// A run of failed fills.
 struct Episode {
     started: Instant,
+    /// The number of its first failure.
+    first: u64,
     failures: u64,
     /// The last failure: `raw_os_error`, kind and message.
     errno: Option<i32>,
@@ -104,6 +106,7 @@ impl FillTrouble {
                 );
                 self.episode = Some(Episode {
                     started: now,
+                    first: self.seq,
                     failures: 1,
                     errno: e.raw_os_error(),
                     kind: e.kind(),
@@ -128,9 +131,15 @@ impl FillTrouble {
         }
     }
 
-    /// Fetched data of `chunk` was written: the episode, if any, is over.
-    fn worked(&mut self, chunk: u64) {
+    /// Fetched data of `chunk` was written by a fill that began when the
+    /// failure number was `since`: the episode, if any, is over, unless it
+    /// began after that fill did (a write already under way when the
+    /// filesystem filled says nothing about space now).
+    fn worked(&mut self, chunk: u64, since: u64) {
         self.failed.remove(&chunk);
+        if self.episode.as_ref().is_some_and(|ep| ep.first > since) {
+            return;
+        }
         if let Some(ep) = self.episode.take() {
             tracing::info!(
                 failures = ep.failures,
@@ -346,6 +355,7 @@ impl Shared {
                 // A zero chunk's hole punch works on a full filesystem:
                 // only data written ends an episode of failed fills.
                 let writes_data = matches!(fetched, Fetched::Data { .. }) && !runs.is_empty();
+                let since = self.fill_trouble().seq();
                 let res = tokio::task::spawn_blocking(move || -> io::Result<()> {
                     for r in runs {
                         let lo = geo.block_bytes(r.start).start;
@@ -363,7 +373,7 @@ impl Shared {
                 // Recorded before the engine lets waiting requests see the
                 // chunk absent again.
                 match &res {
-                    Ok(()) if writes_data => self.fill_trouble().worked(chunk),
+                    Ok(()) if writes_data => self.fill_trouble().worked(chunk, since),
                     Ok(()) => {}
                     Err(e) => self.fill_trouble().failed(chunk, e, Instant::now()),
                 }
@@ -699,9 +709,12 @@ mod tests {
         assert_eq!(waits[1], FILL_BACKOFF_START * 4);
         assert_eq!(*waits.last().expect("waits"), FILL_BACKOFF_MAX);
         assert!(waits.windows(2).all(|w| w[0] <= w[1]));
-        // A fill that works ends the episode.
+        // A fill that began before the episode and completed after it
+        // does not end it; one that began during it does.
+        t.worked(3, since);
+        assert!(t.retry_at().is_some());
         let since = t.seq();
-        t.worked(3);
+        t.worked(3, since);
         assert!(t.retry_at().is_none());
         assert!(t.error_since(since - 1, 0..20).is_none());
     }
