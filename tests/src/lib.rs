@@ -52,6 +52,21 @@ pub fn require_tool(tool: &str) -> bool {
     found
 }
 
+/// Whether we run as root (for tests that mount); if not, says SKIPPED
+/// loudly, and panics when `FERRY_REQUIRE_ALL=1` (as under `cargo xtask
+/// ci`, which runs as root).
+pub fn require_root(why: &str) -> bool {
+    let probe = tempfile::NamedTempFile::new().expect("temporary file");
+    let root = std::os::unix::fs::MetadataExt::uid(&probe.as_file().metadata().expect("stat")) == 0;
+    if !root {
+        if std::env::var("FERRY_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("root is required (FERRY_REQUIRE_ALL=1) to {why}");
+        }
+        eprintln!("\n!!!!!! SKIPPED: not root, cannot {why} !!!!!!\n");
+    }
+    root
+}
+
 /// A child process killed (SIGKILL) and reaped on drop.
 pub struct Proc {
     /// The child.

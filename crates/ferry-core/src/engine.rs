@@ -20,13 +20,18 @@
 //!    wait for it), the source's hash carried with each chunk is used; it
 //!    comes from the same manifest.
 //! 7. Zero chunks are present from the start and never fetched.
+//! 8. A guest write that fails leaves each block with its old content or
+//!    the new one: blocks it made present (absent before, so the backing
+//!    file holds a hole or a partial write there) are absent again
+//!    ([`Engine::write_failed`]) and fetched anew. Until the write is done,
+//!    other guest requests for them wait.
 //!
 //! A guest request for a chunk that only the background copier is fetching
 //! starts its own, on-demand fetch of it (the background answer may wait
 //! behind a bandwidth-delay product of other data); the first good answer
 //! fills the chunk and later ones are [`Arrival::Duplicate`]s, never written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -67,7 +72,8 @@ pub enum ReadPlan {
 #[derive(Debug, PartialEq, Eq)]
 pub enum WritePlan {
     /// Write the data to the backing file, then call
-    /// [`Engine::write_done`] with this range of blocks.
+    /// [`Engine::write_done`] with this range of blocks (or
+    /// [`Engine::write_failed`] if the write failed).
     Ready(Range<u64>),
     /// Start these fetches (if any), wait for a chunk state change, plan again.
     Wait {
@@ -186,6 +192,11 @@ pub struct Engine {
     filling: HashMap<u64, Vec<Range<u64>>>,
     unsynced: Vec<Range<u64>>,
     unsynced_guest: HashSet<u64>,
+    /// Runs of blocks (start to end) that a guest write in flight made
+    /// present: absent before it, their data is not in the backing file
+    /// until it is done (invariant 8). Never overlapping: a write touching
+    /// one waits.
+    claimed: BTreeMap<u64, u64>,
     corrupt_streak: HashMap<u64, u32>,
     present_blocks: u64,
     bg_cursor: u64,
@@ -215,6 +226,7 @@ impl Engine {
             filling: HashMap::new(),
             unsynced: Vec::new(),
             unsynced_guest: HashSet::new(),
+            claimed: BTreeMap::new(),
             corrupt_streak: HashMap::new(),
             present_blocks,
             bg_cursor: 0,
@@ -358,6 +370,17 @@ impl Engine {
         self.present[blocks.start as usize..blocks.end as usize].all()
     }
 
+    /// Whether a guest write in flight made any of `blocks` present (see
+    /// [`Engine::claimed`]).
+    fn blocks_claimed(&self, blocks: &Range<u64>) -> bool {
+        !self.claimed.is_empty()
+            && self
+                .claimed
+                .range(..blocks.end)
+                .next_back()
+                .is_some_and(|(_, &end)| end > blocks.start)
+    }
+
     /// Marks `chunks` (absent; not in flight, or in flight in the
     /// background when `kind` is on-demand) as fetching by one more request
     /// and groups them into consecutive ranges.
@@ -382,7 +405,8 @@ impl Engine {
     /// Whether a read of `len` bytes at `offset` can be served from the
     /// backing file now (every block present). Changes nothing.
     pub fn readable(&self, offset: u64, len: u64) -> bool {
-        self.blocks_present(self.geo.blocks_touching(offset, len))
+        let blocks = self.geo.blocks_touching(offset, len);
+        self.blocks_present(blocks.clone()) && !self.blocks_claimed(&blocks)
     }
 
     /// Whether a guest request needing `chunk` must start a fetch of it:
@@ -403,6 +427,11 @@ impl Engine {
     pub fn plan_read(&mut self, offset: u64, len: u64) -> ReadPlan {
         let blocks = self.geo.blocks_touching(offset, len);
         if self.blocks_present(blocks.clone()) {
+            if self.blocks_claimed(&blocks) {
+                // A guest write in flight makes them present: its data (or,
+                // if it fails, the source's) is not there yet.
+                return ReadPlan::Wait { start: Vec::new() };
+            }
             return ReadPlan::Ready;
         }
         if let Some(e) = &self.error {
@@ -433,7 +462,9 @@ impl Engine {
             return WritePlan::Ready(blocks);
         }
         let bs = u64::from(BLOCK_SIZE);
-        let mut must_wait = false;
+        // Another write in flight made some of them present: if it fails
+        // they become absent again (invariant 8).
+        let mut must_wait = self.blocks_claimed(&blocks);
         let mut to_start = Vec::new();
         // Chunks being filled: their fill may write blocks we are about to
         // write; wait until it is done.
@@ -474,11 +505,23 @@ impl Engine {
                 start: self.start_fetches(to_start, FetchKind::OnDemand),
             };
         }
+        let mut run: Option<Range<u64>> = None;
         for b in blocks.clone() {
             if !self.present[b as usize] {
                 self.present.set(b as usize, true);
                 self.present_blocks += 1;
+                match &mut run {
+                    Some(r) if r.end == b => r.end += 1,
+                    _ => {
+                        if let Some(r) = run.replace(b..b + 1) {
+                            self.claimed.insert(r.start, r.end);
+                        }
+                    }
+                }
             }
+        }
+        if let Some(r) = run {
+            self.claimed.insert(r.start, r.end);
         }
         for c in self.geo.chunks_touching(offset, len) {
             self.guest_chunks.set(c as usize, true);
@@ -490,9 +533,44 @@ impl Engine {
     /// The guest's write of `blocks` reached the backing file (not yet
     /// synced).
     pub fn write_done(&mut self, blocks: Range<u64>) {
+        self.take_claims(&blocks);
         if !blocks.is_empty() {
             self.unsynced.push(blocks);
         }
+    }
+
+    /// The guest's write of `blocks` failed (e.g. a full filesystem): what
+    /// reached the backing file is unknown. The blocks it made present
+    /// hold no known data (a hole, or part of the write) and are absent
+    /// again, to be fetched anew; the others keep what they hold (their old
+    /// data, or part of the write), as after a write cut off by a crash
+    /// (invariants 1 and 8).
+    pub fn write_failed(&mut self, blocks: Range<u64>) {
+        for r in self.take_claims(&blocks) {
+            for b in r {
+                if self.present[b as usize] {
+                    self.present.set(b as usize, false);
+                    self.present_blocks -= 1;
+                }
+            }
+        }
+    }
+
+    /// Removes and returns the claims of the write of `blocks` (every claim
+    /// inside them is that write's: others wait while one overlaps).
+    fn take_claims(&mut self, blocks: &Range<u64>) -> Vec<Range<u64>> {
+        if self.claimed.is_empty() {
+            return Vec::new();
+        }
+        let starts: Vec<u64> = self
+            .claimed
+            .range(blocks.start..blocks.end)
+            .map(|(&s, _)| s)
+            .collect();
+        starts
+            .into_iter()
+            .filter_map(|s| self.claimed.remove(&s).map(|e| s..e))
+            .collect()
     }
 
     /// The next range of chunks for the background copier, at most

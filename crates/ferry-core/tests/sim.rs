@@ -781,3 +781,90 @@ fn chunks_failing_verification_are_fetched_again_unless_the_guest_wrote_them() {
     assert_eq!(e.next_background(16), Some(1..2));
     assert_eq!(e.present_bytes(), 7 * 65536);
 }
+
+#[test]
+fn a_failed_guest_write_leaves_no_block_present_without_its_data() {
+    // Invariants 1 and 8: a whole-block write into an absent chunk makes
+    // its blocks present at once; if the write then fails (a full
+    // filesystem), the backing file holds a hole there, so they must be
+    // absent again and fetched anew, never kept as present zeros.
+    let mut sim = Sim::new(16, 16 * 1024, 8, 0).manifest_now();
+    let c = (0..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let start = sim.geo().chunk_bytes(c).start;
+    let blocks = sim.geo().blocks_touching(start + 4096, 8192);
+    assert_eq!(
+        sim.engine.plan_write(start + 4096, 8192),
+        WritePlan::Ready(blocks.clone())
+    );
+    // While it is in flight, reads of those blocks and other writes to
+    // them wait (no fetch: the write's outcome decides); other blocks do
+    // not.
+    assert!(!sim.engine.readable(start + 4096, 4096));
+    assert_eq!(
+        sim.engine.plan_read(start + 8192, 512),
+        ReadPlan::Wait { start: vec![] }
+    );
+    assert_eq!(
+        sim.engine.plan_write(start + 8192, 4096),
+        WritePlan::Wait { start: vec![] }
+    );
+    assert!(matches!(
+        sim.engine.plan_write(start, 4096),
+        WritePlan::Ready(_)
+    ));
+    sim.engine
+        .write_done(sim.geo().blocks_touching(start, 4096));
+    sim.engine.write_failed(blocks.clone());
+    for b in blocks.clone() {
+        assert!(
+            !sim.engine.is_present(b),
+            "block {b} present after a failed write"
+        );
+    }
+    assert!(
+        sim.engine
+            .begin_sync()
+            .blocks
+            .iter()
+            .all(|r| r.end <= blocks.start || r.start >= blocks.end),
+        "a sync round would persist blocks of the failed write as present"
+    );
+    // A read of them fetches the chunk; its data fills exactly them.
+    assert_eq!(
+        sim.engine.plan_read(start + 4096, 8192),
+        ReadPlan::Wait {
+            start: vec![c..c + 1]
+        }
+    );
+    let r = sim.geo().chunk_bytes(c);
+    let data = sim.source[r.start as usize..r.end as usize].to_vec();
+    match sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)) {
+        Arrival::Fill(plan) => assert!(
+            blocks
+                .clone()
+                .all(|b| plan.runs.iter().any(|run| run.contains(&b))),
+            "fill does not write the failed write's blocks: {plan:?}"
+        ),
+        other => panic!("unexpected {other:?}"),
+    }
+    sim.engine.fill_done(c);
+    assert!(sim.engine.readable(start + 4096, 8192));
+    // A write that succeeds keeps its blocks, and others may go on.
+    let c2 = (c + 1..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("another data chunk");
+    let s2 = sim.geo().chunk_bytes(c2).start;
+    let b2 = sim.geo().blocks_touching(s2, 4096);
+    assert_eq!(
+        sim.engine.plan_write(s2, 4096),
+        WritePlan::Ready(b2.clone())
+    );
+    sim.engine.write_done(b2.clone());
+    assert!(sim.engine.readable(s2, 4096));
+    assert!(matches!(
+        sim.engine.plan_write(s2, 4096),
+        WritePlan::Ready(_)
+    ));
+}

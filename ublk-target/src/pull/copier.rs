@@ -232,6 +232,20 @@ pub(crate) async fn run_copier(
             Phase::Copying => {}
         }
         let in_flight = shared.bg_in_flight.load(Ordering::Relaxed) as usize;
+        // Fetched data could not be written (e.g. a full filesystem): one
+        // request at a time, after a wait that doubles with each failed
+        // try (up to FILL_BACKOFF_MAX), until one works again.
+        let retry_at = shared.fill_trouble().retry_at();
+        if let Some(at) = retry_at {
+            if in_flight > 0 {
+                let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+                continue;
+            }
+            if at > Instant::now() {
+                tokio::time::sleep_until(at.into()).await;
+                continue;
+            }
+        }
         // Back-pressure: at most `window` requests in flight, and no more
         // than one sync batch of unsynced data, so a crash costs at most
         // one batch of re-fetching.

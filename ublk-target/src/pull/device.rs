@@ -1,12 +1,13 @@
 //! The pulled disk as a [`BlockDevice`]: the engine decides, this module
 //! does the I/O (backing file, fetches from the source, syncs).
 
+use std::collections::HashMap;
 use std::io;
 use std::ops::Range;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_core::engine::{Arrival, FetchKind, Payload, ReadPlan, WritePlan};
 use ferry_core::geometry::BLOCK_SIZE;
@@ -42,6 +43,134 @@ pub(crate) struct Shared {
     pub(crate) bg_in_flight: AtomicU64,
     /// Bytes of the background requests currently in flight.
     pub(crate) bg_in_flight_bytes: AtomicU64,
+    /// Fetched data that could not be written to the backing file.
+    pub(crate) fill_trouble: Mutex<FillTrouble>,
+}
+
+/// First wait of the background copier after fetched data could not be
+/// written to the backing file (e.g. its filesystem is full).
+const FILL_BACKOFF_START: Duration = Duration::from_millis(100);
+
+/// Longest such wait: doubled after each failed retry up to this.
+pub(crate) const FILL_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Fetched data that could not be written to the backing file (a full
+/// filesystem, an I/O error): guest requests waiting for it fail with the
+/// error at once instead of fetching again and again, and the background
+/// copier backs off; logged once per episode, not per attempt.
+#[derive(Default)]
+pub(crate) struct FillTrouble {
+    /// Failed fills so far: a sequence number.
+    seq: u64,
+    /// Chunks whose last fill failed, with that failure's number.
+    failed: HashMap<u64, u64>,
+    /// Since the first failure until a fill works again.
+    episode: Option<Episode>,
+}
+
+/// A run of failed fills.
+struct Episode {
+    started: Instant,
+    /// The number of its first failure.
+    first: u64,
+    failures: u64,
+    /// The last failure: `raw_os_error`, kind and message.
+    errno: Option<i32>,
+    kind: io::ErrorKind,
+    message: String,
+    /// The background copier's next try, and the wait after that one.
+    retry_at: Instant,
+    delay: Duration,
+}
+
+impl FillTrouble {
+    /// The number of the latest failure (0: none yet).
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Records that filling `chunk` failed with `e`; logs the first
+    /// failure of an episode.
+    fn failed(&mut self, chunk: u64, e: &io::Error, now: Instant) {
+        self.seq += 1;
+        self.failed.insert(chunk, self.seq);
+        match &mut self.episode {
+            None => {
+                tracing::error!(
+                    chunk,
+                    error = %e,
+                    "cannot write fetched data to the backing file; requests that need \
+                     absent data fail with this error and the background copy retries \
+                     with backoff (up to {} s) until it works again",
+                    FILL_BACKOFF_MAX.as_secs()
+                );
+                self.episode = Some(Episode {
+                    started: now,
+                    first: self.seq,
+                    failures: 1,
+                    errno: e.raw_os_error(),
+                    kind: e.kind(),
+                    message: e.to_string(),
+                    retry_at: now + FILL_BACKOFF_START,
+                    delay: FILL_BACKOFF_START,
+                });
+            }
+            Some(ep) => {
+                ep.failures += 1;
+                ep.errno = e.raw_os_error();
+                ep.kind = e.kind();
+                ep.message = e.to_string();
+                // A retry that failed (not one more of a burst in flight
+                // together): wait twice as long before the next.
+                if now >= ep.retry_at {
+                    ep.delay = (ep.delay * 2).min(FILL_BACKOFF_MAX);
+                    ep.retry_at = now + ep.delay;
+                }
+                tracing::debug!(chunk, error = %e, failures = ep.failures, "fill failed again");
+            }
+        }
+    }
+
+    /// Fetched data of `chunk` was written by a fill that began when the
+    /// failure number was `since`: the episode, if any, is over, unless it
+    /// began after that fill did (a write already under way when the
+    /// filesystem filled says nothing about space now).
+    fn worked(&mut self, chunk: u64, since: u64) {
+        self.failed.remove(&chunk);
+        if self.episode.as_ref().is_some_and(|ep| ep.first > since) {
+            return;
+        }
+        if let Some(ep) = self.episode.take() {
+            tracing::info!(
+                failures = ep.failures,
+                seconds = ep.started.elapsed().as_secs(),
+                "writing fetched data to the backing file works again"
+            );
+            self.failed.clear();
+        }
+    }
+
+    /// The error for a request that began when the failure number was
+    /// `since` and needs `chunks`: one of them failed to fill since.
+    pub(crate) fn error_since(&self, since: u64, chunks: Range<u64>) -> Option<io::Error> {
+        let ep = self.episode.as_ref()?;
+        if self.seq == since
+            || !chunks
+                .into_iter()
+                .any(|c| self.failed.get(&c).is_some_and(|n| *n > since))
+        {
+            return None;
+        }
+        Some(match ep.errno {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::new(ep.kind, ep.message.clone()),
+        })
+    }
+
+    /// When the background copier may try again: `None` when all is well.
+    pub(crate) fn retry_at(&self) -> Option<Instant> {
+        self.episode.as_ref().map(|ep| ep.retry_at)
+    }
 }
 
 fn eio(msg: impl Into<String>) -> io::Error {
@@ -80,6 +209,21 @@ impl Shared {
                 .borrow()
                 .as_ref()
                 .is_none_or(|c| c.is_authenticated())
+    }
+
+    pub(crate) fn fill_trouble(&self) -> std::sync::MutexGuard<'_, FillTrouble> {
+        self.fill_trouble
+            .lock()
+            .expect("fill trouble lock poisoned")
+    }
+
+    /// A request that began at failure number `since` and needs the
+    /// blocks of `offset..offset + len` fails with the error of a fill it
+    /// waited for, unless those blocks are present after all.
+    fn fill_error(&self, since: u64, offset: u64, len: u64) -> Option<io::Error> {
+        let chunks = self.lock().geometry().chunks_touching(offset, len);
+        let e = self.fill_trouble().error_since(since, chunks)?;
+        (!self.lock().readable(offset, len)).then_some(e)
     }
 
     /// Whether a read of `offset..offset + len` can be answered at once
@@ -208,6 +352,10 @@ impl Shared {
                 let backing = self.backing.clone();
                 let base = geo.chunk_bytes(chunk).start;
                 let runs = plan.runs;
+                // A zero chunk's hole punch works on a full filesystem:
+                // only data written ends an episode of failed fills.
+                let writes_data = matches!(fetched, Fetched::Data { .. }) && !runs.is_empty();
+                let since = self.fill_trouble().seq();
                 let res = tokio::task::spawn_blocking(move || -> io::Result<()> {
                     for r in runs {
                         let lo = geo.block_bytes(r.start).start;
@@ -222,13 +370,17 @@ impl Shared {
                 })
                 .await
                 .unwrap_or_else(|e| Err(eio(format!("fill task failed: {e}"))));
+                // Recorded before the engine lets waiting requests see the
+                // chunk absent again.
+                match &res {
+                    Ok(()) if writes_data => self.fill_trouble().worked(chunk, since),
+                    Ok(()) => {}
+                    Err(e) => self.fill_trouble().failed(chunk, e, Instant::now()),
+                }
                 let mut engine = self.lock();
                 match res {
                     Ok(()) => engine.fill_done(chunk),
-                    Err(e) => {
-                        tracing::error!(chunk, error = %e, "cannot write fetched data to the backing file");
-                        engine.fill_failed(chunk);
-                    }
+                    Err(_) => engine.fill_failed(chunk),
                 }
             }
         }
@@ -296,7 +448,11 @@ impl Shared {
     {
         let mut op = Some(op);
         let deadline = self.absent_deadline();
+        let since = self.fill_trouble().seq();
         loop {
+            if let Some(e) = self.fill_error(since, offset, len) {
+                return Err(e);
+            }
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -321,10 +477,14 @@ impl Shared {
                     })
                     .await
                     .unwrap_or_else(|e| Err(eio(e.to_string())));
-                    // The blocks are present either way (marked by the
-                    // plan); on error their contents are what the file
-                    // holds, and the guest is told.
-                    self.lock().write_done(blocks);
+                    // On error (e.g. a full filesystem) the blocks this
+                    // write made present hold no known data: they are
+                    // absent again and fetched anew; the others keep what
+                    // the file holds, and the guest is told.
+                    match &res {
+                        Ok(()) => self.lock().write_done(blocks),
+                        Err(_) => self.lock().write_failed(blocks),
+                    }
                     self.changed.notify_waiters();
                     return res;
                 }
@@ -383,7 +543,14 @@ impl BlockDevice for PullDevice {
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let s = &self.0;
         let deadline = s.absent_deadline();
+        let since = s.fill_trouble().seq();
         loop {
+            // Data this read waited for could not be written (e.g. a full
+            // filesystem): fail now with that error rather than fetch it
+            // again and again.
+            if let Some(e) = s.fill_error(since, offset, u64::from(len)) {
+                return Err(e);
+            }
             let notified = s.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -502,5 +669,53 @@ impl RateMeter {
         };
         self.last_rate.store(r, Ordering::Relaxed);
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enospc() -> io::Error {
+        io::Error::from_raw_os_error(28)
+    }
+
+    #[test]
+    fn failed_fills_fail_the_requests_that_waited_for_them_and_back_off() {
+        let mut t = FillTrouble::default();
+        let t0 = Instant::now();
+        let since = t.seq();
+        assert!(t.retry_at().is_none());
+        t.failed(5, &enospc(), t0);
+        // A request that began before the failure and needs chunk 5 fails
+        // with its error; one that needs other chunks, or began after it,
+        // does not.
+        let e = t.error_since(since, 4..6).expect("an error");
+        assert_eq!(e.raw_os_error(), Some(28));
+        assert!(t.error_since(since, 6..9).is_none());
+        assert!(t.error_since(t.seq(), 4..6).is_none());
+        // Failures of a burst in flight together do not lengthen the wait;
+        // each failed retry doubles it, up to the cap.
+        assert_eq!(t.retry_at(), Some(t0 + FILL_BACKOFF_START));
+        t.failed(6, &enospc(), t0 + Duration::from_millis(10));
+        assert_eq!(t.retry_at(), Some(t0 + FILL_BACKOFF_START));
+        let mut waits = Vec::new();
+        for c in 0..12 {
+            let now = t.retry_at().expect("in an episode");
+            t.failed(c, &enospc(), now);
+            waits.push(t.retry_at().expect("in an episode") - now);
+        }
+        assert_eq!(waits[0], FILL_BACKOFF_START * 2);
+        assert_eq!(waits[1], FILL_BACKOFF_START * 4);
+        assert_eq!(*waits.last().expect("waits"), FILL_BACKOFF_MAX);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        // A fill that began before the episode and completed after it
+        // does not end it; one that began during it does.
+        t.worked(3, since);
+        assert!(t.retry_at().is_some());
+        let since = t.seq();
+        t.worked(3, since);
+        assert!(t.retry_at().is_none());
+        assert!(t.error_since(since - 1, 0..20).is_none());
     }
 }

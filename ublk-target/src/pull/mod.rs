@@ -410,6 +410,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             absent_timeout: a.absent_timeout_secs.map(Duration::from_secs),
             bg_in_flight: AtomicU64::new(0),
             bg_in_flight_bytes: AtomicU64::new(0),
+            fill_trouble: Mutex::default(),
         });
         let settings = Arc::new(CopierSettings {
             rate_limit: AtomicU64::new(a.rate),
