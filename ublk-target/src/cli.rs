@@ -28,6 +28,16 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// Hold back, release or rate-limit a running pull's background copy.
     Background(BackgroundArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateDocs(GenerateDocsArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct GenerateDocsArgs {
+    /// Directory to write man/ and completions/ into (created if missing).
+    #[arg(long)]
+    pub(crate) out: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,7 @@
 
 mod cli;
 mod control;
+mod docs;
 mod notify;
 mod pull;
 mod serve;
@@ -49,5 +50,11 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Pull(a) => pull::run(a),
         cli::Command::Status(a) => control::status_command(&a),
         cli::Command::Background(a) => control::background_command(&a),
+        cli::Command::GenerateDocs(a) => {
+            for f in docs::generate(&a.out)? {
+                control::emit(&format!("{}\n", f.display()))?;
+            }
+            Ok(())
+        }
     }
 }

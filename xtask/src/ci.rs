@@ -1,8 +1,9 @@
 //! `cargo xtask ci`: exactly what CI runs. Formatting, clippy with
 //! `-D warnings`, every test of the workspace (with the tools they need
-//! required, not skipped), a short run of the emulated WAN, a short run of
-//! the benchmark harness (every system, tiny images: it must work, its
-//! figures mean nothing), then the VM test on the real ublk driver.
+//! required, not skipped), the Debian package built from the `dist` profile
+//! and installed into a scratch root, a short run of the emulated WAN, a
+//! short run of the benchmark harness (every system, tiny images: it must
+//! work, its figures mean nothing), then the VM test on the real ublk driver.
 
 use std::process::Command;
 use std::time::Instant;
@@ -45,6 +46,10 @@ pub(crate) const NEEDS: &[Need] = &[
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "fonts-dejavu-core",
     ),
+    // the Debian package (dist): dpkg-shlibdeps, and man to render its pages
+    tool("dpkg-deb", "dpkg"),
+    tool("dpkg-shlibdeps", "dpkg-dev"),
+    tool("man", "man-db"),
 ];
 
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
@@ -93,6 +98,10 @@ pub(crate) fn run_ci() -> Result<()> {
             .env("FERRY_REQUIRE_ALL", "1")
             .args(["test", "-p", "xtask"]))
     })?;
+    step(
+        "dist (the .deb from the dist profile, installed into a scratch root with dpkg; man ferry-pull renders)",
+        || crate::dist::run_dist(&crate::dist::DistArgs { check: true }),
+    )?;
     step(
         "wan-smoke (emulated WAN: UDP relay and TUN link between namespaces)",
         || {

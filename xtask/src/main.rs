@@ -5,6 +5,7 @@ mod bench;
 mod chaos;
 mod ci;
 mod demo;
+mod dist;
 mod setup;
 mod stats;
 mod tidy;
@@ -25,7 +26,7 @@ struct Cli {
 enum Cmd {
     /// Run everything CI runs, in this order: install missing packages
     /// (never removing one), fmt, clippy -D warnings, build ferry, the
-    /// workspace's tests, xtask's tests, wan-smoke, bench-smoke, a short
+    /// workspace's tests, xtask's tests, dist --check (the .deb), wan-smoke, bench-smoke, a short
     /// chaos run, vm-test (real ublk driver in a VM), vm-wan-smoke.
     Ci,
     /// Run a migration demo: serve a disk holding a filesystem, pull it,
@@ -54,6 +55,10 @@ enum Cmd {
     /// link, fill the destination, while a guest writes and flushes; checks
     /// every flushed write and the final image.
     Chaos(chaos::ChaosArgs),
+    /// Build the Debian package (target/dist/deb/): ferry from the `dist`
+    /// profile, its man pages, shell completions and systemd units;
+    /// `--check` installs it into a scratch root and checks it.
+    Dist(dist::DistArgs),
 }
 
 fn main() -> Result<()> {
@@ -69,5 +74,6 @@ fn main() -> Result<()> {
         Cmd::WanSmoke => wan::wan_smoke(),
         Cmd::Bench(args) => bench::run_bench(&args),
         Cmd::Chaos(args) => chaos::run_chaos(&args),
+        Cmd::Dist(args) => dist::run_dist(&args),
     }
 }

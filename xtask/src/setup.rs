@@ -408,6 +408,7 @@ Inst qemu-system-common (1:7.2+dfsg-7+deb12u18+b3 Debian:12.15/oldstable [amd64]
             .iter()
             .chain(crate::bench::NEEDS)
             .chain(crate::demo::NEEDS)
+            .chain(crate::dist::NEEDS)
         {
             assert!(ci.contains(n.package), "ci does not install {}", n.package);
         }
