@@ -46,8 +46,9 @@ pub(crate) const NEEDS: &[Need] = &[
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
         "fonts-dejavu-core",
     ),
-    // the Debian package (dist): dpkg-shlibdeps, and man to render its pages
+    // the Debian package (dist): dpkg-shlibdeps, gzip and man for its pages
     tool("dpkg-deb", "dpkg"),
+    tool("gzip", "gzip"),
     tool("dpkg-shlibdeps", "dpkg-dev"),
     tool("man", "man-db"),
 ];

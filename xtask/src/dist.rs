@@ -18,9 +18,11 @@ use crate::setup::{cargo, run, target_dir, tool, workspace_root, Need, LIBCLANG}
 /// What packaging needs: dpkg-deb (cargo-deb packs with it when present,
 /// and the check lists and installs with dpkg), dpkg-shlibdeps for the
 /// package's `Depends:` on the shared libraries ferry links, man-db for
-/// the check that the pages render, and libclang to build ferry.
+/// the check that the pages render, gzip for the pages, and libclang to
+/// build ferry.
 pub(crate) const NEEDS: &[Need] = &[
     tool("dpkg-deb", "dpkg"),
+    tool("gzip", "gzip"),
     tool("dpkg-shlibdeps", "dpkg-dev"),
     tool("man", "man-db"),
     LIBCLANG,
@@ -136,6 +138,14 @@ fn build_deb() -> Result<PathBuf> {
         .arg("generate-docs")
         .arg("--out")
         .arg(&stage))?;
+    // Debian ships man pages gzipped; cargo-deb compresses only the
+    // pages it does not take from the build's output directory.
+    let man = stage.join("man");
+    for e in std::fs::read_dir(&man).with_context(|| format!("listing {}", man.display()))? {
+        run(Command::new("gzip")
+            .args(["-9", "--no-name"])
+            .arg(e?.path()))?;
+    }
     let units = stage.join("systemd");
     std::fs::create_dir_all(&units)?;
     for name in ["ferry-serve@.service", "ferry-pull@.service"] {
@@ -205,7 +215,7 @@ fn check_deb(deb: &Path) -> Result<()> {
     let man = dist_dir().join("pkg/man");
     for e in std::fs::read_dir(&man).with_context(|| format!("listing {}", man.display()))? {
         let name = e?.file_name().to_string_lossy().into_owned();
-        want.push(format!("usr/share/man/man1/{name}.gz"));
+        want.push(format!("usr/share/man/man1/{name}"));
     }
     ensure!(
         want.iter().any(|w| w.ends_with("/ferry-pull.1.gz")),
@@ -274,6 +284,21 @@ fn check_deb(deb: &Path) -> Result<()> {
         );
     }
 
+    // The installed bash completion loads and completes ferry.
+    let bash = scratch.join("usr/share/bash-completion/completions/ferry");
+    let complete = output(
+        Command::new("bash")
+            .arg("-c")
+            .arg("source \"$1\" && complete -p ferry")
+            .arg("bash")
+            .arg(&bash),
+    )?;
+    ensure!(
+        complete.contains("-F _ferry ferry"),
+        "{} does not complete ferry: {complete}",
+        bash.display()
+    );
+
     // `man ferry-pull` finds the installed page (MANPATH: the scratch
     // root's pages only) and renders it; so does `man -l` on the file.
     let pages = scratch.join("usr/share/man");
@@ -312,8 +337,10 @@ pub(crate) fn check_pull_page(text: &str) -> Result<()> {
         .split_once("\nOPTIONS\n")
         .map(|(_, rest)| rest)
         .with_context(|| format!("no OPTIONS section in:\n{text}"))?;
+    // man justifies lines: compare with runs of spaces made one.
+    let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
     ensure!(
-        text.contains("ferry-pull - Present a source's disk locally"),
+        flat.contains("NAME ferry-pull - Present a source's disk locally"),
         "no NAME line for ferry-pull in:\n{text}"
     );
     for opt in ["--disk", "--source", "--control"] {
