@@ -4,7 +4,8 @@
 //! `ferry pull` exposes the disk being migrated to the hypervisor through
 //! this server: [`NbdListener::bind`] opens a TCP or unix socket, [`serve`]
 //! accepts clients (qemu, `qemu-nbd -c`, `nbd-client`) until a shutdown
-//! future resolves. Each connection negotiates with `NBD_OPT_GO`/`INFO`
+//! future resolves ([`serve_connection`] serves one stream the caller
+//! already has). Each connection negotiates with `NBD_OPT_GO`/`INFO`
 //! (or the old `NBD_OPT_EXPORT_NAME`) and then serves READ, WRITE, FLUSH,
 //! TRIM, WRITE_ZEROES (with FUA) and DISC, with many requests in flight at
 //! once and replies serialized through one writer.
@@ -35,4 +36,4 @@ mod transmission;
 
 pub use errors::NbdError;
 pub use listener::{bind_unix_socket, NbdListener, SocketAccess};
-pub use server::{serve, NbdServerConfig, HANDSHAKE_TIMEOUT, MAX_CLIENTS};
+pub use server::{serve, serve_connection, NbdServerConfig, HANDSHAKE_TIMEOUT, MAX_CLIENTS};

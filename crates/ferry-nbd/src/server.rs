@@ -102,6 +102,31 @@ pub async fn serve<D: BlockDevice>(
     Ok(())
 }
 
+/// Serves one already-connected client on `stream`: negotiation, then
+/// transmission until the client disconnects (DISC or end of stream) or
+/// breaks the protocol (an [`NbdError`]).
+///
+/// This is what [`serve`] runs for each accepted connection; it takes any
+/// byte stream, so a caller can serve a socket it accepted itself, and the
+/// fuzz targets (`fuzz/`) can drive the parsers over an in-memory pipe.
+pub async fn serve_connection<D, S>(
+    stream: S,
+    device: Arc<D>,
+    config: &NbdServerConfig,
+) -> Result<(), NbdError>
+where
+    D: BlockDevice,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let export = ExportInfo {
+        name: config.export_name.clone(),
+        size: device.size(),
+        block_size: device.block_size(),
+        read_only: config.read_only,
+    };
+    run_connection(stream, device, &export).await
+}
+
 async fn connection<D: BlockDevice>(conn: Conn, device: Arc<D>, export: Arc<ExportInfo>) {
     debug!("connected");
     let result = match conn {
@@ -139,4 +164,57 @@ where
     debug!("transmission phase");
     let (reader, writer) = tokio::io::split(stream);
     transmission::run(reader, writer, device, export.size, export.read_only).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_device::MemDevice;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn serve_connection_negotiates_and_serves_one_stream() {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let device = Arc::new(MemDevice::new(8192));
+        let config = NbdServerConfig {
+            export_name: "disk".into(),
+            read_only: false,
+        };
+        let served = tokio::spawn({
+            let device = device.clone();
+            async move { serve_connection(server, device, &config).await }
+        });
+        let mut greeting = [0u8; 18];
+        client.read_exact(&mut greeting).await.unwrap();
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        // NO_ZEROES | FIXED_NEWSTYLE, then NBD_OPT_EXPORT_NAME "disk".
+        let mut out = 3u32.to_be_bytes().to_vec();
+        out.extend_from_slice(b"IHAVEOPT");
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&4u32.to_be_bytes());
+        out.extend_from_slice(b"disk");
+        client.write_all(&out).await.unwrap();
+        let mut export = [0u8; 10];
+        client.read_exact(&mut export).await.unwrap();
+        assert_eq!(u64::from_be_bytes(export[..8].try_into().unwrap()), 8192);
+        // WRITE 4 bytes at 100, then DISC.
+        let request = |kind: u16, offset: u64, len: u32| {
+            let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&kind.to_be_bytes());
+            r.extend_from_slice(&7u64.to_be_bytes());
+            r.extend_from_slice(&offset.to_be_bytes());
+            r.extend_from_slice(&len.to_be_bytes());
+            r
+        };
+        let mut out = request(1, 100, 4);
+        out.extend_from_slice(b"abcd");
+        client.write_all(&out).await.unwrap();
+        let mut reply = [0u8; 16];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "WRITE failed");
+        client.write_all(&request(2, 0, 0)).await.unwrap();
+        served.await.unwrap().unwrap();
+        assert_eq!(&device.snapshot()[100..104], b"abcd");
+    }
 }
