@@ -212,22 +212,10 @@ pub(crate) struct BackgroundArgs {
     pub(crate) action: String,
 }
 
-/// The highest background rate limit accepted, in bytes per second:
-/// 1 TiB/s, above any link ferry runs on (a larger number is a typo).
-pub(crate) const MAX_RATE: u64 = 1 << 40;
-
-/// Parses a background rate limit in bytes per second (0: unlimited).
+/// Parses a background rate limit in bytes per second (0: unlimited, at
+/// most [`ferry_core::MAX_RATE`]).
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
-    let v: u64 = s
-        .parse()
-        .map_err(|_| format!("rate {s:?} is not a number of bytes per second"))?;
-    if v > MAX_RATE {
-        return Err(format!(
-            "rate {v} bytes/s is more than the most allowed, {MAX_RATE} (1 TiB/s); \
-             use 0 for unlimited"
-        ));
-    }
-    Ok(v)
+    ferry_core::control::parse_rate(s).map_err(|e| e.to_string())
 }
 
 /// The link and congestion options shared by `serve` and `pull`.

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use ferry_core::ControlRequest;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{BackgroundArgs, StatusArgs};
@@ -121,7 +122,7 @@ impl std::fmt::Display for PullStopped {
 impl std::error::Error for PullStopped {}
 
 pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
-    let reply = request(&a.control, "status")?;
+    let reply = request(&a.control, &ControlRequest::Status.to_string())?;
     let s: Status = serde_json::from_str(&reply).context("malformed status reply")?;
     if a.json {
         emit(&reply)?;
@@ -188,14 +189,16 @@ fn human_status(s: &Status) -> String {
 }
 
 pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {
-    let line = match a.action.as_str() {
-        "pause" | "resume" => a.action.clone(),
+    let req = match a.action.as_str() {
+        "pause" => ControlRequest::Pause,
+        "resume" => ControlRequest::Resume,
         r if r.starts_with("rate=") => {
             let v = crate::cli::parse_rate(&r[5..]).map_err(anyhow::Error::msg)?;
-            format!("rate {v}")
+            ControlRequest::Rate(v)
         }
         other => bail!("unknown action {other:?}: use pause, resume or rate=BYTES_PER_SEC"),
     };
+    let line = req.to_string();
     let reply = request(&a.control, &line)?;
     emit(&reply)?;
     // A refusal (e.g. an absurd rate) fails the command.

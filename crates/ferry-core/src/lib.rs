@@ -6,9 +6,11 @@
 //! link, guest and crashes (see `tests/sim.rs`).
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod geometry;
 pub mod manifest;
 
+pub use control::{ControlParseError, ControlRequest, MAX_RATE};
 pub use geometry::Geometry;
 pub use manifest::{ChunkKind, Manifest, ManifestError};
 pub mod engine;

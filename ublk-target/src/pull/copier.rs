@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_core::engine::FetchKind;
-use ferry_core::Phase;
+use ferry_core::{ControlParseError, ControlRequest, Phase};
 use ferry_transport::ConnState;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -624,12 +624,11 @@ fn handle(
     settings: &Arc<CopierSettings>,
     report: &Arc<Report>,
 ) -> String {
-    let mut parts = req.split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some("status"), None) => {
+    match ControlRequest::parse(req) {
+        Ok(ControlRequest::Status) => {
             serde_json::to_string(&status(shared, settings, report)).expect("status serialises")
         }
-        (Some("pause"), None) => {
+        Ok(ControlRequest::Pause) => {
             shared
                 .engine
                 .lock()
@@ -637,7 +636,7 @@ fn handle(
                 .set_background_paused(true);
             r#"{"ok":true,"background":"paused"}"#.into()
         }
-        (Some("resume"), None) => {
+        Ok(ControlRequest::Resume) => {
             shared
                 .engine
                 .lock()
@@ -646,14 +645,12 @@ fn handle(
             shared.changed.notify_waiters();
             r#"{"ok":true,"background":"running"}"#.into()
         }
-        (Some("rate"), Some(v)) => match crate::cli::parse_rate(v) {
-            Ok(v) => {
-                settings.rate_limit.store(v, Ordering::Relaxed);
-                format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#)
-            }
-            Err(e) => error_reply(&e),
-        },
-        _ => r#"{"ok":false,"error":"unknown request"}"#.into(),
+        Ok(ControlRequest::Rate(v)) => {
+            settings.rate_limit.store(v, Ordering::Relaxed);
+            format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#)
+        }
+        Err(ControlParseError::Unknown(_)) => r#"{"ok":false,"error":"unknown request"}"#.into(),
+        Err(e) => error_reply(&e.to_string()),
     }
 }
 

@@ -1,0 +1,128 @@
+//! The request lines of a pull's control socket (`ferry status`,
+//! `ferry background`): their grammar only, no I/O, so the parser can be
+//! fuzzed and the client and the server share it.
+//!
+//! A request is one line of whitespace-separated words: `status`, `pause`,
+//! `resume`, or `rate N` (bytes per second, 0 = unlimited, at most
+//! [`MAX_RATE`]). Words after `rate`'s number are ignored; anything else is
+//! refused.
+
+use std::fmt;
+
+/// The highest background rate limit accepted, in bytes per second:
+/// 1 TiB/s, above any link ferry runs on (a larger number is a typo).
+pub const MAX_RATE: u64 = 1 << 40;
+
+/// A control request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlRequest {
+    /// Report progress (`ferry status`).
+    Status,
+    /// Pause the background copy.
+    Pause,
+    /// Resume the background copy.
+    Resume,
+    /// Limit the background copy to this many bytes per second (0: no
+    /// limit).
+    Rate(u64),
+}
+
+/// Why a line is not a control request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlParseError {
+    /// `rate` without a number of bytes per second.
+    #[error("rate {0:?} is not a number of bytes per second")]
+    RateNotANumber(String),
+    /// `rate` above [`MAX_RATE`].
+    #[error(
+        "rate {0} bytes/s is more than the most allowed, {MAX_RATE} (1 TiB/s); use 0 for unlimited"
+    )]
+    RateTooHigh(u64),
+    /// Not a request this version knows.
+    #[error("unknown request {0:?}")]
+    Unknown(String),
+}
+
+/// Parses a background rate limit in bytes per second (0: unlimited), as
+/// `rate N` and `ferry pull --rate` take it.
+pub fn parse_rate(s: &str) -> Result<u64, ControlParseError> {
+    let v: u64 = s
+        .parse()
+        .map_err(|_| ControlParseError::RateNotANumber(s.to_string()))?;
+    if v > MAX_RATE {
+        return Err(ControlParseError::RateTooHigh(v));
+    }
+    Ok(v)
+}
+
+impl ControlRequest {
+    /// Parses one request line (surrounding whitespace and the line's end
+    /// are ignored).
+    pub fn parse(line: &str) -> Result<Self, ControlParseError> {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("status"), None) => Ok(Self::Status),
+            (Some("pause"), None) => Ok(Self::Pause),
+            (Some("resume"), None) => Ok(Self::Resume),
+            (Some("rate"), Some(v)) => parse_rate(v).map(Self::Rate),
+            _ => Err(ControlParseError::Unknown(line.trim().to_string())),
+        }
+    }
+}
+
+impl fmt::Display for ControlRequest {
+    /// The request line, without its newline.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Status => f.write_str("status"),
+            Self::Pause => f.write_str("pause"),
+            Self::Resume => f.write_str("resume"),
+            Self::Rate(v) => write!(f, "rate {v}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse_and_print_back() {
+        for (line, req) in [
+            ("status", ControlRequest::Status),
+            ("  pause\n", ControlRequest::Pause),
+            ("resume\r\n", ControlRequest::Resume),
+            ("rate 0", ControlRequest::Rate(0)),
+            ("rate\t50000000 extra", ControlRequest::Rate(50_000_000)),
+            ("rate 1099511627776", ControlRequest::Rate(MAX_RATE)),
+        ] {
+            assert_eq!(ControlRequest::parse(line), Ok(req), "{line:?}");
+            assert_eq!(ControlRequest::parse(&req.to_string()), Ok(req));
+        }
+    }
+
+    #[test]
+    fn other_lines_are_refused() {
+        for line in ["", "status now", "Status", "rate", "pause 1"] {
+            assert!(
+                matches!(
+                    ControlRequest::parse(line),
+                    Err(ControlParseError::Unknown(_))
+                ),
+                "{line:?}"
+            );
+        }
+        for line in ["rate -1", "rate 1e6", "rate 18446744073709551616"] {
+            assert!(
+                matches!(
+                    ControlRequest::parse(line),
+                    Err(ControlParseError::RateNotANumber(_))
+                ),
+                "{line:?}"
+            );
+        }
+        let e = ControlRequest::parse("rate 1099511627777").unwrap_err();
+        assert_eq!(e, ControlParseError::RateTooHigh(MAX_RATE + 1));
+        assert!(e.to_string().contains("1 TiB/s"), "{e}");
+    }
+}
