@@ -1,11 +1,13 @@
 //! `cargo xtask`: the project's automation. `cargo xtask ci` runs exactly
-//! what CI runs; `cargo xtask demo` runs a migration on loopback.
+//! what CI runs; `cargo xtask demo` runs a migration on loopback;
+//! `cargo xtask fuzz` runs the fuzz targets.
 
 mod bench;
 mod chaos;
 mod ci;
 mod demo;
 mod dist;
+mod fuzz;
 mod setup;
 mod stats;
 mod tidy;
@@ -32,6 +34,9 @@ enum Cmd {
     /// Run a migration demo: serve a disk holding a filesystem, pull it,
     /// use it with qemu-io while it copies, prove the result.
     Demo(demo::DemoArgs),
+    /// Build the cargo-fuzz targets (fuzz/) and run each for a bounded
+    /// time; fails if any finds a crash.
+    Fuzz(fuzz::FuzzArgs),
     /// Boot a VM with the real ublk driver and run ferry's ublk checks in it.
     VmTest(vm::VmTestArgs),
     /// Benchmark `ferry pull --ublk` against the loop device in the VM;
@@ -66,6 +71,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Ci => ci::run_ci(),
         Cmd::Demo(args) => demo::run_demo(&args),
+        Cmd::Fuzz(args) => fuzz::run_fuzz(&args),
         Cmd::VmTest(args) => vm::vm_test(&args),
         Cmd::VmBench(args) => vm::vm_bench(&args),
         Cmd::VmWanBench(args) => vm::vm_wan_bench(&args),

@@ -27,7 +27,14 @@ mod tests {
     fn sources() -> Vec<(PathBuf, String)> {
         let root = crate::setup::workspace_root();
         let mut files = Vec::new();
-        for d in ["crates", "transport", "ublk-target", "xtask", "tests"] {
+        for d in [
+            "crates",
+            "transport",
+            "ublk-target",
+            "xtask",
+            "tests",
+            "fuzz",
+        ] {
             rust_files(&root.join(d), &mut files);
         }
         assert!(
