@@ -1,9 +1,10 @@
 //! `cargo xtask ci`: exactly what CI runs. Formatting, clippy with
 //! `-D warnings`, every test of the workspace (with the tools they need
-//! required, not skipped), the Debian package built from the `dist` profile
-//! and installed into a scratch root, a short run of the emulated WAN, a
-//! short run of the benchmark harness (every system, tiny images: it must
-//! work, its figures mean nothing), then the VM test on the real ublk driver.
+//! required, not skipped), each fuzz target for a few seconds, the Debian
+//! package built from the `dist` profile and installed into a scratch root,
+//! a short run of the emulated WAN, a short run of the benchmark harness
+//! (every system, tiny images: it must work, its figures mean nothing), then
+//! the VM test on the real ublk driver.
 
 use std::process::Command;
 use std::time::Instant;
@@ -53,6 +54,10 @@ pub(crate) const NEEDS: &[Need] = &[
     tool("man", "man-db"),
 ];
 
+/// Seconds CI runs each fuzz target (the long runs are done by hand with
+/// `cargo xtask fuzz --seconds N`).
+const FUZZ_CI_SECONDS: u64 = 15;
+
 fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     let t0 = Instant::now();
     eprintln!("==> ci: {name}");
@@ -98,6 +103,20 @@ pub(crate) fn run_ci() -> Result<()> {
             .current_dir(&root)
             .env("FERRY_REQUIRE_ALL", "1")
             .args(["test", "-p", "xtask"]))
+    })?;
+    // Bounded: installing cargo-fuzz (once per machine), the instrumented
+    // build, then 5 targets x FUZZ_CI_SECONDS.
+    step("fuzz (every cargo-fuzz target, bounded)", || {
+        run(Command::new(cargo()).current_dir(&root).args([
+            "run",
+            "--quiet",
+            "-p",
+            "xtask",
+            "--",
+            "fuzz",
+            "--seconds",
+            &FUZZ_CI_SECONDS.to_string(),
+        ]))
     })?;
     step(
         "dist (the .deb from the dist profile, installed into a scratch root with dpkg; man ferry-pull renders)",

@@ -76,11 +76,36 @@ pub(crate) fn parse_done(log: &str) -> Option<RunStats> {
     })
 }
 
+/// `cargo fuzz …` without what `cargo run` set for xtask itself: ring's
+/// build script watches `CARGO_MANIFEST_DIR`, so inheriting xtask's would
+/// rebuild every target (minutes) whenever `cargo fuzz` is run both from
+/// here and by hand.
+fn cargo_fuzz(root: &Path) -> Command {
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(root).arg("fuzz");
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        if k.starts_with("CARGO_PKG_")
+            || matches!(
+                k,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 /// Makes sure `cargo fuzz` runs, installing cargo-fuzz from crates.io
 /// (`cargo install cargo-fuzz --locked`) when it does not.
 fn ensure_cargo_fuzz() -> Result<()> {
-    let works = Command::new(cargo())
-        .args(["fuzz", "--version"])
+    let works = cargo_fuzz(&workspace_root())
+        .arg("--version")
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
@@ -118,10 +143,8 @@ pub(crate) fn run_fuzz(args: &FuzzArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let t1 = Instant::now();
-    let mut build = Command::new(cargo());
-    build
-        .current_dir(&root)
-        .args(["fuzz", "build", "--sanitizer", "none"]);
+    let mut build = cargo_fuzz(&root);
+    build.args(["build", "--sanitizer", "none"]);
     if targets.len() == 1 {
         build.args(&targets);
     }
@@ -180,9 +203,8 @@ fn fuzz_one(
         .with_context(|| format!("cannot create {}", corpus.display()))?;
     let seeds = fuzz.join("seeds").join(target);
     eprintln!("xtask fuzz: running {target} for {seconds} s");
-    let mut cmd = Command::new(cargo());
-    cmd.current_dir(root)
-        .args(["fuzz", "run", "--sanitizer", "none", target])
+    let mut cmd = cargo_fuzz(root);
+    cmd.args(["run", "--sanitizer", "none", target])
         .arg(&corpus);
     if seeds.is_dir() {
         cmd.arg(&seeds);
