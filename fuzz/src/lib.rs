@@ -10,6 +10,7 @@ use std::sync::Arc;
 use ferry_core::Geometry;
 use ferry_device::MemDevice;
 use ferry_nbd::{serve_connection, NbdServerConfig};
+use ferry_store::state::Verified;
 use ferry_store::StateFile;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -125,9 +126,12 @@ fn scratch_base() -> PathBuf {
 /// (or raw bytes), damaged as the input says, reopened with
 /// [`StateFile::open_on_boot`]. An open that succeeds must give bitmaps and
 /// recovered runs within the geometry, and the file must take a new
-/// persist and reopen.
+/// persist and reopen. [`StateFile::peek`] reads the header first, as a
+/// resumed pull does.
 ///
-/// Input: a flags byte, the geometry (disk size, chunk size), then either
+/// Input: a flags byte (bit 0 raw file, 1 written bits, 2 truncation by
+/// the high nibble, 3 another geometry, 4 another boot, 5 another source,
+/// 6 recorded as verified), the geometry (disk size, chunk size), then either
 /// the file's raw bytes (flag bit 0) or patches `(offset: u32, len: u8,
 /// bytes)` to the created file, until the input ends.
 pub fn state_file(data: &[u8]) {
@@ -156,6 +160,13 @@ pub fn state_file(data: &[u8]) {
             let end = (start + u64::from(inp.u8())).min(blocks);
             s.mark_written(start..end).expect("mark_written");
         }
+        if flags & 64 != 0 {
+            let v = Verified {
+                disk_blake3: [0x33; 32],
+                chunks_checked: geo.chunks(),
+            };
+            s.record_verified(v).expect("record_verified");
+        }
         drop(s);
         let mut file = std::fs::read(&path).expect("read the state file");
         while !inp.0.is_empty() {
@@ -172,6 +183,17 @@ pub fn state_file(data: &[u8]) {
         }
         std::fs::write(&path, &file).expect("write the damaged state file");
     }
+    let boot = if flags & 16 != 0 { "boot-b" } else { "boot-a" };
+    // What a resumed pull reads first: the header alone. A header that
+    // reads gives a geometry and source the file then opens with (unless
+    // its bitmaps are cut short or it is raw bytes).
+    if let Ok(h) = StateFile::peek(&path) {
+        if flags & 5 == 0 {
+            let s = StateFile::open_on_boot(&path, h.geometry, h.source_id, boot)
+                .expect("a file whose header peeks opens with that header's geometry");
+            assert_eq!(s.verified(), h.verified);
+        }
+    }
     // Open with the same or another geometry and source, on the same or
     // another boot.
     let open_geo = if flags & 8 != 0 {
@@ -179,7 +201,6 @@ pub fn state_file(data: &[u8]) {
     } else {
         geo
     };
-    let boot = if flags & 16 != 0 { "boot-b" } else { "boot-a" };
     let open_id = if flags & 32 != 0 { [0xa5; 32] } else { id };
     let Ok(mut s) = StateFile::open_on_boot(&path, open_geo, open_id, boot) else {
         return;
