@@ -10,8 +10,8 @@ use std::sync::Arc;
 use ferry_core::Geometry;
 use ferry_device::MemDevice;
 use ferry_nbd::{serve_connection, NbdServerConfig};
-use ferry_store::state::Verified;
-use ferry_store::StateFile;
+use ferry_store::state::{Pairing, Verified};
+use ferry_store::{Backing, StateError, StateFile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Size of the device behind the NBD server: small, so in-range reads and
@@ -123,6 +123,7 @@ fn scratch_base() -> PathBuf {
 }
 
 /// The state-file target: a state file made by [`StateFile::create_on_boot`]
+/// (bound to a backing file made beside it)
 /// (or raw bytes), damaged as the input says, reopened with
 /// [`StateFile::open_on_boot`]. An open that succeeds must give bitmaps and
 /// recovered runs within the geometry, and the file must take a new
@@ -150,10 +151,15 @@ pub fn state_file(data: &[u8]) {
         Err(e) => panic!("cannot make a scratch directory: {e}"),
     };
     let path = dir.path().join("state");
+    // The backing file the state file is bound to (its pair id).
+    let backing =
+        Backing::create_unsynced(&dir.path().join("disk"), disk_size).expect("create the backing");
+    let mut damaged = true;
     if flags & 1 != 0 {
         std::fs::write(&path, inp.0).expect("write the raw state file");
     } else {
-        let mut s = StateFile::create_on_boot(&path, geo, id, "boot-a").expect("create");
+        let pairing = Pairing::bind(&backing).expect("bind the backing");
+        let mut s = StateFile::create_on_boot(&path, geo, id, pairing, "boot-a").expect("create");
         if flags & 2 != 0 {
             let blocks = geo.blocks();
             let start = u64::from(inp.u16()) % blocks.max(1);
@@ -169,6 +175,7 @@ pub fn state_file(data: &[u8]) {
         }
         drop(s);
         let mut file = std::fs::read(&path).expect("read the state file");
+        damaged = !inp.0.is_empty() || flags & 4 != 0;
         while !inp.0.is_empty() {
             let len = file.len().max(1);
             let at = inp.u32() as usize % len;
@@ -185,13 +192,14 @@ pub fn state_file(data: &[u8]) {
     }
     let boot = if flags & 16 != 0 { "boot-b" } else { "boot-a" };
     // What a resumed pull reads first: the header alone. A header that
-    // reads gives a geometry and source the file then opens with (unless
-    // its bitmaps are cut short or it is raw bytes).
+    // reads gives a geometry and source the file then opens with.
     if let Ok(h) = StateFile::peek(&path) {
-        if flags & 5 == 0 {
-            let s = StateFile::open_on_boot(&path, h.geometry, h.source_id, boot)
-                .expect("a file whose header peeks opens with that header's geometry");
-            assert_eq!(s.verified(), h.verified);
+        match StateFile::open_on_boot(&path, h.geometry, h.source_id, &backing, boot) {
+            Ok(s) => assert_eq!(s.verified(), h.verified),
+            // Damaged bitmaps are refused: only where the input damaged
+            // the file.
+            Err(StateError::Damaged { .. } | StateError::Invalid { .. }) if damaged => {}
+            Err(e) => panic!("a file whose header peeks does not open with that header: {e}"),
         }
     }
     // Open with the same or another geometry and source, on the same or
@@ -202,7 +210,7 @@ pub fn state_file(data: &[u8]) {
         geo
     };
     let open_id = if flags & 32 != 0 { [0xa5; 32] } else { id };
-    let Ok(mut s) = StateFile::open_on_boot(&path, open_geo, open_id, boot) else {
+    let Ok(mut s) = StateFile::open_on_boot(&path, open_geo, open_id, &backing, boot) else {
         return;
     };
     let blocks = open_geo.blocks();
@@ -225,7 +233,7 @@ pub fn state_file(data: &[u8]) {
         })
         .expect("persist");
         drop(s);
-        let s = StateFile::open_on_boot(&path, open_geo, open_id, boot).expect("reopen");
+        let s = StateFile::open_on_boot(&path, open_geo, open_id, &backing, boot).expect("reopen");
         assert!(s.present_bits(blocks)[last as usize]);
     }
 }
