@@ -4,7 +4,7 @@
 //! parses to the same request; nothing may panic.
 #![no_main]
 
-use ferry_core::{ControlParseError, ControlRequest};
+use ferry_core::{ControlParseError, ControlRequest, MAX_RATE};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,7 +18,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(!printed.contains('\n'));
             assert_eq!(ControlRequest::parse(&printed), Ok(req));
         }
-        Err(ControlParseError::BadRate(v)) => assert!(line.contains(v.as_str())),
+        Err(ControlParseError::RateNotANumber(v)) => assert!(line.contains(v.as_str())),
+        Err(ControlParseError::RateTooHigh(v)) => assert!(v > MAX_RATE),
         Err(ControlParseError::Unknown(l)) => assert_eq!(l, line.trim()),
     }
 });
