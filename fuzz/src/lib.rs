@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::cell::RefCell;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -111,7 +112,7 @@ impl Input<'_> {
     }
 }
 
-/// Where the state-file target writes its files: a fresh directory under
+/// Where the state-file target makes its owner-only scratch directory:
 /// `/dev/shm` when there is one (no disk syncs), else the temp dir.
 fn scratch_base() -> PathBuf {
     let shm = PathBuf::from("/dev/shm");
@@ -145,6 +146,7 @@ pub fn state_file(data: &[u8]) {
     let id = [0x5a; 32];
     let dir = match tempfile::Builder::new()
         .prefix("ferry-fuzz-state")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(scratch_base())
     {
         Ok(d) => d,
