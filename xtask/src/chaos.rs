@@ -101,6 +101,10 @@ impl Rng {
     }
 }
 
+/// One guest write as the report of a bad slot lists it: (batch, offset
+/// in the slot, length, pattern, acknowledged).
+type Written = (u64, u64, u64, u8, bool);
+
 /// The guest's view: what every slot it wrote must hold.
 struct Model {
     source: File,
@@ -111,6 +115,12 @@ struct Model {
     slots: BTreeMap<u64, Vec<Vec<u8>>>,
     flushed_writes: u64,
     failed_writes: u64,
+    /// Every write to each slot, in order, for the report of a slot that
+    /// does not match: (batch, offset in the slot, length, pattern,
+    /// acknowledged).
+    history: BTreeMap<u64, Vec<Written>>,
+    /// Batches sent so far.
+    batches: u64,
 }
 
 impl Model {
@@ -128,6 +138,11 @@ impl Model {
     fn record(&mut self, off: u64, len: u64, pat: u8, acknowledged: bool) -> Result<()> {
         let slot = off / SLOT;
         let a = (off - slot * SLOT) as usize;
+        let batch = self.batches;
+        self.history
+            .entry(slot)
+            .or_default()
+            .push((batch, a as u64, len, pat, acknowledged));
         let versions = self.slot_mut(slot)?;
         if acknowledged {
             for v in versions.iter_mut() {
@@ -154,6 +169,60 @@ fn matches(got: &[u8], versions: &[Vec<u8>]) -> bool {
             .iter()
             .any(|v| &v[i * 4096..i * 4096 + b.len()] == b)
     })
+}
+
+/// Describes `b` as runs of what its bytes are: the source's bytes
+/// (`src`), zeros that are not the source's, or a guest pattern byte.
+fn runs(b: &[u8], src: &[u8]) -> String {
+    let label = |j: usize| -> String {
+        if b[j] == src[j] {
+            "src".into()
+        } else if b[j] == 0 {
+            "zero".into()
+        } else {
+            format!("pat {}", b[j])
+        }
+    };
+    let mut out = Vec::new();
+    let mut start = 0;
+    for j in 1..=b.len() {
+        if j == b.len() || label(j) != label(start) {
+            out.push(format!("{start}..{j} {}", label(start)));
+            start = j;
+        }
+    }
+    out.join(", ")
+}
+
+/// Explains, block by block, why `got` is no possible content of the slot:
+/// what was read, what each version holds there, and the slot's writes.
+fn explain(slot: u64, got: &[u8], versions: &[Vec<u8>], src: &[u8], history: &[Written]) -> String {
+    let mut out = format!("slot {slot} ({} versions):\n", versions.len());
+    for (i, b) in got.chunks(4096).enumerate() {
+        let r = i * 4096..i * 4096 + b.len();
+        if versions.iter().any(|v| &v[r.clone()] == b) {
+            continue;
+        }
+        out += &format!(
+            "  block {i} (slot bytes {}..{}): read [{}]\n",
+            r.start,
+            r.end,
+            runs(b, &src[r.clone()])
+        );
+        for (k, v) in versions.iter().enumerate() {
+            let first = v[r.clone()].iter().zip(b).position(|(x, y)| x != y);
+            out += &format!(
+                "    version {k}: first differs at +{} [{}]\n",
+                first.unwrap_or(0),
+                runs(&v[r.clone()], &src[r.clone()])
+            );
+        }
+    }
+    out += "  writes (batch, offset in slot, length, pattern, acknowledged):\n";
+    for w in history {
+        out += &format!("    {w:?}\n");
+    }
+    out
 }
 
 /// Counters of the whole run.
@@ -363,6 +432,7 @@ fn guest_batch(
 /// many possible contents is rewritten whole, which settles it.
 fn guest_loop(
     sock: PathBuf,
+    log: PathBuf,
     model: Arc<Mutex<Model>>,
     gate: Arc<Mutex<()>>,
     stop: Arc<AtomicBool>,
@@ -388,9 +458,24 @@ fn guest_loop(
             writes.push((slot * SLOT + a, len, 1 + rng.below(255) as u8));
         }
         let flush = rng.below(3) > 0;
-        let ok =
-            guest_batch(&sock, &writes, flush, Duration::from_secs(300)).is_ok_and(|(ok, _)| ok);
+        let t0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let (ok, text) = match guest_batch(&sock, &writes, flush, Duration::from_secs(300)) {
+            Ok(r) => r,
+            Err(e) => (false, format!("{e:#}")),
+        };
         let mut m = model.lock().expect("model");
+        m.batches += 1;
+        if let Ok(mut f) = File::options().create(true).append(true).open(&log) {
+            let _ = writeln!(
+                f,
+                "batch {} at {:.3} (unix s): writes {writes:?} flush {flush} ok {ok}\n{}",
+                m.batches,
+                t0.as_secs_f64(),
+                text.trim_end()
+            );
+        }
         for &(off, len, pat) in &writes {
             if let Err(e) = m.record(off, len, pat, ok) {
                 eprintln!("chaos: cannot read the source: {e:#}");
@@ -416,12 +501,16 @@ fn check_flushed(rig: &Rig, model: &Mutex<Model>) -> Result<(u64, Vec<u64>)> {
     let mut buf = vec![0u8; SLOT as usize];
     let mut checked = 0;
     let mut bad = Vec::new();
+    let mut src = vec![0u8; SLOT as usize];
     for (&slot, versions) in m.slots.iter() {
         nbd.read(slot * SLOT, &mut buf)
             .with_context(|| format!("reading slot {slot}"))?;
         checked += 1;
         if !matches(&buf, versions) {
             bad.push(slot);
+            m.source.read_exact_at(&mut src, slot * SLOT)?;
+            let history = m.history.get(&slot).map_or(&[][..], |h| &h[..]);
+            eprintln!("chaos: {}", explain(slot, &buf, versions, &src, history));
         }
     }
     Ok((checked, bad))
@@ -630,7 +719,17 @@ fn rounds(a: &ChaosArgs, bin: &Path, dir: &Path, dst_dir: &Path, size: u64) -> R
         let t0 = Instant::now();
         match one_round(a, &rig, &mut serve, &mut rng, round, &mut tally) {
             Ok(()) => {}
-            Err(e) => tally.failures.push(format!("round {round}: {e:#}")),
+            Err(e) => {
+                tally.failures.push(format!("round {round}: {e:#}"));
+                // Keep the round's logs: the next round starts new ones.
+                for name in ["pull", "guest"] {
+                    let from = dir.join(format!("{name}.log"));
+                    let to = dir.join(format!("{name}-round-{round}.log"));
+                    if let Err(e) = std::fs::copy(&from, &to) {
+                        eprintln!("chaos: cannot keep {}: {e}", from.display());
+                    }
+                }
+            }
         }
         tally.rounds += 1;
         eprintln!(
@@ -658,6 +757,7 @@ fn one_round(
         std::fs::remove_file(f?.path())?;
     }
     let _ = std::fs::remove_file(rig.dir.join("pull.log"));
+    let _ = std::fs::remove_file(rig.dir.join("guest.log"));
     let mut pull = rig.pull()?;
     rig.wait_serving(&mut pull)?;
     let model = Arc::new(Mutex::new(Model {
@@ -665,14 +765,17 @@ fn one_round(
         slots: BTreeMap::new(),
         flushed_writes: 0,
         failed_writes: 0,
+        history: BTreeMap::new(),
+        batches: 0,
     }));
     let gate = Arc::new(Mutex::new(()));
     let stop = Arc::new(AtomicBool::new(false));
     let guest = {
         let (sock, model, gate, stop) = (rig.sock(), model.clone(), gate.clone(), stop.clone());
+        let log = rig.dir.join("guest.log");
         let slots = (std::fs::metadata(&rig.src)?.len()) / SLOT;
         let seed = rng.next();
-        std::thread::spawn(move || guest_loop(sock, model, gate, stop, slots, seed))
+        std::thread::spawn(move || guest_loop(sock, log, model, gate, stop, slots, seed))
     };
     let result = (|| -> Result<()> {
         let faults = rng.range(1, 3);
@@ -829,6 +932,8 @@ mod tests {
             slots: BTreeMap::new(),
             flushed_writes: 0,
             failed_writes: 0,
+            history: BTreeMap::new(),
+            batches: 0,
         };
         m.record(100, 5000, 7, true).unwrap();
         m.record(8192, 8192, 9, false).unwrap();
