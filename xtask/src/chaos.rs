@@ -438,8 +438,8 @@ fn guest_batch(
     }
 }
 
-/// The guest: writes (whole sectors, many not whole 4 KiB blocks; see [`SECTOR`]) with flushes until told
-/// to stop; every acknowledged batch goes into the model as certain, every
+/// The guest: writes (whole sectors, many not whole 4 KiB blocks; see
+/// [`SECTOR`]) with flushes until told to stop; every acknowledged batch goes into the model as certain, every
 /// cut-off one as a possibility (see [`Model::record`]). A slot with too
 /// many possible contents is rewritten whole, which settles it.
 fn guest_loop(
