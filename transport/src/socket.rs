@@ -323,7 +323,11 @@ mod tests {
     }
 
     fn pair(window: Duration) -> (ModeratedSocket, UdpSocket) {
-        let io = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // A receive buffer that holds the whole stream, as ferry's own
+        // sockets have: with the default (~200 KiB) a receiver starved of
+        // CPU (a loaded machine, `nice -n 19`) lost datagrams to the
+        // kernel and the test waited for them in vain.
+        let io = crate::net::udp_socket("127.0.0.1:0".parse().unwrap(), 4 << 20).unwrap();
         io.set_nonblocking(true).unwrap();
         let to = io.local_addr().unwrap();
         let sock = ModeratedSocket::new(io, window).unwrap();
