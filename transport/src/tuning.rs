@@ -1,6 +1,6 @@
 //! QUIC tuning for a long, fat link.
 //!
-//! Measured here (see `shared/notes/wan-and-quic.md`): quinn's defaults
+//! Measured on this project's machines through its emulated WAN: quinn's defaults
 //! (stream window 1.25 MB) cap one stream at `window / RTT` — about
 //! 170 Mbit/s at 50 ms. With the windows sized to 2–4x the bandwidth-delay
 //! product (BDP) on BOTH ends, a tuned connection reached 400–440 Mbit/s on

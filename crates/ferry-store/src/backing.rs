@@ -271,21 +271,28 @@ impl Backing {
     /// Deallocates `len` bytes at `offset`; they read as zeros afterwards.
     /// Falls back to writing zeros where hole punching is unsupported.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(self.file.as_raw_fd(), flags, offset as i64, len as i64) {
-            Ok(()) => Ok(()),
-            Err(nix::errno::Errno::EOPNOTSUPP) => {
-                let zeros = vec![0u8; 1 << 20];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeros.len() as u64);
-                    self.write_at(&zeros[..n as usize], offset + done)?;
-                    done += n;
-                }
-                Ok(())
+        punch_or_zero(&self.file, offset, len)
+    }
+}
+
+/// Deallocates `len` bytes of `file` at `offset` (they read as zeros);
+/// writes zeros where hole punching is unsupported. Shared by the backing
+/// file and the state file.
+pub(crate) fn punch_or_zero(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    match fallocate(file.as_raw_fd(), flags, offset as i64, len as i64) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            let zeros = vec![0u8; 1 << 20];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(zeros.len() as u64);
+                file.write_all_at(&zeros[..n as usize], offset + done)?;
+                done += n;
             }
-            Err(e) => Err(io::Error::from(e)),
+            Ok(())
         }
+        Err(e) => Err(io::Error::from(e)),
     }
 }
 

@@ -45,7 +45,6 @@ use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -487,27 +486,6 @@ fn open_locked(path: &Path, create: bool) -> Result<File, StateError> {
     }
 }
 
-/// Deallocates `len` bytes at `off` (they read as zeros); writes zeros
-/// where that is unsupported.
-fn zero_range(file: &File, off: u64, len: u64) -> io::Result<()> {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    match fallocate(file.as_raw_fd(), flags, off as i64, len as i64) {
-        Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP) => {
-            let zeros = vec![0u8; 1 << 20];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(zeros.len() as u64);
-                file.write_all_at(&zeros[..n as usize], off + done)?;
-                done += n;
-            }
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 impl StateFile {
     fn write_boot_id(file: &File, path: &Path, boot: &str, sync: bool) -> Result<(), StateError> {
         let mut b = [0u8; BOOT_ID_LEN];
@@ -757,7 +735,8 @@ impl StateFile {
             // Unflushed writes of another boot: gone with its page cache.
             // Their pages were never synced, so they are not even read.
             tracing::info!(path = %path.display(), "discarding unflushed guest writes from before a reboot, if any");
-            zero_range(&file, wo, Map::file_len(wp)).map_err(io_err("cannot clear"))?;
+            crate::backing::punch_or_zero(&file, wo, Map::file_len(wp))
+                .map_err(io_err("cannot clear"))?;
             Map::new(2, wo, wp)
         };
         Self::write_boot_id(&file, path, boot, true)?;
