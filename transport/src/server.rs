@@ -50,7 +50,7 @@ pub const BACKGROUND_READ_BYTES: u64 = 1 << 20;
 /// 1 MiB still reads faster than the link carries (the copy's speed was
 /// the same with 2, the on-demand reads' p99 at the source half),
 /// and compression still runs on all [`MAX_CONCURRENT_READS`] background
-/// threads (README, *Decision: the source reads exactly what it sends*).
+/// threads (docs/decisions/source-reads-what-it-sends.md).
 pub const BACKGROUND_DISK_READS: usize = 1;
 /// Largest request frame accepted (requests are a few bytes).
 const MAX_REQUEST_FRAME: usize = 1024;
@@ -97,8 +97,7 @@ pub struct ServerOptions {
 
 /// How the background copy reads the source's disk: how many reads at once
 /// and how large each is. The defaults suit a disk whose reads queue behind
-/// each other (README, *Decision: one background read at the disk at a
-/// time*); a source on fast flash with deep queues may want more at once.
+/// each other (docs/decisions/one-background-disk-read.md); a source on fast flash with deep queues may want more at once.
 /// On-demand reads are never bounded by these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskReads {

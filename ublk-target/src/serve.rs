@@ -70,8 +70,8 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         data_bytes = manifest.data_bytes(),
         "source manifest ready"
     );
-    // From here on ferry reads exactly what it sends (README, *Decision:
-    // the source reads exactly what it sends*); without the advice the
+    // From here on ferry reads exactly what it sends
+    // (docs/decisions/source-reads-what-it-sends.md); without the advice the
     // disk still works, only with the kernel's readahead guesses.
     if let Err(e) = image.turn_readahead_off() {
         tracing::warn!(error = %e, "cannot turn the kernel's readahead off for the source disk");

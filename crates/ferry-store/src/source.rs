@@ -136,7 +136,7 @@ impl SourceImage {
     /// ferry reads exactly the chunks it sends. A readahead guess goes to
     /// the disk ahead of a guest's on-demand read and delays it: with this
     /// machine's `read_ahead_kb` of 8192 one guess queued up to 8 MiB
-    /// (README, *Decision: the source reads exactly what it sends*).
+    /// (docs/decisions/source-reads-what-it-sends.md).
     pub fn turn_readahead_off(&self) -> io::Result<()> {
         nix::fcntl::posix_fadvise(
             self.file.as_raw_fd(),

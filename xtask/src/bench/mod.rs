@@ -96,7 +96,7 @@ pub(crate) struct BenchArgs {
     /// 4 KiB reads of absent blocks per run, while the copy runs: enough
     /// that they span a whole 13 s copy (50 ms apart) and that three runs
     /// give about 200 misses, so their p99 is not decided by one or two
-    /// stalled reads (README, *Decision: 240 probes per run*).
+    /// stalled reads (docs/decisions/bench-probe-schedule.md).
     #[arg(long, default_value_t = 240)]
     probes: usize,
     /// Pause between two probes, in ms.
@@ -113,8 +113,7 @@ pub(crate) struct BenchArgs {
     /// The source image's page cache before every run of every system:
     /// `cold` drops it (`posix_fadvise(DONTNEED)`), as a source whose
     /// hypervisor opens the disk with `cache=none` has it; `warm` leaves
-    /// whatever the runs before left (README, *Decision: every run reads a
-    /// cold source*).
+    /// whatever the runs before left (docs/decisions/bench-cold-source.md).
     #[arg(long, value_enum, default_value_t = SourceCache::Cold)]
     source_cache: SourceCache,
     /// Limit the source side's servers (`ferry serve`, `qemu-nbd`) to this
