@@ -159,6 +159,9 @@ fn report_section(quick: bool, section: &str) -> &str {
     }
 }
 
+/// How every section marker of ours begins (see [`markers`]).
+const SECTION_BEGIN: &str = "<!-- BEGIN cargo xtask bench (";
+
 fn markers(section: &str) -> (String, String) {
     let tag = if section.is_empty() {
         "WAN".to_string()
@@ -1586,16 +1589,19 @@ fn write_section(path: &Path, section: &str, body: &str) -> Result<()> {
     let new = match (old.find(mark_begin), old.find(mark_end)) {
         (Some(b), Some(e)) if e > b => splice(b, e + mark_end.len()),
         _ if old.trim().is_empty() => format!("# Benchmarks\n\n{section}"),
-        // A new named section goes right after the main WAN section.
-        _ => match old.find(&main_end) {
-            Some(e) => {
+        // A new named section goes right after the main WAN section;
+        // without one, above the newest (first) section of ours, so the
+        // sections stay newest first above what other tools wrote.
+        _ => match (old.find(&main_end), old.find(SECTION_BEGIN)) {
+            (Some(e), _) => {
                 let at = e + main_end.len();
                 let at = at + old[at..].len() - old[at..].trim_start_matches('\n').len();
                 let rest = &old[at..];
                 let sep = if rest.is_empty() { "" } else { "\n" };
                 format!("{}\n{section}{sep}{rest}", old[..at].trim_end_matches('\n'))
             }
-            None => format!("{}\n\n{section}", old.trim_end()),
+            (None, Some(b)) => format!("{}\n\n{section}\n{}", old[..b].trim_end(), &old[b..]),
+            (None, None) => format!("{}\n\n{section}", old.trim_end()),
         },
     };
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
@@ -1665,6 +1671,33 @@ mod tests {
         assert!(!t.contains("main v1"), "{t}");
         assert!(t.starts_with("# Benchmarks\n"), "{t}");
         assert!(t.contains("-->\n\n## ublk in a VM"), "{t}");
+    }
+
+    #[test]
+    fn without_a_main_section_a_new_section_goes_above_the_newest() {
+        let p = std::env::temp_dir().join(format!("bench-md-nomain-{}.md", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        let (old_begin, old_end) = markers("older");
+        let head = "# Benchmarks\n\n## Method\n\nhow\n\n## Summary\n\nlatest\n";
+        let tail = "## ublk in a VM\n\nnot ours\n";
+        std::fs::write(
+            &p,
+            format!("{head}\n{old_begin}\nolder v1\n{old_end}\n\n{tail}"),
+        )
+        .unwrap();
+        write_section(&p, "newer", "newer v1\n").unwrap();
+        write_section(&p, "", "main v1\n").unwrap();
+        write_section(&p, "older", "older v2\n").unwrap();
+        let t = std::fs::read_to_string(&p).unwrap();
+        let _ = std::fs::remove_file(&p);
+        let at = |s: &str| t.find(s).unwrap_or_else(|| panic!("no {s:?} in {t}"));
+        assert!(t.starts_with(head), "{t}");
+        assert!(at("latest") < at("main v1"), "{t}");
+        assert!(at("main v1") < at("newer v1"), "{t}");
+        assert!(at("newer v1") < at("older v2"), "{t}");
+        assert!(at("older v2") < at("not ours"), "{t}");
+        assert!(!t.contains("older v1"), "{t}");
+        assert!(t.ends_with(&format!("{old_end}\n\n{tail}")), "{t}");
     }
 
     fn run(t: f64, capped: bool, fwd: u64) -> RunResult {
