@@ -217,7 +217,7 @@ fn bench_smoke() -> Result<()> {
             "the smoke report lacks a row `{row}` for each image:\n{report}"
         );
     }
-    let plots: Vec<_> = std::fs::read_dir(dir.join("plots"))
+    let plots: Vec<_> = std::fs::read_dir(dir.join(crate::bench::PLOTS_DIR))
         .context("the bench drew no plots")?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().extension().is_some_and(|x| x == "png"))

@@ -15,10 +15,10 @@
 //! /proc/PID/stat). The results go into BENCHMARKS.md (between markers, so
 //! other sections of that file are kept) and a JSON file. Over each run,
 //! the bytes crossing the link ([`sampler`]) and every probe's latency are
-//! recorded as time series, drawn per case and image as a PNG in `plots/`
-//! next to the report ([`plot`]) and linked from it. The lazy proxy's
-//! background scan is slow; a run of it is stopped at `--lazy-cap-s` and
-//! its whole-disk figure reported as a lower bound.
+//! recorded as time series, drawn per case and image as a PNG in
+//! `docs/plots/` under the report's directory ([`plot`]) and linked from
+//! it. The lazy proxy's background scan is slow; a run of it is stopped at
+//! `--lazy-cap-s` and its whole-disk figure reported as a lower bound.
 
 pub(crate) mod nbd;
 mod plot;
@@ -158,6 +158,10 @@ fn report_section(quick: bool, section: &str) -> &str {
         section
     }
 }
+
+/// Where the plots go, relative to the report's directory (for
+/// BENCHMARKS.md, the workspace: its docs, not its root).
+pub(crate) const PLOTS_DIR: &str = "docs/plots";
 
 /// How every section marker of ours begins (see [`markers`]).
 const SECTION_BEGIN: &str = "<!-- BEGIN cargo xtask bench (";
@@ -522,8 +526,8 @@ fn finish(
     Ok(out)
 }
 
-/// The plots of every case and image, in `plots/` next to the report
-/// `out`.
+/// The plots of every case and image, in [`PLOTS_DIR`] under the
+/// report `out`'s directory.
 fn write_plots(
     a: &BenchArgs,
     cases: &[Case],
@@ -531,7 +535,7 @@ fn write_plots(
     results: &Results,
     out: &Path,
 ) -> Result<Plots> {
-    let dir = out.parent().unwrap_or(Path::new("")).join("plots");
+    let dir = out.parent().unwrap_or(Path::new(""));
     let title = |case: &str, image: &str| {
         let link = cases
             .iter()
@@ -545,7 +549,7 @@ fn write_plots(
             .unwrap_or_default();
         format!("cargo xtask bench: case {case} ({link}), image {image}{size}")
     };
-    plot::write_all(&dir, results, &a.section, a.quick, title)
+    plot::write_all(dir, results, &a.section, a.quick, title)
 }
 
 fn chrono_now() -> String {
@@ -1799,7 +1803,7 @@ mod tests {
         plots.insert(
             ("base".into(), "fs".into()),
             plot::Written {
-                link: "plots/bench-base-fs-quick.png".into(),
+                link: "docs/plots/bench-base-fs-quick.png".into(),
                 runs: vec![("ferry".into(), 0, 1), ("nbdkit-lazy".into(), 0, 1)],
             },
         );
@@ -1826,7 +1830,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("](plots/bench-base-fs-quick.png)\n\n*Plot: top, latency"),
+            md.contains("](docs/plots/bench-base-fs-quick.png)\n\n*Plot: top, latency"),
             "{md}"
         );
         assert!(

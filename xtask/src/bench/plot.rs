@@ -84,7 +84,7 @@ pub(super) struct Figure {
 /// A plot written for one case and image, for the report to link.
 #[derive(Debug, Clone)]
 pub(super) struct Written {
-    /// Path relative to the report's directory (`plots/...png`).
+    /// Path relative to the report's directory (`docs/plots/...png`).
     pub(super) link: String,
     /// The run drawn per system: (system, run index from 0, runs).
     pub(super) runs: Vec<(String, usize, usize)>,
@@ -156,16 +156,19 @@ fn slug(s: &str) -> String {
     out.trim_end_matches('-').to_string()
 }
 
-/// Writes one figure per case and image of `results` into `dir`, each
+/// Writes one figure per case and image of `results` into
+/// [`PLOTS_DIR`](super::PLOTS_DIR) under `report_dir`, each
 /// system drawn from its [`representative`] run. `title` names a case and
 /// image. Returns what was written, keyed by (case, image).
 pub(super) fn write_all(
-    dir: &Path,
+    report_dir: &Path,
     results: &super::Results,
     section: &str,
     quick: bool,
     title: impl Fn(&str, &str) -> String,
 ) -> Result<BTreeMap<(String, String), Written>> {
+    let dir = report_dir.join(super::PLOTS_DIR);
+    let dir = dir.as_path();
     let mut out = BTreeMap::new();
     for (case, per_img) in results {
         for (image, per_sys) in per_img {
@@ -185,7 +188,7 @@ pub(super) fn write_all(
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             render(&dir.join(&name), &fig)?;
-            let link = format!("plots/{name}");
+            let link = format!("{}/{name}", super::PLOTS_DIR);
             out.insert((case.clone(), image.clone()), Written { link, runs });
         }
     }
@@ -473,11 +476,11 @@ mod tests {
         per_sys.insert("nbdcopy".into(), vec![run(40.0)]);
         let dir = std::env::temp_dir().join(format!("bench-plots-{}", std::process::id()));
         let w = write_all(&dir, &results, "", true, |c, i| format!("{c} {i}")).unwrap();
-        let png = dir.join("bench-base-fs-quick.png").exists();
+        let png = dir.join("docs/plots/bench-base-fs-quick.png").exists();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(png);
         let p = &w[&("base".to_string(), "fs".to_string())];
-        assert_eq!(p.link, "plots/bench-base-fs-quick.png");
+        assert_eq!(p.link, "docs/plots/bench-base-fs-quick.png");
         assert_eq!(
             p.runs,
             vec![("ferry".to_string(), 2, 3), ("nbdcopy".to_string(), 0, 1)]
