@@ -1155,13 +1155,21 @@ fn tool_version(cmd: &str, arg: &str) -> String {
         .unwrap_or_default()
 }
 
+/// How the report names a prebuilt `FERRY_BIN`: its commit and file name
+/// only, since the report is committed and the binary's directory is a
+/// path of the machine that ran the bench.
+fn prebuilt_label(commit: &str, bin: &Path) -> String {
+    let name = bin.file_name().unwrap_or(bin.as_os_str());
+    format!(
+        "{commit} (prebuilt binary {}, FERRY_BIN)",
+        Path::new(name).display()
+    )
+}
+
 fn git_head() -> String {
     if let Some(bin) = std::env::var_os("FERRY_BIN") {
         let commit = std::env::var("FERRY_BIN_COMMIT").unwrap_or_else(|_| "?".into());
-        return format!(
-            "{commit} (prebuilt binary {}, FERRY_BIN)",
-            Path::new(&bin).display()
-        );
+        return prebuilt_label(&commit, Path::new(&bin));
     }
     let git = |args: &[&str]| {
         Command::new("git")
@@ -1675,6 +1683,18 @@ mod tests {
         assert!(!t.contains("main v1"), "{t}");
         assert!(t.starts_with("# Benchmarks\n"), "{t}");
         assert!(t.contains("-->\n\n## ublk in a VM"), "{t}");
+    }
+
+    #[test]
+    fn a_prebuilt_binary_is_named_without_its_directory() {
+        assert_eq!(
+            prebuilt_label("29f3fe3", Path::new("/srv/builds/ferry-bench-29f3fe3")),
+            "29f3fe3 (prebuilt binary ferry-bench-29f3fe3, FERRY_BIN)"
+        );
+        assert_eq!(
+            prebuilt_label("?", Path::new("ferry")),
+            "? (prebuilt binary ferry, FERRY_BIN)"
+        );
     }
 
     #[test]
