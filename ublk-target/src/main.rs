@@ -9,6 +9,8 @@ mod control;
 mod docs;
 mod notify;
 mod pull;
+#[cfg(test)]
+mod readme;
 mod serve;
 
 use anyhow::Result;

@@ -1,7 +1,9 @@
 //! Tree checks run as ordinary tests (`cargo test -p xtask`, part of
 //! `cargo xtask ci`): every Rust module says what it is for, every
 //! `unsafe` block carries a SAFETY comment, crates without kernel
-//! interfaces forbid unsafe code, and nothing is left ignored or stubbed.
+//! interfaces forbid unsafe code, nothing is left ignored or stubbed,
+//! nothing refers to files outside the repository, and no library crate
+//! depends on the transport or the binary.
 
 #[cfg(test)]
 mod tests {
@@ -162,5 +164,84 @@ mod tests {
             }
         }
         assert!(bad.is_empty(), "placeholders: {bad:?}");
+    }
+
+    /// Text files of the repository a reader sees (docs, code, scripts,
+    /// units), without build output, fuzz corpora and git's own files.
+    fn text_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if p.is_dir() {
+                if !matches!(name, "target" | "corpus" | "artifacts") && !name.starts_with('.') {
+                    text_files(&p, out);
+                }
+            } else if [".rs", ".md", ".sh", ".toml", ".service", ".json", ".txt"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+            {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn nothing_refers_to_files_outside_the_repository() {
+        let root = crate::setup::workspace_root();
+        let mut files = Vec::new();
+        text_files(&root, &mut files);
+        assert!(files.len() > 50, "too few files: {}", files.len());
+        // Spelled in pieces so this file does not match itself.
+        let needles = [
+            concat!("../", "shared"),
+            concat!("shared/", "notes"),
+            concat!("shared/", "seeds"),
+            concat!("/", "work/"),
+        ];
+        let mut bad = Vec::new();
+        for p in files {
+            let Ok(text) = std::fs::read_to_string(&p) else {
+                continue;
+            };
+            for n in needles {
+                if text.contains(n) {
+                    bad.push(format!("{}: {n}", p.display()));
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "references outside the repository: {bad:#?}"
+        );
+    }
+
+    #[test]
+    fn library_crates_depend_on_neither_the_transport_nor_the_binary() {
+        let root = crate::setup::workspace_root();
+        let mut bad = Vec::new();
+        let mut seen = 0;
+        for e in std::fs::read_dir(root.join("crates"))
+            .expect("crates/")
+            .flatten()
+        {
+            let manifest = e.path().join("Cargo.toml");
+            let Ok(text) = std::fs::read_to_string(&manifest) else {
+                continue;
+            };
+            seen += 1;
+            for line in text.lines().map(str::trim) {
+                let dep = line.split(['=', ' ', '.']).next().unwrap_or("");
+                if matches!(dep, "ferry-transport" | "ferry")
+                    || line.contains("\"../../transport\"")
+                {
+                    bad.push(format!("{}: {line}", manifest.display()));
+                }
+            }
+        }
+        assert!(seen >= 5, "found {seen} crates under crates/");
+        assert!(bad.is_empty(), "library crates reaching up: {bad:#?}");
     }
 }
