@@ -48,6 +48,7 @@ pub fn nbd_session(client_bytes: &[u8], read_only: bool) -> bool {
         let config = NbdServerConfig {
             export_name: "ferry".into(),
             read_only,
+            tls: None,
         };
         let (mut rx, mut tx) = tokio::io::split(client);
         let send = async move {

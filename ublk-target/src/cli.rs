@@ -111,12 +111,26 @@ pub(crate) struct PullArgs {
     #[arg(long)]
     pub(crate) state: Option<PathBuf>,
     /// Serve the disk over NBD at unix:PATH (or at ADDR:PORT over TCP,
-    /// which needs --nbd-tcp-insecure).
+    /// which needs --nbd-tls-dir or --nbd-tcp-insecure).
     #[arg(long)]
     pub(crate) nbd: Option<String>,
-    /// Allow --nbd ADDR:PORT: NBD over TCP has no authentication and no
-    /// encryption, so anyone who can reach the port can read and write the
-    /// disk. Use a unix socket unless the hypervisor is on another host.
+    /// Require TLS of every NBD client (NBD_OPT_STARTTLS, X.509; on a unix
+    /// socket too), with the credentials in DIR laid out as for qemu's
+    /// tls-creds-x509,endpoint=server: ca-cert.pem, server-cert.pem and
+    /// server-key.pem (not accessible to other users). Clients must present
+    /// a certificate signed by ca-cert.pem (qemu: tls-creds-x509 with
+    /// endpoint=client and client-cert.pem, client-key.pem).
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "nbd",
+        conflicts_with = "nbd_tcp_insecure"
+    )]
+    pub(crate) nbd_tls_dir: Option<PathBuf>,
+    /// Allow --nbd ADDR:PORT without TLS: NBD over TCP then has no
+    /// authentication and no encryption, so anyone who can reach the port
+    /// can read and write the disk. Use a unix socket unless the hypervisor
+    /// is on another host, and --nbd-tls-dir if it is.
     #[arg(long)]
     pub(crate) nbd_tcp_insecure: bool,
     /// Give this group (name or number, e.g. the hypervisor's libvirt-qemu)

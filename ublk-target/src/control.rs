@@ -50,6 +50,12 @@ pub(crate) struct Status {
     pub(crate) guest_written_chunks: u64,
     pub(crate) disk_blake3: Option<String>,
     pub(crate) elapsed_seconds: f64,
+    /// The NBD listener's URI (`nbds://…` with TLS); none without --nbd.
+    #[serde(default)]
+    pub(crate) nbd_uri: Option<String>,
+    /// Whether the NBD listener requires TLS (client certificates).
+    #[serde(default)]
+    pub(crate) nbd_tls: bool,
 }
 
 /// Sends one request line and returns the reply line.
@@ -178,6 +184,14 @@ fn human_status(s: &Status) -> String {
         s.hedged_reads,
         s.background
     );
+    if let Some(uri) = &s.nbd_uri {
+        let how = if s.nbd_tls {
+            "TLS, client certificates required"
+        } else {
+            "no TLS"
+        };
+        outln!(o, "nbd:         {uri} ({how})");
+    }
     outln!(
         o,
         "verified:    {} ({} chunks; {} fetched again after a mismatch)",

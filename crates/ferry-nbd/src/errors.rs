@@ -44,6 +44,15 @@ pub enum NbdError {
     /// A socket error on a connection.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed (e.g. the client's
+    /// certificate is not signed by the trusted CA); the connection is
+    /// closed.
+    #[error("TLS handshake failed: {source}")]
+    TlsHandshake {
+        /// rustls's error, as an I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// The client broke the protocol; the connection is closed.
     #[error("NBD protocol error: {0}")]
     Protocol(String),

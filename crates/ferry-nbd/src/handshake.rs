@@ -5,12 +5,14 @@
 //! export (`NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME`), aborts, or misbehaves.
 //! Option errors the client can recover from get an error reply; framing
 //! errors (bad magic, absurd lengths, unknown client flags) end the
-//! connection with an [`NbdError::Protocol`].
+//! connection with an [`NbdError::Protocol`]. A server with TLS requires
+//! `NBD_OPT_STARTTLS` before anything else and goes on over TLS.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::proto::*;
+use crate::tls::{MaybeTls, NbdTls};
 use crate::NbdError;
 
 /// What the export looks like to the client.
@@ -76,8 +78,38 @@ pub(crate) enum Outcome {
     Aborted,
 }
 
-/// Runs the negotiation on `stream`.
-pub(crate) async fn negotiate<S>(stream: &mut S, export: &ExportInfo) -> Result<Outcome, NbdError>
+/// Reads one option request: its number and its data.
+async fn read_option<S>(stream: &mut S) -> Result<(u32, Vec<u8>), NbdError>
+where
+    S: AsyncRead + Unpin,
+{
+    let magic = stream.read_u64().await?;
+    if magic != IHAVEOPT {
+        return Err(NbdError::Protocol(format!(
+            "bad option magic {magic:#018x}"
+        )));
+    }
+    let option = stream.read_u32().await?;
+    let len = stream.read_u32().await?;
+    if len > MAX_OPTION_LEN {
+        return Err(NbdError::Protocol(format!(
+            "option {option} has absurd length {len}"
+        )));
+    }
+    let mut data = vec![0u8; len as usize];
+    stream.read_exact(&mut data).await?;
+    debug!(option, len, "option");
+    Ok((option, data))
+}
+
+/// Runs the negotiation on `stream`. With `tls`, the client must upgrade
+/// with `NBD_OPT_STARTTLS` first (the spec's FORCEDTLS mode): the options
+/// then go on over TLS, and the returned stream is the TLS one.
+pub(crate) async fn negotiate<S>(
+    mut stream: S,
+    export: &ExportInfo,
+    tls: Option<&NbdTls>,
+) -> Result<(Outcome, MaybeTls<S>), NbdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -96,24 +128,102 @@ where
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
-    loop {
-        let magic = stream.read_u64().await?;
-        if magic != IHAVEOPT {
-            return Err(NbdError::Protocol(format!(
-                "bad option magic {magic:#018x}"
-            )));
+    let mut stream = match tls {
+        None => MaybeTls::Plain(stream),
+        Some(tls) => {
+            if !until_starttls(&mut stream).await? {
+                return Ok((Outcome::Aborted, MaybeTls::Plain(stream)));
+            }
+            let tls_stream = tls
+                .acceptor()
+                .accept(stream)
+                .await
+                .map_err(|source| NbdError::TlsHandshake { source })?;
+            debug!("TLS established");
+            MaybeTls::Tls(Box::new(tls_stream))
         }
-        let option = stream.read_u32().await?;
-        let len = stream.read_u32().await?;
-        if len > MAX_OPTION_LEN {
-            return Err(NbdError::Protocol(format!(
-                "option {option} has absurd length {len}"
-            )));
-        }
-        let mut data = vec![0u8; len as usize];
-        stream.read_exact(&mut data).await?;
-        debug!(option, len, "option");
+    };
+    let outcome = options(&mut stream, export, no_zeroes, tls.is_some()).await?;
+    Ok((outcome, stream))
+}
 
+/// Option haggling before TLS, when TLS is required: every option but
+/// `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is refused with
+/// `NBD_REP_ERR_TLS_REQD`, and `NBD_OPT_EXPORT_NAME` (which has no error
+/// reply) ends the connection. Returns true once `NBD_OPT_STARTTLS` is
+/// acknowledged (the TLS handshake comes next), false on `NBD_OPT_ABORT`.
+async fn until_starttls<S>(stream: &mut S) -> Result<bool, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // Logged once per connection, so a client cannot flood the log.
+    let mut warned = false;
+    loop {
+        let (option, data) = read_option(stream).await?;
+        match option {
+            OPT_STARTTLS if data.is_empty() => {
+                stream
+                    .write_all(&option_reply(option, REP_ACK, &[]))
+                    .await?;
+                stream.flush().await?;
+                return Ok(true);
+            }
+            OPT_STARTTLS => {
+                send_error(
+                    stream,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_STARTTLS takes no data",
+                )
+                .await?;
+            }
+            OPT_ABORT => {
+                let _ = stream.write_all(&option_reply(option, REP_ACK, &[])).await;
+                let _ = stream.flush().await;
+                return Ok(false);
+            }
+            OPT_EXPORT_NAME => {
+                return Err(NbdError::Protocol(
+                    "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS, but this server requires \
+                     TLS (a client without TLS credentials?)"
+                        .into(),
+                ));
+            }
+            _ => {
+                if !warned {
+                    warned = true;
+                    warn!(
+                        option,
+                        "refused an option sent before NBD_OPT_STARTTLS: this server requires \
+                         TLS (a client without TLS credentials?)"
+                    );
+                }
+                send_error(
+                    stream,
+                    option,
+                    REP_ERR_TLS_REQD,
+                    "this server requires TLS: negotiate NBD_OPT_STARTTLS first",
+                )
+                .await?;
+            }
+        }
+        stream.flush().await?;
+    }
+}
+
+/// Option haggling until the client picks the export or aborts; over TLS
+/// when `tls_active`.
+async fn options<S>(
+    stream: &mut S,
+    export: &ExportInfo,
+    no_zeroes: bool,
+    tls_active: bool,
+) -> Result<Outcome, NbdError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let (option, data) = read_option(stream).await?;
         match option {
             OPT_EXPORT_NAME => {
                 if !export.accepts(&data) {
@@ -173,9 +283,21 @@ where
                     }
                 }
             },
+            OPT_STARTTLS if tls_active => {
+                send_error(stream, option, REP_ERR_INVALID, "TLS is already in use").await?;
+            }
+            OPT_STARTTLS => {
+                send_error(
+                    stream,
+                    option,
+                    REP_ERR_POLICY,
+                    "TLS is not configured on this server",
+                )
+                .await?;
+            }
             _ => {
-                // Includes NBD_OPT_STRUCTURED_REPLY and NBD_OPT_STARTTLS:
-                // this server sends simple replies only, without TLS.
+                // Includes NBD_OPT_STRUCTURED_REPLY: this server sends
+                // simple replies only.
                 send_error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
             }
         }

@@ -144,12 +144,21 @@ impl NbdListener {
     /// `nbd://127.0.0.1:10809` or `nbd+unix:///?socket=/run/ferry.sock`.
     /// Append the export name to the path to name a non-default export.
     pub fn describe(&self) -> String {
+        self.uri(false)
+    }
+
+    /// Like [`NbdListener::describe`], with the TLS schemes (`nbds://`,
+    /// `nbds+unix://`) when `tls`.
+    pub fn uri(&self, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         match self {
             NbdListener::Tcp(l) => match l.local_addr() {
-                Ok(addr) => format!("nbd://{addr}"),
-                Err(_) => "nbd://(unknown address)".into(),
+                Ok(addr) => format!("nbd{s}://{addr}"),
+                Err(_) => format!("nbd{s}://(unknown address)"),
             },
-            NbdListener::Unix(_, path) => format!("nbd+unix:///?socket={}", path.display()),
+            NbdListener::Unix(_, path) => {
+                format!("nbd{s}+unix:///?socket={}", path.display())
+            }
         }
     }
 

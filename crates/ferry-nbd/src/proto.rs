@@ -3,7 +3,8 @@
 //! Everything on the wire is big-endian. The values follow the NBD protocol
 //! document (`doc/proto.md` of the reference implementation). Only the parts
 //! of the protocol this server speaks are here: fixed newstyle negotiation,
-//! the `INFO` extension (`NBD_OPT_INFO`, `NBD_OPT_GO`) and simple replies.
+//! the `INFO` extension (`NBD_OPT_INFO`, `NBD_OPT_GO`), `NBD_OPT_STARTTLS`
+//! and simple replies.
 
 /// `NBDMAGIC`, the first eight bytes the server sends.
 pub(crate) const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -34,6 +35,7 @@ pub(crate) const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub(crate) const OPT_EXPORT_NAME: u32 = 1;
 pub(crate) const OPT_ABORT: u32 = 2;
 pub(crate) const OPT_LIST: u32 = 3;
+pub(crate) const OPT_STARTTLS: u32 = 5;
 pub(crate) const OPT_INFO: u32 = 6;
 pub(crate) const OPT_GO: u32 = 7;
 
@@ -43,7 +45,9 @@ pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
 const REP_FLAG_ERROR: u32 = 1 << 31;
 pub(crate) const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+pub(crate) const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
 pub(crate) const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+pub(crate) const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 pub(crate) const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
 
 // Info types for NBD_OPT_INFO / NBD_OPT_GO.

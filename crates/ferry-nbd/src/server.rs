@@ -11,6 +11,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::handshake::{self, ExportInfo, Outcome};
 use crate::listener::{Conn, NbdListener};
+use crate::tls::NbdTls;
 use crate::{transmission, NbdError};
 
 /// How long a client may take to negotiate before it is disconnected, so
@@ -33,6 +34,9 @@ pub struct NbdServerConfig {
     /// Refuse writes (WRITE, TRIM, WRITE_ZEROES get `EPERM`) and advertise
     /// the export as read-only.
     pub read_only: bool,
+    /// Require TLS (`NBD_OPT_STARTTLS`, client certificates) of every
+    /// client. `None`: plain NBD.
+    pub tls: Option<NbdTls>,
 }
 
 /// Accepts connections on `listener` until `shutdown` resolves, serving
@@ -54,8 +58,10 @@ pub async fn serve<D: BlockDevice>(
         block_size: device.block_size(),
         read_only: config.read_only,
     });
+    let tls = config.tls.map(Arc::new);
     info!(
-        listen = %listener.describe(),
+        listen = %listener.uri(tls.is_some()),
+        tls = tls.as_ref().map_or("none (plain NBD)", |t| t.origin()),
         export = %export.name,
         size = export.size,
         read_only = export.read_only,
@@ -80,8 +86,9 @@ pub async fn serve<D: BlockDevice>(
                     refusing = false;
                     let device = device.clone();
                     let export = export.clone();
+                    let tls = tls.clone();
                     let span = tracing::info_span!("nbd", peer = %peer);
-                    conns.spawn(connection(conn, device, export).instrument(span));
+                    conns.spawn(connection(conn, device, export, tls).instrument(span));
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off instead of spinning.
@@ -104,7 +111,8 @@ pub async fn serve<D: BlockDevice>(
 
 /// Serves one already-connected client on `stream`: negotiation, then
 /// transmission until the client disconnects (DISC or end of stream) or
-/// breaks the protocol (an [`NbdError`]).
+/// breaks the protocol (an [`NbdError`]). With `config.tls`, over TLS after
+/// `NBD_OPT_STARTTLS`.
 ///
 /// This is what [`serve`] runs for each accepted connection; it takes any
 /// byte stream, so a caller can serve a socket it accepted itself, and the
@@ -124,14 +132,20 @@ where
         block_size: device.block_size(),
         read_only: config.read_only,
     };
-    run_connection(stream, device, &export).await
+    run_connection(stream, device, &export, config.tls.as_ref()).await
 }
 
-async fn connection<D: BlockDevice>(conn: Conn, device: Arc<D>, export: Arc<ExportInfo>) {
+async fn connection<D: BlockDevice>(
+    conn: Conn,
+    device: Arc<D>,
+    export: Arc<ExportInfo>,
+    tls: Option<Arc<NbdTls>>,
+) {
     debug!("connected");
+    let tls = tls.as_deref();
     let result = match conn {
-        Conn::Tcp(s) => run_connection(s, device, &export).await,
-        Conn::Unix(s) => run_connection(s, device, &export).await,
+        Conn::Tcp(s) => run_connection(s, device, &export, tls).await,
+        Conn::Unix(s) => run_connection(s, device, &export, tls).await,
     };
     match result {
         Ok(()) => debug!("disconnected"),
@@ -140,16 +154,17 @@ async fn connection<D: BlockDevice>(conn: Conn, device: Arc<D>, export: Arc<Expo
 }
 
 async fn run_connection<D, S>(
-    mut stream: S,
+    stream: S,
     device: Arc<D>,
     export: &ExportInfo,
+    tls: Option<&NbdTls>,
 ) -> Result<(), NbdError>
 where
     D: BlockDevice,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let negotiated =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut stream, export))
+    let (negotiated, stream) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(stream, export, tls))
             .await
             .map_err(|_| {
                 NbdError::Protocol(format!(
@@ -161,7 +176,7 @@ where
         Outcome::Aborted => return Ok(()),
         Outcome::Transmission => {}
     }
-    debug!("transmission phase");
+    debug!(tls = tls.is_some(), "transmission phase");
     let (reader, writer) = tokio::io::split(stream);
     transmission::run(reader, writer, device, export.size, export.read_only).await
 }
@@ -179,6 +194,7 @@ mod tests {
         let config = NbdServerConfig {
             export_name: "disk".into(),
             read_only: false,
+            tls: None,
         };
         let served = tokio::spawn({
             let device = device.clone();

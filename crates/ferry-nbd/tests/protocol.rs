@@ -42,11 +42,22 @@ fn option_negotiation() {
     c.option(OPT_LIST, b"x");
     assert_eq!(c.option_reply().1, REP_ERR_INVALID);
 
-    for opt in [99, OPT_STRUCTURED_REPLY, OPT_STARTTLS] {
+    for opt in [99, OPT_STRUCTURED_REPLY] {
         c.option(opt, &[]);
         let (o, kind, _) = c.option_reply();
         assert_eq!((o, kind), (opt, REP_ERR_UNSUP), "option {opt}");
     }
+    // A server without TLS configured refuses STARTTLS by policy (the
+    // spec's NOTLS mode).
+    c.option(OPT_STARTTLS, &[]);
+    assert_eq!(
+        c.option_reply(),
+        (
+            OPT_STARTTLS,
+            REP_ERR_POLICY,
+            b"TLS is not configured on this server".to_vec()
+        )
+    );
 
     assert_eq!(c.info(OPT_INFO, "nosuch", &[]), (vec![], REP_ERR_UNKNOWN));
     c.option(OPT_INFO, &[0, 0, 0]);

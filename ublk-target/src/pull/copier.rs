@@ -734,6 +734,8 @@ fn status(shared: &Arc<Shared>, settings: &Arc<CopierSettings>, report: &Arc<Rep
         guest_written_chunks,
         disk_blake3: verify.disk_blake3,
         elapsed_seconds: report.started.elapsed().as_secs_f64(),
+        nbd_uri: report.nbd.as_ref().map(|(uri, _)| uri.clone()),
+        nbd_tls: report.nbd.as_ref().is_some_and(|(_, tls)| *tls),
     }
 }
 

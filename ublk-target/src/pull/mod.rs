@@ -122,6 +122,8 @@ pub(crate) struct CopierSettings {
 
 /// Facts for the status report.
 pub(crate) struct Report {
+    /// The NBD listener's URI and whether it requires TLS.
+    pub(crate) nbd: Option<(String, bool)>,
     pub(crate) started: Instant,
     pub(crate) present_at_start: u64,
     pub(crate) verify: Mutex<copier::Verification>,
@@ -258,7 +260,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
     if a.nbd.is_none() && !a.ublk {
-        bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tcp-insecure)");
+        bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tls-dir or --nbd-tcp-insecure)");
     }
     let state_path = a
         .state
@@ -274,18 +276,29 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     };
     let verified = header.and_then(|h| h.verified);
     let source = source_options(&a, identity, verified.is_some(), &state_path)?;
+    // The NBD TLS credentials are checked before anything is bound or made.
+    let nbd_tls = match &a.nbd_tls_dir {
+        Some(dir) => Some(
+            ferry_nbd::NbdTls::load_x509_dir(dir)
+                .with_context(|| format!("--nbd-tls-dir {}", dir.display()))?,
+        ),
+        None => None,
+    };
     if let Some(spec) = a.nbd.as_deref().filter(|s| !s.starts_with("unix:")) {
-        if !a.nbd_tcp_insecure {
+        if nbd_tls.is_none() && !a.nbd_tcp_insecure {
             bail!(
-                "--nbd {spec}: NBD over TCP has no authentication and no encryption, so \
-                 anyone who can reach that port could read and write the disk; use \
-                 --nbd unix:PATH, or pass --nbd-tcp-insecure to accept that"
+                "--nbd {spec}: NBD over TCP without TLS has no authentication and no \
+                 encryption, so anyone who can reach that port could read and write the \
+                 disk; use --nbd unix:PATH, or --nbd-tls-dir DIR (TLS with client \
+                 certificates), or pass --nbd-tcp-insecure to accept that"
             );
         }
-        tracing::warn!(
-            "INSECURE: --nbd {spec} serves the disk over TCP without authentication or \
-             encryption: anyone who can reach that port can read and write it"
-        );
+        if nbd_tls.is_none() {
+            tracing::warn!(
+                "INSECURE: --nbd {spec} serves the disk over TCP without authentication or \
+                 encryption: anyone who can reach that port can read and write it"
+            );
+        }
     }
     let access = ferry_nbd::SocketAccess {
         group: a.group.as_deref().map(resolve_group).transpose()?,
@@ -431,6 +444,9 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             None => copier::Verification::default(),
         };
         let report = Arc::new(Report {
+            nbd: listener
+                .as_ref()
+                .map(|l| (l.uri(nbd_tls.is_some()), nbd_tls.is_some())),
             started,
             present_at_start,
             verify: Mutex::new(verification),
@@ -469,12 +485,21 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(listener) = listener {
-            let uri = listener.describe();
-            println!("ferry pull: serving {uri} (size {} bytes)", geo.disk_size);
+            let uri = listener.uri(nbd_tls.is_some());
+            match &nbd_tls {
+                Some(tls) => println!(
+                    "ferry pull: serving {uri} (size {} bytes; TLS required, client \
+                     certificates from the CA of the {})",
+                    geo.disk_size,
+                    tls.origin()
+                ),
+                None => println!("ferry pull: serving {uri} (size {} bytes)", geo.disk_size),
+            }
             let device = device.clone();
             let config = NbdServerConfig {
                 export_name: a.export_name.clone(),
                 read_only: false,
+                tls: nbd_tls,
             };
             let mut rx = stop_rx.clone();
             tasks.push(tokio::spawn(async move {

@@ -32,6 +32,7 @@ pub(crate) const REP_ACK: u32 = 1;
 pub(crate) const REP_SERVER: u32 = 2;
 pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_ERR_UNSUP: u32 = 0x8000_0001;
+pub(crate) const REP_ERR_POLICY: u32 = 0x8000_0002;
 pub(crate) const REP_ERR_INVALID: u32 = 0x8000_0003;
 pub(crate) const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 pub(crate) const INFO_EXPORT: u16 = 0;
@@ -173,6 +174,7 @@ impl<D: BlockDevice> TestServer<D> {
         let config = NbdServerConfig {
             export_name: EXPORT.into(),
             read_only,
+            tls: None,
         };
         let handle = rt.spawn(serve(listener, device.clone(), config, async {
             let _ = rx.await;
