@@ -586,3 +586,38 @@ async fn read_replies<R: AsyncRead + Unpin>(rd: &mut R, shared: &Shared) -> Resu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let u = NbdUri::parse("nbd+unix:///disk0?socket=/run/q/nbd.sock").unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/run/q/nbd.sock".into()));
+        assert_eq!(u.export, "disk0");
+        let u = NbdUri::parse("nbd://host.example/my%20disk").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("host.example:10809".into()));
+        assert_eq!(u.export, "my disk");
+        let u = NbdUri::parse("nbd://10.0.0.1:1234").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("10.0.0.1:1234".into()));
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd://[::1]/x").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("[::1]:10809".into()));
+        let u = NbdUri::parse("nbd://[::1]:99/x").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("[::1]:99".into()));
+        for bad in [
+            "disk.img",
+            "nbd:///x",
+            "nbd+unix://host/x?socket=/s",
+            "nbd+unix:///x",
+            "nbd+unix:///x?socket=",
+            "nbds://h/x",
+            "http://h/x",
+            "nbd://h/%zz",
+        ] {
+            let e = NbdUri::parse(bad).unwrap_err();
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+}

@@ -6,10 +6,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_nbd_client::NbdUri;
 use ferry_nbd_client::{
     dirty_bitmap_context, Command, Extent, NbdClient, NbdClientError, WireError, STATE_DIRTY,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 // Wire constants, written out independently of the crate under test.
 const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
@@ -73,7 +74,11 @@ fn opt_reply(opt: u32, kind: u32, data: &[u8]) -> Vec<u8> {
 
 /// The server's side of the negotiation: structured replies, the meta
 /// contexts among `offered` (ids 1, 2, ... in that order), GO with `size`.
-async fn server_handshake(s: &mut DuplexStream, size: u64, offered: &[&str]) -> Option<()> {
+async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    size: u64,
+    offered: &[&str],
+) -> Option<()> {
     let mut hello = b"NBDMAGICIHAVEOPT".to_vec();
     hello.extend(3u16.to_be_bytes());
     s.write_all(&hello).await.ok()?;
@@ -126,7 +131,7 @@ async fn server_handshake(s: &mut DuplexStream, size: u64, offered: &[&str]) -> 
 }
 
 /// Reads one request; None when the client has gone.
-async fn next_request(s: &mut DuplexStream) -> Option<Req> {
+async fn next_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<Req> {
     let mut r = [0u8; 28];
     s.read_exact(&mut r).await.ok()?;
     assert_eq!(u32::from_be_bytes(r[0..4].try_into().ok()?), 0x2560_9513);
@@ -138,40 +143,104 @@ async fn next_request(s: &mut DuplexStream) -> Option<Req> {
     })
 }
 
-/// A fake server task answering each request with `answer`'s bytes (the
-/// connection stays open until the client closes it), and the client
-/// connected to it with `contexts`.
+/// Serves one connection: the handshake, then each request answered with
+/// `answer`'s bytes until the client closes (or sends DISC).
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    size: u64,
+    offered: &[&str],
+    mut answer: impl FnMut(Req) -> Vec<u8>,
+    log: Arc<Mutex<Vec<Req>>>,
+) {
+    if server_handshake(&mut s, size, offered).await.is_none() {
+        return;
+    }
+    while let Some(req) = next_request(&mut s).await {
+        log.lock().unwrap().push(req);
+        if req.kind == 2 {
+            return; // DISC: close
+        }
+        let out = answer(req);
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A fake server task on an in-memory pipe, and the client connected to
+/// it with `contexts`.
 async fn start(
     size: u64,
     offered: &'static [&'static str],
     contexts: &[String],
-    mut answer: impl FnMut(Req) -> Vec<u8> + Send + 'static,
+    answer: impl FnMut(Req) -> Vec<u8> + Send + 'static,
 ) -> (Result<NbdClient, NbdClientError>, Arc<Mutex<Vec<Req>>>) {
-    let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
+    let (client_end, server_end) = tokio::io::duplex(1 << 16);
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        if server_handshake(&mut server_end, size, offered)
-            .await
-            .is_none()
-        {
-            return;
-        }
-        while let Some(req) = next_request(&mut server_end).await {
-            log.lock().unwrap().push(req);
-            if req.kind == 2 {
-                return; // DISC: close
-            }
-            let out = answer(req);
-            if server_end.write_all(&out).await.is_err() {
-                return;
-            }
-        }
-    });
+    tokio::spawn(serve(server_end, size, offered, answer, seen.clone()));
     let client = tokio::time::timeout(LIMIT, NbdClient::handshake(client_end, "disk", contexts))
         .await
         .expect("handshake within the limit");
     (client, seen)
+}
+
+/// Answers a READ with bytes equal to its offset in 512-byte sectors.
+fn echo_offset(req: Req) -> Vec<u8> {
+    let fill = (req.offset / 512) as u8;
+    data_chunk(DONE, req.handle, req.offset, &vec![fill; req.len as usize])
+}
+
+#[tokio::test]
+async fn connects_by_uri_over_tcp_and_unix_sockets() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let port = tcp.local_addr().expect("address").port();
+    let l = log.clone();
+    tokio::spawn(async move {
+        if let Ok((s, _)) = tcp.accept().await {
+            serve(s, 1 << 20, &[], echo_offset, l).await;
+        }
+    });
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("nbd.sock");
+    let unix = tokio::net::UnixListener::bind(&path).expect("bind unix socket");
+    let l = log.clone();
+    tokio::spawn(async move {
+        if let Ok((s, _)) = unix.accept().await {
+            serve(s, 1 << 20, &[], echo_offset, l).await;
+        }
+    });
+    for uri in [
+        format!("nbd://127.0.0.1:{port}/disk"),
+        format!("nbd+unix:///disk?socket={}", path.display()),
+    ] {
+        let uri = NbdUri::parse(&uri).expect("uri");
+        let client = tokio::time::timeout(LIMIT, NbdClient::connect(&uri, &[]))
+            .await
+            .expect("connect within the limit")
+            .expect("connect");
+        let got = tokio::time::timeout(LIMIT, client.read(7, 3))
+            .await
+            .expect("read within the limit");
+        // min block 512: an unaligned read is refused locally.
+        assert!(
+            matches!(got, Err(NbdClientError::InvalidRequest { .. })),
+            "{got:?}"
+        );
+        let got = tokio::time::timeout(LIMIT, client.read(512, 512))
+            .await
+            .expect("read within the limit")
+            .expect("read");
+        assert_eq!(got, vec![1u8; 512]);
+        tokio::time::timeout(LIMIT, client.disconnect())
+            .await
+            .expect("disconnect within the limit")
+            .expect("disconnect");
+    }
+    let kinds: Vec<u16> = log.lock().unwrap().iter().map(|r| r.kind).collect();
+    assert_eq!(kinds, vec![0, 2, 0, 2], "READ then DISC on each connection");
 }
 
 fn bitmap() -> Vec<String> {
