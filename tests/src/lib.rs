@@ -4,6 +4,8 @@
 //! NBD clients (qemu-io, qemu-img) and polls `ferry status --json`.
 #![forbid(unsafe_code)]
 
+pub mod qmp;
+
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
