@@ -8,55 +8,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ferry_core::ControlRequest;
-use serde::{Deserialize, Serialize};
+pub(crate) use ferry_pull::Status;
 
 use crate::cli::{BackgroundArgs, StatusArgs};
-
-/// What `ferry status --json` prints. Field names are documented in the
-/// README; keep them stable.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub(crate) struct Status {
-    pub(crate) phase: String,
-    pub(crate) error: Option<String>,
-    pub(crate) total_bytes: u64,
-    pub(crate) present_bytes: u64,
-    pub(crate) source_data_bytes: u64,
-    pub(crate) skipped_zero_bytes: u64,
-    pub(crate) fetched_on_demand_bytes: u64,
-    pub(crate) fetched_background_bytes: u64,
-    pub(crate) rejected_corrupt_bytes: u64,
-    pub(crate) discarded_guest_won_bytes: u64,
-    #[serde(default)]
-    pub(crate) duplicate_bytes: u64,
-    pub(crate) present_at_start_bytes: u64,
-    pub(crate) wire_rx_bytes: u64,
-    pub(crate) wire_tx_bytes: u64,
-    pub(crate) rate_bytes_per_sec: u64,
-    pub(crate) eta_seconds: Option<u64>,
-    pub(crate) source_state: String,
-    pub(crate) reconnects: u64,
-    pub(crate) hedged_reads: u64,
-    pub(crate) source_lost_ppm: u32,
-    #[serde(default)]
-    pub(crate) source_sent_packets: u32,
-    pub(crate) background: String,
-    pub(crate) rate_limit_bytes_per_sec: u64,
-    pub(crate) verified: String,
-    pub(crate) verified_chunks: u64,
-    /// Chunks a failed verification found differing from the source and
-    /// fetched again.
-    #[serde(default)]
-    pub(crate) verify_refetched_chunks: u64,
-    pub(crate) guest_written_chunks: u64,
-    pub(crate) disk_blake3: Option<String>,
-    pub(crate) elapsed_seconds: f64,
-    /// The NBD listener's URI (`nbds://…` with TLS); none without --nbd.
-    #[serde(default)]
-    pub(crate) nbd_uri: Option<String>,
-    /// Whether the NBD listener requires TLS (client certificates).
-    #[serde(default)]
-    pub(crate) nbd_tls: bool,
-}
 
 /// Sends one request line and returns the reply line.
 fn request(control: &Path, line: &str) -> Result<String> {

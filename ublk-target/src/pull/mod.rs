@@ -1,8 +1,8 @@
 //! `ferry pull`: present the source's disk locally at once, fetch absent
 //! data on demand, copy the rest in the background, verify, keep serving.
 
-mod copier;
-mod device;
+mod control_socket;
+mod source;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -10,71 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_core::Engine;
 use ferry_nbd::{NbdListener, NbdServerConfig};
+use ferry_pull::{copier, CopierSettings, PullDevice, Report, ShellOptions, Verification, Window};
 use ferry_store::StateFile;
 use ferry_transport::{Client, ClientOptions, Fingerprint, Identity, TransportError};
-use tokio::sync::Notify;
 
 use crate::cli::PullArgs;
-pub(crate) use device::{PullDevice, Shared};
+use source::Quic;
 
-/// Default state path: beside the disk.
-fn default_state_path(disk: &Path) -> PathBuf {
-    let mut s = disk.as_os_str().to_owned();
-    s.push(".ferry-state");
-    PathBuf::from(s)
-}
-
-/// Opens (resume) or creates (fresh) the backing file and its state, locked
-/// and bound to each other, refusing every combination whose contents would
-/// be unknown ([`ferry_store::destination`]). Never modifies an existing
-/// file it refuses.
-///
-/// New files are made durable before they get their final names; their
-/// directory entries are not: [`creation_sync`] does that on a blocking
-/// thread, and the first sync round waits for it, so nothing is recorded as
-/// durable before the files themselves are.
-fn open_or_create(
-    disk: &Path,
-    state_path: &Path,
-    geo: ferry_core::Geometry,
-    id: [u8; 32],
-) -> Result<ferry_store::Destination> {
-    Ok(ferry_store::open_or_create(disk, state_path, geo, id)?)
-}
-
-/// Makes freshly created files' directory entries durable on a blocking
-/// thread; see [`open_or_create`].
-///
-/// `inject_failure_ms` is a test hook: the fsyncs then fail that many ms
-/// after they begin (`--inject-creation-sync-failure-ms`), so a test can
-/// tell whether the first sync round waited for them.
-fn creation_sync(
-    disk: &Path,
-    state_path: &Path,
-    inject_failure_ms: Option<u64>,
-) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let paths = [disk.to_owned(), state_path.to_owned()];
-    tokio::task::spawn_blocking(move || {
-        let t0 = Instant::now();
-        if let Some(ms) = inject_failure_ms {
-            std::thread::sleep(Duration::from_millis(ms));
-            tracing::warn!("test hook: failing the new files' fsyncs");
-            return Err(std::io::Error::other(
-                "test hook: the new files' fsyncs failed",
-            ));
-        }
-        for p in &paths {
-            ferry_store::sync_parent_dir(p)?;
-        }
-        tracing::debug!(
-            ms = t0.elapsed().as_secs_f64() * 1e3,
-            "new disk and state files durable"
-        );
-        Ok(())
-    })
-}
+/// The shell of a pull whose source is reached over QUIC.
+pub(crate) type Shell = ferry_pull::Shell<Quic>;
 
 /// Resolves `--group` (a group name, or a number) to a group id.
 fn resolve_group(name: &str) -> Result<u32> {
@@ -108,26 +53,6 @@ impl Drop for BoundSockets {
             let _ = std::fs::remove_file(p);
         }
     }
-}
-
-/// Settings of the background copier that can change while running.
-pub(crate) struct CopierSettings {
-    pub(crate) rate_limit: AtomicU64,
-    pub(crate) batch_chunks: u64,
-    pub(crate) window: copier::Window,
-    pub(crate) sync_bytes: u64,
-    /// The link's round-trip time (`--link-rtt-ms`), for the rate limit.
-    pub(crate) link_rtt: Duration,
-}
-
-/// Facts for the status report.
-pub(crate) struct Report {
-    /// The NBD listener's URI and whether it requires TLS.
-    pub(crate) nbd: Option<(String, bool)>,
-    pub(crate) started: Instant,
-    pub(crate) present_at_start: u64,
-    pub(crate) verify: Mutex<copier::Verification>,
-    pub(crate) rate: device::RateMeter,
 }
 
 /// How a pull reaches its source: `--source` and `--trust-peer`.
@@ -171,7 +96,7 @@ fn source_options(
 /// verified, lets it go). Returns an error only for what no retry can
 /// fix; the pull then stops, keeping its disk and state.
 async fn reach_source(
-    shared: Arc<Shared>,
+    shared: Arc<Shell>,
     opts: ClientOptions,
     state_path: PathBuf,
     geo: ferry_core::Geometry,
@@ -230,8 +155,7 @@ async fn reach_source(
         return Ok(());
     }
     tracing::info!(%addr, "reached the source; fetching what is absent");
-    shared.source.send_replace(Some(client.clone()));
-    shared.changed.notify_waiters();
+    shared.set_source(Quic(client.clone()));
     keep_connected(shared, client).await;
     Ok(())
 }
@@ -239,14 +163,13 @@ async fn reach_source(
 /// Keeps the connection to the source up (see
 /// [`Client::keep_connected`]) until the copy is verified; a source that
 /// changed stops the migration, as a fetch that notices it does.
-async fn keep_connected(shared: Arc<Shared>, client: Client) {
+async fn keep_connected(shared: Arc<Shell>, client: Client) {
     match client.keep_connected().await {
         Ok(()) => {}
         Err(e @ TransportError::SourceChanged { .. }) => {
-            shared.engine.lock().expect("engine lock").fail(format!(
+            shared.fail(format!(
                 "{e}; the source must not change after switchover; the destination's writes are kept"
             ));
-            shared.changed.notify_waiters();
         }
         Err(e) => tracing::warn!(error = %e, "stopped watching the connection to the source"),
     }
@@ -265,7 +188,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     let state_path = a
         .state
         .clone()
-        .unwrap_or_else(|| default_state_path(&a.disk));
+        .unwrap_or_else(|| ferry_pull::open::default_state_path(&a.disk));
     // A resumed pull learns the disk from its state file, and serves it
     // before (or without) reaching the source; only a fresh one must ask
     // the source first. Nothing is changed by reading it.
@@ -317,10 +240,12 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         bail!("--batch-chunks and --window must be at least 1");
     }
     let window = match a.window {
-        Some(n) => copier::Window::Fixed(n),
-        None => copier::Window::wire(
-            a.link.link_mbit,
-            a.link.link_rtt_ms,
+        Some(n) => Window::Fixed(n),
+        None => Window::wire(
+            ferry_transport::tuning::bdp_bytes(
+                a.link.link_mbit.saturating_mul(1_000_000),
+                Duration::from_millis(a.link.link_rtt_ms),
+            ),
             u64::from(a.batch_chunks) * u64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE),
         ),
     };
@@ -332,7 +257,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let listener = match &a.nbd {
             Some(spec) => {
                 if let Some(path) = spec.strip_prefix("unix:") {
-                    copier::remove_stale_socket(Path::new(path), "--nbd")?;
+                    control_socket::remove_stale_socket(Path::new(path), "--nbd")?;
                 }
                 let l = NbdListener::bind_with(spec, &access).await?;
                 if let NbdListener::Unix(_, path) = &l {
@@ -342,7 +267,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             }
             None => None,
         };
-        let control = copier::ControlListener::bind(&a.control, &access)?;
+        let control = control_socket::ControlListener::bind(&a.control, &access)?;
         sockets.0.push(a.control.clone());
         let started = Instant::now();
         let (client, geo, id, later) = match (header, source) {
@@ -358,49 +283,19 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             }
             (None, None) => bail!("--source and --trust-peer are needed for a fresh pull"),
         };
-        let ferry_store::Destination {
-            backing,
-            mut state,
-            resumed,
-            created,
-        } = open_or_create(&a.disk, &state_path, geo, id)?;
+        let mut dest = ferry_pull::open::open_or_create(&a.disk, &state_path, geo, id)?;
         if let Some(gid) = access.group {
             grant_group(&a.disk, gid)?;
             grant_group(&state_path, gid)?;
         }
-        let created =
-            created.then(|| creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms));
-        // Writes the guest was told were done before a crash of ours on this
-        // boot are in the page cache: make them durable and present now, so
-        // nothing fetched later can overwrite them.
-        // Their chunks are the guest's, present blocks or not: never
-        // compared with the source's.
-        let recovered = state.recovered_writes().to_vec();
-        let guest_chunks = state.recovered_guest_chunks().to_vec();
-        if !recovered.is_empty() || !guest_chunks.is_empty() {
-            let blocks: u64 = recovered.iter().map(|r| r.end - r.start).sum();
-            let guest_chunks_n = guest_chunks.len();
-            backing.sync().context("cannot sync the backing file")?;
-            state.persist(&ferry_core::SyncBatch {
-                blocks: recovered,
-                guest_chunks,
-            })?;
-            tracing::info!(
-                blocks,
-                chunks = guest_chunks_n,
-                "kept guest writes acknowledged before the previous run stopped"
-            );
-        }
+        let resumed = dest.resumed;
+        let created = dest.created.then(|| {
+            ferry_pull::open::creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms)
+        });
+        ferry_pull::open::keep_recovered_writes(&mut dest)?;
         // The disk is served at once; the manifest (zero chunks, hashes)
         // streams in meanwhile and starts the background copy.
-        // A copy complete and verified has every block: it needs no
-        // manifest (which would mark the zero chunks present) nor source.
-        let present = if verified.is_some() {
-            bitvec::bitvec![1; geo.blocks() as usize]
-        } else {
-            state.present_bits(geo.blocks())
-        };
-        let mut engine = Engine::new(geo, present, state.guest_bits(geo.chunks()));
+        let mut engine = ferry_pull::open::engine(&dest.state, geo, verified.is_some());
         let present_at_start = engine.present_bytes();
         engine.set_background_paused(a.hold_background);
         tracing::info!(
@@ -411,20 +306,17 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             present_bytes = present_at_start,
             "destination disk ready"
         );
-        let shared = Arc::new(Shared {
-            engine: Mutex::new(engine),
-            changed: Notify::new(),
-            backing: Arc::new(backing),
-            state: Arc::new(Mutex::new(state)),
-            sync_lock: tokio::sync::Mutex::new(()),
-            created: Mutex::new(created),
-            source: tokio::sync::watch::Sender::new(client.clone()),
-            gated: !resumed,
-            absent_timeout: a.absent_timeout_secs.map(Duration::from_secs),
-            bg_in_flight: AtomicU64::new(0),
-            bg_in_flight_bytes: AtomicU64::new(0),
-            fill_trouble: Mutex::default(),
-        });
+        let shared = Shell::new(
+            engine,
+            dest.backing,
+            dest.state,
+            created,
+            client.clone().map(Quic),
+            ShellOptions {
+                gated: !resumed,
+                absent_timeout: a.absent_timeout_secs.map(Duration::from_secs),
+            },
+        );
         let settings = Arc::new(CopierSettings {
             rate_limit: AtomicU64::new(a.rate),
             batch_chunks: u64::from(a.batch_chunks),
@@ -433,7 +325,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             link_rtt: Duration::from_millis(a.link.link_rtt_ms),
         });
         let verification = match verified {
-            Some(v) => copier::Verification {
+            Some(v) => Verification {
                 state: "ok".into(),
                 chunks_checked: v.chunks_checked,
                 mismatches: Vec::new(),
@@ -441,7 +333,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 disk_blake3_bytes: v.disk_blake3,
                 refetched: 0,
             },
-            None => copier::Verification::default(),
+            None => Verification::default(),
         };
         let report = Arc::new(Report {
             nbd: listener
@@ -450,7 +342,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             started,
             present_at_start,
             verify: Mutex::new(verification),
-            rate: device::RateMeter::default(),
+            rate: ferry_pull::status::RateMeter::default(),
         });
         let device = Arc::new(PullDevice(shared.clone()));
         if verified.is_some() {
@@ -480,6 +372,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             shared.clone(),
             settings.clone(),
             report.clone(),
+            crate::notify::notify,
         ));
         tokio::spawn(control.serve(shared.clone(), settings.clone(), report.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -616,7 +509,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         match fatal {
             Some(e) => {
                 // No guest request was answered before the acceptance (see
-                // `Shared::admitted`), so the files this run created hold
+                // `ferry_pull::Shell`'s admission), so the files this run created hold
                 // nothing of anyone's: remove them, as if it never started.
                 if !resumed {
                     let _ = std::fs::remove_file(&a.disk);

@@ -1,24 +1,37 @@
-//! The pulled disk as a [`BlockDevice`]: the engine decides, this module
-//! does the I/O (backing file, fetches from the source, syncs).
+//! The I/O shell: the pulled disk as a [`BlockDevice`]. The engine
+//! decides, this module does the I/O (backing file, fetches from the
+//! source through a [`Fetcher`], syncs).
 
-use std::collections::HashMap;
 use std::io;
 use std::ops::Range;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_core::engine::{Arrival, FetchKind, Payload, ReadPlan, WritePlan};
+use ferry_core::engine::{Arrival, FetchKind, ReadPlan, WritePlan};
 use ferry_core::geometry::BLOCK_SIZE;
 use ferry_core::Engine;
 use ferry_device::BlockDevice;
 use ferry_store::{Backing, StateFile};
-use ferry_transport::{Client, Fetched, Priority, TransportError};
 use tokio::sync::Notify;
 
+use crate::fetcher::{FetchError, Fetched, Fetcher};
+use crate::fill_trouble::FillTrouble;
+
+/// How the shell treats guest requests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShellOptions {
+    /// Whether guest I/O waits for the source's acceptance (a fresh pull;
+    /// see [`Shell::admitted`]).
+    pub gated: bool,
+    /// How long a guest request waits for absent data before it fails
+    /// (`--absent-timeout-secs`; `None`: until the source answers).
+    pub absent_timeout: Option<Duration>,
+}
+
 /// Everything the frontends, the copier and the control socket share.
-pub(crate) struct Shared {
+pub struct Shell<F: Fetcher> {
     pub(crate) engine: Mutex<Engine>,
     /// Signalled whenever a chunk's state changes (fill done, fetch failed).
     pub(crate) changed: Notify,
@@ -32,9 +45,9 @@ pub(crate) struct Shared {
     /// The connection to the source, once reached: a fresh pull has it
     /// before it serves; a resumed one serves first and gets it later
     /// (or never, for a copy complete and verified).
-    pub(crate) source: tokio::sync::watch::Sender<Option<Client>>,
+    pub(crate) source: tokio::sync::watch::Sender<Option<F>>,
     /// Whether guest I/O waits for the source's acceptance (a fresh pull;
-    /// see [`Shared::admitted`]).
+    /// see [`Shell::admitted`]).
     pub(crate) gated: bool,
     /// How long a guest request waits for absent data before it fails
     /// (`--absent-timeout-secs`; `None`: until the source answers).
@@ -47,148 +60,74 @@ pub(crate) struct Shared {
     pub(crate) fill_trouble: Mutex<FillTrouble>,
 }
 
-/// First wait of the background copier after fetched data could not be
-/// written to the backing file (e.g. its filesystem is full).
-const FILL_BACKOFF_START: Duration = Duration::from_millis(100);
-
-/// Longest such wait: doubled after each failed retry up to this.
-pub(crate) const FILL_BACKOFF_MAX: Duration = Duration::from_secs(10);
-
-/// Fetched data that could not be written to the backing file (a full
-/// filesystem, an I/O error): guest requests waiting for it fail with the
-/// error at once instead of fetching again and again, and the background
-/// copier backs off; logged once per episode, not per attempt.
-#[derive(Default)]
-pub(crate) struct FillTrouble {
-    /// Failed fills so far: a sequence number.
-    seq: u64,
-    /// Chunks whose last fill failed, with that failure's number.
-    failed: HashMap<u64, u64>,
-    /// Since the first failure until a fill works again.
-    episode: Option<Episode>,
-}
-
-/// A run of failed fills.
-struct Episode {
-    started: Instant,
-    /// The number of its first failure.
-    first: u64,
-    failures: u64,
-    /// The last failure: `raw_os_error`, kind and message.
-    errno: Option<i32>,
-    kind: io::ErrorKind,
-    message: String,
-    /// The background copier's next try, and the wait after that one.
-    retry_at: Instant,
-    delay: Duration,
-}
-
-impl FillTrouble {
-    /// The number of the latest failure (0: none yet).
-    pub(crate) fn seq(&self) -> u64 {
-        self.seq
-    }
-
-    /// Records that filling `chunk` failed with `e`; logs the first
-    /// failure of an episode.
-    fn failed(&mut self, chunk: u64, e: &io::Error, now: Instant) {
-        self.seq += 1;
-        self.failed.insert(chunk, self.seq);
-        match &mut self.episode {
-            None => {
-                tracing::error!(
-                    chunk,
-                    error = %e,
-                    "cannot write fetched data to the backing file; requests that need \
-                     absent data fail with this error and the background copy retries \
-                     with backoff (up to {} s) until it works again",
-                    FILL_BACKOFF_MAX.as_secs()
-                );
-                self.episode = Some(Episode {
-                    started: now,
-                    first: self.seq,
-                    failures: 1,
-                    errno: e.raw_os_error(),
-                    kind: e.kind(),
-                    message: e.to_string(),
-                    retry_at: now + FILL_BACKOFF_START,
-                    delay: FILL_BACKOFF_START,
-                });
-            }
-            Some(ep) => {
-                ep.failures += 1;
-                ep.errno = e.raw_os_error();
-                ep.kind = e.kind();
-                ep.message = e.to_string();
-                // A retry that failed (not one more of a burst in flight
-                // together): wait twice as long before the next.
-                if now >= ep.retry_at {
-                    ep.delay = (ep.delay * 2).min(FILL_BACKOFF_MAX);
-                    ep.retry_at = now + ep.delay;
-                }
-                tracing::debug!(chunk, error = %e, failures = ep.failures, "fill failed again");
-            }
-        }
-    }
-
-    /// Fetched data of `chunk` was written by a fill that began when the
-    /// failure number was `since`: the episode, if any, is over, unless it
-    /// began after that fill did (a write already under way when the
-    /// filesystem filled says nothing about space now).
-    fn worked(&mut self, chunk: u64, since: u64) {
-        self.failed.remove(&chunk);
-        if self.episode.as_ref().is_some_and(|ep| ep.first > since) {
-            return;
-        }
-        if let Some(ep) = self.episode.take() {
-            tracing::info!(
-                failures = ep.failures,
-                seconds = ep.started.elapsed().as_secs(),
-                "writing fetched data to the backing file works again"
-            );
-            self.failed.clear();
-        }
-    }
-
-    /// The error for a request that began when the failure number was
-    /// `since` and needs `chunks`: one of them failed to fill since.
-    pub(crate) fn error_since(&self, since: u64, chunks: Range<u64>) -> Option<io::Error> {
-        let ep = self.episode.as_ref()?;
-        if self.seq == since
-            || !chunks
-                .into_iter()
-                .any(|c| self.failed.get(&c).is_some_and(|n| *n > since))
-        {
-            return None;
-        }
-        Some(match ep.errno {
-            Some(errno) => io::Error::from_raw_os_error(errno),
-            None => io::Error::new(ep.kind, ep.message.clone()),
-        })
-    }
-
-    /// When the background copier may try again: `None` when all is well.
-    pub(crate) fn retry_at(&self) -> Option<Instant> {
-        self.episode.as_ref().map(|ep| ep.retry_at)
-    }
-}
-
 fn eio(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Engine> {
+impl<F: Fetcher> Shell<F> {
+    /// A shell over `engine`, the `backing` file and its `state`, with
+    /// `source` if it has been reached already. `created`: the task making
+    /// freshly created files' directory entries durable (see
+    /// [`crate::open::creation_sync`]); the first sync round waits for it.
+    pub fn new(
+        engine: Engine,
+        backing: Backing,
+        state: StateFile,
+        created: Option<tokio::task::JoinHandle<io::Result<()>>>,
+        source: Option<F>,
+        options: ShellOptions,
+    ) -> Arc<Self> {
+        Arc::new(Shell {
+            engine: Mutex::new(engine),
+            changed: Notify::new(),
+            backing: Arc::new(backing),
+            state: Arc::new(Mutex::new(state)),
+            sync_lock: tokio::sync::Mutex::new(()),
+            created: Mutex::new(created),
+            source: tokio::sync::watch::Sender::new(source),
+            gated: options.gated,
+            absent_timeout: options.absent_timeout,
+            bg_in_flight: AtomicU64::new(0),
+            bg_in_flight_bytes: AtomicU64::new(0),
+            fill_trouble: Mutex::default(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().expect("engine lock poisoned")
     }
 
+    /// The source has been reached (a resumed pull reaches it after it
+    /// began serving): fetches may go out.
+    pub fn set_source(&self, source: F) {
+        self.source.send_replace(Some(source));
+        self.changed.notify_waiters();
+    }
+
+    /// Stops the migration with `reason` (e.g. the source changed); guest
+    /// requests that need absent data fail from now on.
+    pub fn fail(&self, reason: String) {
+        self.lock().fail(reason);
+        self.changed.notify_waiters();
+    }
+
+    /// The engine's counters.
+    pub fn engine_counters(&self) -> ferry_core::engine::Counters {
+        self.lock().counters().clone()
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.backing.size()
+    }
+
     /// The connection to the source, if it has been reached.
-    pub(crate) fn client_now(&self) -> Option<Client> {
+    pub fn client_now(&self) -> Option<F> {
         self.source.borrow().clone()
     }
 
     /// The connection to the source, once it has been reached.
-    pub(crate) async fn client(&self) -> Client {
+    pub(crate) async fn client(&self) -> F {
         let mut rx = self.source.subscribe();
         let client = match rx.wait_for(Option::is_some).await {
             Ok(c) => c.clone(),
@@ -201,7 +140,7 @@ impl Shared {
         }
     }
 
-    /// Whether guest I/O may be answered now (see [`Shared::admitted`]).
+    /// Whether guest I/O may be answered now (see [`Shell::admitted`]).
     fn admitted_now(&self) -> bool {
         !self.gated
             || self
@@ -228,7 +167,7 @@ impl Shared {
 
     /// Whether a read of `offset..offset + len` can be answered at once
     /// from the backing file: the source has accepted us (see
-    /// [`Shared::admitted`]) and every block is present.
+    /// [`Shell::admitted`]) and every block is present.
     fn readable_now(&self, offset: u64, len: u64) -> bool {
         self.admitted_now() && self.lock().readable(offset, len)
     }
@@ -294,14 +233,10 @@ impl Shared {
     }
 
     pub(crate) async fn fetch(self: Arc<Self>, range: Range<u64>, kind: FetchKind) {
-        let prio = match kind {
-            FetchKind::OnDemand => Priority::OnDemand,
-            FetchKind::Background => Priority::Background,
-        };
         let count = (range.end - range.start) as u32;
         let client = self.client().await;
         let t0 = std::time::Instant::now();
-        match client.read_chunks(range.start, count, prio).await {
+        match client.fetch(range.start, count, kind).await {
             Ok(chunks) => {
                 let fetched = t0.elapsed();
                 for (chunk, data) in range.clone().zip(chunks) {
@@ -319,7 +254,7 @@ impl Shared {
             Err(e) => {
                 let mut engine = self.lock();
                 engine.fetch_failed(range.clone());
-                if matches!(e, TransportError::SourceChanged { .. }) {
+                if matches!(e, FetchError::SourceChanged(_)) {
                     engine.fail(format!(
                         "{e}; the source must not change after switchover; the destination's writes are kept"
                     ));
@@ -332,11 +267,7 @@ impl Shared {
     }
 
     async fn arrived(&self, chunk: u64, fetched: Fetched) {
-        let payload = match &fetched {
-            Fetched::Data { hash, bytes } => Payload::Data { bytes, hash: *hash },
-            Fetched::Zero => Payload::Zero,
-        };
-        let arrival = self.lock().fetch_arrived(chunk, payload);
+        let arrival = self.lock().fetch_arrived(chunk, fetched.payload());
         match arrival {
             Arrival::Corrupt { chunk } => {
                 tracing::warn!(
@@ -388,7 +319,7 @@ impl Shared {
 
     /// One sync round: backing file first, then the present bits
     /// (invariants 1 and 2).
-    pub(crate) async fn sync(&self) -> io::Result<()> {
+    pub async fn sync(&self) -> io::Result<()> {
         let _round = self.sync_lock.lock().await;
         // Nothing is durable before the files that hold it are.
         let created = self.created.lock().expect("created lock").take();
@@ -442,9 +373,9 @@ impl Shared {
 
     /// Marks whole blocks of `offset..offset+len` as written by `op`
     /// (punching a hole for trim/zeroes), after the engine allows it.
-    async fn write_blocks<F>(self: &Arc<Self>, offset: u64, len: u64, op: F) -> io::Result<()>
+    async fn write_blocks<Op>(self: &Arc<Self>, offset: u64, len: u64, op: Op) -> io::Result<()>
     where
-        F: FnOnce(&Backing) -> io::Result<()> + Send + 'static,
+        Op: FnOnce(&Backing) -> io::Result<()> + Send + 'static,
     {
         let mut op = Some(op);
         let deadline = self.absent_deadline();
@@ -501,11 +432,16 @@ impl Shared {
     }
 }
 
-/// The pulled disk.
-#[derive(Clone)]
-pub(crate) struct PullDevice(pub(crate) Arc<Shared>);
+/// The pulled disk, as the frontends serve it.
+pub struct PullDevice<F: Fetcher>(pub Arc<Shell<F>>);
 
-impl BlockDevice for PullDevice {
+impl<F: Fetcher> Clone for PullDevice<F> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<F: Fetcher> BlockDevice for PullDevice<F> {
     fn size(&self) -> u64 {
         self.0.backing.size()
     }
@@ -641,81 +577,5 @@ impl BlockDevice for PullDevice {
             self.0.sync().await?;
         }
         Ok(())
-    }
-}
-
-/// Counts bytes for the rate estimate.
-#[derive(Default)]
-pub(crate) struct RateMeter {
-    samples: Mutex<std::collections::VecDeque<(std::time::Instant, u64)>>,
-    pub(crate) last_rate: AtomicU64,
-}
-
-impl RateMeter {
-    /// Adds a sample of a monotone byte counter; returns bytes per second
-    /// over the last ~5 s.
-    pub(crate) fn sample(&self, now: std::time::Instant, bytes: u64) -> u64 {
-        let mut s = self.samples.lock().expect("rate lock");
-        s.push_back((now, bytes));
-        while s.len() > 2 && now.duration_since(s[0].0).as_secs_f64() > 5.0 {
-            s.pop_front();
-        }
-        let (t0, b0) = s[0];
-        let dt = now.duration_since(t0).as_secs_f64();
-        let r = if dt > 0.2 {
-            (bytes.saturating_sub(b0) as f64 / dt) as u64
-        } else {
-            0
-        };
-        self.last_rate.store(r, Ordering::Relaxed);
-        r
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn enospc() -> io::Error {
-        io::Error::from_raw_os_error(28)
-    }
-
-    #[test]
-    fn failed_fills_fail_the_requests_that_waited_for_them_and_back_off() {
-        let mut t = FillTrouble::default();
-        let t0 = Instant::now();
-        let since = t.seq();
-        assert!(t.retry_at().is_none());
-        t.failed(5, &enospc(), t0);
-        // A request that began before the failure and needs chunk 5 fails
-        // with its error; one that needs other chunks, or began after it,
-        // does not.
-        let e = t.error_since(since, 4..6).expect("an error");
-        assert_eq!(e.raw_os_error(), Some(28));
-        assert!(t.error_since(since, 6..9).is_none());
-        assert!(t.error_since(t.seq(), 4..6).is_none());
-        // Failures of a burst in flight together do not lengthen the wait;
-        // each failed retry doubles it, up to the cap.
-        assert_eq!(t.retry_at(), Some(t0 + FILL_BACKOFF_START));
-        t.failed(6, &enospc(), t0 + Duration::from_millis(10));
-        assert_eq!(t.retry_at(), Some(t0 + FILL_BACKOFF_START));
-        let mut waits = Vec::new();
-        for c in 0..12 {
-            let now = t.retry_at().expect("in an episode");
-            t.failed(c, &enospc(), now);
-            waits.push(t.retry_at().expect("in an episode") - now);
-        }
-        assert_eq!(waits[0], FILL_BACKOFF_START * 2);
-        assert_eq!(waits[1], FILL_BACKOFF_START * 4);
-        assert_eq!(*waits.last().expect("waits"), FILL_BACKOFF_MAX);
-        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
-        // A fill that began before the episode and completed after it
-        // does not end it; one that began during it does.
-        t.worked(3, since);
-        assert!(t.retry_at().is_some());
-        let since = t.seq();
-        t.worked(3, since);
-        assert!(t.retry_at().is_none());
-        assert!(t.error_since(since - 1, 0..20).is_none());
     }
 }

@@ -1,0 +1,28 @@
+//! The destination daemon of ferry (`ferry pull`) as a library.
+//!
+//! [`Shell`] is the I/O shell: it joins the frontends (through
+//! [`PullDevice`], a [`ferry_device::BlockDevice`]), the sans-IO
+//! [`ferry_core::Engine`], the backing and state files of
+//! [`ferry_store`], and the source, reached through a [`Fetcher`]. The
+//! background copier ([`copier::run_copier`]), the periodic sync
+//! ([`copier::run_syncer`]), the final verification ([`verify`]), opening
+//! or creating the disk ([`open`]) and the status snapshot ([`status`])
+//! live here too. The `ferry` binary wires a [`Fetcher`] over the QUIC
+//! client, the frontends, the control socket, signals and systemd.
+#![forbid(unsafe_code)]
+
+pub mod copier;
+mod error;
+pub mod fetcher;
+mod fill_trouble;
+pub mod open;
+pub mod shell;
+pub mod status;
+pub mod verify;
+
+pub use copier::{CopierSettings, Throttle, Window};
+pub use error::PullError;
+pub use fetcher::{ConnState, FetchError, Fetched, Fetcher, LinkStats};
+pub use shell::{PullDevice, Shell, ShellOptions};
+pub use status::{Report, Status};
+pub use verify::Verification;

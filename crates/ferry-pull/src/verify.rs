@@ -1,0 +1,168 @@
+//! The end-to-end verification of a complete copy: the whole disk read
+//! and hashed, every chunk the guest never wrote checked against the
+//! source's hash; differing chunks fetched again.
+
+use std::sync::Arc;
+
+use crate::fetcher::Fetcher;
+use crate::shell::Shell;
+use crate::status::Report;
+
+/// Outcome of the end-to-end verification.
+#[derive(Debug, Default, Clone)]
+pub struct Verification {
+    /// "pending", "running", "ok" or "failed".
+    pub state: String,
+    /// Chunks compared with the source's hashes.
+    pub chunks_checked: u64,
+    /// Chunks that differed.
+    pub mismatches: Vec<u64>,
+    /// BLAKE3 of the whole disk, hex.
+    pub disk_blake3: Option<String>,
+    /// `disk_blake3` as bytes (zero until known).
+    pub disk_blake3_bytes: [u8; 32],
+    /// Chunks that earlier rounds found differing from the source and
+    /// fetched again (so `ok` after them means repaired, not clean).
+    pub refetched: u64,
+}
+
+/// Once every block is present: sync, then read the whole disk, hash it,
+/// and check every chunk the guest never wrote against the source's hash.
+/// With `may_refetch`, chunks that differ (and that the guest did not write
+/// meanwhile) are made absent again, in the engine and the state file, so
+/// the copier fetches them anew: returns true then, and the copy goes on.
+pub(crate) async fn verify<F: Fetcher>(
+    shared: &Arc<Shell<F>>,
+    report: &Arc<Report>,
+    may_refetch: bool,
+) -> bool {
+    let refetched_before = report.verify.lock().expect("verify lock").refetched;
+    if let Err(e) = shared.sync().await {
+        tracing::error!(error = %e, "sync before verification failed");
+    }
+    report.verify.lock().expect("verify lock").state = "running".into();
+    tracing::info!("every block is present; verifying the whole disk against the source's hashes");
+    let s = shared.clone();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<Verification> {
+        let (geo, manifest) = {
+            let e = s.engine.lock().expect("engine lock");
+            let m = e
+                .manifest()
+                .cloned()
+                .ok_or_else(|| std::io::Error::other("no manifest"))?;
+            (e.geometry(), m)
+        };
+        let mut disk = blake3::Hasher::new();
+        let mut v = Verification::default();
+        let mut buf = Vec::new();
+        for c in 0..geo.chunks() {
+            let r = geo.chunk_bytes(c);
+            buf.resize((r.end - r.start) as usize, 0);
+            s.backing.read_at(&mut buf, r.start)?;
+            disk.update(&buf);
+            if s.engine.lock().expect("engine lock").guest_wrote(c) {
+                continue;
+            }
+            // Every chunk the guest did not write: data against its hash,
+            // zero chunks against zeros.
+            v.chunks_checked += 1;
+            let same = match manifest.chunk(c) {
+                ferry_core::ChunkKind::Data(h) => *blake3::hash(&buf).as_bytes() == h,
+                ferry_core::ChunkKind::Zero => buf.iter().all(|b| *b == 0),
+            };
+            if !same && !s.engine.lock().expect("engine lock").guest_wrote(c) {
+                v.mismatches.push(c);
+            }
+        }
+        let digest = disk.finalize();
+        v.disk_blake3 = Some(digest.to_hex().to_string());
+        v.disk_blake3_bytes = *digest.as_bytes();
+        v.state = if v.mismatches.is_empty() {
+            "ok"
+        } else {
+            "failed"
+        }
+        .into();
+        Ok(v)
+    })
+    .await;
+    let mut v = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => Verification {
+            state: format!("failed: {e}"),
+            ..Default::default()
+        },
+        Err(e) => Verification {
+            state: format!("failed: {e}"),
+            ..Default::default()
+        },
+    };
+    v.refetched = refetched_before;
+    if may_refetch && !v.mismatches.is_empty() {
+        let cleared = shared
+            .engine
+            .lock()
+            .expect("engine lock")
+            .refetch(&v.mismatches);
+        if !cleared.is_empty() {
+            let state = shared.state.clone();
+            let n = cleared.len() as u64;
+            let blocks = cleared.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                state.lock().expect("state lock").clear_present(&blocks)
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot record the chunks to fetch again; a restart verifies them again")
+                }
+                Err(e) => tracing::error!(error = %e, "state task failed"),
+            }
+            tracing::warn!(
+                chunks = ?v.mismatches,
+                "verification found chunks differing from the source's hashes; fetching them again"
+            );
+            v.refetched += n;
+            v.state = "refetching".into();
+            *report.verify.lock().expect("verify lock") = v;
+            shared.changed.notify_waiters();
+            return true;
+        }
+    }
+    if v.state == "ok" {
+        tracing::info!(
+            chunks = v.chunks_checked,
+            refetched = v.refetched,
+            disk_blake3 = v.disk_blake3.as_deref().unwrap_or(""),
+            "copy complete and verified: every chunk the guest did not write equals the source; the source may be stopped"
+        );
+        // Recorded durably: a restart serves the disk without the source.
+        let record = ferry_store::Verified {
+            disk_blake3: v.disk_blake3_bytes,
+            chunks_checked: v.chunks_checked,
+        };
+        let state = shared.state.clone();
+        let recorded = tokio::task::spawn_blocking(move || {
+            state.lock().expect("state lock").record_verified(record)
+        })
+        .await;
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot record the verification; a restart will need the source")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the verification; a restart will need the source")
+            }
+        }
+        // Nothing more is needed from the source: let it go.
+        if let Some(c) = shared.client_now() {
+            c.close();
+        }
+    } else {
+        tracing::error!(state = %v.state, mismatches = ?v.mismatches, refetched = v.refetched, "verification FAILED");
+    }
+    *report.verify.lock().expect("verify lock") = v;
+    false
+}

@@ -1,0 +1,234 @@
+//! The control socket of a pull: `ferry status` and `ferry background`
+//! talk to it (one request line in, one JSON line out); the answers come
+//! from [`ferry_pull::status`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ferry_core::{ControlParseError, ControlRequest};
+use ferry_pull::{status, CopierSettings, Report};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+
+use super::Shell;
+
+/// Removes a unix socket left behind by a crashed process, but never a
+/// live one (something accepts on it) nor a file that is not a socket.
+pub(crate) fn remove_stale_socket(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{what} {} exists and is not a socket; refusing to replace it",
+            path.display()
+        );
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!(
+            "{what} {} is in use by another running process",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path)
+        .with_context(|| format!("cannot remove stale socket {}", path.display()))
+}
+
+/// Longest control request line, newline included; a longer one is
+/// refused (the requests are a few bytes; without a cap a peer that never
+/// sends a newline made the pull buffer all it sent).
+pub(crate) const MAX_REQUEST_BYTES: usize = 4096;
+
+/// Control connections served at once; more are closed at once, so idle
+/// connections cannot take every file descriptor.
+pub(crate) const MAX_CONTROL_CONNECTIONS: usize = 64;
+
+/// How long a control client may take to send its request line.
+pub(crate) const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The control socket.
+pub(crate) struct ControlListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlListener {
+    /// Binds `path`, replacing a stale socket but never a live one, with
+    /// the mode of `access` (owner-only by default) whatever the umask.
+    pub(crate) fn bind(path: &Path, access: &ferry_nbd::SocketAccess) -> Result<Self> {
+        remove_stale_socket(path, "--control")?;
+        let listener = ferry_nbd::bind_unix_socket(path, access)
+            .and_then(UnixListener::from_std)
+            .with_context(|| format!("cannot bind control socket {}", path.display()))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Answers requests until the process ends: one request line per
+    /// connection, at most [`MAX_CONTROL_CONNECTIONS`] connections at once.
+    pub(crate) async fn serve(
+        self,
+        shared: Arc<Shell>,
+        settings: Arc<CopierSettings>,
+        report: Arc<Report>,
+    ) {
+        let _keep = self.path;
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
+        let mut refusing = false;
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off, do not spin.
+                    tracing::warn!(error = %e, "accepting a control connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                if !refusing {
+                    refusing = true;
+                    tracing::warn!(
+                        open = MAX_CONTROL_CONNECTIONS,
+                        "too many control connections at once; closing new ones until one ends"
+                    );
+                }
+                let _ = stream
+                    .try_write(b"{\"ok\":false,\"error\":\"too many control connections\"}\n");
+                continue;
+            };
+            refusing = false;
+            let (shared, settings, report) = (shared.clone(), settings.clone(), report.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                let (r, mut w) = stream.into_split();
+                let reply = match tokio::time::timeout(CONTROL_IDLE_TIMEOUT, read_request(r)).await
+                {
+                    Err(_) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "control connection failed");
+                        return;
+                    }
+                    Ok(Ok(Request::Line(line))) => handle(line.trim(), &shared, &settings, &report),
+                    Ok(Ok(Request::Bad(why))) => error_reply(&why),
+                };
+                let _ = tokio::time::timeout(
+                    CONTROL_IDLE_TIMEOUT,
+                    w.write_all(format!("{reply}\n").as_bytes()),
+                )
+                .await;
+            });
+        }
+    }
+}
+
+/// One control request as read.
+#[derive(Debug, PartialEq, Eq)]
+enum Request {
+    /// A line of UTF-8 (without its newline).
+    Line(String),
+    /// Not a request: why.
+    Bad(String),
+}
+
+/// Reads one request line of at most [`MAX_REQUEST_BYTES`].
+async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<Request> {
+    let mut buf = Vec::new();
+    let mut r = BufReader::new(r.take(MAX_REQUEST_BYTES as u64 + 1));
+    r.read_until(b'\n', &mut buf).await?;
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    } else if buf.len() > MAX_REQUEST_BYTES {
+        return Ok(Request::Bad(format!(
+            "request longer than {MAX_REQUEST_BYTES} bytes"
+        )));
+    }
+    Ok(match String::from_utf8(buf) {
+        Ok(line) => Request::Line(line),
+        Err(_) => Request::Bad("request is not UTF-8 text".into()),
+    })
+}
+
+/// A JSON error reply.
+fn error_reply(why: &str) -> String {
+    serde_json::json!({ "ok": false, "error": why }).to_string()
+}
+
+fn handle(
+    req: &str,
+    shared: &Arc<Shell>,
+    settings: &Arc<CopierSettings>,
+    report: &Arc<Report>,
+) -> String {
+    match ControlRequest::parse(req) {
+        Ok(ControlRequest::Status) => {
+            serde_json::to_string(&status::snapshot(shared, settings, report))
+                .expect("status serialises")
+        }
+        Ok(ControlRequest::Pause) => {
+            status::set_background_paused(shared, true);
+            r#"{"ok":true,"background":"paused"}"#.into()
+        }
+        Ok(ControlRequest::Resume) => {
+            status::set_background_paused(shared, false);
+            r#"{"ok":true,"background":"running"}"#.into()
+        }
+        Ok(ControlRequest::Rate(v)) => {
+            status::set_rate_limit(settings, v);
+            format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#)
+        }
+        Err(ControlParseError::Unknown(_)) => r#"{"ok":false,"error":"unknown request"}"#.into(),
+        Err(e) => error_reply(&e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferry_pull::Window;
+
+    /// The source can buffer only what the destination's connection
+    /// receive window credits, for all streams together: what the copier
+    /// keeps outstanding on the wire, plus a hedged 1 MiB guest read (three
+    /// copies), must fit in it, less the eighth by which quinn lets the
+    /// credit it has sent lag behind. Else an on-demand answer waits for
+    /// the background answers ahead of it to be read.
+    #[test]
+    fn the_background_window_leaves_flow_control_credit_for_on_demand_reads() {
+        let request = 16 * u64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE);
+        let on_demand = u64::from(ferry_transport::path::MAX_COPIES) * (1 << 20);
+        for (mbit, rtt_ms) in [
+            (1, 1),
+            (10, 10),
+            (200, 50),
+            (200, 150),
+            (1000, 100),
+            (10_000, 300),
+        ] {
+            let tuning =
+                ferry_transport::Tuning::for_link(mbit * 1_000_000, Duration::from_millis(rtt_ms));
+            let credit = tuning.receive_window - tuning.receive_window / 8;
+            let window = Window::wire(
+                ferry_transport::tuning::bdp_bytes(mbit * 1_000_000, Duration::from_millis(rtt_ms)),
+                request,
+            );
+            for ratio in [1.0, 2.6, 16.0] {
+                let fetched = 1u64 << 30;
+                let wire = (fetched as f64 / ratio) as u64;
+                let outstanding =
+                    (window.requests(fetched, wire) as f64 * request as f64 / ratio) as u64;
+                assert!(
+                    outstanding + on_demand <= credit,
+                    "{mbit} Mbit/s, {rtt_ms} ms, {ratio}:1: {outstanding} B outstanding + \
+                     {on_demand} B on demand > {credit} B of credit"
+                );
+            }
+        }
+    }
+}
