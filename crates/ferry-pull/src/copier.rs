@@ -45,17 +45,10 @@ pub async fn fetch_manifest<F: Fetcher>(shared: Arc<Shell<F>>) {
                 ms = t0.elapsed().as_millis() as u64,
                 "manifest received; background copy can start"
             );
-            shared.engine.lock().expect("engine lock").set_manifest(m);
+            shared.set_manifest(Ok(m));
         }
-        Err(e) => {
-            shared
-                .engine
-                .lock()
-                .expect("engine lock")
-                .fail(format!("cannot fetch the source's manifest: {e}"));
-        }
+        Err(e) => shared.set_manifest(Err(format!("cannot fetch the source's manifest: {e}"))),
     }
-    shared.changed.notify_waiters();
 }
 
 /// Background requests in flight at the start of the copy (see

@@ -19,6 +19,7 @@ pub mod open;
 pub mod shell;
 pub mod status;
 pub mod verify;
+mod waiters;
 
 pub use copier::{CopierSettings, Throttle, Window};
 pub use error::PullError;

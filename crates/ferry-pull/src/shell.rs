@@ -2,22 +2,24 @@
 //! decides, this module does the I/O (backing file, fetches from the
 //! source through a [`Fetcher`], syncs).
 
+use std::cell::Cell;
 use std::io;
 use std::ops::Range;
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_core::engine::{Arrival, FetchKind, ReadPlan, WritePlan};
 use ferry_core::geometry::BLOCK_SIZE;
-use ferry_core::Engine;
+use ferry_core::{Engine, Geometry};
 use ferry_device::BlockDevice;
 use ferry_store::{Backing, StateFile};
 use tokio::sync::Notify;
 
 use crate::fetcher::{FetchError, Fetched, Fetcher};
 use crate::fill_trouble::FillTrouble;
+use crate::waiters::{Filled, Registration, Waiters};
 
 /// How the shell treats guest requests.
 #[derive(Debug, Clone, Copy, Default)]
@@ -33,8 +35,17 @@ pub struct ShellOptions {
 /// Everything the frontends, the copier and the control socket share.
 pub struct Shell<F: Fetcher> {
     pub(crate) engine: Mutex<Engine>,
-    /// Signalled whenever a chunk's state changes (fill done, fetch failed).
+    /// The disk's geometry (the engine's; it never changes).
+    geo: Geometry,
+    /// Signalled whenever a chunk's state changes (fill done, fetch
+    /// failed), a sync round ends or a background fetch: the copier's
+    /// wake-up.
     pub(crate) changed: Notify,
+    /// Guest requests waiting for chunks, woken per chunk.
+    waiters: Waiters,
+    /// Reads of the backing file made to answer guest reads that waited
+    /// for absent data (see [`Shell::backing_reads`]).
+    backing_reads: AtomicU64,
     pub(crate) backing: Arc<Backing>,
     pub(crate) state: Arc<Mutex<StateFile>>,
     /// Serialises sync rounds.
@@ -78,8 +89,11 @@ impl<F: Fetcher> Shell<F> {
         options: ShellOptions,
     ) -> Arc<Self> {
         Arc::new(Shell {
+            geo: engine.geometry(),
             engine: Mutex::new(engine),
             changed: Notify::new(),
+            waiters: Waiters::default(),
+            backing_reads: AtomicU64::new(0),
             backing: Arc::new(backing),
             state: Arc::new(Mutex::new(state)),
             sync_lock: tokio::sync::Mutex::new(()),
@@ -109,6 +123,25 @@ impl<F: Fetcher> Shell<F> {
     pub fn fail(&self, reason: String) {
         self.lock().fail(reason);
         self.changed.notify_waiters();
+        self.waiters.wake_all();
+    }
+
+    /// The source's manifest arrived (or could not be had: `Err` with
+    /// why): zero chunks become present, the background copy can start.
+    pub(crate) fn set_manifest(&self, manifest: Result<Arc<ferry_core::Manifest>, String>) {
+        match manifest {
+            Ok(m) => self.lock().set_manifest(m),
+            Err(e) => self.lock().fail(e),
+        }
+        self.changed.notify_waiters();
+        self.waiters.wake_all();
+    }
+
+    /// How many times a guest read that waited for absent data was
+    /// answered by reading the backing file (0 while every such read is
+    /// answered from the data fetched for it).
+    pub fn backing_reads(&self) -> u64 {
+        self.backing_reads.load(Ordering::Relaxed)
     }
 
     /// The engine's counters.
@@ -160,7 +193,7 @@ impl<F: Fetcher> Shell<F> {
     /// blocks of `offset..offset + len` fails with the error of a fill it
     /// waited for, unless those blocks are present after all.
     fn fill_error(&self, since: u64, offset: u64, len: u64) -> Option<io::Error> {
-        let chunks = self.lock().geometry().chunks_touching(offset, len);
+        let chunks = self.geo.chunks_touching(offset, len);
         let e = self.fill_trouble().error_since(since, chunks)?;
         (!self.lock().readable(offset, len)).then_some(e)
     }
@@ -198,14 +231,15 @@ impl<F: Fetcher> Shell<F> {
         self.absent_timeout.map(|t| tokio::time::Instant::now() + t)
     }
 
-    /// Waits for `notified` (a chunk's state changed), or fails the guest
-    /// request for `what` once `deadline` has passed.
+    /// Waits for a change of a chunk `waiting` is registered for, or
+    /// fails the guest request for `what` once `deadline` has passed.
     async fn wait_absent(
         &self,
-        notified: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        waiting: &Registration<'_>,
         deadline: Option<tokio::time::Instant>,
         (what, offset, len): (&str, u64, u64),
     ) -> io::Result<()> {
+        let notified = waiting.changed();
         let Some(deadline) = deadline else {
             notified.await;
             return Ok(());
@@ -258,8 +292,12 @@ impl<F: Fetcher> Shell<F> {
                     engine.fail(format!(
                         "{e}; the source must not change after switchover; the destination's writes are kept"
                     ));
+                    drop(engine);
+                    self.waiters.wake_all();
                 } else {
+                    drop(engine);
                     tracing::warn!(chunks = ?range, error = %e, "fetch failed; will retry");
+                    self.waiters.wake(range);
                 }
             }
         }
@@ -274,24 +312,32 @@ impl<F: Fetcher> Shell<F> {
                     chunk,
                     "fetched chunk failed its hash check; dropped, will fetch again"
                 );
+                // Absent again (or, after too many, the migration failed).
+                if matches!(self.lock().phase(), ferry_core::Phase::Error(_)) {
+                    self.waiters.wake_all();
+                } else {
+                    self.waiters.wake(chunk..chunk + 1);
+                }
             }
             Arrival::Duplicate { chunk } => {
                 tracing::debug!(chunk, "second answer for a chunk already filled; dropped");
             }
             Arrival::Fill(plan) => {
-                let geo = self.lock().geometry();
+                let geo = self.geo;
                 let backing = self.backing.clone();
                 let base = geo.chunk_bytes(chunk).start;
                 let runs = plan.runs;
+                let fetched = Arc::new(fetched);
+                let (data, filled_runs) = (fetched.clone(), runs.clone());
                 // A zero chunk's hole punch works on a full filesystem:
                 // only data written ends an episode of failed fills.
-                let writes_data = matches!(fetched, Fetched::Data { .. }) && !runs.is_empty();
+                let writes_data = matches!(*fetched, Fetched::Data { .. }) && !runs.is_empty();
                 let since = self.fill_trouble().seq();
                 let res = tokio::task::spawn_blocking(move || -> io::Result<()> {
                     for r in runs {
                         let lo = geo.block_bytes(r.start).start;
                         let hi = geo.block_bytes(r.end - 1).end;
-                        match &fetched {
+                        match &*fetched {
                             Fetched::Data { bytes, .. } => backing
                                 .write_at(&bytes[(lo - base) as usize..(hi - base) as usize], lo)?,
                             Fetched::Zero => backing.punch_hole(lo, hi - lo)?,
@@ -313,6 +359,17 @@ impl<F: Fetcher> Shell<F> {
                     Ok(()) => engine.fill_done(chunk),
                     Err(_) => engine.fill_failed(chunk),
                 }
+                drop(engine);
+                // The requests waiting for the chunk get what was written:
+                // they answer from it instead of reading it back.
+                match res {
+                    Ok(()) => self.waiters.wake_filled(Filled {
+                        chunk,
+                        runs: filled_runs,
+                        data,
+                    }),
+                    Err(_) => self.waiters.wake(chunk..chunk + 1),
+                }
             }
         }
     }
@@ -328,7 +385,7 @@ impl<F: Fetcher> Shell<F> {
                 // A failed fsync cannot be retried into success: stop.
                 let msg = format!("cannot make the new disk and state files durable: {e}");
                 tracing::error!("{msg}");
-                self.lock().fail(msg.clone());
+                self.fail(msg.clone());
                 return Err(eio(msg));
             }
         }
@@ -380,13 +437,12 @@ impl<F: Fetcher> Shell<F> {
         let mut op = Some(op);
         let deadline = self.absent_deadline();
         let since = self.fill_trouble().seq();
+        let chunks = self.geo.chunks_touching(offset, len);
+        let waiting = self.waiters.register(chunks.clone());
         loop {
             if let Some(e) = self.fill_error(since, offset, len) {
                 return Err(e);
             }
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             let plan = self.lock().plan_write(offset, len);
             match plan {
                 WritePlan::Ready(blocks) => {
@@ -417,13 +473,14 @@ impl<F: Fetcher> Shell<F> {
                         Err(_) => self.lock().write_failed(blocks),
                     }
                     self.changed.notify_waiters();
+                    self.waiters.wake(chunks);
                     return res;
                 }
                 WritePlan::Wait { start } => {
                     for r in start {
                         self.spawn_fetch(r, FetchKind::OnDemand);
                     }
-                    self.wait_absent(notified, deadline, ("write", offset, len))
+                    self.wait_absent(&waiting, deadline, ("write", offset, len))
                         .await?;
                 }
                 WritePlan::Failed(e) => return Err(eio(e)),
@@ -434,6 +491,23 @@ impl<F: Fetcher> Shell<F> {
 
 /// The pulled disk, as the frontends serve it.
 pub struct PullDevice<F: Fetcher>(pub Arc<Shell<F>>);
+
+thread_local! {
+    /// The request [`BlockDevice::copy_now`] last found not ready on this
+    /// thread (see [`PullDevice::key`]). A frontend tries `read_now` at
+    /// once after a `copy_now` that said `None`; for the same request it
+    /// is answered `None` without asking the engine again, so a miss takes
+    /// the engine lock once on the fast path, not twice. (`None` is always
+    /// a right answer: the async path plans anew.)
+    static NOT_READY: Cell<Option<(usize, u64, usize)>> = const { Cell::new(None) };
+}
+
+impl<F: Fetcher> PullDevice<F> {
+    /// A request of this device: the shell's address, offset, length.
+    fn key(&self, offset: u64, len: usize) -> (usize, u64, usize) {
+        (Arc::as_ptr(&self.0) as usize, offset, len)
+    }
+}
 
 impl<F: Fetcher> Clone for PullDevice<F> {
     fn clone(&self) -> Self {
@@ -448,6 +522,9 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
 
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
         let s = &self.0;
+        if NOT_READY.with(Cell::take) == Some(self.key(offset, buf.len())) {
+            return None;
+        }
         // Present blocks are never written by fills, so once every block
         // is present the read can run outside the engine lock. Anything
         // else (fetches, waits) goes through the async path.
@@ -472,6 +549,7 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
         if s.readable_now(offset, len as u64) {
             s.backing.copy_to(offset, len, out, out_offset)
         } else {
+            NOT_READY.with(|m| m.set(Some(self.key(offset, len))));
             None
         }
     }
@@ -480,6 +558,9 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
         let s = &self.0;
         let deadline = s.absent_deadline();
         let since = s.fill_trouble().seq();
+        let waiting = s
+            .waiters
+            .register(s.geo.chunks_touching(offset, u64::from(len)));
         loop {
             // Data this read waited for could not be written (e.g. a full
             // filesystem): fail now with that error rather than fetch it
@@ -487,18 +568,29 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
             if let Some(e) = s.fill_error(since, offset, u64::from(len)) {
                 return Err(e);
             }
-            let notified = s.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             let plan = s.lock().plan_read(offset, u64::from(len));
             match plan {
                 ReadPlan::Ready => {
                     // Fetches go out at once (the source answers them only
                     // once it has accepted us); only the answer waits.
                     s.admitted().await?;
+                    // Blocks filled for this read while it waited: from
+                    // the fetched data. A guest write to them since is a
+                    // request in flight with this read, so the read may
+                    // return the data before it, as from the file.
+                    let mut buf = vec![0u8; len as usize];
+                    let geo = s.geo;
+                    if waiting.copy_filled(
+                        offset,
+                        &mut buf,
+                        |c| geo.chunk_bytes(c).start,
+                        geo.blocks_touching(offset, u64::from(len)),
+                    ) {
+                        return Ok(buf);
+                    }
+                    s.backing_reads.fetch_add(1, Ordering::Relaxed);
                     let backing = s.backing.clone();
                     return tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; len as usize];
                         backing.read_at(&mut buf, offset).map(|()| buf)
                     })
                     .await
@@ -508,7 +600,7 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
                     for r in start {
                         s.spawn_fetch(r, FetchKind::OnDemand);
                     }
-                    s.wait_absent(notified, deadline, ("read", offset, u64::from(len)))
+                    s.wait_absent(&waiting, deadline, ("read", offset, u64::from(len)))
                         .await?;
                 }
                 ReadPlan::Failed(e) => return Err(eio(e)),

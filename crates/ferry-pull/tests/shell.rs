@@ -343,3 +343,28 @@ async fn a_source_that_only_fails_fails_the_read_after_the_absent_timeout() {
     );
     assert!(p.source.0.fetches.load(Ordering::SeqCst) >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_is_answered_from_the_fetched_data_without_reading_the_backing_file() {
+    let p = pull(None);
+    let want = source_data();
+    let at = 5 * u64::from(CHUNK) + 4096 + 100;
+    let got = p.device.read(at, 10_000).await.unwrap();
+    assert_eq!(got, want[at as usize..at as usize + 10_000]);
+    assert_eq!(p.shell.backing_reads(), 0, "the miss read the data back");
+    // A read of the zero chunk: zeros, from the fill.
+    let z = 3 * u64::from(CHUNK);
+    assert_eq!(p.device.read(z, 8192).await.unwrap(), vec![0; 8192]);
+    assert_eq!(p.shell.backing_reads(), 0);
+    // A block the guest wrote is not in the fill: that read takes it from
+    // the file.
+    let c7 = 7 * u64::from(CHUNK);
+    p.device
+        .write(c7 + 4096, vec![0xab; 4096], false)
+        .await
+        .unwrap();
+    let got = p.device.read(c7, 8192).await.unwrap();
+    assert_eq!(got[..4096], want[c7 as usize..c7 as usize + 4096]);
+    assert_eq!(got[4096..], vec![0xab; 4096]);
+    assert_eq!(p.shell.backing_reads(), 1);
+}
