@@ -2,10 +2,16 @@
 //! chunks are being fetched or filled, what the background copier fetches
 //! next, and what must be made durable before a present bit may be.
 //!
-//! It is a sans-IO state machine. The caller (the `ferry pull` daemon, or a
-//! simulation test) asks for a plan, performs the I/O the plan names (fetch
-//! from the source, write the backing file, sync), and reports back. The
-//! rules it enforces are the design invariants:
+//! It is a sans-IO state machine in the shape of quinn-proto's
+//! `Connection`: the caller (the `ferry pull` daemon's shell, or a
+//! simulation test) plans guest requests ([`Engine::plan_read`],
+//! [`Engine::plan_write`]), reports what happened through the `handle_*`
+//! inputs (data fetched, a fetch failed, a fill or a write done, a sync
+//! round done, …), and takes the engine's outputs from the `poll_*`
+//! methods: the fetches to issue ([`Engine::poll_fetch`],
+//! [`Engine::poll_background`]) and the chunks whose waiting requests to
+//! wake ([`Engine::poll_wake`]). The rules it enforces are the design
+//! invariants:
 //!
 //! 1. A block's present bit is persisted only after its data was synced:
 //!    [`Engine::begin_sync`] hands out only blocks whose writes completed.
@@ -15,7 +21,7 @@
 //!    data arrived, and a guest write waits while its chunk is being filled.
 //! 4. A sub-block write to an absent block fetches the block's chunk first.
 //! 5. Fetched data is checked against the manifest's hash before any of it
-//!    is written ([`Engine::fetch_arrived`]). Until the manifest has
+//!    is written ([`Engine::handle_fetched`]). Until the manifest has
 //!    arrived (it streams in after switchover, so the first read does not
 //!    wait for it), the source's hash carried with each chunk is used; it
 //!    comes from the same manifest.
@@ -23,7 +29,7 @@
 //! 8. A guest write that fails leaves each block with its old content or
 //!    the new one: blocks it made present (absent before, so the backing
 //!    file holds a hole or a partial write there) are absent again
-//!    ([`Engine::write_failed`]) and fetched anew. Until the write is done,
+//!    ([`Engine::handle_write_failed`]) and fetched anew. Until the write is done,
 //!    other guest requests for them wait.
 //!
 //! A guest request for a chunk that only the background copier is fetching
@@ -31,7 +37,7 @@
 //! behind a bandwidth-delay product of other data); the first good answer
 //! fills the chunk and later ones are [`Arrival::Duplicate`]s, never written.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -58,30 +64,71 @@ pub enum FetchKind {
 pub enum ReadPlan {
     /// Every block is present: read the backing file.
     Ready,
-    /// Start these fetches (ranges of chunks; the engine marked them as
-    /// fetching), then wait for a chunk state change and plan again.
-    Wait {
-        /// Chunk ranges to fetch now; each is one request to the source.
-        start: Vec<Range<u64>>,
-    },
-    /// The migration stopped with an error; absent data cannot be had.
-    Failed(String),
+    /// Issue the fetches [`Engine::poll_fetch`] hands out, then wait for a
+    /// change of one of the read's chunks ([`Engine::poll_wake`]) and plan
+    /// again.
+    Wait,
+    /// The migration stopped; absent data cannot be had.
+    Failed(Failure),
 }
 
 /// What the caller must do before a write can be applied.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WritePlan {
     /// Write the data to the backing file, then call
-    /// [`Engine::write_done`] with this range of blocks (or
-    /// [`Engine::write_failed`] if the write failed).
+    /// [`Engine::handle_write_done`] with this range of blocks (or
+    /// [`Engine::handle_write_failed`] if the write failed).
     Ready(Range<u64>),
-    /// Start these fetches (if any), wait for a chunk state change, plan again.
-    Wait {
-        /// Chunk ranges to fetch now.
-        start: Vec<Range<u64>>,
-    },
+    /// Issue the fetches [`Engine::poll_fetch`] hands out (if any), wait
+    /// for a change of one of the write's chunks, plan again.
+    Wait,
     /// The write needs absent data that cannot be had: the migration failed.
-    Failed(String),
+    Failed(Failure),
+}
+
+/// A fetch to issue: one request to the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// The chunks, consecutive.
+    pub chunks: Range<u64>,
+    /// Why: its priority at the source.
+    pub kind: FetchKind,
+}
+
+/// Requests waiting for chunks to wake (see [`Engine::poll_wake`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wake {
+    /// Those waiting for any of these chunks.
+    Chunks(Range<u64>),
+    /// Every waiting request (the migration stopped, the manifest arrived).
+    All,
+}
+
+/// Why the migration stopped. Guest writes are kept whatever the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The source is not the one the copy began with; `0` says how that
+    /// was noticed.
+    #[error("{0}; the source must not change after switchover; the destination's writes are kept")]
+    SourceChanged(String),
+    /// A chunk failed its hash check [`MAX_CORRUPT_RETRIES`] times in a row.
+    #[error(
+        "chunk {chunk} failed its hash check {streak} times in a row: \
+         the source disk changed after switchover (it must stay unchanged); \
+         the destination's writes are kept"
+    )]
+    CorruptStreak {
+        /// The chunk.
+        chunk: u64,
+        /// Consecutive failed checks.
+        streak: u32,
+    },
+    /// The source's manifest could not be had; `0` says why.
+    #[error("cannot fetch the source's manifest: {0}")]
+    NoManifest(String),
+    /// Freshly created files could not be made durable; `0` says why.
+    #[error("cannot make the new disk and state files durable: {0}")]
+    FilesNotDurable(String),
 }
 
 /// Blocks of a fetched chunk to write into the backing file.
@@ -98,14 +145,15 @@ pub struct FillPlan {
 }
 
 /// What the source sent for a chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Payload<'a> {
-    /// The chunk's bytes, with the hash the source's manifest gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// The chunk's bytes, with the hash the source's manifest gives them
+    /// (not yet checked: [`Engine::handle_fetched`] checks).
     Data {
-        /// The bytes.
-        bytes: &'a [u8],
         /// The source's hash for the chunk.
         hash: [u8; 32],
+        /// The bytes.
+        bytes: Vec<u8>,
     },
     /// The chunk holds only zeros.
     Zero,
@@ -115,7 +163,7 @@ pub enum Payload<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Arrival {
     /// The data matched its hash: write `FillPlan`'s blocks, then call
-    /// [`Engine::fill_done`].
+    /// [`Engine::handle_fill_done`].
     Fill(FillPlan),
     /// The data did not match its hash and was dropped; the chunk is absent
     /// again and will be fetched anew.
@@ -155,7 +203,7 @@ pub enum Phase {
     /// Every block is present.
     Complete,
     /// Stopped: the source changed or failed; the guest's writes are kept.
-    Error(String),
+    Failed(Failure),
 }
 
 /// Counters, in bytes unless named otherwise.
@@ -201,8 +249,16 @@ pub struct Engine {
     present_blocks: u64,
     bg_cursor: u64,
     background_paused: bool,
-    error: Option<String>,
+    error: Option<Failure>,
     counters: Counters,
+    /// Fetches for guest requests not yet handed out by
+    /// [`Engine::poll_fetch`].
+    to_fetch: VecDeque<FetchRequest>,
+    /// Chunks whose waiting requests are to be woken
+    /// ([`Engine::poll_wake`]).
+    to_wake: BTreeSet<u64>,
+    /// Every waiting request is to be woken.
+    wake_all: bool,
 }
 
 impl Engine {
@@ -210,7 +266,7 @@ impl Engine {
     /// arrived yet, resuming from the persisted `present` bits (one per
     /// block) and `guest_chunks` bits (one per chunk); pass empty bit
     /// vectors for a fresh start. Guest I/O is served at once; the
-    /// background copier starts with [`Engine::set_manifest`].
+    /// background copier starts with [`Engine::handle_manifest`].
     pub fn new(geo: Geometry, present: BitVec, guest_chunks: BitVec) -> Self {
         let mut present = present;
         present.resize(geo.blocks() as usize, false);
@@ -233,13 +289,16 @@ impl Engine {
             background_paused: false,
             error: None,
             counters: Counters::default(),
+            to_fetch: VecDeque::new(),
+            to_wake: BTreeSet::new(),
+            wake_all: false,
         }
     }
 
-    /// [`Engine::new`] followed by [`Engine::set_manifest`].
+    /// [`Engine::new`] followed by [`Engine::handle_manifest`].
     pub fn with_manifest(manifest: Arc<Manifest>, present: BitVec, guest_chunks: BitVec) -> Self {
         let mut e = Self::new(manifest.geometry(), present, guest_chunks);
-        e.set_manifest(manifest);
+        e.handle_manifest(manifest);
         e
     }
 
@@ -249,7 +308,7 @@ impl Engine {
     ///
     /// # Panics
     /// If the manifest's geometry is not the engine's.
-    pub fn set_manifest(&mut self, manifest: Arc<Manifest>) {
+    pub fn handle_manifest(&mut self, manifest: Arc<Manifest>) {
         assert_eq!(
             manifest.geometry(),
             self.geo,
@@ -278,6 +337,7 @@ impl Engine {
             bits.fill(true);
         }
         self.manifest = Some(manifest);
+        self.wake_all = true;
     }
 
     /// Whether the manifest has arrived.
@@ -331,7 +391,7 @@ impl Engine {
     /// The phase.
     pub fn phase(&self) -> Phase {
         if let Some(e) = &self.error {
-            Phase::Error(e.clone())
+            Phase::Failed(e.clone())
         } else if self.present_blocks == self.geo.blocks() && self.manifest.is_some() {
             Phase::Complete
         } else {
@@ -339,10 +399,41 @@ impl Engine {
         }
     }
 
-    /// Stops the migration with an error (e.g. the source changed).
-    pub fn fail(&mut self, reason: String) {
+    /// Stops the migration (e.g. the source changed); wakes every waiting
+    /// request.
+    pub fn fail(&mut self, reason: Failure) {
         if self.error.is_none() {
             self.error = Some(reason);
+        }
+        self.wake_all = true;
+    }
+
+    /// The next fetch to issue for guest requests (planned by
+    /// [`Engine::plan_read`] and [`Engine::plan_write`]).
+    pub fn poll_fetch(&mut self) -> Option<FetchRequest> {
+        self.to_fetch.pop_front()
+    }
+
+    /// The next chunks whose waiting requests to wake: their state changed
+    /// (filled, a fetch or fill failed, a write done), so a request
+    /// waiting for them plans again.
+    pub fn poll_wake(&mut self) -> Option<Wake> {
+        if self.wake_all {
+            self.wake_all = false;
+            self.to_wake.clear();
+            return Some(Wake::All);
+        }
+        let first = self.to_wake.pop_first()?;
+        let mut end = first + 1;
+        while self.to_wake.remove(&end) {
+            end += 1;
+        }
+        Some(Wake::Chunks(first..end))
+    }
+
+    fn wake(&mut self, chunks: Range<u64>) {
+        if !self.wake_all {
+            self.to_wake.extend(chunks);
         }
     }
 
@@ -385,6 +476,15 @@ impl Engine {
     /// background when `kind` is on-demand) as fetching by one more request
     /// and groups them into consecutive ranges.
     fn start_fetches(&mut self, chunks: Vec<u64>, kind: FetchKind) -> Vec<Range<u64>> {
+        let ranges = self.mark_fetching(chunks, kind);
+        self.to_fetch.extend(ranges.iter().map(|r| FetchRequest {
+            chunks: r.clone(),
+            kind,
+        }));
+        ranges
+    }
+
+    fn mark_fetching(&mut self, chunks: Vec<u64>, kind: FetchKind) -> Vec<Range<u64>> {
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for c in chunks {
             self.fetching
@@ -430,7 +530,7 @@ impl Engine {
             if self.blocks_claimed(&blocks) {
                 // A guest write in flight makes them present: its data (or,
                 // if it fails, the source's) is not there yet.
-                return ReadPlan::Wait { start: Vec::new() };
+                return ReadPlan::Wait;
             }
             return ReadPlan::Ready;
         }
@@ -447,9 +547,8 @@ impl Engine {
             }
             to_start.push(c);
         }
-        ReadPlan::Wait {
-            start: self.start_fetches(to_start, FetchKind::OnDemand),
-        }
+        self.start_fetches(to_start, FetchKind::OnDemand);
+        ReadPlan::Wait
     }
 
     /// Plans a guest write of `len` bytes at `offset` (inside the disk).
@@ -501,9 +600,8 @@ impl Engine {
                 }
             }
             to_start.sort_unstable();
-            return WritePlan::Wait {
-                start: self.start_fetches(to_start, FetchKind::OnDemand),
-            };
+            self.start_fetches(to_start, FetchKind::OnDemand);
+            return WritePlan::Wait;
         }
         let mut run: Option<Range<u64>> = None;
         for b in blocks.clone() {
@@ -532,7 +630,8 @@ impl Engine {
 
     /// The guest's write of `blocks` reached the backing file (not yet
     /// synced).
-    pub fn write_done(&mut self, blocks: Range<u64>) {
+    pub fn handle_write_done(&mut self, blocks: Range<u64>) {
+        self.wake_blocks(&blocks);
         self.take_claims(&blocks);
         if !blocks.is_empty() {
             self.unsynced.push(blocks);
@@ -545,7 +644,8 @@ impl Engine {
     /// again, to be fetched anew; the others keep what they hold (their old
     /// data, or part of the write), as after a write cut off by a crash
     /// (invariants 1 and 8).
-    pub fn write_failed(&mut self, blocks: Range<u64>) {
+    pub fn handle_write_failed(&mut self, blocks: Range<u64>) {
+        self.wake_blocks(&blocks);
         for r in self.take_claims(&blocks) {
             for b in r {
                 if self.present[b as usize] {
@@ -553,6 +653,14 @@ impl Engine {
                     self.present_blocks -= 1;
                 }
             }
+        }
+    }
+
+    /// Wakes the requests waiting for the chunks of `blocks`.
+    fn wake_blocks(&mut self, blocks: &Range<u64>) {
+        if let (Some(first), Some(last)) = (blocks.clone().next(), blocks.clone().last()) {
+            let chunks = self.geo.chunk_of_block(first)..self.geo.chunk_of_block(last) + 1;
+            self.wake(chunks);
         }
     }
 
@@ -576,7 +684,7 @@ impl Engine {
     /// The next range of chunks for the background copier, at most
     /// `max_chunks` long, or `None` when nothing is left to start (or the
     /// copier is held back, or the migration failed).
-    pub fn next_background(&mut self, max_chunks: u64) -> Option<Range<u64>> {
+    pub fn poll_background(&mut self, max_chunks: u64) -> Option<Range<u64>> {
         if self.background_paused || self.error.is_some() {
             return None;
         }
@@ -598,7 +706,7 @@ impl Engine {
                     end += 1;
                 }
                 self.bg_cursor = end % n.max(1);
-                let r = self.start_fetches((c..end).collect(), FetchKind::Background);
+                let r = self.mark_fetching((c..end).collect(), FetchKind::Background);
                 debug_assert_eq!(r.len(), 1);
                 return Some(c..end);
             }
@@ -608,7 +716,8 @@ impl Engine {
 
     /// A fetch of `chunks` failed without data (transport error); they are
     /// absent again and may be fetched anew.
-    pub fn fetch_failed(&mut self, chunks: Range<u64>) {
+    pub fn handle_fetch_failed(&mut self, chunks: Range<u64>) {
+        self.wake(chunks.clone());
         for c in chunks {
             if let Some(f) = self.fetching.get_mut(&c) {
                 f.requests -= 1;
@@ -624,7 +733,7 @@ impl Engine {
     /// the source sent with it (invariant 5); a zero answer must match a
     /// zero chunk. On a match the chunk is marked as filling and the blocks
     /// still absent are named for writing (invariant 3).
-    pub fn fetch_arrived(&mut self, chunk: u64, payload: Payload<'_>) -> Arrival {
+    pub fn handle_fetched(&mut self, chunk: u64, payload: &Payload) -> Arrival {
         let Some(fetch) = self.fetching.get(&chunk).copied() else {
             // Another request for it answered first.
             if let Payload::Data { bytes, .. } = payload {
@@ -640,7 +749,7 @@ impl Engine {
                 let want = match expected {
                     Some(ChunkKind::Data(h)) => Some(h),
                     Some(ChunkKind::Zero) => None,
-                    None => Some(hash),
+                    None => Some(*hash),
                 };
                 let ok = want
                     .is_some_and(|h| bytes.len() == len && *blake3::hash(bytes).as_bytes() == h);
@@ -659,17 +768,14 @@ impl Engine {
                 return Arrival::Corrupt { chunk };
             }
             self.fetching.remove(&chunk);
+            self.wake(chunk..chunk + 1);
             let streak = {
                 let s = self.corrupt_streak.entry(chunk).or_insert(0);
                 *s += 1;
                 *s
             };
             if streak >= MAX_CORRUPT_RETRIES {
-                self.fail(format!(
-                    "chunk {chunk} failed its hash check {streak} times in a row: \
-                     the source disk changed after switchover (it must stay unchanged); \
-                     the destination's writes are kept"
-                ));
+                self.fail(Failure::CorruptStreak { chunk, streak });
             }
             return Arrival::Corrupt { chunk };
         }
@@ -700,7 +806,8 @@ impl Engine {
 
     /// The blocks named by the fill of `chunk` were written to the backing
     /// file (not yet synced): they become present.
-    pub fn fill_done(&mut self, chunk: u64) {
+    pub fn handle_fill_done(&mut self, chunk: u64) {
+        self.wake(chunk..chunk + 1);
         let Some(runs) = self.filling.remove(&chunk) else {
             return;
         };
@@ -716,7 +823,8 @@ impl Engine {
     }
 
     /// Writing the fill of `chunk` failed: its blocks stay absent.
-    pub fn fill_failed(&mut self, chunk: u64) {
+    pub fn handle_fill_failed(&mut self, chunk: u64) {
+        self.wake(chunk..chunk + 1);
         self.filling.remove(&chunk);
     }
 
@@ -732,7 +840,8 @@ impl Engine {
     /// Starts a sync round: takes the blocks whose writes completed so far.
     /// The caller syncs the backing file, then persists exactly these
     /// present bits (and guest chunk bits), then calls
-    /// [`Engine::sync_done`] — or [`Engine::sync_failed`] to give them back.
+    /// [`Engine::handle_sync_done`] — or [`Engine::handle_sync_failed`] to
+    /// give them back.
     pub fn begin_sync(&mut self) -> SyncBatch {
         let mut blocks = std::mem::take(&mut self.unsynced);
         blocks.sort_unstable_by_key(|r| r.start);
@@ -752,10 +861,10 @@ impl Engine {
     }
 
     /// The round's bits are durable.
-    pub fn sync_done(&mut self, _batch: SyncBatch) {}
+    pub fn handle_sync_done(&mut self, _batch: SyncBatch) {}
 
     /// The round failed: its blocks stay unsynced for the next round.
-    pub fn sync_failed(&mut self, batch: SyncBatch) {
+    pub fn handle_sync_failed(&mut self, batch: SyncBatch) {
         self.unsynced.extend(batch.blocks);
         self.unsynced_guest.extend(batch.guest_chunks);
     }
@@ -800,13 +909,22 @@ impl Engine {
         cleared
     }
 
-    /// Data chunks the guest never wrote: the ones to verify against the
-    /// source's hashes once the copy is complete.
-    pub fn verifiable_chunks(&self) -> impl Iterator<Item = (u64, [u8; 32])> + '_ {
+    /// Whether chunk `chunk` is to be verified against the source once the
+    /// copy is complete: the guest never wrote it (its data is the
+    /// guest's otherwise). See [`Engine::verifiable_chunks`].
+    pub fn verifiable(&self, chunk: u64) -> bool {
+        !self.guest_chunks[chunk as usize]
+    }
+
+    /// The chunks to verify once the copy is complete, with what the
+    /// source's manifest says of them: every chunk the guest never wrote,
+    /// data chunks against their hash, zero chunks against zeros. Empty
+    /// before the manifest has arrived.
+    pub fn verifiable_chunks(&self) -> impl Iterator<Item = (u64, ChunkKind)> + '_ {
         let m = self.manifest.clone();
-        (0..self.geo.chunks()).filter_map(move |c| match m.as_ref()?.chunk(c) {
-            ChunkKind::Data(h) if !self.guest_chunks[c as usize] => Some((c, h)),
-            _ => None,
+        (0..self.geo.chunks()).filter_map(move |c| {
+            let kind = m.as_ref()?.chunk(c);
+            self.verifiable(c).then_some((c, kind))
         })
     }
 }

@@ -15,4 +15,7 @@ pub use geometry::Geometry;
 pub use manifest::{ChunkKind, Manifest, ManifestError};
 pub mod engine;
 
-pub use engine::{Arrival, Engine, FetchKind, FillPlan, Phase, ReadPlan, SyncBatch, WritePlan};
+pub use engine::{
+    Arrival, Engine, Failure, FetchKind, FetchRequest, FillPlan, Payload, Phase, ReadPlan,
+    SyncBatch, Wake, WritePlan,
+};

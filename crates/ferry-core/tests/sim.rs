@@ -9,7 +9,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bitvec::prelude::*;
-use ferry_core::engine::{Arrival, Engine, FillPlan, Payload, ReadPlan, SyncBatch, WritePlan};
+use ferry_core::engine::{
+    Arrival, Engine, FetchKind, FetchRequest, FillPlan, Payload, ReadPlan, SyncBatch, WritePlan,
+};
 use ferry_core::geometry::BLOCK_SIZE;
 use ferry_core::{ChunkKind, Geometry, Manifest};
 
@@ -168,7 +170,7 @@ impl Sim {
     /// Delivers the manifest at once (for tests of one scenario).
     fn manifest_now(mut self) -> Self {
         if !self.engine.has_manifest() {
-            self.engine.set_manifest(self.manifest.clone());
+            self.engine.handle_manifest(self.manifest.clone());
             self.events.clear();
         }
         self
@@ -213,6 +215,23 @@ impl Sim {
         self.schedule(delay, Event::Response(range, (!lost).then_some(data)));
     }
 
+    /// The fetches the engine asks for (all on demand), taken.
+    fn fetches(&mut self) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        while let Some(f) = self.engine.poll_fetch() {
+            assert_eq!(f.kind, FetchKind::OnDemand);
+            out.push(f.chunks);
+        }
+        out
+    }
+
+    /// Sends every fetch the engine asks for.
+    fn send_fetches(&mut self) {
+        while let Some(f) = self.engine.poll_fetch() {
+            self.send(f.chunks);
+        }
+    }
+
     /// Delivers the next event; returns false if there was none.
     fn advance(&mut self) -> bool {
         let Some(((t, _), ev)) = self.events.pop_first() else {
@@ -220,21 +239,21 @@ impl Sim {
         };
         self.now = self.now.max(t);
         match ev {
-            Event::Manifest => self.engine.set_manifest(self.manifest.clone()),
-            Event::Response(range, None) => self.engine.fetch_failed(range),
+            Event::Manifest => self.engine.handle_manifest(self.manifest.clone()),
+            Event::Response(range, None) => self.engine.handle_fetch_failed(range),
             Event::Response(range, Some(data)) => {
                 for (c, answer) in range.zip(data) {
-                    let (payload, bytes) = match &answer {
+                    let (payload, bytes) = match answer {
                         Answer::Data(d, hash) => (
                             Payload::Data {
-                                bytes: d,
-                                hash: *hash,
+                                bytes: d.clone(),
+                                hash,
                             },
-                            Some(d.clone()),
+                            Some(d),
                         ),
                         Answer::Zero => (Payload::Zero, None),
                     };
-                    match self.engine.fetch_arrived(c, payload) {
+                    match self.engine.handle_fetched(c, &payload) {
                         Arrival::Corrupt { chunk } | Arrival::Duplicate { chunk } => {
                             assert_eq!(chunk, c)
                         }
@@ -262,7 +281,7 @@ impl Sim {
                         None => dst.fill(0),
                     }
                 }
-                self.engine.fill_done(c);
+                self.engine.handle_fill_done(c);
             }
         }
         true
@@ -278,7 +297,7 @@ impl Sim {
         for c in &batch.guest_chunks {
             self.map.guest.set(*c as usize, true);
         }
-        self.engine.sync_done(batch);
+        self.engine.handle_sync_done(batch);
     }
 
     fn guest_read(&mut self, offset: u64, len: u64) {
@@ -290,10 +309,8 @@ impl Sim {
                     assert!(got == want, "read at {offset}+{len} returned wrong data");
                     return;
                 }
-                ReadPlan::Wait { start } => {
-                    for r in start {
-                        self.send(r);
-                    }
+                ReadPlan::Wait => {
+                    self.send_fetches();
                     assert!(self.advance(), "read waits but nothing is in flight");
                 }
                 ReadPlan::Failed(e) => panic!("migration failed: {e}"),
@@ -317,13 +334,11 @@ impl Sim {
                         let v = self.model[br.start as usize..br.end as usize].to_vec();
                         self.acceptable[b as usize].push(v);
                     }
-                    self.engine.write_done(blocks);
+                    self.engine.handle_write_done(blocks);
                     return;
                 }
-                WritePlan::Wait { start } => {
-                    for r in start {
-                        self.send(r);
-                    }
+                WritePlan::Wait => {
+                    self.send_fetches();
                     assert!(self.advance(), "write waits but nothing is in flight");
                 }
                 WritePlan::Failed(e) => panic!("migration failed: {e}"),
@@ -363,7 +378,7 @@ impl Sim {
         // The restarted pull gets the manifest again, sometimes late.
         self.engine = Engine::new(self.geo(), self.map.present.clone(), self.map.guest.clone());
         if self.rng.chance(500) {
-            self.engine.set_manifest(self.manifest.clone());
+            self.engine.handle_manifest(self.manifest.clone());
         } else {
             let delay = 1 + self.rng.below(100);
             self.schedule(delay, Event::Manifest);
@@ -376,10 +391,8 @@ impl Sim {
             for _ in 0..10_000 {
                 match self.engine.plan_read(r.start, r.end - r.start) {
                     ReadPlan::Ready => break,
-                    ReadPlan::Wait { start } => {
-                        for s in start {
-                            self.send(s);
-                        }
+                    ReadPlan::Wait => {
+                        self.send_fetches();
                         assert!(self.advance());
                     }
                     ReadPlan::Failed(e) => panic!("{e}"),
@@ -398,7 +411,7 @@ impl Sim {
 
     fn background_step(&mut self) {
         while self.engine.in_flight() < 6 {
-            match self.engine.next_background(3) {
+            match self.engine.poll_background(3) {
                 Some(r) => self.send(r),
                 None => break,
             }
@@ -466,22 +479,34 @@ impl Sim {
         // Invariant 7.
         assert_eq!(self.zero_chunk_requests, 0, "a zero chunk crossed the wire");
         // Every verifiable chunk equals its source hash.
-        for (c, h) in self.engine.verifiable_chunks() {
+        for (c, kind) in self.engine.verifiable_chunks() {
             let r = self.geo().chunk_bytes(c);
-            assert_eq!(
-                *blake3::hash(&self.disk.cache[r.start as usize..r.end as usize]).as_bytes(),
-                h
-            );
+            let got = &self.disk.cache[r.start as usize..r.end as usize];
+            match kind {
+                ChunkKind::Data(h) => assert_eq!(*blake3::hash(got).as_bytes(), h),
+                ChunkKind::Zero => assert!(got.iter().all(|b| *b == 0)),
+            }
         }
     }
 }
 
 /// The payload the source sends for chunk `c` with bytes `data`.
-fn data_payload<'a>(sim: &Sim, c: u64, data: &'a [u8]) -> Payload<'a> {
+fn data_payload(sim: &Sim, c: u64, data: &[u8]) -> Payload {
     match sim.manifest.chunk(c) {
-        ChunkKind::Data(hash) => Payload::Data { bytes: data, hash },
+        ChunkKind::Data(hash) => Payload::Data {
+            bytes: data.to_vec(),
+            hash,
+        },
         ChunkKind::Zero => Payload::Zero,
     }
+}
+
+/// The on-demand fetch of `chunks`.
+fn on_demand(chunks: Range<u64>) -> Option<FetchRequest> {
+    Some(FetchRequest {
+        chunks,
+        kind: FetchKind::OnDemand,
+    })
 }
 
 #[test]
@@ -523,10 +548,7 @@ fn late_fetched_data_never_overwrites_a_guest_write() {
         .expect("a data chunk");
     let start = sim.geo().chunk_bytes(c).start;
     // The read starts a fetch of the chunk...
-    assert!(matches!(
-        sim.engine.plan_read(start, 4096),
-        ReadPlan::Wait { .. }
-    ));
+    assert!(matches!(sim.engine.plan_read(start, 4096), ReadPlan::Wait));
     // ...the guest overwrites its second block while the data is in flight...
     assert_eq!(
         sim.engine.plan_write(start + 4096, 4096),
@@ -536,7 +558,7 @@ fn late_fetched_data_never_overwrites_a_guest_write() {
     // ...and the data arrives: that block is not in the fill.
     let r = sim.geo().chunk_bytes(c);
     let data = sim.source[r.start as usize..r.end as usize].to_vec();
-    match sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)) {
+    match sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)) {
         Arrival::Fill(plan) => {
             let b = sim.geo().blocks_touching(start + 4096, 4096).start;
             assert!(
@@ -557,10 +579,12 @@ fn sub_block_write_to_absent_block_fetches_first_whole_block_does_not() {
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
     let start = sim.geo().chunk_bytes(c).start;
-    match sim.engine.plan_write(start + 100, 10) {
-        WritePlan::Wait { start: s } => assert_eq!(s, vec![c..c + 1]),
-        other => panic!("sub-block write did not fetch: {other:?}"),
-    }
+    assert_eq!(sim.engine.plan_write(start + 100, 10), WritePlan::Wait);
+    assert_eq!(
+        sim.engine.poll_fetch(),
+        on_demand(c..c + 1),
+        "sub-block write did not fetch"
+    );
     // A whole-block write elsewhere in an absent chunk goes ahead at once.
     let c2 = (c + 1..8)
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
@@ -579,7 +603,7 @@ fn before_the_manifest_reads_are_served_and_checked_against_the_carried_hash() {
     sim.engine = Engine::new(sim.geo(), BitVec::new(), BitVec::new());
     sim.events.clear();
     assert_eq!(
-        sim.engine.next_background(4),
+        sim.engine.poll_background(4),
         None,
         "no background copy without the manifest"
     );
@@ -589,14 +613,14 @@ fn before_the_manifest_reads_are_served_and_checked_against_the_carried_hash() {
     let r = sim.geo().chunk_bytes(data_c);
     assert!(matches!(
         sim.engine.plan_read(r.start, 4096),
-        ReadPlan::Wait { .. }
+        ReadPlan::Wait
     ));
     // Data whose bytes do not match the hash sent with it is refused.
     let mut bad = sim.source[r.start as usize..r.end as usize].to_vec();
     bad[0] ^= 1;
     assert_eq!(
         sim.engine
-            .fetch_arrived(data_c, data_payload(&sim, data_c, &bad)),
+            .handle_fetched(data_c, &data_payload(&sim, data_c, &bad)),
         Arrival::Corrupt { chunk: data_c }
     );
     // A zero answer is taken before the manifest, but refused for a chunk
@@ -606,20 +630,20 @@ fn before_the_manifest_reads_are_served_and_checked_against_the_carried_hash() {
         let zr = sim.geo().chunk_bytes(z);
         let _ = sim.engine.plan_read(zr.start, 1);
         assert!(matches!(
-            sim.engine.fetch_arrived(z, Payload::Zero),
+            sim.engine.handle_fetched(z, &Payload::Zero),
             Arrival::Fill(FillPlan { zero: true, .. })
         ));
-        sim.engine.fill_done(z);
+        sim.engine.handle_fill_done(z);
         assert_eq!(sim.engine.plan_read(zr.start, 1), ReadPlan::Ready);
     }
-    sim.engine.set_manifest(sim.manifest.clone());
+    sim.engine.handle_manifest(sim.manifest.clone());
     let _ = sim.engine.plan_read(r.start, 4096);
     assert_eq!(
-        sim.engine.fetch_arrived(data_c, Payload::Zero),
+        sim.engine.handle_fetched(data_c, &Payload::Zero),
         Arrival::Corrupt { chunk: data_c }
     );
     assert!(
-        sim.engine.next_background(4).is_some(),
+        sim.engine.poll_background(4).is_some(),
         "the manifest starts the background copy"
     );
 }
@@ -632,32 +656,26 @@ fn corrupt_data_is_never_marked_present() {
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
         .expect("a data chunk");
     let r = sim.geo().chunk_bytes(c);
-    assert!(matches!(
-        sim.engine.plan_read(r.start, 1),
-        ReadPlan::Wait { .. }
-    ));
+    assert!(matches!(sim.engine.plan_read(r.start, 1), ReadPlan::Wait));
     let mut data = sim.source[r.start as usize..r.end as usize].to_vec();
     data[5] ^= 1;
     assert_eq!(
-        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)),
         Arrival::Corrupt { chunk: c }
     );
     assert!(!sim.engine.is_present(sim.geo().chunk_blocks(c).start));
+    assert_eq!(sim.fetches(), vec![c..c + 1], "the first plan's fetch");
     // It is fetched again on the next plan.
-    assert_eq!(
-        sim.engine.plan_read(r.start, 1),
-        ReadPlan::Wait {
-            start: vec![c..c + 1]
-        }
-    );
+    assert_eq!(sim.engine.plan_read(r.start, 1), ReadPlan::Wait);
+    assert_eq!(sim.fetches(), vec![c..c + 1]);
     // A source that keeps sending other data stops the migration (invariant 6).
     for i in 1..ferry_core::engine::MAX_CORRUPT_RETRIES {
         if i > 1 {
             let _ = sim.engine.plan_read(r.start, 1);
         }
-        let _ = sim.engine.fetch_arrived(c, data_payload(&sim, c, &data));
+        let _ = sim.engine.handle_fetched(c, &data_payload(&sim, c, &data));
     }
-    assert!(matches!(sim.engine.phase(), ferry_core::Phase::Error(_)));
+    assert!(matches!(sim.engine.phase(), ferry_core::Phase::Failed(_)));
     assert!(matches!(
         sim.engine.plan_read(r.start, 1),
         ReadPlan::Failed(_)
@@ -675,14 +693,14 @@ fn unsynced_bits_are_not_handed_out_before_their_write_completes() {
     let _ = sim.engine.plan_read(r.start, 1);
     let data = sim.source[r.start as usize..r.end as usize].to_vec();
     assert!(matches!(
-        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)),
         Arrival::Fill(_)
     ));
     assert!(
         sim.engine.begin_sync().is_empty(),
         "bits of an unwritten fill were handed out"
     );
-    sim.engine.fill_done(c);
+    sim.engine.handle_fill_done(c);
     let batch = sim.engine.begin_sync();
     assert_eq!(batch.blocks, vec![sim.geo().chunk_blocks(c)]);
 }
@@ -692,7 +710,7 @@ fn unsynced_bits_are_not_handed_out_before_their_write_completes() {
 /// its source data).
 fn background_fetching(seed: u64) -> (Sim, Range<u64>, u64, u64, Vec<u8>) {
     let mut sim = Sim::new(seed, 16 * 1024, 8, 0).manifest_now();
-    let bg = sim.engine.next_background(8).expect("background work");
+    let bg = sim.engine.poll_background(8).expect("background work");
     let c = bg
         .clone()
         .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
@@ -706,26 +724,20 @@ fn background_fetching(seed: u64) -> (Sim, Range<u64>, u64, u64, Vec<u8>) {
 fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
     let (mut sim, bg, c, start, data) = background_fetching(13);
     // The read does not wait for the background fetch: it asks again.
-    match sim.engine.plan_read(start, 4096) {
-        ReadPlan::Wait { start } => assert_eq!(start, vec![c..c + 1]),
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Wait);
+    assert_eq!(sim.fetches(), vec![c..c + 1]);
     // Once: a second read of the chunk waits for that request.
-    assert_eq!(
-        sim.engine.plan_read(start + 4096, 4096),
-        ReadPlan::Wait { start: vec![] }
-    );
+    assert_eq!(sim.engine.plan_read(start + 4096, 4096), ReadPlan::Wait);
+    assert_eq!(sim.fetches(), Vec::<Range<u64>>::new());
     // The background request fails: the on-demand one is still awaited.
-    sim.engine.fetch_failed(bg.clone());
-    assert_eq!(
-        sim.engine.plan_read(start, 4096),
-        ReadPlan::Wait { start: vec![] }
-    );
-    match sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)) {
+    sim.engine.handle_fetch_failed(bg.clone());
+    assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Wait);
+    assert_eq!(sim.fetches(), Vec::<Range<u64>>::new());
+    match sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)) {
         Arrival::Fill(plan) => assert!(!plan.runs.is_empty()),
         other => panic!("unexpected {other:?}"),
     }
-    sim.engine.fill_done(c);
+    sim.engine.handle_fill_done(c);
     assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Ready);
     // The guest writes the chunk; a late answer of another request for it
     // writes nothing (invariant 3).
@@ -734,7 +746,7 @@ fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
         WritePlan::Ready(_)
     ));
     assert_eq!(
-        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)),
         Arrival::Duplicate { chunk: c }
     );
     assert_eq!(sim.engine.counters().duplicate, data.len() as u64);
@@ -743,22 +755,19 @@ fn a_read_overtakes_a_background_fetch_and_the_later_answer_is_dropped() {
 #[test]
 fn both_answers_of_an_overtaken_fetch_fill_the_chunk_once() {
     let (mut sim, _, c, start, data) = background_fetching(14);
-    assert!(matches!(
-        sim.engine.plan_read(start, 4096),
-        ReadPlan::Wait { .. }
-    ));
+    assert!(matches!(sim.engine.plan_read(start, 4096), ReadPlan::Wait));
     // The background answer comes first this time: it fills.
     assert!(matches!(
-        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)),
         Arrival::Fill(_)
     ));
     // While that fill is written, the on-demand answer is dropped, so two
     // fills of one chunk never race a guest write.
     assert_eq!(
-        sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)),
+        sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)),
         Arrival::Duplicate { chunk: c }
     );
-    sim.engine.fill_done(c);
+    sim.engine.handle_fill_done(c);
     assert_eq!(sim.engine.plan_read(start, 4096), ReadPlan::Ready);
 }
 
@@ -778,7 +787,7 @@ fn chunks_failing_verification_are_fetched_again_unless_the_guest_wrote_them() {
     assert_eq!(e.phase(), ferry_core::Phase::Copying);
     assert!(!e.is_present(geo.chunk_blocks(1).start));
     assert!(e.is_present(geo.chunk_blocks(2).start));
-    assert_eq!(e.next_background(16), Some(1..2));
+    assert_eq!(e.poll_background(16), Some(1..2));
     assert_eq!(e.present_bytes(), 7 * 65536);
 }
 
@@ -802,21 +811,16 @@ fn a_failed_guest_write_leaves_no_block_present_without_its_data() {
     // them wait (no fetch: the write's outcome decides); other blocks do
     // not.
     assert!(!sim.engine.readable(start + 4096, 4096));
-    assert_eq!(
-        sim.engine.plan_read(start + 8192, 512),
-        ReadPlan::Wait { start: vec![] }
-    );
-    assert_eq!(
-        sim.engine.plan_write(start + 8192, 4096),
-        WritePlan::Wait { start: vec![] }
-    );
+    assert_eq!(sim.engine.plan_read(start + 8192, 512), ReadPlan::Wait);
+    assert_eq!(sim.engine.plan_write(start + 8192, 4096), WritePlan::Wait);
+    assert_eq!(sim.fetches(), Vec::<Range<u64>>::new());
     assert!(matches!(
         sim.engine.plan_write(start, 4096),
         WritePlan::Ready(_)
     ));
     sim.engine
-        .write_done(sim.geo().blocks_touching(start, 4096));
-    sim.engine.write_failed(blocks.clone());
+        .handle_write_done(sim.geo().blocks_touching(start, 4096));
+    sim.engine.handle_write_failed(blocks.clone());
     for b in blocks.clone() {
         assert!(
             !sim.engine.is_present(b),
@@ -832,15 +836,11 @@ fn a_failed_guest_write_leaves_no_block_present_without_its_data() {
         "a sync round would persist blocks of the failed write as present"
     );
     // A read of them fetches the chunk; its data fills exactly them.
-    assert_eq!(
-        sim.engine.plan_read(start + 4096, 8192),
-        ReadPlan::Wait {
-            start: vec![c..c + 1]
-        }
-    );
+    assert_eq!(sim.engine.plan_read(start + 4096, 8192), ReadPlan::Wait);
+    assert_eq!(sim.fetches(), vec![c..c + 1]);
     let r = sim.geo().chunk_bytes(c);
     let data = sim.source[r.start as usize..r.end as usize].to_vec();
-    match sim.engine.fetch_arrived(c, data_payload(&sim, c, &data)) {
+    match sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)) {
         Arrival::Fill(plan) => assert!(
             blocks
                 .clone()
@@ -849,7 +849,7 @@ fn a_failed_guest_write_leaves_no_block_present_without_its_data() {
         ),
         other => panic!("unexpected {other:?}"),
     }
-    sim.engine.fill_done(c);
+    sim.engine.handle_fill_done(c);
     assert!(sim.engine.readable(start + 4096, 8192));
     // A write that succeeds keeps its blocks, and others may go on.
     let c2 = (c + 1..8)
@@ -861,10 +861,45 @@ fn a_failed_guest_write_leaves_no_block_present_without_its_data() {
         sim.engine.plan_write(s2, 4096),
         WritePlan::Ready(b2.clone())
     );
-    sim.engine.write_done(b2.clone());
+    sim.engine.handle_write_done(b2.clone());
     assert!(sim.engine.readable(s2, 4096));
     assert!(matches!(
         sim.engine.plan_write(s2, 4096),
         WritePlan::Ready(_)
     ));
+}
+
+#[test]
+fn wake_ups_name_the_chunks_that_changed() {
+    let mut sim = Sim::new(17, 16 * 1024, 8, 0).manifest_now();
+    while sim.engine.poll_wake().is_some() {}
+    let c = (0..8)
+        .find(|c| matches!(sim.manifest.chunk(*c), ChunkKind::Data(_)))
+        .expect("a data chunk");
+    let r = sim.geo().chunk_bytes(c);
+    assert_eq!(sim.engine.plan_read(r.start, 1), ReadPlan::Wait);
+    assert_eq!(sim.engine.poll_wake(), None, "planning changes no chunk");
+    let data = sim.source[r.start as usize..r.end as usize].to_vec();
+    assert!(matches!(
+        sim.engine.handle_fetched(c, &data_payload(&sim, c, &data)),
+        Arrival::Fill(_)
+    ));
+    sim.engine.handle_fill_done(c);
+    assert_eq!(
+        sim.engine.poll_wake(),
+        Some(ferry_core::Wake::Chunks(c..c + 1))
+    );
+    assert_eq!(sim.engine.poll_wake(), None);
+    // A failed fetch of a range wakes that range, at once.
+    let other = (0..8).filter(|x| *x != c).collect::<Vec<_>>();
+    sim.engine.handle_fetch_failed(other[0]..other[0] + 2);
+    assert_eq!(
+        sim.engine.poll_wake(),
+        Some(ferry_core::Wake::Chunks(other[0]..other[0] + 2))
+    );
+    // A stopped migration wakes everyone.
+    sim.engine
+        .fail(ferry_core::Failure::SourceChanged("test".into()));
+    assert_eq!(sim.engine.poll_wake(), Some(ferry_core::Wake::All));
+    assert_eq!(sim.engine.poll_wake(), None);
 }

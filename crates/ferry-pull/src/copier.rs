@@ -47,7 +47,7 @@ pub async fn fetch_manifest<F: Fetcher>(shared: Arc<Shell<F>>) {
             );
             shared.set_manifest(Ok(m));
         }
-        Err(e) => shared.set_manifest(Err(format!("cannot fetch the source's manifest: {e}"))),
+        Err(e) => shared.set_manifest(Err(ferry_core::Failure::NoManifest(e.to_string()))),
     }
 }
 
@@ -210,7 +210,7 @@ pub async fn run_copier<F: Fetcher>(
                 }
                 return;
             }
-            Phase::Error(e) => {
+            Phase::Failed(e) => {
                 tracing::error!("migration stopped: {e}");
                 return;
             }
@@ -259,7 +259,7 @@ pub async fn run_copier<F: Fetcher>(
             .engine
             .lock()
             .expect("engine lock")
-            .next_background(settings.batch_chunks);
+            .poll_background(settings.batch_chunks);
         let Some(range) = next else {
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
             continue;

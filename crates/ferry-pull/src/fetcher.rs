@@ -5,36 +5,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use ferry_core::engine::FetchKind;
+use ferry_core::engine::{FetchKind, Payload};
 use ferry_core::Manifest;
-
-/// What the source sent for one chunk (owned; see
-/// [`ferry_core::engine::Payload`] for the engine's borrowed view).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fetched {
-    /// The chunk's bytes, with the hash the source's manifest gives them.
-    /// Not yet checked: the engine checks.
-    Data {
-        /// The manifest's hash.
-        hash: [u8; 32],
-        /// The bytes.
-        bytes: Vec<u8>,
-    },
-    /// The chunk holds only zeros.
-    Zero,
-}
-
-impl Fetched {
-    /// The engine's view of it.
-    pub fn payload(&self) -> ferry_core::engine::Payload<'_> {
-        match self {
-            Fetched::Data { hash, bytes } => {
-                ferry_core::engine::Payload::Data { bytes, hash: *hash }
-            }
-            Fetched::Zero => ferry_core::engine::Payload::Zero,
-        }
-    }
-}
 
 /// A boxed error of the fetcher's own kind (transport errors, for the
 /// binary), shown as is.
@@ -91,7 +63,7 @@ pub trait Fetcher: Clone + Send + Sync + 'static {
         first: u64,
         count: u32,
         kind: FetchKind,
-    ) -> impl Future<Output = Result<Vec<Fetched>, FetchError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Payload>, FetchError>> + Send;
 
     /// The source's manifest (zero chunks and hashes).
     fn manifest(&self) -> impl Future<Output = Result<Arc<Manifest>, FetchError>> + Send;

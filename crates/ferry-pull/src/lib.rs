@@ -23,7 +23,7 @@ mod waiters;
 
 pub use copier::{CopierSettings, Throttle, Window};
 pub use error::PullError;
-pub use fetcher::{ConnState, FetchError, Fetched, Fetcher, LinkStats};
+pub use fetcher::{ConnState, FetchError, Fetcher, LinkStats};
 pub use shell::{PullDevice, Shell, ShellOptions};
 pub use status::{Report, Status};
 pub use verify::Verification;

@@ -67,34 +67,17 @@ pub fn creation_sync(
     })
 }
 
-/// Writes the guest was told were done before a crash of ours on this
-/// boot are in the page cache: makes them durable and present now, so
-/// nothing fetched later can overwrite them. Their chunks are the
-/// guest's, present blocks or not: never compared with the source's.
+/// Keeps the guest writes a crash of ours on this boot left in the page
+/// cache (see [`Destination::keep_recovered_writes`]), and says so.
 pub fn keep_recovered_writes(dest: &mut Destination) -> Result<(), PullError> {
-    let state = &mut dest.state;
-    let recovered = state.recovered_writes().to_vec();
-    let guest_chunks = state.recovered_guest_chunks().to_vec();
-    if recovered.is_empty() && guest_chunks.is_empty() {
-        return Ok(());
+    let kept = dest.keep_recovered_writes()?;
+    if kept != ferry_store::RecoveredWrites::default() {
+        tracing::info!(
+            blocks = kept.blocks,
+            chunks = kept.chunks,
+            "kept guest writes acknowledged before the previous run stopped"
+        );
     }
-    let blocks: u64 = recovered.iter().map(|r| r.end - r.start).sum();
-    let guest_chunks_n = guest_chunks.len();
-    dest.backing
-        .sync()
-        .map_err(|source| PullError::SyncBacking {
-            path: dest.backing.path().to_owned(),
-            source,
-        })?;
-    state.persist(&ferry_core::SyncBatch {
-        blocks: recovered,
-        guest_chunks,
-    })?;
-    tracing::info!(
-        blocks,
-        chunks = guest_chunks_n,
-        "kept guest writes acknowledged before the previous run stopped"
-    );
     Ok(())
 }
 

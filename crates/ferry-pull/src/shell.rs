@@ -10,14 +10,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_core::engine::{Arrival, FetchKind, ReadPlan, WritePlan};
+use ferry_core::engine::{
+    Arrival, Failure, FetchKind, FetchRequest, Payload, ReadPlan, Wake, WritePlan,
+};
 use ferry_core::geometry::BLOCK_SIZE;
 use ferry_core::{Engine, Geometry};
 use ferry_device::BlockDevice;
 use ferry_store::{Backing, StateFile};
 use tokio::sync::Notify;
 
-use crate::fetcher::{FetchError, Fetched, Fetcher};
+use crate::fetcher::{FetchError, Fetcher};
 use crate::fill_trouble::FillTrouble;
 use crate::waiters::{Filled, Registration, Waiters};
 
@@ -120,21 +122,47 @@ impl<F: Fetcher> Shell<F> {
 
     /// Stops the migration with `reason` (e.g. the source changed); guest
     /// requests that need absent data fail from now on.
-    pub fn fail(&self, reason: String) {
-        self.lock().fail(reason);
+    pub fn fail(&self, reason: Failure) {
+        let mut engine = self.lock();
+        engine.fail(reason);
+        self.wake(engine);
         self.changed.notify_waiters();
-        self.waiters.wake_all();
     }
 
     /// The source's manifest arrived (or could not be had: `Err` with
     /// why): zero chunks become present, the background copy can start.
-    pub(crate) fn set_manifest(&self, manifest: Result<Arc<ferry_core::Manifest>, String>) {
+    pub(crate) fn set_manifest(&self, manifest: Result<Arc<ferry_core::Manifest>, Failure>) {
+        let mut engine = self.lock();
         match manifest {
-            Ok(m) => self.lock().set_manifest(m),
-            Err(e) => self.lock().fail(e),
+            Ok(m) => engine.handle_manifest(m),
+            Err(e) => engine.fail(e),
         }
+        self.wake(engine);
         self.changed.notify_waiters();
-        self.waiters.wake_all();
+    }
+
+    /// Releases the engine lock, then wakes the guest requests the engine
+    /// names ([`Engine::poll_wake`]).
+    fn wake(&self, mut engine: std::sync::MutexGuard<'_, Engine>) {
+        let mut wakes = Vec::new();
+        while let Some(w) = engine.poll_wake() {
+            wakes.push(w);
+        }
+        drop(engine);
+        for w in wakes {
+            match w {
+                Wake::All => self.waiters.wake_all(),
+                Wake::Chunks(chunks) => self.waiters.wake(chunks),
+            }
+        }
+    }
+
+    /// The fetches the engine asks for ([`Engine::poll_fetch`]), each in
+    /// its own task.
+    fn start_fetches(self: &Arc<Self>, engine: &mut Engine) {
+        while let Some(FetchRequest { chunks, kind }) = engine.poll_fetch() {
+            self.spawn_fetch(chunks, kind);
+        }
     }
 
     /// How many times a guest read that waited for absent data was
@@ -287,37 +315,33 @@ impl<F: Fetcher> Shell<F> {
             }
             Err(e) => {
                 let mut engine = self.lock();
-                engine.fetch_failed(range.clone());
+                engine.handle_fetch_failed(range.clone());
                 if matches!(e, FetchError::SourceChanged(_)) {
-                    engine.fail(format!(
-                        "{e}; the source must not change after switchover; the destination's writes are kept"
-                    ));
-                    drop(engine);
-                    self.waiters.wake_all();
+                    engine.fail(Failure::SourceChanged(e.to_string()));
                 } else {
-                    drop(engine);
                     tracing::warn!(chunks = ?range, error = %e, "fetch failed; will retry");
-                    self.waiters.wake(range);
                 }
+                self.wake(engine);
             }
         }
         self.changed.notify_waiters();
     }
 
-    async fn arrived(&self, chunk: u64, fetched: Fetched) {
-        let arrival = self.lock().fetch_arrived(chunk, fetched.payload());
+    async fn arrived(&self, chunk: u64, fetched: Payload) {
+        // A corrupt answer makes the chunk absent again (or, after too
+        // many, stops the migration): its requests plan anew.
+        let arrival = {
+            let mut engine = self.lock();
+            let arrival = engine.handle_fetched(chunk, &fetched);
+            self.wake(engine);
+            arrival
+        };
         match arrival {
             Arrival::Corrupt { chunk } => {
                 tracing::warn!(
                     chunk,
                     "fetched chunk failed its hash check; dropped, will fetch again"
                 );
-                // Absent again (or, after too many, the migration failed).
-                if matches!(self.lock().phase(), ferry_core::Phase::Error(_)) {
-                    self.waiters.wake_all();
-                } else {
-                    self.waiters.wake(chunk..chunk + 1);
-                }
             }
             Arrival::Duplicate { chunk } => {
                 tracing::debug!(chunk, "second answer for a chunk already filled; dropped");
@@ -331,16 +355,16 @@ impl<F: Fetcher> Shell<F> {
                 let (data, filled_runs) = (fetched.clone(), runs.clone());
                 // A zero chunk's hole punch works on a full filesystem:
                 // only data written ends an episode of failed fills.
-                let writes_data = matches!(*fetched, Fetched::Data { .. }) && !runs.is_empty();
+                let writes_data = matches!(*fetched, Payload::Data { .. }) && !runs.is_empty();
                 let since = self.fill_trouble().seq();
                 let res = tokio::task::spawn_blocking(move || -> io::Result<()> {
                     for r in runs {
                         let lo = geo.block_bytes(r.start).start;
                         let hi = geo.block_bytes(r.end - 1).end;
                         match &*fetched {
-                            Fetched::Data { bytes, .. } => backing
+                            Payload::Data { bytes, .. } => backing
                                 .write_at(&bytes[(lo - base) as usize..(hi - base) as usize], lo)?,
-                            Fetched::Zero => backing.punch_hole(lo, hi - lo)?,
+                            Payload::Zero => backing.punch_hole(lo, hi - lo)?,
                         }
                     }
                     Ok(())
@@ -354,21 +378,22 @@ impl<F: Fetcher> Shell<F> {
                     Ok(()) => {}
                     Err(e) => self.fill_trouble().failed(chunk, e, Instant::now()),
                 }
-                let mut engine = self.lock();
-                match res {
-                    Ok(()) => engine.fill_done(chunk),
-                    Err(_) => engine.fill_failed(chunk),
-                }
-                drop(engine);
                 // The requests waiting for the chunk get what was written:
                 // they answer from it instead of reading it back.
-                match res {
-                    Ok(()) => self.waiters.wake_filled(Filled {
+                if res.is_ok() {
+                    self.waiters.attach_filled(Filled {
                         chunk,
                         runs: filled_runs,
                         data,
-                    }),
-                    Err(_) => self.waiters.wake(chunk..chunk + 1),
+                    });
+                }
+                {
+                    let mut engine = self.lock();
+                    match res {
+                        Ok(()) => engine.handle_fill_done(chunk),
+                        Err(_) => engine.handle_fill_failed(chunk),
+                    }
+                    self.wake(engine);
                 }
             }
         }
@@ -383,9 +408,10 @@ impl<F: Fetcher> Shell<F> {
         if let Some(task) = created {
             if let Err(e) = task.await.unwrap_or_else(|e| Err(eio(e.to_string()))) {
                 // A failed fsync cannot be retried into success: stop.
-                let msg = format!("cannot make the new disk and state files durable: {e}");
+                let failure = Failure::FilesNotDurable(e.to_string());
+                let msg = failure.to_string();
                 tracing::error!("{msg}");
-                self.fail(msg.clone());
+                self.fail(failure);
                 return Err(eio(msg));
             }
         }
@@ -417,12 +443,12 @@ impl<F: Fetcher> Shell<F> {
         let mut engine = self.lock();
         match res {
             Ok(()) => {
-                engine.sync_done(batch);
+                engine.handle_sync_done(batch);
                 Ok(())
             }
             Err(e) => {
                 tracing::error!(error = %e, "sync failed");
-                engine.sync_failed(batch);
+                engine.handle_sync_failed(batch);
                 Err(e)
             }
         }
@@ -443,7 +469,12 @@ impl<F: Fetcher> Shell<F> {
             if let Some(e) = self.fill_error(since, offset, len) {
                 return Err(e);
             }
-            let plan = self.lock().plan_write(offset, len);
+            let plan = {
+                let mut engine = self.lock();
+                let plan = engine.plan_write(offset, len);
+                self.start_fetches(&mut engine);
+                plan
+            };
             match plan {
                 WritePlan::Ready(blocks) => {
                     let backing = self.backing.clone();
@@ -468,22 +499,20 @@ impl<F: Fetcher> Shell<F> {
                     // write made present hold no known data: they are
                     // absent again and fetched anew; the others keep what
                     // the file holds, and the guest is told.
+                    let mut engine = self.lock();
                     match &res {
-                        Ok(()) => self.lock().write_done(blocks),
-                        Err(_) => self.lock().write_failed(blocks),
+                        Ok(()) => engine.handle_write_done(blocks),
+                        Err(_) => engine.handle_write_failed(blocks),
                     }
+                    self.wake(engine);
                     self.changed.notify_waiters();
-                    self.waiters.wake(chunks);
                     return res;
                 }
-                WritePlan::Wait { start } => {
-                    for r in start {
-                        self.spawn_fetch(r, FetchKind::OnDemand);
-                    }
+                WritePlan::Wait => {
                     self.wait_absent(&waiting, deadline, ("write", offset, len))
                         .await?;
                 }
-                WritePlan::Failed(e) => return Err(eio(e)),
+                WritePlan::Failed(e) => return Err(eio(e.to_string())),
             }
         }
     }
@@ -568,7 +597,12 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
             if let Some(e) = s.fill_error(since, offset, u64::from(len)) {
                 return Err(e);
             }
-            let plan = s.lock().plan_read(offset, u64::from(len));
+            let plan = {
+                let mut engine = s.lock();
+                let plan = engine.plan_read(offset, u64::from(len));
+                s.start_fetches(&mut engine);
+                plan
+            };
             match plan {
                 ReadPlan::Ready => {
                     // Fetches go out at once (the source answers them only
@@ -596,14 +630,11 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
                     .await
                     .unwrap_or_else(|e| Err(eio(e.to_string())));
                 }
-                ReadPlan::Wait { start } => {
-                    for r in start {
-                        s.spawn_fetch(r, FetchKind::OnDemand);
-                    }
+                ReadPlan::Wait => {
                     s.wait_absent(&waiting, deadline, ("read", offset, u64::from(len)))
                         .await?;
                 }
-                ReadPlan::Failed(e) => return Err(eio(e)),
+                ReadPlan::Failed(e) => return Err(eio(e.to_string())),
             }
         }
     }

@@ -122,7 +122,7 @@ pub fn snapshot<F: Fetcher>(
         }
         Phase::Copying => ("copying".to_string(), None),
         Phase::Complete => ("complete".to_string(), None),
-        Phase::Error(m) => ("error".to_string(), Some(m)),
+        Phase::Failed(m) => ("error".to_string(), Some(m.to_string())),
     };
     let stopped = error.is_some();
     let rate = report.rate.last_rate.load(Ordering::Relaxed);

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use crate::fetcher::Fetched;
+use ferry_core::engine::Payload;
 
 /// What a fill wrote into the backing file: runs of blocks (absolute block
 /// numbers) of `chunk`, copied from `data` (or zeroed, for a zero chunk).
@@ -21,7 +21,7 @@ pub(crate) struct Filled {
     /// The blocks written.
     pub(crate) runs: Vec<Range<u64>>,
     /// What the source sent.
-    pub(crate) data: Arc<Fetched>,
+    pub(crate) data: Arc<Payload>,
 }
 
 /// One waiting request.
@@ -73,9 +73,9 @@ impl Waiters {
         }
     }
 
-    /// Wakes the requests waiting for `filled`'s chunk and hands them what
-    /// the fill wrote.
-    pub(crate) fn wake_filled(&self, filled: Filled) {
+    /// Hands the requests waiting for `filled`'s chunk what the fill
+    /// wrote (the engine's wake-up for the chunk then wakes them).
+    pub(crate) fn attach_filled(&self, filled: Filled) {
         let map = self.map();
         let Some(list) = map.get(&filled.chunk) else {
             return;
@@ -86,7 +86,6 @@ impl Waiters {
                 .lock()
                 .expect("filled lock poisoned")
                 .push(filled.clone());
-            w.notify.notify_one();
         }
     }
 
@@ -143,8 +142,8 @@ impl Registration<'_> {
             let (lo, hi) = block_span(b, offset, end);
             let dst = &mut buf[(lo - offset) as usize..(hi - offset) as usize];
             match &*f.data {
-                Fetched::Zero => dst.fill(0),
-                Fetched::Data { bytes, .. } => {
+                Payload::Zero => dst.fill(0),
+                Payload::Data { bytes, .. } => {
                     let base = chunk_start(f.chunk);
                     let src = bytes.get((lo - base) as usize..(hi - base) as usize);
                     match src {
@@ -200,11 +199,13 @@ mod tests {
             !woken(&on_y).await,
             "a change of chunk 3 woke a waiter on 7..9"
         );
-        w.wake_filled(Filled {
+        w.attach_filled(Filled {
             chunk: 8,
             runs: vec![],
-            data: Arc::new(Fetched::Zero),
+            data: Arc::new(Payload::Zero),
         });
+        assert!(!woken(&on_y).await, "attaching a fill wakes nobody");
+        w.wake(8..9);
         assert!(woken(&on_y).await);
         assert!(!woken(&on_x).await, "a fill of chunk 8 woke a waiter on 3");
         // A change before the wait is kept, not lost.
@@ -223,11 +224,11 @@ mod tests {
         // Chunks of 4 blocks: chunk 1 is blocks 4..8, bytes 16384..32768.
         let start = |c: u64| c * 16384;
         let data: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
-        w.wake_filled(Filled {
+        w.attach_filled(Filled {
             chunk: 1,
             // Block 5 was the guest's: not filled.
             runs: vec![4..5, 6..8],
-            data: Arc::new(Fetched::Data {
+            data: Arc::new(Payload::Data {
                 hash: [0; 32],
                 bytes: data.clone(),
             }),

@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_core::engine::FetchKind;
+use ferry_core::engine::{FetchKind, Payload};
 use ferry_core::{ChunkKind, Geometry, Manifest};
 use ferry_device::BlockDevice;
 use ferry_pull::{
-    copier, status, ConnState, CopierSettings, FetchError, Fetched, Fetcher, LinkStats, PullDevice,
-    Report, Shell, ShellOptions, Verification, Window,
+    copier, status, ConnState, CopierSettings, FetchError, Fetcher, LinkStats, PullDevice, Report,
+    Shell, ShellOptions, Verification, Window,
 };
 
 const CHUNK: u32 = 64 * 1024;
@@ -69,7 +69,7 @@ impl Fetcher for MemSource {
         first: u64,
         count: u32,
         kind: FetchKind,
-    ) -> Result<Vec<Fetched>, FetchError> {
+    ) -> Result<Vec<Payload>, FetchError> {
         self.0.fetches.fetch_add(1, Ordering::SeqCst);
         self.0.asked.lock().unwrap().push((first, count, kind));
         loop {
@@ -87,10 +87,10 @@ impl Fetcher for MemSource {
         let geo = self.0.manifest.geometry();
         Ok((first..first + u64::from(count))
             .map(|c| match self.0.manifest.chunk(c) {
-                ChunkKind::Zero => Fetched::Zero,
+                ChunkKind::Zero => Payload::Zero,
                 ChunkKind::Data(hash) => {
                     let r = geo.chunk_bytes(c);
-                    Fetched::Data {
+                    Payload::Data {
                         hash,
                         bytes: self.0.data[r.start as usize..r.end as usize].to_vec(),
                     }

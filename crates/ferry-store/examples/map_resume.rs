@@ -61,7 +61,7 @@ fn main() {
         s.guest_bits(geo.chunks()),
     );
     let t = Instant::now();
-    e.set_manifest(m);
+    e.handle_manifest(m);
     let manifest_ms = t.elapsed().as_secs_f64() * 1e3;
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));

@@ -66,6 +66,45 @@ pub struct Destination {
     pub created: bool,
 }
 
+/// Guest writes a previous run of the pull acknowledged on this boot and
+/// that [`Destination::keep_recovered_writes`] made durable and present.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveredWrites {
+    /// Blocks made present.
+    pub blocks: u64,
+    /// Chunks marked as the guest's.
+    pub chunks: usize,
+}
+
+impl Destination {
+    /// Writes the guest was told were done before a crash of the pull on
+    /// this boot are in the page cache: makes them durable and present
+    /// now, so nothing fetched later can overwrite them. Their chunks are
+    /// the guest's, present blocks or not: never compared with the
+    /// source's. Returns what was kept (nothing for a clean start).
+    pub fn keep_recovered_writes(&mut self) -> Result<RecoveredWrites, DestinationError> {
+        let blocks = self.state.recovered_writes().to_vec();
+        let guest_chunks = self.state.recovered_guest_chunks().to_vec();
+        if blocks.is_empty() && guest_chunks.is_empty() {
+            return Ok(RecoveredWrites::default());
+        }
+        let kept = RecoveredWrites {
+            blocks: blocks.iter().map(|r| r.end - r.start).sum(),
+            chunks: guest_chunks.len(),
+        };
+        self.backing.sync().map_err(|source| DestinationError::Io {
+            op: "sync the backing file",
+            path: self.backing.path().to_owned(),
+            source,
+        })?;
+        self.state.persist(&ferry_core::SyncBatch {
+            blocks,
+            guest_chunks,
+        })?;
+        Ok(kept)
+    }
+}
+
 /// The temporary name under which `path` is created.
 pub fn temp_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();

@@ -23,7 +23,7 @@ pub mod source;
 pub mod state;
 
 pub use backing::{Backing, BackingError, PairMark};
-pub use destination::{open_or_create, Destination, DestinationError};
+pub use destination::{open_or_create, Destination, DestinationError, RecoveredWrites};
 pub use source::{SourceError, SourceImage};
 pub use state::{Pairing, StateError, StateFile, StateHeader, Verified};
 

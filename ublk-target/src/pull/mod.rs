@@ -167,9 +167,7 @@ async fn keep_connected(shared: Arc<Shell>, client: Client) {
     match client.keep_connected().await {
         Ok(()) => {}
         Err(e @ TransportError::SourceChanged { .. }) => {
-            shared.fail(format!(
-                "{e}; the source must not change after switchover; the destination's writes are kept"
-            ));
+            shared.fail(ferry_core::Failure::SourceChanged(e.to_string()));
         }
         Err(e) => tracing::warn!(error = %e, "stopped watching the connection to the source"),
     }

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use ferry_core::engine::FetchKind;
+use ferry_core::engine::{FetchKind, Payload};
 use ferry_core::Manifest;
-use ferry_pull::{ConnState, FetchError, Fetched, Fetcher, LinkStats};
+use ferry_pull::{ConnState, FetchError, Fetcher, LinkStats};
 use ferry_transport::{Client, Priority, TransportError};
 
 /// A connection to the source over QUIC.
@@ -24,7 +24,7 @@ impl Fetcher for Quic {
         first: u64,
         count: u32,
         kind: FetchKind,
-    ) -> Result<Vec<Fetched>, FetchError> {
+    ) -> Result<Vec<Payload>, FetchError> {
         let priority = match kind {
             FetchKind::OnDemand => Priority::OnDemand,
             FetchKind::Background => Priority::Background,
@@ -37,8 +37,8 @@ impl Fetcher for Quic {
         Ok(chunks
             .into_iter()
             .map(|c| match c {
-                ferry_transport::Fetched::Data { hash, bytes } => Fetched::Data { hash, bytes },
-                ferry_transport::Fetched::Zero => Fetched::Zero,
+                ferry_transport::Fetched::Data { hash, bytes } => Payload::Data { hash, bytes },
+                ferry_transport::Fetched::Zero => Payload::Zero,
             })
             .collect())
     }
