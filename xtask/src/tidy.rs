@@ -124,31 +124,6 @@ mod tests {
         }
     }
 
-    /// The folders form no circle: the libraries under `crates/` depend on
-    /// neither the QUIC crate (`transport/`) nor the binary (`ublk-target/`);
-    /// the binary wires them together.
-    #[test]
-    fn library_crates_depend_on_neither_transport_nor_the_binary() {
-        let root = crate::setup::workspace_root();
-        let mut bad = Vec::new();
-        for entry in std::fs::read_dir(root.join("crates")).expect("read crates/") {
-            let manifest = entry.expect("crates/ entry").path().join("Cargo.toml");
-            let Ok(t) = std::fs::read_to_string(&manifest) else {
-                continue;
-            };
-            for line in t.lines() {
-                let dep = line.split(['=', '.']).next().unwrap_or("").trim();
-                if dep == "ferry-transport" || dep == "ferry" {
-                    bad.push(format!("{}: {line}", manifest.display()));
-                }
-            }
-        }
-        assert!(
-            bad.is_empty(),
-            "crates/ depending on transport/ or the binary: {bad:?}"
-        );
-    }
-
     #[test]
     fn unsafe_code_is_allowed_only_in_the_named_modules() {
         let root = crate::setup::workspace_root();
