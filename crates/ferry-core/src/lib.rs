@@ -3,7 +3,9 @@
 //! Nothing here opens a file, a socket or reads a clock: the block map,
 //! the manifest of the source, and the migration engine are state machines
 //! driven by the caller, so they can be tested with a simulated source,
-//! link, guest and crashes (see `tests/sim.rs`).
+//! link, guest and crashes (see `crates/ferry-pull/tests/sim.rs`, which runs
+//! the engine inside the production shell, and its scenario tests of the
+//! engine alone).
 #![forbid(unsafe_code)]
 
 pub mod control;

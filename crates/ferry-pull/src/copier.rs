@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use ferry_core::engine::FetchKind;
 use ferry_core::Phase;
 
+use crate::disk::{BlockMap, Disk};
 use crate::fetcher::Fetcher;
 use crate::shell::Shell;
 use crate::status::Report;
@@ -35,7 +36,7 @@ const MAX_VERIFY_ROUNDS: u32 = 3;
 
 /// Fetches the manifest (while the disk is already served) and hands it to
 /// the engine, which starts the background copy.
-pub async fn fetch_manifest<F: Fetcher>(shared: Arc<Shell<F>>) {
+pub async fn fetch_manifest<F: Fetcher, D: Disk, M: BlockMap>(shared: Arc<Shell<F, D, M>>) {
     let client = shared.client().await;
     let t0 = Instant::now();
     match client.manifest().await {
@@ -178,8 +179,8 @@ impl Throttle {
 }
 
 /// Fetches every absent data chunk, paced and windowed, then verifies.
-pub async fn run_copier<F: Fetcher>(
-    shared: Arc<Shell<F>>,
+pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
+    shared: Arc<Shell<F, D, M>>,
     settings: Arc<CopierSettings>,
     report: Arc<Report>,
 ) {
@@ -288,14 +289,16 @@ pub async fn run_copier<F: Fetcher>(
 /// `sync_bytes` is waiting; samples the progress rate.
 /// `status_line` gets a line of progress every 5 s (for systemd's
 /// `STATUS=`).
-pub async fn run_syncer<F: Fetcher>(
-    shared: Arc<Shell<F>>,
+pub async fn run_syncer<F: Fetcher, D: Disk, M: BlockMap>(
+    shared: Arc<Shell<F, D, M>>,
     settings: Arc<CopierSettings>,
     report: Arc<Report>,
     status_line: impl Fn(&str) + Send + 'static,
 ) {
-    let mut last_sync = Instant::now();
-    let mut last_status = Instant::now();
+    // tokio's clock (the simulation pauses it; in production it is the
+    // monotonic clock).
+    let mut last_sync = tokio::time::Instant::now();
+    let mut last_status = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let (unsynced, present) = {
@@ -304,7 +307,7 @@ pub async fn run_syncer<F: Fetcher>(
         };
         report.rate.sample(Instant::now(), present);
         if last_status.elapsed() >= Duration::from_secs(5) {
-            last_status = Instant::now();
+            last_status = tokio::time::Instant::now();
             let total = shared.backing.size().max(1);
             status_line(&format!(
                 "STATUS={:.1}% present, {} B/s",
@@ -318,7 +321,7 @@ pub async fn run_syncer<F: Fetcher>(
             if let Err(e) = shared.sync().await {
                 tracing::error!(error = %e, "periodic sync failed; will retry");
             }
-            last_sync = Instant::now();
+            last_sync = tokio::time::Instant::now();
             shared.changed.notify_waiters();
         }
     }

@@ -17,6 +17,8 @@ use ferry_core::geometry::BLOCK_SIZE;
 use ferry_core::{Engine, Geometry};
 use ferry_device::BlockDevice;
 use ferry_store::{Backing, StateFile};
+
+use crate::disk::{BlockMap, Disk};
 use tokio::sync::Notify;
 
 use crate::fetcher::{FetchError, Fetcher};
@@ -35,7 +37,7 @@ pub struct ShellOptions {
 }
 
 /// Everything the frontends, the copier and the control socket share.
-pub struct Shell<F: Fetcher> {
+pub struct Shell<F: Fetcher, D: Disk = Backing, M: BlockMap = StateFile> {
     pub(crate) engine: Mutex<Engine>,
     /// The disk's geometry (the engine's; it never changes).
     geo: Geometry,
@@ -48,8 +50,8 @@ pub struct Shell<F: Fetcher> {
     /// Reads of the backing file made to answer guest reads that waited
     /// for absent data (see [`Shell::backing_reads`]).
     backing_reads: AtomicU64,
-    pub(crate) backing: Arc<Backing>,
-    pub(crate) state: Arc<Mutex<StateFile>>,
+    pub(crate) backing: Arc<D>,
+    pub(crate) state: Arc<Mutex<M>>,
     /// Serialises sync rounds.
     pub(crate) sync_lock: tokio::sync::Mutex<()>,
     /// Making freshly created files durable, until the first sync round has
@@ -77,15 +79,15 @@ fn eio(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())
 }
 
-impl<F: Fetcher> Shell<F> {
+impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
     /// A shell over `engine`, the `backing` file and its `state`, with
     /// `source` if it has been reached already. `created`: the task making
     /// freshly created files' directory entries durable (see
     /// [`crate::open::creation_sync`]); the first sync round waits for it.
     pub fn new(
         engine: Engine,
-        backing: Backing,
-        state: StateFile,
+        backing: D,
+        state: M,
         created: Option<tokio::task::JoinHandle<io::Result<()>>>,
         source: Option<F>,
         options: ShellOptions,
@@ -170,6 +172,17 @@ impl<F: Fetcher> Shell<F> {
     /// answered from the data fetched for it).
     pub fn backing_reads(&self) -> u64 {
         self.backing_reads.load(Ordering::Relaxed)
+    }
+
+    /// The migration's phase.
+    pub fn engine_phase(&self) -> ferry_core::Phase {
+        self.lock().phase()
+    }
+
+    /// The chunks to verify against the source, with what its manifest
+    /// says of them (see [`Engine::verifiable_chunks`]).
+    pub fn verifiable_chunks(&self) -> Vec<(u64, ferry_core::ChunkKind)> {
+        self.lock().verifiable_chunks().collect()
     }
 
     /// The engine's counters.
@@ -357,7 +370,7 @@ impl<F: Fetcher> Shell<F> {
                 // only data written ends an episode of failed fills.
                 let writes_data = matches!(*fetched, Payload::Data { .. }) && !runs.is_empty();
                 let since = self.fill_trouble().seq();
-                let res = tokio::task::spawn_blocking(move || -> io::Result<()> {
+                let res = D::offload(move || -> io::Result<()> {
                     for r in runs {
                         let lo = geo.block_bytes(r.start).start;
                         let hi = geo.block_bytes(r.end - 1).end;
@@ -369,8 +382,7 @@ impl<F: Fetcher> Shell<F> {
                     }
                     Ok(())
                 })
-                .await
-                .unwrap_or_else(|e| Err(eio(format!("fill task failed: {e}"))));
+                .await;
                 // Recorded before the engine lets waiting requests see the
                 // chunk absent again.
                 match &res {
@@ -420,25 +432,18 @@ impl<F: Fetcher> Shell<F> {
             // Guest writes that were already synced, or none: still make
             // sure completed writes are durable.
             let b = self.backing.clone();
-            return tokio::task::spawn_blocking(move || b.sync())
-                .await
-                .unwrap_or_else(|e| Err(eio(e.to_string())));
+            return D::offload(move || b.sync()).await;
         }
         let backing = self.backing.clone();
         let state = self.state.clone();
         let t0 = std::time::Instant::now();
-        let (batch, res) = tokio::task::spawn_blocking(move || {
-            let r = backing.sync().and_then(|()| {
-                state
-                    .lock()
-                    .expect("state lock")
-                    .persist(&batch)
-                    .map_err(|e| eio(format!("{e:#}")))
-            });
-            (batch, r)
+        let (batch, res) = D::offload(move || {
+            let r = backing
+                .sync()
+                .and_then(|()| state.lock().expect("state lock").persist(&batch));
+            Ok((batch, r))
         })
-        .await
-        .map_err(|e| eio(e.to_string()))?;
+        .await?;
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "sync round");
         let mut engine = self.lock();
         match res {
@@ -458,7 +463,7 @@ impl<F: Fetcher> Shell<F> {
     /// (punching a hole for trim/zeroes), after the engine allows it.
     async fn write_blocks<Op>(self: &Arc<Self>, offset: u64, len: u64, op: Op) -> io::Result<()>
     where
-        Op: FnOnce(&Backing) -> io::Result<()> + Send + 'static,
+        Op: FnOnce(&D) -> io::Result<()> + Send + 'static,
     {
         let mut op = Some(op);
         let deadline = self.absent_deadline();
@@ -485,16 +490,11 @@ impl<F: Fetcher> Shell<F> {
                     // cache before the guest is told): a restart after a
                     // crash of this process keeps the write (see
                     // ferry_store::state).
-                    let res = tokio::task::spawn_blocking(move || {
+                    let res = D::offload(move || {
                         op(&backing)?;
-                        state
-                            .lock()
-                            .expect("state lock")
-                            .mark_written(written)
-                            .map_err(|e| eio(format!("{e:#}")))
+                        state.lock().expect("state lock").mark_written(written)
                     })
-                    .await
-                    .unwrap_or_else(|e| Err(eio(e.to_string())));
+                    .await;
                     // On error (e.g. a full filesystem) the blocks this
                     // write made present hold no known data: they are
                     // absent again and fetched anew; the others keep what
@@ -519,7 +519,9 @@ impl<F: Fetcher> Shell<F> {
 }
 
 /// The pulled disk, as the frontends serve it.
-pub struct PullDevice<F: Fetcher>(pub Arc<Shell<F>>);
+pub struct PullDevice<F: Fetcher, D: Disk = Backing, M: BlockMap = StateFile>(
+    pub Arc<Shell<F, D, M>>,
+);
 
 thread_local! {
     /// The request [`BlockDevice::copy_now`] last found not ready on this
@@ -531,20 +533,20 @@ thread_local! {
     static NOT_READY: Cell<Option<(usize, u64, usize)>> = const { Cell::new(None) };
 }
 
-impl<F: Fetcher> PullDevice<F> {
+impl<F: Fetcher, D: Disk, M: BlockMap> PullDevice<F, D, M> {
     /// A request of this device: the shell's address, offset, length.
     fn key(&self, offset: u64, len: usize) -> (usize, u64, usize) {
         (Arc::as_ptr(&self.0) as usize, offset, len)
     }
 }
 
-impl<F: Fetcher> Clone for PullDevice<F> {
+impl<F: Fetcher, D: Disk, M: BlockMap> Clone for PullDevice<F, D, M> {
     fn clone(&self) -> Self {
         Self(self.0.clone())
     }
 }
 
-impl<F: Fetcher> BlockDevice for PullDevice<F> {
+impl<F: Fetcher, D: Disk, M: BlockMap> BlockDevice for PullDevice<F, D, M> {
     fn size(&self) -> u64 {
         self.0.backing.size()
     }
@@ -624,11 +626,8 @@ impl<F: Fetcher> BlockDevice for PullDevice<F> {
                     }
                     s.backing_reads.fetch_add(1, Ordering::Relaxed);
                     let backing = s.backing.clone();
-                    return tokio::task::spawn_blocking(move || {
-                        backing.read_at(&mut buf, offset).map(|()| buf)
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(eio(e.to_string())));
+                    return D::offload(move || backing.read_at(&mut buf, offset).map(|()| buf))
+                        .await;
                 }
                 ReadPlan::Wait => {
                     s.wait_absent(&waiting, deadline, ("read", offset, u64::from(len)))

@@ -9,6 +9,7 @@ use ferry_core::Phase;
 use serde::{Deserialize, Serialize};
 
 use crate::copier::CopierSettings;
+use crate::disk::{BlockMap, Disk};
 use crate::fetcher::{ConnState, Fetcher};
 use crate::shell::Shell;
 use crate::verify::Verification;
@@ -104,8 +105,8 @@ pub struct Status {
 
 /// The status report of the pull run by `shared` (what `ferry status`
 /// shows).
-pub fn snapshot<F: Fetcher>(
-    shared: &Shell<F>,
+pub fn snapshot<F: Fetcher, D: Disk, M: BlockMap>(
+    shared: &Shell<F, D, M>,
     settings: &CopierSettings,
     report: &Report,
 ) -> Status {
@@ -195,7 +196,10 @@ pub fn snapshot<F: Fetcher>(
 
 /// Holds back (`true`) or releases the background copier
 /// (`ferry background pause|resume`).
-pub fn set_background_paused<F: Fetcher>(shared: &Shell<F>, paused: bool) {
+pub fn set_background_paused<F: Fetcher, D: Disk, M: BlockMap>(
+    shared: &Shell<F, D, M>,
+    paused: bool,
+) {
     shared.lock().set_background_paused(paused);
     if !paused {
         shared.changed.notify_waiters();

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::disk::{BlockMap, Disk};
 use crate::fetcher::Fetcher;
 use crate::shell::Shell;
 use crate::status::Report;
@@ -31,8 +32,8 @@ pub struct Verification {
 /// With `may_refetch`, chunks that differ (and that the guest did not write
 /// meanwhile) are made absent again, in the engine and the state file, so
 /// the copier fetches them anew: returns true then, and the copy goes on.
-pub(crate) async fn verify<F: Fetcher>(
-    shared: &Arc<Shell<F>>,
+pub(crate) async fn verify<F: Fetcher, D: Disk, M: BlockMap>(
+    shared: &Arc<Shell<F, D, M>>,
     report: &Arc<Report>,
     may_refetch: bool,
 ) -> bool {
@@ -43,7 +44,7 @@ pub(crate) async fn verify<F: Fetcher>(
     report.verify.lock().expect("verify lock").state = "running".into();
     tracing::info!("every block is present; verifying the whole disk against the source's hashes");
     let s = shared.clone();
-    let result = tokio::task::spawn_blocking(move || -> std::io::Result<Verification> {
+    let result = D::offload(move || -> std::io::Result<Verification> {
         let (geo, manifest) = {
             let e = s.engine.lock().expect("engine lock");
             let m = e
@@ -88,11 +89,7 @@ pub(crate) async fn verify<F: Fetcher>(
     })
     .await;
     let mut v = match result {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => Verification {
-            state: format!("failed: {e}"),
-            ..Default::default()
-        },
+        Ok(v) => v,
         Err(e) => Verification {
             state: format!("failed: {e}"),
             ..Default::default()
@@ -109,16 +106,10 @@ pub(crate) async fn verify<F: Fetcher>(
             let state = shared.state.clone();
             let n = cleared.len() as u64;
             let blocks = cleared.clone();
-            let res = tokio::task::spawn_blocking(move || {
-                state.lock().expect("state lock").clear_present(&blocks)
-            })
-            .await;
-            match res {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "cannot record the chunks to fetch again; a restart verifies them again")
-                }
-                Err(e) => tracing::error!(error = %e, "state task failed"),
+            let res =
+                D::offload(move || state.lock().expect("state lock").clear_present(&blocks)).await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "cannot record the chunks to fetch again; a restart verifies them again")
             }
             tracing::warn!(
                 chunks = ?v.mismatches,
@@ -144,18 +135,10 @@ pub(crate) async fn verify<F: Fetcher>(
             chunks_checked: v.chunks_checked,
         };
         let state = shared.state.clone();
-        let recorded = tokio::task::spawn_blocking(move || {
-            state.lock().expect("state lock").record_verified(record)
-        })
-        .await;
-        match recorded {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot record the verification; a restart will need the source")
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record the verification; a restart will need the source")
-            }
+        let recorded =
+            D::offload(move || state.lock().expect("state lock").record_verified(record)).await;
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "cannot record the verification; a restart will need the source")
         }
         // Nothing more is needed from the source: let it go.
         if let Some(c) = shared.client_now() {
