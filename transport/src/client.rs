@@ -13,7 +13,6 @@
 //! every caller gets [`TransportError::SourceChanged`] from then on
 //! (design invariant 6).
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
@@ -25,17 +24,14 @@ use std::time::{Duration, Instant};
 use ferry_core::{Geometry, Manifest};
 use quinn::{Connection, ConnectionError, Endpoint, VarInt};
 
+use crate::codec::{self, frame_name, ReadFail, CODE_ABORTED, SMALL_FRAME};
 use crate::error::TransportError;
-use crate::frames::{self, ReadFail, CODE_ABORTED};
 use crate::identity::{Fingerprint, Identity};
 use crate::net;
 use crate::path::{self, PathReports};
 use crate::tls::{self, PinnedServerVerifier};
 use crate::tuning::Tuning;
 use crate::wire::{self, Message, Priority, MAX_MANIFEST_PART, MAX_READ_BYTES, PROTOCOL_VERSION};
-
-/// Largest frame expected where no chunk can come (Welcome, Error).
-const SMALL_FRAME: usize = wire::MAX_ERROR_MESSAGE + 64;
 
 /// First reconnect delay.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -303,7 +299,7 @@ impl Client {
                 reason: "the source's acceptance was already found missing".into(),
             });
         };
-        match frames::read_frame(&mut recv, SMALL_FRAME).await {
+        match codec::read_frame(&mut recv, SMALL_FRAME).await {
             Ok(Some(Message::Path {
                 lost_ppm,
                 sent_packets,
@@ -755,6 +751,11 @@ fn protocol(op: &'static str, reason: String) -> Fail {
     Fail::Fatal(TransportError::Protocol { op, reason })
 }
 
+/// The source's `Error` frame: give up.
+fn remote(op: &'static str, code: wire::ErrorCode, message: String) -> Fail {
+    Fail::Fatal(TransportError::Remote { op, code, message })
+}
+
 fn unexpected(op: &'static str, m: &Message) -> Fail {
     protocol(op, format!("unexpected {} frame", frame_name(m)))
 }
@@ -763,7 +764,7 @@ fn unexpected(op: &'static str, m: &Message) -> Fail {
 /// keeping the latest in `path`.
 async fn read_path_reports(mut recv: quinn::RecvStream, path: Arc<PathReports>) {
     loop {
-        match frames::read_frame(&mut recv, SMALL_FRAME).await {
+        match codec::read_frame(&mut recv, SMALL_FRAME).await {
             Ok(Some(Message::Path {
                 lost_ppm,
                 sent_packets,
@@ -777,28 +778,13 @@ async fn read_path_reports(mut recv: quinn::RecvStream, path: Arc<PathReports>) 
     }
 }
 
-fn frame_name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello { .. } => "Hello",
-        Message::Welcome { .. } => "Welcome",
-        Message::ManifestBytes(_) => "ManifestBytes",
-        Message::Read { .. } => "Read",
-        Message::Chunk { .. } => "Chunk",
-        Message::ZChunk { .. } => "ZChunk",
-        Message::Zero { .. } => "Zero",
-        Message::GetManifest => "GetManifest",
-        Message::Path { .. } => "Path",
-        Message::Error { .. } => "Error",
-    }
-}
-
 /// Takes the Welcome the source pushes on the first unidirectional stream
 /// (sent with its handshake flight): the geometry and the source id. The
 /// stream stays open until the source has accepted our certificate.
 async fn welcome(conn: &Connection) -> Result<(SourceInfo, quinn::RecvStream), Fail> {
     const OP: &str = "welcome";
     let mut recv = conn.accept_uni().await.map_err(Fail::Lost)?;
-    match frames::read_frame(&mut recv, SMALL_FRAME)
+    match codec::read_frame(&mut recv, SMALL_FRAME)
         .await
         .map_err(|e| read_fail(OP, e))?
     {
@@ -836,11 +822,7 @@ async fn welcome(conn: &Connection) -> Result<(SourceInfo, quinn::RecvStream), F
                 recv,
             ))
         }
-        Some(Message::Error { code, message }) => Err(Fail::Fatal(TransportError::Remote {
-            op: OP,
-            code,
-            message,
-        })),
+        Some(Message::Error { code, message }) => Err(remote(OP, code, message)),
         Some(m) => Err(unexpected(OP, &m)),
         None => Err(protocol(
             OP,
@@ -853,14 +835,14 @@ async fn welcome(conn: &Connection) -> Result<(SourceInfo, quinn::RecvStream), F
 async fn get_manifest(conn: &Connection, info: SourceInfo) -> Result<Manifest, Fail> {
     const OP: &str = "manifest";
     let (mut send, mut recv) = conn.open_bi().await.map_err(Fail::Lost)?;
-    frames::write_msg(&mut send, &Message::GetManifest)
+    codec::write_msg(&mut send, &Message::GetManifest)
         .await
         .map_err(|e| write_fail(OP, e))?;
     let _ = send.finish();
     let manifest_len = info.manifest_len;
     let mut bytes = Vec::with_capacity(manifest_len.min(64 << 20) as usize);
     loop {
-        match frames::read_frame(&mut recv, MAX_MANIFEST_PART + 1)
+        match codec::read_frame(&mut recv, MAX_MANIFEST_PART + 1)
             .await
             .map_err(|e| read_fail(OP, e))?
         {
@@ -870,13 +852,7 @@ async fn get_manifest(conn: &Connection, info: SourceInfo) -> Result<Manifest, F
                 }
                 bytes.extend_from_slice(&part);
             }
-            Some(Message::Error { code, message }) => {
-                return Err(Fail::Fatal(TransportError::Remote {
-                    op: OP,
-                    code,
-                    message,
-                }))
-            }
+            Some(Message::Error { code, message }) => return Err(remote(OP, code, message)),
             Some(m) => return Err(unexpected(OP, &m)),
             None => break,
         }
@@ -934,25 +910,6 @@ async fn first_ok<T>(mut racing: Vec<Racer<'_, T>>) -> Result<(usize, T), Transp
     .await
 }
 
-thread_local! {
-    /// This thread's zstd context, made on its first compressed chunk and
-    /// kept (the runtime's few worker threads decompress every chunk).
-    static UNZSTD: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-}
-
-/// `data` decompressed with this thread's zstd context into at most
-/// `capacity` bytes.
-fn unzstd(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
-    UNZSTD.with(|z| {
-        let mut z = z.borrow_mut();
-        let d = match z.as_mut() {
-            Some(d) => d,
-            None => z.insert(zstd::bulk::Decompressor::new()?),
-        };
-        d.decompress(data, capacity)
-    })
-}
-
 async fn request(
     conn: &Connection,
     g: Geometry,
@@ -968,7 +925,7 @@ async fn request(
         count,
         priority,
     };
-    frames::write_msg(&mut send, &req)
+    codec::write_msg(&mut send, &req)
         .await
         .map_err(|e| write_fail(OP, e))?;
     let _ = send.finish();
@@ -976,7 +933,7 @@ async fn request(
     let mut out = Vec::with_capacity(count as usize);
     for i in 0..u64::from(count) {
         let want = first + i;
-        match frames::read_frame(&mut recv, max)
+        match codec::read_frame(&mut recv, max)
             .await
             .map_err(|e| read_fail(OP, e))?
         {
@@ -987,27 +944,9 @@ async fn request(
                 out.push(Fetched::Zero);
             }
             Some(m @ (Message::Chunk { .. } | Message::ZChunk { .. })) => {
-                let (index, hash, data) = match m {
-                    Message::Chunk { index, hash, data } => (index, hash, data),
-                    Message::ZChunk {
-                        index,
-                        hash,
-                        raw_len,
-                        data,
-                    } => {
-                        if want >= g.chunks() || raw_len != g.chunk_len(want) {
-                            return Err(protocol(
-                                OP,
-                                format!("compressed chunk {index} claims {raw_len} bytes"),
-                            ));
-                        }
-                        let raw = unzstd(&data, raw_len as usize).map_err(|e| {
-                            protocol(OP, format!("chunk {index} does not decompress: {e}"))
-                        })?;
-                        (index, hash, raw)
-                    }
-                    _ => unreachable!("matched above"),
-                };
+                let raw_len = (want < g.chunks()).then(|| g.chunk_len(want));
+                let codec::OpenedChunk { index, hash, data } =
+                    codec::open_chunk(m, raw_len).map_err(|reason| protocol(OP, reason))?;
                 if index != want {
                     return Err(protocol(OP, format!("got chunk {index}, expected {want}")));
                 }
@@ -1023,13 +962,7 @@ async fn request(
                 }
                 out.push(Fetched::Data { hash, bytes: data });
             }
-            Some(Message::Error { code, message }) => {
-                return Err(Fail::Fatal(TransportError::Remote {
-                    op: OP,
-                    code,
-                    message,
-                }))
-            }
+            Some(Message::Error { code, message }) => return Err(remote(OP, code, message)),
             Some(m) => return Err(unexpected(OP, &m)),
             None => {
                 return Err(protocol(
@@ -1039,17 +972,11 @@ async fn request(
             }
         }
     }
-    match frames::read_frame(&mut recv, SMALL_FRAME).await {
+    match codec::read_frame(&mut recv, SMALL_FRAME).await {
         Ok(None) => {}
         // All data is here; a connection lost just now does not matter.
         Err(ReadFail::Stream(quinn::ReadError::ConnectionLost(_))) => {}
-        Ok(Some(Message::Error { code, message })) => {
-            return Err(Fail::Fatal(TransportError::Remote {
-                op: OP,
-                code,
-                message,
-            }))
-        }
+        Ok(Some(Message::Error { code, message })) => return Err(remote(OP, code, message)),
         Ok(Some(m)) => return Err(unexpected(OP, &m)),
         Err(e) => return Err(read_fail(OP, e)),
     }

@@ -12,7 +12,6 @@
 //! request gets an `Error` frame and its stream is stopped; the connection
 //! and the server stay up.
 
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,8 +22,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::background::LowPriorityPool;
+use crate::codec::{self, ReadFail, CODE_ABORTED, CODE_MALFORMED};
 use crate::error::TransportError;
-use crate::frames::{self, ReadFail, CODE_ABORTED, CODE_MALFORMED};
 use crate::identity::{Fingerprint, Identity};
 use crate::path::LossWindow;
 use crate::tuning::Tuning;
@@ -325,7 +324,7 @@ async fn push_welcome(
         let mut s = tokio::time::timeout(std::time::Duration::from_secs(1), conn.open_uni())
             .await
             .map_err(|_| "the peer allows no unidirectional stream")??;
-        s.write_all(&welcome.encode()).await?;
+        codec::write_msg(&mut s, &welcome).await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(s)
     };
     match sent.await {
@@ -401,7 +400,7 @@ async fn report_path(conn: Connection, mut stream: SendStream, remote: SocketAdd
             lost_ppm,
             sent_packets,
         };
-        if let Err(e) = frames::write_msg(&mut stream, &report).await {
+        if let Err(e) = codec::write_msg(&mut stream, &report).await {
             tracing::debug!(%remote, "path reports end: {e}");
             return;
         }
@@ -424,7 +423,7 @@ impl Responder {
     }
 
     async fn send(&mut self, msg: &Message) -> Result<(), quinn::WriteError> {
-        frames::write_msg(self.stream(), msg).await
+        codec::write_msg(self.stream(), msg).await
     }
 
     async fn error(&mut self, code: ErrorCode, message: String) {
@@ -456,7 +455,7 @@ async fn handle_stream(
     remote: SocketAddr,
 ) {
     let mut resp = Responder { send: Some(send) };
-    let request = match frames::read_frame(&mut recv, MAX_REQUEST_FRAME).await {
+    let request = match codec::read_frame(&mut recv, MAX_REQUEST_FRAME).await {
         Ok(Some(m)) => m,
         Ok(None) => {
             resp.finish();
@@ -713,7 +712,7 @@ fn start_piece(
                     let mid = data.len() / 2;
                     data[mid] ^= 0x5a;
                 }
-                if !send(Ok(chunk_frame(index, hash, data, s.compress))) {
+                if !send(Ok(codec::chunk_frame(index, hash, data, s.compress))) {
                     return;
                 }
             }
@@ -729,48 +728,6 @@ fn start_piece(
         }
     });
     rx
-}
-
-/// The whole frame carrying chunk `index`: a `ZChunk` when zstd saves at
-/// least 3% of the bytes, else a plain `Chunk`.
-fn chunk_frame(index: u64, hash: [u8; 32], data: &[u8], compress: bool) -> Vec<u8> {
-    if compress && !data.is_empty() {
-        if let Some(z) = zstd_level_1(data) {
-            if z.len() + 4 < data.len() - data.len() / 33 {
-                return Message::ZChunk {
-                    index,
-                    hash,
-                    raw_len: data.len() as u32,
-                    data: z,
-                }
-                .encode();
-            }
-        }
-    }
-    let mut frame = Vec::with_capacity(data.len() + 45);
-    frame.extend_from_slice(&wire::chunk_header(index, &hash, data.len()));
-    frame.extend_from_slice(data);
-    frame
-}
-
-thread_local! {
-    /// This thread's zstd context, made on its first chunk and kept: the
-    /// chunks are read and compressed on a few long-lived threads, and a
-    /// context made for every 64 KiB chunk costs an allocation and its
-    /// set-up each time.
-    static ZSTD: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
-}
-
-/// `data` compressed with zstd at level 1, on this thread's context;
-/// `None` when zstd fails (the chunk is then sent as it is).
-fn zstd_level_1(data: &[u8]) -> Option<Vec<u8>> {
-    ZSTD.with(|z| {
-        let mut z = z.borrow_mut();
-        if z.is_none() {
-            *z = zstd::bulk::Compressor::new(1).ok();
-        }
-        z.as_mut()?.compress(data).ok()
-    })
 }
 
 /// Answers a Read; returns how long the first chunk took to read and
