@@ -66,12 +66,16 @@
 //! of stale samples (one stale stamp, later packets) cannot walk it down
 //! step by step within a round (measured: 50 to 33 ms in one round).
 //!
-//! At the root, the sample's end is read from the clock when the ACK is
-//! processed, not taken from quinn's stamp on the datagram
-//! ([`Controller::on_ack`]): that is never earlier than the ACK's arrival,
-//! so the sample is never shorter than the path. The hold-back above stays
-//! as a second line of defence, and its log field `stamp_lag_us` shows how
-//! far quinn's stamps lag the clock.
+//! The controller never reads the clock: every time it uses is one quinn
+//! passed in ([`Controller::on_sent`], [`Controller::on_ack`],
+//! [`Controller::on_end_acks`], [`Controller::on_congestion_event`]), and a
+//! sample ends at the latest of them seen so far, never earlier than the
+//! ACK's own stamp (a packet sent after a stale stamp moves it on). Its
+//! decisions therefore depend only on quinn's times (tested with runs
+//! started far in the past and the future). A stale stamp can still give
+//! a sample shorter than the path; the hold-back above is what keeps such
+//! samples out of the minimum, and the log field `stamp_lag_us` shows how
+//! far a round's stamps lagged the latest time seen.
 //!
 //! When the operator told us the link's rate ([`LossTolerantConfig::link_rate`]),
 //! the window is also capped at [`LossTolerantConfig::bdp_cap`] ([`BDP_CAP`],
@@ -206,8 +210,8 @@ pub struct LossTolerant {
     round_ref_rtt: Option<Duration>,
     /// Smallest sample of this round held back as too far below `min_rtt`.
     round_low_rtt: Option<Duration>,
-    /// Longest an acknowledgement's time stamp lagged the clock when the
-    /// controller saw it, this round (logged; see [`Controller::on_ack`]).
+    /// Longest an acknowledgement's time stamp lagged [`Self::latest`],
+    /// this round (logged).
     round_stamp_lag: Duration,
     /// Consecutive rounds, each with a held-back sample: (first round's
     /// start, rounds, largest of their smallest held-back samples).
@@ -220,6 +224,8 @@ pub struct LossTolerant {
     empty_at: Instant,
     /// Rounds of the drain under way, if one is ([`LossTolerant::draining`]).
     drain_rounds: Option<u32>,
+    /// The latest time quinn has passed in (the controller's only clock).
+    latest: Instant,
 }
 
 impl LossTolerant {
@@ -244,6 +250,7 @@ impl LossTolerant {
             round_app_limited: true,
             empty_at: now,
             drain_rounds: None,
+            latest: now,
         }
     }
 
@@ -372,6 +379,38 @@ impl LossTolerant {
         } else {
             self.low_run = Some((since, rounds, highest));
         }
+    }
+
+    /// Notes a time quinn passed in; returns the latest seen so far.
+    fn saw(&mut self, now: Instant) -> Instant {
+        self.latest = self.latest.max(now);
+        self.latest
+    }
+
+    /// [`Controller::on_ack`] with the smoothed RTT `srtt` instead of
+    /// quinn's `RttEstimator` (which tests cannot build).
+    fn acked(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        app_limited: bool,
+        srtt: Duration,
+    ) {
+        // `now` is the time quinn stamped on the datagram carrying the ACK,
+        // which can be the start of a receive loop that then stalled: the
+        // sample `now - sent` can come out shorter than the path (33 ms on
+        // a 50 ms path, measured). Ending it at the latest time quinn has
+        // passed in makes it no shorter than any stamp allows.
+        let seen = self.saw(now);
+        self.round_stamp_lag = self.round_stamp_lag.max(seen - now);
+        self.ack(
+            now,
+            seen.saturating_duration_since(sent),
+            bytes,
+            app_limited,
+            srtt,
+        );
     }
 
     /// Takes an acknowledgement of `bytes` with RTT `sample`; `rtt` is the
@@ -512,6 +551,10 @@ impl LossTolerant {
 }
 
 impl Controller for LossTolerant {
+    fn on_sent(&mut self, now: Instant, _bytes: u64, _last_packet_number: u64) {
+        self.saw(now);
+    }
+
     fn on_ack(
         &mut self,
         now: Instant,
@@ -520,22 +563,17 @@ impl Controller for LossTolerant {
         app_limited: bool,
         rtt: &RttEstimator,
     ) {
-        // `now` is the time quinn stamped on the datagram carrying the ACK,
-        // which can be the start of a receive loop that then stalled: the
-        // sample `now - sent` came out shorter than the path (33 ms on a
-        // 50 ms path, measured). The clock read here is never earlier than
-        // the ACK's arrival, and `sent` never later than the packet's
-        // departure, so this sample is never shorter than the path; a late
-        // read only lengthens it, which the round's minimum ignores.
-        let seen = Instant::now().max(now);
-        self.round_stamp_lag = self.round_stamp_lag.max(seen - now);
-        self.ack(
-            now,
-            seen.saturating_duration_since(sent),
-            bytes,
-            app_limited,
-            rtt.get(),
-        );
+        self.acked(now, sent, bytes, app_limited, rtt.get());
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: Instant,
+        _in_flight: u64,
+        _app_limited: bool,
+        _largest_packet_num_acked: Option<u64>,
+    ) {
+        self.saw(now);
     }
 
     fn on_congestion_event(
@@ -545,6 +583,7 @@ impl Controller for LossTolerant {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
+        self.saw(now);
         if is_persistent_congestion {
             // Nothing got through for a long time: start over.
             self.window = self.min_window();

@@ -432,3 +432,90 @@ fn a_path_that_got_longer_is_believed_once_the_old_minimum_expires() {
         cc.window()
     );
 }
+
+/// What the controller decided after each step of [`drive_from`]: its
+/// window, its minimum RTT and whether it was draining.
+type Decisions = Vec<(u64, Option<Duration>, bool)>;
+
+/// Drives a controller through quinn's entry points only, every time
+/// given as `t0` plus an offset: 3 s of sends and ACKs on a clean 50 ms, 200 Mbit/s
+/// path, a loss event, a persistent-congestion reset, 1 s more of ACKs,
+/// an MTU change (which carries no time) and 1 s more. Returns its
+/// decisions after each step.
+fn drive_from(t0: Instant) -> Decisions {
+    let cfg = LossTolerantConfig {
+        max_window: 5 << 20,
+        link_rate: Some(25e6),
+        link_rtt: Duration::from_millis(50),
+        min_window_packets: 16,
+        ..Default::default()
+    };
+    let rtt = Duration::from_millis(50);
+    let mut cc = LossTolerant::new(Arc::new(cfg), t0, 1200);
+    let mut out = Decisions::new();
+    let mut now = t0;
+    let acks = |cc: &mut LossTolerant, now: &mut Instant, rounds: u32, out: &mut Decisions| {
+        for _ in 0..rounds {
+            let sent = *now;
+            cc.on_sent(sent, cc.window(), 0);
+            *now += rtt;
+            cc.acked(*now, sent, cc.window(), false, rtt);
+            out.push((cc.window(), cc.min_rtt, cc.draining()));
+        }
+    };
+    acks(&mut cc, &mut now, 60, &mut out);
+    cc.on_congestion_event(now, now - rtt, false, 200_000);
+    acks(&mut cc, &mut now, 1, &mut out);
+    cc.on_congestion_event(now, now - rtt, true, 0);
+    acks(&mut cc, &mut now, 20, &mut out);
+    cc.on_mtu_update(1472);
+    acks(&mut cc, &mut now, 20, &mut out);
+    out
+}
+
+/// The controller takes every time from quinn's arguments, never from
+/// the clock: the same run started far in the past, now, or far in the
+/// future makes the same decisions, and on this clean path they are the
+/// right ones (the window fills the path, the minimum RTT is the path's).
+#[test]
+fn decisions_depend_only_on_the_times_quinn_passes() {
+    let here = Instant::now();
+    // As far back as this host's monotonic clock goes, up to an hour.
+    let past = [3600, 600, 60, 5]
+        .into_iter()
+        .find_map(|s| here.checked_sub(Duration::from_secs(s)))
+        .expect("the monotonic clock is at least 5 s past its origin");
+    let future = here + Duration::from_secs(365 * 24 * 3600);
+    let reference = drive_from(here);
+    let (filled, min_rtt, _) = reference[59];
+    assert!(filled > 1_000_000, "window {filled} after 3 s");
+    assert_eq!(min_rtt, Some(Duration::from_millis(50)));
+    for (start, t0) in [("in the past", past), ("in the future", future)] {
+        let got = drive_from(t0);
+        assert_eq!(got.len(), reference.len());
+        if let Some(step) = (0..got.len()).find(|&i| got[i] != reference[i]) {
+            panic!(
+                "started {start}: step {step} decided {:?}, started now {:?}",
+                got[step], reference[step]
+            );
+        }
+    }
+}
+
+/// A stamp earlier than a time quinn passed in before (a stale one) does
+/// not shorten the sample: it ends at the latest time seen.
+#[test]
+fn a_sample_ends_at_the_latest_time_quinn_passed_in() {
+    let ms = Duration::from_millis;
+    let t0 = Instant::now();
+    let mut cc = LossTolerant::new(Arc::new(LossTolerantConfig::default()), t0, 1200);
+    cc.on_congestion_event(t0 + ms(100), t0, false, 0);
+    cc.acked(t0 + ms(60), t0 + ms(10), 1200, false, ms(200));
+    assert_eq!(cc.min_rtt, Some(ms(90)));
+    assert_eq!(cc.round_stamp_lag, ms(40));
+    // A packet sent later moves it on too.
+    cc.on_sent(t0 + ms(150), 1200, 1);
+    cc.acked(t0 + ms(100), t0 + ms(50), 1200, false, ms(200));
+    assert_eq!(cc.round_stamp_lag, ms(50));
+    assert_eq!(cc.min_rtt, Some(ms(90)));
+}
