@@ -192,15 +192,12 @@ mod tests {
     fn chunk_frames_round_trip_compressed_or_not() {
         let hash = [7; 32];
         let text: Vec<u8> = b"ferry moves disks ".repeat(4000);
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        // Bytes zstd cannot shrink: BLAKE3's output stream.
+        let mut noise = vec![0u8; 65536];
+        blake3::Hasher::new()
+            .update(b"noise")
+            .finalize_xof()
+            .fill(&mut noise);
         for (data, compress, zstd) in [
             (&text, true, true),
             (&text, false, false),
