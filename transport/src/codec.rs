@@ -1,6 +1,6 @@
-//! Framing and compression, for both ends: [`wire`](crate::wire) frames
-//! read from and written to quinn streams, chunk frames built (zstd when it
-//! pays) and opened (decompressed), each thread with its own zstd context.
+//! Framing and compression, for both ends: [`wire`] frames read from and
+//! written to quinn streams, chunk frames built (zstd when it pays) and
+//! opened (decompressed), each thread with its own zstd context.
 
 use std::cell::RefCell;
 

@@ -88,7 +88,7 @@
 //! (its time at the destination, p50 62.7 ms on the 50 ms path). Under a cap
 //! of 1.1 the delay signal does not fire, and the queue that then stands
 //! would creep into the minimum RTT: the controller drains it every 5 s
-//! ([`LossTolerant::drain_window`]). The delay signal alone did not
+//! (`LossTolerant::drain_window`). The delay signal alone did not
 //! hold the queue: with bursty sending (a request-driven copier, quinn's
 //! pacer at 1.25x the window's rate) a round's smallest RTT sample often
 //! comes from a burst's head, before the queue builds, and at 150 ms the
@@ -280,7 +280,7 @@ impl LossTolerant {
         Some((w as u64).max(self.min_window()))
     }
 
-    /// True while a drain is under way ([`LossTolerant::drain_window`]).
+    /// True while a drain is under way (`LossTolerant::drain_window`).
     pub fn draining(&self) -> bool {
         self.drain_window().is_some()
     }
