@@ -6,6 +6,8 @@
 //! - [`tls`]: rustls configurations (ring provider, TLS 1.3 only, ALPN
 //!   `ferry/1`) that accept exactly the pinned peer certificates, both ways.
 //! - [`wire`]: versioned, length-prefixed frames; pure encode/decode.
+//! - `codec`: framing and compression for both ends: frames read from and
+//!   written to quinn streams, chunk frames built (zstd) and opened.
 //! - [`tuning`]: QUIC windows sized to the bandwidth-delay product, socket
 //!   buffers, keep-alive and idle timeout.
 //! - [`server`]: the source side, serving chunks of a [`server::ChunkSource`].
@@ -23,9 +25,9 @@
 
 mod background;
 pub mod client;
+mod codec;
 pub mod congestion;
 pub mod error;
-mod frames;
 pub mod identity;
 mod net;
 pub mod path;
