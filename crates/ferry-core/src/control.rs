@@ -3,11 +3,14 @@
 //! fuzzed and the client and the server share it.
 //!
 //! A request is one line of whitespace-separated words: `status`, `pause`,
-//! `resume`, or `rate N` (bytes per second, 0 = unlimited, at most
-//! [`MAX_RATE`]). Words after `rate`'s number are ignored; anything else is
-//! refused.
+//! `resume`, or `rate N` (bytes per second, with or without a unit as
+//! [`crate::units::parse_rate`] reads them: `50M`, `100Mbit`; 0 =
+//! unlimited, at most [`MAX_RATE`]). Words after `rate`'s number are
+//! ignored; anything else is refused.
 
 use std::fmt;
+
+use crate::units::{self, UnitsError};
 
 /// The highest background rate limit accepted, in bytes per second:
 /// 1 TiB/s, above any link ferry runs on (a larger number is a typo).
@@ -30,9 +33,10 @@ pub enum ControlRequest {
 /// Why a line is not a control request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlParseError {
-    /// `rate` without a number of bytes per second.
-    #[error("rate {0:?} is not a number of bytes per second")]
-    RateNotANumber(String),
+    /// `rate` without a rate (a number of bytes per second, with or
+    /// without a unit).
+    #[error(transparent)]
+    BadRate(#[from] UnitsError),
     /// `rate` above [`MAX_RATE`].
     #[error(
         "rate {0} bytes/s is more than the most allowed, {MAX_RATE} (1 TiB/s); use 0 for unlimited"
@@ -44,11 +48,10 @@ pub enum ControlParseError {
 }
 
 /// Parses a background rate limit in bytes per second (0: unlimited), as
-/// `rate N` and `ferry pull --rate` take it.
+/// `rate N`, `ferry background rate=N` and `ferry pull --rate` take it:
+/// `50000000`, `50M`, `50MiB`, `100Mbit` ([`crate::units`]).
 pub fn parse_rate(s: &str) -> Result<u64, ControlParseError> {
-    let v: u64 = s
-        .parse()
-        .map_err(|_| ControlParseError::RateNotANumber(s.to_string()))?;
+    let v = units::parse_rate(s)?;
     if v > MAX_RATE {
         return Err(ControlParseError::RateTooHigh(v));
     }
@@ -95,6 +98,9 @@ mod tests {
             ("rate 0", ControlRequest::Rate(0)),
             ("rate\t50000000 extra", ControlRequest::Rate(50_000_000)),
             ("rate 1099511627776", ControlRequest::Rate(MAX_RATE)),
+            ("rate 1TiB", ControlRequest::Rate(MAX_RATE)),
+            ("rate 50M", ControlRequest::Rate(50_000_000)),
+            ("rate 100Mbit/s", ControlRequest::Rate(12_500_000)),
         ] {
             assert_eq!(ControlRequest::parse(line), Ok(req), "{line:?}");
             assert_eq!(ControlRequest::parse(&req.to_string()), Ok(req));
@@ -112,17 +118,16 @@ mod tests {
                 "{line:?}"
             );
         }
-        for line in ["rate -1", "rate 1e6", "rate 18446744073709551616"] {
-            assert!(
-                matches!(
-                    ControlRequest::parse(line),
-                    Err(ControlParseError::RateNotANumber(_))
-                ),
-                "{line:?}"
-            );
+        for line in ["rate -1", "rate 1e6", "rate 18446744073709551616", "rate 50Mb"] {
+            let e = ControlRequest::parse(line).unwrap_err();
+            assert!(matches!(e, ControlParseError::BadRate(_)), "{line:?}");
+            // The message names what was typed.
+            assert!(e.to_string().contains(&line[5..]), "{e}");
         }
         let e = ControlRequest::parse("rate 1099511627777").unwrap_err();
         assert_eq!(e, ControlParseError::RateTooHigh(MAX_RATE + 1));
         assert!(e.to_string().contains("1 TiB/s"), "{e}");
+        let e = ControlRequest::parse("rate 1.1TiB").unwrap_err();
+        assert!(matches!(e, ControlParseError::RateTooHigh(_)), "{e}");
     }
 }

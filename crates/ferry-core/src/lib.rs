@@ -11,10 +11,12 @@
 pub mod control;
 pub mod geometry;
 pub mod manifest;
+pub mod units;
 
 pub use control::{ControlParseError, ControlRequest, MAX_RATE};
 pub use geometry::Geometry;
 pub use manifest::{ChunkKind, Manifest, ManifestError};
+pub use units::UnitsError;
 pub mod engine;
 
 pub use engine::{
