@@ -10,6 +10,10 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "ferry", version)]
 pub(crate) struct Cli {
+    /// Log lines on stderr as `text` (colour only on a terminal) or `json`
+    /// (one object per line, for log pipelines).
+    #[arg(long, global = true, value_enum, default_value_t = crate::logging::LogFormat::Text)]
+    pub(crate) log_format: crate::logging::LogFormat,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -176,9 +180,10 @@ pub(crate) struct PullArgs {
     /// they begin.
     #[arg(long, hide = true)]
     pub(crate) inject_creation_sync_failure_ms: Option<u64>,
-    /// Background copy rate limit in bytes per second (0: none; at most
-    /// 1 TiB/s).
-    #[arg(long, default_value_t = 0, value_parser = parse_rate)]
+    /// Background copy rate limit in bytes per second, with or without a
+    /// unit: 50M (10^6), 50MiB (2^20), 100Mbit (bits); 0: none; at most
+    /// 1 TiB/s.
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
     pub(crate) rate: u64,
     /// Chunks per background request.
     #[arg(long, default_value_t = 16)]
@@ -190,8 +195,9 @@ pub(crate) struct PullArgs {
     /// windows (8x BDP) leave room for on-demand reads.
     #[arg(long)]
     pub(crate) window: Option<usize>,
-    /// Persist the block map once this many fetched bytes are unsynced.
-    #[arg(long, default_value_t = 32 << 20)]
+    /// Persist the block map once this many fetched bytes are unsynced
+    /// (bytes, or with a unit: 32MiB, 64M).
+    #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = parse_size)]
     pub(crate) sync_bytes: u64,
     /// Give up connecting to the source at start after this many seconds
     /// (a fresh pull, which learns the disk's geometry from the source;
@@ -213,8 +219,20 @@ pub(crate) struct StatusArgs {
     #[arg(long)]
     pub(crate) control: PathBuf,
     /// Print JSON (fields documented in the README).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "watch")]
     pub(crate) json: bool,
+    /// Wait until the pull is complete and verified (exit 0), stopped by
+    /// an error or failed verification (exit 2), or --timeout-secs passed
+    /// (exit 3); then print the status. Reconnects if the pull restarts.
+    #[arg(long)]
+    pub(crate) wait: bool,
+    /// Show progress until the pull ends, as --wait: a live bar on a
+    /// terminal, a plain line every 2 s otherwise (pipes, journald).
+    #[arg(long, conflicts_with = "wait")]
+    pub(crate) watch: bool,
+    /// Give up --wait or --watch after this many seconds (exit 3).
+    #[arg(long, value_name = "N")]
+    pub(crate) timeout_secs: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -222,7 +240,8 @@ pub(crate) struct BackgroundArgs {
     /// Control socket of the pull.
     #[arg(long)]
     pub(crate) control: PathBuf,
-    /// pause, resume, or rate=BYTES_PER_SEC (0 = unlimited).
+    /// pause, resume, or rate=RATE: bytes per second, or with a unit
+    /// (rate=50M, rate=50MiB, rate=100Mbit; 0 = unlimited).
     pub(crate) action: String,
 }
 
@@ -230,6 +249,11 @@ pub(crate) struct BackgroundArgs {
 /// most [`ferry_core::MAX_RATE`]).
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     ferry_core::control::parse_rate(s).map_err(|e| e.to_string())
+}
+
+/// Parses a size in bytes, with or without a unit (`32MiB`, `64M`).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    ferry_core::units::parse_size(s).map_err(|e| e.to_string())
 }
 
 /// The link and congestion options shared by `serve` and `pull`.

@@ -13,7 +13,7 @@ pub(crate) use ferry_pull::Status;
 use crate::cli::{BackgroundArgs, StatusArgs};
 
 /// Sends one request line and returns the reply line.
-fn request(control: &Path, line: &str) -> Result<String> {
+pub(crate) fn request(control: &Path, line: &str) -> Result<String> {
     let mut s = UnixStream::connect(control).with_context(|| {
         format!(
             "cannot reach a running `ferry pull` at control socket {}",
@@ -31,14 +31,7 @@ fn request(control: &Path, line: &str) -> Result<String> {
 }
 
 fn human(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < units.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", units[u])
+    ferry_core::units::Bytes(b).to_string()
 }
 
 /// Appends one formatted line to a `String`.
@@ -82,6 +75,12 @@ impl std::fmt::Display for PullStopped {
 impl std::error::Error for PullStopped {}
 
 pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
+    if a.wait || a.watch {
+        return crate::watch::run(a);
+    }
+    if a.timeout_secs.is_some() {
+        bail!("--timeout-secs is for --wait or --watch");
+    }
     let reply = request(&a.control, &ControlRequest::Status.to_string())?;
     let s: Status = serde_json::from_str(&reply).context("malformed status reply")?;
     if a.json {
@@ -96,7 +95,7 @@ pub(crate) fn status_command(a: &StatusArgs) -> Result<()> {
 }
 
 /// `ferry status` without `--json`.
-fn human_status(s: &Status) -> String {
+pub(crate) fn human_status(s: &Status) -> String {
     let mut o = String::new();
     let pct = if s.total_bytes == 0 {
         100.0
@@ -121,17 +120,21 @@ fn human_status(s: &Status) -> String {
         human(s.skipped_zero_bytes)
     );
     outln!(o, "on the wire: {} received", human(s.wire_rx_bytes));
-    let eta = s
-        .eta_seconds
-        .map(|e| format!("{e} s"))
-        .unwrap_or_else(|| "-".into());
-    outln!(
-        o,
-        "rate:        {}/s, ETA {eta}",
-        human(s.rate_bytes_per_sec)
-    );
+    // A finished or failed pull moves no data: no rate, no ETA.
+    if !crate::watch::finished(s) {
+        outln!(
+            o,
+            "rate:        {}, ETA {}",
+            ferry_core::units::Rate(s.rate_bytes_per_sec),
+            crate::watch::eta(s)
+        );
+    }
+    let limit = match s.rate_limit_bytes_per_sec {
+        0 => String::new(),
+        r => format!(", limited to {}", ferry_core::units::Rate(r)),
+    };
     outln!(o,
-        "source:      {} ({} reconnects; it reports {:.3}% of its packets lost, {} on-demand reads hedged); background {}",
+        "source:      {} ({} reconnects; it reports {:.3}% of its packets lost, {} on-demand reads hedged); background {}{limit}",
         s.source_state,
         s.reconnects,
         f64::from(s.source_lost_ppm) / 1e4,
@@ -164,7 +167,10 @@ pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {
             let v = crate::cli::parse_rate(&r[5..]).map_err(anyhow::Error::msg)?;
             ControlRequest::Rate(v)
         }
-        other => bail!("unknown action {other:?}: use pause, resume or rate=BYTES_PER_SEC"),
+        other => bail!(
+            "unknown action {other:?}: use pause, resume or rate=RATE (bytes per second, \
+             or e.g. 50M, 50MiB, 100Mbit)"
+        ),
     };
     let line = req.to_string();
     let reply = request(&a.control, &line)?;

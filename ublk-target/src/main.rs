@@ -7,30 +7,29 @@
 mod cli;
 mod control;
 mod docs;
+mod logging;
 mod notify;
 mod pull;
 #[cfg(test)]
 mod readme;
 mod serve;
+mod watch;
 
 use anyhow::Result;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log_format = cli.log_format;
+    logging::init(log_format);
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            logging::report_error(log_format, &e);
             if e.downcast_ref::<control::PullStopped>().is_some() {
                 std::process::ExitCode::from(control::PullStopped::EXIT_CODE)
+            } else if e.downcast_ref::<watch::TimedOut>().is_some() {
+                std::process::ExitCode::from(watch::TimedOut::EXIT_CODE)
             } else {
                 std::process::ExitCode::FAILURE
             }
@@ -48,8 +47,17 @@ fn run(cli: cli::Cli) -> Result<()> {
             let id = ferry_transport::identity::Identity::load(&a.identity)?;
             control::emit(&format!("{}\n", id.fingerprint()))
         }
-        cli::Command::Serve(a) => serve::run(a),
-        cli::Command::Pull(a) => pull::run(a),
+        cli::Command::Serve(a) => {
+            let span = tracing::info_span!("serve", disk = %a.disk.display());
+            let _in = span.enter();
+            serve::run(a)
+        }
+        cli::Command::Pull(a) => {
+            // Lines of several pulls in one journal tell their disk.
+            let span = tracing::info_span!("pull", disk = %a.disk.display());
+            let _in = span.enter();
+            pull::run(a)
+        }
         cli::Command::Status(a) => control::status_command(&a),
         cli::Command::Background(a) => control::background_command(&a),
         cli::Command::GenerateDocs(a) => {
