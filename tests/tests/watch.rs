@@ -45,9 +45,7 @@ fn pull_of_4_mib(w: &World, extra: &[&str]) -> (Proc, Proc, u16) {
 #[test]
 fn status_wait_exits_0_once_complete_and_verified_without_rate_or_eta() {
     let w = World::new();
-    let (_serve, _pull, _) = pull_of_4_mib(&w, &["--rate", "8Mbit"]);
-    // The rate with a unit: 8 Mbit/s is 1 MB/s.
-    assert_eq!(w.status()["rate_limit_bytes_per_sec"], 1_000_000);
+    let (_serve, _pull, _) = pull_of_4_mib(&w, &[]);
     let out = status(&w, &["--wait", "--timeout-secs", "240"]);
     let said = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -59,12 +57,21 @@ fn status_wait_exits_0_once_complete_and_verified_without_rate_or_eta() {
     for t in [&said, &plain] {
         assert!(!t.contains("ETA") && !t.contains("rate:"), "{t}");
     }
-    assert!(plain.contains("limited to 976.6 KiB/s"), "{plain}");
     // --wait --json prints the final status as JSON.
     let out = status(&w, &["--wait", "--json", "--timeout-secs", "240"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(s["verified"], "ok", "{s}");
+    // --watch into a pipe ends as --wait does, its line without rate/ETA.
+    let out = status(&w, &["--watch", "--timeout-secs", "240"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines = text(&out.stdout);
+    let last = lines.lines().last().expect("a line");
+    assert!(
+        last.starts_with("complete 100.0%: 4.0 MiB of 4.0 MiB; source released"),
+        "{last:?}"
+    );
+    assert!(!last.contains("ETA") && !last.contains("/s"), "{last:?}");
 }
 
 #[test]
@@ -84,7 +91,11 @@ fn status_wait_exits_2_when_the_source_changes() {
     );
     // It waits while the copy is held back.
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(wait.wait_exit(Duration::ZERO), None, "{}", wait.log_text());
+    assert!(
+        wait.child.try_wait().expect("try_wait").is_none(),
+        "{}",
+        wait.log_text()
+    );
     // The source comes back on the same port with other contents.
     serve.kill9();
     let other = w.path("other.img");
@@ -127,7 +138,11 @@ fn status_wait_reaches_a_restarted_pull_again() {
     pull.kill9();
     // Gone for a few seconds, as under systemd's Restart=.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(wait.wait_exit(Duration::ZERO), None, "{}", wait.log_text());
+    assert!(
+        wait.child.try_wait().expect("try_wait").is_none(),
+        "{}",
+        wait.log_text()
+    );
     let _pull2 = w.pull(&w.pull_args(port, "dst.img"));
     let code = wait.wait_exit(Duration::from_secs(240));
     let log = wait.log_text();
@@ -182,7 +197,14 @@ fn status_watch_draws_a_bar_in_a_pty_and_plain_lines_in_a_pipe() {
 #[test]
 fn rates_and_sizes_take_units_and_name_bad_input() {
     let w = World::new();
-    let (_serve, _pull, port) = pull_of_4_mib(&w, &["--hold-background", "--sync-bytes", "1MiB"]);
+    let (_serve, _pull, port) = pull_of_4_mib(
+        &w,
+        &["--hold-background", "--sync-bytes", "1MiB", "--rate", "8Mbit"],
+    );
+    // 8 Mbit/s is 1 MB/s, shown in binary units.
+    assert_eq!(w.status()["rate_limit_bytes_per_sec"], 1_000_000);
+    let plain = text(&status(&w, &[]).stdout);
+    assert!(plain.contains("limited to 976.6 KiB/s"), "{plain}");
     for (rate, bytes) in [
         ("rate=50M", 50_000_000u64),
         ("rate=50MiB", 50 * MIB),
