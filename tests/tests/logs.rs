@@ -41,7 +41,10 @@ fn text_logs_into_a_pipe_have_no_colour_and_name_the_disk() {
         "no span naming the disk: {log}"
     );
     assert!(log.contains("connecting to the source"), "{log}");
-    assert!(log.contains("ferry: error: cannot connect to the source"), "{log}");
+    assert!(
+        log.contains("ferry: error: cannot connect to the source"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -87,7 +87,14 @@ fn status_wait_exits_2_when_the_source_changes() {
     let ctl = ctl.to_str().expect("utf8");
     let mut wait = w.spawn(
         "wait",
-        &["status", "--control", ctl, "--wait", "--timeout-secs", "240"],
+        &[
+            "status",
+            "--control",
+            ctl,
+            "--wait",
+            "--timeout-secs",
+            "240",
+        ],
     );
     // It waits while the copy is held back.
     std::thread::sleep(Duration::from_secs(2));
@@ -132,7 +139,14 @@ fn status_wait_reaches_a_restarted_pull_again() {
     let ctl = ctl.to_str().expect("utf8");
     let mut wait = w.spawn(
         "wait",
-        &["status", "--control", ctl, "--wait", "--timeout-secs", "240"],
+        &[
+            "status",
+            "--control",
+            ctl,
+            "--wait",
+            "--timeout-secs",
+            "240",
+        ],
     );
     std::thread::sleep(Duration::from_secs(2));
     pull.kill9();
@@ -184,7 +198,10 @@ fn status_watch_draws_a_bar_in_a_pty_and_plain_lines_in_a_pipe() {
     let out = status(&w, &["--watch", "--timeout-secs", "5"]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let lines = text(&out.stdout);
-    assert!(!lines.contains('\x1b') && !lines.contains('\r'), "{lines:?}");
+    assert!(
+        !lines.contains('\x1b') && !lines.contains('\r'),
+        "{lines:?}"
+    );
     assert!(lines.lines().count() >= 2, "{lines:?}");
     for l in lines.lines() {
         assert!(
@@ -199,7 +216,13 @@ fn rates_and_sizes_take_units_and_name_bad_input() {
     let w = World::new();
     let (_serve, _pull, port) = pull_of_4_mib(
         &w,
-        &["--hold-background", "--sync-bytes", "1MiB", "--rate", "8Mbit"],
+        &[
+            "--hold-background",
+            "--sync-bytes",
+            "1MiB",
+            "--rate",
+            "8Mbit",
+        ],
     );
     // 8 Mbit/s is 1 MB/s, shown in binary units.
     assert_eq!(w.status()["rate_limit_bytes_per_sec"], 1_000_000);

@@ -102,7 +102,9 @@ mod tests {
         assert_eq!(text.matches("(os error 98)").count(), 1, "{text}");
         assert!(text.starts_with("cannot start the server: cannot bind 127.0.0.1:7700: "));
         // Causes that add something are all kept, in order.
-        let e = anyhow::anyhow!("innermost").context("middle").context("outer");
+        let e = anyhow::anyhow!("innermost")
+            .context("middle")
+            .context("outer");
         assert_eq!(error_chain(&e), "outer: middle: innermost");
     }
 }

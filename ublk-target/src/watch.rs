@@ -286,7 +286,10 @@ mod tests {
         assert!(outcome(&status("complete", "running")).is_none());
         assert!(matches!(outcome(&status("complete", "ok")), Some(Ok(()))));
         assert!(matches!(outcome(&status("error", "pending")), Some(Err(_))));
-        assert!(matches!(outcome(&status("complete", "failed")), Some(Err(_))));
+        assert!(matches!(
+            outcome(&status("complete", "failed")),
+            Some(Err(_))
+        ));
     }
 
     #[test]

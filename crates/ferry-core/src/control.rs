@@ -118,7 +118,12 @@ mod tests {
                 "{line:?}"
             );
         }
-        for line in ["rate -1", "rate 1e6", "rate 18446744073709551616", "rate 50Mb"] {
+        for line in [
+            "rate -1",
+            "rate 1e6",
+            "rate 18446744073709551616",
+            "rate 50Mb",
+        ] {
             let e = ControlRequest::parse(line).unwrap_err();
             assert!(matches!(e, ControlParseError::BadRate(_)), "{line:?}");
             // The message names what was typed.

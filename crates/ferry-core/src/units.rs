@@ -59,14 +59,25 @@ fn unit(s: &str) -> Option<Unit> {
     const K: u128 = 1000;
     const KI: u128 = 1024;
     let (prefix, rest) = match s.chars().next() {
-        None => return Some(Unit { factor: 1, bits: false }),
+        None => {
+            return Some(Unit {
+                factor: 1,
+                bits: false,
+            })
+        }
         Some(c) => (c.to_ascii_lowercase(), &s[c.len_utf8()..]),
     };
     if s == "B" {
-        return Some(Unit { factor: 1, bits: false });
+        return Some(Unit {
+            factor: 1,
+            bits: false,
+        });
     }
     if s == "bit" {
-        return Some(Unit { factor: 1, bits: true });
+        return Some(Unit {
+            factor: 1,
+            bits: true,
+        });
     }
     let power = match prefix {
         'k' => 1,
@@ -76,9 +87,18 @@ fn unit(s: &str) -> Option<Unit> {
         _ => return None,
     };
     match rest {
-        "" | "B" => Some(Unit { factor: K.pow(power), bits: false }),
-        "i" | "iB" => Some(Unit { factor: KI.pow(power), bits: false }),
-        "bit" => Some(Unit { factor: K.pow(power), bits: true }),
+        "" | "B" => Some(Unit {
+            factor: K.pow(power),
+            bits: false,
+        }),
+        "i" | "iB" => Some(Unit {
+            factor: KI.pow(power),
+            bits: false,
+        }),
+        "bit" => Some(Unit {
+            factor: K.pow(power),
+            bits: true,
+        }),
         _ => None,
     }
 }
@@ -270,7 +290,17 @@ mod tests {
 
     #[test]
     fn what_is_printed_parses_back() {
-        for n in [0, 1, 1023, 1024, 1536, 50_000_000, 32 << 20, 3 << 30, 1 << 40] {
+        for n in [
+            0,
+            1,
+            1023,
+            1024,
+            1536,
+            50_000_000,
+            32 << 20,
+            3 << 30,
+            1 << 40,
+        ] {
             let printed = Bytes(n).to_string();
             let back = parse_size(&printed).expect("printed size parses");
             // One decimal: within 5% (exact for whole units).
@@ -306,7 +336,9 @@ mod tests {
 
     #[test]
     fn junk_is_refused_with_the_input_named() {
-        for text in ["", " ", "M", "MiB", "-1", "+5", "1e6", "1.", ".5", "1.2.3", "0x10"] {
+        for text in [
+            "", " ", "M", "MiB", "-1", "+5", "1e6", "1.", ".5", "1.2.3", "0x10",
+        ] {
             let e = parse_size(text).unwrap_err();
             assert!(
                 matches!(
