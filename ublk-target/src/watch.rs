@@ -61,10 +61,11 @@ fn outcome(s: &Status) -> Option<Result<(), PullStopped>> {
     if s.phase == "error" {
         return Some(Err(PullStopped(s.error.clone().unwrap_or_default())));
     }
-    if s.verified == "failed" {
+    // `failed`, or `failed: why` when the disk could not be read.
+    if s.verified.starts_with("failed") {
         return Some(Err(PullStopped(format!(
-            "the verification against the source failed ({} chunks fetched again)",
-            s.verify_refetched_chunks
+            "the verification against the source {} ({} chunks fetched again)",
+            s.verified, s.verify_refetched_chunks
         ))));
     }
     (s.phase == "complete" && s.verified == "ok").then_some(Ok(()))
@@ -290,6 +291,10 @@ mod tests {
             outcome(&status("complete", "failed")),
             Some(Err(_))
         ));
+        let Some(Err(e)) = outcome(&status("complete", "failed: cannot read the disk")) else {
+            panic!("a verification that could not read the disk ends the wait");
+        };
+        assert!(e.to_string().contains("cannot read the disk"), "{e}");
     }
 
     #[test]
