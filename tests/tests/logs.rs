@@ -7,6 +7,8 @@ use std::process::{Command, Output, Stdio};
 
 use ferry_tests::*;
 
+const MIB: u64 = 1 << 20;
+
 /// `ferry ARGS` with stderr a pipe, killed after 120 s.
 fn ferry_piped(args: &[String]) -> Output {
     Command::new("timeout")
@@ -111,4 +113,30 @@ fn an_error_chain_names_each_cause_once() {
         .unwrap_or_else(|| panic!("no error line: {e}"));
     assert!(line.contains(&listen), "{line}");
     assert_eq!(line.matches("(os error").count(), 1, "{line}");
+}
+
+#[test]
+fn lines_of_the_copier_and_verification_carry_the_disks_span_too() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 4 * MIB, &[(0, MIB)], 3);
+    let (_serve, port) = w.serve(&src, &[]);
+    let pull = w.pull(&w.pull_args(port, "dst.img"));
+    let disk = w.path("dst.img");
+    let span = format!("pull{{disk={}}}", disk.display());
+    let st = w.wait_verified(std::time::Duration::from_secs(120));
+    assert_eq!(st["verified"], "ok", "{st}");
+    let log = pull.log_text();
+    // The verification runs in a task the copier spawned: its line must
+    // still name the disk.
+    let verifying = log
+        .lines()
+        .find(|l| l.contains("verifying the whole disk"))
+        .unwrap_or_else(|| panic!("no verification line: {log}"));
+    assert!(verifying.contains(&span), "{verifying:?} lacks {span}");
+    let verified = log
+        .lines()
+        .find(|l| l.contains("copy complete and verified"))
+        .unwrap_or_else(|| panic!("no verified line: {log}"));
+    assert!(verified.contains(&span), "{verified:?} lacks {span}");
 }

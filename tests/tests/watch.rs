@@ -62,6 +62,9 @@ fn status_wait_exits_0_once_complete_and_verified_without_rate_or_eta() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(s["verified"], "ok", "{s}");
+    // The JSON too: a finished copy has no rate and no ETA.
+    assert_eq!(s["rate_bytes_per_sec"], 0, "{s}");
+    assert!(s["eta_seconds"].is_null(), "{s}");
     // --watch into a pipe ends as --wait does, its line without rate/ETA.
     let out = status(&w, &["--watch", "--timeout-secs", "240"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");

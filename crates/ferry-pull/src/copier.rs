@@ -276,12 +276,12 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
             .fetch_add(bytes, Ordering::Relaxed);
         issued += 1;
         let s = shared.clone();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             s.clone().fetch(range, FetchKind::Background).await;
             s.bg_in_flight.fetch_sub(1, Ordering::Relaxed);
             s.bg_in_flight_bytes.fetch_sub(bytes, Ordering::Relaxed);
             s.changed.notify_waiters();
-        });
+        }));
     }
 }
 

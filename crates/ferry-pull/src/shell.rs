@@ -304,7 +304,9 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
     /// completes even if the guest request that asked for it goes away.
     pub(crate) fn spawn_fetch(self: &Arc<Self>, range: Range<u64>, kind: FetchKind) {
         let me = self.clone();
-        tokio::spawn(async move { me.fetch(range, kind).await });
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            me.fetch(range, kind).await
+        }));
     }
 
     pub(crate) async fn fetch(self: Arc<Self>, range: Range<u64>, kind: FetchKind) {

@@ -126,15 +126,16 @@ pub fn snapshot<F: Fetcher, D: Disk, M: BlockMap>(
         Phase::Failed(m) => ("error".to_string(), Some(m.to_string())),
     };
     let stopped = error.is_some();
-    let rate = report.rate.last_rate.load(Ordering::Relaxed);
-    let remaining = geo.disk_size - e.present_bytes();
-    let eta = if remaining == 0 {
-        Some(0)
-    } else if rate > 0 {
-        Some(remaining.div_ceil(rate))
+    // Only a copy still running has a rate and an ETA: a finished or failed
+    // one shows neither (the rate is averaged over ~5 s and would linger).
+    let copying = phase == "copying";
+    let rate = if copying {
+        report.rate.last_rate.load(Ordering::Relaxed)
     } else {
-        None
+        0
     };
+    let remaining = geo.disk_size - e.present_bytes();
+    let eta = (copying && rate > 0 && remaining > 0).then(|| remaining.div_ceil(rate));
     let guest_written_chunks = e.guest_chunk_count();
     Status {
         phase,

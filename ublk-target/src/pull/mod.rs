@@ -14,6 +14,7 @@ use ferry_nbd::{NbdListener, NbdServerConfig};
 use ferry_pull::{copier, CopierSettings, PullDevice, Report, ShellOptions, Verification, Window};
 use ferry_store::StateFile;
 use ferry_transport::{Client, ClientOptions, Fingerprint, Identity, TransportError};
+use tracing::Instrument;
 
 use crate::cli::PullArgs;
 use source::Quic;
@@ -346,33 +347,42 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         if verified.is_some() {
             tracing::info!("the copy is complete and verified: serving it without the source");
         } else {
-            tokio::spawn(copier::fetch_manifest(shared.clone()));
-            tokio::spawn(copier::run_copier(
+            tokio::spawn(copier::fetch_manifest(shared.clone()).in_current_span());
+            tokio::spawn(
+                copier::run_copier(shared.clone(), settings.clone(), report.clone())
+                    .in_current_span(),
+            );
+        }
+        if let Some(c) = &client {
+            tokio::spawn(keep_connected(shared.clone(), c.clone()).in_current_span());
+        }
+        let reaching = later.map(|opts| {
+            tokio::spawn(
+                reach_source(
+                    shared.clone(),
+                    opts,
+                    state_path.clone(),
+                    geo,
+                    id,
+                    verified.is_some(),
+                )
+                .in_current_span(),
+            )
+        });
+        tokio::spawn(
+            copier::run_syncer(
                 shared.clone(),
                 settings.clone(),
                 report.clone(),
-            ));
-        }
-        if let Some(c) = &client {
-            tokio::spawn(keep_connected(shared.clone(), c.clone()));
-        }
-        let reaching = later.map(|opts| {
-            tokio::spawn(reach_source(
-                shared.clone(),
-                opts,
-                state_path.clone(),
-                geo,
-                id,
-                verified.is_some(),
-            ))
-        });
-        tokio::spawn(copier::run_syncer(
-            shared.clone(),
-            settings.clone(),
-            report.clone(),
-            crate::notify::notify,
-        ));
-        tokio::spawn(control.serve(shared.clone(), settings.clone(), report.clone()));
+                crate::notify::notify,
+            )
+            .in_current_span(),
+        );
+        tokio::spawn(
+            control
+                .serve(shared.clone(), settings.clone(), report.clone())
+                .in_current_span(),
+        );
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(listener) = listener {
@@ -393,13 +403,16 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 tls: nbd_tls,
             };
             let mut rx = stop_rx.clone();
-            tasks.push(tokio::spawn(async move {
-                ferry_nbd::serve(listener, device, config, async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-                .map_err(anyhow::Error::from)
-            }));
+            tasks.push(tokio::spawn(
+                async move {
+                    ferry_nbd::serve(listener, device, config, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+                }
+                .in_current_span(),
+            ));
         }
         let mut ublk_id = None;
         if a.ublk {
@@ -415,9 +428,11 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             let handle = tokio::runtime::Handle::current();
             let device = device.clone();
             let size = geo.disk_size;
+            let span = tracing::Span::current();
             let ublk_thread = std::thread::Builder::new()
                 .name("ublk".into())
                 .spawn(move || {
+                    let _in = span.enter();
                     ferry_ublk::serve_ublk(device, handle, opts, move |path| {
                         println!("ferry pull: serving {path} (size {size} bytes)");
                         let _ = live_tx.send(path.to_string());
