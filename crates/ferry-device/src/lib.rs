@@ -4,7 +4,19 @@
 //! client into calls on a [`BlockDevice`]. The migration engine implements it
 //! for `ferry pull`; [`MemDevice`] is a simple in-memory device for tests of
 //! the frontends themselves.
+//!
+//! [`Request`] is the one request model the frontends share: each frontend
+//! only decodes its wire format into a `Request` and encodes the outcome
+//! back; validation ([`Request::validate`]), execution ([`execute`], with
+//! the fast path [`read_now`] for present blocks) and the mapping of
+//! errors to errno values ([`errno`]) live here.
 #![forbid(unsafe_code)]
+
+mod errno;
+mod request;
+
+pub use errno::errno;
+pub use request::{execute, read_now, Limits, Request, RequestError};
 
 use std::future::Future;
 use std::io;

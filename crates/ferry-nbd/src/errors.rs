@@ -58,23 +58,23 @@ pub enum NbdError {
     Protocol(String),
 }
 
+/// The NBD error number for a request that failed with `errno` (from the
+/// one mapping, [`ferry_device::errno`]): the protocol knows only a few.
+pub(crate) fn nbd_error(errno: i32) -> u32 {
+    use nix::libc;
+    match errno {
+        libc::EPERM | libc::EACCES | libc::EROFS => EPERM,
+        libc::ENOMEM => ENOMEM,
+        libc::EINVAL => EINVAL,
+        libc::ENOSPC | libc::EDQUOT => ENOSPC,
+        _ => EIO,
+    }
+}
+
 /// Maps a device error to the NBD error number sent to the client, and logs
 /// it. `what`, `offset` and `len` describe the failed request.
 pub(crate) fn nbd_errno(err: &io::Error, what: &str, offset: u64, len: u64) -> u32 {
-    use io::ErrorKind as K;
-    let code = match err.kind() {
-        K::InvalidInput => EINVAL,
-        K::StorageFull => ENOSPC,
-        K::PermissionDenied | K::ReadOnlyFilesystem => EPERM,
-        K::OutOfMemory => ENOMEM,
-        _ => match err.raw_os_error() {
-            Some(1 | 13 | 30) => EPERM, // EPERM, EACCES, EROFS
-            Some(12) => ENOMEM,         // ENOMEM
-            Some(22) => EINVAL,         // EINVAL
-            Some(28 | 122) => ENOSPC,   // ENOSPC, EDQUOT
-            _ => EIO,
-        },
-    };
+    let code = nbd_error(ferry_device::errno(err));
     tracing::warn!(
         command = what,
         offset,
@@ -102,5 +102,8 @@ mod tests {
         assert_eq!(m(io::Error::from_raw_os_error(28)), ENOSPC);
         assert_eq!(m(io::Error::from_raw_os_error(5)), EIO);
         assert_eq!(m(io::ErrorKind::TimedOut.into()), EIO);
+        assert_eq!(m(io::Error::from_raw_os_error(30)), EPERM);
+        assert_eq!(m(io::Error::from_raw_os_error(122)), ENOSPC);
+        assert_eq!(m(io::ErrorKind::Unsupported.into()), EIO);
     }
 }

@@ -1,7 +1,10 @@
 //! The transmission phase: requests in, simple replies out, concurrently.
 //!
-//! One reader loop decodes requests off the socket and spawns one task per
-//! request; every reply goes through an mpsc channel to a single writer loop
+//! One reader loop decodes requests off the socket into the shared request
+//! model ([`ferry_device::Request`]), validates them against the export,
+//! answers a READ of present blocks at once on the connection task
+//! ([`ferry_device::read_now`]) and spawns one task per other request
+//! ([`ferry_device::execute`]); every reply goes through an mpsc channel to a single writer loop
 //! so replies never interleave. Requests in flight are bounded in number
 //! ([`MAX_IN_FLIGHT`]) and in payload bytes ([`MAX_IN_FLIGHT_BYTES`]); a
 //! request's permits are released only once its reply has been written, so
@@ -10,12 +13,13 @@
 use std::io;
 use std::sync::Arc;
 
-use ferry_device::BlockDevice;
+use ferry_device::{self as device, BlockDevice, Limits};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::errors::{nbd_errno, nbd_error};
 use crate::proto::*;
 use crate::NbdError;
 
@@ -36,30 +40,6 @@ struct Reply {
     error: u32,
     data: Option<Vec<u8>>,
     _permits: Permits,
-}
-
-/// A validated command ready to run on the device.
-#[derive(Debug)]
-enum Command {
-    Read {
-        offset: u64,
-        len: u32,
-    },
-    Write {
-        offset: u64,
-        data: Vec<u8>,
-        fua: bool,
-    },
-    Flush,
-    Trim {
-        offset: u64,
-        len: u64,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        fua: bool,
-    },
 }
 
 /// Serves requests until the client disconnects (DISC or EOF) or breaks the
@@ -138,6 +118,11 @@ where
     D: BlockDevice,
     R: AsyncRead + Unpin,
 {
+    let limits = Limits {
+        size,
+        read_only,
+        max_payload: MAX_PAYLOAD,
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let count = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES as usize));
@@ -212,7 +197,7 @@ where
             reader.read_exact(&mut data).await?;
         }
 
-        match validate(&req, data, size, read_only) {
+        match decode(&req, &limits) {
             Err(error) => {
                 debug!(
                     command = command_name(req.kind),
@@ -223,15 +208,29 @@ where
                 );
                 send(&tx, req.handle, Err(error), permits).await?;
             }
-            Ok(cmd) => {
-                let device = device.clone();
-                let tx = tx.clone();
-                let handle = req.handle;
-                tasks.spawn(async move {
-                    let result = execute(&*device, cmd).await;
-                    // A closed channel means the connection is going away.
-                    let _ = send(&tx, handle, result, permits).await;
-                });
+            Ok(device::Request::Read { offset, len }) => {
+                // The fast path: present blocks are read here, with no
+                // task or thread hop.
+                let mut buf = vec![0u8; len as usize];
+                if let Some(done) = device::read_now(&*device, offset, &mut buf) {
+                    let result = done
+                        .map(|()| Some(buf))
+                        .map_err(|e| nbd_errno(&e, "READ", offset, u64::from(len)));
+                    send(&tx, req.handle, result, permits).await?;
+                    continue;
+                }
+                spawn_request(
+                    &mut tasks,
+                    &device,
+                    &tx,
+                    req.handle,
+                    device::Request::Read { offset, len },
+                    Vec::new(),
+                    permits,
+                );
+            }
+            Ok(request) => {
+                spawn_request(&mut tasks, &device, &tx, req.handle, request, data, permits);
             }
         }
     };
@@ -273,78 +272,59 @@ async fn send(
     .map_err(|_| NbdError::Protocol("reply writer is gone".into()))
 }
 
-/// Checks a request against the export; the error is an NBD error number.
-fn validate(req: &Request, data: Vec<u8>, size: u64, read_only: bool) -> Result<Command, u32> {
+/// Runs `request` (with the WRITE payload `data`) on a task of its own,
+/// which queues the reply.
+fn spawn_request<D: BlockDevice>(
+    tasks: &mut JoinSet<()>,
+    device: &Arc<D>,
+    tx: &mpsc::Sender<Reply>,
+    handle: u64,
+    request: device::Request,
+    data: Vec<u8>,
+    permits: Permits,
+) {
+    let device = device.clone();
+    let tx = tx.clone();
+    tasks.spawn(async move {
+        let (offset, len) = request.range();
+        tracing::trace!(what = request.name(), offset, len, "request");
+        let result = match device::execute(&*device, request, data).await {
+            Ok(data) => Ok(matches!(request, device::Request::Read { .. }).then_some(data)),
+            Err(e) => Err(nbd_errno(&e, request.name(), offset, len)),
+        };
+        // A closed channel means the connection is going away.
+        let _ = send(&tx, handle, result, permits).await;
+    });
+}
+
+/// Decodes a request header into the shared request model and checks it
+/// against the export; the error is an NBD error number. Unknown commands
+/// and flags are `EINVAL`.
+fn decode(req: &Request, limits: &Limits) -> Result<device::Request, u32> {
     if req.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0 {
         return Err(EINVAL);
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
-    let len = u64::from(req.len);
-    let end = req.offset.checked_add(len);
-    let in_range = end.is_some_and(|end| end <= size);
-    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && read_only {
-        return Err(EPERM);
-    }
-    if writes && !in_range {
-        // The spec asks for ENOSPC on writes past the end.
-        return Err(if end.is_none() { EINVAL } else { ENOSPC });
-    }
-    let offset = req.offset;
-    match req.kind {
-        CMD_READ if in_range => Ok(Command::Read {
+    let (offset, len) = (req.offset, req.len);
+    let request = match req.kind {
+        CMD_READ => device::Request::Read { offset, len },
+        CMD_WRITE => device::Request::Write { offset, len, fua },
+        CMD_FLUSH => device::Request::Flush,
+        CMD_TRIM => device::Request::Trim {
             offset,
-            len: req.len,
-        }),
-        CMD_READ => Err(EINVAL),
-        CMD_WRITE => Ok(Command::Write { offset, data, fua }),
-        CMD_FLUSH => Ok(Command::Flush),
-        CMD_TRIM => Ok(Command::Trim { offset, len }),
-        CMD_WRITE_ZEROES => Ok(Command::WriteZeroes { offset, len, fua }),
-        _ => Err(EINVAL),
-    }
-}
-
-/// Runs a validated command; read data on success, an NBD error otherwise.
-async fn execute<D: BlockDevice>(device: &D, cmd: Command) -> Result<Option<Vec<u8>>, u32> {
-    let (what, offset, len) = match &cmd {
-        Command::Read { offset, len } => ("READ", *offset, u64::from(*len)),
-        Command::Write { offset, data, .. } => ("WRITE", *offset, data.len() as u64),
-        Command::Flush => ("FLUSH", 0, 0),
-        Command::Trim { offset, len } => ("TRIM", *offset, *len),
-        Command::WriteZeroes { offset, len, .. } => ("WRITE_ZEROES", *offset, *len),
+            len: u64::from(len),
+        },
+        CMD_WRITE_ZEROES => device::Request::WriteZeroes {
+            offset,
+            len: u64::from(len),
+            fua,
+        },
+        _ => return Err(EINVAL),
     };
-    tracing::trace!(what, offset, len, "request");
-    let fail = |e: io::Error| crate::errors::nbd_errno(&e, what, offset, len);
-    match cmd {
-        Command::Read { len: 0, .. } => Ok(Some(Vec::new())),
-        Command::Read { offset, len } => {
-            let data = device.read(offset, len).await.map_err(fail)?;
-            if data.len() != len as usize {
-                let e = io::Error::other(format!(
-                    "device returned {} bytes for a read of {len}",
-                    data.len()
-                ));
-                return Err(fail(e));
-            }
-            Ok(Some(data))
-        }
-        Command::Write { data, .. } if data.is_empty() => Ok(None),
-        Command::Write { offset, data, fua } => {
-            device.write(offset, data, fua).await.map_err(fail)?;
-            Ok(None)
-        }
-        Command::Flush => device.flush().await.map(|()| None).map_err(fail),
-        Command::Trim { len: 0, .. } | Command::WriteZeroes { len: 0, .. } => Ok(None),
-        Command::Trim { offset, len } => {
-            device.trim(offset, len).await.map(|()| None).map_err(fail)
-        }
-        Command::WriteZeroes { offset, len, fua } => device
-            .write_zeroes(offset, len, fua)
-            .await
-            .map(|()| None)
-            .map_err(fail),
-    }
+    request
+        .validate(limits)
+        .map_err(|e| nbd_error(device::errno(&e.into())))?;
+    Ok(request)
 }
 
 #[cfg(test)]
@@ -364,7 +344,14 @@ mod tests {
 
     #[test]
     fn validation() {
-        let v = |r: Request, ro| validate(&r, Vec::new(), 8192, ro).map(|_| ());
+        let v = |r: Request, read_only| {
+            let limits = Limits {
+                size: 8192,
+                read_only,
+                max_payload: MAX_PAYLOAD,
+            };
+            decode(&r, &limits).map(|_| ())
+        };
         assert_eq!(v(req(CMD_READ, 0, 4096, 4096), false), Ok(()));
         assert_eq!(v(req(CMD_READ, 0, 4097, 4096), false), Err(EINVAL));
         assert_eq!(v(req(CMD_READ, 0, u64::MAX, 1), false), Err(EINVAL));

@@ -334,6 +334,35 @@ fn trim_and_write_zeroes_zero_the_range() {
 }
 
 #[test]
+fn present_blocks_are_read_at_once_and_the_rest_through_the_device() {
+    let data = pattern(SIZE as usize, 3);
+    let dev = Recording::new(data.clone()).present_below(SIZE / 2);
+    let server = TestServer::start(Arc::new(dev), false, false);
+    let mut c = server.raw();
+    c.go(EXPORT);
+    assert_eq!(c.read_ok(1, 4096, 8192), data[4096..12288]);
+    assert_eq!(
+        c.read_ok(2, SIZE / 2, 4096),
+        data[SIZE as usize / 2..][..4096]
+    );
+    assert_eq!(
+        server.device.ops(),
+        [Op::ReadNow(4096, 8192), Op::Read(SIZE / 2, 4096)]
+    );
+
+    // A failing fast path is answered with its error, not retried.
+    let dev = Recording::new(data)
+        .present_below(SIZE / 2)
+        .failing(SIZE / 4, ErrorKind::StorageFull);
+    let server = TestServer::start(Arc::new(dev), false, false);
+    let mut c = server.raw();
+    c.go(EXPORT);
+    c.request(0, CMD_READ, 3, SIZE / 4, 512);
+    assert_eq!(c.reply(), (ENOSPC, 3));
+    assert_eq!(server.device.ops(), [Op::ReadNow(SIZE / 4, 512)]);
+}
+
+#[test]
 fn device_errors_become_nbd_errors() {
     for (kind, errno) in [
         (ErrorKind::Other, EIO),

@@ -1,6 +1,6 @@
-//! The one place where a request's `io::Error` becomes the negative errno the
-//! ublk driver hands back to the block layer, and where that failure is
-//! logged.
+//! Where a request's `io::Error` becomes the negative errno the ublk driver
+//! hands back to the block layer (the shared mapping, [`ferry_device::errno`],
+//! negated), and where that failure is logged.
 
 use std::io;
 
@@ -12,7 +12,7 @@ use crate::request::Descriptor;
 /// An error carrying an OS error number keeps it; others are mapped by kind;
 /// anything unrecognised is -EIO. The result is always negative.
 pub(crate) fn request_failed(queue: u16, tag: u16, desc: Descriptor, err: &io::Error) -> i32 {
-    let errno = errno_of(err);
+    let errno = ferry_device::errno(err);
     tracing::warn!(
         queue,
         tag,
@@ -24,29 +24,6 @@ pub(crate) fn request_failed(queue: u16, tag: u16, desc: Descriptor, err: &io::E
         "ublk request failed: {err}"
     );
     -errno
-}
-
-/// Positive errno for `err`.
-fn errno_of(err: &io::Error) -> i32 {
-    if let Some(code) = err.raw_os_error().filter(|code| *code > 0) {
-        return code;
-    }
-    use io::ErrorKind as K;
-    match err.kind() {
-        K::Unsupported => libc::EOPNOTSUPP,
-        K::InvalidInput | K::InvalidData => libc::EINVAL,
-        K::NotFound => libc::ENOENT,
-        K::PermissionDenied => libc::EPERM,
-        K::TimedOut => libc::ETIMEDOUT,
-        K::OutOfMemory => libc::ENOMEM,
-        K::StorageFull => libc::ENOSPC,
-        K::WouldBlock => libc::EAGAIN,
-        K::Interrupted => libc::EINTR,
-        K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted | K::NotConnected => {
-            libc::ENOTCONN
-        }
-        _ => libc::EIO,
-    }
 }
 
 #[cfg(test)]

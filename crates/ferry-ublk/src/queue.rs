@@ -47,8 +47,9 @@ use tokio::sync::oneshot;
 
 use crate::cdev;
 use crate::errno::request_failed;
-use crate::request::{Descriptor, Request};
+use crate::request::{decode, Descriptor};
 use crate::setup::feature;
+use ferry_device::Request;
 
 /// The fields of the kernel's I/O descriptor that serving a request needs.
 fn descriptor(iod: &libublk::sys::ublksrv_io_desc) -> Descriptor {
@@ -289,7 +290,7 @@ impl UserCopy<'_> {
             scratch.resize(self.max_len.max(len), 0);
         }
         let dst = &mut scratch[..len];
-        match read_now(device, offset, dst)? {
+        match ferry_device::read_now(device, offset, dst)? {
             Ok(()) => Some(cdev::write_all_at(self.cdev, dst, self.pos)),
             Err(e) => Some(Err(e)),
         }
@@ -301,13 +302,16 @@ impl<D: BlockDevice> TagCtx<D> {
     /// transferred for READ/WRITE, 0 for the others).
     async fn handle(&self, desc: Descriptor, mut path: DataPath<'_>) -> io::Result<i32> {
         let device = Arc::clone(&self.device);
-        match Request::decode(desc, self.size, path.max_len())? {
+        let request = decode(desc, self.size, path.max_len())?;
+        match request {
             Request::Read { offset, len } => {
                 let n = len as usize;
                 // `decode` checked `len <= path.max_len()`: the fast paths
                 // get exactly the request.
                 let served = match &mut path {
-                    DataPath::Buffer(buf) => read_now(&*self.device, offset, &mut buf[..n]),
+                    DataPath::Buffer(buf) => {
+                        ferry_device::read_now(&*self.device, offset, &mut buf[..n])
+                    }
                     DataPath::UserCopy(uc) => uc.read_now(&*self.device, offset, n),
                 };
                 if let Some(done) = served {
@@ -315,21 +319,17 @@ impl<D: BlockDevice> TagCtx<D> {
                     return Ok(len as i32);
                 }
                 let data = self
-                    .on_runtime(async move { device.read(offset, len).await })
+                    .on_runtime(async move {
+                        ferry_device::execute(&*device, request, Vec::new()).await
+                    })
                     .await?;
-                if data.len() != n {
-                    return Err(io::Error::other(format!(
-                        "the device returned {} bytes for a {len}-byte read",
-                        data.len()
-                    )));
-                }
                 match path {
                     DataPath::Buffer(buf) => buf[..n].copy_from_slice(&data),
                     DataPath::UserCopy(uc) => cdev::write_all_at(uc.cdev, &data, uc.pos)?,
                 }
                 Ok(len as i32)
             }
-            Request::Write { offset, len, fua } => {
+            Request::Write { len, .. } => {
                 let data = match path {
                     DataPath::Buffer(buf) => buf[..len as usize].to_vec(),
                     DataPath::UserCopy(uc) => {
@@ -338,22 +338,17 @@ impl<D: BlockDevice> TagCtx<D> {
                         data
                     }
                 };
-                self.on_runtime(async move { device.write(offset, data, fua).await })
-                    .await?;
+                self.on_runtime(
+                    async move { ferry_device::execute(&*device, request, data).await },
+                )
+                .await?;
                 Ok(len as i32)
             }
-            Request::Flush => {
-                self.on_runtime(async move { device.flush().await }).await?;
-                Ok(0)
-            }
-            Request::Discard { offset, len } => {
-                self.on_runtime(async move { device.trim(offset, len).await })
-                    .await?;
-                Ok(0)
-            }
-            Request::WriteZeroes { offset, len, fua } => {
-                self.on_runtime(async move { device.write_zeroes(offset, len, fua).await })
-                    .await?;
+            Request::Flush | Request::Trim { .. } | Request::WriteZeroes { .. } => {
+                self.on_runtime(async move {
+                    ferry_device::execute(&*device, request, Vec::new()).await
+                })
+                .await?;
                 Ok(0)
             }
         }
@@ -382,24 +377,6 @@ impl<D: BlockDevice> TagCtx<D> {
             })
         }
     }
-}
-
-/// The fast path of a READ: [`BlockDevice::read_now`] straight into the
-/// request's buffer, on the queue thread (no allocation, copy or thread hop).
-/// `None` means the device must wait for something (for `ferry pull`: a block
-/// is missing); the caller then takes the async path.
-///
-/// A panic in the device becomes an error for this request, as it does on
-/// the async path, instead of taking the queue thread down.
-fn read_now<D: BlockDevice>(device: &D, offset: u64, dst: &mut [u8]) -> Option<io::Result<()>> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        device.read_now(offset, dst)
-    }))
-    .unwrap_or_else(|_| {
-        Some(Err(io::Error::other(
-            "the device's synchronous read panicked",
-        )))
-    })
 }
 
 /// [`BlockDevice::copy_now`] to the char device, on the queue thread; a

@@ -1,10 +1,13 @@
-//! Decoding of one ublk I/O descriptor into a [`Request`] on the device.
+//! Decoding of one ublk I/O descriptor into the shared request model
+//! ([`ferry_device::Request`]), checked against the device.
 //!
-//! Pure: no kernel, no I/O. Every check a request must pass before it reaches
-//! the [`BlockDevice`](ferry_device::BlockDevice) lives here, so it can be
-//! tested on any machine.
+//! Pure: no kernel, no I/O, so it can be tested on any machine. The checks
+//! themselves are the model's ([`Request::validate`]); only the wire format
+//! (opcodes, flags, sectors) is ublk's.
 
 use std::io;
+
+use ferry_device::{Limits, Request};
 
 /// ublk opcodes and flags (`include/uapi/linux/ublk_cmd.h`).
 pub(crate) mod op {
@@ -45,92 +48,64 @@ impl Descriptor {
     }
 }
 
-/// One request on the device, checked against its size and the buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Request {
-    /// Read `len` bytes at `offset` into the request buffer.
-    Read { offset: u64, len: u32 },
-    /// Write the first `len` bytes of the request buffer at `offset`.
-    Write { offset: u64, len: u32, fua: bool },
-    /// Make completed writes durable.
-    Flush,
-    /// Discard `len` bytes at `offset`.
-    Discard { offset: u64, len: u64 },
-    /// Write zeros over `len` bytes at `offset`.
-    WriteZeroes { offset: u64, len: u64, fua: bool },
-}
-
-impl Request {
-    /// Decodes `desc` for a device of `device_size` bytes whose request
-    /// buffer holds `buf_len` bytes.
-    ///
-    /// Unknown opcodes give `ErrorKind::Unsupported` (answered -EOPNOTSUPP);
-    /// ranges outside the device or larger than the buffer give
-    /// `ErrorKind::InvalidInput` (-EINVAL). FLUSH ignores the range: the
-    /// driver sends it with `start_sector` all ones.
-    pub(crate) fn decode(desc: Descriptor, device_size: u64, buf_len: usize) -> io::Result<Self> {
-        let fua = desc.op_flags & op::F_FUA != 0;
-        let opcode = desc.opcode();
-        if opcode == op::FLUSH {
-            return Ok(Request::Flush);
-        }
-        if !matches!(
-            opcode,
-            op::READ | op::WRITE | op::DISCARD | op::WRITE_ZEROES
-        ) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("unsupported ublk opcode {opcode}"),
-            ));
-        }
-        let (offset, len) = range(desc, device_size)?;
-        let buffered = |len: u64| -> io::Result<u32> {
-            u32::try_from(len)
-                .ok()
-                .filter(|len| *len as usize <= buf_len)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("request of {len} bytes exceeds the {buf_len}-byte buffer"),
-                    )
-                })
-        };
-        Ok(match opcode {
-            op::READ => Request::Read {
-                offset,
-                len: buffered(len)?,
-            },
-            op::WRITE => Request::Write {
-                offset,
-                len: buffered(len)?,
-                fua,
-            },
-            op::DISCARD => Request::Discard { offset, len },
-            _ => Request::WriteZeroes { offset, len, fua },
-        })
+/// Decodes `desc` for a device of `device_size` bytes whose request buffer
+/// holds `buf_len` bytes.
+///
+/// Unknown opcodes give `ErrorKind::Unsupported` (answered -EOPNOTSUPP);
+/// the model's refusals ([`ferry_device::RequestError`]) give its kinds:
+/// reads outside the device or larger than the buffer -EINVAL, writes past
+/// the end -ENOSPC. FLUSH ignores the range: the driver sends it with
+/// `start_sector` all ones.
+pub(crate) fn decode(desc: Descriptor, device_size: u64, buf_len: usize) -> io::Result<Request> {
+    let fua = desc.op_flags & op::F_FUA != 0;
+    let opcode = desc.opcode();
+    if opcode == op::FLUSH {
+        return Ok(Request::Flush);
     }
-}
-
-/// Byte range of `desc`, which must lie inside `0..device_size`.
-fn range(desc: Descriptor, device_size: u64) -> io::Result<(u64, u64)> {
-    let out_of_range = || {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "sectors {}+{} lie outside the {device_size}-byte device",
-                desc.start_sector, desc.nr_sectors
-            ),
-        )
-    };
+    if !matches!(
+        opcode,
+        op::READ | op::WRITE | op::DISCARD | op::WRITE_ZEROES
+    ) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("unsupported ublk opcode {opcode}"),
+        ));
+    }
     let offset = desc
         .start_sector
         .checked_mul(1 << SECTOR_SHIFT)
-        .ok_or_else(out_of_range)?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "start sector {} lies outside the {device_size}-byte device",
+                    desc.start_sector
+                ),
+            )
+        })?;
     let len = u64::from(desc.nr_sectors) << SECTOR_SHIFT;
-    match offset.checked_add(len) {
-        Some(end) if end <= device_size => Ok((offset, len)),
-        _ => Err(out_of_range()),
-    }
+    let limits = Limits {
+        size: device_size,
+        read_only: false,
+        max_payload: u32::try_from(buf_len).unwrap_or(u32::MAX),
+    };
+    // A READ or WRITE longer than 4 GiB - 1 is larger than any buffer.
+    let payload = u32::try_from(len).unwrap_or(u32::MAX);
+    let request = match opcode {
+        op::READ => Request::Read {
+            offset,
+            len: payload,
+        },
+        op::WRITE => Request::Write {
+            offset,
+            len: payload,
+            fua,
+        },
+        op::DISCARD => Request::Trim { offset, len },
+        _ => Request::WriteZeroes { offset, len, fua },
+    };
+    request.validate(&limits)?;
+    Ok(request)
 }
 
 #[cfg(test)]
@@ -151,12 +126,12 @@ mod tests {
     #[test]
     fn flush_with_all_ones_start_sector_is_accepted() {
         let d = desc(op::FLUSH, u64::MAX, 0);
-        assert_eq!(Request::decode(d, SIZE, BUF).unwrap(), Request::Flush);
+        assert_eq!(decode(d, SIZE, BUF).unwrap(), Request::Flush);
     }
 
     #[test]
     fn read_and_write_become_byte_ranges() {
-        let r = Request::decode(desc(op::READ, 8, 16), SIZE, BUF).unwrap();
+        let r = decode(desc(op::READ, 8, 16), SIZE, BUF).unwrap();
         assert_eq!(
             r,
             Request::Read {
@@ -164,7 +139,7 @@ mod tests {
                 len: 8192
             }
         );
-        let w = Request::decode(desc(op::WRITE, 8, 8), SIZE, BUF).unwrap();
+        let w = decode(desc(op::WRITE, 8, 8), SIZE, BUF).unwrap();
         assert_eq!(
             w,
             Request::Write {
@@ -177,7 +152,7 @@ mod tests {
 
     #[test]
     fn fua_is_read_from_its_own_bit() {
-        let w = Request::decode(desc(op::WRITE | op::F_FUA, 0, 8), SIZE, BUF).unwrap();
+        let w = decode(desc(op::WRITE | op::F_FUA, 0, 8), SIZE, BUF).unwrap();
         assert_eq!(
             w,
             Request::Write {
@@ -188,7 +163,7 @@ mod tests {
         );
         // FUA sits at bit 13: the opcode byte stays WRITE.
         assert_eq!(op::F_FUA, 1 << 13);
-        let z = Request::decode(desc(op::WRITE_ZEROES | op::F_FUA, 0, 8), SIZE, BUF).unwrap();
+        let z = decode(desc(op::WRITE_ZEROES | op::F_FUA, 0, 8), SIZE, BUF).unwrap();
         assert_eq!(
             z,
             Request::WriteZeroes {
@@ -202,10 +177,10 @@ mod tests {
     #[test]
     fn discard_may_exceed_the_buffer() {
         let sectors = (SIZE >> 9) as u32;
-        let d = Request::decode(desc(op::DISCARD, 0, sectors), SIZE, BUF).unwrap();
+        let d = decode(desc(op::DISCARD, 0, sectors), SIZE, BUF).unwrap();
         assert_eq!(
             d,
-            Request::Discard {
+            Request::Trim {
                 offset: 0,
                 len: SIZE
             }
@@ -215,7 +190,7 @@ mod tests {
     #[test]
     fn unknown_opcodes_are_unsupported() {
         for opcode in [libublk::sys::UBLK_IO_OP_WRITE_SAME, 13, 18, 0xff] {
-            let e = Request::decode(desc(opcode, 0, 8), SIZE, BUF).unwrap_err();
+            let e = decode(desc(opcode, 0, 8), SIZE, BUF).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::Unsupported, "opcode {opcode}");
         }
     }
@@ -223,21 +198,23 @@ mod tests {
     #[test]
     fn out_of_range_requests_are_invalid() {
         let last = (SIZE >> 9) - 8;
-        assert!(Request::decode(desc(op::READ, last, 8), SIZE, BUF).is_ok());
+        assert!(decode(desc(op::READ, last, 8), SIZE, BUF).is_ok());
         for d in [
             desc(op::READ, last, 16),
-            desc(op::WRITE, SIZE >> 9, 8),
             desc(op::DISCARD, u64::MAX, 8),
             desc(op::WRITE_ZEROES, u64::MAX >> 9, 8),
         ] {
-            let e = Request::decode(d, SIZE, BUF).unwrap_err();
+            let e = decode(d, SIZE, BUF).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{d:?}");
         }
+        // Writes past the end: ENOSPC, as on NBD (one request model).
+        let e = decode(desc(op::WRITE, SIZE >> 9, 8), SIZE, BUF).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull);
     }
 
     #[test]
     fn reads_larger_than_the_buffer_are_invalid() {
-        let e = Request::decode(desc(op::READ, 0, 4096), SIZE, 4096 * 8).unwrap_err();
+        let e = decode(desc(op::READ, 0, 4096), SIZE, 4096 * 8).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 }

@@ -393,18 +393,30 @@ pub(crate) fn pattern(len: usize, seed: u8) -> Vec<u8> {
 /// Operations seen by a [`Recording`] device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Op {
+    /// A read served at once by `read_now`.
+    ReadNow(u64, usize),
     Read(u64, u32),
-    Write { offset: u64, len: usize, fua: bool },
+    Write {
+        offset: u64,
+        len: usize,
+        fua: bool,
+    },
     Flush,
     Trim(u64, u64),
-    Zeroes { offset: u64, len: u64, fua: bool },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
 }
 
 /// Wraps a MemDevice; records every call, can gate reads of the first 4 KiB
 /// until a read elsewhere has completed, and can fail requests at offsets at
-/// or past `fail_at` with `fail_kind`.
+/// or past `fail_at` with `fail_kind`. Reads ending at or below `present`
+/// are served at once by `read_now` (none by default).
 pub(crate) struct Recording {
     pub(crate) mem: ferry_device::MemDevice,
+    pub(crate) present: u64,
     pub(crate) ops: std::sync::Mutex<Vec<Op>>,
     pub(crate) gate: Option<tokio::sync::watch::Sender<bool>>,
     pub(crate) fail_at: u64,
@@ -415,6 +427,7 @@ impl Recording {
     pub(crate) fn new(bytes: Vec<u8>) -> Self {
         Self {
             mem: ferry_device::MemDevice::from_bytes(bytes),
+            present: 0,
             ops: Default::default(),
             gate: None,
             fail_at: u64::MAX,
@@ -424,6 +437,11 @@ impl Recording {
 
     pub(crate) fn gated(mut self) -> Self {
         self.gate = Some(tokio::sync::watch::channel(false).0);
+        self
+    }
+
+    pub(crate) fn present_below(mut self, end: u64) -> Self {
+        self.present = end;
         self
     }
 
@@ -453,6 +471,17 @@ impl Recording {
 impl BlockDevice for Recording {
     fn size(&self) -> u64 {
         self.mem.size()
+    }
+
+    fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        if offset + buf.len() as u64 > self.present {
+            return None;
+        }
+        self.record(Op::ReadNow(offset, buf.len()));
+        if let Err(e) = self.check(offset) {
+            return Some(Err(e));
+        }
+        self.mem.read_now(offset, buf)
     }
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
