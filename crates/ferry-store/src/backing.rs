@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -118,6 +118,14 @@ pub struct Backing {
     /// The whole file mapped read-only; `None` if mapping failed (then
     /// [`Backing::copy_to`] declines and callers read with `read_at`).
     map: Option<FileMap>,
+}
+
+/// The backing file's descriptor, for frontends that read present blocks
+/// with their own I/O engine (ublk: the queue's io_uring).
+impl AsFd for Backing {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 impl Backing {
@@ -256,6 +264,16 @@ impl Backing {
     ) -> Option<io::Result<()>> {
         let map = self.map.as_ref()?;
         Some(map.pwrite_to(offset, len, out, out_offset))
+    }
+
+    /// Whether the `len` bytes at `offset` are all in the page cache now
+    /// (`mincore(2)` on the file's mapping), so that reading them waits on
+    /// no storage. A hint only (pages may be evicted right after); `false`
+    /// when the file is not mapped or the range lies outside it.
+    pub fn resident(&self, offset: u64, len: usize) -> bool {
+        self.map
+            .as_ref()
+            .is_some_and(|map| map.resident(offset, len).unwrap_or(false))
     }
 
     /// Writes `data` at `offset` (into the page cache; see [`Backing::sync`]).
