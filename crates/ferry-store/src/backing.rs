@@ -339,6 +339,35 @@ mod tests {
     }
 
     #[test]
+    fn resident_says_whether_the_page_cache_holds_the_range() {
+        // In the crate's directory: /tmp may be tmpfs, whose pages stay.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let p = dir.path().join("d.img");
+        let b = Backing::create(&p, 1 << 20).unwrap();
+        b.write_at(&[7; 65536], 65536).unwrap();
+        assert!(b.resident(65536, 65536), "just written");
+        assert!(!b.resident(1 << 20, 1), "outside the file");
+        let fs = nix::sys::statfs::fstatfs(&b.file)
+            .unwrap()
+            .filesystem_type();
+        if fs == nix::sys::statfs::TMPFS_MAGIC {
+            return;
+        }
+        b.sync_all().unwrap();
+        nix::fcntl::posix_fadvise(
+            b.file.as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        assert!(!b.resident(65536, 65536), "dropped from the page cache");
+        let mut buf = vec![0u8; 4096];
+        b.read_at(&mut buf, 65536).unwrap();
+        assert!(b.resident(65536, 4096), "read back");
+    }
+
+    #[test]
     fn copy_to_sends_what_the_file_holds_now() {
         use std::os::fd::AsFd;
         let dir = tempfile::tempdir().unwrap();

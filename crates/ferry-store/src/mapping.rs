@@ -2,12 +2,13 @@
 //! a `pwrite` to another file descriptor: one copy from the page cache to
 //! the target (for ublk with `UBLK_F_USER_COPY`: straight into the pages of
 //! the block request), instead of a `pread` into a buffer plus a second copy
-//! out of it.
+//! out of it. `mincore(2)` on it tells whether a range is in the page cache
+//! (then that `pwrite` waits on no storage).
 //!
 //! The mapping is never read from userspace: no `&[u8]` is ever formed over
 //! it (other writers of the file, e.g. this process's own `pwrite`s, change
 //! its bytes concurrently, which a Rust slice forbids), and only the kernel
-//! touches it, inside `pwrite`. This is the only module of the crate with
+//! touches it, inside `pwrite` and `mincore`. This is the only module of the crate with
 //! `unsafe` code.
 #![allow(unsafe_code)]
 
