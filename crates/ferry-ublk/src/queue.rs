@@ -20,8 +20,9 @@
 //! Request data moves one of two ways ([`DataPath`]), fixed by the flags the
 //! device was created with (a recovered device keeps its creator's):
 //! - *user copy* (`UBLK_F_USER_COPY`): the driver gives the tags no buffers.
-//!   Each tag keeps a buffer of its own (grown on first use): a READ's data
-//!   lands there and is then written to `/dev/ublkcN` at the tag's position
+//!   Each tag keeps a buffer of its own (grown on first use): the data of a
+//!   READ that `copy_now` did not serve lands there and is then written to
+//!   `/dev/ublkcN` at the tag's position
 //!   (a copy between memory and the request's pages, which never waits on
 //!   storage); a WRITE's data is `pread` from the char device.
 //! - *buffers* (the driver lacks user copy, or it was turned off): each tag
