@@ -7,8 +7,9 @@
 # /dev/ublkb0 and a loop device over the same backing file, alternating
 # devices run by run, and prints one line per run:
 #   FERRY-BENCH dev=ublk|loop|ublk-mem-file workload=W run=N iops=X bw_kib=Y
-# (ublk-mem-file, a reference: the ublk-mem example serving the same backing
-# file as /dev/ublkb1, i.e. ferry's ublk frontend without ferry's engine.)
+# (ublk-mem-file, a reference: the ublk-mem example serving a copy of the
+# backing file on the same tmpfs as /dev/ublkb1, i.e. ferry's ublk frontend
+# without ferry's engine; the pull holds the backing file's lock.)
 # plus `FERRY-BENCH info KEY=VALUE` lines describing the guest.
 # Environment (kernel command line): BENCH_RUNS, BENCH_RUNTIME (s per run),
 # BENCH_QUEUES, BENCH_DEPTH.
@@ -94,7 +95,11 @@ same() { cmp /dev/ublkb0 "$LOOP"; }
 check bench-devices-hold-the-same-bytes same
 DEVS="ublk loop"
 if command -v ublk-mem >/dev/null; then
-    ublk-mem --size-mib $((SIZE / 1048576)) --dev-id 1 --file "$DISK" >"$T/mem.out" 2>"$T/mem.log" &
+    # A copy of the backing file on the same tmpfs: the pull holds the
+    # backing file's lock (a second opener is refused), and the copy's
+    # bytes are the same.
+    cp "$DISK" "$T/mem.img"
+    ublk-mem --size-mib $((SIZE / 1048576)) --dev-id 1 --file "$T/mem.img" >"$T/mem.out" 2>"$T/mem.log" &
     MEM=$!
     if check bench-ublk-mem-file-live wait_for 60 grep -q '^LIVE /dev/ublkb1' "$T/mem.out"; then
         DEVS="ublk loop ublk-mem-file"

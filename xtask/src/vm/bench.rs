@@ -87,7 +87,7 @@ struct Row {
     ublk_median: f64,
     loop_: Vec<f64>,
     loop_median: f64,
-    /// The same through `ublk-mem --file` over the same backing file (the
+    /// The same through `ublk-mem --file` over a copy of the backing file (the
     /// ublk frontend without ferry's engine), when measured.
     frontend: Vec<f64>,
     frontend_median: f64,
@@ -192,10 +192,11 @@ fn render(rows: &[Row], args: &VmBenchArgs, info: &BTreeMap<String, String>) -> 
          {} s after 1 s ramp-up, one job) reads `/dev/ublkb0` and `/dev/loopN` \
          (`losetup -r`, default buffered mode) over the same backing file, alternating \
          devices run by run; medians of {} runs. ublk data path of `ferry pull`: {} \
-         (`UBLK_F_USER_COPY` = 0x80: a READ of present blocks is one `pwrite` from the \
-         backing file's mapping to `/dev/ublkc0`, one copy; without it, a pread into the \
+         (`UBLK_F_USER_COPY` = 0x80: a READ of present blocks in the page cache is one `pwrite` from the \
+         backing file's mapping to `/dev/ublkc0`, one copy, and one not in it an io_uring read on the \
+         queue's ring plus a `pwrite`; without it, a pread into the \
          tag's buffer and the driver's copy out of it). Reference: the `ublk-mem` example \
-         serving the same file (`--file`, 1 queue, depth 64) as `/dev/ublkb1`: ferry's ublk \
+         serving a copy of the file on the same tmpfs (`--file`, 1 queue, depth 64; the pull holds the file's lock) as `/dev/ublkb1`: ferry's ublk \
          frontend (ferry-ublk) with a plain file device behind it (the same single-copy \
          read), without ferry's engine.\n\n",
         args.size_mib,
