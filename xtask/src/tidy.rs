@@ -92,7 +92,7 @@ mod tests {
             "crates/ferry-ublk/src/lib.rs",
             "crates/ferry-ublk/src/cdev.rs",
         ),
-        // the backing file's read-only mapping, a pwrite source and mincore
+        // the backing file's read-only mapping, a pwrite source
         (
             "crates/ferry-store/src/lib.rs",
             "crates/ferry-store/src/mapping.rs",

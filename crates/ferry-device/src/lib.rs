@@ -23,19 +23,6 @@ use std::io;
 use std::os::fd::BorrowedFd;
 use std::sync::Mutex;
 
-/// A range of a device that lies, present, in a file
-/// ([`BlockDevice::present_extent`]).
-#[derive(Debug, Clone, Copy)]
-pub struct Extent<'a> {
-    /// The file; valid as long as the device.
-    pub fd: BorrowedFd<'a>,
-    /// The range's offset in the file.
-    pub offset: u64,
-    /// Whether every page of the range was in the page cache when asked
-    /// (a hint: reading it then waits on no storage).
-    pub resident: bool,
-}
-
 /// A byte-addressed block device with the operations a guest can issue.
 ///
 /// Offsets and lengths are in bytes. Frontends check that a request lies
@@ -66,9 +53,8 @@ pub trait BlockDevice: Send + Sync + 'static {
 
     /// Copies `len` bytes at `offset` to the file descriptor `out` at
     /// `out_offset` at once, on the caller's thread, if that needs no
-    /// waiting at all: for ferry, every block is present and in the page
-    /// cache. `None` means "use [`BlockDevice::present_extent`],
-    /// [`BlockDevice::read_now`] or [`BlockDevice::read`]".
+    /// waiting on anything but local storage (as for
+    /// [`BlockDevice::read_now`]). `None` means "use `read_now` or `read`".
     ///
     /// For a device over a file this is one `pwrite` from the file's page
     /// cache to `out`: the ublk frontend passes `/dev/ublkcN` at the
@@ -82,20 +68,6 @@ pub trait BlockDevice: Send + Sync + 'static {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         let _ = (offset, len, out, out_offset);
-        None
-    }
-
-    /// Where the `len` bytes at `offset` lie in a file, if they can be read
-    /// from there without waiting on anything but local storage (as for
-    /// [`BlockDevice::read_now`]: for ferry, every block is present).
-    /// `None` means "use `read_now` or `read`".
-    ///
-    /// The frontend then reads the bytes itself: the ublk frontend submits
-    /// the read on its queue's io_uring when [`Extent::resident`] is false,
-    /// so a page-cache miss of one request does not stall the queue's
-    /// others.
-    fn present_extent(&self, offset: u64, len: u64) -> Option<Extent<'_>> {
-        let _ = (offset, len);
         None
     }
 

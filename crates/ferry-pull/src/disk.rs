@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use ferry_core::SyncBatch;
 use ferry_store::{Backing, StateFile, Verified};
@@ -33,17 +33,6 @@ pub trait Disk: Send + Sync + 'static {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         let _ = (offset, len, out, out_offset);
-        None
-    }
-    /// Whether the `len` bytes at `offset` are in the page cache now (see
-    /// [`Backing::resident`]); `false` if unknown.
-    fn resident(&self, offset: u64, len: usize) -> bool {
-        let _ = (offset, len);
-        false
-    }
-    /// The file holding the disk's bytes at their own offsets, if there is
-    /// one (see [`ferry_device::BlockDevice::present_extent`]).
-    fn fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
     /// Runs `f` (I/O on this disk or its block map, which may block) where
@@ -91,12 +80,6 @@ impl Disk for Backing {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         Backing::copy_to(self, offset, len, out, out_offset)
-    }
-    fn resident(&self, offset: u64, len: usize) -> bool {
-        Backing::resident(self, offset, len)
-    }
-    fn fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.as_fd())
     }
     /// On tokio's blocking threads.
     async fn offload<R: Send + 'static>(

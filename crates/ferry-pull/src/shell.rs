@@ -15,7 +15,7 @@ use ferry_core::engine::{
 };
 use ferry_core::geometry::BLOCK_SIZE;
 use ferry_core::{Engine, Geometry};
-use ferry_device::{BlockDevice, Extent};
+use ferry_device::BlockDevice;
 use ferry_store::{Backing, StateFile};
 
 use crate::disk::{BlockMap, Disk};
@@ -526,12 +526,10 @@ pub struct PullDevice<F: Fetcher, D: Disk = Backing, M: BlockMap = StateFile>(
 );
 
 thread_local! {
-    /// The request [`BlockDevice::copy_now`] or
-    /// [`BlockDevice::present_extent`] last found not ready on this thread
-    /// (see [`PullDevice::key`]). A frontend tries `present_extent` and
-    /// `read_now` at once after a `copy_now` that said `None` (and
-    /// `read_now` after `present_extent`); for the same request they are
-    /// answered `None` without asking the engine again, so a miss takes
+    /// The request [`BlockDevice::copy_now`] last found not ready on this
+    /// thread (see [`PullDevice::key`]). A frontend tries `read_now` at
+    /// once after a `copy_now` that said `None`; for the same request it
+    /// is answered `None` without asking the engine again, so a miss takes
     /// the engine lock once on the fast path, not twice. (`None` is always
     /// a right answer: the async path plans anew.)
     static NOT_READY: Cell<Option<(usize, u64, usize)>> = const { Cell::new(None) };
@@ -582,38 +580,9 @@ impl<F: Fetcher, D: Disk, M: BlockMap> BlockDevice for PullDevice<F, D, M> {
         // write racing this read may change the bytes under the copy, which
         // the block layer allows for overlapping requests in flight.
         if s.readable_now(offset, len as u64) {
-            // Only what the page cache holds: a page-cache miss would block
-            // the caller (the ublk queue thread, and with it every other
-            // request of the queue); `present_extent` serves it instead.
-            if !s.backing.resident(offset, len) {
-                return None;
-            }
             s.backing.copy_to(offset, len, out, out_offset)
         } else {
             NOT_READY.with(|m| m.set(Some(self.key(offset, len))));
-            None
-        }
-    }
-
-    fn present_extent(&self, offset: u64, len: u64) -> Option<Extent<'_>> {
-        let s = &self.0;
-        let n = usize::try_from(len).ok()?;
-        // Not ready a moment ago (`copy_now`): left for `read_now`, which
-        // clears the mark.
-        if NOT_READY.with(Cell::get) == Some(self.key(offset, n)) {
-            return None;
-        }
-        // As `read_now`: present blocks are never written by fills. A guest
-        // write racing this read may change the bytes under it, which the
-        // block layer allows for overlapping requests in flight.
-        if s.readable_now(offset, len) {
-            Some(Extent {
-                fd: s.backing.fd()?,
-                offset,
-                resident: s.backing.resident(offset, n),
-            })
-        } else {
-            NOT_READY.with(|m| m.set(Some(self.key(offset, n))));
             None
         }
     }

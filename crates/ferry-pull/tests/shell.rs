@@ -202,63 +202,6 @@ async fn a_read_of_an_absent_block_fetches_its_chunk_and_answers_the_source_data
     assert_eq!(p.source.0.fetches.load(Ordering::SeqCst), 1);
 }
 
-/// Drops the pages of the disk file at `path` from the page cache, unless it
-/// lies on tmpfs (whose pages cannot be dropped); returns whether it did.
-fn drop_page_cache(path: &std::path::Path) -> bool {
-    use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    if nix::sys::statfs::fstatfs(&f).unwrap().filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
-        return false;
-    }
-    f.sync_all().unwrap();
-    posix_fadvise(f.as_raw_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
-    true
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn present_blocks_are_copied_at_once_only_from_the_page_cache() {
-    use std::os::fd::AsFd;
-    use std::os::unix::fs::FileExt;
-    let p = pull(None);
-    let want = source_data();
-    let at = 5 * u64::from(CHUNK) + 8192;
-    let out = tempfile::tempfile().unwrap();
-    // Absent: neither a copy nor an extent.
-    assert!(p.device.copy_now(at, 4096, out.as_fd(), 0).is_none());
-    assert!(p.device.present_extent(at, 4096).is_none());
-    assert!(p.device.read_now(at, &mut [0u8; 4096]).is_none());
-    p.device.read(at, 4096).await.unwrap();
-    let data = &want[at as usize..at as usize + 4096];
-    // Present and just written: in the page cache.
-    let extent = p.device.present_extent(at, 4096).expect("present");
-    assert!(extent.resident);
-    assert_eq!(extent.offset, at);
-    // (Not copied from the mapping before this: pages mapped into the
-    // process are not dropped.)
-    if drop_page_cache(&p._dir.path().join("disk.img")) {
-        // Present but not in the page cache: no copy on the caller's
-        // thread, an extent to read with the frontend's own I/O engine.
-        assert!(p.device.copy_now(at, 4096, out.as_fd(), 0).is_none());
-        let extent = p.device.present_extent(at, 4096).expect("present");
-        assert!(!extent.resident);
-        let mut got = vec![0u8; 4096];
-        std::fs::File::from(extent.fd.try_clone_to_owned().unwrap())
-            .read_exact_at(&mut got, extent.offset)
-            .unwrap();
-        assert_eq!(got, data);
-    }
-    // In the page cache (again): copied at once.
-    p.device
-        .copy_now(at, 4096, out.as_fd(), 0)
-        .expect("present and resident")
-        .unwrap();
-    let mut got = vec![0u8; 4096];
-    out.read_exact_at(&mut got, 0).unwrap();
-    assert_eq!(got, data);
-    p.device.read_now(at, &mut got).unwrap().unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_to_an_absent_block_is_kept_and_never_overwritten_by_a_later_fetch() {
     let p = pull(None);

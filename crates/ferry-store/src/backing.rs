@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -118,14 +118,6 @@ pub struct Backing {
     /// The whole file mapped read-only; `None` if mapping failed (then
     /// [`Backing::copy_to`] declines and callers read with `read_at`).
     map: Option<FileMap>,
-}
-
-/// The backing file's descriptor, for frontends that read present blocks
-/// with their own I/O engine (ublk: the queue's io_uring).
-impl AsFd for Backing {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.file.as_fd()
-    }
 }
 
 impl Backing {
@@ -266,16 +258,6 @@ impl Backing {
         Some(map.pwrite_to(offset, len, out, out_offset))
     }
 
-    /// Whether the `len` bytes at `offset` are all in the page cache now
-    /// (`mincore(2)` on the file's mapping), so that reading them waits on
-    /// no storage. A hint only (pages may be evicted right after); `false`
-    /// when the file is not mapped or the range lies outside it.
-    pub fn resident(&self, offset: u64, len: usize) -> bool {
-        self.map
-            .as_ref()
-            .is_some_and(|map| map.resident(offset, len).unwrap_or(false))
-    }
-
     /// Writes `data` at `offset` (into the page cache; see [`Backing::sync`]).
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(data, offset)
@@ -336,35 +318,6 @@ mod tests {
         let e = Backing::open(&p, 2 << 20).unwrap_err();
         assert!(e.to_string().contains("exists with size 1048576"), "{e}");
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
-    }
-
-    #[test]
-    fn resident_says_whether_the_page_cache_holds_the_range() {
-        // In the crate's directory: /tmp may be tmpfs, whose pages stay.
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let p = dir.path().join("d.img");
-        let b = Backing::create(&p, 1 << 20).unwrap();
-        b.write_at(&[7; 65536], 65536).unwrap();
-        assert!(b.resident(65536, 65536), "just written");
-        assert!(!b.resident(1 << 20, 1), "outside the file");
-        let fs = nix::sys::statfs::fstatfs(&b.file)
-            .unwrap()
-            .filesystem_type();
-        if fs == nix::sys::statfs::TMPFS_MAGIC {
-            return;
-        }
-        b.sync_all().unwrap();
-        nix::fcntl::posix_fadvise(
-            b.file.as_raw_fd(),
-            0,
-            0,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        )
-        .unwrap();
-        assert!(!b.resident(65536, 65536), "dropped from the page cache");
-        let mut buf = vec![0u8; 4096];
-        b.read_at(&mut buf, 65536).unwrap();
-        assert!(b.resident(65536, 4096), "read back");
     }
 
     #[test]

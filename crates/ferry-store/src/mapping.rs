@@ -2,13 +2,12 @@
 //! a `pwrite` to another file descriptor: one copy from the page cache to
 //! the target (for ublk with `UBLK_F_USER_COPY`: straight into the pages of
 //! the block request), instead of a `pread` into a buffer plus a second copy
-//! out of it. `mincore(2)` on it tells whether a range is in the page cache
-//! (then that `pwrite` waits on no storage).
+//! out of it.
 //!
 //! The mapping is never read from userspace: no `&[u8]` is ever formed over
 //! it (other writers of the file, e.g. this process's own `pwrite`s, change
 //! its bytes concurrently, which a Rust slice forbids), and only the kernel
-//! touches it, inside `pwrite` and `mincore`. This is the only module of the crate with
+//! touches it, inside `pwrite`. This is the only module of the crate with
 //! `unsafe` code.
 #![allow(unsafe_code)]
 
@@ -144,62 +143,6 @@ impl FileMap {
         }
         Ok(())
     }
-    /// Whether every page of `len` bytes at `offset` is in the page cache
-    /// now (`mincore(2)` on the mapping), so a copy from it waits on no
-    /// storage. Only a hint: a page may be evicted right after. A range
-    /// outside the mapping is an error.
-    pub(crate) fn resident(&self, offset: u64, len: usize) -> io::Result<bool> {
-        let start = usize::try_from(offset)
-            .ok()
-            .filter(|start| start.checked_add(len).is_some_and(|end| end <= self.len))
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "{len} bytes at {offset} lie outside the {}-byte mapping",
-                        self.len
-                    ),
-                )
-            })?;
-        let page = page_size();
-        let end = start + len;
-        let mut at = start - start % page;
-        // Up to 64 pages per call, on the stack.
-        let mut vec = [0u8; 64];
-        while at < end {
-            let span = (end - at).min(vec.len() * page);
-            let pages = span.div_ceil(page);
-            // SAFETY: `at` is page-aligned (the mapping starts on a page and
-            // `at` is a multiple of the page size from it) and
-            // `at..at + span` lies inside the mapping (`end <= self.len`),
-            // mapped while `self` is borrowed; the kernel writes one byte per
-            // page of the span into `vec`, which holds `pages <= 64` bytes.
-            // Nothing reads or writes the mapped memory itself.
-            let rc = unsafe {
-                libc::mincore(
-                    self.ptr.as_ptr().cast::<u8>().add(at).cast::<c_void>(),
-                    span,
-                    vec.as_mut_ptr().cast(),
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if vec[..pages].iter().any(|b| b & 1 == 0) {
-                return Ok(false);
-            }
-            at += span;
-        }
-        Ok(true)
-    }
-}
-
-/// The system's page size (mappings and `mincore` work in pages).
-fn page_size() -> usize {
-    // SAFETY: sysconf reads a constant of the system; no memory is passed.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    // 4096 if sysconf fails, which it does not for _SC_PAGESIZE on Linux.
-    usize::try_from(n).ok().filter(|n| *n > 0).unwrap_or(4096)
 }
 
 impl Drop for FileMap {
@@ -252,65 +195,6 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{offset}+{len}");
         }
         assert!(FileMap::new(&src, 0).is_err());
-    }
-
-    /// A file of `len` bytes written through the page cache, in a
-    /// temporary directory in the crate's own directory (likely a disk
-    /// filesystem: /tmp may be tmpfs, whose pages are always resident).
-    fn disk_file(len: usize) -> (tempfile::TempDir, File) {
-        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let mut f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(dir.path().join("f"))
-            .unwrap();
-        f.write_all(&vec![0x5a; len]).unwrap();
-        (dir, f)
-    }
-
-    #[test]
-    fn resident_follows_the_page_cache() {
-        let len = 256 * 1024;
-        let (_dir, f) = disk_file(len);
-        let map = FileMap::new(&f, len as u64).unwrap();
-        // Just written: in the page cache (dirty pages cannot be dropped).
-        assert!(map.resident(0, len).unwrap());
-        assert!(map.resident(4095, 2).unwrap(), "unaligned range");
-        assert!(map.resident(0, 0).unwrap(), "empty range");
-        // Written back and dropped: no longer resident (the advice is
-        // honoured for clean pages of a disk filesystem).
-        f.sync_all().unwrap();
-        nix::fcntl::posix_fadvise(
-            f.as_raw_fd(),
-            0,
-            len as i64,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        )
-        .unwrap();
-        let fs = nix::sys::statfs::fstatfs(&f).unwrap().filesystem_type();
-        if fs == nix::sys::statfs::TMPFS_MAGIC {
-            // A target dir on tmpfs: its pages cannot be dropped.
-            return;
-        }
-        assert!(!map.resident(0, len).unwrap());
-        assert!(!map.resident(8192, 4096).unwrap());
-        // Read back one page: that page (only) is resident again.
-        let mut page = vec![0u8; 4096];
-        f.read_exact_at(&mut page, 8192).unwrap();
-        assert!(map.resident(8192, 4096).unwrap());
-        assert!(!map.resident(8192, 8192).unwrap());
-    }
-
-    #[test]
-    fn resident_refuses_ranges_outside_the_mapping() {
-        let src = tempfile::tempfile().unwrap();
-        src.set_len(8192).unwrap();
-        let map = FileMap::new(&src, 8192).unwrap();
-        for (offset, len) in [(8192, 1), (4096, 4097), (u64::MAX, 1)] {
-            let e = map.resident(offset, len).unwrap_err();
-            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{offset}+{len}");
-        }
     }
 
     #[test]

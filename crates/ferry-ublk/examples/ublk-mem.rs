@@ -11,14 +11,14 @@
 #![forbid(unsafe_code)]
 
 use std::io::{self, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ferry_device::{BlockDevice, Extent, MemDevice};
+use ferry_device::{BlockDevice, MemDevice};
 use ferry_store::Backing;
 use ferry_ublk::{dev_id_of, serve_ublk, stop_ublk, UblkOptions};
 
@@ -231,14 +231,6 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
         Some(done)
     }
 
-    fn present_extent(&self, offset: u64, len: u64) -> Option<Extent<'_>> {
-        // A bad block is left to `read_now`, which fails it.
-        self.check(offset, len).ok()?;
-        let extent = self.inner.present_extent(offset, len)?;
-        Counts::bump(&self.counts.read);
-        Some(extent)
-    }
-
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         Counts::bump(&self.counts.read);
         self.check(offset, u64::from(len))?;
@@ -278,8 +270,7 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
 /// thread, as `ferry pull`'s are once every block is present, so
 /// `cargo xtask vm-bench`'s reference column measures the same path: with
 /// user copy `copy_now` (one `pwrite` from the file's mapping to
-/// `/dev/ublkcN`) when the range is in the page cache, else the queue reads
-/// the file (`present_extent`: on its io_uring if not in the page cache).
+/// `/dev/ublkcN`), else `read_now` (a pread into the tag's buffer).
 struct FileDevice {
     backing: Arc<Backing>,
 }
@@ -332,19 +323,7 @@ impl BlockDevice for FileDevice {
         out: BorrowedFd<'_>,
         out_offset: u64,
     ) -> Option<io::Result<()>> {
-        // Only from the page cache; a miss goes to `present_extent`.
-        if !self.backing.resident(offset, len) {
-            return None;
-        }
         self.backing.copy_to(offset, len, out, out_offset)
-    }
-
-    fn present_extent(&self, offset: u64, len: u64) -> Option<Extent<'_>> {
-        Some(Extent {
-            fd: self.backing.as_fd(),
-            offset,
-            resident: self.backing.resident(offset, usize::try_from(len).ok()?),
-        })
     }
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {

@@ -10,12 +10,10 @@
 //! anything else is answered -EOPNOTSUPP. Device errors become negative errno
 //! values in one place, which also logs them.
 //!
-//! Data path: with the driver's `UBLK_F_USER_COPY` (Linux 6.5+) a READ of
-//! present blocks in the page cache costs one copy (page cache to the
-//! request's pages, through [`BlockDevice::copy_now`]). Present blocks not
-//! in the page cache ([`BlockDevice::present_extent`]) are read on the
-//! queue's io_uring into the tag's buffer, so a slow read stalls only its
-//! own tag. See the `queue` module.
+//! Data path: with the driver's `UBLK_F_USER_COPY` (Linux 6.5+) a READ of a
+//! file-backed device costs one copy (page cache to the request's pages,
+//! through [`BlockDevice::copy_now`]); without it, per-tag buffers and two
+//! copies. See the `queue` module.
 //!
 //! Unsafe code is denied except in one private module (`cdev`: borrowing
 //! libublk's `/dev/ublkcN` descriptor).

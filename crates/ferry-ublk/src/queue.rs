@@ -2,52 +2,41 @@
 //! request to the device's tokio runtime.
 //!
 //! The queue thread runs libublk's single-threaded executor over the queue's
-//! io_uring. A request is decoded there into the shared request model
-//! ([`ferry_device::Request`]).
-//!
-//! A READ the device can answer from local storage is served on the queue
-//! thread, in this order (see `docs/decisions/ublk-target-io.md`):
-//! - with user copy, [`BlockDevice::copy_now`]: every block present and in
-//!   the page cache, one `pwrite` from the backing file's mapping to
-//!   `/dev/ublkcN` (one copy, never waits on storage);
-//! - [`BlockDevice::present_extent`] (a file-backed device whose blocks are
-//!   all present): if the range is in the page cache, a `pread` into the
-//!   tag's buffer; if not, an io_uring READ of the file on the queue's
-//!   ring, so a page-cache miss of one tag stalls only that tag, not the
-//!   queue (as libublk's loop example does);
-//! - [`ferry_device::read_now`] (other devices, e.g. in memory).
+//! io_uring. A request is decoded there.
 //!
 //! Request data moves one of two ways ([`DataPath`]), fixed by the flags the
 //! device was created with (a recovered device keeps its creator's):
-//! - *user copy* (`UBLK_F_USER_COPY`): the driver gives the tags no buffers.
-//!   Each tag keeps a buffer of its own (grown on first use): the data of a
-//!   READ that `copy_now` did not serve lands there and is then written to
-//!   `/dev/ublkcN` at the tag's position
-//!   (a copy between memory and the request's pages, which never waits on
-//!   storage); a WRITE's data is `pread` from the char device.
+//! - *user copy* (`UBLK_F_USER_COPY`): the tags have no buffers. A READ
+//!   first tries [`BlockDevice::copy_now`], which for a file-backed device
+//!   is one `pwrite` from the page cache to `/dev/ublkcN` at the tag's
+//!   position: the driver copies it straight into the request's pages, so
+//!   each byte is copied once (as the loop device does). A device without
+//!   `copy_now` is read with `read_now` into a per-queue scratch buffer,
+//!   then written to the char device. A WRITE's data is `pread` from the
+//!   char device into the `Vec` handed to the device.
 //! - *buffers* (the driver lacks user copy, or it was turned off): each tag
 //!   has an I/O buffer that the driver copies to or from the request's
-//!   pages; a READ lands straight in it.
+//!   pages; a READ tries [`BlockDevice::read_now`] straight into it.
+//!
+//! Both fast paths run on the queue thread: for `ferry pull` with every
+//! block of the range present they need only local storage, and the request
+//! is answered at once, with no allocation or thread hop.
 //!
 //! Every other request (and a READ the device cannot serve at once, e.g. one
-//! that must fetch) is spawned on the tokio runtime
-//! ([`ferry_device::execute`]), and the tag's task awaits a oneshot
-//! receiver. The tokio side sends the result and then bumps an eventfd that
-//! the queue's ring polls, so a thread blocked in `io_uring_enter` wakes up
-//! and runs the task; the queue thread never waits on a device future.
-//!
-//! A tag's buffer is never freed while an io_uring operation may still
-//! write into it: if a tag's task is dropped before it finished (the queue
-//! failed), its buffer is leaked instead ([`KeepWhileBusy`]).
+//! that must fetch) is spawned on the tokio runtime, and the tag's task
+//! awaits a oneshot receiver. The tokio side sends the result and then bumps
+//! an eventfd that the queue's ring polls, so a thread blocked in
+//! `io_uring_enter` wakes up and runs the task; the queue thread never waits
+//! on a device future.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::mem::ManuallyDrop;
 use std::os::fd::BorrowedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use ferry_device::{BlockDevice, Extent};
+use ferry_device::BlockDevice;
 use io_uring::{opcode, types};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
@@ -120,6 +109,9 @@ pub(crate) fn serve_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, served: &Serv
     } else {
         None
     };
+    // Shared by the tags of this queue: only used synchronously (no await
+    // while borrowed), and allocated on first use.
+    let scratch = Rc::new(RefCell::new(Vec::new()));
     let exe = Rc::new(smol::LocalExecutor::new());
 
     let mut tags = Vec::new();
@@ -133,9 +125,10 @@ pub(crate) fn serve_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, served: &Serv
             size: served.size,
             wake: Arc::clone(&wake),
         };
+        let scratch = Rc::clone(&scratch);
         tags.push(exe.spawn(async move {
             let served = match cdev {
-                Some(cdev) => serve_tag_user_copy(&queue, &ctx, cdev, buf_len).await,
+                Some(cdev) => serve_tag_user_copy(&queue, &ctx, cdev, buf_len, &scratch).await,
                 None => serve_tag(&queue, &ctx, buf_len).await,
             };
             match served {
@@ -200,94 +193,50 @@ async fn serve_tag<D: BlockDevice>(
     ctx: &TagCtx<D>,
     buf_len: usize,
 ) -> Result<(), LibError> {
-    // The driver and the ring write into the buffer while commands are in
-    // flight: kept (leaked) if this task is dropped half-way.
-    let mut buf = KeepWhileBusy::new(IoBuf::<u8>::new(buf_len));
-    let served = async {
+    let mut buf = IoBuf::<u8>::new(buf_len);
+    queue
+        .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
+    loop {
+        let desc = descriptor(queue.get_iod(ctx.tag));
+        let res = match ctx.handle(desc, DataPath::Buffer(buf.as_mut_slice())).await {
+            Ok(res) => res,
+            Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
+        };
         queue
-            .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(buf.as_slice()), 0, Some(&*buf))
+            .submit_io_commit_cmd(ctx.tag, BufDesc::Slice(buf.as_slice()), res)
             .await?;
-        loop {
-            let desc = descriptor(queue.get_iod(ctx.tag));
-            let path = DataPath::Buffer(buf.as_mut_slice());
-            let res = match ctx.handle(desc, path, TargetIo::Ring(queue)).await {
-                Ok(res) => res,
-                Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
-            };
-            queue
-                .submit_io_commit_cmd(ctx.tag, BufDesc::Slice(buf.as_slice()), res)
-                .await?;
-        }
     }
-    .await;
-    buf.done();
-    served
 }
 
-/// Fetches and answers requests on one tag with `UBLK_F_USER_COPY` (data
-/// moves through `cdev`) until the queue goes down.
+/// Fetches and answers requests on one tag with `UBLK_F_USER_COPY` (no
+/// buffer: data moves through `cdev`) until the queue goes down.
 async fn serve_tag_user_copy<D: BlockDevice>(
     queue: &UblkQueue<'_>,
     ctx: &TagCtx<D>,
     cdev: BorrowedFd<'_>,
     max_len: usize,
+    scratch: &RefCell<Vec<u8>>,
 ) -> Result<(), LibError> {
     let pos = UblkIOCtx::ublk_user_copy_pos(ctx.qid, ctx.tag, 0);
-    // The ring reads into the buffer: kept (leaked) if this task is dropped
-    // half-way.
-    let mut buf = KeepWhileBusy::new(Vec::new());
-    let served = async {
+    queue
+        .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(&[]), 0, None)
+        .await?;
+    loop {
+        let desc = descriptor(queue.get_iod(ctx.tag));
+        let path = DataPath::UserCopy(UserCopy {
+            cdev,
+            pos,
+            max_len,
+            scratch,
+        });
+        let res = match ctx.handle(desc, path).await {
+            Ok(res) => res,
+            Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
+        };
         queue
-            .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(&[]), 0, None)
+            .submit_io_commit_cmd(ctx.tag, BufDesc::Slice(&[]), res)
             .await?;
-        loop {
-            let desc = descriptor(queue.get_iod(ctx.tag));
-            let path = DataPath::UserCopy(UserCopy {
-                cdev,
-                pos,
-                max_len,
-                buf: &mut buf,
-            });
-            let res = match ctx.handle(desc, path, TargetIo::Ring(queue)).await {
-                Ok(res) => res,
-                Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
-            };
-            queue
-                .submit_io_commit_cmd(ctx.tag, BufDesc::Slice(&[]), res)
-                .await?;
-        }
-    }
-    .await;
-    buf.done();
-    served
-}
-
-/// A tag's buffer, freed only by [`KeepWhileBusy::done`], once nothing
-/// (driver command, ring read) can write into it any more; dropped
-/// otherwise (its task dropped half-way), it is leaked.
-struct KeepWhileBusy<T>(ManuallyDrop<T>);
-
-impl<T> KeepWhileBusy<T> {
-    fn new(value: T) -> Self {
-        Self(ManuallyDrop::new(value))
-    }
-
-    /// Frees the buffer: call only when no operation on it is in flight.
-    fn done(self) {
-        drop(ManuallyDrop::into_inner(self.0));
-    }
-}
-
-impl<T> std::ops::Deref for KeepWhileBusy<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
-impl<T> std::ops::DerefMut for KeepWhileBusy<T> {
-    fn deref_mut(&mut self) -> &mut T {
-        &mut self.0
     }
 }
 
@@ -309,28 +258,6 @@ impl DataPath<'_> {
             DataPath::UserCopy(uc) => uc.max_len,
         }
     }
-
-    /// The first `len` bytes of the tag's buffer, where a READ's data lands
-    /// before [`DataPath::deliver`].
-    fn landing(&mut self, len: usize) -> &mut [u8] {
-        match self {
-            DataPath::Buffer(buf) => &mut buf[..len],
-            DataPath::UserCopy(uc) => {
-                if uc.buf.len() < len {
-                    uc.buf.resize(len, 0);
-                }
-                &mut uc.buf[..len]
-            }
-        }
-    }
-
-    /// Hands the first `len` bytes of the landing buffer to the request.
-    fn deliver(&self, len: usize) -> io::Result<()> {
-        match self {
-            DataPath::Buffer(_) => Ok(()),
-            DataPath::UserCopy(uc) => cdev::write_all_at(uc.cdev, &uc.buf[..len], uc.pos),
-        }
-    }
 }
 
 /// The char device side of one tag under `UBLK_F_USER_COPY`.
@@ -341,112 +268,54 @@ struct UserCopy<'a> {
     pos: u64,
     /// The device's largest request.
     max_len: usize,
-    /// The tag's buffer for READ data, grown on first use.
-    buf: &'a mut Vec<u8>,
+    /// The queue's scratch buffer for devices without `copy_now`.
+    scratch: &'a RefCell<Vec<u8>>,
 }
 
-/// How a tag reads a present extent of a file into its buffer.
-#[derive(Clone, Copy)]
-enum TargetIo<'a> {
-    /// An io_uring READ on the queue's ring: a slow read waits in the
-    /// kernel while the queue serves its other tags.
-    Ring(&'a UblkQueue<'a>),
-    /// A plain `pread` on the calling thread, counted (unit tests: they
-    /// have no queue ring).
-    #[cfg(test)]
-    Counted(&'a std::sync::atomic::AtomicUsize),
-}
-
-impl TargetIo<'_> {
-    /// Reads `buf.len()` bytes of `fd` at `offset` into `buf`.
-    async fn read_exact_at(
-        self,
-        fd: BorrowedFd<'_>,
-        mut offset: u64,
-        buf: &mut [u8],
-    ) -> io::Result<()> {
-        // Outside tests `Ring` is the only variant.
-        #[cfg_attr(not(test), allow(clippy::infallible_destructuring_match))]
-        let queue = match self {
-            TargetIo::Ring(queue) => queue,
-            #[cfg(test)]
-            TargetIo::Counted(n) => {
-                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                return cdev::read_exact_at(fd, buf, offset);
-            }
-        };
-        let mut done = 0;
-        // EAGAIN/EINTR are retried a few times, as libublk's loop example
-        // does; short reads continue where they stopped.
-        let mut retries = 0;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-            // The buffer outlives the operation: this future holds the
-            // borrow until the completion arrives, and the tag's buffer is
-            // leaked rather than freed if the future is dropped before
-            // (`KeepWhileBusy`).
-            let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), rest.as_mut_ptr(), len)
-                .offset(offset)
-                .build();
-            let res = queue.ublk_submit_sqe(sqe).await;
-            match res {
-                n if n > 0 => {
-                    done += n as usize;
-                    offset += n as u64;
-                }
-                0 => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the backing file ends at offset {offset}"),
-                    ))
-                }
-                e if (e == -libc::EAGAIN || e == -libc::EINTR) && retries < 4 => retries += 1,
-                e => return Err(io::Error::from_raw_os_error(-e)),
-            }
+impl UserCopy<'_> {
+    /// A READ served at once: `copy_now` straight to the char device, else
+    /// `read_now` into the scratch buffer and from there to the char
+    /// device. `None`: the device must wait (take the async path).
+    fn read_now<D: BlockDevice>(
+        &self,
+        device: &D,
+        offset: u64,
+        len: usize,
+    ) -> Option<io::Result<()>> {
+        if let Some(done) = copy_now(device, offset, len, self.cdev, self.pos) {
+            return Some(done);
         }
-        Ok(())
+        let mut scratch = self.scratch.borrow_mut();
+        if scratch.len() < len {
+            scratch.resize(self.max_len.max(len), 0);
+        }
+        let dst = &mut scratch[..len];
+        match ferry_device::read_now(device, offset, dst)? {
+            Ok(()) => Some(cdev::write_all_at(self.cdev, dst, self.pos)),
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
 impl<D: BlockDevice> TagCtx<D> {
     /// Runs one request; the result is what the driver is told (bytes
-    /// transferred for READ/WRITE, 0 for the others). `io` reads present
-    /// extents.
-    async fn handle(
-        &self,
-        desc: Descriptor,
-        mut path: DataPath<'_>,
-        io: TargetIo<'_>,
-    ) -> io::Result<i32> {
+    /// transferred for READ/WRITE, 0 for the others).
+    async fn handle(&self, desc: Descriptor, mut path: DataPath<'_>) -> io::Result<i32> {
         let device = Arc::clone(&self.device);
         let request = decode(desc, self.size, path.max_len())?;
         match request {
             Request::Read { offset, len } => {
+                let n = len as usize;
                 // `decode` checked `len <= path.max_len()`: the fast paths
                 // get exactly the request.
-                let n = len as usize;
-                if let DataPath::UserCopy(uc) = &path {
-                    // In the page cache: one copy, at once.
-                    if let Some(done) = copy_now(&*self.device, offset, n, uc.cdev, uc.pos) {
-                        done?;
-                        return Ok(len as i32);
+                let served = match &mut path {
+                    DataPath::Buffer(buf) => {
+                        ferry_device::read_now(&*self.device, offset, &mut buf[..n])
                     }
-                }
-                if let Some(extent) = present_extent(&*self.device, offset, n) {
-                    let extent = extent?;
-                    let dst = path.landing(n);
-                    if extent.resident {
-                        cdev::read_exact_at(extent.fd, dst, extent.offset)?;
-                    } else {
-                        io.read_exact_at(extent.fd, extent.offset, dst).await?;
-                    }
-                    path.deliver(n)?;
-                    return Ok(len as i32);
-                }
-                if let Some(done) = ferry_device::read_now(&*self.device, offset, path.landing(n)) {
+                    DataPath::UserCopy(uc) => uc.read_now(&*self.device, offset, n),
+                };
+                if let Some(done) = served {
                     done?;
-                    path.deliver(n)?;
                     return Ok(len as i32);
                 }
                 let data = self
@@ -511,8 +380,7 @@ impl<D: BlockDevice> TagCtx<D> {
 }
 
 /// [`BlockDevice::copy_now`] to the char device, on the queue thread; a
-/// panic in the device fails this request only (as in
-/// [`ferry_device::read_now`]).
+/// panic in the device fails this request only (as in [`read_now`]).
 fn copy_now<D: BlockDevice>(
     device: &D,
     offset: u64,
@@ -528,26 +396,6 @@ fn copy_now<D: BlockDevice>(
             "the device's synchronous copy panicked",
         )))
     })
-}
-
-/// [`BlockDevice::present_extent`] of a READ, on the queue thread; a panic
-/// in the device fails this request only (as in [`ferry_device::read_now`]).
-fn present_extent<D: BlockDevice>(
-    device: &D,
-    offset: u64,
-    len: usize,
-) -> Option<io::Result<Extent<'_>>> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        device.present_extent(offset, len as u64)
-    }))
-    .map_or_else(
-        |_| {
-            Some(Err(io::Error::other(
-                "the device's present_extent panicked",
-            )))
-        },
-        |extent| extent.map(Ok),
-    )
 }
 
 /// The runtime side of one device call: delivers the result and, whether or
@@ -601,37 +449,14 @@ mod tests {
         Panic,
     }
 
-    /// The byte at `at` of the fake device's file: its offset, so a read of
-    /// the wrong place shows.
-    fn file_byte(at: u64) -> u8 {
-        (at / 512 % 251) as u8
-    }
-
-    /// A file of `SIZE` bytes holding `file_byte`.
-    fn device_file() -> std::fs::File {
-        let f = tempfile::tempfile().unwrap();
-        let data: Vec<u8> = (0..SIZE).map(file_byte).collect();
-        f.write_all_at(&data, 0).unwrap();
-        f
-    }
-
     struct Fake {
         now: Now,
-        /// The file `present_extent` points into, if the device has one.
-        file: Option<std::fs::File>,
-        /// Whether the file's pages are said to be in the page cache
-        /// (then `copy_now` serves).
-        resident: bool,
-        /// Whether `present_extent` panics.
-        extent_panics: bool,
+        /// Whether `copy_now` serves (writing 0xef), or declines.
+        copy: bool,
         /// Length of every buffer `read_now` was given.
         now_lens: Mutex<Vec<usize>>,
         /// (offset, len, out_offset) of every served `copy_now`.
         copies: Mutex<Vec<(u64, usize, u64)>>,
-        /// (offset, len) of every extent handed out.
-        extents: Mutex<Vec<(u64, u64)>>,
-        /// Reads of extents submitted to the "ring" (`TargetIo::Counted`).
-        ring_reads: AtomicUsize,
         /// Calls of the async `read`.
         reads: AtomicUsize,
         /// (offset, data) of every write.
@@ -663,22 +488,11 @@ mod tests {
             out: BorrowedFd<'_>,
             out_offset: u64,
         ) -> Option<io::Result<()>> {
-            let file = self.file.as_ref().filter(|_| self.resident)?;
+            if !self.copy {
+                return None;
+            }
             self.copies.lock().unwrap().push((offset, len, out_offset));
-            let mut data = vec![0; len];
-            file.read_exact_at(&mut data, offset).unwrap();
-            Some(cdev::write_all_at(out, &data, out_offset))
-        }
-
-        fn present_extent(&self, offset: u64, len: u64) -> Option<Extent<'_>> {
-            assert!(!self.extent_panics, "present_extent panics");
-            let file = self.file.as_ref()?;
-            self.extents.lock().unwrap().push((offset, len));
-            Some(Extent {
-                fd: file.as_fd(),
-                offset,
-                resident: self.resident,
-            })
+            Some(cdev::write_all_at(out, &vec![0xef; len], out_offset))
         }
 
         async fn read(&self, _offset: u64, len: u32) -> io::Result<Vec<u8>> {
@@ -704,58 +518,33 @@ mod tests {
         }
     }
 
-    /// How the fake device behaves.
-    #[derive(Clone, Copy)]
-    struct Setup {
-        now: Now,
-        /// It has a file (`present_extent` serves).
-        file: bool,
-        /// The file is in the page cache (`copy_now` serves).
-        resident: bool,
-        /// `present_extent` panics.
-        extent_panics: bool,
+    /// Runs a READ of `sectors` 512-byte sectors at sector 8 against a fake
+    /// device behaving as `now`, with a 64 KiB request buffer; returns the
+    /// result, the buffer and the device.
+    fn read(now: Now, sectors: u32) -> (io::Result<i32>, Vec<u8>, Arc<Fake>) {
+        let (_rt, device, ctx) = fixture(now, false);
+        let desc = Descriptor {
+            op_flags: op::READ,
+            nr_sectors: sectors,
+            start_sector: 8,
+        };
+        let mut buf = vec![0u8; 64 << 10];
+        let res = smol::block_on(ctx.handle(desc, DataPath::Buffer(&mut buf)));
+        (res, buf, device)
     }
 
-    fn now(now: Now) -> Setup {
-        Setup {
-            now,
-            file: false,
-            resident: false,
-            extent_panics: false,
-        }
-    }
-
-    /// A file whose pages are not in the page cache.
-    fn with_file(now: Now) -> Setup {
-        Setup {
-            file: true,
-            ..self::now(now)
-        }
-    }
-
-    /// A file whose pages are in the page cache.
-    fn with_resident_file(now: Now) -> Setup {
-        Setup {
-            resident: true,
-            ..with_file(now)
-        }
-    }
-
-    /// A runtime, a fake device as set up, and tag 0 of queue 0 over it.
-    fn fixture(setup: Setup) -> (tokio::runtime::Runtime, Arc<Fake>, TagCtx<Fake>) {
+    /// A runtime, a fake device behaving as `now` (`copy`: it has
+    /// `copy_now`), and tag 0 of queue 0 over it.
+    fn fixture(now: Now, copy: bool) -> (tokio::runtime::Runtime, Arc<Fake>, TagCtx<Fake>) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
             .unwrap();
         let device = Arc::new(Fake {
-            now: setup.now,
-            file: setup.file.then(device_file),
-            resident: setup.resident,
-            extent_panics: setup.extent_panics,
+            now,
+            copy,
             now_lens: Mutex::default(),
             copies: Mutex::default(),
-            extents: Mutex::default(),
-            ring_reads: AtomicUsize::new(0),
             reads: AtomicUsize::new(0),
             written: Mutex::default(),
         });
@@ -770,44 +559,30 @@ mod tests {
         (rt, device, ctx)
     }
 
-    /// Runs a READ of `sectors` 512-byte sectors at sector 8 with the tag's
-    /// 64 KiB buffer; returns the result, the buffer and the device.
-    fn read(setup: Setup, sectors: u32) -> (io::Result<i32>, Vec<u8>, Arc<Fake>) {
-        let (_rt, device, ctx) = fixture(setup);
-        let desc = Descriptor {
-            op_flags: op::READ,
-            nr_sectors: sectors,
-            start_sector: 8,
-        };
-        let mut buf = vec![0u8; 64 << 10];
-        let path = DataPath::Buffer(&mut buf);
-        let res = smol::block_on(ctx.handle(desc, path, TargetIo::Counted(&device.ring_reads)));
-        (res, buf, device)
-    }
-
     /// Runs a request with `UBLK_F_USER_COPY` against a fake device: a temp
     /// file stands for the char device and `POS` for the tag's position.
     /// Returns the result, the "char device" and the device.
     fn user_copy(
-        setup: Setup,
+        now: Now,
+        copy: bool,
         op_flags: u32,
         sectors: u32,
         cdev: std::fs::File,
     ) -> (io::Result<i32>, std::fs::File, Arc<Fake>) {
-        let (_rt, device, ctx) = fixture(setup);
+        let (_rt, device, ctx) = fixture(now, copy);
         let desc = Descriptor {
             op_flags,
             nr_sectors: sectors,
             start_sector: 8,
         };
-        let mut buf = Vec::new();
+        let scratch = RefCell::new(Vec::new());
         let path = DataPath::UserCopy(UserCopy {
             cdev: cdev.as_fd(),
             pos: POS,
             max_len: 64 << 10,
-            buf: &mut buf,
+            scratch: &scratch,
         });
-        let res = smol::block_on(ctx.handle(desc, path, TargetIo::Counted(&device.ring_reads)));
+        let res = smol::block_on(ctx.handle(desc, path));
         (res, cdev, device)
     }
 
@@ -820,79 +595,26 @@ mod tests {
         got
     }
 
-    fn file_bytes(offset: u64, len: usize) -> Vec<u8> {
-        (offset..offset + len as u64).map(file_byte).collect()
-    }
-
     #[test]
-    fn user_copy_read_in_the_page_cache_is_one_copy_now() {
+    fn user_copy_read_uses_copy_now_with_the_tags_position() {
         let cdev = tempfile::tempfile().unwrap();
-        let (res, cdev, device) = user_copy(with_resident_file(Now::Serve), op::READ, 16, cdev);
-        assert_eq!(res.unwrap(), 8192);
-        assert_eq!(*device.copies.lock().unwrap(), [(4096, 8192, POS)]);
-        assert!(device.extents.lock().unwrap().is_empty());
-        assert_eq!(device.ring_reads.load(Ordering::SeqCst), 0);
+        let (res, cdev, device) = user_copy(Now::Decline, true, op::READ, 8, cdev);
+        assert_eq!(res.unwrap(), 4096);
+        assert_eq!(*device.copies.lock().unwrap(), [(4096, 4096, POS)]);
         assert!(device.now_lens.lock().unwrap().is_empty());
         assert_eq!(device.reads.load(Ordering::SeqCst), 0);
-        assert_eq!(cdev_bytes(&cdev, 8192), file_bytes(4096, 8192));
-        assert_eq!(cdev.metadata().unwrap().len(), POS + 8192);
-    }
-
-    #[test]
-    fn user_copy_read_not_in_the_page_cache_goes_to_the_ring() {
-        let cdev = tempfile::tempfile().unwrap();
-        let (res, cdev, device) = user_copy(with_file(Now::Serve), op::READ, 16, cdev);
-        assert_eq!(res.unwrap(), 8192);
-        assert!(device.copies.lock().unwrap().is_empty());
-        assert_eq!(*device.extents.lock().unwrap(), [(4096, 8192)]);
-        assert_eq!(device.ring_reads.load(Ordering::SeqCst), 1);
-        assert!(device.now_lens.lock().unwrap().is_empty());
-        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
-        assert_eq!(cdev_bytes(&cdev, 8192), file_bytes(4096, 8192));
+        assert!(cdev_bytes(&cdev, 4096).iter().all(|b| *b == 0xef));
         assert_eq!(
             cdev.metadata().unwrap().len(),
-            POS + 8192,
+            POS + 4096,
             "wrote past the request"
         );
     }
 
     #[test]
-    fn buffered_read_reads_the_present_extent_into_the_buffer() {
-        // Not in the page cache: on the ring; in it: read at once.
-        for (setup, on_ring) in [
-            (with_file(Now::Serve), 1),
-            (with_resident_file(Now::Serve), 0),
-        ] {
-            let (res, buf, device) = read(setup, 8);
-            assert_eq!(res.unwrap(), 4096);
-            assert_eq!(*device.extents.lock().unwrap(), [(4096, 4096)]);
-            assert_eq!(device.ring_reads.load(Ordering::SeqCst), on_ring);
-            assert!(device.copies.lock().unwrap().is_empty());
-            assert!(device.now_lens.lock().unwrap().is_empty());
-            assert_eq!(buf[..4096], file_bytes(4096, 4096));
-            assert!(
-                buf[4096..].iter().all(|b| *b == 0),
-                "wrote past the request"
-            );
-        }
-    }
-
-    #[test]
-    fn a_panicking_present_extent_fails_the_request_only() {
-        let setup = Setup {
-            extent_panics: true,
-            ..with_file(Now::Serve)
-        };
-        let (res, _, device) = read(setup, 8);
-        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::Other);
-        assert!(device.now_lens.lock().unwrap().is_empty());
-        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
-    }
-
-    #[test]
-    fn user_copy_read_without_an_extent_goes_through_read_now() {
+    fn user_copy_read_without_copy_now_goes_through_read_now() {
         let cdev = tempfile::tempfile().unwrap();
-        let (res, cdev, device) = user_copy(now(Now::Serve), op::READ, 16, cdev);
+        let (res, cdev, device) = user_copy(Now::Serve, false, op::READ, 16, cdev);
         assert_eq!(res.unwrap(), 8192);
         assert_eq!(*device.now_lens.lock().unwrap(), [8192]);
         assert_eq!(device.reads.load(Ordering::SeqCst), 0);
@@ -903,7 +625,7 @@ mod tests {
     #[test]
     fn user_copy_read_falls_back_to_the_async_read() {
         let cdev = tempfile::tempfile().unwrap();
-        let (res, cdev, device) = user_copy(now(Now::Decline), op::READ, 8, cdev);
+        let (res, cdev, device) = user_copy(Now::Decline, false, op::READ, 8, cdev);
         assert_eq!(res.unwrap(), 4096);
         assert_eq!(device.reads.load(Ordering::SeqCst), 1);
         assert!(cdev_bytes(&cdev, 4096).iter().all(|b| *b == 0xcd));
@@ -912,16 +634,13 @@ mod tests {
     #[test]
     fn user_copy_read_errors_keep_their_errno() {
         let cdev = tempfile::tempfile().unwrap();
-        let (res, _, device) = user_copy(now(Now::Fail), op::READ, 8, cdev);
+        let (res, _, device) = user_copy(Now::Fail, false, op::READ, 8, cdev);
         assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(device.reads.load(Ordering::SeqCst), 0);
         // A char device that refuses the data fails the request.
         let dir = tempfile::tempdir().unwrap();
         let ro = std::fs::File::open(dir.path()).unwrap();
-        let (res, _, _) = user_copy(now(Now::Serve), op::READ, 8, ro);
-        assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EBADF));
-        let ro = std::fs::File::open(dir.path()).unwrap();
-        let (res, _, _) = user_copy(with_file(Now::Serve), op::READ, 8, ro);
+        let (res, _, _) = user_copy(Now::Serve, false, op::READ, 8, ro);
         assert_eq!(res.unwrap_err().raw_os_error(), Some(libc::EBADF));
     }
 
@@ -930,13 +649,13 @@ mod tests {
         let cdev = tempfile::tempfile().unwrap();
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
         cdev.write_all_at(&data, POS).unwrap();
-        let (res, _, device) = user_copy(with_file(Now::Serve), op::WRITE, 16, cdev);
+        let (res, _, device) = user_copy(Now::Serve, true, op::WRITE, 16, cdev);
         assert_eq!(res.unwrap(), 8192);
         assert_eq!(*device.written.lock().unwrap(), [(4096, data)]);
         // Nothing beyond the request can be taken: a short char device fails.
         let short = tempfile::tempfile().unwrap();
         short.set_len(POS + 100).unwrap();
-        let (res, _, device) = user_copy(with_file(Now::Serve), op::WRITE, 16, short);
+        let (res, _, device) = user_copy(Now::Serve, true, op::WRITE, 16, short);
         assert_eq!(res.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         assert!(device.written.lock().unwrap().is_empty());
     }
@@ -945,14 +664,14 @@ mod tests {
     fn user_copy_requests_larger_than_the_device_allows_are_invalid() {
         let cdev = tempfile::tempfile().unwrap();
         // 256 sectors = 128 KiB > max_len (64 KiB).
-        let (res, _, device) = user_copy(with_file(Now::Serve), op::READ, 256, cdev);
+        let (res, _, device) = user_copy(Now::Serve, true, op::READ, 256, cdev);
         assert_eq!(res.unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        assert!(device.extents.lock().unwrap().is_empty());
+        assert!(device.copies.lock().unwrap().is_empty());
     }
 
     #[test]
     fn read_now_serves_into_exactly_the_request_and_skips_the_async_read() {
-        let (res, buf, device) = read(now(Now::Serve), 8);
+        let (res, buf, device) = read(Now::Serve, 8);
         assert_eq!(res.unwrap(), 4096);
         assert_eq!(*device.now_lens.lock().unwrap(), [4096]);
         assert_eq!(device.reads.load(Ordering::SeqCst), 0);
@@ -965,7 +684,7 @@ mod tests {
 
     #[test]
     fn declined_read_now_falls_back_to_the_async_read() {
-        let (res, buf, device) = read(now(Now::Decline), 16);
+        let (res, buf, device) = read(Now::Decline, 16);
         assert_eq!(res.unwrap(), 8192);
         assert_eq!(*device.now_lens.lock().unwrap(), [8192]);
         assert_eq!(device.reads.load(Ordering::SeqCst), 1);
@@ -975,7 +694,7 @@ mod tests {
 
     #[test]
     fn read_now_errors_keep_their_errno() {
-        let (res, _, device) = read(now(Now::Fail), 8);
+        let (res, _, device) = read(Now::Fail, 8);
         let err = res.unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(device.reads.load(Ordering::SeqCst), 0);
@@ -989,7 +708,7 @@ mod tests {
 
     #[test]
     fn a_panicking_read_now_fails_the_request_only() {
-        let (res, _, device) = read(now(Now::Panic), 8);
+        let (res, _, device) = read(Now::Panic, 8);
         assert_eq!(res.unwrap_err().kind(), io::ErrorKind::Other);
         assert_eq!(device.reads.load(Ordering::SeqCst), 0);
     }
