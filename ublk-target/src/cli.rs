@@ -209,6 +209,12 @@ pub(crate) struct PullArgs {
     /// until the source answers.
     #[arg(long)]
     pub(crate) absent_timeout_secs: Option<u64>,
+    /// Serve Prometheus metrics over HTTP at ADDR:PORT (GET /metrics):
+    /// bytes by kind, on-demand fetch times, guest stalls, the link, the
+    /// phase and the verification. No authentication: keep it on loopback
+    /// or a management network. Default: no listener.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) metrics: Option<SocketAddr>,
     #[command(flatten)]
     pub(crate) link: LinkArgs,
 }

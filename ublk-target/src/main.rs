@@ -8,6 +8,7 @@ mod cli;
 mod control;
 mod docs;
 mod logging;
+mod metrics;
 mod notify;
 mod pull;
 #[cfg(test)]

@@ -23,6 +23,12 @@ pub(crate) fn notify(state: &str) {
     }
 }
 
+/// The `STATUS=` line of a pull's progress, in human units (the line
+/// `ferry status --watch` prints).
+pub(crate) fn progress(s: &ferry_pull::Status) -> String {
+    format!("STATUS={}", crate::watch::progress_line(s))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -39,5 +45,25 @@ mod tests {
         let mut buf = [0u8; 64];
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving");
+    }
+
+    #[test]
+    fn the_progress_status_is_in_human_units() {
+        let s = ferry_pull::Status {
+            phase: "copying".into(),
+            total_bytes: 3 << 30,
+            present_bytes: 3 << 29,
+            rate_bytes_per_sec: 50 << 20,
+            eta_seconds: Some(31),
+            source_state: "connected".into(),
+            background: "running".into(),
+            verified: "pending".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            progress(&s),
+            "STATUS=copying 50.0%: 1.5 GiB of 3.0 GiB, 50.0 MiB/s, ETA 31 s; source connected, \
+             background running, verified pending"
+        );
     }
 }

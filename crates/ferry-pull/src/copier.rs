@@ -287,13 +287,13 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
 
 /// Persists the block map every second, or sooner when a batch of
 /// `sync_bytes` is waiting; samples the progress rate.
-/// `status_line` gets a line of progress every 5 s (for systemd's
-/// `STATUS=`).
+/// `progress` gets the status every 5 s (for systemd's `STATUS=`, which
+/// the binary writes in human units).
 pub async fn run_syncer<F: Fetcher, D: Disk, M: BlockMap>(
     shared: Arc<Shell<F, D, M>>,
     settings: Arc<CopierSettings>,
     report: Arc<Report>,
-    status_line: impl Fn(&str) + Send + 'static,
+    progress: impl Fn(&crate::Status) + Send + 'static,
 ) {
     // tokio's clock (the simulation pauses it; in production it is the
     // monotonic clock).
@@ -308,12 +308,7 @@ pub async fn run_syncer<F: Fetcher, D: Disk, M: BlockMap>(
         report.rate.sample(Instant::now(), present);
         if last_status.elapsed() >= Duration::from_secs(5) {
             last_status = tokio::time::Instant::now();
-            let total = shared.backing.size().max(1);
-            status_line(&format!(
-                "STATUS={:.1}% present, {} B/s",
-                present as f64 * 100.0 / total as f64,
-                report.rate.last_rate.load(Ordering::Relaxed)
-            ));
+            progress(&crate::status::snapshot(&shared, &settings, &report));
         }
         if unsynced > 0
             && (unsynced >= settings.sync_bytes || last_sync.elapsed() >= Duration::from_secs(1))

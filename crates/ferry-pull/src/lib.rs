@@ -22,6 +22,7 @@ mod fill_trouble;
 pub mod open;
 pub mod shell;
 pub mod status;
+pub mod telemetry;
 pub mod verify;
 mod waiters;
 
@@ -31,4 +32,5 @@ pub use error::PullError;
 pub use fetcher::{ConnState, FetchError, Fetcher, LinkStats};
 pub use shell::{PullDevice, Shell, ShellOptions};
 pub use status::{Report, Status};
+pub use telemetry::TelemetrySnapshot;
 pub use verify::Verification;

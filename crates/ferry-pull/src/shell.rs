@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 
 use crate::fetcher::{FetchError, Fetcher};
 use crate::fill_trouble::FillTrouble;
+use crate::telemetry::Telemetry;
 use crate::waiters::{Filled, Registration, Waiters};
 
 /// How the shell treats guest requests.
@@ -73,6 +74,8 @@ pub struct Shell<F: Fetcher, D: Disk = Backing, M: BlockMap = StateFile> {
     pub(crate) bg_in_flight_bytes: AtomicU64,
     /// Fetched data that could not be written to the backing file.
     pub(crate) fill_trouble: Mutex<FillTrouble>,
+    /// On-demand fetch times, guest stalls and writes (`--metrics`).
+    telemetry: Telemetry,
 }
 
 fn eio(msg: impl Into<String>) -> io::Error {
@@ -108,6 +111,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
             bg_in_flight: AtomicU64::new(0),
             bg_in_flight_bytes: AtomicU64::new(0),
             fill_trouble: Mutex::default(),
+            telemetry: Telemetry::default(),
         })
     }
 
@@ -188,6 +192,11 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
     /// The engine's counters.
     pub fn engine_counters(&self) -> ferry_core::engine::Counters {
         self.lock().counters().clone()
+    }
+
+    /// On-demand fetch times, guest stalls and writes so far.
+    pub fn telemetry(&self) -> crate::TelemetrySnapshot {
+        self.telemetry.snapshot()
     }
 
     /// The disk's size in bytes.
@@ -316,6 +325,9 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         match client.fetch(range.start, count, kind).await {
             Ok(chunks) => {
                 let fetched = t0.elapsed();
+                if kind == FetchKind::OnDemand {
+                    self.telemetry.on_demand_fetched(fetched);
+                }
                 for (chunk, data) in range.clone().zip(chunks) {
                     self.arrived(chunk, data).await;
                 }
@@ -468,6 +480,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         Op: FnOnce(&D) -> io::Result<()> + Send + 'static,
     {
         let mut op = Some(op);
+        let mut stall = self.telemetry.stall();
         let deadline = self.absent_deadline();
         let since = self.fill_trouble().seq();
         let chunks = self.geo.chunks_touching(offset, len);
@@ -508,9 +521,13 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
                     }
                     self.wake(engine);
                     self.changed.notify_waiters();
+                    if res.is_ok() {
+                        self.telemetry.guest_wrote(len);
+                    }
                     return res;
                 }
                 WritePlan::Wait => {
+                    stall.waiting();
                     self.wait_absent(&waiting, deadline, ("write", offset, len))
                         .await?;
                 }
@@ -589,6 +606,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> BlockDevice for PullDevice<F, D, M> {
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
         let s = &self.0;
+        let mut stall = s.telemetry.stall();
         let deadline = s.absent_deadline();
         let since = s.fill_trouble().seq();
         let waiting = s
@@ -632,6 +650,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> BlockDevice for PullDevice<F, D, M> {
                         .await;
                 }
                 ReadPlan::Wait => {
+                    stall.waiting();
                     s.wait_absent(&waiting, deadline, ("read", offset, u64::from(len)))
                         .await?;
                 }

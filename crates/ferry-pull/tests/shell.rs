@@ -279,7 +279,7 @@ async fn the_background_copy_reaches_a_complete_and_verified_disk() {
         p.shell.clone(),
         settings.clone(),
         report.clone(),
-        |_: &str| {},
+        |_: &ferry_pull::Status| {},
     ));
     let deadline = Instant::now() + Duration::from_secs(120);
     let s = loop {

@@ -377,7 +377,7 @@ impl Sim {
             shell.clone(),
             settings,
             report.clone(),
-            |_: &str| {},
+            |_: &ferry_pull::Status| {},
         ));
         self.boot = Some(Boot {
             rt,

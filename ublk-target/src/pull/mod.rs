@@ -268,6 +268,10 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         };
         let control = control_socket::ControlListener::bind(&a.control, &access)?;
         sockets.0.push(a.control.clone());
+        let metrics = match a.metrics {
+            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            None => None,
+        };
         let started = Instant::now();
         let (client, geo, id, later) = match (header, source) {
             (Some(h), source) => (None, h.geometry, h.source_id, source),
@@ -374,7 +378,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 shared.clone(),
                 settings.clone(),
                 report.clone(),
-                crate::notify::notify,
+                |s: &ferry_pull::Status| crate::notify::notify(&crate::notify::progress(s)),
             )
             .in_current_span(),
         );
@@ -383,6 +387,21 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 .serve(shared.clone(), settings.clone(), report.clone())
                 .in_current_span(),
         );
+        if let Some(listener) = metrics {
+            let addr = listener
+                .local_addr()
+                .context("cannot read the --metrics listener's address")?;
+            println!("ferry pull: metrics on http://{addr}/metrics");
+            let (shared, settings, report) = (shared.clone(), settings.clone(), report.clone());
+            let render = move || {
+                crate::metrics::encode(
+                    &ferry_pull::status::snapshot(&shared, &settings, &report),
+                    &shared.telemetry(),
+                    geo.chunks(),
+                )
+            };
+            tokio::spawn(crate::metrics::serve(listener, Arc::new(render)).in_current_span());
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(listener) = listener {
