@@ -14,8 +14,9 @@ use ferry_tests::*;
 
 const MIB: u64 = 1 << 20;
 
-/// promtool: `$FERRY_PROMTOOL` (where `cargo xtask ci` extracts it from
-/// Debian's `prometheus` package without installing it), else on PATH.
+/// promtool: `$FERRY_PROMTOOL` (set by `cargo xtask ci`, which extracts it
+/// from Debian's `prometheus` package to `target/tools/promtool`
+/// without installing it), else that extracted one, else on PATH.
 /// Missing, the test fails: it is never skipped.
 fn promtool() -> PathBuf {
     if let Some(p) = std::env::var_os("FERRY_PROMTOOL") {
@@ -26,6 +27,14 @@ fn promtool() -> PathBuf {
             p.display()
         );
         return p;
+    }
+    let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| ws.join("target"), PathBuf::from);
+    let extracted = target.join("tools/promtool");
+    if extracted.exists() {
+        return extracted;
     }
     qmp::need_tool(
         "promtool",

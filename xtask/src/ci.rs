@@ -1,4 +1,5 @@
-//! `cargo xtask ci`: exactly what CI runs. Formatting, clippy with
+//! `cargo xtask ci`: exactly what CI runs. promtool (extracted from
+//! Debian's prometheus package, for the metrics test), formatting, clippy with
 //! `-D warnings`, every test of the workspace (with the tools they need
 //! required, not skipped), each fuzz target for a few seconds, the Debian
 //! package built from the `dist` profile and installed into a scratch root,
@@ -74,6 +75,15 @@ pub(crate) fn run_ci() -> Result<()> {
     step("packages (installed if missing, none removed)", || {
         ensure(NEEDS)
     })?;
+    let mut promtool = std::path::PathBuf::new();
+    step(
+        "promtool (from Debian's prometheus package, extracted, not installed)",
+        || {
+            promtool = crate::setup::promtool()?;
+            eprintln!("promtool: {}", promtool.display());
+            Ok(())
+        },
+    )?;
     step("fmt", || {
         run(Command::new(cargo())
             .current_dir(&root)
@@ -98,6 +108,7 @@ pub(crate) fn run_ci() -> Result<()> {
         run(Command::new(cargo())
             .current_dir(&root)
             .env("FERRY_REQUIRE_ALL", "1")
+            .env("FERRY_PROMTOOL", &promtool)
             .args(["test", "--workspace", "--exclude", "xtask"]))
     })?;
     step("xtask tests", || {

@@ -27,7 +27,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run everything CI runs, in this order: install missing packages
-    /// (never removing one), fmt, clippy -D warnings, build ferry, the
+    /// (never removing one), promtool (extracted from Debian's prometheus
+    /// package, not installed), fmt, clippy -D warnings, build ferry, the
     /// workspace's tests, xtask's tests, dist --check (the .deb), wan-smoke, bench-smoke, a short
     /// chaos run, vm-test (real ublk driver in a VM), vm-wan-smoke.
     Ci,

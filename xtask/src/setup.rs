@@ -318,6 +318,65 @@ fn refusal(packages: &[&str], plan: &AptPlan) -> String {
     )
 }
 
+/// promtool, for the metrics test (`promtool check metrics`), taken from
+/// Debian's `prometheus` package (`apt-get download`, `dpkg-deb -x` into
+/// a scratch directory) to `target/tools/promtool`; the package is never
+/// installed, since that would start its service, listening. Returns
+/// promtool's path.
+pub(crate) fn promtool() -> Result<std::path::PathBuf> {
+    let tools = target_dir().join("tools");
+    let bin = tools.join("promtool");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let scratch = tools.join("prometheus-deb");
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    let got = extract_promtool(&scratch, &bin);
+    let _ = std::fs::remove_dir_all(&scratch);
+    got?;
+    Ok(bin)
+}
+
+/// Downloads Debian's `prometheus` package into `scratch`, unpacks it
+/// there and copies its promtool to `bin`.
+fn extract_promtool(scratch: &Path, bin: &Path) -> Result<()> {
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "-q", "prometheus"])
+            .current_dir(scratch)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // A machine whose package lists were never fetched knows no package.
+    if !download() {
+        if !is_root() {
+            bail!(
+                "cannot download Debian's prometheus package (for promtool) with apt-get \
+                 download; run `apt-get update` as root, or set FERRY_PROMTOOL to a promtool"
+            );
+        }
+        run(Command::new("apt-get").arg("update").arg("-q")).context("apt-get update failed")?;
+        anyhow::ensure!(
+            download(),
+            "apt-get download prometheus failed (for promtool) even after apt-get update"
+        );
+    }
+    let deb = std::fs::read_dir(scratch)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download left no .deb in {}", scratch.display()))?;
+    let unpacked = scratch.join("root");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let from = unpacked.join("usr/bin/promtool");
+    let partial = bin.with_extension("partial");
+    std::fs::copy(&from, &partial)
+        .with_context(|| format!("{} holds no usr/bin/promtool", deb.display()))?;
+    std::fs::rename(&partial, bin)
+        .with_context(|| format!("cannot move {} to {}", partial.display(), bin.display()))
+}
+
 /// Runs a command, failing with its name when it fails.
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let desc = format!("{cmd:?}");
