@@ -31,7 +31,8 @@ fn promtool() -> PathBuf {
     let ws = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| ws.join("target"), PathBuf::from);
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| ws.join("target"), PathBuf::from);
     let extracted = target.join("tools/promtool");
     if extracted.exists() {
         return extracted;
@@ -211,15 +212,15 @@ fn metrics_pass_promtool_and_move_with_the_pull() {
     promtool_check(&after);
     assert_eq!(value(&after, r#"ferry_pull_phase{phase="complete"}"#), 1.0);
     assert_eq!(value(&after, r#"ferry_pull_phase{phase="copying"}"#), 0.0);
-    assert_eq!(value(&after, r#"ferry_pull_verification{result="ok"}"#), 1.0);
+    assert_eq!(
+        value(&after, r#"ferry_pull_verification{result="ok"}"#),
+        1.0
+    );
     assert_eq!(
         value(&after, r#"ferry_pull_verification{result="pending"}"#),
         0.0
     );
-    assert_eq!(
-        value(&after, "ferry_pull_present_bytes"),
-        (8 * MIB) as f64
-    );
+    assert_eq!(value(&after, "ferry_pull_present_bytes"), (8 * MIB) as f64);
     assert!(value(&after, background) > 0.0, "{after}");
     assert!(value(&after, on_demand) >= value(&during, on_demand));
     // 3 MiB of data; the 5 MiB of zero chunks are never fetched.
@@ -233,7 +234,10 @@ fn metrics_pass_promtool_and_move_with_the_pull() {
     );
     assert!(value(&after, "ferry_pull_verified_chunks") > 0.0);
     // A finished copy has no rate and no ETA.
-    assert_eq!(value(&after, "ferry_pull_progress_rate_bytes_per_second"), 0.0);
+    assert_eq!(
+        value(&after, "ferry_pull_progress_rate_bytes_per_second"),
+        0.0
+    );
     assert!(!after.contains("ferry_pull_eta_seconds"), "{after}");
 
     // systemd's STATUS= (every 5 s): the progress in human units, the

@@ -84,7 +84,12 @@ fn gauge_metric(v: f64, pairs: &[(&str, &str)]) -> Metric {
 
 /// A counter `name` (ending in `_total`) without labels.
 fn counter(name: &str, help: &str, v: f64) -> MetricFamily {
-    family(name, help, MetricType::COUNTER, vec![counter_metric(v, &[])])
+    family(
+        name,
+        help,
+        MetricType::COUNTER,
+        vec![counter_metric(v, &[])],
+    )
 }
 
 /// A gauge `name` without labels.
@@ -463,19 +468,28 @@ mod tests {
             65536.0
         );
         assert_eq!(
-            sample(&text, r#"ferry_pull_fetched_bytes_total{kind="background"}"#),
+            sample(
+                &text,
+                r#"ferry_pull_fetched_bytes_total{kind="background"}"#
+            ),
             196608.0
         );
         assert_eq!(sample(&text, "ferry_pull_duplicate_bytes_total"), 65536.0);
         assert_eq!(sample(&text, "ferry_pull_zero_skipped_bytes"), 2097152.0);
-        assert_eq!(sample(&text, "ferry_pull_guest_written_bytes_total"), 8192.0);
+        assert_eq!(
+            sample(&text, "ferry_pull_guest_written_bytes_total"),
+            8192.0
+        );
         assert_eq!(sample(&text, "ferry_pull_present_bytes"), 1048576.0);
         assert_eq!(sample(&text, "ferry_pull_disk_bytes"), 4194304.0);
         assert_eq!(sample(&text, "ferry_pull_disk_chunks"), 64.0);
         assert_eq!(sample(&text, "ferry_pull_source_loss_ratio"), 0.0125);
         assert_eq!(sample(&text, "ferry_pull_reconnects_total"), 2.0);
         assert_eq!(sample(&text, "ferry_pull_guest_stall_seconds_total"), 1.5);
-        assert_eq!(sample(&text, "ferry_pull_guest_stalled_requests_total"), 4.0);
+        assert_eq!(
+            sample(&text, "ferry_pull_guest_stalled_requests_total"),
+            4.0
+        );
         assert_eq!(sample(&text, "ferry_pull_eta_seconds"), 7.0);
         // One series per state, 1 for the current one.
         assert_eq!(sample(&text, r#"ferry_pull_phase{phase="copying"}"#), 1.0);
@@ -496,15 +510,27 @@ mod tests {
         );
         // The histogram: cumulative buckets, +Inf holds every observation.
         assert_eq!(
-            sample(&text, r#"ferry_pull_on_demand_fetch_seconds_bucket{le="0.05"}"#),
+            sample(
+                &text,
+                r#"ferry_pull_on_demand_fetch_seconds_bucket{le="0.05"}"#
+            ),
             1.0
         );
         assert_eq!(
-            sample(&text, r#"ferry_pull_on_demand_fetch_seconds_bucket{le="+Inf"}"#),
+            sample(
+                &text,
+                r#"ferry_pull_on_demand_fetch_seconds_bucket{le="+Inf"}"#
+            ),
             3.0
         );
-        assert_eq!(sample(&text, "ferry_pull_on_demand_fetch_seconds_count"), 3.0);
-        assert_eq!(sample(&text, "ferry_pull_on_demand_fetch_seconds_sum"), 20.1);
+        assert_eq!(
+            sample(&text, "ferry_pull_on_demand_fetch_seconds_count"),
+            3.0
+        );
+        assert_eq!(
+            sample(&text, "ferry_pull_on_demand_fetch_seconds_sum"),
+            20.1
+        );
     }
 
     #[test]
