@@ -46,6 +46,15 @@ fn promtool() -> PathBuf {
 
 /// `promtool check metrics` on `text`: must pass without a complaint.
 fn promtool_check(text: &str) {
+    let out = promtool_run(text);
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {out:?}\non:\n{text}"
+    );
+}
+
+/// `promtool check metrics` on `text`.
+fn promtool_run(text: &str) -> std::process::Output {
     let mut c = Command::new("timeout")
         .arg("60")
         .arg(promtool())
@@ -60,11 +69,7 @@ fn promtool_check(text: &str) {
         .expect("stdin")
         .write_all(text.as_bytes())
         .expect("feed promtool");
-    let out = c.wait_with_output().expect("promtool output");
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {out:?}\non:\n{text}"
-    );
+    c.wait_with_output().expect("promtool output")
 }
 
 /// `GET /metrics` at `addr`: the body of a 200 reply.
@@ -147,8 +152,14 @@ fn status_lines(rx: &UnixDatagram, seen: &mut Vec<String>) {
 
 #[test]
 fn metrics_pass_promtool_and_move_with_the_pull() {
-    // Fails at once, before the pull, if promtool is missing.
-    promtool();
+    // Fails at once, before the pull, if promtool is missing; and the
+    // check is a real one: an OpenMetrics counter (family `x`, sample
+    // `x_total`) is not text format 0.0.4.
+    let refused = promtool_run("# HELP x X.\n# TYPE x counter\nx_total 1\n");
+    assert!(
+        !refused.status.success(),
+        "promtool passed junk: {refused:?}"
+    );
     let w = World::new();
     let src = w.path("src.img");
     // 8 MiB: 2 MiB of data at 0, 1 MiB at 5 MiB, the rest zero.
