@@ -79,7 +79,7 @@ pub(crate) fn frame_name(m: &Message) -> &'static str {
         Message::Chunk { .. } => "Chunk",
         Message::ZChunk { .. } => "ZChunk",
         Message::Zero { .. } => "Zero",
-        Message::GetManifest => "GetManifest",
+        Message::GetManifest { .. } => "GetManifest",
         Message::Path { .. } => "Path",
         Message::Error { .. } => "Error",
     }

@@ -11,11 +11,15 @@
 //!   connects and sends `Welcome { version, manifest_len, disk_size,
 //!   chunk_size, source_id }` on it (0.5-RTT data: it leaves with the
 //!   handshake; it is all an unauthenticated peer can learn);
-//! - on its own bidirectional stream each: `GetManifest` →
-//!   [`Message::ManifestBytes`] frames whose payloads, concatenated, are the
-//!   `manifest_len` bytes of [`ferry_core::Manifest::encode`] (one frame for
-//!   manifests up to [`MAX_MANIFEST_PART`]; larger ones, e.g. the 512 MiB
-//!   manifest of a 1 TiB disk, are split);
+//! - on its own bidirectional stream each: `GetManifest { complete }` →
+//!   [`Message::ManifestBytes`] frames whose payloads, concatenated, are
+//!   [`ferry_core::Manifest::encode`] of the manifest as the source knows it
+//!   (at most `manifest_len` bytes; one frame for manifests up to
+//!   [`MAX_MANIFEST_PART`], larger ones, e.g. the 512 MiB manifest of a
+//!   1 TiB disk, are split). Since protocol 6 a manifest may list chunks
+//!   the source has not hashed yet; with `complete` the source first
+//!   hashes every one of them (it reads them: whole-disk work, asked for
+//!   at verification);
 //! - `Hello { version }` is what destinations of protocol 1 and 2 sent
 //!   first; the source answers it with an `Error`
 //!   ([`ErrorCode::VersionMismatch`]) naming both versions;
@@ -25,15 +29,19 @@
 //!   [`PATH_REPORT_INTERVAL_MS`]: the share of its packets lost recently
 //!   and how many packets it has sent in all, which the destination uses
 //!   to decide whether to hedge on-demand reads (see `crate::path`);
-//! - `Read { first_chunk, count, priority }` → one `Chunk` frame per chunk in
-//!   order, then the server finishes the stream; or an `Error`
-//!   ([`ErrorCode::ZeroChunk`], [`ErrorCode::OutOfRange`], …). Zero chunks
-//!   never cross the wire. A request covers at most [`MAX_READ_BYTES`].
+//! - `Read { first_chunk, count, priority }` → one `Chunk` (or `ZChunk`,
+//!   or `Zero`) frame per chunk in order, then the server finishes the
+//!   stream; or an `Error` ([`ErrorCode::OutOfRange`],
+//!   [`ErrorCode::SourceChanged`], …). A chunk frame carries the chunk's
+//!   hash: the manifest's, or for an unhashed chunk the one the source
+//!   computed as it read it (an unhashed chunk that reads as zeros is
+//!   answered with `Zero`). Zero chunks never cross the wire. A request
+//!   covers at most [`MAX_READ_BYTES`].
 
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// How often the source sends a `Path` report, in ms.
 pub const PATH_REPORT_INTERVAL_MS: u64 = 100;
 /// Size of the frame header: `len: u32`.
@@ -120,6 +128,10 @@ pub enum ErrorCode {
     UnexpectedMessage,
     /// The source failed to read its disk.
     ReadFailed,
+    /// The source's disk was changed (written, resized, opened for
+    /// writing) by another process while it was served: its data can no
+    /// longer be trusted, and every further read is refused.
+    SourceChanged,
     /// A code this version does not know.
     Unknown(u16),
 }
@@ -135,6 +147,7 @@ impl ErrorCode {
             ErrorCode::Malformed => 5,
             ErrorCode::UnexpectedMessage => 6,
             ErrorCode::ReadFailed => 7,
+            ErrorCode::SourceChanged => 8,
             ErrorCode::Unknown(v) => v,
         }
     }
@@ -149,6 +162,7 @@ impl ErrorCode {
             5 => ErrorCode::Malformed,
             6 => ErrorCode::UnexpectedMessage,
             7 => ErrorCode::ReadFailed,
+            8 => ErrorCode::SourceChanged,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -177,17 +191,23 @@ pub enum Message {
     Welcome {
         /// [`PROTOCOL_VERSION`] of the server.
         version: u16,
-        /// Length of the encoded manifest.
+        /// The largest length the encoded manifest can have (it grows as
+        /// the source learns hashes).
         manifest_len: u64,
         /// Disk size in bytes.
         disk_size: u64,
         /// Chunk size in bytes.
         chunk_size: u32,
-        /// The manifest's hash: identifies the source's content.
+        /// Identifies the source (a random id kept with the image while it
+        /// is unchanged).
         source_id: [u8; 32],
     },
     /// Client → server: send the manifest (as `ManifestBytes` frames).
-    GetManifest,
+    GetManifest {
+        /// Hash every chunk not hashed yet first, so the manifest sent is
+        /// complete (for verification).
+        complete: bool,
+    },
     /// Server → client: (a part of) the encoded manifest.
     ManifestBytes(Vec<u8>),
     /// Client → server: send chunks `first_chunk..first_chunk + count`.
@@ -203,8 +223,10 @@ pub enum Message {
     Chunk {
         /// Chunk index.
         index: u64,
-        /// The manifest's BLAKE3 hash of the chunk (checked by the
-        /// destination; lets it verify before the manifest has arrived).
+        /// The BLAKE3 hash of the chunk: the manifest's, or for a chunk
+        /// the manifest lists as unhashed the one computed as it was read
+        /// (checked by the destination; lets it verify before the manifest
+        /// has arrived).
         hash: [u8; 32],
         /// Its bytes (the last chunk of the disk may be short).
         data: Vec<u8>,
@@ -219,7 +241,7 @@ pub enum Message {
     ZChunk {
         /// Chunk index.
         index: u64,
-        /// The manifest's BLAKE3 hash of the (uncompressed) chunk.
+        /// The BLAKE3 hash of the (uncompressed) chunk, as for `Chunk`.
         hash: [u8; 32],
         /// Length of the chunk once decompressed.
         raw_len: u32,
@@ -283,6 +305,9 @@ pub enum WireError {
     /// Unknown priority value.
     #[error("unknown priority {0}")]
     BadPriority(u8),
+    /// A yes/no field that is neither 0 nor 1.
+    #[error("flag byte {0} is neither 0 nor 1")]
+    BadFlag(u8),
     /// An error message that is not UTF-8.
     #[error("error message is not UTF-8")]
     BadUtf8,
@@ -324,7 +349,10 @@ impl Message {
                 out.extend_from_slice(&chunk_size.to_le_bytes());
                 out.extend_from_slice(source_id);
             }
-            Message::GetManifest => out.push(T_GET_MANIFEST),
+            Message::GetManifest { complete } => {
+                out.push(T_GET_MANIFEST);
+                out.push(u8::from(*complete));
+            }
             Message::Zero { index } => {
                 out.push(T_ZERO);
                 out.extend_from_slice(&index.to_le_bytes());
@@ -379,7 +407,7 @@ impl Message {
         match self {
             Message::Hello { .. } => 2,
             Message::Welcome { .. } => 54,
-            Message::GetManifest => 0,
+            Message::GetManifest { .. } => 1,
             Message::Zero { .. } => 8,
             Message::Path { .. } => 8,
             Message::ManifestBytes(b) => b.len(),
@@ -497,8 +525,13 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             })
         }
         T_GET_MANIFEST => {
-            exact(0, "0")?;
-            Ok(Message::GetManifest)
+            exact(1, "1")?;
+            match p[0] {
+                0 | 1 => Ok(Message::GetManifest {
+                    complete: p[0] == 1,
+                }),
+                other => Err(WireError::BadFlag(other)),
+            }
         }
         T_ZERO => {
             exact(8, "8")?;
@@ -611,7 +644,8 @@ mod tests {
                 chunk_size: 65536,
                 source_id: [7; 32],
             },
-            Message::GetManifest,
+            Message::GetManifest { complete: false },
+            Message::GetManifest { complete: true },
             Message::Zero { index: 77 },
             Message::Path {
                 lost_ppm: 1234,
@@ -655,7 +689,7 @@ mod tests {
                 message: "héllo".into(),
             },
         ];
-        for c in 1..=7 {
+        for c in 1..=8 {
             v.push(Message::Error {
                 code: ErrorCode::from_u16(c),
                 message: format!("code {c}"),

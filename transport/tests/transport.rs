@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_core::{ChunkKind, Geometry, Manifest};
+use ferry_core::{ChunkKind, Geometry, Manifest, SharedManifest};
 use ferry_transport::server::ChunkSource;
 use ferry_transport::wire::{self, ErrorCode, Message, Priority};
 use ferry_transport::{
@@ -50,7 +50,13 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// per chunk, all-zero chunks marked Zero.
 struct MemSource {
     data: Vec<u8>,
+    /// The complete manifest.
     manifest: Manifest,
+    /// What the server is given: the complete manifest, or for a lazy
+    /// source one that lists every chunk as unhashed.
+    shared: SharedManifest,
+    /// Set by a test: the source's disk was changed behind its back.
+    changed: std::sync::Mutex<Option<String>>,
     /// Time each chunk read takes.
     delay: Duration,
     /// Chunk reads so far.
@@ -79,8 +85,11 @@ impl MemSource {
                 }
             })
             .collect();
+        let manifest = Manifest::new(g, chunks);
         Arc::new(MemSource {
-            manifest: Manifest::new(g, chunks),
+            shared: SharedManifest::new(manifest.clone()),
+            changed: Default::default(),
+            manifest,
             data,
             delay: Duration::ZERO,
             reads: Default::default(),
@@ -89,6 +98,20 @@ impl MemSource {
             disk_inside: Default::default(),
             disk_most: Default::default(),
         })
+    }
+
+    /// A source that has hashed nothing yet: every chunk unhashed, with
+    /// the complete manifest's id.
+    fn lazy(data: Vec<u8>) -> Arc<Self> {
+        let mut s = Arc::into_inner(Self::new(data)).unwrap();
+        let g = s.manifest.geometry();
+        let unhashed = vec![ChunkKind::Unhashed; g.chunks() as usize];
+        s.shared = SharedManifest::new(Manifest::with_source_id(
+            g,
+            unhashed,
+            s.manifest.source_id(),
+        ));
+        Arc::new(s)
     }
 
     fn slow(data: Vec<u8>, delay: Duration) -> Arc<Self> {
@@ -104,8 +127,12 @@ impl MemSource {
 }
 
 impl ChunkSource for MemSource {
-    fn manifest(&self) -> &Manifest {
-        &self.manifest
+    fn manifest(&self) -> &SharedManifest {
+        &self.shared
+    }
+
+    fn changed(&self) -> Option<String> {
+        self.changed.lock().unwrap().clone()
     }
 
     fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
@@ -239,6 +266,59 @@ fn data_chunks(m: &Manifest) -> Vec<u64> {
 
 fn hash_ok(m: &Manifest, c: u64, data: &[u8]) -> bool {
     m.chunk(c) == ChunkKind::Data(*blake3::hash(data).as_bytes())
+}
+
+/// A source that has hashed nothing: its manifest lists every chunk as
+/// unhashed, each chunk read comes with the hash computed as it was read
+/// (an all-zero one as a Zero answer), the source learns them, and the
+/// complete manifest hashes the rest; once its disk changed, every read
+/// and manifest is refused with `SourceChanged`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_source_hashes_as_it_sends_and_a_changed_one_refuses() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::lazy(disk(3));
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        client.authenticated().await.unwrap();
+        assert_eq!(client.info().source_id, src.manifest.source_id());
+        let first = client.manifest().await.unwrap();
+        let n = first.geometry().chunks();
+        assert_eq!(first.unhashed(), n);
+        // Chunk 0 holds zeros (see `disk`), chunk 1 data.
+        assert_eq!(src.manifest.chunk(0), ChunkKind::Zero);
+        let got = client.read_chunks(0, 2, Priority::Background).await.unwrap();
+        assert_eq!(got[0], Fetched::Zero);
+        match &got[1] {
+            Fetched::Data { hash, bytes } => {
+                assert_eq!(bytes.as_slice(), src.chunk(1));
+                assert!(hash_ok(&src.manifest, 1, bytes));
+                assert_eq!(*hash, *blake3::hash(src.chunk(1)).as_bytes());
+            }
+            other => panic!("chunk 1: {other:?}"),
+        }
+        assert_eq!(src.shared.chunk(0), ChunkKind::Zero);
+        assert_eq!(src.shared.chunk(1), src.manifest.chunk(1));
+        assert_eq!(src.shared.chunk(2), ChunkKind::Unhashed);
+        let reads_before = src.reads.load(std::sync::atomic::Ordering::SeqCst);
+        let complete = client.complete_manifest().await.unwrap();
+        assert_eq!(*complete, src.manifest);
+        assert_eq!(complete.follows(&first), Ok(()));
+        // The two chunks read already were not read again.
+        let reads = src.reads.load(std::sync::atomic::Ordering::SeqCst) - reads_before;
+        assert_eq!(reads, n - 2);
+
+        *src.changed.lock().unwrap() = Some("disk.img: mtime changed".into());
+        for prio in [Priority::OnDemand, Priority::Background] {
+            let e = client.read_chunks(5, 1, prio).await.unwrap_err();
+            assert_eq!(e.remote_code(), Some(ErrorCode::SourceChanged), "{e}");
+            assert!(e.to_string().contains("disk.img: mtime changed"), "{e}");
+        }
+        let e = client.complete_manifest().await.unwrap_err();
+        assert_eq!(e.remote_code(), Some(ErrorCode::SourceChanged), "{e}");
+    })
+    .await
+    .expect("timed out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ferry_core::geometry::DEFAULT_CHUNK_SIZE;
-use ferry_core::Manifest;
+use ferry_core::SharedManifest;
 use ferry_store::SourceImage;
 use ferry_transport::{ChunkSource, DiskReads, Fingerprint, Identity, Server, ServerOptions};
 
@@ -15,11 +15,11 @@ use crate::cli::ServeArgs;
 /// A source image as the transport's chunk source.
 struct ImageSource {
     image: SourceImage,
-    manifest: Manifest,
+    manifest: SharedManifest,
 }
 
 impl ChunkSource for ImageSource {
-    fn manifest(&self) -> &Manifest {
+    fn manifest(&self) -> &SharedManifest {
         &self.manifest
     }
 
@@ -93,7 +93,10 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
                     read_bytes: a.background_read_kib * 1024,
                 },
             },
-            Arc::new(ImageSource { image, manifest }),
+            Arc::new(ImageSource {
+                image,
+                manifest: SharedManifest::new(manifest),
+            }),
         )?;
         println!(
             "ferry serve: exporting {} read-only on {} (fingerprint {fingerprint})",

@@ -23,8 +23,10 @@
 //! 5. Fetched data is checked against the manifest's hash before any of it
 //!    is written ([`Engine::handle_fetched`]). Until the manifest has
 //!    arrived (it streams in after switchover, so the first read does not
-//!    wait for it), the source's hash carried with each chunk is used; it
-//!    comes from the same manifest.
+//!    wait for it), and for chunks the manifest lists as unhashed (the
+//!    source had not read them yet), the source's hash carried with each
+//!    chunk is used. Verification checks the whole disk against the
+//!    source's complete manifest at the end.
 //! 7. Zero chunks are present from the start and never fetched.
 //! 8. A guest write that fails leaves each block with its old content or
 //!    the new one: blocks it made present (absent before, so the backing
@@ -338,6 +340,21 @@ impl Engine {
         }
         self.manifest = Some(manifest);
         self.wake_all = true;
+    }
+
+    /// The source's complete manifest (every hash known, see
+    /// [`Manifest::is_complete`]), fetched for verification: replaces the
+    /// first one, so chunks fetched again are checked against its hashes.
+    ///
+    /// # Panics
+    /// If the manifest's geometry is not the engine's.
+    pub fn handle_complete_manifest(&mut self, manifest: Arc<Manifest>) {
+        assert_eq!(
+            manifest.geometry(),
+            self.geo,
+            "manifest of another geometry"
+        );
+        self.manifest = Some(manifest);
     }
 
     /// Whether the manifest has arrived.
@@ -746,16 +763,26 @@ impl Engine {
         let len = self.geo.chunk_len(chunk) as usize;
         let (ok, wire_len) = match payload {
             Payload::Data { bytes, hash } => {
+                // An unhashed chunk's hash is the one the source computed
+                // as it read the chunk to send it: the bytes still must
+                // match it.
                 let want = match expected {
                     Some(ChunkKind::Data(h)) => Some(h),
                     Some(ChunkKind::Zero) => None,
-                    None => Some(*hash),
+                    Some(ChunkKind::Unhashed) | None => Some(*hash),
                 };
                 let ok = want
                     .is_some_and(|h| bytes.len() == len && *blake3::hash(bytes).as_bytes() == h);
                 (ok, bytes.len() as u64)
             }
-            Payload::Zero => (matches!(expected, None | Some(ChunkKind::Zero)), 0),
+            // An allocated chunk that holds only zeros is answered as zero.
+            Payload::Zero => (
+                matches!(
+                    expected,
+                    None | Some(ChunkKind::Zero | ChunkKind::Unhashed)
+                ),
+                0,
+            ),
         };
         if !ok {
             self.counters.rejected_corrupt += wire_len;

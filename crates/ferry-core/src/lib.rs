@@ -15,7 +15,7 @@ pub mod units;
 
 pub use control::{ControlParseError, ControlRequest, MAX_RATE};
 pub use geometry::Geometry;
-pub use manifest::{ChunkKind, Manifest, ManifestError};
+pub use manifest::{ChunkKind, Manifest, ManifestError, SharedManifest};
 pub use units::UnitsError;
 pub mod engine;
 

@@ -65,8 +65,18 @@ pub trait Fetcher: Clone + Send + Sync + 'static {
         kind: FetchKind,
     ) -> impl Future<Output = Result<Vec<Payload>, FetchError>> + Send;
 
-    /// The source's manifest (zero chunks and hashes).
+    /// The source's manifest (zero chunks and hashes), as the source
+    /// knew it when first asked: it may list chunks as unhashed.
     fn manifest(&self) -> impl Future<Output = Result<Arc<Manifest>, FetchError>> + Send;
+
+    /// The source's complete manifest, every hash known (the source reads
+    /// what it has not hashed yet), for verification. By default the
+    /// manifest, for sources whose manifest is always complete.
+    fn complete_manifest(
+        &self,
+    ) -> impl Future<Output = Result<Arc<Manifest>, FetchError>> + Send {
+        self.manifest()
+    }
 
     /// Whether the source has accepted us (see [`Fetcher::authenticated`]).
     fn is_authenticated(&self) -> bool;

@@ -1,11 +1,14 @@
-//! The end-to-end verification of a complete copy: the whole disk read
-//! and hashed, every chunk the guest never wrote checked against the
-//! source's hash; differing chunks fetched again.
+//! The end-to-end verification of a complete copy: the source's complete
+//! manifest fetched (the source hashes what it had not read yet), the whole
+//! disk read and hashed, every chunk the guest never wrote checked against
+//! the source's hash; differing chunks fetched again.
 
 use std::sync::Arc;
 
+use ferry_core::{Failure, Manifest};
+
 use crate::disk::{BlockMap, Disk};
-use crate::fetcher::Fetcher;
+use crate::fetcher::{FetchError, Fetcher};
 use crate::shell::Shell;
 use crate::status::Report;
 
@@ -42,17 +45,23 @@ pub(crate) async fn verify<F: Fetcher, D: Disk, M: BlockMap>(
         tracing::error!(error = %e, "sync before verification failed");
     }
     report.verify.lock().expect("verify lock").state = "running".into();
-    tracing::info!("every block is present; verifying the whole disk against the source's hashes");
+    tracing::info!("every block is present; asking the source for its complete manifest");
+    let manifest = match complete_manifest(shared).await {
+        Ok(m) => m,
+        Err(why) => {
+            tracing::error!("verification FAILED: {why}");
+            *report.verify.lock().expect("verify lock") = Verification {
+                state: format!("failed: {why}"),
+                refetched: refetched_before,
+                ..Default::default()
+            };
+            return false;
+        }
+    };
+    tracing::info!("verifying the whole disk against the source's complete manifest");
     let s = shared.clone();
     let result = D::offload(move || -> std::io::Result<Verification> {
-        let (geo, manifest) = {
-            let e = s.engine.lock().expect("engine lock");
-            let m = e
-                .manifest()
-                .cloned()
-                .ok_or_else(|| std::io::Error::other("no manifest"))?;
-            (e.geometry(), m)
-        };
+        let geo = manifest.geometry();
         let mut disk = blake3::Hasher::new();
         let mut v = Verification::default();
         let mut buf = Vec::new();
@@ -70,6 +79,8 @@ pub(crate) async fn verify<F: Fetcher, D: Disk, M: BlockMap>(
             let same = match manifest.chunk(c) {
                 ferry_core::ChunkKind::Data(h) => *blake3::hash(&buf).as_bytes() == h,
                 ferry_core::ChunkKind::Zero => buf.iter().all(|b| *b == 0),
+                // `complete_manifest` lets none through.
+                ferry_core::ChunkKind::Unhashed => false,
             };
             // The guest may have written it meanwhile.
             if !same && s.lock().verifiable(c) {
@@ -149,4 +160,42 @@ pub(crate) async fn verify<F: Fetcher, D: Disk, M: BlockMap>(
     }
     *report.verify.lock().expect("verify lock") = v;
     false
+}
+
+/// The source's complete manifest (every hash known), checked to follow
+/// the manifest the copy began with ([`Manifest::follows`]) and handed to
+/// the engine. A source whose complete manifest contradicts its first one
+/// (a hole that became data, a hash that changed) changed: the migration
+/// fails with [`Failure::SourceChanged`]. `Err` says why there is none.
+async fn complete_manifest<F: Fetcher, D: Disk, M: BlockMap>(
+    shared: &Arc<Shell<F, D, M>>,
+) -> Result<Arc<Manifest>, String> {
+    let first = shared
+        .lock()
+        .manifest()
+        .cloned()
+        .ok_or_else(|| "no manifest".to_string())?;
+    let client = shared.client().await;
+    let m = match client.complete_manifest().await {
+        Ok(m) => m,
+        Err(e @ FetchError::SourceChanged(_)) => {
+            let why = e.to_string();
+            shared.fail(Failure::SourceChanged(why.clone()));
+            return Err(why);
+        }
+        Err(e) => return Err(format!("cannot fetch the source's complete manifest: {e}")),
+    };
+    if !m.is_complete() {
+        return Err(format!(
+            "the source's complete manifest still lists {} chunks without a hash",
+            m.unhashed()
+        ));
+    }
+    if let Err(why) = m.follows(&first) {
+        let why = format!("the source's complete manifest contradicts its first one: {why}");
+        shared.fail(Failure::SourceChanged(why.clone()));
+        return Err(why);
+    }
+    shared.lock().handle_complete_manifest(m.clone());
+    Ok(m)
 }

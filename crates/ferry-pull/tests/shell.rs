@@ -23,7 +23,14 @@ struct MemSource(Arc<Inner>);
 
 struct Inner {
     data: Vec<u8>,
+    /// The complete manifest (what the source answers by).
     manifest: Arc<Manifest>,
+    /// The manifest the source gives first: the complete one, or for a
+    /// lazy source one with every chunk unhashed.
+    first: Arc<Manifest>,
+    /// What the source gives as its complete manifest, when not
+    /// `manifest` (a source that changed).
+    complete: Mutex<Option<Arc<Manifest>>>,
     fail: AtomicBool,
     held: AtomicBool,
     release: tokio::sync::Notify,
@@ -46,8 +53,11 @@ impl MemSource {
                 }
             })
             .collect();
+        let manifest = Arc::new(Manifest::new(geo, kinds));
         MemSource(Arc::new(Inner {
-            manifest: Arc::new(Manifest::new(geo, kinds)),
+            first: manifest.clone(),
+            complete: Mutex::new(None),
+            manifest,
             data,
             fail: AtomicBool::new(false),
             held: AtomicBool::new(false),
@@ -55,6 +65,20 @@ impl MemSource {
             asked: Mutex::new(Vec::new()),
             fetches: AtomicU64::new(0),
         }))
+    }
+
+    /// A source that has hashed nothing yet (all chunks unhashed, the
+    /// zero one too: its answer is a zero one).
+    fn lazy(data: Vec<u8>) -> Self {
+        let s = Self::new(data);
+        let mut inner = Arc::into_inner(s.0).unwrap();
+        let g = inner.manifest.geometry();
+        inner.first = Arc::new(Manifest::with_source_id(
+            g,
+            vec![ChunkKind::Unhashed; g.chunks() as usize],
+            inner.manifest.source_id(),
+        ));
+        MemSource(Arc::new(inner))
     }
 
     fn release(&self) {
@@ -95,12 +119,18 @@ impl Fetcher for MemSource {
                         bytes: self.0.data[r.start as usize..r.end as usize].to_vec(),
                     }
                 }
+                ChunkKind::Unhashed => panic!("the complete manifest has chunk {c} unhashed"),
             })
             .collect())
     }
 
     async fn manifest(&self) -> Result<Arc<Manifest>, FetchError> {
-        Ok(self.0.manifest.clone())
+        Ok(self.0.first.clone())
+    }
+
+    async fn complete_manifest(&self) -> Result<Arc<Manifest>, FetchError> {
+        let other = self.0.complete.lock().unwrap().clone();
+        Ok(other.unwrap_or_else(|| self.0.manifest.clone()))
     }
 
     fn is_authenticated(&self) -> bool {
@@ -147,8 +177,12 @@ struct Pull {
 /// A fresh pull of `source_data()` with the manifest not yet fetched and
 /// no background copy running.
 fn pull(absent_timeout: Option<Duration>) -> Pull {
+    pull_from(MemSource::new(source_data()), absent_timeout)
+}
+
+/// A fresh pull from `source`, as [`pull`].
+fn pull_from(source: MemSource, absent_timeout: Option<Duration>) -> Pull {
     let dir = tempfile::tempdir().unwrap();
-    let source = MemSource::new(source_data());
     let geo = source.0.manifest.geometry();
     let disk = dir.path().join("disk.img");
     let state = ferry_pull::open::default_state_path(&disk);
@@ -255,6 +289,40 @@ async fn the_background_copy_reaches_a_complete_and_verified_disk() {
         .write(2 * u64::from(CHUNK), vec![0x55; 4096], false)
         .await
         .unwrap();
+    let s = copy_to_the_end(&p, |s| s.verified == "ok").await;
+    assert_eq!(s.phase, "complete");
+    assert_eq!(s.present_bytes, s.total_bytes);
+    assert_eq!(s.guest_written_chunks, 1);
+    // Every chunk but the zero one and the guest's: 14 checked.
+    assert_eq!(s.verified_chunks, CHUNKS - 1);
+    assert_eq!(
+        s.skipped_zero_bytes,
+        u64::from(CHUNK),
+        "the zero chunk was not fetched"
+    );
+    for c in (0..CHUNKS).filter(|c| *c != 2) {
+        let got = p.device.read(c * u64::from(CHUNK), CHUNK).await.unwrap();
+        assert!(got == want[range(c)], "chunk {c} differs from the source");
+    }
+    let two = p.device.read(2 * u64::from(CHUNK), 4096).await.unwrap();
+    assert_eq!(two, vec![0x55; 4096]);
+    assert!(
+        p.source
+            .0
+            .asked
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(first, n, _)| !(*first..*first + u64::from(*n)).contains(&3)),
+        "the zero chunk crossed the wire"
+    );
+}
+
+
+/// Runs the manifest fetch, the copier and the syncer of `p` until `done`
+/// says so of a status snapshot (or the copier ends); returns that
+/// snapshot.
+async fn copy_to_the_end(p: &Pull, done: impl Fn(&status::Status) -> bool) -> status::Status {
     let settings = Arc::new(CopierSettings {
         rate_limit: AtomicU64::new(0),
         batch_chunks: 4,
@@ -284,7 +352,7 @@ async fn the_background_copy_reaches_a_complete_and_verified_disk() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let s = loop {
         let s = status::snapshot(&p.shell, &settings, &report);
-        if s.verified == "ok" {
+        if done(&s) {
             break s;
         }
         assert!(
@@ -295,32 +363,48 @@ async fn the_background_copy_reaches_a_complete_and_verified_disk() {
     };
     copy.await.unwrap();
     sync.abort();
+    s
+}
+
+/// A source that has hashed nothing when the pull starts: every chunk is
+/// fetched with the hash the source computed as it read it, the zero one
+/// comes back as a zero answer, and verification checks the whole disk
+/// against the complete manifest fetched at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_source_is_copied_and_verified_against_its_complete_manifest() {
+    let p = pull_from(MemSource::lazy(source_data()), None);
+    let want = source_data();
+    let s = copy_to_the_end(&p, |s| s.verified == "ok").await;
     assert_eq!(s.phase, "complete");
-    assert_eq!(s.present_bytes, s.total_bytes);
-    assert_eq!(s.guest_written_chunks, 1);
-    // Every chunk but the zero one and the guest's: 14 checked.
-    assert_eq!(s.verified_chunks, CHUNKS - 1);
-    assert_eq!(
-        s.skipped_zero_bytes,
-        u64::from(CHUNK),
-        "the zero chunk was not fetched"
-    );
-    for c in (0..CHUNKS).filter(|c| *c != 2) {
+    assert_eq!(s.verified_chunks, CHUNKS);
+    for c in 0..CHUNKS {
         let got = p.device.read(c * u64::from(CHUNK), CHUNK).await.unwrap();
         assert!(got == want[range(c)], "chunk {c} differs from the source");
     }
-    let two = p.device.read(2 * u64::from(CHUNK), 4096).await.unwrap();
-    assert_eq!(two, vec![0x55; 4096]);
-    assert!(
-        p.source
-            .0
-            .asked
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|(first, n, _)| !(*first..*first + u64::from(*n)).contains(&3)),
-        "the zero chunk crossed the wire"
-    );
+}
+
+/// A complete manifest that contradicts the first one (a hole of the
+/// first became data: the source was written behind its back) fails the
+/// pull as a changed source; the disk is not declared verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_manifest_that_contradicts_the_first_fails_the_pull() {
+    let p = pull(None);
+    let m = p.source.0.manifest.clone();
+    let mut kinds = m.chunks().to_vec();
+    assert_eq!(kinds[3], ChunkKind::Zero);
+    kinds[3] = ChunkKind::Data([1; 32]);
+    *p.source.0.complete.lock().unwrap() = Some(Arc::new(Manifest::with_source_id(
+        m.geometry(),
+        kinds,
+        m.source_id(),
+    )));
+    let s = copy_to_the_end(&p, |s| s.phase == "error").await;
+    let why = s.error.clone().unwrap_or_default();
+    assert!(why.contains("chunk 3 was Zero"), "{s:?}");
+    assert!(why.contains("the source must not change"), "{s:?}");
+    assert!(s.verified.starts_with("failed"), "{s:?}");
+    let e = p.device.read(0, 4096).await;
+    assert!(e.is_ok(), "present data stays readable: {e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

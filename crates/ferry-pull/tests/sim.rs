@@ -149,6 +149,7 @@ impl Fetcher for SimSource {
                         continue;
                     }
                     ChunkKind::Data(h) => h,
+                    ChunkKind::Unhashed => panic!("the simulated source's manifest is complete"),
                 };
                 let r = geo.chunk_bytes(c);
                 w.bytes_requested += r.end - r.start;
@@ -576,6 +577,7 @@ impl Sim {
             match kind {
                 ChunkKind::Data(h) => assert_eq!(*blake3::hash(got).as_bytes(), h),
                 ChunkKind::Zero => assert!(got.iter().all(|b| *b == 0)),
+                ChunkKind::Unhashed => panic!("chunk {c} unhashed in a complete manifest"),
             }
         }
     }
@@ -671,6 +673,7 @@ fn data_payload(sim: &Scenario, c: u64, data: &[u8]) -> Payload {
             hash,
         },
         ChunkKind::Zero => Payload::Zero,
+        ChunkKind::Unhashed => panic!("the simulated source's manifest is complete"),
     }
 }
 

@@ -50,9 +50,9 @@ pub const MAX_MANIFEST_LEN: u64 = 16 << 30;
 pub struct SourceInfo {
     /// The disk's geometry.
     pub geometry: Geometry,
-    /// The manifest's hash, identifying the source's content.
+    /// Identifies the source (see [`ferry_core::Manifest::source_id`]).
     pub source_id: [u8; 32],
-    /// Length of the encoded manifest.
+    /// The largest the encoded manifest can be.
     pub manifest_len: u64,
 }
 

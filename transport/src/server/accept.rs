@@ -109,7 +109,7 @@ async fn push_welcome(
     let m = shared.source.manifest();
     let welcome = Message::Welcome {
         version: PROTOCOL_VERSION,
-        manifest_len: shared.manifest_bytes.len() as u64,
+        manifest_len: shared.manifest_max_len,
         disk_size: m.geometry().disk_size,
         chunk_size: m.geometry().chunk_size,
         source_id: m.source_id(),
@@ -153,7 +153,7 @@ async fn serve_connection(
         return;
     }
     if let Some(s) = welcome {
-        tokio::spawn(report_path(conn.clone(), s, remote));
+        tokio::spawn(report_path(conn.clone(), s, remote, shared.clone()));
     }
     tracing::info!(%remote, peer = ?peer, "destination connected");
     let mut streams = JoinSet::new();
@@ -184,11 +184,19 @@ const PATH_PRIORITY: i32 = 200;
 /// the first at once (it tells the destination it was accepted), then
 /// every [`wire::PATH_REPORT_INTERVAL_MS`], each with the share of our
 /// packets lost over the last [`PATH_WINDOW_REPORTS`] reports.
-async fn report_path(conn: Connection, mut stream: SendStream, remote: SocketAddr) {
+async fn report_path(
+    conn: Connection,
+    mut stream: SendStream,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+) {
     let _ = stream.set_priority(PATH_PRIORITY);
     let mut window = LossWindow::new(PATH_WINDOW_REPORTS);
     let every = std::time::Duration::from_millis(wire::PATH_REPORT_INTERVAL_MS);
     loop {
+        // Each report also looks whether the disk was changed behind our
+        // back (the source latches and logs it; reads are refused then).
+        let _ = shared.source.changed();
         let path = conn.stats().path;
         let lost_ppm = window.update(path.sent_packets, path.lost_packets);
         let sent_packets = u32::try_from(path.sent_packets).unwrap_or(u32::MAX);

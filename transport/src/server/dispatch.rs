@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ferry_core::{ChunkKind, Manifest};
 use quinn::{RecvStream, SendStream};
 
 use super::read::read;
@@ -80,7 +81,9 @@ pub(super) async fn handle_stream(
     };
     match request {
         Message::Hello { version } => hello(&mut resp, version, remote).await,
-        Message::GetManifest => send_manifest(&mut resp, &shared, remote).await,
+        Message::GetManifest { complete } => {
+            send_manifest(&mut resp, &shared, complete, remote).await
+        }
         Message::Read {
             first_chunk,
             count,
@@ -126,10 +129,27 @@ async fn hello(resp: &mut Responder, version: u16, remote: SocketAddr) {
 /// waits for those), above the background copy (which needs the manifest).
 const MANIFEST_PRIORITY: i32 = 50;
 
-async fn send_manifest(resp: &mut Responder, shared: &Shared, remote: SocketAddr) {
+async fn send_manifest(resp: &mut Responder, shared: &Arc<Shared>, complete: bool, remote: SocketAddr) {
     let _ = resp.stream().set_priority(MANIFEST_PRIORITY);
+    if let Some(why) = shared.source.changed() {
+        resp.error(ErrorCode::SourceChanged, why).await;
+        return;
+    }
+    let manifest = if complete {
+        match complete_manifest(shared).await {
+            Ok(m) => m,
+            Err((code, message)) => {
+                tracing::warn!(%remote, "cannot complete the manifest: {message}");
+                resp.error(code, message).await;
+                return;
+            }
+        }
+    } else {
+        shared.source.manifest().snapshot()
+    };
+    let bytes = manifest.encode();
     // Empty manifests (a zero-size disk) still get their one frame.
-    let mut parts = shared.manifest_bytes.chunks(MAX_MANIFEST_PART).peekable();
+    let mut parts = bytes.chunks(MAX_MANIFEST_PART).peekable();
     if parts.peek().is_none() {
         let _ = resp.send(&Message::ManifestBytes(Vec::new())).await;
     }
@@ -140,4 +160,70 @@ async fn send_manifest(resp: &mut Responder, shared: &Shared, remote: SocketAddr
         }
     }
     resp.finish();
+}
+
+/// The manifest with every chunk hashed: the chunks not hashed yet are
+/// read (runs of up to a background read, on the background pool, one at
+/// a time with the background copy's reads) and hashed. Whole-disk work,
+/// asked for by a destination about to verify its copy.
+async fn complete_manifest(shared: &Arc<Shared>) -> Result<Manifest, (ErrorCode, String)> {
+    let _one = shared.completing.lock().await;
+    let m = shared.source.manifest().snapshot();
+    let unhashed = m.unhashed();
+    if unhashed > 0 {
+        tracing::info!(unhashed, "hashing the chunks not read yet for a complete manifest");
+    }
+    let geo = m.geometry();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (c, k) in m.chunks().iter().enumerate() {
+        let c = c as u64;
+        if *k != ChunkKind::Unhashed {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == c && *n < shared.chunks_per_read => *n += 1,
+            _ => runs.push((c, 1)),
+        }
+    }
+    for (first, count) in runs {
+        let Ok(_disk) = shared.background_disk.clone().acquire_owned().await else {
+            return Err((ErrorCode::ReadFailed, "server shutting down".into()));
+        };
+        let s = shared.clone();
+        let job = move || -> Result<(), (ErrorCode, String)> {
+            let mut buf = Vec::new();
+            s.source
+                .read_chunks(first, count, &mut buf)
+                .map_err(|e| (ErrorCode::ReadFailed, format!("reading chunks {first}+{count}: {e}")))?;
+            if let Some(why) = s.source.changed() {
+                return Err((ErrorCode::SourceChanged, why));
+            }
+            let mut at = 0usize;
+            for c in first..first + count {
+                let len = geo.chunk_len(c) as usize;
+                let data = buf.get(at..at + len).ok_or_else(|| {
+                    (ErrorCode::ReadFailed, format!("reading chunk {c}: short read"))
+                })?;
+                at += len;
+                s.source.manifest().learn(c, ChunkKind::of(data));
+            }
+            Ok(())
+        };
+        match shared.background.run(job).await {
+            Some(r) => r?,
+            None => return Err((ErrorCode::ReadFailed, "hashing task failed".into())),
+        }
+    }
+    if let Some(why) = shared.source.changed() {
+        return Err((ErrorCode::SourceChanged, why));
+    }
+    let m = shared.source.manifest().snapshot();
+    if !m.is_complete() {
+        return Err((
+            ErrorCode::ReadFailed,
+            format!("{} chunks still without a hash", m.unhashed()),
+        ));
+    }
+    shared.source.completed();
+    Ok(m)
 }

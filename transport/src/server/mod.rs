@@ -24,7 +24,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use ferry_core::Manifest;
+use ferry_core::{Manifest, SharedManifest};
 use quinn::Endpoint;
 use tokio::sync::Semaphore;
 
@@ -57,8 +57,11 @@ pub const BACKGROUND_DISK_READS: usize = 1;
 
 /// What the server serves: a manifest and the chunks it describes.
 pub trait ChunkSource: Send + Sync + 'static {
-    /// The manifest of the source disk (fixed for the source's lifetime).
-    fn manifest(&self) -> &Manifest;
+    /// The source's manifest as it learns hashes: geometry and id are
+    /// fixed for the source's lifetime; the server fills in the kind of
+    /// every unhashed chunk it reads to send
+    /// ([`SharedManifest::learn`]).
+    fn manifest(&self) -> &SharedManifest;
     /// Blocking read of chunk `index` (full chunk length, last one may be
     /// short) into buf.
     fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()>;
@@ -74,6 +77,16 @@ pub trait ChunkSource: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// Why the source may no longer be served (its disk was changed behind
+    /// its back), or `None` while it may. Asked after every read (the data
+    /// read is sent only if the answer is still `None`), before every
+    /// request and with every `Path` report; once `Some`, it stays so.
+    fn changed(&self) -> Option<String> {
+        None
+    }
+    /// Every chunk's hash is known now (a complete manifest was made):
+    /// a source that keeps hashes may save them.
+    fn completed(&self) {}
 }
 
 /// How to run a server.
@@ -127,7 +140,11 @@ pub struct Server {
 
 struct Shared {
     source: Arc<dyn ChunkSource>,
-    manifest_bytes: Vec<u8>,
+    /// The largest the encoded manifest can be (the Welcome says it).
+    manifest_max_len: u64,
+    /// Held while a complete manifest is made, so two requests for it do
+    /// not read the disk twice.
+    completing: tokio::sync::Mutex<()>,
     reads: Arc<Semaphore>,
     urgent_reads: Arc<Semaphore>,
     /// Where background chunks are read and encoded: threads of lower CPU
@@ -192,7 +209,9 @@ impl Server {
         let local = endpoint
             .local_addr()
             .map_err(|source| TransportError::Endpoint { source })?;
-        let manifest_bytes = source.manifest().encode();
+        let first = source.manifest().snapshot();
+        let allocated = first.chunks().iter().filter(|c| c.is_allocated()).count();
+        let manifest_max_len = Manifest::max_encoded_len(first.geometry(), allocated as u64);
         tracing::info!(
             %local,
             fingerprint = %opts.identity.fingerprint(),
@@ -204,7 +223,8 @@ impl Server {
             local,
             shared: Arc::new(Shared {
                 source,
-                manifest_bytes,
+                manifest_max_len,
+                completing: tokio::sync::Mutex::new(()),
                 reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
                 urgent_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
                 background: LowPriorityPool::new("ferry-bg-read", MAX_CONCURRENT_READS)

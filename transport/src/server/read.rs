@@ -6,16 +6,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ferry_core::{ChunkKind, Manifest};
+use ferry_core::{ChunkKind, Geometry, SharedManifest};
 
 use super::dispatch::Responder;
 use super::Shared;
 use crate::codec;
 use crate::wire::{ErrorCode, Message, Priority, MAX_READ_BYTES};
 
-/// Checks a Read against the manifest; the error to send back otherwise.
-fn check_read(manifest: &Manifest, first: u64, count: u32) -> Result<u64, (ErrorCode, String)> {
-    let g = manifest.geometry();
+/// Checks a Read against the disk's geometry; the error to send back
+/// otherwise.
+fn check_read(g: Geometry, first: u64, count: u32) -> Result<u64, (ErrorCode, String)> {
     let n = g.chunks();
     let end = match first.checked_add(u64::from(count)) {
         Some(end) if end <= n => end,
@@ -41,7 +41,7 @@ fn check_read(manifest: &Manifest, first: u64, count: u32) -> Result<u64, (Error
 /// up to `chunks_per_read` chunks, each read from the disk in one go, and
 /// zero chunks on their own (they are never read).
 fn pieces(
-    manifest: &Manifest,
+    manifest: &SharedManifest,
     first: u64,
     end: u64,
     priority: Priority,
@@ -59,7 +59,7 @@ fn pieces(
                 out.push((c, 1));
                 run_open = false;
             }
-            ChunkKind::Data(_) => match out.last_mut() {
+            ChunkKind::Data(_) | ChunkKind::Unhashed => match out.last_mut() {
                 Some((_, n)) if run_open && *n < per_run => *n += 1,
                 _ => {
                     out.push((c, 1));
@@ -73,7 +73,7 @@ fn pieces(
 
 /// The frames of one piece, in chunk order, as its task encodes them; an
 /// `Err` ends the piece.
-type PieceFrames = tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>;
+type PieceFrames = tokio::sync::mpsc::Receiver<Result<Vec<u8>, (ErrorCode, String)>>;
 
 /// Starts reading the piece `(first, count)` (see [`pieces`]) and
 /// returns its frames as they are encoded: the piece is read with one
@@ -119,7 +119,9 @@ fn start_piece(
             Some((permit, disk))
         };
         let Some((permit, disk)) = permits.await else {
-            let _ = tx.send(Err("server shutting down".to_string())).await;
+            let _ = tx
+                .send(Err((ErrorCode::ReadFailed, "server shutting down".to_string())))
+                .await;
             return;
         };
         // The request's stream went away while this piece waited for its
@@ -137,7 +139,7 @@ fn start_piece(
             // Frames sent into `out`; the channel holds the whole piece, so
             // this never blocks, and a receiver gone (the request's stream
             // failed) only ends the piece early.
-            let send = |f: Result<Vec<u8>, String>| out.try_send(f).is_ok();
+            let send = |f: Result<Vec<u8>, (ErrorCode, String)>| out.try_send(f).is_ok();
             let manifest = s.source.manifest();
             let geo = manifest.geometry();
             let what = || {
@@ -154,14 +156,23 @@ fn start_piece(
             let read = s.source.read_chunks(first, count, &mut buf);
             drop(disk);
             if let Err(e) = read {
-                send(Err(format!("reading {}: {e}", what())));
+                send(Err((ErrorCode::ReadFailed, format!("reading {}: {e}", what()))));
+                return;
+            }
+            // Data read after the disk was changed behind our back is
+            // never sent (the change is noticed right after the read).
+            if let Some(why) = s.source.changed() {
+                send(Err((ErrorCode::SourceChanged, why)));
                 return;
             }
             if buf.len() != expected {
-                send(Err(format!(
-                    "reading {}: got {} bytes, expected {expected}",
-                    what(),
-                    buf.len()
+                send(Err((
+                    ErrorCode::ReadFailed,
+                    format!(
+                        "reading {}: got {} bytes, expected {expected}",
+                        what(),
+                        buf.len()
+                    ),
                 )));
                 return;
             }
@@ -170,10 +181,30 @@ fn start_piece(
                 let len = geo.chunk_len(index) as usize;
                 let data = &mut buf[at..at + len];
                 at += len;
-                let ChunkKind::Data(hash) = manifest.chunk(index) else {
-                    // `pieces` puts zero chunks on their own, answered above.
-                    send(Err(format!("chunk {index} is zero but was read as data")));
-                    return;
+                // An unhashed chunk is hashed now, as it is sent, and the
+                // manifest learns it; one that holds only zeros is answered
+                // as zero (and so is a chunk learned to be zero meanwhile).
+                let hash = match manifest.chunk(index) {
+                    ChunkKind::Data(hash) => hash,
+                    ChunkKind::Unhashed => {
+                        let kind = ChunkKind::of(data);
+                        manifest.learn(index, kind);
+                        match kind {
+                            ChunkKind::Data(hash) => hash,
+                            _ => {
+                                if !send(Ok(Message::Zero { index }.encode())) {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    ChunkKind::Zero => {
+                        if !send(Ok(Message::Zero { index }.encode())) {
+                            return;
+                        }
+                        continue;
+                    }
                 };
                 let corrupt = s
                     .corrupt_once
@@ -199,7 +230,10 @@ fn start_piece(
         };
         if !ran {
             let _ = tx
-                .send(Err(format!("reading chunk {first}: read task failed")))
+                .send(Err((
+                    ErrorCode::ReadFailed,
+                    format!("reading chunk {first}: read task failed"),
+                )))
                 .await;
         }
     });
@@ -217,7 +251,12 @@ pub(super) async fn read(
     remote: SocketAddr,
 ) -> f64 {
     let _ = resp.stream().set_priority(priority.stream_priority());
-    let end = match check_read(shared.source.manifest(), first, count) {
+    if let Some(why) = shared.source.changed() {
+        tracing::debug!(%remote, "refused read: {why}");
+        resp.error(ErrorCode::SourceChanged, why).await;
+        return 0.0;
+    }
+    let end = match check_read(shared.source.manifest().geometry(), first, count) {
         Ok(end) => end,
         Err((code, message)) => {
             tracing::debug!(%remote, "refused read: {message}");
@@ -245,9 +284,9 @@ pub(super) async fn read(
         for i in 0..pieces[k].1 {
             let frame = match current.recv().await {
                 Some(Ok(f)) => f,
-                Some(Err(message)) => {
+                Some(Err((code, message))) => {
                     tracing::warn!(%remote, "{message}");
-                    resp.error(ErrorCode::ReadFailed, message).await;
+                    resp.error(code, message).await;
                     return read_ms.unwrap_or(0.0);
                 }
                 None => {
@@ -278,34 +317,44 @@ pub(super) async fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_core::Geometry;
+    use ferry_core::Manifest;
 
     #[test]
     fn read_checks() {
         let g = Geometry::new(4 * 65536, 65536);
-        let m = Manifest::new(
+        assert_eq!(check_read(g, 2, 2), Ok(4));
+        assert_eq!(check_read(g, 0, 0), Ok(0));
+        assert_eq!(check_read(g, 0, 2), Ok(2));
+        assert_eq!(check_read(g, 3, 2).unwrap_err().0, ErrorCode::OutOfRange);
+        assert_eq!(
+            check_read(g, u64::MAX, 2).unwrap_err().0,
+            ErrorCode::OutOfRange
+        );
+        let big = Geometry::new(1 << 30, 65536);
+        assert!(check_read(big, 0, 256).is_ok());
+        assert_eq!(check_read(big, 0, 257).unwrap_err().0, ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn unhashed_chunks_are_read_in_runs_like_data() {
+        let g = Geometry::new(5 * 65536, 65536);
+        let m = SharedManifest::new(Manifest::new(
             g,
             vec![
                 ChunkKind::Data([1; 32]),
+                ChunkKind::Unhashed,
                 ChunkKind::Zero,
-                ChunkKind::Data([2; 32]),
-                ChunkKind::Data([3; 32]),
+                ChunkKind::Unhashed,
+                ChunkKind::Unhashed,
             ],
-        );
-        assert_eq!(check_read(&m, 2, 2), Ok(4));
-        assert_eq!(check_read(&m, 0, 0), Ok(0));
-        // Zero chunks are answered (with a Zero frame, no bytes).
-        assert_eq!(check_read(&m, 0, 2), Ok(2));
-        assert_eq!(check_read(&m, 3, 2).unwrap_err().0, ErrorCode::OutOfRange);
+        ));
         assert_eq!(
-            check_read(&m, u64::MAX, 2).unwrap_err().0,
-            ErrorCode::OutOfRange
+            pieces(&m, 0, 5, Priority::Background, 16),
+            vec![(0, 2), (2, 1), (3, 2)]
         );
-        let big = Manifest::new(
-            Geometry::new(1 << 30, 65536),
-            vec![ChunkKind::Data([0; 32]); 16384],
+        assert_eq!(
+            pieces(&m, 0, 2, Priority::OnDemand, 16),
+            vec![(0, 1), (1, 1)]
         );
-        assert!(check_read(&big, 0, 256).is_ok());
-        assert_eq!(check_read(&big, 0, 257).unwrap_err().0, ErrorCode::TooLarge);
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use ferry_core::engine::{FetchKind, Payload};
 use ferry_core::Manifest;
 use ferry_pull::{ConnState, FetchError, Fetcher, LinkStats};
+use ferry_transport::wire::ErrorCode;
 use ferry_transport::{Client, Priority, TransportError};
 
 /// A connection to the source over QUIC.
@@ -14,6 +15,12 @@ pub(crate) struct Quic(pub(crate) Client);
 fn fetch_error(e: TransportError) -> FetchError {
     match e {
         e @ TransportError::SourceChanged { .. } => FetchError::SourceChanged(Box::new(e)),
+        // The source's disk was written behind its back: it refuses to
+        // serve it any more.
+        e @ TransportError::Remote {
+            code: ErrorCode::SourceChanged,
+            ..
+        } => FetchError::SourceChanged(Box::new(e)),
         e => FetchError::Failed(Box::new(e)),
     }
 }
@@ -45,6 +52,10 @@ impl Fetcher for Quic {
 
     async fn manifest(&self) -> Result<Arc<Manifest>, FetchError> {
         self.0.manifest().await.map_err(fetch_error)
+    }
+
+    async fn complete_manifest(&self) -> Result<Arc<Manifest>, FetchError> {
+        self.0.complete_manifest().await.map_err(fetch_error)
     }
 
     fn is_authenticated(&self) -> bool {
