@@ -287,7 +287,10 @@ async fn a_lazy_source_hashes_as_it_sends_and_a_changed_one_refuses() {
         assert_eq!(first.unhashed(), n);
         // Chunk 0 holds zeros (see `disk`), chunk 1 data.
         assert_eq!(src.manifest.chunk(0), ChunkKind::Zero);
-        let got = client.read_chunks(0, 2, Priority::Background).await.unwrap();
+        let got = client
+            .read_chunks(0, 2, Priority::Background)
+            .await
+            .unwrap();
         assert_eq!(got[0], Fetched::Zero);
         match &got[1] {
             Fetched::Data { hash, bytes } => {

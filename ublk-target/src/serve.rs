@@ -1,8 +1,11 @@
-//! `ferry serve`: export a disk read-only over QUIC.
+//! `ferry serve`: export a disk read-only over QUIC. Ready at once: the
+//! first manifest comes from the image's holes and the hash cache, with no
+//! data read; chunk hashes are computed as chunks are sent and saved in the
+//! hash cache (docs/decisions/lazy-source-manifest.md).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_core::geometry::DEFAULT_CHUNK_SIZE;
@@ -12,10 +15,18 @@ use ferry_transport::{ChunkSource, DiskReads, Fingerprint, Identity, Server, Ser
 
 use crate::cli::ServeArgs;
 
+/// How often learned hashes are saved to the hash cache (at most this much
+/// hashing is lost when the source is stopped), and how often an idle
+/// source looks whether its image changed.
+const SAVE_EVERY: Duration = Duration::from_secs(10);
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// A source image as the transport's chunk source.
 struct ImageSource {
     image: SourceImage,
     manifest: SharedManifest,
+    /// Told when every hash is known (save them now).
+    completed: tokio::sync::Notify,
 }
 
 impl ChunkSource for ImageSource {
@@ -31,6 +42,14 @@ impl ChunkSource for ImageSource {
         self.image
             .read_chunks(self.manifest.geometry(), first, count, buf)
     }
+
+    fn changed(&self) -> Option<String> {
+        self.image.check()
+    }
+
+    fn completed(&self) {
+        self.completed.notify_one();
+    }
 }
 
 /// Parses `--trust-peer` values.
@@ -44,33 +63,74 @@ pub(crate) fn parse_fingerprints(values: &[String]) -> Result<Vec<Fingerprint>> 
         .collect()
 }
 
+/// Saves the hashes learned since the last save, every [`SAVE_EVERY`] or
+/// when the manifest became complete; runs until the server stops.
+async fn save_hashes(source: Arc<ImageSource>, cache: PathBuf) {
+    let mut saved = source.manifest.version();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SAVE_EVERY) => {}
+            _ = source.completed.notified() => {}
+        }
+        let version = source.manifest.version();
+        if version == saved {
+            continue;
+        }
+        let s = source.clone();
+        let c = cache.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let m = s.manifest.snapshot();
+            s.image.save_hashes(&m, &c).map(|()| m.unhashed())
+        })
+        .await;
+        match r {
+            Ok(Ok(unhashed)) => {
+                saved = version;
+                tracing::debug!(cache = %cache.display(), unhashed, "chunk hashes saved");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(cache = %cache.display(), error = %e, "cannot save the chunk hashes; they will be computed again next time");
+                // Not again until more are learned.
+                saved = version;
+            }
+            Err(e) => tracing::warn!(error = %e, "saving the chunk hashes failed"),
+        }
+    }
+}
+
+/// Looks every [`CHECK_EVERY`] whether the image changed (the check logs
+/// it once), so an idle source notices too.
+async fn watch_image(source: Arc<ImageSource>) {
+    loop {
+        tokio::time::sleep(CHECK_EVERY).await;
+        if source.image.check().is_some() {
+            return;
+        }
+    }
+}
+
 pub(crate) fn run(a: ServeArgs) -> Result<()> {
     let trusted = parse_fingerprints(&a.trust_peer)?;
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
     let image = SourceImage::open(&a.disk)?;
+    image.refuse_if_open_for_writing()?;
     let cache: Option<PathBuf> = match &a.hash_cache {
         Some(p) if p.as_os_str() == "none" => None,
         Some(p) => Some(p.clone()),
         None => Some(image.default_cache_path()),
     };
-    let last = AtomicU64::new(0);
-    let manifest = image
-        .manifest(DEFAULT_CHUNK_SIZE, cache.as_deref(), &|done, total| {
-            let pct = done * 100 / total.max(1);
-            if pct >= last.load(Ordering::Relaxed) + 10 {
-                last.store(pct, Ordering::Relaxed);
-                tracing::info!("hashing source: {pct}% of {total} bytes");
-            }
-        })
-        .context("cannot build the source manifest")?;
+    let id = image.source_id(&image.id_path());
+    let manifest = image.first_manifest(DEFAULT_CHUNK_SIZE, cache.as_deref(), id.id);
     tracing::info!(
         disk = %a.disk.display(),
         size = manifest.geometry().disk_size,
-        data_bytes = manifest.data_bytes(),
-        "source manifest ready"
+        allocated_bytes = manifest.data_bytes(),
+        unhashed_chunks = manifest.unhashed(),
+        new_source_id = id.new,
+        "source manifest ready (chunks are hashed as they are sent)"
     );
-    // From here on ferry reads exactly what it sends
+    // ferry reads exactly what it sends
     // (docs/decisions/source-reads-what-it-sends.md); without the advice the
     // disk still works, only with the kernel's readahead guesses.
     if let Err(e) = image.turn_readahead_off() {
@@ -78,6 +138,11 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     }
     let tuning = a.link.tuning();
     let fingerprint = identity.fingerprint();
+    let source = Arc::new(ImageSource {
+        image,
+        manifest: SharedManifest::new(manifest),
+        completed: tokio::sync::Notify::new(),
+    });
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let server = Server::bind(
@@ -93,10 +158,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
                     read_bytes: a.background_read_kib * 1024,
                 },
             },
-            Arc::new(ImageSource {
-                image,
-                manifest: SharedManifest::new(manifest),
-            }),
+            source.clone(),
         )?;
         println!(
             "ferry serve: exporting {} read-only on {} (fingerprint {fingerprint})",
@@ -104,6 +166,10 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
             server.local_addr()
         );
         crate::notify::notify("READY=1\nSTATUS=exporting");
+        if let Some(c) = cache {
+            tokio::spawn(save_hashes(source.clone(), c));
+        }
+        tokio::spawn(watch_image(source));
         server.run().await?;
         Ok(())
     })

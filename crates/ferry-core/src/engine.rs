@@ -777,10 +777,7 @@ impl Engine {
             }
             // An allocated chunk that holds only zeros is answered as zero.
             Payload::Zero => (
-                matches!(
-                    expected,
-                    None | Some(ChunkKind::Zero | ChunkKind::Unhashed)
-                ),
+                matches!(expected, None | Some(ChunkKind::Zero | ChunkKind::Unhashed)),
                 0,
             ),
         };

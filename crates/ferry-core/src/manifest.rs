@@ -367,7 +367,10 @@ mod tests {
         assert_ne!(other.source_id(), m.source_id());
         // The id is carried as given, not recomputed.
         let given = Manifest::with_source_id(m.geometry(), m.chunks().to_vec(), [5; 32]);
-        assert_eq!(Manifest::decode(&given.encode()).unwrap().source_id(), [5; 32]);
+        assert_eq!(
+            Manifest::decode(&given.encode()).unwrap().source_id(),
+            [5; 32]
+        );
         assert!(
             given.encode().len() as u64 <= Manifest::max_encoded_len(m.geometry(), 3),
             "bound"
@@ -378,7 +381,11 @@ mod tests {
     fn three_kinds_each_encode_as_two_bits() {
         // Every kind at every position of a byte, and a trailing partial
         // byte: each decodes as what was encoded.
-        let kinds = [ChunkKind::Zero, ChunkKind::Data([7; 32]), ChunkKind::Unhashed];
+        let kinds = [
+            ChunkKind::Zero,
+            ChunkKind::Data([7; 32]),
+            ChunkKind::Unhashed,
+        ];
         let chunks: Vec<ChunkKind> = (0..11).map(|i| kinds[(i * 5 + i / 3) % 3]).collect();
         let g = Geometry::new(11 * 4096, 4096);
         let m = Manifest::with_source_id(g, chunks.clone(), [1; 32]);

@@ -72,9 +72,7 @@ pub trait Fetcher: Clone + Send + Sync + 'static {
     /// The source's complete manifest, every hash known (the source reads
     /// what it has not hashed yet), for verification. By default the
     /// manifest, for sources whose manifest is always complete.
-    fn complete_manifest(
-        &self,
-    ) -> impl Future<Output = Result<Arc<Manifest>, FetchError>> + Send {
+    fn complete_manifest(&self) -> impl Future<Output = Result<Arc<Manifest>, FetchError>> + Send {
         self.manifest()
     }
 

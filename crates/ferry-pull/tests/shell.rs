@@ -318,7 +318,6 @@ async fn the_background_copy_reaches_a_complete_and_verified_disk() {
     );
 }
 
-
 /// Runs the manifest fetch, the copier and the syncer of `p` until `done`
 /// says so of a status snapshot (or the copier ends); returns that
 /// snapshot.

@@ -7,8 +7,9 @@
 //! - [`destination`]: the two opened or created together, atomically,
 //!   locked against a second `ferry pull`.
 //! - [`source`]: the source side: opening an image or block device
-//!   read-only, finding holes and zero chunks, hashing data chunks into a
-//!   [`ferry_core::Manifest`], and caching that manifest.
+//!   read-only, its first [`ferry_core::Manifest`] from its holes and the
+//!   hash cache (no data read), saving hashes learned later, its source id
+//!   sidecar, and noticing changes made behind ferry's back.
 //!
 //! Unsafe code is denied except in one private module (`mapping`: the
 //! backing file's read-only mapping, used only as the source of a
@@ -24,7 +25,7 @@ pub mod state;
 
 pub use backing::{Backing, BackingError, PairMark};
 pub use destination::{open_or_create, Destination, DestinationError, RecoveredWrites};
-pub use source::{SourceError, SourceImage};
+pub use source::{FileIdentity, SourceError, SourceId, SourceImage};
 pub use state::{Pairing, StateError, StateFile, StateHeader, Verified};
 
 /// Makes the directory entry of a newly created `path` durable: fsync of

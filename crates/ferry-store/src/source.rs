@@ -1,20 +1,25 @@
-//! The source side: a disk image or block device opened read-only, scanned
-//! into a [`Manifest`] (holes via SEEK_DATA/SEEK_HOLE, zero chunks by
-//! inspection, BLAKE3 per data chunk), with the manifest cached beside the
-//! image and keyed by the file's identity and times so a changed image is
-//! noticed and rescanned.
+//! The source side: a disk image or block device opened read-only, with
+//! its first [`Manifest`] made without reading any data (holes via
+//! SEEK_DATA/SEEK_HOLE are zero chunks, the rest unhashed unless the hash
+//! cache knows them), hashes learned as chunks are sent and kept in a cache
+//! beside the image (keyed by the file's identity and times, so a changed
+//! image is noticed), the source id kept in a sidecar
+//! (`<image>.ferry-source`), and the image watched for changes made behind
+//! ferry's back (docs/decisions/lazy-source-manifest.md).
 
 use std::fs::File;
-use std::io::{self, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use ferry_core::{ChunkKind, Geometry, Manifest};
 use nix::unistd::{lseek, Whence};
 
-const CACHE_MAGIC: &[u8; 8] = b"FERRYMC1";
+const CACHE_MAGIC: &[u8; 8] = b"FERRYMC2";
+/// First line of a source id sidecar.
+const ID_HEADER: &str = "ferry-source 1";
 
 /// Errors of the source image.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,117 @@ pub enum SourceError {
     /// The image is empty.
     #[error("source disk {0} is empty")]
     Empty(PathBuf),
+    /// Another process has the image open for writing: serving it would
+    /// send data that changes under ferry.
+    #[error(
+        "source disk {path} is open for writing by {writers}: stop the VM (or \
+         whatever writes it) before serving it; ferry serves a disk nobody writes"
+    )]
+    OpenForWriting {
+        /// The image.
+        path: PathBuf,
+        /// The processes, as `pid (name)`.
+        writers: String,
+    },
+}
+
+/// What identifies the image file's content without reading it: the
+/// file, its size and its modification and change times. Any write,
+/// resize, replacement or metadata change alters it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, i64),
+    /// Status change time (seconds, nanoseconds).
+    pub ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    /// The identity `meta` gives, with `size` (a block device's size is
+    /// not in its metadata).
+    fn of(meta: &std::fs::Metadata, size: u64) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size,
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// A hash of the identity (what the hash cache is keyed by).
+    fn key(&self) -> [u8; 32] {
+        let mut k = blake3::Hasher::new();
+        for v in [
+            self.dev,
+            self.ino,
+            self.size,
+            self.mtime.0 as u64,
+            self.mtime.1 as u64,
+            self.ctime.0 as u64,
+            self.ctime.1 as u64,
+        ] {
+            k.update(&v.to_le_bytes());
+        }
+        *k.finalize().as_bytes()
+    }
+
+    /// What differs from `earlier`, in words.
+    fn changes_since(&self, earlier: &FileIdentity) -> String {
+        let mut what = Vec::new();
+        if (self.dev, self.ino) != (earlier.dev, earlier.ino) {
+            what.push("it was replaced by another file".to_string());
+        }
+        if self.size != earlier.size {
+            what.push(format!(
+                "its size went from {} to {} bytes",
+                earlier.size, self.size
+            ));
+        }
+        let t = |(s, ns): (i64, i64)| format!("{s}.{ns:09}");
+        if self.mtime != earlier.mtime {
+            what.push(format!(
+                "it was written (mtime {} -> {})",
+                t(earlier.mtime),
+                t(self.mtime)
+            ));
+        } else if self.ctime != earlier.ctime {
+            what.push(format!(
+                "its inode changed (ctime {} -> {})",
+                t(earlier.ctime),
+                t(self.ctime)
+            ));
+        }
+        what.join(", ")
+    }
+
+    /// As stored in a source id sidecar.
+    fn to_line(self) -> String {
+        format!(
+            "file dev={} ino={} size={} mtime={}.{:09} ctime={}.{:09}",
+            self.dev, self.ino, self.size, self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1
+        )
+    }
+}
+
+/// The source's id (see [`Manifest::source_id`]) as kept in its sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceId {
+    /// The id: random, made when the image was first served unchanged.
+    pub id: [u8; 32],
+    /// Bumped at each switchover of a live source (0 for now).
+    pub generation: u64,
+    /// Whether this run made it (first served, or the image changed).
+    pub new: bool,
+    /// Whether it is kept in the sidecar (else derived from the file's
+    /// identity because the sidecar could not be written).
+    pub kept: bool,
 }
 
 /// A source disk, open read-only.
@@ -44,7 +160,10 @@ pub struct SourceImage {
     file: File,
     path: PathBuf,
     size: u64,
-    key: [u8; 32],
+    identity: FileIdentity,
+    regular: bool,
+    /// Set once the image was seen changed; never cleared.
+    changed: Mutex<Option<String>>,
 }
 
 impl SourceImage {
@@ -67,23 +186,13 @@ impl SourceImage {
         if size == 0 {
             return Err(SourceError::Empty(path.to_owned()));
         }
-        let mut k = blake3::Hasher::new();
-        for v in [
-            meta.dev(),
-            meta.ino(),
-            size,
-            meta.mtime() as u64,
-            meta.mtime_nsec() as u64,
-            meta.ctime() as u64,
-            meta.ctime_nsec() as u64,
-        ] {
-            k.update(&v.to_le_bytes());
-        }
         Ok(Self {
             file,
             path: path.to_owned(),
             size,
-            key: *k.finalize().as_bytes(),
+            identity: FileIdentity::of(&meta, size),
+            regular: ft.is_file(),
+            changed: Mutex::new(None),
         })
     }
 
@@ -97,11 +206,25 @@ impl SourceImage {
         &self.path
     }
 
-    /// Where the manifest cache lives by default: beside the image.
-    pub fn default_cache_path(&self) -> PathBuf {
+    /// The file's identity when it was opened.
+    pub fn identity(&self) -> FileIdentity {
+        self.identity
+    }
+
+    fn beside(&self, suffix: &str) -> PathBuf {
         let mut s = self.path.clone().into_os_string();
-        s.push(".ferry-manifest");
+        s.push(suffix);
         PathBuf::from(s)
+    }
+
+    /// Where the hash cache lives by default: beside the image.
+    pub fn default_cache_path(&self) -> PathBuf {
+        self.beside(".ferry-manifest")
+    }
+
+    /// Where the source id is kept: beside the image.
+    pub fn id_path(&self) -> PathBuf {
+        self.beside(".ferry-source")
     }
 
     /// Reads chunk `index` of `geo` into `buf` (resized to the chunk).
@@ -132,10 +255,10 @@ impl SourceImage {
     }
 
     /// Turns the kernel's readahead off for this image
-    /// (`POSIX_FADV_RANDOM`), once its manifest is known: from then on
-    /// ferry reads exactly the chunks it sends. A readahead guess goes to
-    /// the disk ahead of a guest's on-demand read and delays it: with this
-    /// machine's `read_ahead_kb` of 8192 one guess queued up to 8 MiB
+    /// (`POSIX_FADV_RANDOM`): ferry reads exactly the chunks it sends. A
+    /// readahead guess goes to the disk ahead of a guest's on-demand read
+    /// and delays it: with this machine's `read_ahead_kb` of 8192 one
+    /// guess queued up to 8 MiB
     /// (docs/decisions/source-reads-what-it-sends.md).
     pub fn turn_readahead_off(&self) -> io::Result<()> {
         nix::fcntl::posix_fadvise(
@@ -147,111 +270,151 @@ impl SourceImage {
         .map_err(io::Error::from)
     }
 
-    /// The manifest for chunks of `chunk_size`: from the cache at
-    /// `cache` when it matches this image, else by scanning (and then
-    /// written to the cache; a cache that cannot be written is only
-    /// logged). `progress` is called with bytes scanned so far.
-    pub fn manifest(
+    /// The source's id, from the sidecar at `sidecar` when it was made for
+    /// this image as it is now (same [`FileIdentity`]); else a new random
+    /// one, written there (owner-only). A sidecar that cannot be written
+    /// is logged, and the id is then derived from the file's identity (the
+    /// same for as long as the image is unchanged).
+    pub fn source_id(&self, sidecar: &Path) -> SourceId {
+        let line = self.identity.to_line();
+        if let Ok(text) = std::fs::read_to_string(sidecar) {
+            if let Some(id) = parse_sidecar(&text, &line) {
+                return id;
+            }
+            tracing::info!(sidecar = %sidecar.display(), "the source disk changed since it was last served: new source id");
+        }
+        let mut id = [0u8; 32];
+        let made = File::open("/dev/urandom").and_then(|mut r| r.read_exact(&mut id));
+        let written = made.and_then(|()| write_sidecar(sidecar, &id, 0, &line));
+        match written {
+            Ok(()) => SourceId {
+                id,
+                generation: 0,
+                new: true,
+                kept: true,
+            },
+            Err(e) => {
+                tracing::warn!(sidecar = %sidecar.display(), error = %e, "cannot keep the source id; using one derived from the image's identity");
+                let mut k = blake3::Hasher::new();
+                k.update(b"ferry source id from the file identity");
+                k.update(&self.identity.key());
+                SourceId {
+                    id: *k.finalize().as_bytes(),
+                    generation: 0,
+                    new: true,
+                    kept: false,
+                }
+            }
+        }
+    }
+
+    fn cache_key(&self, chunk_size: u32) -> [u8; 32] {
+        let mut key = blake3::Hasher::new();
+        key.update(&self.identity.key());
+        key.update(&chunk_size.to_le_bytes());
+        *key.finalize().as_bytes()
+    }
+
+    /// The first manifest for chunks of `chunk_size`, with `source_id`,
+    /// made without reading any data: the hashes the cache at `cache`
+    /// holds when it was made for this image as it is now, else holes
+    /// (SEEK_DATA/SEEK_HOLE) as zero chunks and every other chunk
+    /// unhashed.
+    pub fn first_manifest(
         &self,
         chunk_size: u32,
         cache: Option<&Path>,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Manifest, SourceError> {
-        let mut key = blake3::Hasher::new();
-        key.update(&self.key);
-        key.update(&chunk_size.to_le_bytes());
-        let key = *key.finalize().as_bytes();
+        source_id: [u8; 32],
+    ) -> Manifest {
+        let key = self.cache_key(chunk_size);
+        let geo = Geometry::new(self.size, chunk_size);
         if let Some(c) = cache {
             if let Ok(bytes) = std::fs::read(c) {
                 if bytes.len() > 40 && &bytes[..8] == CACHE_MAGIC && bytes[8..40] == key {
                     if let Ok(m) = Manifest::decode(&bytes[40..]) {
-                        tracing::info!(cache = %c.display(), "manifest loaded from cache");
-                        return Ok(m);
+                        if m.geometry() == geo {
+                            tracing::info!(cache = %c.display(), unhashed = m.unhashed(), "chunk hashes loaded from the cache");
+                            return Manifest::with_source_id(geo, m.chunks().to_vec(), source_id);
+                        }
                     }
                 }
-                tracing::info!(cache = %c.display(), "manifest cache is stale; rescanning");
+                tracing::info!(cache = %c.display(), "hash cache is stale; starting without hashes");
             }
         }
-        let m = self.scan(chunk_size, progress)?;
-        if let Some(c) = cache {
-            let mut out = Vec::new();
-            out.extend_from_slice(CACHE_MAGIC);
-            out.extend_from_slice(&key);
-            out.extend_from_slice(&m.encode());
-            let tmp = c.with_extension("ferry-manifest.tmp");
-            let r = std::fs::write(&tmp, &out).and_then(|()| std::fs::rename(&tmp, c));
-            if let Err(e) = r {
-                let _ = std::fs::remove_file(&tmp);
-                tracing::warn!(cache = %c.display(), error = %e, "cannot write the manifest cache; it will be recomputed next time");
-            }
-        }
-        Ok(m)
+        let kinds = self
+            .hole_chunks(geo)
+            .into_iter()
+            .map(|hole| {
+                if hole {
+                    ChunkKind::Zero
+                } else {
+                    ChunkKind::Unhashed
+                }
+            })
+            .collect();
+        Manifest::with_source_id(geo, kinds, source_id)
     }
 
-    /// Scans the whole image.
-    fn scan(
-        &self,
-        chunk_size: u32,
-        progress: &(dyn Fn(u64, u64) + Sync),
-    ) -> Result<Manifest, SourceError> {
-        let geo = Geometry::new(self.size, chunk_size);
-        let n = geo.chunks();
-        let holes = self.hole_chunks(geo);
-        let workers = std::thread::available_parallelism()
-            .map(|p| p.get())
-            .unwrap_or(1)
-            .clamp(1, 4) as u64;
-        let stripe = 256u64;
-        let done = AtomicU64::new(0);
-        let results: Vec<Result<Vec<(u64, ChunkKind)>, SourceError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let holes = &holes;
-                    let done = &done;
-                    s.spawn(move || {
-                        let mut out = Vec::new();
-                        let mut buf = Vec::new();
-                        let mut first = w * stripe;
-                        while first < n {
-                            for c in first..(first + stripe).min(n) {
-                                if holes[c as usize] {
-                                    out.push((c, ChunkKind::Zero));
-                                    continue;
-                                }
-                                self.read_chunk(geo, c, &mut buf).map_err(|source| {
-                                    SourceError::Io {
-                                        op: "read",
-                                        path: self.path.clone(),
-                                        source,
-                                    }
-                                })?;
-                                let kind = if buf.iter().all(|b| *b == 0) {
-                                    ChunkKind::Zero
-                                } else {
-                                    ChunkKind::Data(*blake3::hash(&buf).as_bytes())
-                                };
-                                out.push((c, kind));
-                                let d = done.fetch_add(buf.len() as u64, Ordering::Relaxed);
-                                progress(d + buf.len() as u64, self.size);
-                            }
-                            first += workers * stripe;
-                        }
-                        Ok(out)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("scan worker panicked"))
-                .collect()
-        });
-        let mut kinds = vec![ChunkKind::Zero; n as usize];
-        for r in results {
-            for (c, k) in r? {
-                kinds[c as usize] = k;
-            }
+    /// Saves the hashes `manifest` knows in the cache at `cache` (atomic
+    /// replace), keyed by the image's identity when it was opened; not if
+    /// the image has changed since.
+    pub fn save_hashes(&self, manifest: &Manifest, cache: &Path) -> io::Result<()> {
+        if let Some(why) = self.check() {
+            return Err(io::Error::other(format!("not saving hashes: {why}")));
         }
-        Ok(Manifest::new(geo, kinds))
+        let mut out = Vec::new();
+        out.extend_from_slice(CACHE_MAGIC);
+        out.extend_from_slice(&self.cache_key(manifest.geometry().chunk_size));
+        out.extend_from_slice(&manifest.encode());
+        let mut tmp = cache.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let r = std::fs::write(&tmp, &out).and_then(|()| std::fs::rename(&tmp, cache));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    /// Why the image may no longer be served, or `None`: it was changed
+    /// behind ferry's back if its identity (size, times, file) differs
+    /// from when it was opened. Cheap (one `fstat`); once it says so, it
+    /// always does.
+    pub fn check(&self) -> Option<String> {
+        let mut changed = self.changed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = changed.as_ref() {
+            return Some(why.clone());
+        }
+        let what = match self.file.metadata() {
+            Ok(meta) => {
+                let size = if self.regular { meta.len() } else { self.size };
+                let now = FileIdentity::of(&meta, size);
+                (now != self.identity).then(|| now.changes_since(&self.identity))
+            }
+            Err(e) => Some(format!("it cannot be examined: {e}")),
+        }?;
+        let why = format!(
+            "source disk changed while it was served: {}: {what}; ferry refuses to serve \
+             it further (a disk must not be written while ferry serves it)",
+            self.path.display()
+        );
+        tracing::error!("{why}");
+        *changed = Some(why.clone());
+        Some(why)
+    }
+
+    /// Refuses an image that another process has open for writing (found
+    /// through `/proc/*/fd`; processes this user may not inspect are not
+    /// seen).
+    pub fn refuse_if_open_for_writing(&self) -> Result<(), SourceError> {
+        let writers = writers_of(self.identity.dev, self.identity.ino);
+        if writers.is_empty() {
+            return Ok(());
+        }
+        Err(SourceError::OpenForWriting {
+            path: self.path.clone(),
+            writers: writers.join(", "),
+        })
     }
 
     /// Which chunks lie wholly inside holes (SEEK_DATA/SEEK_HOLE); all
@@ -290,6 +453,92 @@ impl SourceImage {
     }
 }
 
+/// The id a sidecar holds, if it was made for the file identity `line`.
+fn parse_sidecar(text: &str, line: &str) -> Option<SourceId> {
+    let mut lines = text.lines();
+    if lines.next()? != ID_HEADER {
+        return None;
+    }
+    let hex = lines.next()?.strip_prefix("id ")?;
+    let generation = lines.next()?.strip_prefix("generation ")?.parse().ok()?;
+    if lines.next()? != line || lines.next().is_some() || hex.len() != 64 {
+        return None;
+    }
+    let mut id = [0u8; 32];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(SourceId {
+        id,
+        generation,
+        new: false,
+        kept: true,
+    })
+}
+
+/// Writes a sidecar (owner-only, atomic replace).
+fn write_sidecar(path: &Path, id: &[u8; 32], generation: u64, line: &str) -> io::Result<()> {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let text = format!("{ID_HEADER}\nid {hex}\ngeneration {generation}\n{line}\n");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let r = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// The processes (other than this one) with file `dev`/`ino` open for
+/// writing, as `pid (name)`, from `/proc/*/fd` and `/proc/*/fdinfo`.
+fn writers_of(dev: u64, ino: u64) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(meta) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
+            if meta.dev() != dev || meta.ino() != ino {
+                continue;
+            }
+            let info = p.path().join("fdinfo").join(fd.file_name());
+            let flags = std::fs::read_to_string(info)
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                })
+                .unwrap_or(0);
+            if flags & 3 != 0 {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                out.push(format!("{pid} ({})", comm.trim()));
+                break;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,7 +555,6 @@ mod tests {
             .collect();
         std::fs::write(&p, &data).unwrap();
         let img = SourceImage::open(&p).unwrap();
-        img.manifest(cs, None, &|_, _| {}).unwrap();
         img.turn_readahead_off().unwrap();
         let geo = Geometry::new(data.len() as u64, cs);
         for (first, count) in [(0, 1), (1, 3), (2, 4), (5, 1), (0, 6)] {
@@ -328,47 +576,151 @@ mod tests {
         }
     }
 
-    #[test]
-    fn holes_zeros_and_data_are_told_apart_and_cached() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("src.img");
+    /// A 10-chunk-and-a-bit image: chunk 1 data, chunk 3 written zeros,
+    /// chunk 10 (short) data, the rest holes.
+    fn sample(dir: &Path) -> (PathBuf, u64) {
+        let p = dir.join("src.img");
         let cs = 65536u64;
-        {
-            let mut f = File::create(&p).unwrap();
-            f.set_len(10 * cs + 4096).unwrap();
-            // chunk 1: data; chunk 3: written zeros; chunk 10 (short): data
-            f.write_all_at(&[0xab; 100], cs + 5).unwrap();
-            f.write_all_at(&vec![0; cs as usize], 3 * cs).unwrap();
-            f.write_all_at(&[1; 10], 10 * cs + 7).unwrap();
-            f.flush().unwrap();
-        }
-        let img = SourceImage::open(&p).unwrap();
-        let cache = img.default_cache_path();
-        let m = img.manifest(cs as u32, Some(&cache), &|_, _| {}).unwrap();
-        let data: Vec<u64> = (0..m.geometry().chunks())
-            .filter(|c| matches!(m.chunk(*c), ChunkKind::Data(_)))
-            .collect();
-        assert_eq!(data, vec![1, 10]);
-        let mut buf = Vec::new();
-        img.read_chunk(m.geometry(), 10, &mut buf).unwrap();
-        assert_eq!(buf.len(), 4096);
-        assert_eq!(ChunkKind::Data(*blake3::hash(&buf).as_bytes()), m.chunk(10));
-        assert!(cache.exists());
-        // From the cache: same manifest.
-        let m2 = img.manifest(cs as u32, Some(&cache), &|_, _| {}).unwrap();
-        assert_eq!(m, m2);
-        // A changed image is rescanned, not served from a stale cache.
+        let mut f = File::create(&p).unwrap();
+        f.set_len(10 * cs + 4096).unwrap();
+        f.write_all_at(&[0xab; 100], cs + 5).unwrap();
+        f.write_all_at(&vec![0; cs as usize], 3 * cs).unwrap();
+        f.write_all_at(&[1; 10], 10 * cs + 7).unwrap();
+        f.flush().unwrap();
+        (p, cs)
+    }
+
+    fn touch(p: &Path, at: u64) {
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::OpenOptions::new()
             .write(true)
-            .open(&p)
+            .open(p)
             .unwrap()
-            .write_all_at(&[2; 10], 5 * cs)
+            .write_all_at(&[2; 10], at)
             .unwrap();
+    }
+
+    #[test]
+    fn the_first_manifest_reads_nothing_and_the_cache_keeps_learned_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, cs) = sample(dir.path());
         let img = SourceImage::open(&p).unwrap();
-        let m3 = img.manifest(cs as u32, Some(&cache), &|_, _| {}).unwrap();
-        assert!(matches!(m3.chunk(5), ChunkKind::Data(_)));
-        assert_ne!(m3.source_id(), m.source_id());
+        let cache = img.default_cache_path();
+        let m = img.first_manifest(cs as u32, Some(&cache), [4; 32]);
+        assert_eq!(m.source_id(), [4; 32]);
+        let kinds: Vec<ChunkKind> = m.chunks().to_vec();
+        let allocated: Vec<u64> = (0..m.geometry().chunks())
+            .filter(|c| kinds[*c as usize] == ChunkKind::Unhashed)
+            .collect();
+        // Holes are zero; the written chunks (zeros too) are unhashed.
+        assert_eq!(allocated, vec![1, 3, 10]);
+        assert!(kinds
+            .iter()
+            .all(|k| matches!(k, ChunkKind::Zero | ChunkKind::Unhashed)));
+        assert!(!cache.exists(), "nothing to cache yet");
+        // Hashes learned as chunks are sent are saved and found again.
+        let mut learned = m.clone();
+        let mut buf = Vec::new();
+        img.read_chunk(m.geometry(), 10, &mut buf).unwrap();
+        assert_eq!(buf.len(), 4096);
+        learned.set_chunk(10, ChunkKind::of(&buf));
+        learned.set_chunk(3, ChunkKind::Zero);
+        img.save_hashes(&learned, &cache).unwrap();
+        let again = SourceImage::open(&p).unwrap();
+        let m2 = again.first_manifest(cs as u32, Some(&cache), [5; 32]);
+        assert_eq!(m2.chunks(), learned.chunks());
+        assert_eq!(
+            m2.chunk(10),
+            ChunkKind::Data(*blake3::hash(&buf).as_bytes())
+        );
+        assert_eq!(m2.source_id(), [5; 32]);
+        // A changed image starts without them, and is not saved over.
+        touch(&p, 5 * cs);
+        assert!(img.save_hashes(&learned, &cache).is_err());
+        let changed = SourceImage::open(&p).unwrap();
+        let m3 = changed.first_manifest(cs as u32, Some(&cache), [5; 32]);
+        assert_eq!(m3.chunk(10), ChunkKind::Unhashed);
+        assert_eq!(m3.chunk(5), ChunkKind::Unhashed);
+    }
+
+    #[test]
+    fn the_source_id_is_kept_while_the_image_is_unchanged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (p, cs) = sample(dir.path());
+        let img = SourceImage::open(&p).unwrap();
+        let side = img.id_path();
+        assert_eq!(side, dir.path().join("src.img.ferry-source"));
+        let first = img.source_id(&side);
+        assert!(first.new && first.kept);
+        assert_eq!(first.generation, 0);
+        let mode = std::fs::metadata(&side).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "owner-only");
+        // Served again: the same id.
+        let again = SourceImage::open(&p).unwrap().source_id(&side);
+        assert_eq!(again.id, first.id);
+        assert!(!again.new);
+        // Another image gets another id.
+        let other = dir.path().join("other.img");
+        std::fs::copy(&p, &other).unwrap();
+        let o = SourceImage::open(&other).unwrap();
+        assert_ne!(o.source_id(&o.id_path()).id, first.id);
+        // The image changed: a new id.
+        touch(&p, 5 * cs);
+        let changed = SourceImage::open(&p).unwrap().source_id(&side);
+        assert!(changed.new);
+        assert_ne!(changed.id, first.id);
+        // A damaged sidecar: a new id, not an error.
+        std::fs::write(&side, "ferry-source 1\nid zz\n").unwrap();
+        let fresh = SourceImage::open(&p).unwrap().source_id(&side);
+        assert!(fresh.new && fresh.kept);
+        assert_ne!(fresh.id, changed.id);
+        // A sidecar that cannot be written: an id derived from the
+        // image's identity, the same while the image is unchanged.
+        let nowhere = dir.path().join("no-such-dir").join("x.ferry-source");
+        let img = SourceImage::open(&p).unwrap();
+        let d1 = img.source_id(&nowhere);
+        let d2 = SourceImage::open(&p).unwrap().source_id(&nowhere);
+        assert!(!d1.kept);
+        assert_eq!(d1.id, d2.id);
+    }
+
+    #[test]
+    fn a_write_behind_ferrys_back_is_noticed_and_stays_noticed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, cs) = sample(dir.path());
+        let img = SourceImage::open(&p).unwrap();
+        assert_eq!(img.check(), None);
+        touch(&p, 7 * cs);
+        let why = img.check().expect("changed");
+        assert!(why.contains("source disk changed"), "{why}");
+        assert!(why.contains("src.img"), "{why}");
+        assert!(why.contains("mtime"), "{why}");
+        assert_eq!(img.check(), Some(why));
+    }
+
+    #[test]
+    fn an_image_open_for_writing_elsewhere_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, _) = sample(dir.path());
+        let img = SourceImage::open(&p).unwrap();
+        img.refuse_if_open_for_writing().unwrap();
+        // Our own handles do not count; another process's do.
+        let _mine = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        img.refuse_if_open_for_writing().unwrap();
+        let out = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .stdout(out)
+            .spawn()
+            .unwrap();
+        let e = img.refuse_if_open_for_writing();
+        let _ = child.kill();
+        let _ = child.wait();
+        let e = e.unwrap_err().to_string();
+        assert!(e.contains("is open for writing by"), "{e}");
+        assert!(e.contains(&format!("{} (sleep)", child.id())), "{e}");
+        img.refuse_if_open_for_writing().unwrap();
     }
 
     #[test]

@@ -129,7 +129,12 @@ async fn hello(resp: &mut Responder, version: u16, remote: SocketAddr) {
 /// waits for those), above the background copy (which needs the manifest).
 const MANIFEST_PRIORITY: i32 = 50;
 
-async fn send_manifest(resp: &mut Responder, shared: &Arc<Shared>, complete: bool, remote: SocketAddr) {
+async fn send_manifest(
+    resp: &mut Responder,
+    shared: &Arc<Shared>,
+    complete: bool,
+    remote: SocketAddr,
+) {
     let _ = resp.stream().set_priority(MANIFEST_PRIORITY);
     if let Some(why) = shared.source.changed() {
         resp.error(ErrorCode::SourceChanged, why).await;
@@ -171,7 +176,10 @@ async fn complete_manifest(shared: &Arc<Shared>) -> Result<Manifest, (ErrorCode,
     let m = shared.source.manifest().snapshot();
     let unhashed = m.unhashed();
     if unhashed > 0 {
-        tracing::info!(unhashed, "hashing the chunks not read yet for a complete manifest");
+        tracing::info!(
+            unhashed,
+            "hashing the chunks not read yet for a complete manifest"
+        );
     }
     let geo = m.geometry();
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -192,9 +200,12 @@ async fn complete_manifest(shared: &Arc<Shared>) -> Result<Manifest, (ErrorCode,
         let s = shared.clone();
         let job = move || -> Result<(), (ErrorCode, String)> {
             let mut buf = Vec::new();
-            s.source
-                .read_chunks(first, count, &mut buf)
-                .map_err(|e| (ErrorCode::ReadFailed, format!("reading chunks {first}+{count}: {e}")))?;
+            s.source.read_chunks(first, count, &mut buf).map_err(|e| {
+                (
+                    ErrorCode::ReadFailed,
+                    format!("reading chunks {first}+{count}: {e}"),
+                )
+            })?;
             if let Some(why) = s.source.changed() {
                 return Err((ErrorCode::SourceChanged, why));
             }
@@ -202,7 +213,10 @@ async fn complete_manifest(shared: &Arc<Shared>) -> Result<Manifest, (ErrorCode,
             for c in first..first + count {
                 let len = geo.chunk_len(c) as usize;
                 let data = buf.get(at..at + len).ok_or_else(|| {
-                    (ErrorCode::ReadFailed, format!("reading chunk {c}: short read"))
+                    (
+                        ErrorCode::ReadFailed,
+                        format!("reading chunk {c}: short read"),
+                    )
                 })?;
                 at += len;
                 s.source.manifest().learn(c, ChunkKind::of(data));

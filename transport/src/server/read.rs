@@ -120,7 +120,10 @@ fn start_piece(
         };
         let Some((permit, disk)) = permits.await else {
             let _ = tx
-                .send(Err((ErrorCode::ReadFailed, "server shutting down".to_string())))
+                .send(Err((
+                    ErrorCode::ReadFailed,
+                    "server shutting down".to_string(),
+                )))
                 .await;
             return;
         };
@@ -156,7 +159,10 @@ fn start_piece(
             let read = s.source.read_chunks(first, count, &mut buf);
             drop(disk);
             if let Err(e) = read {
-                send(Err((ErrorCode::ReadFailed, format!("reading {}: {e}", what()))));
+                send(Err((
+                    ErrorCode::ReadFailed,
+                    format!("reading {}: {e}", what()),
+                )));
                 return;
             }
             // Data read after the disk was changed behind our back is
