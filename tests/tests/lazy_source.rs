@@ -69,6 +69,10 @@ fn a_lazy_source_migrates_verified_and_keeps_its_hashes_for_the_next_run() {
         assert!(t0.elapsed() < Duration::from_secs(60), "no hash cache");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let side = w.path("src.img.ferry-source");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&side).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the source id is owner-only");
     serve.kill9();
     // Served again: every hash known from the start, the same source id
     // (a destination's state file stays valid).
@@ -76,6 +80,48 @@ fn a_lazy_source_migrates_verified_and_keeps_its_hashes_for_the_next_run() {
     let log = again.log_text();
     assert!(log.contains("unhashed_chunks=0"), "{log}");
     assert!(log.contains("new_source_id=false"), "{log}");
+}
+
+#[test]
+fn hash_cache_none_and_a_path_both_work() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 16 * MIB, &[(0, 2 * MIB)], 15);
+    // Not cached: the id is kept beside the image.
+    let (mut serve, port) = w.serve(&src, &["--hash-cache", "none"]);
+    let mut pull = w.pull(&w.pull_args(port, "dst.img"));
+    w.wait_verified(Duration::from_secs(120));
+    assert_files_equal(&src, &w.path("dst.img"));
+    assert!(!w.path("src.img.ferry-manifest").exists());
+    assert!(w.path("src.img.ferry-source").exists());
+    pull.kill9();
+    serve.kill9();
+    // Cached elsewhere: the id is kept beside the cache.
+    std::fs::create_dir(w.path("cache")).unwrap();
+    let cache = w.path("cache/disk.ferry-manifest");
+    let (_serve, port) = w.serve(&src, &["--hash-cache", cache.to_str().unwrap()]);
+    let _pull = w.pull(&w.pull_args_tagged(port, "dst2.img", "2"));
+    let t0 = Instant::now();
+    loop {
+        let s = w.status_of("ctl2.sock");
+        if s["verified"] == "ok" {
+            break;
+        }
+        assert!(
+            s["phase"] != "error" && t0.elapsed() < Duration::from_secs(120),
+            "not verified: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    while !cache.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no hash cache at {cache:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.path("cache/disk.ferry-source").exists());
+    assert_files_equal(&src, &w.path("dst2.img"));
 }
 
 /// Waits until the pull reports phase "error"; returns its error.

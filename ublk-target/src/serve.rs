@@ -120,7 +120,12 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         Some(p) => Some(p.clone()),
         None => Some(image.default_cache_path()),
     };
-    let id = image.source_id(&image.id_path());
+    // The id is kept beside the hash cache (a unit may write nowhere
+    // else), or beside the image without a cache.
+    let id_path = cache
+        .as_ref()
+        .map_or_else(|| image.id_path(), |c| c.with_extension("ferry-source"));
+    let id = image.source_id(&id_path);
     let manifest = image.first_manifest(DEFAULT_CHUNK_SIZE, cache.as_deref(), id.id);
     tracing::info!(
         disk = %a.disk.display(),
