@@ -313,7 +313,7 @@ async fn a_lazy_source_hashes_as_it_sends_and_a_changed_one_refuses() {
 
         *src.changed.lock().unwrap() = Some("disk.img: mtime changed".into());
         for prio in [Priority::OnDemand, Priority::Background] {
-            let e = client.read_chunks(5, 1, prio).await.unwrap_err();
+            let e = client.read_chunks(6, 1, prio).await.unwrap_err();
             assert_eq!(e.remote_code(), Some(ErrorCode::SourceChanged), "{e}");
             assert!(e.to_string().contains("disk.img: mtime changed"), "{e}");
         }
