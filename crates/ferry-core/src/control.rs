@@ -3,7 +3,7 @@
 //! fuzzed and the client and the server share it.
 //!
 //! A request is one line of whitespace-separated words: `status`, `pause`,
-//! `resume`, or `rate N` (bytes per second, with or without a unit as
+//! `resume`, `commit`, `abort`, or `rate N` (bytes per second, with or without a unit as
 //! [`crate::units::parse_rate`] reads them: `50M`, `100Mbit`; 0 =
 //! unlimited, at most [`MAX_RATE`]). Words after `rate`'s number are
 //! ignored; anything else is refused.
@@ -28,6 +28,12 @@ pub enum ControlRequest {
     /// Limit the background copy to this many bytes per second (0: no
     /// limit).
     Rate(u64),
+    /// Record that the source is no longer needed (`ferry commit`; only
+    /// once verified).
+    Commit,
+    /// Stop the migration, keep the guest's writes aside, exit
+    /// (`ferry abort`).
+    Abort,
 }
 
 /// Why a line is not a control request.
@@ -67,6 +73,8 @@ impl ControlRequest {
             (Some("status"), None) => Ok(Self::Status),
             (Some("pause"), None) => Ok(Self::Pause),
             (Some("resume"), None) => Ok(Self::Resume),
+            (Some("commit"), None) => Ok(Self::Commit),
+            (Some("abort"), None) => Ok(Self::Abort),
             (Some("rate"), Some(v)) => parse_rate(v).map(Self::Rate),
             _ => Err(ControlParseError::Unknown(line.trim().to_string())),
         }
@@ -81,6 +89,8 @@ impl fmt::Display for ControlRequest {
             Self::Pause => f.write_str("pause"),
             Self::Resume => f.write_str("resume"),
             Self::Rate(v) => write!(f, "rate {v}"),
+            Self::Commit => f.write_str("commit"),
+            Self::Abort => f.write_str("abort"),
         }
     }
 }
@@ -95,6 +105,8 @@ mod tests {
             ("status", ControlRequest::Status),
             ("  pause\n", ControlRequest::Pause),
             ("resume\r\n", ControlRequest::Resume),
+            ("commit", ControlRequest::Commit),
+            (" abort\n", ControlRequest::Abort),
             ("rate 0", ControlRequest::Rate(0)),
             ("rate\t50000000 extra", ControlRequest::Rate(50_000_000)),
             ("rate 1099511627776", ControlRequest::Rate(MAX_RATE)),
@@ -109,7 +121,15 @@ mod tests {
 
     #[test]
     fn other_lines_are_refused() {
-        for line in ["", "status now", "Status", "rate", "pause 1"] {
+        for line in [
+            "",
+            "status now",
+            "Status",
+            "rate",
+            "pause 1",
+            "abort now",
+            "commit 1",
+        ] {
             assert!(
                 matches!(
                     ControlRequest::parse(line),

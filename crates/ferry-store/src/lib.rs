@@ -6,6 +6,8 @@
 //!   and which chunks the guest wrote, tied to one source by its id.
 //! - [`destination`]: the two opened or created together, atomically,
 //!   locked against a second `ferry pull`.
+//! - [`guest_writes`]: the guest's writes kept aside by `ferry abort`, and
+//!   applied to an image by `ferry apply-writes`.
 //! - [`source`]: the source side: opening an image or block device
 //!   read-only, its first [`ferry_core::Manifest`] from its holes and the
 //!   hash cache (no data read), saving hashes learned later, its source id
@@ -18,6 +20,7 @@
 
 pub mod backing;
 pub mod destination;
+pub mod guest_writes;
 mod lock;
 mod mapping;
 pub mod source;
@@ -26,7 +29,7 @@ pub mod state;
 pub use backing::{Backing, BackingError, PairMark};
 pub use destination::{open_or_create, Destination, DestinationError, RecoveredWrites};
 pub use source::{FileIdentity, SourceError, SourceId, SourceImage};
-pub use state::{Pairing, StateError, StateFile, StateHeader, Verified};
+pub use state::{Ended, Pairing, StateError, StateFile, StateHeader, Verified};
 
 /// Makes the directory entry of a newly created `path` durable: fsync of
 /// its parent directory (a file's own fsync need not cover its name).

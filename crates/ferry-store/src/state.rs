@@ -122,6 +122,82 @@ impl Verified {
     }
 }
 
+/// Where the record of the migration's end is (see [`Ended`]).
+const ENDED_AT: usize = 3072;
+const ENDED_MAGIC: &[u8; 8] = b"FERRYEND";
+/// Longest writes directory kept in an [`Ended::Aborted`] record.
+const ENDED_PATH_MAX: usize = 1024 - 8 - 1 - 8 - 2 - 32;
+
+/// How a migration ended, recorded durably in its state file by
+/// `ferry commit` or `ferry abort`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Committed: the copy was verified and the operator let the source
+    /// go; the destination disk is the disk now.
+    Committed {
+        /// When, in seconds since the Unix epoch.
+        at_unix: u64,
+    },
+    /// Aborted: the source remains the truth; the guest's writes at the
+    /// destination were kept aside in `writes` (a directory).
+    Aborted {
+        /// When, in seconds since the Unix epoch.
+        at_unix: u64,
+        /// Where the guest's writes were kept (empty if its path was too
+        /// long to record).
+        writes: PathBuf,
+    },
+}
+
+impl Ended {
+    fn encode(&self) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let (kind, at, path): (u8, u64, &[u8]) = match self {
+            Ended::Committed { at_unix } => (1, *at_unix, &[]),
+            Ended::Aborted { at_unix, writes } => {
+                let p = writes.as_os_str().as_bytes();
+                (2, *at_unix, if p.len() <= ENDED_PATH_MAX { p } else { &[] })
+            }
+        };
+        let mut b = Vec::with_capacity(1024);
+        b.extend_from_slice(ENDED_MAGIC);
+        b.push(kind);
+        b.extend_from_slice(&at.to_le_bytes());
+        b.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        b.extend_from_slice(path);
+        let sum = *blake3::hash(&b).as_bytes();
+        b.extend_from_slice(&sum);
+        b
+    }
+
+    /// The record in a header page, if there is a valid one (a torn or
+    /// absent record reads as none).
+    fn decode(page: &[u8]) -> Option<Ended> {
+        use std::os::unix::ffi::OsStrExt;
+        let b = page.get(ENDED_AT..)?;
+        if b.get(..8)? != ENDED_MAGIC {
+            return None;
+        }
+        let kind = *b.get(8)?;
+        let at_unix = u64::from_le_bytes(b.get(9..17)?.try_into().ok()?);
+        let len = usize::from(u16::from_le_bytes(b.get(17..19)?.try_into().ok()?));
+        let body = 19 + len;
+        if len > ENDED_PATH_MAX
+            || blake3::hash(b.get(..body)?).as_bytes() != b.get(body..body + 32)?
+        {
+            return None;
+        }
+        match kind {
+            1 => Some(Ended::Committed { at_unix }),
+            2 => Some(Ended::Aborted {
+                at_unix,
+                writes: PathBuf::from(std::ffi::OsStr::from_bytes(&b[19..body])),
+            }),
+            _ => None,
+        }
+    }
+}
+
 const BIND_XATTR: u8 = 1;
 const BIND_INODE: u8 = 2;
 
@@ -596,6 +672,36 @@ impl StateFile {
         Ok(())
     }
 
+    /// How the migration of the state file at `path` ended, if it did
+    /// (`ferry commit` or `ferry abort`), read without changing anything.
+    pub fn peek_ended(path: &Path) -> Result<Option<Ended>, StateError> {
+        let file = File::open(path).map_err(|source| StateError::Io {
+            op: "cannot open",
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Ended::decode(&Self::read_header(&file, path)?))
+    }
+
+    /// Records durably how the migration ended (see [`Ended`]).
+    pub fn record_ended(&mut self, ended: &Ended) -> Result<(), StateError> {
+        self.file
+            .write_all_at(&ended.encode(), ENDED_AT as u64)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| StateError::Io {
+                op: "cannot record the migration's end in",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Written bits, one per block (`blocks` long): blocks the guest wrote
+    /// on this boot, acknowledged, synced or not (see the module
+    /// documentation).
+    pub fn written_bits(&self, blocks: u64) -> BitVec {
+        self.written.bitvec(blocks)
+    }
+
     fn read_header(file: &File, path: &Path) -> Result<Vec<u8>, StateError> {
         let invalid = |why: &str| StateError::Invalid {
             path: path.to_owned(),
@@ -982,6 +1088,45 @@ mod tests {
         std::fs::write(dir.path().join("junk"), vec![0u8; 8192]).unwrap();
         let e = StateFile::peek(&dir.path().join("junk")).unwrap_err();
         assert!(e.to_string().contains("bad magic"), "{e}");
+    }
+
+    #[test]
+    fn the_end_of_a_migration_is_recorded_and_a_torn_record_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let geo = Geometry::new(40 << 20, 65536);
+        let (_b, pairing) = backing(dir.path(), "d", geo);
+        let mut s = StateFile::create(&p, geo, [9; 32], pairing).unwrap();
+        assert_eq!(StateFile::peek_ended(&p).unwrap(), None);
+        let aborted = Ended::Aborted {
+            at_unix: 1_800_000_000,
+            writes: dir.path().join("d.ferry-writes"),
+        };
+        s.record_ended(&aborted).unwrap();
+        assert_eq!(StateFile::peek_ended(&p).unwrap(), Some(aborted));
+        let committed = Ended::Committed { at_unix: 7 };
+        s.record_ended(&committed).unwrap();
+        drop(s);
+        assert_eq!(StateFile::peek_ended(&p).unwrap(), Some(committed));
+        // The header and the verified record are untouched by it.
+        assert_eq!(StateFile::peek(&p).unwrap().verified, None);
+        overwrite(&p, (ENDED_AT + 10) as u64, &[0xff]);
+        assert_eq!(StateFile::peek_ended(&p).unwrap(), None);
+        // A path too long to record is left out, not cut.
+        let long = Ended::Aborted {
+            at_unix: 1,
+            writes: PathBuf::from("x".repeat(ENDED_PATH_MAX + 1)),
+        };
+        let b = long.encode();
+        let mut page = vec![0u8; PAGE];
+        page[ENDED_AT..ENDED_AT + b.len()].copy_from_slice(&b);
+        assert_eq!(
+            Ended::decode(&page),
+            Some(Ended::Aborted {
+                at_unix: 1,
+                writes: PathBuf::new()
+            })
+        );
     }
 
     #[test]
