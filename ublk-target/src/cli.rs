@@ -32,6 +32,16 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// Hold back, release or rate-limit a running pull's background copy.
     Background(BackgroundArgs),
+    /// Stop a migration: the source remains the truth; the guest's writes
+    /// made at the destination are kept aside, to apply or discard.
+    Abort(crate::verbs::AbortArgs),
+    /// Record that a verified copy no longer needs its source.
+    #[command(visible_alias = "release")]
+    Commit(crate::verbs::CommitArgs),
+    /// List the migrations running on this host and their phases.
+    List(crate::verbs::ListArgs),
+    /// Apply guest writes kept by `ferry abort` to an image (the source's).
+    ApplyWrites(crate::verbs::ApplyWritesArgs),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(GenerateDocsArgs),
@@ -215,6 +225,16 @@ pub(crate) struct PullArgs {
     /// or a management network. Default: no listener.
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) metrics: Option<SocketAddr>,
+    /// Exit (status 0) once the copy is complete and verified, instead of
+    /// serving on; exit 2 if it stops on an error or fails verification.
+    /// It does not commit: `ferry commit --disk` does, later.
+    #[arg(long)]
+    pub(crate) exit_when_complete: bool,
+    /// If the migration of this disk was aborted (`ferry abort`), discard
+    /// the disk and its state file and pull afresh (the guest's writes kept
+    /// by the abort stay where they are). No effect otherwise.
+    #[arg(long)]
+    pub(crate) start_over: bool,
     #[command(flatten)]
     pub(crate) link: LinkArgs,
 }

@@ -14,6 +14,7 @@ mod pull;
 #[cfg(test)]
 mod readme;
 mod serve;
+mod verbs;
 mod watch;
 
 use anyhow::Result;
@@ -29,6 +30,8 @@ fn main() -> std::process::ExitCode {
             logging::report_error(log_format, &e);
             if e.downcast_ref::<control::PullStopped>().is_some() {
                 std::process::ExitCode::from(control::PullStopped::EXIT_CODE)
+            } else if e.downcast_ref::<verbs::MigrationAborted>().is_some() {
+                std::process::ExitCode::from(verbs::MigrationAborted::EXIT_CODE)
             } else if e.downcast_ref::<watch::TimedOut>().is_some() {
                 std::process::ExitCode::from(watch::TimedOut::EXIT_CODE)
             } else {
@@ -61,6 +64,10 @@ fn run(cli: cli::Cli) -> Result<()> {
         }
         cli::Command::Status(a) => control::status_command(&a),
         cli::Command::Background(a) => control::background_command(&a),
+        cli::Command::Abort(a) => verbs::abort_command(&a),
+        cli::Command::Commit(a) => verbs::commit_command(&a),
+        cli::Command::List(a) => verbs::list_command(&a),
+        cli::Command::ApplyWrites(a) => verbs::apply_writes_command(&a),
         cli::Command::GenerateDocs(a) => {
             for f in docs::generate(&a.out)? {
                 control::emit(&format!("{}\n", f.display()))?;

@@ -8,7 +8,8 @@
 //! background copier ([`copier::run_copier`]), the periodic sync
 //! ([`copier::run_syncer`]), the final verification ([`verify`]), opening
 //! or creating the disk ([`open`]) and the status snapshot ([`status`])
-//! live here too. The `ferry` binary wires a [`Fetcher`] over the QUIC
+//! live here too, and the end of a migration ([`lifecycle`]: abort,
+//! commit). The `ferry` binary wires a [`Fetcher`] over the QUIC
 //! client, the frontends, the control socket, signals and systemd; the
 //! simulation (`tests/sim.rs`) runs the same shell over a simulated link and
 //! disk.
@@ -19,6 +20,7 @@ pub mod disk;
 mod error;
 pub mod fetcher;
 mod fill_trouble;
+pub mod lifecycle;
 pub mod open;
 pub mod shell;
 pub mod status;

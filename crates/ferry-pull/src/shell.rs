@@ -204,6 +204,11 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         self.backing.size()
     }
 
+    /// The disk's blocks.
+    pub(crate) fn geo_blocks(&self) -> u64 {
+        self.geo.blocks()
+    }
+
     /// The connection to the source, if it has been reached.
     pub fn client_now(&self) -> Option<F> {
         self.source.borrow().clone()

@@ -101,6 +101,13 @@ pub struct Status {
     /// Whether the NBD listener requires TLS (client certificates).
     #[serde(default)]
     pub nbd_tls: bool,
+    /// The destination disk (the backing file); set by the daemon.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Whether the migration was committed (`ferry commit`: the source is
+    /// no longer needed); set by the daemon.
+    #[serde(default)]
+    pub committed: bool,
 }
 
 /// The status report of the pull run by `shared` (what `ferry status`
@@ -192,6 +199,8 @@ pub fn snapshot<F: Fetcher, D: Disk, M: BlockMap>(
         elapsed_seconds: report.started.elapsed().as_secs_f64(),
         nbd_uri: report.nbd.as_ref().map(|(uri, _)| uri.clone()),
         nbd_tls: report.nbd.as_ref().is_some_and(|(_, tls)| *tls),
+        disk: None,
+        committed: false,
     }
 }
 

@@ -306,9 +306,11 @@ pub fn read_index(dir: &Path) -> Result<WritesIndex, WritesError> {
     let path = dir.join(INDEX_FILE);
     let text = match std::fs::read(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not(format!(
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(not(format!(
             "it has no {INDEX_FILE} (not a writes directory, or one whose making was interrupted)"
-        ))),
+        )))
+        }
         Err(e) => return Err(io_err("read", &path)(e)),
     };
     let index: WritesIndex =

@@ -1,8 +1,10 @@
-//! The control socket of a pull: `ferry status` and `ferry background`
-//! talk to it (one request line in, one JSON line out); the answers come
-//! from [`ferry_pull::status`].
+//! The control socket of a pull: `ferry status`, `ferry background`,
+//! `ferry commit` and `ferry abort` talk to it (one request line in, one
+//! JSON line out); the answers come from [`ferry_pull::status`] and
+//! [`ferry_pull::lifecycle`].
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +51,28 @@ pub(crate) const MAX_CONTROL_CONNECTIONS: usize = 64;
 /// How long a control client may take to send its request line.
 pub(crate) const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// `ferry abort` asks the pull to stop: the pull answers on `reply` once
+/// the guest's writes are kept, and waits (a while) for `written` to be
+/// dropped, when the answer has been sent.
+pub(crate) struct AbortRequest {
+    pub(crate) reply: tokio::sync::oneshot::Sender<String>,
+    pub(crate) written: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// What the control socket knows of the migration's end.
+pub(crate) struct Verbs {
+    /// The destination disk, as given.
+    pub(crate) disk: String,
+    /// Its state file.
+    pub(crate) state: PathBuf,
+    /// Committed (in the state file).
+    pub(crate) committed: AtomicBool,
+    /// An abort is under way.
+    pub(crate) aborting: AtomicBool,
+    /// Where an abort is asked for.
+    pub(crate) abort: tokio::sync::mpsc::Sender<AbortRequest>,
+}
+
 /// The control socket.
 pub(crate) struct ControlListener {
     listener: UnixListener,
@@ -76,6 +100,7 @@ impl ControlListener {
         shared: Arc<Shell>,
         settings: Arc<CopierSettings>,
         report: Arc<Report>,
+        verbs: Arc<Verbs>,
     ) {
         let _keep = self.path;
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
@@ -104,6 +129,7 @@ impl ControlListener {
             };
             refusing = false;
             let (shared, settings, report) = (shared.clone(), settings.clone(), report.clone());
+            let verbs = verbs.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let (r, mut w) = stream.into_split();
@@ -114,7 +140,22 @@ impl ControlListener {
                         tracing::debug!(error = %e, "control connection failed");
                         return;
                     }
-                    Ok(Ok(Request::Line(line))) => handle(line.trim(), &shared, &settings, &report),
+                    Ok(Ok(Request::Line(line))) => match ControlRequest::parse(line.trim()) {
+                        Ok(ControlRequest::Commit) => {
+                            commit(&shared, &settings, &report, &verbs).await
+                        }
+                        Ok(ControlRequest::Abort) => {
+                            let (reply, written) = abort(&verbs).await;
+                            let _ = tokio::time::timeout(
+                                CONTROL_IDLE_TIMEOUT,
+                                w.write_all(format!("{reply}\n").as_bytes()),
+                            )
+                            .await;
+                            drop(written);
+                            return;
+                        }
+                        _ => handle(line.trim(), &shared, &settings, &report, &verbs),
+                    },
                     Ok(Ok(Request::Bad(why))) => error_reply(&why),
                 };
                 let _ = tokio::time::timeout(
@@ -159,16 +200,96 @@ fn error_reply(why: &str) -> String {
     serde_json::json!({ "ok": false, "error": why }).to_string()
 }
 
+/// The status report, with what the control socket knows.
+fn snapshot(
+    shared: &Arc<Shell>,
+    settings: &Arc<CopierSettings>,
+    report: &Arc<Report>,
+    verbs: &Verbs,
+) -> status::Status {
+    let mut s = status::snapshot(shared, settings, report);
+    s.disk = Some(verbs.disk.clone());
+    s.committed = verbs.committed.load(Ordering::Relaxed);
+    s
+}
+
+/// `ferry commit`: only once verified; records it in the state file.
+async fn commit(
+    shared: &Arc<Shell>,
+    settings: &Arc<CopierSettings>,
+    report: &Arc<Report>,
+    verbs: &Verbs,
+) -> String {
+    if verbs.aborting.load(Ordering::Relaxed) {
+        return error_reply("the migration is being aborted");
+    }
+    let s = snapshot(shared, settings, report, verbs);
+    if !(s.phase == "complete" && s.verified == "ok") {
+        let pct = if s.total_bytes == 0 {
+            100.0
+        } else {
+            s.present_bytes as f64 * 100.0 / s.total_bytes as f64
+        };
+        return error_reply(&format!(
+            "the copy is not verified yet (phase {}, {pct:.1}% present, verification {}): the \
+             source is still needed; `ferry status --wait` waits for the verification",
+            s.phase, s.verified
+        ));
+    }
+    match ferry_pull::lifecycle::commit_online(shared, &verbs.state).await {
+        Ok(before) => {
+            verbs.committed.store(true, Ordering::Relaxed);
+            serde_json::json!({ "ok": true, "committed": true, "already": before }).to_string()
+        }
+        Err(e) => error_reply(&format!("{:#}", anyhow::Error::from(e))),
+    }
+}
+
+/// `ferry abort`: hands the request to the pull, which stops serving,
+/// keeps the guest's writes and answers. Returns the answer and what to
+/// drop once it is sent.
+async fn abort(verbs: &Verbs) -> (String, Option<tokio::sync::oneshot::Sender<()>>) {
+    if verbs.committed.load(Ordering::Relaxed) {
+        return (
+            error_reply(
+                "the migration was committed: the destination is the disk now and its source \
+                 may be gone, so it cannot be aborted",
+            ),
+            None,
+        );
+    }
+    if verbs.aborting.swap(true, Ordering::Relaxed) {
+        return (error_reply("an abort is already under way"), None);
+    }
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let req = AbortRequest {
+        reply: reply_tx,
+        written: written_rx,
+    };
+    if verbs.abort.send(req).await.is_err() {
+        return (error_reply("the pull is stopping"), None);
+    }
+    match reply_rx.await {
+        Ok(reply) => (reply, Some(written_tx)),
+        Err(_) => (error_reply("the pull stopped before it could abort"), None),
+    }
+}
+
 fn handle(
     req: &str,
     shared: &Arc<Shell>,
     settings: &Arc<CopierSettings>,
     report: &Arc<Report>,
+    verbs: &Verbs,
 ) -> String {
     match ControlRequest::parse(req) {
         Ok(ControlRequest::Status) => {
-            serde_json::to_string(&status::snapshot(shared, settings, report))
+            serde_json::to_string(&snapshot(shared, settings, report, verbs))
                 .expect("status serialises")
+        }
+        Ok(ControlRequest::Commit | ControlRequest::Abort) => {
+            error_reply("commit and abort are answered elsewhere")
         }
         Ok(ControlRequest::Pause) => {
             status::set_background_paused(shared, true);

@@ -188,6 +188,24 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         .state
         .clone()
         .unwrap_or_else(|| ferry_pull::open::default_state_path(&a.disk));
+    // An aborted migration is not resumed (unless told to start over); a
+    // committed one never contacts its source again.
+    let ended = if state_path.exists() {
+        StateFile::peek_ended(&state_path)?
+    } else {
+        None
+    };
+    if let Some(ferry_store::Ended::Aborted { .. }) = ended {
+        if !a.start_over {
+            return Err(crate::verbs::refuse_aborted(
+                ferry_pull::lifecycle::aborted_refusal(&state_path)
+                    .err()
+                    .context("the state file changed while it was read")?,
+            ));
+        }
+        crate::verbs::start_over(&a.disk, &state_path)?;
+    }
+    let committed = matches!(ended, Some(ferry_store::Ended::Committed { .. }));
     // A resumed pull learns the disk from its state file, and serves it
     // before (or without) reaching the source; only a fresh one must ask
     // the source first. Nothing is changed by reading it.
@@ -197,7 +215,14 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         None
     };
     let verified = header.and_then(|h| h.verified);
-    let source = source_options(&a, identity, verified.is_some(), &state_path)?;
+    let source = if committed {
+        if let Some(s) = a.source {
+            tracing::info!(source = %s, "the migration was committed: the source is not contacted");
+        }
+        None
+    } else {
+        source_options(&a, identity, verified.is_some(), &state_path)?
+    };
     // The NBD TLS credentials are checked before anything is bound or made.
     let nbd_tls = match &a.nbd_tls_dir {
         Some(dir) => Some(
@@ -382,9 +407,17 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             )
             .in_current_span(),
         );
+        let (abort_tx, mut abort_rx) = tokio::sync::mpsc::channel(1);
+        let verbs = Arc::new(control_socket::Verbs {
+            disk: a.disk.display().to_string(),
+            state: state_path.clone(),
+            committed: committed.into(),
+            aborting: false.into(),
+            abort: abort_tx,
+        });
         tokio::spawn(
             control
-                .serve(shared.clone(), settings.clone(), report.clone())
+                .serve(shared.clone(), settings.clone(), report.clone(), verbs)
                 .in_current_span(),
         );
         if let Some(listener) = metrics {
@@ -402,6 +435,25 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             };
             tokio::spawn(crate::metrics::serve(listener, Arc::new(render)).in_current_span());
         }
+        // With --exit-when-complete: the copy verified (or stopped).
+        let verified_or_stopped = {
+            let (shared, report) = (shared.clone(), report.clone());
+            async move {
+                loop {
+                    let v = report.verify.lock().expect("verify lock").state.clone();
+                    if v == "ok" {
+                        return None;
+                    }
+                    if v.starts_with("failed") {
+                        return Some(format!("the verification against the source {v}"));
+                    }
+                    if let ferry_core::Phase::Failed(f) = shared.engine_phase() {
+                        return Some(f.to_string());
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(listener) = listener {
@@ -504,7 +556,20 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         };
         let mut fatal = None;
         let mut stop_error = None;
+        let mut aborting = None;
+        let mut ended_early = None;
         tokio::select! {
+            Some(req) = abort_rx.recv() => {
+                tracing::warn!("aborting the migration (ferry abort): stopping the frontends");
+                aborting = Some(req);
+            }
+            outcome = verified_or_stopped, if a.exit_when_complete => {
+                match &outcome {
+                    None => tracing::info!("complete and verified: exiting (--exit-when-complete)"),
+                    Some(why) => tracing::error!("stopped: {why} (--exit-when-complete)"),
+                }
+                ended_early = outcome;
+            }
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
             e = refused => {
@@ -533,8 +598,57 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 Err(e) => tracing::warn!(error = %e, "frontend task failed"),
             }
         }
+        if let Some(req) = aborting {
+            if let Some(c) = shared.client_now() {
+                ferry_pull::Fetcher::close(&c);
+            }
+            let (reply, result) = match ferry_pull::lifecycle::abort_online(
+                &shared,
+                &a.disk,
+                &state_path,
+                id,
+            )
+            .await
+            {
+                Ok(kept) => {
+                    let summary = crate::verbs::Aborted {
+                        writes_dir: kept.dir.display().to_string(),
+                        extents: kept.extents,
+                        bytes: kept.bytes,
+                    };
+                    let reply = serde_json::json!({
+                        "ok": true,
+                        "writes_dir": summary.writes_dir,
+                        "extents": summary.extents,
+                        "bytes": summary.bytes,
+                    });
+                    let msg = format!(
+                        "migration aborted by `ferry abort`: the source remains the truth; \
+                             the guest's writes made here ({} extent(s), {} bytes) are kept in {}",
+                        kept.extents, kept.bytes, summary.writes_dir
+                    );
+                    (
+                        reply.to_string(),
+                        Err(crate::verbs::MigrationAborted(msg).into()),
+                    )
+                }
+                Err(e) => {
+                    let e = anyhow::Error::from(e).context("cannot abort the migration");
+                    let reply = serde_json::json!({ "ok": false, "error": format!("{e:#}") });
+                    (reply.to_string(), Err(e))
+                }
+            };
+            let _ = req.reply.send(reply);
+            // Until the answer has left (or a while).
+            let _ = tokio::time::timeout(Duration::from_secs(10), req.written).await;
+            drop(sockets);
+            return result;
+        }
         shared.sync().await.context("final sync failed")?;
         drop(sockets);
+        if let Some(why) = ended_early {
+            return Err(crate::control::PullStopped(why).into());
+        }
         if let Some(e) = stop_error {
             return Err(e);
         }
