@@ -338,6 +338,28 @@ pub fn read_index(dir: &Path) -> Result<WritesIndex, WritesError> {
     Ok(index)
 }
 
+/// Calls `f` with the data of every extent of `index`, a piece at a time,
+/// and its offset.
+fn for_each_piece(
+    index: &WritesIndex,
+    data: &File,
+    data_path: &Path,
+    buf: &mut [u8],
+    mut f: impl FnMut(&[u8], u64) -> Result<(), WritesError>,
+) -> Result<(), WritesError> {
+    for e in &index.extents {
+        let mut off = e.offset;
+        while off < e.offset + e.length {
+            let n = (e.offset + e.length - off).min(buf.len() as u64) as usize;
+            data.read_exact_at(&mut buf[..n], off)
+                .map_err(io_err("read", data_path))?;
+            f(&buf[..n], off)?;
+            off += n as u64;
+        }
+    }
+    Ok(())
+}
+
 /// Applies the writes in `dir` to `image` (a file or block device of the
 /// disk's size): checks everything first (index, size, the data's hash),
 /// then writes every extent and syncs the image.
@@ -360,29 +382,11 @@ pub fn apply(dir: &Path, image: &Path) -> Result<Kept, WritesError> {
         });
     }
     let mut buf = vec![0u8; PIECE as usize];
-    let pieces = |f: &mut dyn FnMut(&[u8], u64) -> Result<(), WritesError>,
-                  buf: &mut Vec<u8>|
-     -> Result<(), WritesError> {
-        for e in &index.extents {
-            let mut off = e.offset;
-            while off < e.offset + e.length {
-                let n = (e.offset + e.length - off).min(PIECE) as usize;
-                data.read_exact_at(&mut buf[..n], off)
-                    .map_err(io_err("read", &data_path))?;
-                f(&buf[..n], off)?;
-                off += n as u64;
-            }
-        }
-        Ok(())
-    };
     let mut hasher = blake3::Hasher::new();
-    pieces(
-        &mut |b, _| {
-            hasher.update(b);
-            Ok(())
-        },
-        &mut buf,
-    )?;
+    for_each_piece(&index, &data, &data_path, &mut buf, |b, _| {
+        hasher.update(b);
+        Ok(())
+    })?;
     let found = hasher.finalize().to_hex().to_string();
     if found != index.blake3 {
         return Err(WritesError::Altered {
@@ -391,13 +395,10 @@ pub fn apply(dir: &Path, image: &Path) -> Result<Kept, WritesError> {
             expected: index.blake3,
         });
     }
-    pieces(
-        &mut |b, off| {
-            img.write_all_at(b, off)
-                .map_err(io_err("write the guest's writes to", image))
-        },
-        &mut buf,
-    )?;
+    for_each_piece(&index, &data, &data_path, &mut buf, |b, off| {
+        img.write_all_at(b, off)
+            .map_err(io_err("write the guest's writes to", image))
+    })?;
     img.sync_all().map_err(io_err("sync", image))?;
     Ok(Kept {
         dir: dir.to_owned(),
