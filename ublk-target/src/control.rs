@@ -156,6 +156,9 @@ pub(crate) fn human_status(s: &Status) -> String {
         s.verified_chunks,
         s.verify_refetched_chunks
     );
+    if s.committed {
+        outln!(o, "committed:   yes: the source is no longer needed");
+    }
     o
 }
 

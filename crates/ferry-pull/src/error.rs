@@ -33,10 +33,11 @@ pub enum PullError {
     },
     /// The migration was aborted already.
     #[error(
-        "the migration recorded in {state} was aborted (at {at_unix} s since the epoch); the source \
+        "the migration recorded in {state} was aborted at {}; the source \
          is the truth and the guest's writes made here are kept in {}: apply them to the source's \
          image with `ferry apply-writes DIR --to IMAGE`, or remove that directory to discard them; \
          `ferry pull --start-over` discards this disk and pulls it afresh",
+        crate::lifecycle::utc(*at_unix),
         crate::lifecycle::shown(writes)
     )]
     Aborted {
@@ -49,8 +50,9 @@ pub enum PullError {
     },
     /// The migration was committed: nothing to abort to.
     #[error(
-        "the migration recorded in {state} was committed (at {at_unix} s since the epoch): the \
-         destination is the disk now and its source may be gone, so it cannot be aborted"
+        "the migration recorded in {state} was committed at {}: the \
+         destination is the disk now and its source may be gone, so it cannot be aborted",
+        crate::lifecycle::utc(*at_unix)
     )]
     Committed {
         /// The state file.

@@ -18,6 +18,12 @@ use crate::error::PullError;
 use crate::fetcher::Fetcher;
 use crate::shell::Shell;
 
+/// `p` made absolute (the writes directory is named to clients that may
+/// run elsewhere); as it is if that fails.
+fn absolute(p: &Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
 /// Seconds since the Unix epoch.
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
@@ -57,7 +63,7 @@ pub async fn abort_online<F: Fetcher, D: Disk>(
         source: e,
     })?;
     let state = shell.state.clone();
-    let dir = guest_writes::free_dir_name(state_path)?;
+    let dir = guest_writes::free_dir_name(&absolute(state_path))?;
     let extents = {
         let written = state
             .lock()
@@ -72,7 +78,7 @@ pub async fn abort_online<F: Fetcher, D: Disk>(
         )
     };
     let backing = shell.backing.clone();
-    let (disk, size) = (disk.to_owned(), shell.size());
+    let (disk, size) = (absolute(disk), shell.size());
     let kept = D::offload(move || {
         let origin = Origin {
             disk: &disk,
@@ -177,9 +183,10 @@ pub fn abort_offline(disk: &Path, state: &Path) -> Result<Kept, PullError> {
         |c| guest[c as usize],
         Some(&written),
     );
-    let dir = guest_writes::free_dir_name(state)?;
+    let dir = guest_writes::free_dir_name(&absolute(state))?;
+    let disk = absolute(disk);
     let origin = Origin {
-        disk,
+        disk: &disk,
         disk_size: geo.disk_size,
         source_id: h.source_id,
     };
@@ -230,11 +237,43 @@ pub fn aborted_refusal(state: &Path) -> Result<(), PullError> {
     check_not_ended(state).map(|_| ())
 }
 
+/// `at_unix` (seconds since the epoch) as a UTC date and time, for
+/// messages: `2026-12-07 06:56:33 UTC`.
+pub fn utc(at_unix: u64) -> String {
+    let (days, secs) = (at_unix / 86_400, at_unix % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
 /// Where a path is kept, for messages: `(path not recorded)` if empty.
 pub fn shown(p: &Path) -> String {
     if p.as_os_str().is_empty() {
         "(path not recorded)".into()
     } else {
         p.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_utc_dates() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_625_393), "2026-12-07 06:36:33 UTC");
     }
 }
