@@ -24,10 +24,12 @@ pub mod guest_writes;
 mod lock;
 mod mapping;
 pub mod source;
+pub mod runtime;
 pub mod state;
 
 pub use backing::{Backing, BackingError, PairMark};
 pub use destination::{open_or_create, Destination, DestinationError, RecoveredWrites};
+pub use runtime::{RuntimeSetting, RuntimeSettings};
 pub use source::{FileIdentity, SourceError, SourceId, SourceImage};
 pub use state::{Ended, Pairing, StateError, StateFile, StateHeader, Verified};
 

@@ -53,6 +53,7 @@ use ferry_core::{Geometry, SyncBatch};
 
 use crate::backing::{Backing, PairMark};
 use crate::lock::{describe_holder, lock_exclusive, LockFail};
+use crate::runtime::RuntimeSettings;
 
 const MAGIC: &[u8; 8] = b"FERRYST1";
 const VERSION: u32 = 3;
@@ -464,6 +465,9 @@ pub struct StateFile {
     recovered: Vec<Range<u64>>,
     recovered_guest: Vec<u64>,
     verified: Option<Verified>,
+    /// Runtime changes to the background copy, and the sequence number of
+    /// their copy in the header (see [`crate::runtime`]).
+    runtime: (RuntimeSettings, u64),
 }
 
 /// Bits stored least-significant first in `bytes`, as a word-backed
@@ -621,6 +625,7 @@ impl StateFile {
             recovered: Vec::new(),
             recovered_guest: Vec::new(),
             verified: None,
+            runtime: Default::default(),
         })
     }
 
@@ -700,6 +705,30 @@ impl StateFile {
     /// documentation).
     pub fn written_bits(&self, blocks: u64) -> BitVec {
         self.written.bitvec(blocks)
+    }
+
+    /// The changes made at runtime to the background copy that are still
+    /// in force (see [`StateFile::record_runtime_settings`]).
+    pub fn runtime_settings(&self) -> RuntimeSettings {
+        self.runtime.0
+    }
+
+    /// Records `settings` durably (written and synced when this returns),
+    /// for `ferry background` changes to survive a restart. A failed write
+    /// changes nothing in memory, so the next one rewrites the same copy,
+    /// never the last durable one.
+    pub fn record_runtime_settings(&mut self, settings: RuntimeSettings) -> Result<(), StateError> {
+        let seq = self.runtime.1 + 1;
+        self.file
+            .write_all_at(&settings.encode(seq), RuntimeSettings::offset(seq))
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| StateError::Io {
+                op: "cannot record the background copy's settings in",
+                path: self.path.clone(),
+                source,
+            })?;
+        self.runtime = (settings, seq);
+        Ok(())
     }
 
     fn read_header(file: &File, path: &Path) -> Result<Vec<u8>, StateError> {
@@ -857,6 +886,7 @@ impl StateFile {
             recovered,
             recovered_guest,
             verified: Verified::decode(&h),
+            runtime: RuntimeSettings::decode(&h),
         })
     }
 
@@ -1127,6 +1157,57 @@ mod tests {
                 writes: PathBuf::new()
             })
         );
+    }
+
+    #[test]
+    fn runtime_settings_survive_reopen_beside_the_other_header_records() {
+        use crate::runtime::RuntimeSetting;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let geo = Geometry::new(40 << 20, 65536);
+        let (b, pairing) = backing(dir.path(), "d", geo);
+        let mut s = StateFile::create(&p, geo, [9; 32], pairing).unwrap();
+        assert_eq!(s.runtime_settings(), RuntimeSettings::default());
+        let paused = RuntimeSettings {
+            paused: Some(RuntimeSetting {
+                value: true,
+                set_at_unix: 1_700_000_000,
+                command_line: false,
+            }),
+            rate: None,
+        };
+        s.record_runtime_settings(paused).unwrap();
+        let both = RuntimeSettings {
+            rate: Some(RuntimeSetting {
+                value: 50_000_000,
+                set_at_unix: 1_700_000_001,
+                command_line: 16 << 20,
+            }),
+            ..paused
+        };
+        s.record_runtime_settings(both).unwrap();
+        let v = Verified {
+            disk_blake3: [3; 32],
+            chunks_checked: 17,
+        };
+        s.record_verified(v).unwrap();
+        drop(s);
+        // Reopened on another boot: the boot id is rewritten, and neither
+        // it nor the verified record touches the settings, nor they them.
+        let mut s = StateFile::open_on_boot(&p, geo, [9; 32], &b, "other boot").unwrap();
+        assert_eq!(s.runtime_settings(), both);
+        assert_eq!(s.verified(), Some(v));
+        assert_eq!(StateFile::peek(&p).unwrap().verified, Some(v));
+        // The newer copy torn (as by a power cut mid-write): the older
+        // one, as of the last completed change, is read.
+        s.record_runtime_settings(RuntimeSettings::default()).unwrap();
+        drop(s);
+        let s = StateFile::open(&p, geo, [9; 32], &b).unwrap();
+        assert_eq!(s.runtime_settings(), RuntimeSettings::default());
+        drop(s);
+        overwrite(&p, RuntimeSettings::offset(3) + 30, &[0xee]);
+        let s = StateFile::open(&p, geo, [9; 32], &b).unwrap();
+        assert_eq!(s.runtime_settings(), both);
     }
 
     #[test]
