@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use ferry_core::{ControlParseError, ControlRequest};
+use ferry_pull::runtime::{self, Change, CommandLine};
 use ferry_pull::{status, CopierSettings, Report};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
@@ -95,14 +96,19 @@ impl ControlListener {
 
     /// Answers requests until the process ends: one request line per
     /// connection, at most [`MAX_CONTROL_CONNECTIONS`] connections at once.
+    /// `cmd`: the background copy's settings on the command line, recorded
+    /// with each runtime change of them.
     pub(crate) async fn serve(
         self,
         shared: Arc<Shell>,
         settings: Arc<CopierSettings>,
         report: Arc<Report>,
         verbs: Arc<Verbs>,
+        cmd: CommandLine,
     ) {
         let _keep = self.path;
+        // Runtime changes one at a time, so the record and what runs agree.
+        let changing = Arc::new(tokio::sync::Mutex::new(()));
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
         let mut refusing = false;
         loop {
@@ -128,7 +134,12 @@ impl ControlListener {
                 continue;
             };
             refusing = false;
-            let (shared, settings, report) = (shared.clone(), settings.clone(), report.clone());
+            let (shared, settings, report, changing) = (
+                shared.clone(),
+                settings.clone(),
+                report.clone(),
+                changing.clone(),
+            );
             let verbs = verbs.clone();
             tokio::spawn(async move {
                 let _slot = slot;
@@ -154,7 +165,17 @@ impl ControlListener {
                             drop(written);
                             return;
                         }
-                        _ => handle(line.trim(), &shared, &settings, &report, &verbs),
+                        _ => {
+                            let ctx = Ctx {
+                                shared: &shared,
+                                settings: &settings,
+                                report: &report,
+                                verbs: &verbs,
+                                cmd,
+                                changing: &changing,
+                            };
+                            handle(line.trim(), ctx).await
+                        }
                     },
                     Ok(Ok(Request::Bad(why))) => error_reply(&why),
                 };
@@ -276,35 +297,44 @@ async fn abort(verbs: &Verbs) -> (String, Option<tokio::sync::oneshot::Sender<()
     }
 }
 
-fn handle(
-    req: &str,
-    shared: &Arc<Shell>,
-    settings: &Arc<CopierSettings>,
-    report: &Arc<Report>,
-    verbs: &Verbs,
-) -> String {
-    match ControlRequest::parse(req) {
+/// What a control request acts on.
+struct Ctx<'a> {
+    shared: &'a Arc<Shell>,
+    settings: &'a Arc<CopierSettings>,
+    report: &'a Arc<Report>,
+    verbs: &'a Verbs,
+    cmd: CommandLine,
+    changing: &'a tokio::sync::Mutex<()>,
+}
+
+async fn handle(req: &str, ctx: Ctx<'_>) -> String {
+    let change = match ControlRequest::parse(req) {
         Ok(ControlRequest::Status) => {
-            serde_json::to_string(&snapshot(shared, settings, report, verbs))
+            return serde_json::to_string(&snapshot(ctx.shared, ctx.settings, ctx.report, ctx.verbs))
                 .expect("status serialises")
         }
         Ok(ControlRequest::Commit | ControlRequest::Abort) => {
-            error_reply("commit and abort are answered elsewhere")
+            return error_reply("commit and abort are answered elsewhere")
         }
-        Ok(ControlRequest::Pause) => {
-            status::set_background_paused(shared, true);
-            r#"{"ok":true,"background":"paused"}"#.into()
+        Ok(ControlRequest::Pause) => Change::Paused(true),
+        Ok(ControlRequest::Resume) => Change::Paused(false),
+        Ok(ControlRequest::Rate(v)) => Change::Rate(v),
+        Err(ControlParseError::Unknown(_)) => {
+            return r#"{"ok":false,"error":"unknown request"}"#.into()
         }
-        Ok(ControlRequest::Resume) => {
-            status::set_background_paused(shared, false);
-            r#"{"ok":true,"background":"running"}"#.into()
-        }
-        Ok(ControlRequest::Rate(v)) => {
-            status::set_rate_limit(settings, v);
-            format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#)
-        }
-        Err(ControlParseError::Unknown(_)) => r#"{"ok":false,"error":"unknown request"}"#.into(),
-        Err(e) => error_reply(&e.to_string()),
+        Err(e) => return error_reply(&e.to_string()),
+    };
+    // Recorded durably before it is acknowledged: a restart keeps it.
+    let _one = ctx.changing.lock().await;
+    if let Err(e) = runtime::change(ctx.shared, ctx.settings, ctx.cmd, change).await {
+        let e = crate::logging::error_chain(&anyhow::Error::from(e));
+        tracing::error!(error = %e, "a runtime change of the background copy was not made");
+        return error_reply(&format!("not changed: {e}"));
+    }
+    match change {
+        Change::Paused(true) => r#"{"ok":true,"background":"paused"}"#.into(),
+        Change::Paused(false) => r#"{"ok":true,"background":"running"}"#.into(),
+        Change::Rate(v) => format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#),
     }
 }
 

@@ -321,11 +321,26 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             ferry_pull::open::creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms)
         });
         ferry_pull::open::keep_recovered_writes(&mut dest)?;
+        // Runtime changes of an earlier run (`ferry background`) still in
+        // force, unless the command line changed since.
+        let cmd = ferry_pull::runtime::CommandLine {
+            hold_background: a.hold_background,
+            rate: a.rate,
+        };
+        let at_start = ferry_pull::runtime::at_start(dest.state.runtime_settings(), cmd);
+        if let Some(keep) = at_start.record {
+            dest.state
+                .record_runtime_settings(keep)
+                .context("cannot drop the runtime settings the command line replaced")?;
+        }
+        for note in &at_start.notes {
+            tracing::info!("{note}");
+        }
         // The disk is served at once; the manifest (zero chunks, hashes)
         // streams in meanwhile and starts the background copy.
         let mut engine = ferry_pull::open::engine(&dest.state, geo, verified.is_some());
         let present_at_start = engine.present_bytes();
-        engine.set_background_paused(a.hold_background);
+        engine.set_background_paused(at_start.paused);
         tracing::info!(
             disk = %a.disk.display(),
             state = %state_path.display(),
@@ -346,7 +361,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             },
         );
         let settings = Arc::new(CopierSettings {
-            rate_limit: AtomicU64::new(a.rate),
+            rate_limit: AtomicU64::new(at_start.rate),
             batch_chunks: u64::from(a.batch_chunks),
             window,
             sync_bytes: a.sync_bytes,
@@ -417,7 +432,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         });
         tokio::spawn(
             control
-                .serve(shared.clone(), settings.clone(), report.clone(), verbs)
+                .serve(shared.clone(), settings.clone(), report.clone(), verbs, cmd)
                 .in_current_span(),
         );
         if let Some(listener) = metrics {
