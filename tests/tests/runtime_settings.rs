@@ -38,7 +38,10 @@ fn a_pause_and_a_rate_set_at_runtime_survive_kill_9() {
     let s = w.status();
     assert_eq!(s["background"], "paused", "{s}");
     assert_eq!(u(&s, "rate_limit_bytes_per_sec"), 16_000_000, "{s}");
-    assert!(u(&s, "present_bytes") < 64 * MIB, "finished before the kill: {s}");
+    assert!(
+        u(&s, "present_bytes") < 64 * MIB,
+        "finished before the kill: {s}"
+    );
     pull.kill9();
 
     // The same command line again: the runtime changes win.
@@ -56,7 +59,11 @@ fn a_pause_and_a_rate_set_at_runtime_survive_kill_9() {
     for _ in 0..15 {
         std::thread::sleep(Duration::from_millis(200));
         let s = w.status();
-        assert_eq!(u(&s, "fetched_background_bytes"), 0, "copied while paused: {s}");
+        assert_eq!(
+            u(&s, "fetched_background_bytes"),
+            0,
+            "copied while paused: {s}"
+        );
         assert_eq!(u(&s, "present_bytes"), present, "{s}");
         assert_eq!(s["background"], "paused", "{s}");
     }
@@ -98,10 +105,7 @@ fn a_changed_command_line_replaces_what_was_set_at_runtime() {
     pull.kill9();
 
     // A new --rate: the command line wins, and says so; the resume stays.
-    let mut pull = w.pull(&with(
-        base.clone(),
-        &["--hold-background", "--rate", "2M"],
-    ));
+    let mut pull = w.pull(&with(base.clone(), &["--hold-background", "--rate", "2M"]));
     let s = w.status();
     assert_eq!(s["background"], "running", "{s}");
     assert_eq!(u(&s, "rate_limit_bytes_per_sec"), 2_000_000, "{s}");

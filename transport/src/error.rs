@@ -57,7 +57,7 @@ pub enum TransportError {
     #[error(transparent)]
     Identity(#[from] IdentityError),
     /// No connection within the connect timeout.
-    #[error("source {addr} unreachable after {after:?}")]
+    #[error("source {addr} unreachable after {} s", after.as_secs_f64())]
     Unreachable {
         /// The source's address.
         addr: SocketAddr,

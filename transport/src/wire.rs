@@ -84,6 +84,15 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// Its name in log lines: `on-demand`, `background`, `hedge`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::OnDemand => "on-demand",
+            Priority::Background => "background",
+            Priority::Hedge => "hedge",
+        }
+    }
+
     fn to_u8(self) -> u8 {
         match self {
             Priority::OnDemand => 0,

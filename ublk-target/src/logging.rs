@@ -10,7 +10,8 @@ use std::io::IsTerminal;
 pub(crate) enum LogFormat {
     /// Lines for people, colour only on a terminal.
     Text,
-    /// One JSON object per line: timestamp, level, message, fields, span.
+    /// One JSON object per line: timestamp, level, message, fields, the
+    /// innermost span (`span`) and all of them from the outermost (`spans`).
     Json,
 }
 
@@ -28,7 +29,9 @@ pub(crate) fn init(format: LogFormat) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
-            .with_span_list(false)
+            // Every span from the outermost: a line of an NBD connection
+            // names its disk (the pull's span) as well as its client.
+            .with_span_list(true)
             .init(),
     }
 }

@@ -363,11 +363,11 @@ async fn answer(stream: &mut TcpStream, render: &(dyn Fn() -> Result<String> + S
                 ("GET" | "HEAD", "/metrics") => match render() {
                     Ok(body) => reply("200 OK", prometheus::TEXT_FORMAT, &body, m == "HEAD"),
                     Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "cannot render the metrics");
+                        tracing::warn!(error = %crate::logging::error_chain(&e), "cannot render the metrics");
                         reply(
                             "500 Internal Server Error",
                             text,
-                            &format!("{e:#}\n"),
+                            &format!("{}\n", crate::logging::error_chain(&e)),
                             m == "HEAD",
                         )
                     }

@@ -285,7 +285,9 @@ fn spawn_request<D: BlockDevice>(
 ) {
     let device = device.clone();
     let tx = tx.clone();
-    tasks.spawn(async move {
+    // In the connection's span (and so the pull's): the request's log
+    // lines name the disk and the client.
+    tasks.spawn(tracing::Instrument::in_current_span(async move {
         let (offset, len) = request.range();
         tracing::trace!(what = request.name(), offset, len, "request");
         let result = match device::execute(&*device, request, data).await {
@@ -294,7 +296,7 @@ fn spawn_request<D: BlockDevice>(
         };
         // A closed channel means the connection is going away.
         let _ = send(&tx, handle, result, permits).await;
-    });
+    }));
 }
 
 /// Decodes a request header into the shared request model and checks it

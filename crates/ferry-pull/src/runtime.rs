@@ -60,7 +60,11 @@ pub fn at_start(recorded: RuntimeSettings, cmd: CommandLine) -> AtStart {
                  --hold-background is {} as then; `ferry background {}` changes it)",
                 if p.value { "paused" } else { "running" },
                 utc(p.set_at_unix),
-                if cmd.hold_background { "given" } else { "absent" },
+                if cmd.hold_background {
+                    "given"
+                } else {
+                    "absent"
+                },
                 if p.value { "resume" } else { "pause" },
             ));
         } else {
@@ -273,12 +277,6 @@ mod tests {
         let s = at_start(r, cmd(false, 0));
         assert!(s.paused);
         assert_eq!(s.rate, 0);
-        assert_eq!(
-            s.record,
-            Some(RuntimeSettings {
-                rate: None,
-                ..r
-            })
-        );
+        assert_eq!(s.record, Some(RuntimeSettings { rate: None, ..r }));
     }
 }

@@ -304,11 +304,15 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         }
         let state = match self.client_now() {
             None => "not reached yet".to_string(),
-            Some(c) => format!("{:?}", c.stats().state).to_lowercase(),
+            Some(c) => match c.stats().state {
+                crate::ConnState::Connected => "connected",
+                crate::ConnState::Reconnecting => "reconnecting",
+            }
+            .to_string(),
         };
         let msg = format!(
-            "{what} of {len} bytes at {offset}: absent data not fetched within {:?} (--absent-timeout-secs); the source is {state}",
-            self.absent_timeout.unwrap_or_default()
+            "{what} of {len} bytes at {offset}: absent data not fetched within {} s (--absent-timeout-secs); the source is {state}",
+            self.absent_timeout.unwrap_or_default().as_secs_f64()
         );
         tracing::warn!("{msg}");
         Err(eio(msg))
@@ -338,7 +342,8 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
                 }
                 if kind == FetchKind::OnDemand {
                     tracing::debug!(
-                        chunks = ?range,
+                        first_chunk = range.start,
+                        chunks = range.end - range.start,
                         fetch_ms = fetched.as_secs_f64() * 1e3,
                         fill_ms = (t0.elapsed() - fetched).as_secs_f64() * 1e3,
                         "on-demand fetch"
@@ -351,7 +356,12 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
                 if matches!(e, FetchError::SourceChanged(_)) {
                     engine.fail(Failure::SourceChanged(e.to_string()));
                 } else {
-                    tracing::warn!(chunks = ?range, error = %e, "fetch failed; will retry");
+                    tracing::warn!(
+                        first_chunk = range.start,
+                        chunks = range.end - range.start,
+                        error = %e,
+                        "fetch failed; will retry"
+                    );
                 }
                 self.wake(engine);
             }

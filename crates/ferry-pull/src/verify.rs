@@ -123,7 +123,8 @@ pub(crate) async fn verify<F: Fetcher, D: Disk, M: BlockMap>(
                 tracing::error!(error = %e, "cannot record the chunks to fetch again; a restart verifies them again")
             }
             tracing::warn!(
-                chunks = ?v.mismatches,
+                mismatched_chunks = v.mismatches.len(),
+                chunks = %chunk_list(&v.mismatches),
                 "verification found chunks differing from the source's hashes; fetching them again"
             );
             v.refetched += n;
@@ -156,7 +157,13 @@ pub(crate) async fn verify<F: Fetcher, D: Disk, M: BlockMap>(
             c.close();
         }
     } else {
-        tracing::error!(state = %v.state, mismatches = ?v.mismatches, refetched = v.refetched, "verification FAILED");
+        tracing::error!(
+            state = %v.state,
+            mismatched_chunks = v.mismatches.len(),
+            chunks = %chunk_list(&v.mismatches),
+            refetched = v.refetched,
+            "verification FAILED"
+        );
     }
     *report.verify.lock().expect("verify lock") = v;
     false
@@ -198,4 +205,20 @@ async fn complete_manifest<F: Fetcher, D: Disk, M: BlockMap>(
     }
     shared.lock().handle_complete_manifest(m.clone());
     Ok(m)
+}
+
+/// Chunk numbers for a log line: `3, 17, 20`, the first 16 of them and
+/// how many more.
+fn chunk_list(chunks: &[u64]) -> String {
+    const SHOWN: usize = 16;
+    let mut out = chunks
+        .iter()
+        .take(SHOWN)
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if chunks.len() > SHOWN {
+        out.push_str(&format!(" and {} more", chunks.len() - SHOWN));
+    }
+    out
 }

@@ -23,8 +23,8 @@ pub mod destination;
 pub mod guest_writes;
 mod lock;
 mod mapping;
-pub mod source;
 pub mod runtime;
+pub mod source;
 pub mod state;
 
 pub use backing::{Backing, BackingError, PairMark};

@@ -1200,7 +1200,8 @@ mod tests {
         assert_eq!(StateFile::peek(&p).unwrap().verified, Some(v));
         // The newer copy torn (as by a power cut mid-write): the older
         // one, as of the last completed change, is read.
-        s.record_runtime_settings(RuntimeSettings::default()).unwrap();
+        s.record_runtime_settings(RuntimeSettings::default())
+            .unwrap();
         drop(s);
         let s = StateFile::open(&p, geo, [9; 32], &b).unwrap();
         assert_eq!(s.runtime_settings(), RuntimeSettings::default());

@@ -349,11 +349,11 @@ impl Inner {
                 // Said once per outage; the retries are for debugging.
                 Err(e) if failures == 0 => {
                     failures += 1;
-                    tracing::warn!(addr = %self.addr, "reconnect failed: {e}; retrying with backoff up to {BACKOFF_MAX:?}");
+                    tracing::warn!(addr = %self.addr, error = %e, backoff_max_secs = BACKOFF_MAX.as_secs_f64(), "reconnect failed; retrying with backoff");
                 }
                 Err(e) => {
                     failures += 1;
-                    tracing::debug!(addr = %self.addr, failures, "reconnect failed: {e}; retrying in {delay:?}");
+                    tracing::debug!(addr = %self.addr, failures, error = %e, retry_in_ms = delay.as_millis() as u64, "reconnect failed");
                 }
             }
             tokio::time::sleep(delay).await;
@@ -398,7 +398,7 @@ impl Inner {
                     self.reconnect(generation).await?;
                 }
                 Err(Fail::Retry(reason)) => {
-                    tracing::debug!(addr = %self.addr, op, "request abandoned by the source ({reason}); re-issuing in {delay:?}");
+                    tracing::debug!(addr = %self.addr, op, %reason, retry_in_ms = delay.as_millis() as u64, "request abandoned by the source; re-issuing");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(BACKOFF_MAX);
                     if conn.close_reason().is_some() {

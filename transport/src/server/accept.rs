@@ -144,18 +144,17 @@ async fn serve_connection(
     if conn.close_reason().is_some() {
         return;
     }
-    let peer = peer_fingerprint(&conn);
-    if peer.is_none() {
+    let Some(peer) = peer_fingerprint(&conn) else {
         // The verifier pins the destination's certificate during the
         // handshake; a connection without one is never served.
         conn.close(VarInt::from_u32(0), b"no client certificate");
         tracing::warn!(%remote, "refused a connection without a client certificate");
         return;
-    }
+    };
     if let Some(s) = welcome {
         tokio::spawn(report_path(conn.clone(), s, remote, shared.clone()));
     }
-    tracing::info!(%remote, peer = ?peer, "destination connected");
+    tracing::info!(%remote, %peer, "destination connected");
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {

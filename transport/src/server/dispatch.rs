@@ -95,7 +95,7 @@ pub(super) async fn handle_stream(
                 tracing::debug!(
                     %remote,
                     first_chunk,
-                    ?priority,
+                    priority = priority.name(),
                     ms = t0.elapsed().as_secs_f64() * 1e3,
                     read_ms,
                     "on-demand read written"
@@ -103,7 +103,7 @@ pub(super) async fn handle_stream(
             }
         }
         other => {
-            tracing::warn!(%remote, "unexpected request {other:?}");
+            tracing::warn!(%remote, request = crate::codec::frame_name(&other), "unexpected request");
             let _ = recv.stop(CODE_MALFORMED);
             resp.error(
                 ErrorCode::UnexpectedMessage,

@@ -592,7 +592,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 fatal = Some(e);
             }
             e = unusable => {
-                tracing::error!("{e:#}");
+                tracing::error!("{}", crate::logging::error_chain(&e));
                 stop_error = Some(e);
             }
         }
@@ -608,7 +608,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             match t.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %format!("{e:#}"), "frontend ended with an error")
+                    tracing::warn!(error = %crate::logging::error_chain(&e), "frontend ended with an error")
                 }
                 Err(e) => tracing::warn!(error = %e, "frontend task failed"),
             }
