@@ -70,6 +70,8 @@ fn json_logs_are_one_object_per_line_with_level_and_message() {
         lines += 1;
     }
     assert!(spans >= 1, "no line in the pull's span: {log}");
+    // The error that ended it reads as text too (no `after 1s`).
+    assert_no_debug_dumps(&ferry_lines(&log));
     // The last line is the error that ended the command.
     let last: serde_json::Value =
         serde_json::from_str(log.lines().last().expect("a line")).expect("JSON");
@@ -373,6 +375,18 @@ fn log_fields_are_text_for_people_not_rust_debug_dumps() {
     )
     .expect("read the source");
     assert_eq!(data, expected);
+    // The source goes away for a while: the pull says it cannot reconnect.
+    serve.kill9();
+    let t0 = std::time::Instant::now();
+    while !pull.log_text().contains("reconnect failed") {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "no failed reconnect: {}",
+            pull.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _serve2 = w.serve_on(&src, port);
     std::os::unix::fs::FileExt::write_all_at(
         &std::fs::OpenOptions::new()
             .write(true)
@@ -397,6 +411,8 @@ fn log_fields_are_text_for_people_not_rust_debug_dumps() {
     assert_eq!(fetch["spans"][0]["name"], "pull", "{fetch}");
     assert_eq!(fetch["spans"][0]["disk"], disk.as_str(), "{fetch}");
     assert_eq!(fetch["span"]["name"], "nbd", "{fetch}");
+    let failed = line_with(&lines, "reconnect failed", &log);
+    assert!(failed["error"].is_string(), "{failed}");
     let found = line_with(&lines, "verification found chunks differing", &log);
     assert_eq!(found["mismatched_chunks"], 1, "{found}");
     assert_eq!(found["chunks"], "5", "{found}");
