@@ -118,10 +118,13 @@ pub(crate) struct PullArgs {
     /// serves its disk first and reaches the source in the background.
     #[arg(long)]
     pub(crate) source: Option<SocketAddr>,
-    /// Local backing file for the disk (created sparse, or resumed).
+    /// Local backing file for the disk (created sparse, or resumed), or a
+    /// block device at least the source's size (an LVM volume, a LUN:
+    /// opened exclusively, never resized; taken fresh it is zeroed first).
     #[arg(long)]
     pub(crate) disk: PathBuf,
-    /// Persistent block map; default DISK.ferry-state.
+    /// Persistent block map; default DISK.ferry-state (needed when --disk
+    /// is a block device).
     #[arg(long)]
     pub(crate) state: Option<PathBuf>,
     /// Serve the disk over NBD at unix:PATH (or at ADDR:PORT over TCP,

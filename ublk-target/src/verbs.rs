@@ -442,7 +442,12 @@ pub(crate) fn start_over(disk: &Path, state: &Path) -> Result<()> {
         state = %state.display(),
         "--start-over: discarding the aborted migration's disk and state; pulling afresh"
     );
-    for p in [disk, state] {
+    // A block device is never removed: without its state file the fresh
+    // pull takes it anew (and zeroes it).
+    let device = ferry_store::backing::is_block_device(disk)
+        .with_context(|| format!("cannot stat {}", disk.display()))?;
+    let remove: &[&Path] = if device { &[state] } else { &[disk, state] };
+    for p in remove {
         std::fs::remove_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
     }
     drop(dest);

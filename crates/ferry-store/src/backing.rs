@@ -1,4 +1,6 @@
-//! The destination's backing file: a sparse file the size of the source.
+//! The destination's backing file: a sparse file the size of the source, or
+//! a block device at least that large (an LVM volume, a LUN) whose first
+//! bytes hold the disk.
 //!
 //! Besides `pread`/`pwrite`, the file is mapped once, read-only and shared
 //! ([`crate::mapping`]), so [`Backing::copy_to`] can hand a range of it to
@@ -31,8 +33,20 @@ pub enum PairMark {
     Unsupported,
 }
 
+/// Whether `path` is a block device (false if it does not exist).
+pub fn is_block_device(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.file_type().is_block_device()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Opens `path` read-write (creating it, owner-only, when `create`) and
-/// locks it.
+/// locks it. A block device is opened exclusively (`O_EXCL`): the kernel
+/// refuses it while it is mounted, part of another device, or so opened
+/// by another process.
 pub(crate) fn open_locked(path: &Path, create: bool) -> Result<File, BackingError> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let err = |source| BackingError::Open {
@@ -43,8 +57,18 @@ pub(crate) fn open_locked(path: &Path, create: bool) -> Result<File, BackingErro
     o.read(true).write(true);
     if create {
         o.create_new(true).mode(0o600);
+    } else if is_block_device(path).map_err(err)? {
+        o.custom_flags(libc::O_EXCL);
     }
-    let file = o.open(path).map_err(err)?;
+    let file = match o.open(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(BackingError::DeviceBusy {
+                path: path.to_owned(),
+            })
+        }
+        Err(e) => return Err(err(e)),
+    };
     if create {
         // The mode asked for is masked by the umask: set it outright.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
@@ -96,6 +120,35 @@ pub enum BackingError {
         /// Who holds the lock ("PID 123").
         holder: String,
     },
+    /// The block device is smaller than the source's disk.
+    #[error(
+        "block device {path} holds {found} bytes, but the source's disk is {expected} bytes; \
+         refusing it (give a device at least as large as the source)"
+    )]
+    DeviceTooSmall {
+        /// The path.
+        path: PathBuf,
+        /// The device's size.
+        found: u64,
+        /// The source's size.
+        expected: u64,
+    },
+    /// The kernel refused an exclusive open of the block device.
+    #[error(
+        "block device {path} is in use (mounted, part of another device such as an LVM or md \
+         volume, or opened exclusively by another process, e.g. another ferry pull); refusing \
+         to write to it"
+    )]
+    DeviceBusy {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Neither a regular file nor a block device.
+    #[error("{path} is neither a regular file nor a block device; ferry cannot keep a disk in it")]
+    NotADisk {
+        /// The path.
+        path: PathBuf,
+    },
     /// The file exists but there is no state file telling what it holds.
     #[error(
         "backing file {path} exists but has no state file {state}; its contents are unknown, \
@@ -115,6 +168,8 @@ pub struct Backing {
     file: File,
     path: PathBuf,
     size: u64,
+    /// A block device (its first `size` bytes are the disk), not a file.
+    block_device: bool,
     /// The whole file mapped read-only; `None` if mapping failed (then
     /// [`Backing::copy_to`] declines and callers read with `read_at`).
     map: Option<FileMap>,
@@ -142,7 +197,7 @@ impl Backing {
         };
         let file = open_locked(path, true)?;
         file.set_len(size).map_err(err)?;
-        Ok(Self::with_map(file, path, size))
+        Ok(Self::with_map(file, path, size, false))
     }
 
     /// Makes the file and its metadata (size, extended attributes) durable
@@ -154,14 +209,38 @@ impl Backing {
     }
 
     /// Opens an existing file, which must be `size` bytes long, and locks
-    /// it ([`BackingError::Locked`] if another process holds it).
+    /// it ([`BackingError::Locked`] if another process holds it); or a
+    /// block device of at least `size` bytes (its size as the kernel
+    /// reports it: the end a seek finds, as `BLKGETSIZE64` gives),
+    /// exclusively ([`BackingError::DeviceBusy`]). A device is never
+    /// resized: the disk is its first `size` bytes, the rest is left as it
+    /// is.
     pub fn open(path: &Path, size: u64) -> Result<Self, BackingError> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileTypeExt;
         let err = |source| BackingError::Open {
             path: path.to_owned(),
             source,
         };
         let file = open_locked(path, false)?;
-        let found = file.metadata().map_err(err)?.len();
+        let kind = file.metadata().map_err(err)?;
+        if kind.file_type().is_block_device() {
+            let found = (&file).seek(SeekFrom::End(0)).map_err(err)?;
+            if found < size {
+                return Err(BackingError::DeviceTooSmall {
+                    path: path.to_owned(),
+                    found,
+                    expected: size,
+                });
+            }
+            return Ok(Self::with_map(file, path, size, true));
+        }
+        if !kind.is_file() {
+            return Err(BackingError::NotADisk {
+                path: path.to_owned(),
+            });
+        }
+        let found = kind.len();
         if found != size {
             return Err(BackingError::SizeMismatch {
                 path: path.to_owned(),
@@ -169,10 +248,10 @@ impl Backing {
                 expected: size,
             });
         }
-        Ok(Self::with_map(file, path, size))
+        Ok(Self::with_map(file, path, size, false))
     }
 
-    fn with_map(file: File, path: &Path, size: u64) -> Self {
+    fn with_map(file: File, path: &Path, size: u64, block_device: bool) -> Self {
         // ferry never shrinks the file (it is created at its final size),
         // which the mapping requires; see `FileMap::pwrite_to`.
         let map = match FileMap::new(&file, size) {
@@ -189,8 +268,23 @@ impl Backing {
             file,
             path: path.to_owned(),
             size,
+            block_device,
             map,
         }
+    }
+
+    /// Whether the disk is kept on a block device rather than in a file.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    /// Makes the whole disk read as zeros (deallocated where the device
+    /// can: see [`Backing::punch_hole`]) and durable. For a block device
+    /// taken as a fresh destination: its old contents must not show
+    /// through the source's zero chunks, which are never fetched.
+    pub fn zero_all(&self) -> io::Result<()> {
+        punch_or_zero(&self.file, 0, self.size)?;
+        self.file.sync_all()
     }
 
     /// The path.
@@ -269,7 +363,11 @@ impl Backing {
     }
 
     /// Deallocates `len` bytes at `offset`; they read as zeros afterwards.
-    /// Falls back to writing zeros where hole punching is unsupported.
+    /// Falls back to writing zeros where hole punching is unsupported. On
+    /// a block device the kernel turns the punch into a zero-out that
+    /// guarantees zeros (unmapping where the device can, never a plain
+    /// discard, which may leave old data readable); a device that cannot
+    /// zero without writing gets the zeros written.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         punch_or_zero(&self.file, offset, len)
     }
@@ -282,7 +380,9 @@ pub(crate) fn punch_or_zero(file: &File, offset: u64, len: u64) -> io::Result<()
     let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
     match fallocate(file.as_raw_fd(), flags, offset as i64, len as i64) {
         Ok(()) => Ok(()),
-        Err(nix::errno::Errno::EOPNOTSUPP) => {
+        // EINVAL: a block device's range not aligned to its logical
+        // block size (a disk whose size is no multiple of it).
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EINVAL) => {
             let zeros = vec![0u8; 1 << 20];
             let mut done = 0;
             while done < len {

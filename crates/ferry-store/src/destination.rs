@@ -10,6 +10,11 @@
 //! start: the pair id proves they belong together). The caller makes the
 //! directory entries durable ([`crate::sync_parent_dir`]) before it records
 //! anything as durable in the files.
+//!
+//! A block device as the disk (an LVM volume, a LUN) always exists and is
+//! never created, resized or removed: with no state file it is taken
+//! fresh (its first bytes zeroed, then the state file created), with one
+//! it is resumed ([`open_or_adopt_device`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -183,6 +188,15 @@ fn open_or_create_until(
         }),
         _ => Ok(()),
     };
+    let is_device =
+        crate::backing::is_block_device(disk).map_err(|source| DestinationError::Io {
+            op: "stat",
+            path: disk.to_owned(),
+            source,
+        })?;
+    if is_device {
+        return open_or_adopt_device(disk, state, geo, source_id);
+    }
     let (disk_tmp, state_tmp) = (temp_path(disk), temp_path(state));
     match (exists(disk)?, exists(state)?) {
         (true, true) => {
@@ -266,6 +280,67 @@ fn open_or_create_until(
                     Err(e)
                 }
             }
+        }
+    }
+}
+
+/// [`open_or_create`] for a block device `disk`: resumes it with its state
+/// file, or takes it fresh: opened exclusively, checked to be large enough,
+/// zeroed over the source's size and synced, then the state file is
+/// created (under its temporary name, then renamed). A crash before that
+/// rename leaves no state file (a temporary one is removed), so the next
+/// start takes the device fresh again. Nothing here removes, truncates or resizes the device.
+fn open_or_adopt_device(
+    disk: &Path,
+    state: &Path,
+    geo: Geometry,
+    source_id: [u8; 32],
+) -> Result<Destination, DestinationError> {
+    let state_tmp = temp_path(state);
+    if exists(state)? {
+        let backing = Backing::open(disk, geo.disk_size)?;
+        let state = StateFile::open(state, geo, source_id, &backing)?;
+        return Ok(Destination {
+            backing,
+            state,
+            resumed: true,
+            created: false,
+        });
+    }
+    // A creation that stopped before its state file's rename served
+    // nothing: start it again.
+    remove_leftover(&state_tmp)?;
+    let backing = Backing::open(disk, geo.disk_size)?;
+    let t0 = std::time::Instant::now();
+    tracing::info!(
+        disk = %disk.display(),
+        bytes = geo.disk_size,
+        "zeroing the block device's first bytes: the source's zero chunks are never fetched"
+    );
+    backing.zero_all().map_err(|source| DestinationError::Io {
+        op: "zero",
+        path: disk.to_owned(),
+        source,
+    })?;
+    tracing::info!(ms = t0.elapsed().as_millis() as u64, "block device zeroed");
+    let pairing = Pairing::bind(&backing).map_err(|source| DestinationError::Io {
+        op: "bind",
+        path: disk.to_owned(),
+        source,
+    })?;
+    let made = StateFile::create(&state_tmp, geo, source_id, pairing)
+        .map_err(DestinationError::from)
+        .and_then(|st| rename(&state_tmp, state).map(|()| st));
+    match made {
+        Ok(st) => Ok(Destination {
+            backing,
+            state: st,
+            resumed: false,
+            created: true,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&state_tmp);
+            Err(e)
         }
     }
 }

@@ -23,7 +23,11 @@
 //! The pair id is random, written at creation into the header and onto the
 //! backing file (an extended attribute, or where the filesystem keeps none
 //! the backing file's inode number in the header): a state file is used
-//! only with the backing file it was created with.
+//! only with the backing file it was created with. A block device carries
+//! neither (no user extended attributes on device nodes; its node's inode
+//! and device numbers change across reboots): its state file records that
+//! it belongs to a block device, is named by the operator (`--state`), and
+//! is refused with a regular file, as a file's is with a block device.
 //!
 //! *Present* bits only ever go from 0 to 1 and are written only for data
 //! already synced (invariant 1). Only the pages that changed are written,
@@ -201,6 +205,7 @@ impl Ended {
 
 const BIND_XATTR: u8 = 1;
 const BIND_INODE: u8 = 2;
+const BIND_DEVICE: u8 = 3;
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`), or empty if unknown
 /// (then written bits are never adopted: the safe choice).
@@ -212,28 +217,44 @@ pub fn current_boot_id() -> String {
 
 /// What ties a state file to its backing file: a random id, kept on the
 /// backing file as an extended attribute, or (`inode`) where the
-/// filesystem keeps none, the backing file's inode number.
+/// filesystem keeps none, the backing file's inode number; for a block
+/// device (`block_device`), only the operator's `--state` (see the module
+/// documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pairing {
     /// The random id.
     pub id: [u8; 16],
     /// The backing file's inode number when it carries no id.
     pub inode: Option<u64>,
+    /// The disk is a block device, which carries nothing.
+    pub block_device: bool,
 }
 
 impl Pairing {
     /// A new random pairing for `backing`: writes the id onto it (or, where
-    /// extended attributes are unsupported, takes its inode number).
+    /// extended attributes are unsupported, takes its inode number; a
+    /// block device is left as it is).
     pub fn bind(backing: &Backing) -> io::Result<Self> {
         use std::io::Read;
         let mut id = [0u8; 16];
         File::open("/dev/urandom")?.read_exact(&mut id)?;
+        if backing.is_block_device() {
+            return Ok(Self {
+                id,
+                inode: None,
+                block_device: true,
+            });
+        }
         let inode = if backing.set_pair_id(&id)? {
             None
         } else {
             Some(backing.inode()?)
         };
-        Ok(Self { id, inode })
+        Ok(Self {
+            id,
+            inode,
+            block_device: false,
+        })
     }
 }
 
@@ -518,7 +539,9 @@ fn header(geo: Geometry, source_id: [u8; 32], pairing: Pairing) -> Vec<u8> {
     h.extend_from_slice(&geo.chunk_size.to_le_bytes());
     h.extend_from_slice(&pairing.id);
     h.extend_from_slice(&pairing.inode.unwrap_or(0).to_le_bytes());
-    h.push(if pairing.inode.is_some() {
+    h.push(if pairing.block_device {
+        BIND_DEVICE
+    } else if pairing.inode.is_some() {
         BIND_INODE
     } else {
         BIND_XATTR
@@ -761,6 +784,7 @@ impl StateFile {
         Pairing {
             id,
             inode: (h[80] == BIND_INODE).then_some(inode),
+            block_device: h[80] == BIND_DEVICE,
         }
     }
 
@@ -901,6 +925,21 @@ impl StateFile {
             path: path.to_owned(),
             source: e,
         };
+        match (pairing.block_device, backing.is_block_device()) {
+            (true, true) => return Ok(()),
+            (true, false) => {
+                return Err(not_paired(
+                    "the state file was made for a block device, and this disk is a file".into(),
+                ))
+            }
+            (false, true) => {
+                return Err(not_paired(
+                    "the state file was made for a disk in a file, and this disk is a block device"
+                        .into(),
+                ))
+            }
+            (false, false) => {}
+        }
         match pairing.inode {
             None => match backing.pair_mark().map_err(read_err)? {
                 PairMark::Id(id) if id == pairing.id => Ok(()),

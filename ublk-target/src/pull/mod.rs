@@ -184,10 +184,17 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     if a.nbd.is_none() && !a.ublk {
         bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tls-dir or --nbd-tcp-insecure)");
     }
-    let state_path = a
-        .state
-        .clone()
-        .unwrap_or_else(|| ferry_pull::open::default_state_path(&a.disk));
+    let disk_is_device = ferry_store::backing::is_block_device(&a.disk)
+        .with_context(|| format!("cannot stat --disk {}", a.disk.display()))?;
+    let state_path = match (&a.state, disk_is_device) {
+        (Some(s), _) => s.clone(),
+        (None, false) => ferry_pull::open::default_state_path(&a.disk),
+        (None, true) => bail!(
+            "--disk {} is a block device: pass --state PATH for its block map (a file on a \
+             filesystem; it cannot be kept beside a device node)",
+            a.disk.display()
+        ),
+    };
     // An aborted migration is not resumed (unless told to start over); a
     // committed one never contacts its source again.
     let ended = if state_path.exists() {
@@ -313,7 +320,10 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         };
         let mut dest = ferry_pull::open::open_or_create(&a.disk, &state_path, geo, id)?;
         if let Some(gid) = access.group {
-            grant_group(&a.disk, gid)?;
+            // A device node's owner and mode are udev's to set.
+            if !disk_is_device {
+                grant_group(&a.disk, gid)?;
+            }
             grant_group(&state_path, gid)?;
         }
         let resumed = dest.resumed;
@@ -673,7 +683,9 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 // `ferry_pull::Shell`'s admission), so the files this run created hold
                 // nothing of anyone's: remove them, as if it never started.
                 if !resumed {
-                    let _ = std::fs::remove_file(&a.disk);
+                    if !disk_is_device {
+                        let _ = std::fs::remove_file(&a.disk);
+                    }
                     let _ = std::fs::remove_file(&state_path);
                 }
                 Err(anyhow::Error::from(e).context(format!(
