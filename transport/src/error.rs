@@ -56,6 +56,15 @@ pub enum TransportError {
     /// An identity could not be used.
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    /// The source's host name could not be resolved.
+    #[error("cannot resolve the source's name {name}: {source}")]
+    Resolve {
+        /// The name and port as given.
+        name: String,
+        /// The resolver's answer.
+        #[source]
+        source: io::Error,
+    },
     /// No connection within the connect timeout.
     #[error("source {addr} unreachable after {} s", after.as_secs_f64())]
     Unreachable {

@@ -37,7 +37,10 @@ pub mod tls;
 pub mod tuning;
 pub mod wire;
 
-pub use client::{Client, ClientOptions, ClientStats, ConnState, Fetched, SourceInfo};
+pub use client::{
+    Client, ClientOptions, ClientStats, ConnState, Fetched, ServerAddr, ServerAddrParseError,
+    SourceInfo,
+};
 pub use error::TransportError;
 pub use identity::{Fingerprint, FingerprintParseError, Identity, IdentityError};
 pub use server::{ChunkSource, DiskReads, Server, ServerOptions};

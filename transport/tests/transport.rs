@@ -246,7 +246,7 @@ async fn restart(opts: ServerOptions, src: Arc<MemSource>) -> JoinHandle<()> {
 
 fn client_opts(ids: &Ids, server: SocketAddr) -> ClientOptions {
     ClientOptions {
-        server,
+        server: server.into(),
         identity: ids.client.clone(),
         server_fingerprint: ids.server.fingerprint(),
         tuning: tuning(),
@@ -479,6 +479,53 @@ async fn unreachable_source_names_the_address() {
         assert!(
             msg.contains(&format!("source {addr} unreachable after")),
             "{msg}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Feature: a source given by host name is looked up at connect and again
+/// at each reconnect attempt (here the name stays on one address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_named_by_host_is_reached_and_reached_again_after_a_restart() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::new(disk(4));
+        let name: ferry_transport::ServerAddr = "localhost:1".parse().unwrap();
+        let ip = name.resolve().await.unwrap()[0].ip();
+        let (addr, server) = start(server_opts(&ids, (ip, 0).into()), src.clone());
+        let mut opts = client_opts(&ids, addr);
+        opts.server = format!("localhost:{}", addr.port()).parse().unwrap();
+        let client = Client::connect(opts).await.unwrap();
+        assert!(client.read_bytes(1, 1, Priority::OnDemand).await.is_ok());
+        server.abort();
+        let _ = server.await;
+        let c2 = client.clone();
+        let pending = tokio::spawn(async move { c2.read_bytes(2, 1, Priority::OnDemand).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _server = restart(server_opts(&ids, addr), src.clone()).await;
+        let got = pending.await.unwrap().unwrap();
+        assert_eq!(got[0].as_slice(), src.chunk(2));
+        assert!(client.stats().reconnects >= 1);
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A name that does not resolve fails the connection at once, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolvable_source_name_is_named_in_the_error() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let mut opts = client_opts(&ids, localhost());
+        opts.server = "no-such-host.invalid:7700".parse().unwrap();
+        let e = Client::connect(opts).await.unwrap_err();
+        assert!(matches!(e, TransportError::Resolve { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("cannot resolve the source's name no-such-host.invalid:7700"),
+            "{e}"
         );
     })
     .await

@@ -74,8 +74,9 @@ pub(crate) struct ServeArgs {
     /// Disk image or block device to export (opened read-only).
     #[arg(long)]
     pub(crate) disk: PathBuf,
-    /// UDP address to listen on, e.g. 0.0.0.0:7700.
-    #[arg(long)]
+    /// UDP address to listen on, e.g. 0.0.0.0:7700, or HOST:PORT (the
+    /// first address the name resolves to at start).
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
     pub(crate) listen: SocketAddr,
     /// Our identity directory (from `ferry keygen`).
     #[arg(long)]
@@ -113,11 +114,13 @@ pub(crate) struct ServeArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct PullArgs {
-    /// Source address (where `ferry serve` listens). Needed unless the
-    /// state file says the copy is complete and verified. A resumed pull
-    /// serves its disk first and reaches the source in the background.
-    #[arg(long)]
-    pub(crate) source: Option<SocketAddr>,
+    /// Source address (where `ferry serve` listens): IP:PORT, [IPV6]:PORT
+    /// or HOST:PORT (looked up at each connection attempt, reconnects
+    /// included). Needed unless the state file says the copy is complete
+    /// and verified. A resumed pull serves its disk first and reaches the
+    /// source in the background.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) source: Option<ferry_transport::ServerAddr>,
     /// Local backing file for the disk (created sparse, or resumed), or a
     /// block device at least the source's size (an LVM volume, a LUN:
     /// opened exclusively, never resized; taken fresh it is zeroed first).
@@ -278,6 +281,19 @@ pub(crate) struct BackgroundArgs {
 /// most [`ferry_core::MAX_RATE`]).
 pub(crate) fn parse_rate(s: &str) -> Result<u64, String> {
     ferry_core::control::parse_rate(s).map_err(|e| e.to_string())
+}
+
+/// Parses `--listen`: an IP address and port, or a host name and port
+/// resolved now (its first address).
+pub(crate) fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let addr: ferry_transport::ServerAddr = s.parse().map_err(|e| format!("{e}"))?;
+    let found = addr
+        .resolve_blocking()
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
+    found
+        .first()
+        .copied()
+        .ok_or_else(|| format!("{addr} has no address"))
 }
 
 /// Parses a size in bytes, with or without a unit (`32MiB`, `64M`).

@@ -11,8 +11,8 @@ use ferry_core::Geometry;
 use quinn::{Connection, ConnectionError, VarInt};
 
 use super::{
-    hex, protocol, read_fail, remote, unexpected, Client, ClientOptions, Fail, Inner, SourceInfo,
-    State, BACKOFF_MAX, BACKOFF_START, MAX_MANIFEST_LEN,
+    addr::ServerAddr, hex, protocol, read_fail, remote, unexpected, Client, ClientOptions, Fail,
+    Inner, SourceInfo, State, BACKOFF_MAX, BACKOFF_START, MAX_MANIFEST_LEN,
 };
 use crate::codec::{self, frame_name, ReadFail, SMALL_FRAME};
 use crate::error::TransportError;
@@ -38,7 +38,21 @@ impl Client {
             opts.server_fingerprint,
             &opts.tuning,
         )?;
-        let bind: SocketAddr = if opts.server.is_ipv6() {
+        // Resolved here to choose the socket's family, and again at each
+        // connection attempt.
+        let resolve_err = |source| TransportError::Resolve {
+            name: opts.server.to_string(),
+            source,
+        };
+        let first = opts
+            .server
+            .resolve()
+            .await
+            .map_err(resolve_err)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| resolve_err(std::io::Error::other("the name has no address")))?;
+        let bind: SocketAddr = if first.is_ipv6() {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
             (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -51,7 +65,8 @@ impl Client {
             opts.tuning.recv_moderation,
         )?;
         let mut inner = Inner {
-            addr: opts.server,
+            server: opts.server.clone(),
+            addr: Mutex::new(first),
             ours: opts.identity.fingerprint(),
             expected: opts.server_fingerprint,
             connect_timeout: opts.connect_timeout,
@@ -76,7 +91,7 @@ impl Client {
         let (conn, info, stream) = inner.establish().await?;
         *inner.welcome_stream.get_mut() = Some(stream);
         tracing::info!(
-            addr = %inner.addr,
+            addr = %inner.addr(),
             source_id = %hex(&info.source_id),
             size = info.geometry.disk_size,
             "connected to the source"
@@ -189,7 +204,7 @@ impl Client {
                     return Err(inner.classify("connection", reason));
                 }
                 if !matches!(reason, ConnectionError::LocallyClosed) {
-                    tracing::warn!(addr = %inner.addr, "lost the connection to the source: {reason}; reconnecting");
+                    tracing::warn!(addr = %inner.addr(), "lost the connection to the source: {reason}; reconnecting");
                 }
             }
             inner.reconnect(generation).await?;
@@ -200,6 +215,41 @@ impl Client {
 impl Inner {
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The source's address in use (the last one its name resolved to).
+    pub(super) fn addr(&self) -> SocketAddr {
+        *self.addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Looks the source's name up again (an IP address stays as it is)
+    /// and keeps the first address of the endpoint's family.
+    async fn resolve(&self) -> Result<SocketAddr, TransportError> {
+        if let ServerAddr::Ip(a) = &self.server {
+            return Ok(*a);
+        }
+        let err = |source| TransportError::Resolve {
+            name: self.server.to_string(),
+            source,
+        };
+        let v6 = self.addr().is_ipv6();
+        let found = self.server.resolve().await.map_err(err)?;
+        let addr = found
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() == v6)
+            .ok_or_else(|| {
+                let family = if v6 { "IPv6" } else { "IPv4" };
+                err(std::io::Error::other(format!(
+                    "no {family} address any more (the connection's socket is {family})"
+                )))
+            })?;
+        let mut cur = self.addr.lock().unwrap_or_else(|e| e.into_inner());
+        if *cur != addr {
+            tracing::info!(name = %self.server, from = %*cur, to = %addr, "the source's name resolves to another address");
+            *cur = addr;
+        }
+        Ok(addr)
     }
 
     fn source_changed(&self, st: &State) -> Option<TransportError> {
@@ -216,25 +266,25 @@ impl Inner {
     fn classify(&self, op: &'static str, e: ConnectionError) -> TransportError {
         if let Some(presented) = self.verifier.take_refused() {
             return TransportError::ServerNotTrusted {
-                addr: self.addr,
+                addr: self.addr(),
                 presented,
                 expected: self.expected,
             };
         }
         if tls::is_cert_refusal(&e) {
             return TransportError::CertificateRefused {
-                addr: self.addr,
+                addr: self.addr(),
                 ours: self.ours,
             };
         }
         if matches!(e, ConnectionError::TimedOut) {
             return TransportError::Unreachable {
-                addr: self.addr,
+                addr: self.addr(),
                 after: self.connect_timeout,
             };
         }
         TransportError::Connection {
-            addr: self.addr,
+            addr: self.addr(),
             op,
             source: e,
         }
@@ -257,7 +307,7 @@ impl Inner {
                 Ok(r) => return r,
                 Err(_) => {
                     return Err(TransportError::Unreachable {
-                        addr: self.addr,
+                        addr: self.addr(),
                         after: self.connect_timeout,
                     })
                 }
@@ -268,13 +318,11 @@ impl Inner {
     async fn establish_inner(
         &self,
     ) -> Result<(Connection, SourceInfo, quinn::RecvStream), TransportError> {
+        let addr = self.resolve().await?;
         let connecting = self
             .endpoint
-            .connect_with(self.config.clone(), self.addr, tls::SERVER_NAME)
-            .map_err(|source| TransportError::Connect {
-                addr: self.addr,
-                source,
-            })?;
+            .connect_with(self.config.clone(), addr, tls::SERVER_NAME)
+            .map_err(|source| TransportError::Connect { addr, source })?;
         let conn = connecting
             .await
             .map_err(|e| self.classify("handshake", e))?;
@@ -337,23 +385,23 @@ impl Inner {
                         st.closed.add(&s);
                         st.changed = Some((hex(&before), hex(&after)));
                         let e = self.source_changed(&st).expect("just set");
-                        tracing::error!(addr = %self.addr, "{e}");
+                        tracing::error!(addr = %self.addr(), "{e}");
                         return Err(e);
                     }
                     st.conn = Some(conn);
                     st.generation += 1;
                     st.reconnects += 1;
-                    tracing::info!(addr = %self.addr, reconnects = st.reconnects, "reconnected to the source");
+                    tracing::info!(addr = %self.addr(), reconnects = st.reconnects, "reconnected to the source");
                     return Ok(());
                 }
                 // Said once per outage; the retries are for debugging.
                 Err(e) if failures == 0 => {
                     failures += 1;
-                    tracing::warn!(addr = %self.addr, error = %e, backoff_max_secs = BACKOFF_MAX.as_secs_f64(), "reconnect failed; retrying with backoff");
+                    tracing::warn!(addr = %self.addr(), error = %e, backoff_max_secs = BACKOFF_MAX.as_secs_f64(), "reconnect failed; retrying with backoff");
                 }
                 Err(e) => {
                     failures += 1;
-                    tracing::debug!(addr = %self.addr, failures, error = %e, retry_in_ms = delay.as_millis() as u64, "reconnect failed");
+                    tracing::debug!(addr = %self.addr(), failures, error = %e, retry_in_ms = delay.as_millis() as u64, "reconnect failed");
                 }
             }
             tokio::time::sleep(delay).await;
@@ -394,11 +442,11 @@ impl Inner {
                     return Err(self.classify(op, e));
                 }
                 Err(Fail::Lost(e)) => {
-                    tracing::debug!(addr = %self.addr, op, "connection lost during the request: {e}");
+                    tracing::debug!(addr = %self.addr(), op, "connection lost during the request: {e}");
                     self.reconnect(generation).await?;
                 }
                 Err(Fail::Retry(reason)) => {
-                    tracing::debug!(addr = %self.addr, op, %reason, retry_in_ms = delay.as_millis() as u64, "request abandoned by the source; re-issuing");
+                    tracing::debug!(addr = %self.addr(), op, %reason, retry_in_ms = delay.as_millis() as u64, "request abandoned by the source; re-issuing");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(BACKOFF_MAX);
                     if conn.close_reason().is_some() {

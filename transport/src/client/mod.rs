@@ -17,6 +17,7 @@
 //! reconnect and retry), `read` (read requests), `hedge` (copies of
 //! on-demand requests on a lossy path), `manifest` (the manifest fetch).
 
+mod addr;
 mod connection;
 mod hedge;
 mod manifest;
@@ -44,6 +45,8 @@ pub const BACKOFF_START: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Largest manifest accepted: 16 GiB (a 32 TiB disk at 64 KiB chunks).
 pub const MAX_MANIFEST_LEN: u64 = 16 << 30;
+
+pub use addr::{ServerAddr, ServerAddrParseError};
 
 /// What the Welcome says about the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +77,9 @@ pub enum Fetched {
 /// How to reach a source.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
-    /// The source's address.
-    pub server: SocketAddr,
+    /// The source's address (a host name is looked up at every connection
+    /// attempt, reconnects included).
+    pub server: ServerAddr,
     /// Our identity (the source must trust its fingerprint).
     pub identity: Identity,
     /// The source's certificate fingerprint, pinned.
@@ -135,14 +139,17 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("server", &self.inner.addr)
+            .field("server", &self.inner.server)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
 }
 
 struct Inner {
-    addr: SocketAddr,
+    /// The address as given.
+    server: ServerAddr,
+    /// The address last resolved from it (the one in use).
+    addr: Mutex<SocketAddr>,
     ours: Fingerprint,
     expected: Fingerprint,
     connect_timeout: Duration,

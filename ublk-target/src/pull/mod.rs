@@ -70,7 +70,7 @@ fn source_options(
         ),
         None => None,
     };
-    match (a.source, fp) {
+    match (a.source.clone(), fp) {
         (Some(server), Some(server_fingerprint)) => Ok(Some(ClientOptions {
             server,
             identity,
@@ -104,7 +104,7 @@ async fn reach_source(
     id: [u8; 32],
     verified: bool,
 ) -> Result<()> {
-    let addr = opts.server;
+    let addr = opts.server.clone();
     let mut delay = ferry_transport::client::BACKOFF_START;
     let mut failures = 0u64;
     let client = loop {
@@ -309,7 +309,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             (Some(h), source) => (None, h.geometry, h.source_id, source),
             (None, Some(opts)) => {
                 tracing::info!(source = %opts.server, "connecting to the source");
-                let server = opts.server;
+                let server = opts.server.clone();
                 let client = Client::connect(opts)
                     .await
                     .with_context(|| format!("cannot connect to the source {server}"))?;
@@ -691,6 +691,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 Err(anyhow::Error::from(e).context(format!(
                     "the source {} did not accept this destination",
                     a.source
+                        .as_ref()
                         .map_or_else(|| "(none)".to_string(), |s| s.to_string())
                 )))
             }
