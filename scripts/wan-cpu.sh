@@ -45,8 +45,8 @@ trap cleanup EXIT
 
 (cd "$ROOT" && cargo xtask wan up --name cpu --rate-mbit 200 --rtt-ms 50 >/dev/null)
 cd "$WORK"
-"$F" keygen --dir s >/dev/null
-"$F" keygen --dir d >/dev/null
+"$F" keygen --identity s >/dev/null
+"$F" keygen --identity d >/dev/null
 SF=$("$F" fingerprint --identity s | tail -1)
 DF=$("$F" fingerprint --identity d | tail -1)
 

@@ -46,7 +46,7 @@ info guest_kernel "$(uname -r)"
 info fio "$(fio --version)"
 
 setup() {
-    ferry keygen --dir "$T/id-src" >/dev/null && ferry keygen --dir "$T/id-dst" >/dev/null || return 1
+    ferry keygen --identity "$T/id-src" >/dev/null && ferry keygen --identity "$T/id-dst" >/dev/null || return 1
     FP_SRC=$(ferry fingerprint --identity "$T/id-src")
     FP_DST=$(ferry fingerprint --identity "$T/id-dst")
     ferry serve --disk "$SRC" --listen 127.0.0.1:7700 --identity "$T/id-src" \

@@ -237,8 +237,8 @@ else
 fi
 
 keys() {
-    ferry keygen --dir "$T/id-src" >/dev/null &&
-        ferry keygen --dir "$T/id-dst" >/dev/null &&
+    ferry keygen --identity "$T/id-src" >/dev/null &&
+        ferry keygen --identity "$T/id-dst" >/dev/null &&
         FP_SRC=$(ferry fingerprint --identity "$T/id-src") &&
         FP_DST=$(ferry fingerprint --identity "$T/id-dst") &&
         [ ${#FP_SRC} -eq 64 ] && [ ${#FP_DST} -eq 64 ]

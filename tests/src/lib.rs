@@ -150,7 +150,11 @@ impl World {
 
     /// Runs `ferry keygen` into `name` and returns the fingerprint.
     pub fn keygen(&self, name: &str) -> String {
-        let out = self.ferry(&["keygen", "--dir", self.path(name).to_str().expect("utf8")]);
+        let out = self.ferry(&[
+            "keygen",
+            "--identity",
+            self.path(name).to_str().expect("utf8"),
+        ]);
         assert!(out.status.success(), "keygen failed: {out:?}");
         String::from_utf8(out.stdout)
             .expect("utf8")

@@ -182,7 +182,7 @@ fn unreachable_source_fails_after_the_timeout_naming_it() {
     let w = World::new();
     let port = free_udp_port();
     let mut args = w.pull_args(port, "dst.img");
-    args.extend(["--connect-timeout".to_string(), "2".to_string()]);
+    args.extend(["--connect-timeout-secs".to_string(), "2".to_string()]);
     let t0 = std::time::Instant::now();
     let out = run_pull(&w, &args);
     assert!(!out.status.success());

@@ -27,7 +27,7 @@ fn ferry_piped(args: &[String]) -> Output {
 fn failing_pull(w: &World, global: &[&str]) -> String {
     let mut args: Vec<String> = global.iter().map(|s| s.to_string()).collect();
     args.extend(w.pull_args(free_udp_port(), "dst.img"));
-    args.extend(["--connect-timeout".to_string(), "1".to_string()]);
+    args.extend(["--connect-timeout-secs".to_string(), "1".to_string()]);
     let out = ferry_piped(&args);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     String::from_utf8(out.stderr).expect("UTF-8 stderr")

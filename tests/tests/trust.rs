@@ -304,7 +304,7 @@ fn refused_starts_leave_no_socket_files() {
     let w = World::new();
     // The source is unreachable.
     let mut args = w.pull_args(free_udp_port(), "dst.img");
-    args.extend(["--connect-timeout".to_string(), "1".to_string()]);
+    args.extend(["--connect-timeout-secs".to_string(), "1".to_string()]);
     let out = ferry_bounded(&args);
     assert!(!out.status.success());
     assert!(!w.path("ctl.sock").exists(), "control socket left behind");

@@ -56,9 +56,9 @@ pub(crate) struct GenerateDocsArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct KeygenArgs {
-    /// Directory to write cert.der and key.der into (created if missing; an
-    /// existing identity is never overwritten).
-    #[arg(long)]
+    /// Identity directory to write cert.der and key.der into (created if
+    /// missing; an existing identity is never overwritten).
+    #[arg(long = "identity", alias = "dir", value_name = "DIR")]
     pub(crate) dir: PathBuf,
 }
 
@@ -218,7 +218,12 @@ pub(crate) struct PullArgs {
     /// Give up connecting to the source at start after this many seconds
     /// (a fresh pull, which learns the disk's geometry from the source;
     /// a resumed one keeps trying in the background).
-    #[arg(long, default_value_t = 10)]
+    #[arg(
+        long = "connect-timeout-secs",
+        alias = "connect-timeout",
+        value_name = "N",
+        default_value_t = 10
+    )]
     pub(crate) connect_timeout: u64,
     /// Fail a guest request (EIO) that has waited this many seconds for
     /// absent data, e.g. while the source is unreachable. Default: wait
@@ -331,5 +336,72 @@ impl LinkArgs {
         .with_link_mtu(self.link_mtu);
         t.loss_tolerant = self.congestion == "loss-tolerant";
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every long option of `cmd` and its subcommands, with the path of
+    /// the subcommand that has it.
+    pub(crate) fn longs(cmd: &clap::Command, path: &str, out: &mut Vec<(String, String)>) {
+        for a in cmd.get_arguments() {
+            if let Some(l) = a.get_long() {
+                out.push((path.to_string(), l.to_string()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            longs(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// One spelling across the CLI: a timeout is `--…timeout-secs`, no
+    /// option abbreviates seconds as `-s`, a file written is `--out`, and
+    /// an identity directory is `--identity` (keygen's was `--dir`, pull's
+    /// timeout `--connect-timeout`; both stay as hidden aliases).
+    #[test]
+    fn options_are_spelled_one_way() {
+        let mut all = Vec::new();
+        longs(&super::Cli::command(), "ferry", &mut all);
+        let bad: Vec<String> = all
+            .iter()
+            .filter(|(_, l)| {
+                (l.contains("timeout") && !l.ends_with("-secs"))
+                    || l.ends_with("-s")
+                    || l == "output"
+                    || l == "dir"
+            })
+            .map(|(p, l)| format!("{p} --{l}"))
+            .collect();
+        assert!(bad.is_empty(), "options spelled another way: {bad:?}");
+        let keygen: Vec<&str> = all
+            .iter()
+            .filter(|(p, _)| p == "ferry keygen")
+            .map(|(_, l)| l.as_str())
+            .collect();
+        assert!(keygen.contains(&"identity"), "{keygen:?}");
+    }
+
+    /// The old spellings still parse.
+    #[test]
+    fn the_old_spellings_are_hidden_aliases() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["ferry", "keygen", "--dir", "/x"]).expect("--dir");
+        assert!(matches!(cli.command, super::Command::Keygen(ref k) if k.dir.as_os_str() == "/x"));
+        let cli = super::Cli::try_parse_from([
+            "ferry",
+            "pull",
+            "--disk",
+            "d",
+            "--control",
+            "c",
+            "--identity",
+            "i",
+            "--connect-timeout",
+            "3",
+        ])
+        .expect("--connect-timeout");
+        assert!(matches!(cli.command, super::Command::Pull(ref p) if p.connect_timeout == 3));
     }
 }

@@ -71,10 +71,10 @@ pub(crate) struct ChaosArgs {
     #[arg(long, default_value_t = 32)]
     size_mib: u64,
     /// Shortest link cut, seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long = "cut-min-secs", alias = "cut-min-s", default_value_t = 10)]
     cut_min_s: u64,
     /// Longest link cut, seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long = "cut-max-secs", alias = "cut-max-s", default_value_t = 60)]
     cut_max_s: u64,
     /// Background copy rate while faults are injected (bytes/s), so that
     /// the copy spans them; lifted when the round's faults are done.
@@ -91,7 +91,11 @@ pub(crate) struct ChaosArgs {
     #[arg(long)]
     report: Option<PathBuf>,
     /// Give up on a round after this many seconds.
-    #[arg(long, default_value_t = 600)]
+    #[arg(
+        long = "round-timeout-secs",
+        alias = "round-timeout-s",
+        default_value_t = 600
+    )]
     round_timeout_s: u64,
 }
 
@@ -609,7 +613,7 @@ pub(crate) fn run_chaos(a: &ChaosArgs) -> Result<()> {
     ensure!(a.rounds > 0 && !a.faults.is_empty(), "nothing to do");
     ensure!(
         a.cut_min_s <= a.cut_max_s,
-        "--cut-min-s is above --cut-max-s"
+        "--cut-min-secs is above --cut-max-secs"
     );
     let root_user = rustix::process::geteuid().is_root();
     if a.faults.contains(&Fault::Fill) && !root_user {
@@ -694,7 +698,7 @@ fn rounds(a: &ChaosArgs, bin: &Path, dir: &Path, dst_dir: &Path, size: u64) -> R
     make_source(&src, size, a.seed)?;
     let keygen = |name: &str| -> Result<String> {
         let out = Command::new(bin)
-            .args(["keygen", "--dir"])
+            .args(["keygen", "--identity"])
             .arg(dir.join(name))
             .output()?;
         ensure!(out.status.success(), "ferry keygen failed");

@@ -5,7 +5,8 @@
 //! package built from the `dist` profile and installed into a scratch root,
 //! a short run of the emulated WAN, a short run of the benchmark harness
 //! (every system, tiny images: it must work, its figures mean nothing), then
-//! the VM test on the real ublk driver.
+//! the VM test on the real ublk driver. [`steps`] lists them; `ci --help`
+//! prints that list.
 
 use std::process::Command;
 use std::time::Instant;
@@ -69,109 +70,152 @@ fn step(name: &str, f: impl FnOnce() -> Result<()>) -> Result<()> {
     Ok(())
 }
 
+/// One step of CI: its name (as `ci --help` lists it) and what it runs.
+type Step = (&'static str, Box<dyn FnOnce() -> Result<()>>);
+
+/// Runs `cargo ARGS` in the workspace.
+fn cargo_step(args: &'static [&'static str]) -> Box<dyn FnOnce() -> Result<()>> {
+    Box::new(move || {
+        run(Command::new(cargo())
+            .current_dir(workspace_root())
+            .args(args))
+    })
+}
+
+/// Every step of CI, in order: what [`run_ci`] runs and what `cargo
+/// xtask ci --help` lists ([`long_about`]).
+fn steps() -> Vec<Step> {
+    let root = workspace_root();
+    let root2 = root.clone();
+    let root3 = root.clone();
+    let root4 = root.clone();
+    // Found by the promtool step, handed to the tests.
+    let promtool = std::rc::Rc::new(std::cell::RefCell::new(std::path::PathBuf::new()));
+    let found = promtool.clone();
+    vec![
+        (
+            "packages (installed if missing, none removed)",
+            Box::new(|| ensure(NEEDS)),
+        ),
+        (
+            "promtool (from Debian's prometheus package, extracted, not installed)",
+            Box::new(move || {
+                let p = crate::setup::promtool()?;
+                eprintln!("promtool: {}", p.display());
+                *found.borrow_mut() = p;
+                Ok(())
+            }),
+        ),
+        ("fmt", cargo_step(&["fmt", "--all", "--", "--check"])),
+        (
+            "clippy",
+            cargo_step(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        ),
+        (
+            "build ferry",
+            cargo_step(&["build", "-p", "ferry", "--bin", "ferry"]),
+        ),
+        (
+            "tests",
+            Box::new(move || {
+                run(Command::new(cargo())
+                    .current_dir(&root)
+                    .env("FERRY_REQUIRE_ALL", "1")
+                    .env("FERRY_PROMTOOL", &*promtool.borrow())
+                    .args(["test", "--workspace", "--exclude", "xtask"]))
+            }),
+        ),
+        (
+            "xtask tests",
+            Box::new(move || {
+                run(Command::new(cargo())
+                    .current_dir(&root2)
+                    .env("FERRY_REQUIRE_ALL", "1")
+                    .args(["test", "-p", "xtask"]))
+            }),
+        ),
+        // Bounded: installing cargo-fuzz (once per machine), the
+        // instrumented build, then 5 targets x FUZZ_CI_SECONDS.
+        (
+            "fuzz (every cargo-fuzz target, bounded)",
+            Box::new(move || {
+                run(Command::new(cargo()).current_dir(&root3).args([
+                    "run",
+                    "--quiet",
+                    "-p",
+                    "xtask",
+                    "--",
+                    "fuzz",
+                    "--seconds",
+                    &FUZZ_CI_SECONDS.to_string(),
+                ]))
+            }),
+        ),
+        (
+            "dist (the .deb from the dist profile, installed into a scratch root with dpkg; man ferry-pull renders)",
+            Box::new(|| crate::dist::run_dist(&crate::dist::DistArgs { check: true })),
+        ),
+        (
+            "wan-smoke (emulated WAN: UDP relay and TUN link between namespaces)",
+            cargo_step(&["run", "--quiet", "-p", "xtask", "--", "wan-smoke"]),
+        ),
+        (
+            "bench-smoke (the benchmark harness: all systems, 128 MiB, capped)",
+            Box::new(bench_smoke),
+        ),
+        (
+            "chaos (short: kills, serve restarts, link cuts, a full destination, under a flushing guest)",
+            Box::new(move || {
+                run(Command::new(cargo())
+                    .current_dir(&root4)
+                    .env("FERRY_BIN", target_dir().join("debug").join("ferry"))
+                    .args(["run", "--quiet", "-p", "xtask", "--", "chaos"])
+                    .args(["--rounds", "6", "--size-mib", "16", "--seed", "24"])
+                    .args(["--cut-min-secs", "2", "--cut-max-secs", "5"])
+                    .args(["--round-timeout-secs", "300"]))
+            }),
+        ),
+        (
+            "vm-test (real ublk driver in a VM)",
+            cargo_step(&["run", "--quiet", "-p", "xtask", "--", "vm-test"]),
+        ),
+        (
+            "vm-wan-smoke (ublk in the VM, source on the host over the emulated WAN)",
+            Box::new(vm_wan_smoke),
+        ),
+    ]
+}
+
+/// `cargo xtask ci --help`: what CI is, then every step it runs, in order.
+pub(crate) fn long_about() -> String {
+    let mut s = String::from(
+        "Run everything CI runs, as root on Debian 12 (each step must pass before the next \
+         starts):\n",
+    );
+    for (i, (name, _)) in steps().iter().enumerate() {
+        s.push_str(&format!("\n{:>3}. {name}", i + 1));
+    }
+    s
+}
+
+/// The names of [`steps`], in order.
+#[cfg(test)]
+pub(crate) fn step_names() -> Vec<&'static str> {
+    steps().into_iter().map(|(n, _)| n).collect()
+}
+
 /// Runs CI.
 pub(crate) fn run_ci() -> Result<()> {
-    let root = workspace_root();
-    step("packages (installed if missing, none removed)", || {
-        ensure(NEEDS)
-    })?;
-    let mut promtool = std::path::PathBuf::new();
-    step(
-        "promtool (from Debian's prometheus package, extracted, not installed)",
-        || {
-            promtool = crate::setup::promtool()?;
-            eprintln!("promtool: {}", promtool.display());
-            Ok(())
-        },
-    )?;
-    step("fmt", || {
-        run(Command::new(cargo())
-            .current_dir(&root)
-            .args(["fmt", "--all", "--", "--check"]))
-    })?;
-    step("clippy", || {
-        run(Command::new(cargo()).current_dir(&root).args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))
-    })?;
-    step("build ferry", || {
-        run(Command::new(cargo())
-            .current_dir(&root)
-            .args(["build", "-p", "ferry", "--bin", "ferry"]))
-    })?;
-    step("tests", || {
-        run(Command::new(cargo())
-            .current_dir(&root)
-            .env("FERRY_REQUIRE_ALL", "1")
-            .env("FERRY_PROMTOOL", &promtool)
-            .args(["test", "--workspace", "--exclude", "xtask"]))
-    })?;
-    step("xtask tests", || {
-        run(Command::new(cargo())
-            .current_dir(&root)
-            .env("FERRY_REQUIRE_ALL", "1")
-            .args(["test", "-p", "xtask"]))
-    })?;
-    // Bounded: installing cargo-fuzz (once per machine), the instrumented
-    // build, then 5 targets x FUZZ_CI_SECONDS.
-    step("fuzz (every cargo-fuzz target, bounded)", || {
-        run(Command::new(cargo()).current_dir(&root).args([
-            "run",
-            "--quiet",
-            "-p",
-            "xtask",
-            "--",
-            "fuzz",
-            "--seconds",
-            &FUZZ_CI_SECONDS.to_string(),
-        ]))
-    })?;
-    step(
-        "dist (the .deb from the dist profile, installed into a scratch root with dpkg; man ferry-pull renders)",
-        || crate::dist::run_dist(&crate::dist::DistArgs { check: true }),
-    )?;
-    step(
-        "wan-smoke (emulated WAN: UDP relay and TUN link between namespaces)",
-        || {
-            run(Command::new(cargo()).current_dir(&root).args([
-                "run",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--",
-                "wan-smoke",
-            ]))
-        },
-    )?;
-    step(
-        "bench-smoke (the benchmark harness: all systems, 128 MiB, capped)",
-        bench_smoke,
-    )?;
-    step(
-        "chaos (short: kills, serve restarts, link cuts, a full destination, under a flushing guest)",
-        || {
-            run(Command::new(cargo())
-                .current_dir(&root)
-                .env("FERRY_BIN", target_dir().join("debug").join("ferry"))
-                .args(["run", "--quiet", "-p", "xtask", "--", "chaos"])
-                .args(["--rounds", "6", "--size-mib", "16", "--seed", "24"])
-                .args(["--cut-min-s", "2", "--cut-max-s", "5", "--round-timeout-s", "300"]))
-        },
-    )?;
-    step("vm-test (real ublk driver in a VM)", || {
-        run(Command::new(cargo())
-            .current_dir(&root)
-            .args(["run", "--quiet", "-p", "xtask", "--", "vm-test"]))
-    })?;
-    step(
-        "vm-wan-smoke (ublk in the VM, source on the host over the emulated WAN)",
-        vm_wan_smoke,
-    )?;
+    for (name, f) in steps() {
+        step(name, f)?;
+    }
     eprintln!("==> ci: all steps passed");
     Ok(())
 }
@@ -188,7 +232,7 @@ fn vm_wan_smoke() -> Result<()> {
         .current_dir(workspace_root())
         .args(["run", "--quiet", "-p", "xtask", "--", "vm-wan-bench"])
         .args(["--runs", "3", "--size-mib", "16", "--probes", "2"])
-        .args(["--timeout-secs", "900", "--output"])
+        .args(["--timeout-secs", "900", "--out"])
         .arg(&out))?;
     let report = std::fs::read_to_string(&out)
         .with_context(|| format!("vm-wan-bench wrote no report at {}", out.display()))?;
@@ -215,8 +259,15 @@ fn bench_smoke() -> Result<()> {
         .current_dir(&root)
         .env("FERRY_BIN", target_dir().join("debug").join("ferry"))
         .args(["run", "--quiet", "-p", "xtask", "--", "bench", "--quick"])
-        .args(["--size-mib", "128", "--probes", "3", "--lazy-cap-s", "30"])
-        .args(["--timeout-s", "300", "--out"])
+        .args([
+            "--size-mib",
+            "128",
+            "--probes",
+            "3",
+            "--lazy-cap-secs",
+            "30",
+        ])
+        .args(["--timeout-secs", "300", "--out"])
         .arg(&out))?;
     let report = std::fs::read_to_string(&out)
         .with_context(|| format!("the bench wrote no report at {}", out.display()))?;

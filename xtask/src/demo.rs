@@ -164,12 +164,12 @@ pub(crate) fn run_demo(a: &DemoArgs) -> Result<()> {
 
     let src_fp = output(
         ferry(&bin)
-            .args(["keygen", "--dir"])
+            .args(["keygen", "--identity"])
             .arg(dir.join("src-id")),
     )?;
     let dst_fp = output(
         ferry(&bin)
-            .args(["keygen", "--dir"])
+            .args(["keygen", "--identity"])
             .arg(dir.join("dst-id")),
     )?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?

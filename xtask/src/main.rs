@@ -26,11 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run everything CI runs, in this order: install missing packages
-    /// (never removing one), promtool (extracted from Debian's prometheus
-    /// package, not installed), fmt, clippy -D warnings, build ferry, the
-    /// workspace's tests, xtask's tests, dist --check (the .deb), wan-smoke, bench-smoke, a short
-    /// chaos run, vm-test (real ublk driver in a VM), vm-wan-smoke.
+    /// Run everything CI runs (`ci --help` lists every step, in order).
+    #[command(long_about = ci::long_about())]
     Ci,
     /// Run a migration demo: serve a disk holding a filesystem, pull it,
     /// use it with qemu-io while it copies, prove the result.
@@ -65,6 +62,61 @@ enum Cmd {
     /// profile, its man pages, shell completions and systemd units;
     /// `--check` installs it into a scratch root and checks it.
     Dist(dist::DistArgs),
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// `cargo xtask ci --help` names every step `ci` runs (it named all
+    /// but fuzz).
+    #[test]
+    fn ci_help_lists_every_step_it_runs() {
+        let help = super::Cli::command()
+            .find_subcommand_mut("ci")
+            .expect("ci")
+            .render_long_help()
+            .to_string();
+        let steps = super::ci::step_names();
+        assert!(steps.len() >= 14, "{steps:?}");
+        for name in steps {
+            assert!(
+                help.contains(name),
+                "`ci --help` lacks the step {name:?}:\n{help}"
+            );
+        }
+    }
+
+    fn longs(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if let Some(l) = a.get_long() {
+                out.push(format!("{path} --{l}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            longs(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// One spelling, as in ferry's CLI: a timeout is `--…timeout-secs`,
+    /// seconds are never abbreviated `-s`, a file written is `--out`
+    /// (vm-bench and vm-wan-bench had `--output`, bench `--timeout-s`,
+    /// chaos `--round-timeout-s`: hidden aliases now).
+    #[test]
+    fn options_are_spelled_one_way() {
+        let mut all = Vec::new();
+        longs(&super::Cli::command(), "cargo xtask", &mut all);
+        let bad: Vec<&String> = all
+            .iter()
+            .filter(|l| {
+                let long = l.rsplit("--").next().unwrap_or("");
+                (long.contains("timeout") && !long.ends_with("-secs"))
+                    || long.ends_with("-s")
+                    || long == "output"
+            })
+            .collect();
+        assert!(bad.is_empty(), "options spelled another way: {bad:?}");
+    }
 }
 
 fn main() -> Result<()> {

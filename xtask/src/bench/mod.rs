@@ -18,7 +18,7 @@
 //! recorded as time series, drawn per case and image as a PNG in
 //! `docs/plots/` under the report's directory ([`plot`]) and linked from
 //! it. The lazy proxy's background scan is slow; a run of it is stopped at
-//! `--lazy-cap-s` and its whole-disk figure reported as a lower bound.
+//! `--lazy-cap-secs` and its whole-disk figure reported as a lower bound.
 
 pub(crate) mod nbd;
 mod plot;
@@ -103,12 +103,12 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 50)]
     probe_gap_ms: u64,
     /// Give up a run after this many seconds.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long = "timeout-secs", alias = "timeout-s", default_value_t = 900)]
     timeout_s: u64,
     /// Stop an nbdkit lazy-proxy run after this many seconds when its scan
     /// has not finished by then (0: no cap); its whole-disk time is then
     /// reported as a lower bound.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long = "lazy-cap-secs", alias = "lazy-cap-s", default_value_t = 120)]
     lazy_cap_s: u64,
     /// The source image's page cache before every run of every system:
     /// `cold` drops it (`posix_fadvise(DONTNEED)`), as a source whose
@@ -231,7 +231,7 @@ struct RunResult {
     t_first: Option<f64>,
     /// Whole disk, in s since t0; the cap when `capped`.
     t_complete: f64,
-    /// Stopped at `--lazy-cap-s` before the disk was whole: `t_complete`
+    /// Stopped at `--lazy-cap-secs` before the disk was whole: `t_complete`
     /// and the byte counts are lower bounds.
     capped: bool,
     wire_bytes: u64,
@@ -1481,12 +1481,12 @@ fn render(
     Ok(o)
 }
 
-/// What the report says about `--lazy-cap-s`.
+/// What the report says about `--lazy-cap-secs`.
 fn cap_text(cap_s: u64) -> String {
     if cap_s == 0 {
-        return "no cap (`--lazy-cap-s 0`): every run goes on until its disk is whole.".into();
+        return "no cap (`--lazy-cap-secs 0`): every run goes on until its disk is whole.".into();
     }
-    format!("an nbdkit run whose scan has not finished {cap_s} s after launch (`--lazy-cap-s {cap_s}`) is stopped there, probes included. Its whole disk is then shown as a lower bound, `> {cap_s}`, with the share of the image's allocated bytes that crossed the link by then (source→destination wire bytes, headers included, / bytes allocated in the image file); its wire bytes are those up to the cap, its link use is over the capped time, and a ratio against its median whole disk or wire bytes is an upper bound, `< x`.")
+    format!("an nbdkit run whose scan has not finished {cap_s} s after launch (`--lazy-cap-secs {cap_s}`) is stopped there, probes included. Its whole disk is then shown as a lower bound, `> {cap_s}`, with the share of the image's allocated bytes that crossed the link by then (source→destination wire bytes, headers included, / bytes allocated in the image file); its wire bytes are those up to the cap, its link use is over the capped time, and a ratio against its median whole disk or wire bytes is an upper bound, `< x`.")
 }
 
 /// The whole-disk cell of one system: `mmm` of the runs, with capped runs

@@ -39,7 +39,7 @@ pub(crate) struct VmBenchArgs {
     #[arg(long, default_value_t = 64)]
     depth: u16,
     /// The file to write the section into (created if absent).
-    #[arg(long, default_value = "BENCHMARKS.md")]
+    #[arg(long = "out", alias = "output", default_value = "BENCHMARKS.md")]
     output: PathBuf,
     /// Print the results without writing them.
     #[arg(long)]

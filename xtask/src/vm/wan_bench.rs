@@ -48,7 +48,7 @@ pub(crate) struct VmWanBenchArgs {
     #[command(flatten)]
     link: LinkOpts,
     /// The file to write the section into (created if absent).
-    #[arg(long, default_value = "BENCHMARKS.md")]
+    #[arg(long = "out", alias = "output", default_value = "BENCHMARKS.md")]
     output: PathBuf,
     /// Print the results without writing them.
     #[arg(long)]

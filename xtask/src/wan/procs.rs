@@ -175,7 +175,7 @@ impl FerryIds {
             let cmd = if d.join("cert.der").exists() {
                 output(Command::new(bin).args(["fingerprint", "--identity"]).arg(d))?
             } else {
-                output(Command::new(bin).args(["keygen", "--dir"]).arg(d))?
+                output(Command::new(bin).args(["keygen", "--identity"]).arg(d))?
             };
             Ok(cmd.trim().to_string())
         };

@@ -29,7 +29,7 @@ pub(crate) struct RelayArgs {
     #[arg(long, default_value_t = 0)]
     seconds: u64,
     /// Print the counters every this many seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long = "report-secs", alias = "report-s", default_value_t = 10)]
     report_s: u64,
 }
 
