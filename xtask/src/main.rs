@@ -64,6 +64,24 @@ enum Cmd {
     Dist(dist::DistArgs),
 }
 
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Ci => ci::run_ci(),
+        Cmd::Demo(args) => demo::run_demo(&args),
+        Cmd::Fuzz(args) => fuzz::run_fuzz(&args),
+        Cmd::VmTest(args) => vm::vm_test(&args),
+        Cmd::VmBench(args) => vm::vm_bench(&args),
+        Cmd::VmWanBench(args) => vm::vm_wan_bench(&args),
+        Cmd::Wan(args) => wan::run_wan(&args),
+        Cmd::WanForward(args) => wan::run_forward(&args),
+        Cmd::WanSmoke => wan::wan_smoke(),
+        Cmd::Bench(args) => bench::run_bench(&args),
+        Cmd::Chaos(args) => chaos::run_chaos(&args),
+        Cmd::Dist(args) => dist::run_dist(&args),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -116,23 +134,5 @@ mod tests {
             })
             .collect();
         assert!(bad.is_empty(), "options spelled another way: {bad:?}");
-    }
-}
-
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    match cli.cmd {
-        Cmd::Ci => ci::run_ci(),
-        Cmd::Demo(args) => demo::run_demo(&args),
-        Cmd::Fuzz(args) => fuzz::run_fuzz(&args),
-        Cmd::VmTest(args) => vm::vm_test(&args),
-        Cmd::VmBench(args) => vm::vm_bench(&args),
-        Cmd::VmWanBench(args) => vm::vm_wan_bench(&args),
-        Cmd::Wan(args) => wan::run_wan(&args),
-        Cmd::WanForward(args) => wan::run_forward(&args),
-        Cmd::WanSmoke => wan::wan_smoke(),
-        Cmd::Bench(args) => bench::run_bench(&args),
-        Cmd::Chaos(args) => chaos::run_chaos(&args),
-        Cmd::Dist(args) => dist::run_dist(&args),
     }
 }
