@@ -1,7 +1,8 @@
 //! Block devices at both ends (loop devices the test makes on sparse files
 //! in its temporary directory, detached when it ends): `ferry serve` of a
 //! block device, `ferry pull --disk` into one (its old contents zeroed,
-//! the disk byte for byte the source's, verified, resumed after a restart,
+//! the disk byte for byte the source's, verified, resumed after a restart
+//! with an unflushed guest write kept,
 //! the rest of a larger device left alone), and the refusals: a device
 //! smaller than the source, a device without `--state`, a state file of a
 //! device used with a file.
@@ -149,11 +150,23 @@ fn a_block_device_is_pulled_from_a_block_device_verified_and_resumed() {
         read(&dst_dev.dev, size, MIB).iter().all(|b| *b == OLD),
         "the device's bytes past the disk were changed"
     );
-    // A restart resumes from the state file: complete and verified at once.
+    // A guest write, acknowledged and never flushed, then the pull is
+    // killed: the restart (same boot) resumes from the state file,
+    // complete and verified at once, and keeps the write.
+    let guest = vec![0x5a_u8; 8192];
+    assert_eq!(
+        nbd_write_without_flush(&w.path("nbd.sock"), 3 * MIB, &guest),
+        0,
+        "the guest write failed"
+    );
+    let mut pull = pull;
+    pull.kill9();
     drop(pull);
     let _pull = w.pull(&args);
     let s = w.wait_verified(Duration::from_secs(60));
     assert_eq!(s["total_bytes"], size, "{s}");
+    assert_eq!(s["guest_written_chunks"], 1, "{s}");
+    assert_eq!(read(&dst_dev.dev, 3 * MIB, 8192), guest);
     drop(_pull);
     // That state file belongs to a block device: a file as --disk is
     // refused, even one of the right size.
