@@ -18,6 +18,9 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+// Parsed once at start: the size of the largest variant (pull's) costs
+// nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
     /// Make a self-signed identity (certificate and key) and print its fingerprint.
