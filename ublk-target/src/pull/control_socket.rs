@@ -310,8 +310,13 @@ struct Ctx<'a> {
 async fn handle(req: &str, ctx: Ctx<'_>) -> String {
     let change = match ControlRequest::parse(req) {
         Ok(ControlRequest::Status) => {
-            return serde_json::to_string(&snapshot(ctx.shared, ctx.settings, ctx.report, ctx.verbs))
-                .expect("status serialises")
+            return serde_json::to_string(&snapshot(
+                ctx.shared,
+                ctx.settings,
+                ctx.report,
+                ctx.verbs,
+            ))
+            .expect("status serialises")
         }
         Ok(ControlRequest::Commit | ControlRequest::Abort) => {
             return error_reply("commit and abort are answered elsewhere")

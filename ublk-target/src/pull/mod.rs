@@ -223,7 +223,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     };
     let verified = header.and_then(|h| h.verified);
     let source = if committed {
-        if let Some(s) = a.source {
+        if let Some(s) = &a.source {
             tracing::info!(source = %s, "the migration was committed: the source is not contacted");
         }
         None
