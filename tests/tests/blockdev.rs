@@ -272,3 +272,56 @@ fn a_small_block_device_or_one_without_state_is_refused_untouched() {
     drop(big);
     drop(small);
 }
+
+/// Defect: `ferry pull --start-over` after an abort removed the disk and
+/// the state file; with a block device as `--disk` that removed the device
+/// node (and the fresh pull then made a regular file in its place). Now
+/// only the state file goes; the device is taken anew and zeroed.
+#[test]
+fn an_aborted_block_device_starts_over_on_the_same_device() {
+    let w = World::new();
+    let size = 8 * MIB;
+    let src_img = w.path("src.img");
+    make_image(&src_img, size, &[(0, MIB), (6 * MIB, 512 * 1024)], 11);
+    let (_serve, port) = w.serve(&src_img, &[]);
+    let dst_img = w.path("dst-device.img");
+    old_contents(&dst_img, size);
+    let dst = LoopDev::attach(&dst_img);
+    let state = w.path("dst.state");
+    let mut args = pull_args(&w, port, dst.path(), Some(&state));
+    args.push("--hold-background".into());
+    let mut pull = w.pull(&args);
+    let ctl = w.path("ctl.sock");
+    let out = w.ferry(&["abort", "--control", ctl.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "abort failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pull.wait_exit(Duration::from_secs(60)), Some(4));
+    drop(pull);
+    // The writes directory is beside the state file, not in /dev.
+    assert!(w.path("dst.state.ferry-writes").is_dir());
+
+    let mut over = pull_args(&w, port, dst.path(), Some(&state));
+    over.push("--start-over".into());
+    let _pull = w.pull(&over);
+    let s = w.wait_verified(Duration::from_secs(180));
+    assert_eq!(s["total_bytes"], size, "{s}");
+    assert!(
+        ferry_store_is_block_device(&dst.dev),
+        "{} is no longer a block device",
+        dst.path()
+    );
+    let got = read(&dst.dev, 0, size);
+    let want = std::fs::read(&src_img).expect("read source");
+    assert!(got == want, "the device is not the source's disk");
+    drop(_pull);
+    drop(dst);
+}
+
+fn ferry_store_is_block_device(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}

@@ -306,7 +306,7 @@ fn list_shows_running_pulls_their_phases_and_stale_sockets() {
     drop(std::os::unix::net::UnixListener::bind(run.join("gone.ctl")).unwrap());
     std::fs::write(run.join("notes.txt"), "x").unwrap();
 
-    let out = w.ferry(&["list", "--dir", s(&run), "--json"]);
+    let out = w.ferry(&["list", "--run-dir", s(&run), "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("list JSON");
     let rows = v.as_array().expect("an array");
@@ -323,7 +323,7 @@ fn list_shows_running_pulls_their_phases_and_stale_sockets() {
 
     let out = w.ferry(&["commit", "--control", s(&run.join("b.ctl"))]);
     assert!(out.status.success(), "{}", text(&out));
-    let out = w.ferry(&["list", "--dir", s(&run)]);
+    let out = w.ferry(&["list", "--run-dir", s(&run)]);
     assert!(out.status.success(), "{}", text(&out));
     let t = String::from_utf8_lossy(&out.stdout).to_string();
     let line = |name: &str| {
@@ -342,7 +342,7 @@ fn list_shows_running_pulls_their_phases_and_stale_sockets() {
     // An empty directory: said so.
     let empty = w.path("empty");
     std::fs::create_dir(&empty).unwrap();
-    let out = w.ferry(&["list", "--dir", s(&empty)]);
+    let out = w.ferry(&["list", "--run-dir", s(&empty)]);
     assert!(text(&out).contains("no migrations"), "{}", text(&out));
 }
 

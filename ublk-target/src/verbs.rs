@@ -88,7 +88,7 @@ pub(crate) struct CommitArgs {
 #[derive(Args, Debug)]
 pub(crate) struct ListArgs {
     /// Directory of the control sockets (`NAME.ctl`).
-    #[arg(long, default_value = RUNTIME_DIR)]
+    #[arg(long = "run-dir", alias = "dir", default_value = RUNTIME_DIR)]
     pub(crate) dir: PathBuf,
     /// Print JSON (an array, one object per control socket).
     #[arg(long)]
