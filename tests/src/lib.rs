@@ -351,7 +351,8 @@ impl World {
     /// Waits for the pull to be complete and verified.
     pub fn wait_verified(&self, timeout: Duration) -> serde_json::Value {
         let s = self.wait_status("complete and verified", timeout, |s| {
-            s["phase"] == "complete" && s["verified"] != "pending" && s["verified"] != "running"
+            // `refetching` is on the way to `ok` or `failed`, not an end.
+            s["phase"] == "complete" && (s["verified"] == "ok" || s["verified"] == "failed")
         });
         assert_eq!(s["verified"], "ok", "verification failed: {s}");
         s
