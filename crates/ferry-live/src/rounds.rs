@@ -275,9 +275,10 @@ impl ChangeTracker {
                     json!({}),
                 )
                 .await?;
-            let present = list
-                .as_array()
-                .is_some_and(|a| a.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(name)));
+            let present = list.as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|e| e.get("id").and_then(Value::as_str) == Some(name))
+            });
             if !present {
                 return Ok(());
             }
@@ -331,9 +332,10 @@ impl ChangeTracker {
                 json!({}),
             )
             .await?;
-        let present = list
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e.get("id").and_then(Value::as_str) == Some(name)));
+        let present = list.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|e| e.get("id").and_then(Value::as_str) == Some(name))
+        });
         if present {
             self.unexport(name).await?;
         }

@@ -414,32 +414,30 @@ pub async fn dirty_chunks(
     }
     let ctx = dirty_bitmap_context(bitmap);
     let during = || format!("reading dirty bitmap {bitmap:?} of export {:?}", uri.export);
-    let client = match tokio::time::timeout(
-        timeout,
-        NbdClient::connect(uri, std::slice::from_ref(&ctx)),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(NbdClientError::MetaContextNotOffered { export, .. })) => {
-            return Err(LiveError::BitmapNotExported {
-                export,
-                bitmap: bitmap.into(),
-            })
-        }
-        Ok(Err(source)) => {
-            return Err(LiveError::Nbd {
-                during: during(),
-                source,
-            })
-        }
-        Err(_) => {
-            return Err(LiveError::Timeout {
-                during: during(),
-                after: timeout,
-            })
-        }
-    };
+    let client =
+        match tokio::time::timeout(timeout, NbdClient::connect(uri, std::slice::from_ref(&ctx)))
+            .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(NbdClientError::MetaContextNotOffered { export, .. })) => {
+                return Err(LiveError::BitmapNotExported {
+                    export,
+                    bitmap: bitmap.into(),
+                })
+            }
+            Ok(Err(source)) => {
+                return Err(LiveError::Nbd {
+                    during: during(),
+                    source,
+                })
+            }
+            Err(_) => {
+                return Err(LiveError::Timeout {
+                    during: during(),
+                    after: timeout,
+                })
+            }
+        };
     let size = client.size();
     let extents = if size == 0 {
         Vec::new()

@@ -19,7 +19,7 @@ use ferry_live::{
 use ferry_nbd_client::{NbdClientError, NbdUri};
 use ferry_tests::make_image;
 use ferry_tests::qmp::{need_tool, NbdWriter, StorageDaemon};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 const KIB: u64 = 1024;
@@ -98,8 +98,8 @@ fn qemu_io_w(qsd: &StorageDaemon, cmd: &str) {
         .args(["-c", cmd])
         .output()
         .expect("run qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && !text.contains("failed"),
         "qemu-io {cmd}: {text}"
@@ -121,12 +121,12 @@ fn allocation_map_of_holes_zeros_and_data() {
         &image,
         size,
         &[
-            (0, CHUNK),                          // chunk 0, whole
-            (3 * CHUNK + 4 * KIB, 4 * KIB),      // inside chunk 3
-            (20 * CHUNK, CHUNK),                 // chunk 20, zeroed below
-            (30 * CHUNK + 60 * KIB, 8 * KIB),    // across chunks 30 and 31
-            (100 * CHUNK, 3 * CHUNK),            // 100..=102
-            (size - 4 * KIB, 4 * KIB),           // the short last chunk
+            (0, CHUNK),                       // chunk 0, whole
+            (3 * CHUNK + 4 * KIB, 4 * KIB),   // inside chunk 3
+            (20 * CHUNK, CHUNK),              // chunk 20, zeroed below
+            (30 * CHUNK + 60 * KIB, 8 * KIB), // across chunks 30 and 31
+            (100 * CHUNK, 3 * CHUNK),         // 100..=102
+            (size - 4 * KIB, 4 * KIB),        // the short last chunk
         ],
         11,
     );
@@ -189,7 +189,7 @@ struct Write {
 fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = dir.path().join("disk.img");
-    let size = 16 * MIB;
+    let size = 64 * MIB;
     make_image(&image, size, &[(0, 3 * MIB), (9 * MIB, MIB)], 21);
     let mut qsd = daemon(dir.path(), &image);
     let rt = runtime();
@@ -198,39 +198,60 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
     let mut tracker = tracker(&rt, &qsd, &src);
     assert_eq!(bitmaps(&mut qsd), vec!["ferry-g0".to_string()]);
 
-    // The guest: random 64 KiB blocks, and now and then an unaligned
-    // write across two chunks, until stopped (bounded in count and time).
+    // The guest: two writers of random 64 KiB blocks, and now and then an
+    // unaligned write across two chunks, until stopped (bounded in count
+    // and time).
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let sock = qsd.nbd_socket.clone();
-        std::thread::spawn(move || {
-            let mut w = NbdWriter::connect(&sock, "w");
-            let mut rng = rand::rngs::StdRng::seed_from_u64(77);
-            let mut log = Vec::new();
-            let t0 = Instant::now();
-            while !stop.load(Ordering::Relaxed)
-                && log.len() < 20_000
-                && t0.elapsed() < Duration::from_secs(120)
-            {
-                let (off, len) = if rng.gen_ratio(1, 5) {
-                    (rng.gen_range(1..size / CHUNK) * CHUNK - 3000, 6000)
-                } else {
-                    (rng.gen_range(0..size / CHUNK) * CHUNK, CHUNK)
-                };
-                let mut data = vec![0u8; len as usize];
-                rng.fill_bytes(&mut data);
-                let sent = Instant::now();
-                w.write(off, &data);
-                log.push(Write {
-                    sent,
-                    chunks: off / CHUNK..=(off + len - 1) / CHUNK,
-                });
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            log
+    let started = Arc::new(std::sync::Barrier::new(3));
+    let writers: Vec<_> = (0..2u64)
+        .map(|seed| {
+            let stop = stop.clone();
+            let started = started.clone();
+            let sock = qsd.nbd_socket.clone();
+            std::thread::spawn(move || {
+                let mut w = NbdWriter::connect(&sock, "w");
+                let mut rng = rand::rngs::StdRng::seed_from_u64(77 + seed);
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+                let pool: Vec<u8> = (0..MIB / 8)
+                    .flat_map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x.to_le_bytes()
+                    })
+                    .collect();
+                started.wait();
+                let mut log = Vec::new();
+                let t0 = Instant::now();
+                while !stop.load(Ordering::Relaxed)
+                    && log.len() < 20_000
+                    && t0.elapsed() < Duration::from_secs(120)
+                {
+                    let (off, len) = if rng.gen_ratio(1, 5) {
+                        (rng.gen_range(1..size / CHUNK) * CHUNK - 3000, 6000)
+                    } else {
+                        (rng.gen_range(0..size / CHUNK) * CHUNK, CHUNK)
+                    };
+                    // Random bytes from the pool (filling 64 KiB from
+                    // the generator each time is slow unoptimised), the
+                    // write's number first so no two writes are alike.
+                    let at = rng.gen_range(0..pool.len() - len as usize);
+                    let mut data = pool[at..at + len as usize].to_vec();
+                    data[..8].copy_from_slice(&(log.len() as u64 * 2 + seed).to_le_bytes());
+                    let sent = Instant::now();
+                    w.write(off, &data);
+                    log.push(Write {
+                        sent,
+                        chunks: off / CHUNK..=(off + len - 1) / CHUNK,
+                    });
+                    // A guest that leaves some chunks clean in a round.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                log
+            })
         })
-    };
+        .collect();
+    started.wait();
 
     // What ferry would send: round 0 reads every allocated chunk (the
     // map counts as reading the zero ones), then each round re-reads its
@@ -241,8 +262,11 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
         for c in set.iter() {
             reads[c as usize].push(Instant::now());
             let r = src.chunk_range(c);
-            block(&rt, src.read(r.start, &mut copy[r.start as usize..r.end as usize]))
-                .expect("read a chunk");
+            block(
+                &rt,
+                src.read(r.start, &mut copy[r.start as usize..r.end as usize]),
+            )
+            .expect("read a chunk");
         }
     };
     let t_map = Instant::now();
@@ -253,15 +277,18 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
     read_chunks(&alloc, &mut copy, &mut reads);
 
     let mut dirty_total = 0;
-    for _ in 0..5 {
-        std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(200));
         let round = block(&rt, tracker.next_round()).expect("a round");
         dirty_total += round.dirty().count();
         read_chunks(round.dirty(), &mut copy, &mut reads);
         block(&rt, tracker.complete(round)).expect("complete the round");
     }
     stop.store(true, Ordering::Relaxed);
-    let log = writer.join().expect("the writer");
+    let log: Vec<Write> = writers
+        .into_iter()
+        .flat_map(|w| w.join().expect("a writer"))
+        .collect();
     // The VM is paused: the final round.
     let last = block(&rt, tracker.final_round()).expect("the final round");
     assert!(last.is_final());
@@ -271,8 +298,16 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
         matches!(block(&rt, tracker.next_round()), Err(LiveError::State(_))),
         "no round after the final one"
     );
-    assert_eq!(bitmaps(&mut qsd), Vec::<String>::new(), "bitmaps left behind");
+    assert_eq!(
+        bitmaps(&mut qsd),
+        Vec::<String>::new(),
+        "bitmaps left behind"
+    );
 
+    eprintln!(
+        "writes: {}, dirty chunks over the rounds: {dirty_total}",
+        log.len()
+    );
     assert!(log.len() >= 50, "the writer wrote only {} times", log.len());
     assert!(dirty_total > 0, "no round saw a write");
     // Every write sent after a read of its chunk is followed by a later
@@ -299,7 +334,10 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
                 copy[r.start as usize..r.end as usize] != file[r.start as usize..r.end as usize]
             })
             .expect("a differing chunk");
-        panic!("chunk {c} of the copy differs from the image (reads {:?})", reads[c as usize]);
+        panic!(
+            "chunk {c} of the copy differs from the image (reads {:?})",
+            reads[c as usize]
+        );
     }
     block(&rt, tracker.close()).expect("close the tracker");
     block(&rt, src.close());
@@ -348,14 +386,21 @@ fn a_failed_or_abandoned_round_is_merged_back() {
         .expect("remove the blocker");
     w.write(14 * CHUNK, &block64);
     let r = block(&rt, tracker.next_round()).expect("the round after the failure");
-    assert_eq!(chunks(r.dirty()), vec![12, 14], "the failed round's chunk kept");
+    assert_eq!(
+        chunks(r.dirty()),
+        vec![12, 14],
+        "the failed round's chunk kept"
+    );
     block(&rt, tracker.complete(r)).expect("complete");
 
     // A round not handed back blocks the next, with a clear error.
     let r = block(&rt, tracker.next_round()).expect("an empty round");
     assert_eq!(r.dirty().count(), 0);
     let err = block(&rt, tracker.next_round()).expect_err("one round at a time");
-    assert!(err.to_string().contains("neither completed nor abandoned"), "{err}");
+    assert!(
+        err.to_string().contains("neither completed nor abandoned"),
+        "{err}"
+    );
     block(&rt, tracker.complete(r)).expect("complete");
     let gens = bitmaps(&mut qsd);
     assert_eq!(gens, vec![tracker.generation_name(tracker.recording())]);
@@ -374,11 +419,8 @@ fn bad_input_gives_typed_errors() {
     let src = source(&rt, &qsd);
 
     // An export without the bitmap.
-    let err = block(
-        &rt,
-        dirty_chunks(&src_uri(&qsd), "b0", CHUNK as u32, LIMIT),
-    )
-    .expect_err("src exports no bitmap");
+    let err = block(&rt, dirty_chunks(&src_uri(&qsd), "b0", CHUNK as u32, LIMIT))
+        .expect_err("src exports no bitmap");
     assert!(
         matches!(&err, LiveError::BitmapNotExported { export, bitmap } if export == "src" && bitmap == "b0"),
         "{err:?}"
@@ -393,13 +435,25 @@ fn bad_input_gives_typed_errors() {
         let err = block(&rt, ChangeTracker::start(qmp, &src, cfg)).expect_err("refused");
         if coarse {
             assert!(
-                matches!(err, LiveError::GranularityTooCoarse { granularity: 131072, chunk_size: 65536 }),
+                matches!(
+                    err,
+                    LiveError::GranularityTooCoarse {
+                        granularity: 131072,
+                        chunk_size: 65536
+                    }
+                ),
                 "{err:?}"
             );
             assert!(err.to_string().contains("131072"), "{err}");
         } else {
             assert!(
-                matches!(err, LiveError::Config { what: "bitmap granularity", .. }),
+                matches!(
+                    err,
+                    LiveError::Config {
+                        what: "bitmap granularity",
+                        ..
+                    }
+                ),
                 "{err:?}"
             );
         }
@@ -413,7 +467,13 @@ fn bad_input_gives_typed_errors() {
     )
     .expect_err("no such node");
     assert!(
-        matches!(&err, LiveError::Qmp { source: QmpError::Command { .. }, .. }),
+        matches!(
+            &err,
+            LiveError::Qmp {
+                source: QmpError::Command { .. },
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("nonode"), "{err}");
@@ -424,7 +484,13 @@ fn bad_input_gives_typed_errors() {
     let err = block(&rt, LiveSource::connect(&uri, SourceConfig::default()))
         .expect_err("no server there");
     assert!(
-        matches!(&err, LiveError::Nbd { source: NbdClientError::Connect { .. }, .. }),
+        matches!(
+            &err,
+            LiveError::Nbd {
+                source: NbdClientError::Connect { .. },
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("nothing.sock"), "{err}");
