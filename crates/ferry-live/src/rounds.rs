@@ -129,7 +129,7 @@ impl ChangeTracker {
                 chunk_size,
             });
         }
-        if chunk_size % g != 0 {
+        if !chunk_size.is_multiple_of(g) {
             return Err(LiveError::Config {
                 what: "chunk size",
                 value: u64::from(chunk_size),

@@ -126,7 +126,7 @@ impl LiveSource {
         let first = Self::open(uri, &cfg).await?;
         let info = first.info().clone();
         let min_block = info.min_block();
-        if cfg.chunk_size % min_block != 0 {
+        if !cfg.chunk_size.is_multiple_of(min_block) {
             return Err(LiveError::Config {
                 what: "chunk size",
                 value: u64::from(cfg.chunk_size),
@@ -294,7 +294,7 @@ impl LiveSource {
             .filter(|e| *e <= self.size)
             .ok_or_else(|| bad(format!("past the disk's end ({} bytes)", self.size)))?;
         let min = u64::from(self.min_block);
-        if offset % min != 0 || (end % min != 0 && end != self.size) {
+        if !offset.is_multiple_of(min) || (!end.is_multiple_of(min) && end != self.size) {
             return Err(bad(format!("not aligned to the export's block size {min}")));
         }
         let piece = u64::from(self.max_read);
