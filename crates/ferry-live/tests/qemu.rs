@@ -179,10 +179,49 @@ fn allocation_map_of_holes_zeros_and_data() {
     block(&rt, src.close());
 }
 
-/// One write of the writer: when it was sent and the chunks it touched.
+/// One write of a writer: when it was sent and acknowledged, where, and
+/// which bytes (`at` in the writer's pool, its number in the first 8).
 struct Write {
     sent: Instant,
-    chunks: std::ops::RangeInclusive<u64>,
+    acked: Instant,
+    offset: u64,
+    len: u64,
+    at: usize,
+    tag: u64,
+}
+
+impl Write {
+    fn chunks(&self) -> std::ops::RangeInclusive<u64> {
+        self.offset / CHUNK..=(self.offset + self.len - 1) / CHUNK
+    }
+
+    fn data(&self, pool: &[u8]) -> Vec<u8> {
+        let mut data = pool[self.at..self.at + self.len as usize].to_vec();
+        data[..8].copy_from_slice(&self.tag.to_le_bytes());
+        data
+    }
+}
+
+/// A writer's pool of pseudo-random bytes (xorshift; filling 64 KiB from
+/// `StdRng` unoptimised takes ~10 ms a write).
+fn pool(seed: u64) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
+    (0..MIB / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
+/// One pre-copy round as the test saw it: the chunks, and the time
+/// window of the `next_round` call that switched generations.
+struct SeenRound {
+    dirty: ChunkSet,
+    called: Instant,
+    returned: Instant,
 }
 
 #[test]
@@ -191,16 +230,20 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
     let image = dir.path().join("disk.img");
     let size = 64 * MIB;
     make_image(&image, size, &[(0, 3 * MIB), (9 * MIB, MIB)], 21);
+    let initial = std::fs::read(&image).expect("read the image");
     let mut qsd = daemon(dir.path(), &image);
     let rt = runtime();
     let src = source(&rt, &qsd);
     let nchunks = src.chunk_count();
+    let t_start = Instant::now();
     let mut tracker = tracker(&rt, &qsd, &src);
     assert_eq!(bitmaps(&mut qsd), vec!["ferry-g0".to_string()]);
 
     // The guest: two writers of random 64 KiB blocks, and now and then an
     // unaligned write across two chunks, until stopped (bounded in count
-    // and time).
+    // and time). Each writes its own half of the disk, so that replaying
+    // each one's log in order gives the disk it must end as.
+    let half = size / CHUNK / 2;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(std::sync::Barrier::new(3));
     let writers: Vec<_> = (0..2u64)
@@ -211,43 +254,37 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
             std::thread::spawn(move || {
                 let mut w = NbdWriter::connect(&sock, "w");
                 let mut rng = rand::rngs::StdRng::seed_from_u64(77 + seed);
-                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-                let pool: Vec<u8> = (0..MIB / 8)
-                    .flat_map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x.to_le_bytes()
-                    })
-                    .collect();
+                let pool = pool(seed);
+                let (lo, hi) = (seed * half, (seed + 1) * half);
                 started.wait();
-                let mut log = Vec::new();
+                let mut log: Vec<Write> = Vec::new();
                 let t0 = Instant::now();
                 while !stop.load(Ordering::Relaxed)
                     && log.len() < 20_000
                     && t0.elapsed() < Duration::from_secs(120)
                 {
-                    let (off, len) = if rng.gen_ratio(1, 5) {
-                        (rng.gen_range(1..size / CHUNK) * CHUNK - 3000, 6000)
+                    let (offset, len) = if rng.gen_ratio(1, 5) {
+                        (rng.gen_range(lo + 1..hi) * CHUNK - 3000, 6000)
                     } else {
-                        (rng.gen_range(0..size / CHUNK) * CHUNK, CHUNK)
+                        (rng.gen_range(lo..hi) * CHUNK, CHUNK)
                     };
-                    // Random bytes from the pool (filling 64 KiB from
-                    // the generator each time is slow unoptimised), the
-                    // write's number first so no two writes are alike.
                     let at = rng.gen_range(0..pool.len() - len as usize);
-                    let mut data = pool[at..at + len as usize].to_vec();
-                    data[..8].copy_from_slice(&(log.len() as u64 * 2 + seed).to_le_bytes());
-                    let sent = Instant::now();
-                    w.write(off, &data);
-                    log.push(Write {
-                        sent,
-                        chunks: off / CHUNK..=(off + len - 1) / CHUNK,
-                    });
+                    let tag = log.len() as u64 * 2 + seed;
+                    let mut write = Write {
+                        sent: Instant::now(),
+                        acked: Instant::now(),
+                        offset,
+                        len,
+                        at,
+                        tag,
+                    };
+                    w.write(offset, &write.data(&pool));
+                    write.acked = Instant::now();
+                    log.push(write);
                     // A guest that leaves some chunks clean in a round.
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                log
+                (pool, log)
             })
         })
         .collect();
@@ -276,23 +313,37 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
     }
     read_chunks(&alloc, &mut copy, &mut reads);
 
-    let mut dirty_total = 0;
+    let mut seen: Vec<SeenRound> = Vec::new();
     for _ in 0..8 {
         std::thread::sleep(Duration::from_millis(200));
+        let called = Instant::now();
         let round = block(&rt, tracker.next_round()).expect("a round");
-        dirty_total += round.dirty().count();
+        let returned = Instant::now();
+        assert_eq!(round.generation() as usize, seen.len());
         read_chunks(round.dirty(), &mut copy, &mut reads);
+        seen.push(SeenRound {
+            dirty: round.dirty().clone(),
+            called,
+            returned,
+        });
         block(&rt, tracker.complete(round)).expect("complete the round");
     }
     stop.store(true, Ordering::Relaxed);
-    let log: Vec<Write> = writers
+    let logs: Vec<(Vec<u8>, Vec<Write>)> = writers
         .into_iter()
-        .flat_map(|w| w.join().expect("a writer"))
+        .map(|w| w.join().expect("a writer"))
         .collect();
     // The VM is paused: the final round.
+    let called = Instant::now();
     let last = block(&rt, tracker.final_round()).expect("the final round");
+    let returned = Instant::now();
     assert!(last.is_final());
     read_chunks(last.dirty(), &mut copy, &mut reads);
+    seen.push(SeenRound {
+        dirty: last.dirty().clone(),
+        called,
+        returned,
+    });
     block(&rt, tracker.complete(last)).expect("complete the final round");
     assert!(
         matches!(block(&rt, tracker.next_round()), Err(LiveError::State(_))),
@@ -304,38 +355,96 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
         "bitmaps left behind"
     );
 
+    let writes: Vec<&Write> = logs.iter().flat_map(|(_, log)| log).collect();
+    let dirty_total: u64 = seen.iter().map(|r| r.dirty.count()).sum();
     eprintln!(
-        "writes: {}, dirty chunks over the rounds: {dirty_total}",
-        log.len()
+        "writes: {}, dirty chunks per round: {:?}",
+        writes.len(),
+        seen.iter().map(|r| r.dirty.count()).collect::<Vec<_>>()
     );
-    assert!(log.len() >= 50, "the writer wrote only {} times", log.len());
+    assert!(
+        writes.len() >= 50,
+        "the writers wrote only {} times",
+        writes.len()
+    );
     assert!(dirty_total > 0, "no round saw a write");
+
+    // Generation n records the writes that landed between round n-1's
+    // switch (the tracker's start for n = 0) and round n's. A write lands
+    // between its send and its acknowledgement; each switch happens
+    // inside its `next_round` call. So every write is in a round whose
+    // window overlaps its own (nothing lost) ...
+    let opened = |n: usize| {
+        if n == 0 {
+            t_start
+        } else {
+            seen[n - 1].called
+        }
+    };
+    for w in &writes {
+        for c in w.chunks() {
+            assert!(
+                (0..seen.len()).any(|n| seen[n].dirty.contains(c)
+                    && w.sent < seen[n].returned
+                    && w.acked > opened(n)),
+                "write {} to chunk {c} is in no round of its time",
+                w.tag
+            );
+        }
+    }
+    // ... and every chunk a round reports was written in its window
+    // (nothing made up: a tracker reporting the whole disk fails here).
+    for (n, r) in seen.iter().enumerate() {
+        for c in r.dirty.iter() {
+            assert!(
+                writes
+                    .iter()
+                    .any(|w| w.chunks().contains(&c) && w.sent < r.returned && w.acked > opened(n)),
+                "round {n} reports chunk {c}, which no write of its time touched"
+            );
+        }
+    }
     // Every write sent after a read of its chunk is followed by a later
     // read of that chunk (the chunk was in a later round's dirty set).
-    for (i, w) in log.iter().enumerate() {
-        for c in w.chunks.clone() {
+    for w in &writes {
+        for c in w.chunks() {
             let r = &reads[c as usize];
             if r.iter().any(|t| *t < w.sent) {
                 assert!(
                     r.iter().any(|t| *t > w.sent),
-                    "write {i} to chunk {c} after its read was in no later round \
+                    "write {} to chunk {c} after its read was in no later round \
                      (reads {r:?}, write sent {:?})",
+                    w.tag,
                     w.sent
                 );
             }
         }
     }
-    // And the copy is the disk, byte for byte.
+
+    // The disk the writers made: the initial image with each writer's
+    // writes replayed in order (their halves are disjoint).
+    let mut expected = initial;
+    for (pool, log) in &logs {
+        for w in log {
+            let o = w.offset as usize;
+            expected[o..o + w.len as usize].copy_from_slice(&w.data(pool));
+        }
+    }
+    let first_diff = |a: &[u8], b: &[u8]| {
+        (0..nchunks).find(|c| {
+            let r = src.chunk_range(*c);
+            a[r.start as usize..r.end as usize] != b[r.start as usize..r.end as usize]
+        })
+    };
     let file = std::fs::read(&image).expect("read the image");
-    if copy != file {
-        let c = (0..nchunks)
-            .find(|c| {
-                let r = src.chunk_range(*c);
-                copy[r.start as usize..r.end as usize] != file[r.start as usize..r.end as usize]
-            })
-            .expect("a differing chunk");
+    if let Some(c) = first_diff(&file, &expected) {
+        panic!("chunk {c} of the image is not what the writers wrote");
+    }
+    // The copy ferry assembled from round 0 and the rounds' changed
+    // chunks is that disk, byte for byte.
+    if let Some(c) = first_diff(&copy, &expected) {
         panic!(
-            "chunk {c} of the copy differs from the image (reads {:?})",
+            "chunk {c} of the copy differs from what the writers wrote (reads {:?})",
             reads[c as usize]
         );
     }
