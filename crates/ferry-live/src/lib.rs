@@ -15,6 +15,8 @@
 //!   `qemu:dirty-bitmap` context, unexports it, and keeps it until the
 //!   caller says the round's chunks were sent ([`ChangeTracker::complete`])
 //!   or not ([`ChangeTracker::abandon`]: merged back, nothing lost).
+//! - [`WriteWatch`]: whether a node was written at all since a moment (one
+//!   bitmap's count), for a source that must not change.
 //!
 //! Everything is bounded: every QMP command and NBD operation has a
 //! timeout, the number of rounds is capped, and chunk sets are one bit per
@@ -26,12 +28,14 @@ mod error;
 pub mod qmp;
 mod rounds;
 mod source;
+mod watch;
 
 pub use chunks::ChunkSet;
 pub use error::LiveError;
 pub use qmp::{Qmp, QmpError};
 pub use rounds::{ChangeTracker, Round, TrackerConfig};
 pub use source::{dirty_chunks, LiveSource, SourceConfig, MAX_CHUNK_SIZE, MAX_CONNECTIONS};
+pub use watch::{export_node, WriteWatch};
 
 /// ferry's chunk size, and the dirty-bitmap granularity the tracker uses by
 /// default: 64 KiB.

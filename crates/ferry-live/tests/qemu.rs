@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_live::{
-    dirty_chunks, ChangeTracker, ChunkSet, LiveError, LiveSource, Qmp, QmpError, SourceConfig,
-    TrackerConfig,
+    dirty_chunks, export_node, ChangeTracker, ChunkSet, LiveError, LiveSource, Qmp, QmpError,
+    SourceConfig, TrackerConfig, WriteWatch,
 };
 use ferry_nbd_client::{NbdClientError, NbdUri};
 use ferry_tests::make_image;
@@ -615,4 +615,65 @@ fn bad_input_gives_typed_errors() {
     let err = block(&rt, LiveSource::connect(&src_uri(&qsd), cfg)).expect_err("no connections");
     assert!(matches!(err, LiveError::Config { .. }), "{err:?}");
     block(&rt, src.close());
+}
+
+#[test]
+fn a_write_watch_counts_every_write_after_its_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 8 * MIB, &[(0, MIB)], 51);
+    let mut qsd = daemon(dir.path(), &image);
+    let rt = runtime();
+    let mut w = NbdWriter::connect(&qsd.nbd_socket, "w");
+    // Written before the watch: not counted.
+    w.write(0, &[7u8; 4096]);
+
+    let mut qmp = block(&rt, Qmp::connect(&qsd.ferry_qmp_socket)).expect("monitor");
+    let node = block(&rt, export_node(&mut qmp, "src")).expect("the node of export src");
+    assert_eq!(node, "disk0");
+    let err = block(&rt, export_node(&mut qmp, "nosuch")).expect_err("no such export");
+    assert!(
+        err.to_string().contains("\"nosuch\"") && err.to_string().contains("\"src\""),
+        "{err}"
+    );
+    let mut watch = block(&rt, WriteWatch::start(qmp, &node, "watch0")).expect("start");
+    assert_eq!(block(&rt, watch.dirty_bytes()).expect("count"), 0);
+    // One byte dirties one grain (QEMU's default: 64 KiB for this image).
+    w.write(5 * CHUNK + 7, &[1]);
+    assert_eq!(block(&rt, watch.dirty_bytes()).expect("count"), CHUNK);
+    w.write(2 * MIB, &vec![2u8; 2 * CHUNK as usize]);
+    assert_eq!(block(&rt, watch.dirty_bytes()).expect("count"), 3 * CHUNK);
+
+    // The name is the watch's while it lasts.
+    qsd.qmp
+        .execute(
+            "block-dirty-bitmap-add",
+            json!({ "node": "disk0", "name": "watch0" }),
+        )
+        .expect_err("the name is taken");
+
+    // Removed behind the watch's back: an error, never a count of 0.
+    qsd.qmp
+        .execute(
+            "block-dirty-bitmap-remove",
+            json!({ "node": "disk0", "name": "watch0" }),
+        )
+        .expect("remove the bitmap");
+    let err = block(&rt, watch.dirty_bytes()).expect_err("the bitmap is gone");
+    assert!(
+        matches!(&err, LiveError::State(m) if m.contains("watch0")),
+        "{err:?}"
+    );
+    assert!(
+        block(&rt, watch.close()).is_err(),
+        "closing removes a bitmap that is gone"
+    );
+    assert_eq!(bitmaps(&mut qsd), Vec::<String>::new());
+
+    // close removes the bitmap.
+    let qmp = block(&rt, Qmp::connect(&qsd.ferry_qmp_socket)).expect("monitor");
+    let watch = block(&rt, WriteWatch::start(qmp, "disk0", "watch1")).expect("start");
+    assert_eq!(bitmaps(&mut qsd), vec!["watch1".to_string()]);
+    block(&rt, watch.close()).expect("close");
+    assert_eq!(bitmaps(&mut qsd), Vec::<String>::new());
 }
