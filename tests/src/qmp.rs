@@ -58,12 +58,12 @@ pub fn need_tool(tool: &str, package: &str) {
     );
 }
 
-/// A qemu-storage-daemon serving a raw image: node `disk0` over `file0`,
-/// an NBD server on `nbd.sock` and QMP monitors on `qmp.sock` (held by
+/// A qemu-storage-daemon serving a raw image: node `disk0` over `file0`
+/// (or the nodes given to [`start_with`](Self::start_with)), an NBD
+/// server on `nbd.sock` and QMP monitors on `qmp.sock` (held by
 /// [`qmp`](Self::qmp)) and `ferry-qmp.sock` (free for the code under
-/// test: a monitor takes one client at a time), all in
-/// the directory given to [`start`](Self::start). Killed (its PID only)
-/// when dropped.
+/// test: a monitor takes one client at a time), all in the directory
+/// given to [`start`](Self::start). Killed (its PID only) when dropped.
 pub struct StorageDaemon {
     /// The daemon.
     pub proc: Proc,
@@ -79,19 +79,30 @@ impl StorageDaemon {
     /// Starts the daemon on `image` with its sockets and log in `dir`, and
     /// connects to its monitor (waiting up to a minute).
     pub fn start(dir: &Path, image: &Path) -> StorageDaemon {
+        StorageDaemon::start_with(
+            dir,
+            &[
+                format!("driver=file,filename={},node-name=file0", image.display()),
+                "driver=raw,file=file0,node-name=disk0".into(),
+            ],
+        )
+    }
+
+    /// Starts the daemon with one `--blockdev` per entry of `blockdevs`
+    /// (QEMU's `-blockdev` syntax), its sockets and log in `dir`, and
+    /// connects to its monitor (waiting up to a minute).
+    pub fn start_with(dir: &Path, blockdevs: &[String]) -> StorageDaemon {
         need_tool("qemu-storage-daemon", "qemu-system-common");
         let nbd_socket = dir.join("nbd.sock");
         let qmp_socket = dir.join("qmp.sock");
         let ferry_qmp_socket = dir.join("ferry-qmp.sock");
         let log = dir.join("qsd.log");
         let err = std::fs::File::create(&log).expect("create the daemon's log");
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=file0",
-                image.display()
-            ))
-            .args(["--blockdev", "driver=raw,file=file0,node-name=disk0"])
+        let mut cmd = Command::new("qemu-storage-daemon");
+        for b in blockdevs {
+            cmd.arg("--blockdev").arg(b);
+        }
+        let child = cmd
             .arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
             .arg("--chardev")
