@@ -30,6 +30,8 @@ pub(crate) const NEEDS: &[Need] = &[
     tool("mkfs.ext4", "e2fsprogs"),
     tool("e2fsck", "e2fsprogs"),
     tool("systemd-analyze", "systemd"),
+    // the libvirt hook's test
+    tool("shellcheck", "shellcheck"),
     LIBCLANG,
     // the ublk VM test
     tool("qemu-system-x86_64", "qemu-system-x86"),
