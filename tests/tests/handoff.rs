@@ -391,3 +391,31 @@ fn the_guest_moves_to_the_local_file_by_blockdev_mirror_while_writing() {
     d.pivot("pivot-mirror");
     d.after_pivot(writer);
 }
+
+#[test]
+fn the_readmes_workflow_shows_the_commands_the_doc_gives() {
+    let readme = include_str!("../../README.md");
+    let at = readme
+        .find("## Workflow")
+        .expect("README has a Workflow section");
+    let section = &readme[at..];
+    let end = section[3..].find("\n## ").map_or(section.len(), |e| e + 3);
+    let mut shown = 0;
+    for line in section[..end].lines().map(str::trim) {
+        if line.starts_with("{\"execute\"") {
+            assert!(DOC.contains(line), "not in docs/handoff.md: {line}");
+            shown += 1;
+        } else if line.starts_with("-blockdev ") {
+            for (i, arg) in line.split(" -").enumerate() {
+                let arg = if i == 0 {
+                    arg.to_string()
+                } else {
+                    format!("-{arg}")
+                };
+                assert!(DOC.contains(&arg), "not in docs/handoff.md: {arg}");
+                shown += 1;
+            }
+        }
+    }
+    assert_eq!(shown, 6, "the README's workflow shows other commands");
+}
