@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -139,7 +139,7 @@ impl Dest {
     /// Runs the doc's pivot block `marker` on QEMU's monitor with the
     /// test's paths; waits for a mirror job to be ready before
     /// `job-complete` and gone after it, as the doc says.
-    fn pivot(&mut self, marker: &str) {
+    fn pivot(&mut self, marker: &str, writer: &Writer) {
         let disk = self.w.path("dst.img").display().to_string();
         for line in doc_block(marker) {
             let cmd: Value = serde_json::from_str(&line.replace(DOC_DISK, &disk))
@@ -149,6 +149,8 @@ impl Dest {
                 self.wait_jobs("the mirror to be ready", |jobs| {
                     jobs.iter().any(|j| j["status"] == "ready")
                 });
+                // The guest writes through the job (to both sides).
+                writer.keeps_writing(1, "with the mirror job ready");
             }
             self.qsd
                 .qmp
@@ -226,7 +228,7 @@ impl Dest {
 
         // The guest goes on, on the local file: the writer a while longer,
         // and qemu-io, which must not wait for the gone export.
-        std::thread::sleep(Duration::from_secs(1));
+        writer.keeps_writing(1, "after the pull stopped");
         let t0 = Instant::now();
         self.guest_write(30 * MIB + 4096, 65536, 0xc3);
         self.guest_reads_source(21 * MIB);
@@ -281,6 +283,7 @@ fn guest_io(sock: &Path, limit: Duration, cmds: &[&str]) -> (bool, String) {
 /// byte, logged in order.
 struct Writer {
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
     handle: JoinHandle<Vec<(u64, u64, u8)>>,
 }
 
@@ -289,6 +292,8 @@ impl Writer {
         let mut nbd = NbdWriter::connect(sock, "guest");
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let done = Arc::new(AtomicUsize::new(0));
+        let count = done.clone();
         let handle = std::thread::spawn(move || {
             let mut log = Vec::new();
             let mut i = 0u64;
@@ -302,12 +307,27 @@ impl Writer {
                 let byte = (i % 251) as u8 + 1;
                 nbd.write(off, &[byte; 65536]);
                 log.push((off, 65536, byte));
+                count.fetch_add(1, Ordering::Relaxed);
                 i += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
             log
         });
-        Writer { stop, handle }
+        Writer { stop, done, handle }
+    }
+
+    /// Writes acknowledged so far.
+    fn count(&self) -> usize {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Waits `secs` seconds and checks the guest wrote all along.
+    fn keeps_writing(&self, secs: u64, what: &str) {
+        let c0 = self.count();
+        std::thread::sleep(Duration::from_secs(secs));
+        let n = self.count() - c0;
+        // ~50 writes a second when nothing stalls them.
+        assert!(n as u64 >= 5 * secs, "{n} guest writes in {secs} s {what}");
     }
 
     fn stop(self) -> Vec<(u64, u64, u8)> {
@@ -368,7 +388,7 @@ fn the_guest_rides_out_a_pull_restart_and_moves_to_the_local_file_by_blockdev_re
         "120",
     ]);
     assert!(out.status.success(), "ferry status --wait: {out:?}");
-    d.pivot("pivot-reopen");
+    d.pivot("pivot-reopen", &writer);
     d.after_pivot(writer);
 }
 
@@ -388,7 +408,7 @@ fn the_guest_moves_to_the_local_file_by_blockdev_mirror_while_writing() {
         "120",
     ]);
     assert!(out.status.success(), "ferry status --wait: {out:?}");
-    d.pivot("pivot-mirror");
+    d.pivot("pivot-mirror", &writer);
     d.after_pivot(writer);
 }
 
