@@ -258,9 +258,10 @@ pub(crate) struct PullArgs {
     /// or a management network. Default: no listener.
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) metrics: Option<SocketAddr>,
-    /// Exit (status 0) once the copy is complete and verified, instead of
-    /// serving on; exit 2 if it stops on an error or fails verification.
-    /// It does not commit: `ferry commit --disk` does, later.
+    /// Exit (status 0) once the copy is complete and verified and no NBD
+    /// client is connected, instead of serving on; exit 2 if it stops on an
+    /// error or fails verification. It does not commit: `ferry commit
+    /// --disk` does, later. Not with --ublk.
     #[arg(long)]
     pub(crate) exit_when_complete: bool,
     /// If the migration of this disk was aborted (`ferry abort`), discard
