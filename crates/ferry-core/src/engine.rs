@@ -797,10 +797,12 @@ impl Engine {
 
     /// Up to `max` chunks to fill from their local copies in the
     /// background, claimed as [`Engine::poll_fill_local`]'s are; empty
-    /// when none is left (or the copy is held back, or failed).
+    /// when none is left (or the migration failed). A held-back copier
+    /// ([`Engine::set_background_paused`]) does not hold these back: they
+    /// cost the link nothing.
     pub fn poll_local_background(&mut self, max: usize) -> Vec<u64> {
         let mut out = Vec::new();
-        if self.background_paused || self.error.is_some() || self.local.is_empty() {
+        if self.error.is_some() || self.local.is_empty() {
             return out;
         }
         while out.len() < max {

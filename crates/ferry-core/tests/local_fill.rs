@@ -68,6 +68,8 @@ fn the_copier_leaves_matched_chunks_to_the_local_filler() {
     assert_eq!(e.poll_background(16), Some(3..4));
     assert_eq!(e.poll_background(16), None);
     assert!(e.local_pending());
+    // Holding the copier back does not hold local fills back.
+    e.set_background_paused(true);
     assert_eq!(e.poll_local_background(16), vec![1, 2]);
     assert!(!e.local_pending());
     assert_eq!(e.poll_local_background(16), Vec::<u64>::new());
