@@ -123,7 +123,7 @@ fn a_pull_with_an_index_fills_matches_locally_and_equals_the_source() {
     let mut args = w.pull_args(port, "dst.img");
     args.extend(["--index".into(), idx.display().to_string()]);
     args.push("--hold-background".into());
-    let _pull = w.pull(&args);
+    let pull = w.pull(&args);
     let want = matched.len() as u64 * CHUNK;
     let s = w.wait_status("the local fills", Duration::from_secs(120), |s| {
         s["filled_local_bytes"].as_u64().unwrap_or(0) >= want
@@ -139,6 +139,12 @@ fn a_pull_with_an_index_fills_matches_locally_and_equals_the_source() {
     let fetched = s["fetched_background_bytes"].as_u64().unwrap()
         + s["fetched_on_demand_bytes"].as_u64().unwrap();
     assert_eq!(fetched + want, data, "{s}");
+    // The final report says what was filled locally.
+    let log = pull.log_text();
+    assert!(
+        log.contains(&format!("filled_local_bytes={want}")),
+        "no local fills in the final report: {log}"
+    );
     // The data is random (incompressible): the wire carries what was
     // fetched, so the index saves about what it filled.
     let (wire, wire_plain) = (

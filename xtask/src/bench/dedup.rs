@@ -258,7 +258,8 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         .into_iter()
         .find(|c| c.id == "base")
         .expect("the base case");
-    let wan = Wan::up("bench", &case.link, &a.tcp_cc, true)?;
+    // Its own instance: a full bench may be running beside it.
+    let wan = Wan::up("dedup", &case.link, &a.tcp_cc, true)?;
     let ctx = Ctx {
         a,
         bin: bin.clone(),
