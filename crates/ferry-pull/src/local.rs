@@ -191,7 +191,11 @@ pub async fn run_local_fill<F: Fetcher, D: Disk, M: BlockMap>(
         }
         let fills: Vec<_> = batch
             .into_iter()
-            .map(|c| tokio::spawn(shared.clone().fill_local(c)))
+            .map(|c| {
+                tokio::spawn(tracing::Instrument::in_current_span(
+                    shared.clone().fill_local(c),
+                ))
+            })
             .collect();
         for f in fills {
             let _ = f.await;
