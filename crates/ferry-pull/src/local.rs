@@ -132,15 +132,13 @@ pub async fn run_local_fill<F: Fetcher, D: Disk, M: BlockMap>(
         return;
     }
     let manifest_ms = t0.elapsed().as_millis() as u64;
-    let found = tokio::task::spawn_blocking(move || LocalMatches::find(complete, &indexes)).await;
+    let found =
+        D::offload(move || LocalMatches::find(complete, &indexes).map_err(std::io::Error::other))
+            .await;
     let matches = match found {
-        Ok(Ok(m)) => m,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "cannot match the source's chunks against the index; no local fills");
-            return;
-        }
+        Ok(m) => m,
         Err(e) => {
-            tracing::warn!(error = %e, "matching the index failed; no local fills");
+            tracing::warn!(error = %e, "cannot match the source's chunks against the index; no local fills");
             return;
         }
     };
