@@ -230,6 +230,14 @@ fn make_images(dir: &Path, size_mib: u64) -> Result<(PathBuf, PathBuf, String, D
     Ok((template, source, desc, d))
 }
 
+/// The 1-minute load average (`/proc/loadavg`).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// Runs the dedup bench (see the module documentation).
 pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     crate::setup::ensure(super::NEEDS)?;
@@ -254,6 +262,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     let build_s = built["seconds"].as_f64().unwrap_or(0.0);
     eprintln!("bench: indexed the template: {}", out.trim());
     let started = chrono_now();
+    let load_before = loadavg();
     let case = all_cases()
         .into_iter()
         .find(|c| c.id == "base")
@@ -292,8 +301,10 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             drop_page_cache(&source)?;
             drop_page_cache(&template)?;
             let tag = if extra.is_empty() { "plain" } else { "index" };
-            let r = run_ferry(&ctx, &img, &mut serve, run, tag, extra)
+            let stolen0 = super::steal::stolen_ms();
+            let mut r = run_ferry(&ctx, &img, &mut serve, run, tag, extra)
                 .with_context(|| format!("{name} run {}", run + 1))?;
+            r.host_stolen_ms = super::steal::between(stolen0, super::steal::stolen_ms());
             eprintln!(
                 "bench: dedup {name} run {}: whole disk {:.1} s, wire {:.1} MiB, filled locally {:.1} MiB, first read {} s",
                 run + 1,
@@ -362,6 +373,17 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                 .unwrap_or("–".into()),
         )?;
     }
+    let per_sys: std::collections::BTreeMap<String, Vec<RunResult>> = systems
+        .iter()
+        .zip(&results)
+        .map(|((name, _), rs)| (name.to_string(), rs.clone()))
+        .collect();
+    writeln!(
+        o,
+        "\n{} Load average (1 min) {load_before} before, {} after: the machine was shared with other work.",
+        super::steal_line(&per_sys),
+        loadavg()
+    )?;
     let med = |rs: &[RunResult], f: &dyn Fn(&RunResult) -> f64| {
         median(&rs.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
     };
