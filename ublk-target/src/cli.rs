@@ -45,6 +45,9 @@ pub(crate) enum Command {
     List(crate::verbs::ListArgs),
     /// Apply guest writes kept by `ferry abort` to an image (the source's).
     ApplyWrites(crate::verbs::ApplyWritesArgs),
+    /// Build, update or inspect a content index of local images, for
+    /// `ferry pull --index`.
+    Index(crate::index::IndexArgs),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(GenerateDocsArgs),
@@ -258,6 +261,12 @@ pub(crate) struct PullArgs {
     /// or a management network. Default: no listener.
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) metrics: Option<SocketAddr>,
+    /// A content index of local images (`ferry index build`); repeatable.
+    /// Chunks whose source hash is in one are filled from the local file
+    /// (read, hash checked) instead of fetched; copies that changed since
+    /// indexing are fetched.
+    #[arg(long, value_name = "INDEX")]
+    pub(crate) index: Vec<PathBuf>,
     /// Exit (status 0) once the copy is complete and verified and no NBD
     /// client is connected, instead of serving on; exit 2 if it stops on an
     /// error or fails verification. It does not commit: `ferry commit

@@ -119,6 +119,14 @@ pub(crate) fn human_status(s: &Status) -> String {
         human(s.fetched_background_bytes),
         human(s.skipped_zero_bytes)
     );
+    if s.filled_local_bytes > 0 || s.local_stale_chunks > 0 {
+        outln!(
+            o,
+            "local:       {} filled from local copies (--index); {} stale chunks fetched",
+            human(s.filled_local_bytes),
+            s.local_stale_chunks
+        );
+    }
     outln!(o, "on the wire: {} received", human(s.wire_rx_bytes));
     // A finished or failed pull moves no data: no rate, no ETA.
     if !crate::watch::finished(s) {

@@ -102,17 +102,16 @@ mod tests {
     fn a_page_per_visible_subcommand_and_completions_for_three_shells() {
         let dir = tempfile::tempdir().unwrap();
         let files = generate(dir.path()).unwrap();
-        let mut want: Vec<String> = ["ferry"]
-            .into_iter()
-            .map(String::from)
-            .chain(
-                Cli::command()
-                    .get_subcommands()
-                    .filter(|s| !s.is_hide_set())
-                    .map(|s| format!("ferry-{}", s.get_name())),
-            )
-            .map(|p| format!("man/{p}.1"))
-            .collect();
+        // Nested subcommands (`ferry index build`) have pages of their own.
+        fn pages(cmd: &clap::Command, name: &str, out: &mut Vec<String>) {
+            out.push(format!("man/{name}.1"));
+            for s in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                pages(s, &format!("{name}-{}", s.get_name()), out);
+            }
+        }
+        let mut want = Vec::new();
+        pages(&Cli::command(), "ferry", &mut want);
+        assert!(want.contains(&"man/ferry-index-update.1".to_string()));
         want.extend(["_ferry", "ferry.bash", "ferry.fish"].map(|c| format!("completions/{c}")));
         want.sort();
         assert_eq!(names(&files, dir.path()), want);

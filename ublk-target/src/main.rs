@@ -7,6 +7,7 @@
 mod cli;
 mod control;
 mod docs;
+mod index;
 mod logging;
 mod metrics;
 mod notify;
@@ -74,6 +75,7 @@ fn run(cli: cli::Cli) -> Result<()> {
         cli::Command::Commit(a) => verbs::commit_command(&a),
         cli::Command::List(a) => verbs::list_command(&a),
         cli::Command::ApplyWrites(a) => verbs::apply_writes_command(&a),
+        cli::Command::Index(a) => index::run(a),
         cli::Command::GenerateDocs(a) => {
             for f in docs::generate(&a.out)? {
                 control::emit(&format!("{}\n", f.display()))?;

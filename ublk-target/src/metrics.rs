@@ -196,6 +196,11 @@ pub(crate) fn families(s: &Status, t: &TelemetrySnapshot, chunks: u64) -> Vec<Me
             ],
         ),
         counter(
+            "ferry_pull_filled_local_bytes_total",
+            "Bytes filled from local copies found through --index instead of fetched.",
+            b(s.filled_local_bytes),
+        ),
+        counter(
             "ferry_pull_duplicate_bytes_total",
             "Bytes fetched twice (a background fetch overtaken by an on-demand one).",
             b(s.duplicate_bytes),
@@ -423,6 +428,7 @@ mod tests {
             fetched_on_demand_bytes: 65536,
             fetched_background_bytes: 3 * 65536,
             duplicate_bytes: 65536,
+            filled_local_bytes: 2 * 65536,
             skipped_zero_bytes: 2 << 20,
             source_state: "connected".into(),
             background: "running".into(),
@@ -475,6 +481,10 @@ mod tests {
             196608.0
         );
         assert_eq!(sample(&text, "ferry_pull_duplicate_bytes_total"), 65536.0);
+        assert_eq!(
+            sample(&text, "ferry_pull_filled_local_bytes_total"),
+            2.0 * 65536.0
+        );
         assert_eq!(sample(&text, "ferry_pull_zero_skipped_bytes"), 2097152.0);
         assert_eq!(
             sample(&text, "ferry_pull_guest_written_bytes_total"),

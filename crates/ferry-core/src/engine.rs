@@ -34,6 +34,18 @@
 //!    ([`Engine::handle_write_failed`]) and fetched anew. Until the write is done,
 //!    other guest requests for them wait.
 //!
+//! Chunks the destination already holds elsewhere (a local image found
+//! through a content index) are filled from there instead of fetched: the
+//! caller names them ([`Engine::handle_local_matches`]); a guest request or
+//! the local filler ([`Engine::poll_local_background`]) claims one like a
+//! fetch ([`Engine::poll_fill_local`]), the caller reads and checks the
+//! local bytes and hands them in through [`Engine::handle_fetched`] like
+//! fetched data (the same hash check, the same fill, the same sync), or
+//! reports a local copy that no longer matches
+//! ([`Engine::handle_local_failed`]): the chunk is then fetched from the
+//! source. The background copier leaves matched chunks to the local
+//! filler.
+//!
 //! A guest request for a chunk that only the background copier is fetching
 //! starts its own, on-demand fetch of it (the background answer may wait
 //! behind a bandwidth-delay product of other data); the first good answer
@@ -222,6 +234,12 @@ pub struct Counters {
     /// Bytes fetched twice: a background fetch overtaken by an on-demand
     /// one for the same chunk, whichever answered second.
     pub duplicate: u64,
+    /// Bytes filled from local copies (a content index) instead of
+    /// fetched.
+    pub filled_local: u64,
+    /// Chunks whose local copy no longer matched the source's hash (the
+    /// indexed file changed): fetched from the source instead.
+    pub local_stale: u64,
 }
 
 /// A chunk being fetched: why, and by how many requests.
@@ -229,6 +247,8 @@ pub struct Counters {
 struct Fetch {
     kind: FetchKind,
     requests: u32,
+    /// Filled from a local copy, not fetched: never fetched over it too.
+    local: bool,
 }
 
 /// The engine. See the module documentation.
@@ -261,6 +281,14 @@ pub struct Engine {
     to_wake: BTreeSet<u64>,
     /// Every waiting request is to be woken.
     wake_all: bool,
+    /// Chunks with a local copy not tried yet (one bit per chunk; empty
+    /// until [`Engine::handle_local_matches`]).
+    local: BitVec,
+    /// Where [`Engine::poll_local_background`] looks next.
+    local_cursor: usize,
+    /// Local fills claimed for guest requests, not yet handed out by
+    /// [`Engine::poll_fill_local`].
+    to_fill_local: VecDeque<u64>,
 }
 
 impl Engine {
@@ -294,6 +322,9 @@ impl Engine {
             to_fetch: VecDeque::new(),
             to_wake: BTreeSet::new(),
             wake_all: false,
+            local: BitVec::new(),
+            local_cursor: 0,
+            to_fill_local: VecDeque::new(),
         }
     }
 
@@ -493,6 +524,21 @@ impl Engine {
     /// background when `kind` is on-demand) as fetching by one more request
     /// and groups them into consecutive ranges.
     fn start_fetches(&mut self, chunks: Vec<u64>, kind: FetchKind) -> Vec<Range<u64>> {
+        // Chunks with a local copy, not in flight: filled from it.
+        let chunks = if self.local.is_empty() {
+            chunks
+        } else {
+            let mut remote = Vec::with_capacity(chunks.len());
+            for c in chunks {
+                if self.local[c as usize] && !self.fetching.contains_key(&c) {
+                    self.claim_local(c, kind);
+                    self.to_fill_local.push_back(c);
+                } else {
+                    remote.push(c);
+                }
+            }
+            remote
+        };
         let ranges = self.mark_fetching(chunks, kind);
         self.to_fetch.extend(ranges.iter().map(|r| FetchRequest {
             chunks: r.clone(),
@@ -510,7 +556,11 @@ impl Engine {
                     f.kind = kind;
                     f.requests += 1;
                 })
-                .or_insert(Fetch { kind, requests: 1 });
+                .or_insert(Fetch {
+                    kind,
+                    requests: 1,
+                    local: false,
+                });
             match ranges.last_mut() {
                 Some(r) if r.end == c => r.end += 1,
                 _ => ranges.push(c..c + 1),
@@ -537,7 +587,7 @@ impl Engine {
             && self
                 .fetching
                 .get(&chunk)
-                .is_none_or(|f| f.kind == FetchKind::Background)
+                .is_none_or(|f| f.kind == FetchKind::Background && !f.local)
     }
 
     /// Plans a guest read of `len` bytes at `offset` (inside the disk).
@@ -698,6 +748,98 @@ impl Engine {
             .collect()
     }
 
+    /// Chunks whose content a local copy holds (found in a content index
+    /// by the source's hash). Those absent, not in flight and never written
+    /// by the guest are filled from it ([`Engine::poll_local_background`],
+    /// or a guest request's [`Engine::poll_fill_local`]) instead of
+    /// fetched. Returns how many were taken.
+    pub fn handle_local_matches(&mut self, chunks: &[u64]) -> u64 {
+        if self.local.is_empty() {
+            self.local = bitvec![0; self.geo.chunks() as usize];
+        }
+        let mut n = 0;
+        for &c in chunks {
+            if c >= self.geo.chunks()
+                || self.guest_chunks[c as usize]
+                || self.fetching.contains_key(&c)
+                || self.filling.contains_key(&c)
+                || self.chunk_present(c)
+            {
+                continue;
+            }
+            if !self.local[c as usize] {
+                self.local.set(c as usize, true);
+                n += 1;
+            }
+        }
+        self.local_cursor = 0;
+        n
+    }
+
+    fn claim_local(&mut self, chunk: u64, kind: FetchKind) {
+        self.local.set(chunk as usize, false);
+        self.fetching.insert(
+            chunk,
+            Fetch {
+                kind,
+                requests: 1,
+                local: true,
+            },
+        );
+    }
+
+    /// The next chunk a guest request needs that is to be filled from its
+    /// local copy: read it, check it, and hand it in through
+    /// [`Engine::handle_fetched`] (or [`Engine::handle_local_failed`]).
+    pub fn poll_fill_local(&mut self) -> Option<u64> {
+        self.to_fill_local.pop_front()
+    }
+
+    /// Up to `max` chunks to fill from their local copies in the
+    /// background, claimed as [`Engine::poll_fill_local`]'s are; empty
+    /// when none is left (or the migration failed). A held-back copier
+    /// ([`Engine::set_background_paused`]) does not hold these back: they
+    /// cost the link nothing.
+    pub fn poll_local_background(&mut self, max: usize) -> Vec<u64> {
+        let mut out = Vec::new();
+        if self.error.is_some() || self.local.is_empty() {
+            return out;
+        }
+        while out.len() < max {
+            let Some(i) = self.local[self.local_cursor..].first_one() else {
+                break;
+            };
+            let c = (self.local_cursor + i) as u64;
+            self.local_cursor += i + 1;
+            if self.fetching.contains_key(&c)
+                || self.filling.contains_key(&c)
+                || self.chunk_present(c)
+            {
+                self.local.set(c as usize, false);
+                continue;
+            }
+            self.claim_local(c, FetchKind::Background);
+            out.push(c);
+        }
+        out
+    }
+
+    /// The local copy of `chunk` could not be read or no longer matches
+    /// the source's hash: the chunk is absent again and is fetched from
+    /// the source like any other.
+    pub fn handle_local_failed(&mut self, chunk: u64) {
+        if self.fetching.get(&chunk).is_some_and(|f| f.local) {
+            self.fetching.remove(&chunk);
+            self.counters.local_stale += 1;
+        }
+        self.wake(chunk..chunk + 1);
+    }
+
+    /// Whether some chunks are still to be filled from local copies.
+    pub fn local_pending(&self) -> bool {
+        !self.local.is_empty() && self.local[self.local_cursor.min(self.local.len())..].any()
+    }
+
     /// The next range of chunks for the background copier, at most
     /// `max_chunks` long, or `None` when nothing is left to start (or the
     /// copier is held back, or the migration failed).
@@ -710,8 +852,12 @@ impl Engine {
         // Any absent chunk: zero chunks are present from the manifest's
         // arrival on, absent again only when made so by
         // [`Engine::refetch`].
+        // Chunks with a local copy are the local filler's.
         let wanted = |e: &Self, c: u64| {
-            !e.fetching.contains_key(&c) && !e.filling.contains_key(&c) && !e.chunk_present(c)
+            !e.fetching.contains_key(&c)
+                && !e.filling.contains_key(&c)
+                && !e.chunk_present(c)
+                && (e.local.is_empty() || !e.local[c as usize])
         };
         // One pass from the cursor, wrapping once, so chunks passed over
         // while in flight (and later failed) are found again.
@@ -809,6 +955,7 @@ impl Engine {
         let data_len = if zero { 0 } else { len as u64 };
         self.corrupt_streak.remove(&chunk);
         match kind {
+            _ if fetch.local => self.counters.filled_local += data_len,
             FetchKind::OnDemand => self.counters.fetched_on_demand += data_len,
             FetchKind::Background => self.counters.fetched_background += data_len,
         }

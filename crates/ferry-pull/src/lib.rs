@@ -21,6 +21,7 @@ mod error;
 pub mod fetcher;
 mod fill_trouble;
 pub mod lifecycle;
+pub mod local;
 pub mod open;
 pub mod runtime;
 pub mod shell;

@@ -76,6 +76,8 @@ pub struct Shell<F: Fetcher, D: Disk = Backing, M: BlockMap = StateFile> {
     pub(crate) fill_trouble: Mutex<FillTrouble>,
     /// On-demand fetch times, guest stalls and writes (`--metrics`).
     telemetry: Telemetry,
+    /// Where chunks have local copies (`--index`), once matched.
+    pub(crate) local: std::sync::OnceLock<Arc<crate::local::LocalMatches>>,
 }
 
 fn eio(msg: impl Into<String>) -> io::Error {
@@ -112,6 +114,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
             bg_in_flight_bytes: AtomicU64::new(0),
             fill_trouble: Mutex::default(),
             telemetry: Telemetry::default(),
+            local: std::sync::OnceLock::new(),
         })
     }
 
@@ -149,7 +152,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
 
     /// Releases the engine lock, then wakes the guest requests the engine
     /// names ([`Engine::poll_wake`]).
-    fn wake(&self, mut engine: std::sync::MutexGuard<'_, Engine>) {
+    pub(crate) fn wake(&self, mut engine: std::sync::MutexGuard<'_, Engine>) {
         let mut wakes = Vec::new();
         while let Some(w) = engine.poll_wake() {
             wakes.push(w);
@@ -168,6 +171,11 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
     fn start_fetches(self: &Arc<Self>, engine: &mut Engine) {
         while let Some(FetchRequest { chunks, kind }) = engine.poll_fetch() {
             self.spawn_fetch(chunks, kind);
+        }
+        while let Some(chunk) = engine.poll_fill_local() {
+            tokio::spawn(tracing::Instrument::in_current_span(
+                self.clone().fill_local(chunk),
+            ));
         }
     }
 
@@ -202,6 +210,11 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
     /// The disk's size in bytes.
     pub fn size(&self) -> u64 {
         self.backing.size()
+    }
+
+    /// The disk's geometry.
+    pub(crate) fn geometry(&self) -> Geometry {
+        self.geo
     }
 
     /// The disk's blocks.
@@ -369,7 +382,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         self.changed.notify_waiters();
     }
 
-    async fn arrived(&self, chunk: u64, fetched: Payload) {
+    pub(crate) async fn arrived(&self, chunk: u64, fetched: Payload) {
         // A corrupt answer makes the chunk absent again (or, after too
         // many, stops the migration): its requests plan anew.
         let arrival = {

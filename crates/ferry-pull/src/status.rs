@@ -56,6 +56,14 @@ pub struct Status {
     #[serde(default)]
     /// Bytes fetched twice (a background fetch overtaken by an on-demand one).
     pub duplicate_bytes: u64,
+    /// Bytes filled from local copies found through `--index` instead of
+    /// fetched (this run).
+    #[serde(default)]
+    pub filled_local_bytes: u64,
+    /// Chunks whose indexed local copy no longer matched the source's
+    /// hash, fetched from the source instead.
+    #[serde(default)]
+    pub local_stale_chunks: u64,
     /// Bytes present when this run started.
     pub present_at_start_bytes: u64,
     /// Bytes received on the wire.
@@ -156,6 +164,8 @@ pub fn snapshot<F: Fetcher, D: Disk, M: BlockMap>(
         rejected_corrupt_bytes: c.rejected_corrupt,
         discarded_guest_won_bytes: c.discarded_guest_won,
         duplicate_bytes: c.duplicate,
+        filled_local_bytes: c.filled_local,
+        local_stale_chunks: c.local_stale,
         present_at_start_bytes: report.present_at_start,
         wire_rx_bytes: stats.map_or(0, |s| s.wire_rx_bytes),
         wire_tx_bytes: stats.map_or(0, |s| s.wire_tx_bytes),

@@ -135,9 +135,13 @@ pub(crate) async fn verify<F: Fetcher, D: Disk, M: BlockMap>(
         }
     }
     if v.state == "ok" {
+        let c = shared.engine_counters();
         tracing::info!(
             chunks = v.chunks_checked,
             refetched = v.refetched,
+            fetched_bytes = c.fetched_on_demand + c.fetched_background,
+            filled_local_bytes = c.filled_local,
+            local_stale_chunks = c.local_stale,
             disk_blake3 = v.disk_blake3.as_deref().unwrap_or(""),
             "copy complete and verified: every chunk the guest did not write equals the source; the source may be stopped"
         );

@@ -451,3 +451,85 @@ async fn a_miss_is_answered_from_the_fetched_data_without_reading_the_backing_fi
     assert_eq!(got[4096..], vec![0xab; 4096]);
     assert_eq!(p.shell.backing_reads(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_index_matched_chunks_come_from_the_local_file_and_stale_ones_from_the_source() {
+    let data = source_data();
+    // A lazy source: the first manifest knows no hash, so the matches come
+    // from the complete manifest the local filler asks for.
+    let p = pull_from(MemSource::lazy(data.clone()), None);
+    // A template holding source chunks 4..=9 one chunk on, after an
+    // unrelated chunk; indexed, then its copy of chunk 7 changed.
+    let dir = tempfile::tempdir().unwrap();
+    let tpl = dir.path().join("template.img");
+    let mut t = vec![0x55u8; CHUNK as usize];
+    t.extend_from_slice(&data[range(4).start..range(9).end]);
+    std::fs::write(&tpl, &t).unwrap();
+    let idx = dir.path().join("template.ferry-index");
+    ferry_index::build(&idx, std::slice::from_ref(&tpl)).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&tpl).unwrap();
+        f.write_all_at(&[0xaa; 4096], 4 * u64::from(CHUNK)).unwrap();
+    }
+    // The source answers no fetch until released.
+    p.source.0.held.store(true, Ordering::SeqCst);
+    let settings = Arc::new(CopierSettings {
+        rate_limit: AtomicU64::new(0),
+        batch_chunks: 4,
+        window: Window::Fixed(4),
+        sync_bytes: 1 << 20,
+        link_rtt: Duration::from_millis(1),
+    });
+    tokio::spawn(copier::fetch_manifest(p.shell.clone()));
+    tokio::spawn(ferry_pull::local::run_local_fill(
+        p.shell.clone(),
+        vec![ferry_index::Index::open(&idx).unwrap()],
+        settings,
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.shell.engine_counters().local_stale == 0
+        || p.shell.engine_counters().filled_local < 5 * u64::from(CHUNK)
+    {
+        assert!(Instant::now() < deadline, "no local fills");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Matched chunks are read while the source answers nothing.
+    for c in [4u64, 5, 6, 8, 9] {
+        let at = c * u64::from(CHUNK);
+        let got = tokio::time::timeout(Duration::from_secs(10), p.device.read(at, CHUNK))
+            .await
+            .expect("a matched chunk waits for the source")
+            .unwrap();
+        assert_eq!(got, data[range(c)], "chunk {c}");
+    }
+    let c = p.shell.engine_counters();
+    assert_eq!(
+        (c.filled_local, c.local_stale, c.fetched_on_demand),
+        (5 * u64::from(CHUNK), 1, 0)
+    );
+    assert!(
+        p.source.0.asked.lock().unwrap().is_empty(),
+        "nothing was fetched: {:?}",
+        p.source.0.asked.lock().unwrap()
+    );
+    // Chunk 7's local copy is stale: its read goes to the source.
+    let at = 7 * u64::from(CHUNK);
+    let reader = {
+        let d = p.device.clone();
+        tokio::spawn(async move { d.read(at, CHUNK).await })
+    };
+    while p.source.0.fetches.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stale chunk was never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        *p.source.0.asked.lock().unwrap(),
+        vec![(7, 1, FetchKind::OnDemand)]
+    );
+    p.source.release();
+    assert_eq!(reader.await.unwrap().unwrap(), data[range(7)]);
+}

@@ -182,6 +182,19 @@ impl Fetcher for SimSource {
         Ok(w.manifest.clone())
     }
 
+    /// As [`SimSource::manifest`], but the engine does not get it: it
+    /// does not mark when the engine's manifest arrived (the local filler
+    /// may ask before the copier's manifest is in).
+    async fn complete_manifest(&self) -> Result<Arc<Manifest>, FetchError> {
+        let delay = {
+            let mut w = world(&self.0);
+            let max = w.manifest_delay_ms;
+            w.rng.below(max + 1)
+        };
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        Ok(world(&self.0).manifest.clone())
+    }
+
     fn is_authenticated(&self) -> bool {
         true
     }
@@ -287,10 +300,14 @@ struct Sim {
     w: Shared,
     geo: Geometry,
     boot: Option<Boot>,
+    /// A content index of a local template (`--index`), and its directory.
+    index: Option<(std::path::PathBuf, tempfile::TempDir)>,
+    /// Bytes filled locally and stale local chunks, over every boot.
+    local: (u64, u64),
 }
 
 impl Sim {
-    fn new(seed: u64, chunk_size: u32, chunks: u64, tail: u64) -> Self {
+    fn create(seed: u64, chunk_size: u32, chunks: u64, tail: u64) -> Self {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let (source, manifest) = source_disk(&mut rng, chunk_size, chunks, tail);
         let geo = manifest.geometry();
@@ -323,11 +340,47 @@ impl Sim {
             zero_chunk_requests: 0,
             write_stamp: 0,
         };
-        let mut sim = Sim {
+        Sim {
             w: Arc::new(Mutex::new(w)),
             geo,
             boot: None,
-        };
+            index: None,
+            local: (0, 0),
+        }
+    }
+
+    fn new(seed: u64, chunk_size: u32, chunks: u64, tail: u64) -> Self {
+        let mut sim = Self::create(seed, chunk_size, chunks, tail);
+        sim.start();
+        sim
+    }
+
+    /// A migration with 64 KiB chunks and `--index` of a local template
+    /// that holds two in three of the source's full chunks (one chunk
+    /// further on), some of those (chunks 3, 7, …) changed after indexing.
+    fn with_template(seed: u64, chunks: u64, tail: u64) -> Self {
+        let cs = ferry_index::CHUNK_SIZE;
+        let mut sim = Self::create(seed, cs, chunks, tail);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tpl = dir.path().join("template.img");
+        let mut t = vec![0u8; (chunks as usize + 1) * cs as usize];
+        let source = world(&sim.w).source.clone();
+        for c in 0..chunks {
+            if c % 3 != 2 {
+                let r = sim.geo.chunk_bytes(c);
+                let at = (c as usize + 1) * cs as usize;
+                t[at..at + cs as usize].copy_from_slice(&source[r.start as usize..r.end as usize]);
+            }
+        }
+        std::fs::write(&tpl, &t).expect("template");
+        let idx = dir.path().join("template.ferry-index");
+        ferry_index::build(&idx, std::slice::from_ref(&tpl)).expect("index");
+        for c in (0..chunks).filter(|c| c % 4 == 3 && c % 3 != 2) {
+            let at = (c as usize + 1) * cs as usize + 100;
+            t[at] ^= 0x5a;
+        }
+        std::fs::write(&tpl, &t).expect("template changed");
+        sim.index = Some((idx, dir));
         sim.start();
         sim
     }
@@ -354,8 +407,11 @@ impl Sim {
             Some(SimSource(self.w.clone())),
             ShellOptions::default(),
         );
+        // With a template, the copier is slowed down so that the local
+        // filler finds chunks still absent when its matches are in.
+        let rate = if self.index.is_some() { 1_000_000 } else { 0 };
         let settings = Arc::new(CopierSettings {
-            rate_limit: AtomicU64::new(0),
+            rate_limit: AtomicU64::new(rate),
             batch_chunks: 3,
             window: Window::Fixed(6),
             sync_bytes: 64 * 1024,
@@ -374,6 +430,14 @@ impl Sim {
             settings.clone(),
             report.clone(),
         ));
+        if let Some((idx, _)) = &self.index {
+            let index = ferry_index::Index::open(idx).expect("open index");
+            rt.spawn(ferry_pull::local::run_local_fill(
+                shell.clone(),
+                vec![index],
+                settings.clone(),
+            ));
+        }
         rt.spawn(copier::run_syncer(
             shell.clone(),
             settings,
@@ -386,6 +450,13 @@ impl Sim {
             shell,
             report,
         });
+    }
+
+    /// Adds this boot's local fills to [`Sim::local`].
+    fn count_local(&mut self) {
+        let c = self.boot().shell.engine_counters();
+        self.local.0 += c.filled_local;
+        self.local.1 += c.local_stale;
     }
 
     fn boot(&self) -> &Boot {
@@ -455,6 +526,7 @@ impl Sim {
     /// Crash: the volatile cache, the pull's memory and every request in
     /// flight are lost; then the pull starts again.
     fn crash(&mut self) {
+        self.count_local();
         drop(self.boot.take());
         {
             let mut w = world(&self.w);
@@ -590,6 +662,20 @@ fn random_workloads_without_crashes_keep_every_invariant() {
         sim.run(300, 0);
         assert!(world(&sim.w).bytes_requested > 0);
     }
+}
+
+#[test]
+fn random_workloads_with_local_fills_and_crashes_keep_every_invariant() {
+    let mut local = (0, 0);
+    for seed in 2000..2060 {
+        let mut sim = Sim::with_template(seed, 9, (seed % 2) * 4096 + 100);
+        sim.run(200, if seed % 3 == 0 { 0 } else { 15 });
+        sim.count_local();
+        local.0 += sim.local.0;
+        local.1 += sim.local.1;
+    }
+    // Local fills happened, stale local copies were met (and fetched).
+    assert!(local.0 > 0 && local.1 > 0, "{local:?}");
 }
 
 #[test]

@@ -191,6 +191,14 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     if a.nbd.is_none() && !a.ublk {
         bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tls-dir or --nbd-tcp-insecure)");
     }
+    let indexes = a
+        .index
+        .iter()
+        .map(|p| {
+            ferry_index::Index::open(p)
+                .with_context(|| format!("cannot open --index {}", p.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let disk_is_device = ferry_store::backing::is_block_device(&a.disk)
         .with_context(|| format!("cannot stat --disk {}", a.disk.display()))?;
     let state_path = match (&a.state, disk_is_device) {
@@ -411,6 +419,10 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             tokio::spawn(copier::fetch_manifest(shared.clone()).in_current_span());
             tokio::spawn(
                 copier::run_copier(shared.clone(), settings.clone(), report.clone())
+                    .in_current_span(),
+            );
+            tokio::spawn(
+                ferry_pull::local::run_local_fill(shared.clone(), indexes, settings.clone())
                     .in_current_span(),
             );
         }

@@ -20,6 +20,7 @@
 //! it. The lazy proxy's background scan is slow; a run of it is stopped at
 //! `--lazy-cap-secs` and its whole-disk figure reported as a lower bound.
 
+mod dedup;
 pub(crate) mod nbd;
 mod plot;
 mod sampler;
@@ -135,6 +136,13 @@ pub(crate) struct BenchArgs {
     /// the report names them.
     #[arg(long = "ferry-serve-arg", allow_hyphen_values = true)]
     ferry_serve_args: Vec<String>,
+    /// Instead of the peers: ferry with and without `--index` on a source
+    /// derived from a template the destination holds (files added,
+    /// rewritten, deleted), on the base link; writes the `dedup` section.
+    /// Takes --quick, --runs, --size-mib (default 1024; 256 with --quick),
+    /// --probes, --out.
+    #[arg(long)]
+    dedup: bool,
 }
 
 /// The source image's page cache before a run (`--source-cache`).
@@ -255,6 +263,8 @@ struct RunResult {
     late_pkts: u64,
     fwd_pkts: u64,
     note: String,
+    /// Bytes `ferry pull --index` filled from local copies.
+    filled_local_bytes: u64,
 }
 
 impl RunResult {
@@ -316,6 +326,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
         section: report_section(a.quick, &a.section).to_string(),
         ..a.clone()
     };
+    if a.dedup {
+        return dedup::run(a);
+    }
     ensure(NEEDS)?;
     let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
     let size_mib = a.size_mib.unwrap_or(if a.quick { 256 } else { 2048 });
@@ -399,7 +412,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
                     }
                     let stolen0 = steal::stolen_ms();
                     let mut r = match sys.as_str() {
-                        "ferry" => run_ferry(&ctx, img, serve.as_mut().expect("serve"), run),
+                        "ferry" => {
+                            run_ferry(&ctx, img, serve.as_mut().expect("serve"), run, "", &[])
+                        }
                         "nbdcopy" => run_nbdcopy(&ctx, img, qnbd.as_mut().expect("qemu-nbd")),
                         _ => run_lazy(&ctx, img, qnbd.as_mut().expect("qemu-nbd")),
                     }
@@ -906,9 +921,16 @@ fn steal_line(per_sys: &BTreeMap<String, Vec<RunResult>>) -> String {
     line
 }
 
-fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result<RunResult> {
+fn run_ferry(
+    ctx: &Ctx<'_>,
+    img: &Image,
+    serve: &mut Proc,
+    run: usize,
+    tag: &str,
+    extra: &[String],
+) -> Result<RunResult> {
     let mut r = RunResult::default();
-    let tag = format!("ferry-{}", img.id);
+    let tag = format!("ferry-{}{tag}", img.id);
     let disk = ctx.dir.join(format!("dst-{tag}.img"));
     for p in [
         disk.clone(),
@@ -936,7 +958,8 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
             .arg("--identity")
             .arg(&ctx.ids.dst_dir)
             .args(["--trust-peer", &ctx.ids.src_fp])
-            .args(link_args(&ctx.link)),
+            .args(link_args(&ctx.link))
+            .args(extra),
         &ctx.logs.join(format!("pull-{tag}-{}.log", run + 1)),
     )?;
     pull.wait_for_log("ferry pull: serving", Duration::from_secs(60))?;
@@ -958,6 +981,7 @@ fn run_ferry(ctx: &Ctx<'_>, img: &Image, serve: &mut Proc, run: usize) -> Result
     drop(client);
     r.cpu_src = serve.cpu_seconds() - cpu_src0;
     r.cpu_dst = pull.stop();
+    r.filled_local_bytes = st["filled_local_bytes"].as_u64().unwrap_or(0);
     r.note = format!(
         "verified {}; {} MiB on demand, {} MiB background, {} MiB zero skipped; {} on-demand reads hedged, the source last reported {} ppm lost",
         st["verified"].as_str().unwrap_or("?"),
@@ -1798,6 +1822,7 @@ mod tests {
             out: None,
             section: String::new(),
             ferry_serve_args: Vec::new(),
+            dedup: false,
         };
         let cases = vec![Case {
             id: "base",
