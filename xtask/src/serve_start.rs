@@ -155,7 +155,7 @@ fn make_image(path: &Path, size: u64, data: u64) -> Result<()> {
     let f = std::fs::File::create(path)?;
     f.set_len(size)?;
     let extents = data.div_ceil(EXTENT);
-    let stride = if extents == 0 { size } else { size / extents };
+    let stride = size.checked_div(extents).unwrap_or(size);
     let mut buf = vec![0u8; 1 << 20];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     eprintln!("making {} ({extents} extents of 64 MiB)", path.display());
