@@ -261,6 +261,15 @@ pub struct Engine {
     to_wake: BTreeSet<u64>,
     /// Every waiting request is to be woken.
     wake_all: bool,
+    /// Chunks a live source reported written during pre-copy
+    /// ([`Engine::handle_changed`]): whatever a manifest says of them is
+    /// out of date (they count as unhashed), and a zero one is fetched.
+    changed: BitVec,
+    /// Chunks reported written while their fill was being written: the
+    /// fill's blocks do not become present, and the chunk is not fetched
+    /// again until that write is done (a late stale write must not land
+    /// over the new data).
+    stale_fills: HashSet<u64>,
 }
 
 impl Engine {
@@ -294,6 +303,8 @@ impl Engine {
             to_fetch: VecDeque::new(),
             to_wake: BTreeSet::new(),
             wake_all: false,
+            changed: BitVec::new(),
+            stale_fills: HashSet::new(),
         }
     }
 
@@ -316,6 +327,7 @@ impl Engine {
             self.geo,
             "manifest of another geometry"
         );
+        let manifest = self.without_changed(manifest);
         // Runs of consecutive zero chunks, filled a run at a time: a 1 TiB
         // disk has 16 M chunks.
         let kinds = manifest.chunks();
@@ -355,6 +367,88 @@ impl Engine {
             "manifest of another geometry"
         );
         self.manifest = Some(manifest);
+    }
+
+    /// `manifest` with every chunk reported changed listed as unhashed:
+    /// a manifest taken before a write still names the old hash (or a
+    /// hole).
+    fn without_changed(&self, manifest: Arc<Manifest>) -> Arc<Manifest> {
+        if self.changed.not_any() {
+            return manifest;
+        }
+        let mut m = (*manifest).clone();
+        for c in self.changed.iter_ones() {
+            m.set_chunk(c as u64, ChunkKind::Unhashed);
+        }
+        Arc::new(m)
+    }
+
+    /// A live source reports `chunks` written since the destination copied
+    /// them (pre-copy, docs/decisions/precopy-switchover.md): each chunk
+    /// the guest here never wrote becomes absent, its hash unknown (the
+    /// source's hash comes with the data), and is fetched again. An answer
+    /// in flight for it is dropped when it arrives (it may hold the old
+    /// bytes); a fill being written does not make it present. Returns the
+    /// blocks made absent, for the caller to clear in the state file
+    /// before it acknowledges the change.
+    pub fn handle_changed(&mut self, chunks: &[Range<u64>]) -> Vec<Range<u64>> {
+        if self.changed.is_empty() {
+            self.changed.resize(self.geo.chunks() as usize, false);
+        }
+        let n = self.geo.chunks();
+        let mut manifest = self.manifest.as_ref().map(|m| (**m).clone());
+        let mut cleared = Vec::new();
+        for r in chunks {
+            for c in r.start.min(n)..r.end.min(n) {
+                if self.guest_chunks[c as usize] {
+                    continue;
+                }
+                self.changed.set(c as usize, true);
+                if let Some(m) = manifest.as_mut() {
+                    m.set_chunk(c, ChunkKind::Unhashed);
+                }
+                if self.fetching.remove(&c).is_some() {
+                    self.wake(c..c + 1);
+                }
+                if self.filling.remove(&c).is_some() {
+                    self.stale_fills.insert(c);
+                }
+                self.corrupt_streak.remove(&c);
+                let b = self.geo.chunk_blocks(c);
+                let bits = &mut self.present[b.start as usize..b.end as usize];
+                let had = bits.count_ones() as u64;
+                if had == 0 {
+                    continue;
+                }
+                self.present_blocks -= had;
+                bits.fill(false);
+                self.drop_unsynced(&b);
+                self.bg_cursor = self.bg_cursor.min(c);
+                cleared.push(b);
+            }
+        }
+        if let Some(m) = manifest {
+            self.manifest = Some(Arc::new(m));
+        }
+        cleared
+    }
+
+    /// Forgets the not yet persisted present bits of `b`.
+    fn drop_unsynced(&mut self, b: &Range<u64>) {
+        let mut kept = Vec::with_capacity(self.unsynced.len());
+        for r in std::mem::take(&mut self.unsynced) {
+            if r.end <= b.start || r.start >= b.end {
+                kept.push(r);
+                continue;
+            }
+            if r.start < b.start {
+                kept.push(r.start..b.start);
+            }
+            if r.end > b.end {
+                kept.push(b.end..r.end);
+            }
+        }
+        self.unsynced = kept;
     }
 
     /// Whether the manifest has arrived.
@@ -534,6 +628,7 @@ impl Engine {
     /// ([`Arrival::Duplicate`] for the other).
     fn must_fetch(&self, chunk: u64) -> bool {
         !self.filling.contains_key(&chunk)
+            && !self.stale_fills.contains(&chunk)
             && self
                 .fetching
                 .get(&chunk)
@@ -585,7 +680,7 @@ impl Engine {
         // Chunks being filled: their fill may write blocks we are about to
         // write; wait until it is done.
         for c in self.geo.chunks_touching(offset, len) {
-            if self.filling.contains_key(&c) {
+            if self.filling.contains_key(&c) || self.stale_fills.contains(&c) {
                 must_wait = true;
             }
         }
@@ -711,7 +806,10 @@ impl Engine {
         // arrival on, absent again only when made so by
         // [`Engine::refetch`].
         let wanted = |e: &Self, c: u64| {
-            !e.fetching.contains_key(&c) && !e.filling.contains_key(&c) && !e.chunk_present(c)
+            !e.fetching.contains_key(&c)
+                && !e.filling.contains_key(&c)
+                && !e.stale_fills.contains(&c)
+                && !e.chunk_present(c)
         };
         // One pass from the cursor, wrapping once, so chunks passed over
         // while in flight (and later failed) are found again.
@@ -832,6 +930,7 @@ impl Engine {
     /// file (not yet synced): they become present.
     pub fn handle_fill_done(&mut self, chunk: u64) {
         self.wake(chunk..chunk + 1);
+        self.stale_fills.remove(&chunk);
         let Some(runs) = self.filling.remove(&chunk) else {
             return;
         };
@@ -849,6 +948,7 @@ impl Engine {
     /// Writing the fill of `chunk` failed: its blocks stay absent.
     pub fn handle_fill_failed(&mut self, chunk: u64) {
         self.wake(chunk..chunk + 1);
+        self.stale_fills.remove(&chunk);
         self.filling.remove(&chunk);
     }
 
@@ -950,5 +1050,117 @@ impl Engine {
             let kind = m.as_ref()?.chunk(c);
             self.verifiable(c).then_some((c, kind))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u32 = 65536;
+
+    fn data(c: u64, v: u8) -> Vec<u8> {
+        vec![v.wrapping_add(c as u8); CS as usize]
+    }
+
+    /// Four chunks: 0 and 1 data, 2 zero, 3 data; the first manifest.
+    fn engine() -> Engine {
+        let geo = Geometry::new(4 * u64::from(CS), CS);
+        let kinds = vec![
+            ChunkKind::of(&data(0, 1)),
+            ChunkKind::of(&data(1, 1)),
+            ChunkKind::Zero,
+            ChunkKind::of(&data(3, 1)),
+        ];
+        Engine::with_manifest(
+            Arc::new(Manifest::new(geo, kinds)),
+            BitVec::new(),
+            BitVec::new(),
+        )
+    }
+
+    fn payload(bytes: Vec<u8>) -> Payload {
+        Payload::Data {
+            hash: *blake3::hash(&bytes).as_bytes(),
+            bytes,
+        }
+    }
+
+    /// Fetches and fills `chunk` with `bytes` through the background copier.
+    fn fill(e: &mut Engine, chunk: u64, bytes: Vec<u8>) {
+        assert_eq!(e.poll_background(1), Some(chunk..chunk + 1));
+        match e.handle_fetched(chunk, &payload(bytes)) {
+            Arrival::Fill(_) => e.handle_fill_done(chunk),
+            other => panic!("chunk {chunk}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_changed_chunk_is_absent_again_and_fetched_with_the_sources_new_hash() {
+        let mut e = engine();
+        fill(&mut e, 0, data(0, 1));
+        fill(&mut e, 1, data(1, 1));
+        let batch = e.begin_sync();
+        assert_eq!(batch.blocks, vec![0..32]);
+        // Chunk 3 is in flight, chunk 2 (a hole) was written at the source.
+        assert_eq!(e.poll_background(1), Some(3..4));
+        let cleared = e.handle_changed(&[0..1, 2..4]);
+        assert_eq!(cleared, vec![0..16, 32..48], "chunk 0 and the zero chunk 2");
+        assert!(!e.is_present(0) && e.is_present(16) && !e.is_present(32));
+        assert_eq!(e.phase(), Phase::Copying);
+        // The answer in flight (old bytes) is dropped, never written.
+        assert_eq!(
+            e.handle_fetched(3, &payload(data(3, 1))),
+            Arrival::Duplicate { chunk: 3 }
+        );
+        // The new bytes are accepted with the hash the source sends,
+        // the old manifest's hash (or hole) no longer applies.
+        fill(&mut e, 0, data(0, 9));
+        fill(&mut e, 2, data(2, 9));
+        fill(&mut e, 3, data(3, 9));
+        assert_eq!(e.poll_background(1), None);
+        assert_eq!(e.phase(), Phase::Complete);
+    }
+
+    #[test]
+    fn a_fill_being_written_when_its_chunk_changes_does_not_make_it_present() {
+        let mut e = engine();
+        assert_eq!(e.poll_background(1), Some(0..1));
+        assert!(matches!(
+            e.handle_fetched(0, &payload(data(0, 1))),
+            Arrival::Fill(_)
+        ));
+        assert_eq!(e.handle_changed(&[0..1]), vec![]);
+        // Not fetched again while the stale write is still landing.
+        assert_eq!(e.poll_background(1), Some(1..2));
+        e.handle_fill_done(0);
+        assert!(!e.is_present(0));
+        let mut next = Vec::new();
+        while let Some(r) = e.poll_background(1) {
+            next.push(r.start);
+        }
+        assert_eq!(
+            next,
+            vec![3, 0],
+            "fetched again once its stale fill is done"
+        );
+    }
+
+    #[test]
+    fn a_manifest_arriving_after_a_change_does_not_bring_back_the_old_hash() {
+        let geo = Geometry::new(4 * u64::from(CS), CS);
+        let mut e = Engine::new(geo, BitVec::new(), BitVec::new());
+        e.handle_changed(&[2..3]);
+        let kinds = vec![
+            ChunkKind::Zero,
+            ChunkKind::Zero,
+            ChunkKind::Zero,
+            ChunkKind::Zero,
+        ];
+        e.handle_manifest(Arc::new(Manifest::new(geo, kinds)));
+        // The hole the manifest names was written: fetched, not zero.
+        assert!(!e.is_present(32));
+        fill(&mut e, 2, data(2, 5));
+        assert_eq!(e.phase(), Phase::Complete);
     }
 }
