@@ -15,13 +15,17 @@
 //!
 //! By job: `connection` (connect, authentication, `Path` reports,
 //! reconnect and retry), `read` (read requests), `hedge` (copies of
-//! on-demand requests on a lossy path), `manifest` (the manifest fetch).
+//! on-demand requests on a lossy path), `manifest` (the manifest fetch),
+//! `precopy` (a live source's change rounds, the switchover).
 
 mod addr;
 mod connection;
 mod hedge;
 mod manifest;
+mod precopy;
 mod read;
+
+pub use precopy::{ChangeFeed, Changes};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
