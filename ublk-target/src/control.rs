@@ -162,6 +162,22 @@ pub(crate) fn human_status(s: &Status) -> String {
     o
 }
 
+/// `ferry switchover`: one control call; prints the pull's answer (with
+/// `switchover_ms`, freeze to serving) and fails if it refused.
+pub(crate) fn switchover_command(a: &crate::cli::SwitchoverArgs) -> Result<()> {
+    let reply = request(&a.control, &ControlRequest::Switchover.to_string())?;
+    emit(&reply)?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&reply).context("malformed control reply")?;
+    if answer["ok"] == false {
+        bail!(
+            "the pull refused the switchover: {}",
+            answer["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {
     let req = match a.action.as_str() {
         "pause" => ControlRequest::Pause,

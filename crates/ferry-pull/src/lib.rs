@@ -22,6 +22,7 @@ pub mod fetcher;
 mod fill_trouble;
 pub mod lifecycle;
 pub mod open;
+mod precopy;
 pub mod runtime;
 pub mod shell;
 pub mod status;

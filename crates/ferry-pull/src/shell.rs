@@ -209,6 +209,10 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         self.geo.blocks()
     }
 
+    pub(crate) fn geo_chunks(&self) -> u64 {
+        self.geo.chunks()
+    }
+
     /// The connection to the source, if it has been reached.
     pub fn client_now(&self) -> Option<F> {
         self.source.borrow().clone()

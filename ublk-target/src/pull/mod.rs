@@ -2,6 +2,7 @@
 //! data on demand, copy the rest in the background, verify, keep serving.
 
 mod control_socket;
+mod precopy;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -184,6 +185,9 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
     if a.nbd.is_none() && !a.ublk {
         bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tls-dir or --nbd-tcp-insecure)");
     }
+    if a.precopy && (a.ublk || a.nbd.is_none()) {
+        bail!("--precopy serves over --nbd only (not yet --ublk)");
+    }
     let disk_is_device = ferry_store::backing::is_block_device(&a.disk)
         .with_context(|| format!("cannot stat --disk {}", a.disk.display()))?;
     let state_path = match (&a.state, disk_is_device) {
@@ -285,7 +289,10 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         // Bind every listener before touching any file, so a port in use
         // fails the start with nothing changed.
         let mut sockets = BoundSockets::default();
-        let listener = match &a.nbd {
+        // A pre-copying pull binds its NBD socket only at the switchover:
+        // no guest can reach the disk before.
+        let mut listener = match &a.nbd {
+            Some(_) if a.precopy => None,
             Some(spec) => {
                 if let Some(path) = spec.strip_prefix("unix:") {
                     control_socket::remove_stale_socket(Path::new(path), "--nbd")?;
@@ -327,6 +334,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             grant_group(&state_path, gid)?;
         }
         let resumed = dest.resumed;
+        let precopy_record = dest.state.precopy().unwrap_or_default();
         let created = dest.created.then(|| {
             ferry_pull::open::creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms)
         });
@@ -433,16 +441,19 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             .in_current_span(),
         );
         let (abort_tx, mut abort_rx) = tokio::sync::mpsc::channel(1);
+        let (switch_tx, mut switch_rx) = tokio::sync::mpsc::channel(1);
         let verbs = Arc::new(control_socket::Verbs {
             disk: a.disk.display().to_string(),
             state: state_path.clone(),
             committed: committed.into(),
             aborting: false.into(),
             abort: abort_tx,
+            precopy: Mutex::new(None),
+            switchover: switch_tx,
         });
         tokio::spawn(
             control
-                .serve(shared.clone(), settings.clone(), report.clone(), verbs, cmd)
+                .serve(shared.clone(), settings.clone(), report.clone(), verbs.clone(), cmd)
                 .in_current_span(),
         );
         if let Some(listener) = metrics {
@@ -479,6 +490,59 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 }
             }
         };
+        // Pre-copy: nothing served until the switchover (or, resumed
+        // after it, at once).
+        let mut switching = None;
+        if a.precopy {
+            if precopy_record.switched {
+                tracing::info!(generation = precopy_record.generation, "the switchover was done before this restart: serving");
+            } else {
+                let rounds = tokio::spawn(
+                    precopy::follow_rounds(shared.clone(), verbs.clone(), precopy_record.generation)
+                        .in_current_span(),
+                );
+                println!("ferry pull: pre-copying; nothing is served until `ferry switchover --control {}`", a.control.display());
+                crate::notify::notify("READY=1\nSTATUS=pre-copying");
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("cannot install a SIGTERM handler")?;
+                let reply = tokio::select! {
+                    Some(reply) = switch_rx.recv() => reply,
+                    _ = tokio::signal::ctrl_c() => {
+                        rounds.abort();
+                        shared.sync().await.context("final sync failed")?;
+                        return Ok(());
+                    }
+                    _ = term.recv() => {
+                        rounds.abort();
+                        shared.sync().await.context("final sync failed")?;
+                        return Ok(());
+                    }
+                };
+                let t0 = Instant::now();
+                rounds.abort();
+                let _ = rounds.await;
+                match precopy::switch(&shared, &verbs).await {
+                    Ok(last) => switching = Some((t0, last.generation, reply)),
+                    Err(e) => {
+                        let e = crate::logging::error_chain(&e);
+                        tracing::error!(error = %e, "switchover failed");
+                        let _ = reply.send(serde_json::json!({"ok": false, "error": e}).to_string());
+                        // Rounds go on; a later switchover may work.
+                        bail!("switchover failed: {e}");
+                    }
+                }
+            }
+            if let Some(spec) = &a.nbd {
+                if let Some(path) = spec.strip_prefix("unix:") {
+                    control_socket::remove_stale_socket(Path::new(path), "--nbd")?;
+                }
+                let l = NbdListener::bind_with(spec, &access).await?;
+                if let NbdListener::Unix(_, path) = &l {
+                    sockets.0.push(path.clone());
+                }
+                listener = Some(l);
+            }
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(listener) = listener {
@@ -551,6 +615,15 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                     .map_err(|_| anyhow::anyhow!("the ublk thread panicked"))?
                     .map_err(anyhow::Error::from)
             }));
+        }
+        if let Some((t0, generation, reply)) = switching {
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            precopy::switched(&verbs, generation, ms);
+            tracing::info!(switchover_ms = ms, generation, "switched over: serving (post-copy from now on)");
+            let _ = reply.send(
+                serde_json::json!({"ok": true, "switchover_ms": ms, "generation": generation})
+                    .to_string(),
+            );
         }
         crate::notify::notify(&format!("READY=1\nSTATUS=serving {}", a.disk.display()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
