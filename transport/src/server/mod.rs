@@ -234,7 +234,12 @@ impl Server {
             .local_addr()
             .map_err(|source| TransportError::Endpoint { source })?;
         let first = source.manifest().snapshot();
-        let allocated = first.chunks().iter().filter(|c| c.is_allocated()).count();
+        // A live source's VM may write any chunk: every one may become data.
+        let allocated = if source.changes().is_some() {
+            first.chunks().len()
+        } else {
+            first.chunks().iter().filter(|c| c.is_allocated()).count()
+        };
         let manifest_max_len = Manifest::max_encoded_len(first.geometry(), allocated as u64);
         tracing::info!(
             %local,
