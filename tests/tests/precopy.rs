@@ -236,3 +236,61 @@ fn a_presented_source_accepts_its_vms_writes_and_refuses_a_foreign_one() {
         serve.log_text()
     );
 }
+
+#[test]
+fn a_pull_killed_during_precopy_resumes_from_its_generation_and_misses_no_write() {
+    if !require_tool("qemu-io") || !require_tool("qemu-img") {
+        return;
+    }
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, DISK, &[(2 * MIB, 8 * MIB), (24 * MIB, 4 * MIB)], 23);
+    let vm_sock = w.path("vm.sock");
+    let present = format!("unix:{}", vm_sock.display());
+    let (serve, port) = w.serve(&src, &["--present", &present]);
+    wait_log(&serve, "presenting");
+    let mut args = w.pull_args(port, "dst.img");
+    args.extend(["--precopy".into(), "--rate".into(), "4M".into()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut pull = w.spawn("pull", &a);
+    wait_log(&pull, "pre-copying");
+    let writer = Writer::start(vm_sock.clone(), 0x1234_5678_9abc_def1);
+    let s = w.wait_status(
+        "changes applied and data copied",
+        Duration::from_secs(60),
+        |s| {
+            s["precopy_generation"].as_u64().unwrap_or(0) >= 2
+                && s["present_bytes"].as_u64().unwrap_or(0) > 6 * MIB
+        },
+    );
+    let before = s["precopy_generation"].as_u64().unwrap();
+    // Killed while the VM goes on writing; restarted, it asks the source
+    // for the changes since the generation its state file records.
+    pull.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut pull = w.spawn("pull", &a);
+    wait_log(&pull, "pre-copying");
+    let s = w.wait_status(
+        "changes applied after the restart",
+        Duration::from_secs(60),
+        |s| s["precopy_generation"].as_u64().unwrap_or(0) > before,
+    );
+    assert_eq!(s["precopy"], "copying");
+    assert!(!w.path("nbd.sock").exists(), "served before the switchover");
+    let out = w.ferry(&[
+        "switchover",
+        "--control",
+        w.path("ctl.sock").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "switchover failed: {out:?}");
+    writer.stop();
+    assert_files_equal(&src, &read_destination(&w));
+    w.wait_verified(Duration::from_secs(120));
+    assert_files_equal(&src, &w.path("dst.img"));
+    // Restarted after the switchover, it serves at once.
+    pull.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let _pull = w.pull(&args);
+    assert_files_equal(&src, &read_destination(&w));
+    drop(serve);
+}

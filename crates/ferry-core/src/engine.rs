@@ -270,6 +270,11 @@ pub struct Engine {
     /// again until that write is done (a late stale write must not land
     /// over the new data).
     stale_fills: HashSet<u64>,
+    /// Bumped by every [`Engine::handle_changed`].
+    change_seq: u64,
+    /// Chunk → the [`Engine::change_seq`] of its last change: an answer
+    /// to a request issued before it may hold the old bytes.
+    changed_at: HashMap<u64, u64>,
 }
 
 impl Engine {
@@ -305,6 +310,8 @@ impl Engine {
             wake_all: false,
             changed: BitVec::new(),
             stale_fills: HashSet::new(),
+            change_seq: 0,
+            changed_at: HashMap::new(),
         }
     }
 
@@ -396,6 +403,7 @@ impl Engine {
             self.changed.resize(self.geo.chunks() as usize, false);
         }
         let n = self.geo.chunks();
+        self.change_seq += 1;
         let mut manifest = self.manifest.as_ref().map(|m| (**m).clone());
         let mut cleared = Vec::new();
         for r in chunks {
@@ -404,6 +412,7 @@ impl Engine {
                     continue;
                 }
                 self.changed.set(c as usize, true);
+                self.changed_at.insert(c, self.change_seq);
                 if let Some(m) = manifest.as_mut() {
                     m.set_chunk(c, ChunkKind::Unhashed);
                 }
@@ -417,13 +426,13 @@ impl Engine {
                 let b = self.geo.chunk_blocks(c);
                 let bits = &mut self.present[b.start as usize..b.end as usize];
                 let had = bits.count_ones() as u64;
+                self.bg_cursor = self.bg_cursor.min(c);
                 if had == 0 {
                     continue;
                 }
                 self.present_blocks -= had;
                 bits.fill(false);
                 self.drop_unsynced(&b);
-                self.bg_cursor = self.bg_cursor.min(c);
                 cleared.push(b);
             }
         }
@@ -431,6 +440,19 @@ impl Engine {
             self.manifest = Some(Arc::new(m));
         }
         cleared
+    }
+
+    /// The count of [`Engine::handle_changed`] calls so far: taken when a
+    /// request to the source is issued, and handed back with its answer
+    /// ([`Engine::handle_fetched_at`]).
+    pub fn change_seq(&self) -> u64 {
+        self.change_seq
+    }
+
+    /// Whether `chunk` was reported changed after a request issued at
+    /// `issued` ([`Engine::change_seq`]).
+    fn changed_after(&self, chunk: u64, issued: u64) -> bool {
+        self.changed_at.get(&chunk).is_some_and(|at| *at > issued)
     }
 
     /// Forgets the not yet persisted present bits of `b`.
@@ -832,8 +854,18 @@ impl Engine {
     /// A fetch of `chunks` failed without data (transport error); they are
     /// absent again and may be fetched anew.
     pub fn handle_fetch_failed(&mut self, chunks: Range<u64>) {
+        self.handle_fetch_failed_at(chunks, u64::MAX);
+    }
+
+    /// [`Engine::handle_fetch_failed`] for a request issued at `issued`
+    /// ([`Engine::change_seq`]): chunks changed since are another
+    /// request's now, and left alone.
+    pub fn handle_fetch_failed_at(&mut self, chunks: Range<u64>, issued: u64) {
         self.wake(chunks.clone());
         for c in chunks {
+            if self.changed_after(c, issued) {
+                continue;
+            }
             if let Some(f) = self.fetching.get_mut(&c) {
                 f.requests -= 1;
                 if f.requests == 0 {
@@ -849,7 +881,21 @@ impl Engine {
     /// zero chunk. On a match the chunk is marked as filling and the blocks
     /// still absent are named for writing (invariant 3).
     pub fn handle_fetched(&mut self, chunk: u64, payload: &Payload) -> Arrival {
-        let Some(fetch) = self.fetching.get(&chunk).copied() else {
+        self.handle_fetched_at(chunk, payload, u64::MAX)
+    }
+
+    /// [`Engine::handle_fetched`] for the answer to a request issued at
+    /// `issued` ([`Engine::change_seq`]): a chunk a live source reported
+    /// written since may hold the old bytes, and is dropped as a
+    /// duplicate (the request issued after the change brings the new ones).
+    pub fn handle_fetched_at(&mut self, chunk: u64, payload: &Payload, issued: u64) -> Arrival {
+        let stale = self.changed_after(chunk, issued);
+        let fetch = if stale {
+            None
+        } else {
+            self.fetching.get(&chunk).copied()
+        };
+        let Some(fetch) = fetch else {
             // Another request for it answered first.
             if let Payload::Data { bytes, .. } = payload {
                 self.counters.duplicate += bytes.len() as u64;
@@ -1120,6 +1166,28 @@ mod tests {
         fill(&mut e, 3, data(3, 9));
         assert_eq!(e.poll_background(1), None);
         assert_eq!(e.phase(), Phase::Complete);
+    }
+
+    #[test]
+    fn an_answer_to_a_request_issued_before_a_change_is_never_written() {
+        let mut e = engine();
+        // Requested before the change (old bytes on the way) ...
+        assert_eq!(e.poll_background(1), Some(0..1));
+        let issued = e.change_seq();
+        e.handle_changed(&[0..1]);
+        // ... and again after it, by the copier.
+        assert_eq!(e.poll_background(1), Some(0..1));
+        let again = e.change_seq();
+        // The old answer arrives first: dropped, the new request still counts.
+        assert_eq!(
+            e.handle_fetched_at(0, &payload(data(0, 1)), issued),
+            Arrival::Duplicate { chunk: 0 }
+        );
+        e.handle_fetch_failed_at(0..1, issued);
+        assert!(matches!(
+            e.handle_fetched_at(0, &payload(data(0, 2)), again),
+            Arrival::Fill(_)
+        ));
     }
 
     #[test]
