@@ -54,6 +54,8 @@ fn batch(rng: &mut u64, n: usize) -> Vec<String> {
 /// killed at the end (its writes after the freeze are held forever).
 struct Writer {
     stop: Arc<AtomicBool>,
+    /// Batches written so far.
+    done: Arc<std::sync::atomic::AtomicU64>,
     current: Arc<Mutex<Option<Child>>>,
     thread: Option<std::thread::JoinHandle<u64>>,
 }
@@ -61,8 +63,9 @@ struct Writer {
 impl Writer {
     fn start(sock: PathBuf, seed: u64) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let current: Arc<Mutex<Option<Child>>> = Arc::new(Mutex::new(None));
-        let (s, cur) = (stop.clone(), current.clone());
+        let (s, cur, d) = (stop.clone(), current.clone(), done.clone());
         let thread = std::thread::spawn(move || {
             let mut rng = seed;
             let mut batches = 0;
@@ -83,15 +86,21 @@ impl Writer {
                     }
                 }
                 batches += 1;
+                d.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50));
             }
             batches
         });
         Writer {
             stop,
+            done,
             current,
             thread: Some(thread),
         }
+    }
+
+    fn batches(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
     }
 
     fn stop(mut self) -> u64 {
@@ -156,7 +165,8 @@ fn a_vm_writing_during_precopy_up_to_the_switchover_finds_every_write_at_the_des
         "two change rounds and some data",
         Duration::from_secs(60),
         |s| {
-            s["precopy_generation"].as_u64().unwrap_or(0) >= 2
+            writer.batches() >= 3
+                && s["precopy_generation"].as_u64().unwrap_or(0) >= 2
                 && s["present_bytes"].as_u64().unwrap_or(0) > 8 * MIB
         },
     );
@@ -267,7 +277,17 @@ fn a_pull_killed_during_precopy_resumes_from_its_generation_and_misses_no_write(
     // Killed while the VM goes on writing; restarted, it asks the source
     // for the changes since the generation its state file records.
     pull.kill9();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Started without --precopy before the switchover: refused, it would
+    // serve chunks the VM has overwritten since.
+    let plain: Vec<&str> = a.iter().copied().filter(|x| *x != "--precopy").collect();
+    let out = w.ferry(&plain);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not switched over"),
+        "{out:?}"
+    );
+    assert!(!w.path("nbd.sock").exists());
+    std::thread::sleep(Duration::from_millis(1000));
     let mut pull = w.spawn("pull", &a);
     wait_log(&pull, "pre-copying");
     let s = w.wait_status(
@@ -293,4 +313,46 @@ fn a_pull_killed_during_precopy_resumes_from_its_generation_and_misses_no_write(
     let _pull = w.pull(&args);
     assert_files_equal(&src, &read_destination(&w));
     drop(serve);
+}
+
+#[test]
+fn an_abort_during_precopy_stops_the_pull_and_a_switchover_without_precopy_is_refused() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, DISK, &[(MIB, 4 * MIB)], 24);
+    let vm_sock = w.path("vm.sock");
+    let present = format!("unix:{}", vm_sock.display());
+    let (_serve, port) = w.serve(&src, &["--present", &present]);
+    // A pull that does not pre-copy refuses a switchover.
+    let mut plain = w.pull_args(port, "plain.img");
+    plain.push("--hold-background".into());
+    let mut p = w.pull(&plain);
+    let ctl = w.path("ctl.sock");
+    let out = w.ferry(&["switchover", "--control", ctl.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not pre-copying"),
+        "{out:?}"
+    );
+    p.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::fs::remove_file(&ctl);
+    let _ = std::fs::remove_file(w.path("nbd.sock"));
+    // Aborted while pre-copying: it stops, nothing was ever served.
+    let mut args = w.pull_args(port, "dst.img");
+    args.extend(["--precopy".into(), "--hold-background".into()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut pull = w.spawn("pull", &a);
+    wait_log(&pull, "pre-copying");
+    let out = w.ferry(&["abort", "--control", ctl.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "abort failed: {out:?}");
+    let kept: serde_json::Value = serde_json::from_slice(&out.stdout).expect("abort JSON");
+    assert_eq!(kept["extents"], 0, "{kept}");
+    assert_eq!(
+        pull.wait_exit(Duration::from_secs(30)),
+        Some(4),
+        "{}",
+        pull.log_text()
+    );
+    assert!(!w.path("nbd.sock").exists());
 }

@@ -173,7 +173,7 @@ impl ControlListener {
                         Ok(ControlRequest::Switchover) => {
                             let (tx, rx) = tokio::sync::oneshot::channel();
                             if verbs.switchover.send(tx).await.is_err() {
-                                error_reply("this pull is not pre-copying")
+                                error_reply("this pull is not pre-copying (no --precopy, or it has switched over)")
                             } else {
                                 rx.await.unwrap_or_else(|_| {
                                     error_reply("the pull stopped before it could switch over")

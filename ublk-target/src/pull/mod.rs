@@ -179,6 +179,55 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// `ferry abort` of a running pull (its frontends stopped, or never
+/// started during a pre-copy): the guest's writes kept aside, the end
+/// recorded, the control client answered. Returns how the pull ends.
+async fn abort_migration(
+    shared: &Arc<Shell>,
+    disk: &Path,
+    state_path: &Path,
+    id: [u8; 32],
+    req: control_socket::AbortRequest,
+) -> Result<()> {
+    if let Some(c) = shared.client_now() {
+        ferry_pull::Fetcher::close(&c);
+    }
+    let (reply, result) =
+        match ferry_pull::lifecycle::abort_online(shared, disk, state_path, id).await {
+            Ok(kept) => {
+                let summary = crate::verbs::Aborted {
+                    writes_dir: kept.dir.display().to_string(),
+                    extents: kept.extents,
+                    bytes: kept.bytes,
+                };
+                let reply = serde_json::json!({
+                    "ok": true,
+                    "writes_dir": summary.writes_dir,
+                    "extents": summary.extents,
+                    "bytes": summary.bytes,
+                });
+                let msg = format!(
+                    "migration aborted by `ferry abort`: the source remains the truth; \
+                     the guest's writes made here ({} extent(s), {} bytes) are kept in {}",
+                    kept.extents, kept.bytes, summary.writes_dir
+                );
+                (
+                    reply.to_string(),
+                    Err(crate::verbs::MigrationAborted(msg).into()),
+                )
+            }
+            Err(e) => {
+                let e = anyhow::Error::from(e).context("cannot abort the migration");
+                let reply = serde_json::json!({ "ok": false, "error": format!("{e:#}") });
+                (reply.to_string(), Err(e))
+            }
+        };
+    let _ = req.reply.send(reply);
+    // Until the answer has left (or a while).
+    let _ = tokio::time::timeout(Duration::from_secs(10), req.written).await;
+    result
+}
+
 pub(crate) fn run(a: PullArgs) -> Result<()> {
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
@@ -334,7 +383,22 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             grant_group(&state_path, gid)?;
         }
         let resumed = dest.resumed;
-        let precopy_record = dest.state.precopy().unwrap_or_default();
+        let recorded = dest.state.precopy();
+        if recorded.is_some_and(|p| !p.switched) && !a.precopy {
+            bail!(
+                "the disk {} is being pre-copied from a live source and was not switched over: \
+                 serving it now could hand out data the source VM has overwritten since; \
+                 start it with --precopy and run `ferry switchover`",
+                a.disk.display()
+            );
+        }
+        if a.precopy && recorded.is_none() {
+            // From now on a start without --precopy is refused.
+            dest.state
+                .record_precopy(ferry_store::Precopy::default())
+                .context("cannot record the pre-copy in the state file")?;
+        }
+        let precopy_record = recorded.unwrap_or_default();
         let created = dest.created.then(|| {
             ferry_pull::open::creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms)
         });
@@ -491,44 +555,68 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             }
         };
         // Pre-copy: nothing served until the switchover (or, resumed
-        // after it, at once).
+        // after it, at once). A switchover asked of a pull that does not
+        // pre-copy (or did switch) is refused.
+        if !a.precopy || precopy_record.switched {
+            switch_rx.close();
+        }
         let mut switching = None;
         if a.precopy {
             if precopy_record.switched {
                 tracing::info!(generation = precopy_record.generation, "the switchover was done before this restart: serving");
             } else {
-                let rounds = tokio::spawn(
-                    precopy::follow_rounds(shared.clone(), verbs.clone(), precopy_record.generation)
-                        .in_current_span(),
+                println!(
+                    "ferry pull: pre-copying; nothing is served until `ferry switchover --control {}`",
+                    a.control.display()
                 );
-                println!("ferry pull: pre-copying; nothing is served until `ferry switchover --control {}`", a.control.display());
                 crate::notify::notify("READY=1\nSTATUS=pre-copying");
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .context("cannot install a SIGTERM handler")?;
-                let reply = tokio::select! {
-                    Some(reply) = switch_rx.recv() => reply,
-                    _ = tokio::signal::ctrl_c() => {
-                        rounds.abort();
-                        shared.sync().await.context("final sync failed")?;
-                        return Ok(());
-                    }
-                    _ = term.recv() => {
-                        rounds.abort();
-                        shared.sync().await.context("final sync failed")?;
-                        return Ok(());
-                    }
-                };
-                let t0 = Instant::now();
-                rounds.abort();
-                let _ = rounds.await;
-                match precopy::switch(&shared, &verbs).await {
-                    Ok(last) => switching = Some((t0, last.generation, reply)),
-                    Err(e) => {
-                        let e = crate::logging::error_chain(&e);
-                        tracing::error!(error = %e, "switchover failed");
-                        let _ = reply.send(serde_json::json!({"ok": false, "error": e}).to_string());
-                        // Rounds go on; a later switchover may work.
-                        bail!("switchover failed: {e}");
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("cannot install a SIGTERM handler")?;
+                let mut from = precopy_record.generation;
+                loop {
+                    let rounds = tokio::spawn(
+                        precopy::follow_rounds(shared.clone(), verbs.clone(), from)
+                            .in_current_span(),
+                    );
+                    let reply = tokio::select! {
+                        Some(reply) = switch_rx.recv() => reply,
+                        Some(req) = abort_rx.recv() => {
+                            tracing::warn!("aborting the migration during pre-copy (ferry abort)");
+                            rounds.abort();
+                            let result = abort_migration(&shared, &a.disk, &state_path, id, req).await;
+                            drop(sockets);
+                            return result;
+                        }
+                        _ = tokio::signal::ctrl_c() => {
+                            rounds.abort();
+                            shared.sync().await.context("final sync failed")?;
+                            return Ok(());
+                        }
+                        _ = term.recv() => {
+                            rounds.abort();
+                            shared.sync().await.context("final sync failed")?;
+                            return Ok(());
+                        }
+                    };
+                    let t0 = Instant::now();
+                    rounds.abort();
+                    let _ = rounds.await;
+                    match precopy::switch(&shared, &verbs).await {
+                        Ok(last) => {
+                            switch_rx.close();
+                            switching = Some((t0, last.generation, reply));
+                            break;
+                        }
+                        Err(e) => {
+                            // Nothing served yet: pre-copy goes on, and a
+                            // later switchover may work.
+                            let e = crate::logging::error_chain(&e);
+                            tracing::error!(error = %e, "switchover failed; pre-copy goes on");
+                            let _ = reply
+                                .send(serde_json::json!({"ok": false, "error": e}).to_string());
+                            from = precopy::applied(&verbs);
+                        }
                     }
                 }
             }
@@ -697,48 +785,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             }
         }
         if let Some(req) = aborting {
-            if let Some(c) = shared.client_now() {
-                ferry_pull::Fetcher::close(&c);
-            }
-            let (reply, result) = match ferry_pull::lifecycle::abort_online(
-                &shared,
-                &a.disk,
-                &state_path,
-                id,
-            )
-            .await
-            {
-                Ok(kept) => {
-                    let summary = crate::verbs::Aborted {
-                        writes_dir: kept.dir.display().to_string(),
-                        extents: kept.extents,
-                        bytes: kept.bytes,
-                    };
-                    let reply = serde_json::json!({
-                        "ok": true,
-                        "writes_dir": summary.writes_dir,
-                        "extents": summary.extents,
-                        "bytes": summary.bytes,
-                    });
-                    let msg = format!(
-                        "migration aborted by `ferry abort`: the source remains the truth; \
-                             the guest's writes made here ({} extent(s), {} bytes) are kept in {}",
-                        kept.extents, kept.bytes, summary.writes_dir
-                    );
-                    (
-                        reply.to_string(),
-                        Err(crate::verbs::MigrationAborted(msg).into()),
-                    )
-                }
-                Err(e) => {
-                    let e = anyhow::Error::from(e).context("cannot abort the migration");
-                    let reply = serde_json::json!({ "ok": false, "error": format!("{e:#}") });
-                    (reply.to_string(), Err(e))
-                }
-            };
-            let _ = req.reply.send(reply);
-            // Until the answer has left (or a while).
-            let _ = tokio::time::timeout(Duration::from_secs(10), req.written).await;
+            let result = abort_migration(&shared, &a.disk, &state_path, id, req).await;
             drop(sockets);
             return result;
         }

@@ -108,12 +108,7 @@ pub(super) async fn follow_rounds(shared: Arc<Shell>, verbs: Arc<Verbs>, from: u
 /// after the last generation applied here; applied and recorded as
 /// switched. The caller starts the frontends next.
 pub(super) async fn switch(shared: &Shell, verbs: &Verbs) -> Result<Changes> {
-    let from = verbs
-        .precopy
-        .lock()
-        .expect("precopy lock")
-        .as_ref()
-        .map_or(0, |p| p.generation);
+    let from = applied(verbs);
     let client = client(shared).await;
     let last = client
         .switchover(from)
@@ -128,6 +123,16 @@ pub(super) async fn switch(shared: &Shell, verbs: &Verbs) -> Result<Changes> {
     );
     set_view(verbs, "switched", last.generation, None);
     Ok(last)
+}
+
+/// The last generation applied (for rounds started again).
+pub(super) fn applied(verbs: &Verbs) -> u64 {
+    verbs
+        .precopy
+        .lock()
+        .expect("precopy lock")
+        .as_ref()
+        .map_or(0, |p| p.generation)
 }
 
 /// Records the freeze-to-serving time once the frontends serve.
