@@ -9,7 +9,7 @@
 //! Exchanges:
 //! - the source opens one unidirectional stream as soon as a destination
 //!   connects and sends `Welcome { version, manifest_len, disk_size,
-//!   chunk_size, source_id }` on it (0.5-RTT data: it leaves with the
+//!   chunk_size, source_id, live }` on it (0.5-RTT data: it leaves with the
 //!   handshake; it is all an unauthenticated peer can learn);
 //! - on its own bidirectional stream each: `GetManifest { complete }` →
 //!   [`Message::ManifestBytes`] frames whose payloads, concatenated, are
@@ -234,6 +234,10 @@ pub enum Message {
         /// Identifies the source (a random id kept with the image while it
         /// is unchanged).
         source_id: [u8; 32],
+        /// The source is live: a VM writes it through ferry (`ferry serve
+        /// --present`) and it is not frozen yet, so only a destination
+        /// that follows its changes (`Precopy`) may copy it (protocol 7).
+        live: bool,
     },
     /// Client → server: send the manifest (as `ManifestBytes` frames).
     GetManifest {
@@ -403,6 +407,7 @@ impl Message {
                 disk_size,
                 chunk_size,
                 source_id,
+                live,
             } => {
                 out.push(T_WELCOME);
                 out.extend_from_slice(&version.to_le_bytes());
@@ -410,6 +415,7 @@ impl Message {
                 out.extend_from_slice(&disk_size.to_le_bytes());
                 out.extend_from_slice(&chunk_size.to_le_bytes());
                 out.extend_from_slice(source_id);
+                out.push(u8::from(*live));
             }
             Message::GetManifest { complete } => {
                 out.push(T_GET_MANIFEST);
@@ -501,7 +507,7 @@ impl Message {
     fn payload_len(&self) -> usize {
         match self {
             Message::Hello { .. } => 2,
-            Message::Welcome { .. } => 54,
+            Message::Welcome { .. } => 55,
             Message::GetManifest { .. } => 1,
             Message::Zero { .. } => 8,
             Message::Path { .. } => 8,
@@ -612,13 +618,17 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Ok(Message::Hello { version: u16_at(0) })
         }
         T_WELCOME => {
-            exact(54, "54")?;
+            exact(55, "55")?;
+            if p[54] > 1 {
+                return Err(WireError::BadFlag(p[54]));
+            }
             Ok(Message::Welcome {
                 version: u16_at(0),
                 manifest_len: u64_at(2),
                 disk_size: u64_at(10),
                 chunk_size: u32_at(18),
                 source_id: p[22..54].try_into().unwrap_or([0; 32]),
+                live: p[54] == 1,
             })
         }
         T_GET_MANIFEST => {
@@ -782,6 +792,7 @@ mod tests {
                 disk_size: 1 << 40,
                 chunk_size: 65536,
                 source_id: [7; 32],
+                live: true,
             },
             Message::GetManifest { complete: false },
             Message::GetManifest { complete: true },

@@ -685,6 +685,7 @@ async fn malformed_frames_do_not_break_the_connection() {
                 disk_size: 0,
                 chunk_size: 4096,
                 source_id: [0; 32],
+                live: false,
             }
             .encode(),
         )

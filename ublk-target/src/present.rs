@@ -131,6 +131,13 @@ impl LiveChanges for Presented {
         (log.generation(), log.since(applied))
     }
 
+    fn frozen(&self) -> bool {
+        self.frozen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
     fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             if self

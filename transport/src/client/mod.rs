@@ -61,6 +61,9 @@ pub struct SourceInfo {
     pub source_id: [u8; 32],
     /// The largest the encoded manifest can be.
     pub manifest_len: u64,
+    /// A VM writes the source through ferry and it is not frozen: only a
+    /// pre-copying destination may copy it.
+    pub live: bool,
 }
 
 /// The source's answer for one chunk.

@@ -111,6 +111,9 @@ pub trait LiveChanges: Send + Sync {
     /// Freezes the disk the VM writes: resolves once writes in progress
     /// have ended; later ones are held (not failed) from then on.
     fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+    /// Whether [`LiveChanges::freeze`] has frozen it: nothing writes the
+    /// disk any more.
+    fn frozen(&self) -> bool;
 }
 
 /// How to run a server.

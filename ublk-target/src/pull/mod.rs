@@ -104,6 +104,7 @@ async fn reach_source(
     geo: ferry_core::Geometry,
     id: [u8; 32],
     verified: bool,
+    precopy: bool,
 ) -> Result<()> {
     let addr = opts.server.clone();
     let mut delay = ferry_transport::client::BACKOFF_START;
@@ -151,6 +152,9 @@ async fn reach_source(
         return Err(anyhow::Error::from(e)
             .context(format!("the source {addr} did not accept this destination")));
     }
+    if !verified {
+        refuse_live_without_precopy(&client, precopy)?;
+    }
     if verified {
         tracing::info!(%addr, "reached the source; the copy is already complete and verified, so it is let go");
         client.close();
@@ -173,6 +177,20 @@ async fn keep_connected(shared: Arc<Shell>, client: Client) {
         }
         Err(e) => tracing::warn!(error = %e, "stopped watching the connection to the source"),
     }
+}
+
+/// A live source (its VM writes it through `ferry serve --present`) may
+/// only be copied by a pre-copying pull, which follows its changes: any
+/// other could serve chunks the VM has overwritten since.
+fn refuse_live_without_precopy(client: &Client, precopy: bool) -> Result<()> {
+    if client.info().live && !precopy {
+        client.close();
+        bail!(
+            "the source is live (its VM writes the disk through `ferry serve --present`): pull it \
+             with --precopy, which follows its writes, and switch over with `ferry switchover`"
+        );
+    }
+    Ok(())
 }
 
 fn hex(b: &[u8]) -> String {
@@ -370,6 +388,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                     .await
                     .with_context(|| format!("cannot connect to the source {server}"))?;
                 let info = *client.info();
+                refuse_live_without_precopy(&client, a.precopy)?;
                 (Some(client), info.geometry, info.source_id, None)
             }
             (None, None) => bail!("--source and --trust-peer are needed for a fresh pull"),
@@ -491,6 +510,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                     geo,
                     id,
                     verified.is_some(),
+                    a.precopy,
                 )
                 .in_current_span(),
             )

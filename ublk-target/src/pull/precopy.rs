@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferry_store::Precopy;
-use ferry_transport::{Changes, Client};
+use ferry_transport::{Changes, Client, ErrorCode, TransportError};
 
 use super::control_socket::{PrecopyView, Verbs};
 use super::Shell;
@@ -54,6 +54,24 @@ async fn apply(shared: &Shell, c: &Changes, switched: bool) -> Result<u64> {
     Ok(n)
 }
 
+/// Whether the source said its disk was changed behind its back.
+fn source_changed(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::SourceChanged { .. }
+            | TransportError::Remote {
+                code: ErrorCode::SourceChanged,
+                ..
+            }
+    )
+}
+
+/// A source changed behind its back stops the migration.
+fn stop(shared: &Shell, e: TransportError) {
+    tracing::error!(error = %e, "the source's disk was changed behind its back");
+    shared.fail(ferry_core::Failure::SourceChanged(e.to_string()));
+}
+
 /// Follows the source's change rounds from generation `from` on, until
 /// aborted: each applied durably, then acknowledged. A lost connection
 /// subscribes again from the last generation applied.
@@ -64,6 +82,7 @@ pub(super) async fn follow_rounds(shared: Arc<Shell>, verbs: Arc<Verbs>, from: u
         let client = client(&shared).await;
         let mut feed = match client.precopy(applied).await {
             Ok(f) => f,
+            Err(e) if source_changed(&e) => return stop(&shared, e),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot follow the source's changes; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -73,6 +92,7 @@ pub(super) async fn follow_rounds(shared: Arc<Shell>, verbs: Arc<Verbs>, from: u
         loop {
             let c = match feed.next().await {
                 Ok(c) => c,
+                Err(e) if source_changed(&e) => return stop(&shared, e),
                 Err(e) => {
                     tracing::warn!(error = %e, "the source's change stream ended; following it again");
                     tokio::time::sleep(Duration::from_millis(200)).await;
