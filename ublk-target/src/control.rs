@@ -106,6 +106,24 @@ pub(crate) fn human_status(s: &Status) -> String {
     if let Some(e) = &s.error {
         outln!(o, "error:       {e}");
     }
+    match (s.precopy.as_deref(), s.switchover_ms) {
+        (Some("switched"), Some(ms)) => outln!(
+            o,
+            "pre-copy:    switched over in {ms:.1} ms (generation {})",
+            s.precopy_generation.unwrap_or(0)
+        ),
+        (Some(p), _) => outln!(
+            o,
+            "pre-copy:    {p}, the source's changes applied up to generation {}{}",
+            s.precopy_generation.unwrap_or(0),
+            if p == "copying" {
+                "; nothing served until `ferry switchover`"
+            } else {
+                ""
+            }
+        ),
+        (None, _) => {}
+    }
     outln!(
         o,
         "present:     {} of {} ({pct:.1}%)",
