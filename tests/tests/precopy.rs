@@ -185,6 +185,15 @@ fn a_vm_writing_during_precopy_up_to_the_switchover_finds_every_write_at_the_des
     assert!(reply["switchover_ms"].as_f64().is_some(), "{reply}");
     let batches = writer.stop();
     assert!(batches >= 3, "the VM wrote only {batches} batches");
+    // After the freeze a write is held, not failed; a flush is answered.
+    let mut held = vm_io(&vm_sock, &["write -P 7 0 4096".into()]);
+    let flush = vm_io(&vm_sock, &["flush".into()]).wait().unwrap();
+    assert!(flush.success(), "a flush after the freeze failed");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        held.try_wait().unwrap().is_none(),
+        "a write after the freeze was answered"
+    );
     // The destination reads as the source (frozen) byte for byte.
     assert_files_equal(&src, &read_destination(&w));
     let s = w.wait_verified(Duration::from_secs(120));
@@ -199,6 +208,8 @@ fn a_vm_writing_during_precopy_up_to_the_switchover_finds_every_write_at_the_des
         "{}",
         pull.log_text()
     );
+    let _ = held.kill();
+    let _ = held.wait();
     drop(serve);
 }
 

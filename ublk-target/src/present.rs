@@ -2,7 +2,8 @@
 //! running source VM over NBD. Every write is passed through to the image
 //! and recorded in the change log (per chunk, by generation); the hashes
 //! of written chunks are forgotten. The switchover freezes it: writes in
-//! progress end, later writes and flushes are held, never failed
+//! progress end, later writes are held, never failed (flushes are still
+//! answered: they cover completed writes only)
 //! (docs/decisions/precopy-switchover.md).
 
 use std::io;
@@ -20,7 +21,7 @@ pub(crate) struct Presented {
     image: Arc<SourceImage>,
     manifest: Arc<SharedManifest>,
     log: Mutex<ChangeLog>,
-    /// Writes and flushes hold it shared; the switchover takes it for good.
+    /// Writes hold it shared; the switchover takes it for good.
     gate: Arc<tokio::sync::RwLock<()>>,
     frozen: Mutex<Option<tokio::sync::OwnedRwLockWriteGuard<()>>>,
 }
@@ -95,8 +96,9 @@ impl BlockDevice for PresentedDevice {
         self.0.write_through(offset, data, fua).await
     }
 
+    /// Not held by the freeze: a flush covers completed writes only, and
+    /// a held write has not completed.
     async fn flush(&self) -> io::Result<()> {
-        let _open = self.0.gate.read().await;
         let p = self.0.clone();
         tokio::task::spawn_blocking(move || p.image.sync_presented())
             .await
