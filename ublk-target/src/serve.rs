@@ -197,8 +197,13 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
             source.clone(),
         )?;
         println!(
-            "ferry serve: exporting {} read-only on {} (fingerprint {fingerprint})",
+            "ferry serve: exporting {} {} on {} (fingerprint {fingerprint})",
             a.disk.display(),
+            if presented.is_some() {
+                "(its VM writes it through --present)"
+            } else {
+                "read-only"
+            },
             server.local_addr()
         );
         if let (Some(p), Some(path)) = (presented, present_path) {
