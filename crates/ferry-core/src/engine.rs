@@ -404,7 +404,9 @@ impl Engine {
         }
         let n = self.geo.chunks();
         self.change_seq += 1;
-        let mut manifest = self.manifest.as_ref().map(|m| (**m).clone());
+        // Copied only if another holder shares it (a 1 TiB disk's manifest
+        // is half a GiB).
+        let mut manifest = self.manifest.take();
         let mut cleared = Vec::new();
         for r in chunks {
             for c in r.start.min(n)..r.end.min(n) {
@@ -414,7 +416,7 @@ impl Engine {
                 self.changed.set(c as usize, true);
                 self.changed_at.insert(c, self.change_seq);
                 if let Some(m) = manifest.as_mut() {
-                    m.set_chunk(c, ChunkKind::Unhashed);
+                    Arc::make_mut(m).set_chunk(c, ChunkKind::Unhashed);
                 }
                 if self.fetching.remove(&c).is_some() {
                     self.wake(c..c + 1);
@@ -436,9 +438,7 @@ impl Engine {
                 cleared.push(b);
             }
         }
-        if let Some(m) = manifest {
-            self.manifest = Some(Arc::new(m));
-        }
+        self.manifest = manifest;
         cleared
     }
 
