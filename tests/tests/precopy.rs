@@ -198,6 +198,8 @@ fn a_vm_writing_during_precopy_up_to_the_switchover_finds_every_write_at_the_des
     assert_files_equal(&src, &read_destination(&w));
     let s = w.wait_verified(Duration::from_secs(120));
     assert_eq!(s["precopy"], "switched");
+    // Verification covered the whole disk (no guest wrote here).
+    assert_eq!(s["verified_chunks"], DISK / 65536, "{s}");
     let human = w.ferry(&["status", "--control", w.path("ctl.sock").to_str().unwrap()]);
     let human = String::from_utf8_lossy(&human.stdout).to_string();
     assert!(human.contains("pre-copy:    switched over in"), "{human}");
