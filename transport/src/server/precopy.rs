@@ -86,13 +86,14 @@ async fn send_changed(
 /// has any.
 pub(super) async fn subscribe(
     resp: &mut Responder,
-    mut recv: RecvStream,
+    recv: RecvStream,
     shared: &Arc<Shared>,
     applied: u64,
     remote: SocketAddr,
 ) {
     let _ = resp.stream().set_priority(CHANGES_PRIORITY);
     tracing::info!(%remote, since = applied, "destination pre-copies: sending change rounds");
+    let mut acks = read_acks(recv, remote);
     let mut sent: Option<u64> = None;
     let mut from = applied;
     loop {
@@ -116,32 +117,66 @@ pub(super) async fn subscribe(
             sent = Some(generation);
             from = generation;
         }
-        tokio::select! {
-            () = tokio::time::sleep(ROUND) => {}
-            frame = codec::read_frame(&mut recv, MAX_ACK_FRAME) => match frame {
-                Ok(Some(Message::Applied { generation })) => {
-                    tracing::debug!(%remote, generation, "destination applied the changes");
-                }
-                Ok(Some(other)) => {
-                    tracing::warn!(%remote, frame = codec::frame_name(&other), "unexpected frame on the change stream");
-                    resp.error(ErrorCode::UnexpectedMessage, "expected Applied".into()).await;
-                    return;
-                }
-                Ok(None) => {
-                    resp.finish();
-                    return;
-                }
+        // The next round a whole ROUND later, whatever acknowledgements
+        // come in meanwhile.
+        let next = tokio::time::Instant::now() + ROUND;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                ack = acks.recv() => match ack {
+                    Some(Ok(generation)) => {
+                        tracing::debug!(%remote, generation, "destination applied the changes");
+                    }
+                    Some(Err((code, message))) => {
+                        tracing::warn!(%remote, "{message}");
+                        resp.error(code, message).await;
+                        return;
+                    }
+                    None => {
+                        resp.finish();
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Reads the destination's `Applied` frames in a task of their own (a
+/// frame read must not be cut off by a round's timer): each generation,
+/// or why the stream is unusable; the channel closes when it ends.
+fn read_acks(
+    mut recv: RecvStream,
+    remote: SocketAddr,
+) -> tokio::sync::mpsc::Receiver<Result<u64, (ErrorCode, String)>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let item = match codec::read_frame(&mut recv, MAX_ACK_FRAME).await {
+                Ok(Some(Message::Applied { generation })) => Ok(generation),
+                Ok(Some(other)) => Err((
+                    ErrorCode::UnexpectedMessage,
+                    format!(
+                        "unexpected {} frame on the change stream: expected Applied",
+                        codec::frame_name(&other)
+                    ),
+                )),
+                Ok(None) => return,
                 Err(ReadFail::Wire(e)) => {
-                    resp.error(ErrorCode::Malformed, format!("malformed frame: {e}")).await;
-                    return;
+                    Err((ErrorCode::Malformed, format!("malformed frame: {e}")))
                 }
                 Err(ReadFail::Stream(e)) => {
                     tracing::debug!(%remote, "change stream ended: {e}");
                     return;
                 }
-            },
+            };
+            let bad = item.is_err();
+            if tx.send(item).await.is_err() || bad {
+                return;
+            }
         }
-    }
+    });
+    rx
 }
 
 /// Serves a `Switchover { since }`: freezes the presented disk (writes in
