@@ -81,6 +81,10 @@ pub(crate) fn frame_name(m: &Message) -> &'static str {
         Message::Zero { .. } => "Zero",
         Message::GetManifest { .. } => "GetManifest",
         Message::Path { .. } => "Path",
+        Message::Precopy { .. } => "Precopy",
+        Message::Changed { .. } => "Changed",
+        Message::Applied { .. } => "Applied",
+        Message::Switchover { .. } => "Switchover",
         Message::Error { .. } => "Error",
     }
 }

@@ -38,11 +38,11 @@ pub mod tuning;
 pub mod wire;
 
 pub use client::{
-    Client, ClientOptions, ClientStats, ConnState, Fetched, ServerAddr, ServerAddrParseError,
-    SourceInfo,
+    ChangeFeed, Changes, Client, ClientOptions, ClientStats, ConnState, Fetched, ServerAddr,
+    ServerAddrParseError, SourceInfo,
 };
 pub use error::TransportError;
 pub use identity::{Fingerprint, FingerprintParseError, Identity, IdentityError};
-pub use server::{ChunkSource, DiskReads, Server, ServerOptions};
+pub use server::{ChunkSource, DiskReads, LiveChanges, Server, ServerOptions};
 pub use tuning::Tuning;
 pub use wire::{ErrorCode, Message, Priority, WireError, PROTOCOL_VERSION};

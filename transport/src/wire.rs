@@ -9,7 +9,7 @@
 //! Exchanges:
 //! - the source opens one unidirectional stream as soon as a destination
 //!   connects and sends `Welcome { version, manifest_len, disk_size,
-//!   chunk_size, source_id }` on it (0.5-RTT data: it leaves with the
+//!   chunk_size, source_id, live }` on it (0.5-RTT data: it leaves with the
 //!   handshake; it is all an unauthenticated peer can learn);
 //! - on its own bidirectional stream each: `GetManifest { complete }` →
 //!   [`Message::ManifestBytes`] frames whose payloads, concatenated, are
@@ -37,11 +37,23 @@
 //!   computed as it read it (an unhashed chunk that reads as zeros is
 //!   answered with `Zero`). Zero chunks never cross the wire. A request
 //!   covers at most [`MAX_READ_BYTES`].
+//! - pre-copy from a live source (protocol 7,
+//!   docs/decisions/precopy-switchover.md): `Precopy { since }` on a
+//!   bidirectional stream of its own subscribes to the source's change
+//!   rounds: the source answers at once with the chunks written after
+//!   generation `since`, then at the end of every round with changes, as
+//!   `Changed { generation, more, ranges }` frames (`more` set on all but
+//!   the last frame of one generation); the destination answers
+//!   `Applied { generation }` once those chunks are durably absent.
+//!   `Switchover { since }` on a stream of its own: the source freezes the
+//!   disk it presents, bumps the generation and answers with the final
+//!   `Changed` frames, then finishes the stream. A source that cannot tell
+//!   what changed after `since` says `everything`.
 
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// How often the source sends a `Path` report, in ms.
 pub const PATH_REPORT_INTERVAL_MS: u64 = 100;
 /// Size of the frame header: `len: u32`.
@@ -69,6 +81,18 @@ const T_ZCHUNK: u8 = 7;
 const T_GET_MANIFEST: u8 = 8;
 const T_ZERO: u8 = 9;
 const T_PATH: u8 = 10;
+const T_PRECOPY: u8 = 11;
+const T_CHANGED: u8 = 12;
+const T_APPLIED: u8 = 13;
+const T_SWITCHOVER: u8 = 14;
+
+/// Largest number of chunk runs in one `Changed` frame (16 bytes each).
+pub const MAX_CHANGED_RUNS: usize = 65536;
+/// `Changed` flag: more frames of this generation follow.
+const CHANGED_MORE: u8 = 1;
+/// `Changed` flag: the source cannot tell what changed; every chunk may
+/// have.
+const CHANGED_EVERYTHING: u8 = 2;
 
 /// Priority of a `Read`: guest reads overtake background copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -210,6 +234,10 @@ pub enum Message {
         /// Identifies the source (a random id kept with the image while it
         /// is unchanged).
         source_id: [u8; 32],
+        /// The source is live: a VM writes it through ferry (`ferry serve
+        /// --present`) and it is not frozen yet, so only a destination
+        /// that follows its changes (`Precopy`) may copy it (protocol 7).
+        live: bool,
     },
     /// Client → server: send the manifest (as `ManifestBytes` frames).
     GetManifest {
@@ -265,6 +293,35 @@ pub enum Message {
         /// Packets the server has sent on this connection (saturating):
         /// what the estimate can rest on.
         sent_packets: u32,
+    },
+    /// Client → server: subscribe to the change rounds of a live source,
+    /// starting with every chunk written after generation `since`.
+    Precopy {
+        /// The last generation the destination applied (0: none).
+        since: u64,
+    },
+    /// Server → client: chunks written at the source (runs of chunks).
+    Changed {
+        /// The generation these changes bring the destination to.
+        generation: u64,
+        /// More frames of this generation follow.
+        more: bool,
+        /// The source cannot tell what changed: every chunk may have
+        /// (`ranges` is empty then).
+        everything: bool,
+        /// Runs of chunks, `(first, count)`, at most [`MAX_CHANGED_RUNS`].
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Client → server: the chunks of `generation` are durably absent.
+    Applied {
+        /// The generation applied.
+        generation: u64,
+    },
+    /// Client → server: freeze the disk (the VM is paused) and send the
+    /// final changes after generation `since`.
+    Switchover {
+        /// The last generation the destination applied.
+        since: u64,
     },
     /// Either way: the request failed.
     Error {
@@ -350,6 +407,7 @@ impl Message {
                 disk_size,
                 chunk_size,
                 source_id,
+                live,
             } => {
                 out.push(T_WELCOME);
                 out.extend_from_slice(&version.to_le_bytes());
@@ -357,6 +415,7 @@ impl Message {
                 out.extend_from_slice(&disk_size.to_le_bytes());
                 out.extend_from_slice(&chunk_size.to_le_bytes());
                 out.extend_from_slice(source_id);
+                out.push(u8::from(*live));
             }
             Message::GetManifest { complete } => {
                 out.push(T_GET_MANIFEST);
@@ -404,6 +463,39 @@ impl Message {
                 out.extend_from_slice(&lost_ppm.to_le_bytes());
                 out.extend_from_slice(&sent_packets.to_le_bytes());
             }
+            Message::Precopy { since } => {
+                out.push(T_PRECOPY);
+                out.extend_from_slice(&since.to_le_bytes());
+            }
+            Message::Switchover { since } => {
+                out.push(T_SWITCHOVER);
+                out.extend_from_slice(&since.to_le_bytes());
+            }
+            Message::Applied { generation } => {
+                out.push(T_APPLIED);
+                out.extend_from_slice(&generation.to_le_bytes());
+            }
+            Message::Changed {
+                generation,
+                more,
+                everything,
+                ranges,
+            } => {
+                out.push(T_CHANGED);
+                out.extend_from_slice(&generation.to_le_bytes());
+                let mut flags = 0;
+                if *more {
+                    flags |= CHANGED_MORE;
+                }
+                if *everything {
+                    flags |= CHANGED_EVERYTHING;
+                }
+                out.push(flags);
+                for (first, count) in ranges {
+                    out.extend_from_slice(&first.to_le_bytes());
+                    out.extend_from_slice(&count.to_le_bytes());
+                }
+            }
             Message::Error { code, message } => {
                 out.push(T_ERROR);
                 out.extend_from_slice(&code.to_u16().to_le_bytes());
@@ -415,10 +507,12 @@ impl Message {
     fn payload_len(&self) -> usize {
         match self {
             Message::Hello { .. } => 2,
-            Message::Welcome { .. } => 54,
+            Message::Welcome { .. } => 55,
             Message::GetManifest { .. } => 1,
             Message::Zero { .. } => 8,
             Message::Path { .. } => 8,
+            Message::Precopy { .. } | Message::Switchover { .. } | Message::Applied { .. } => 8,
+            Message::Changed { ranges, .. } => 9 + 16 * ranges.len(),
             Message::ManifestBytes(b) => b.len(),
             Message::Read { .. } => 13,
             Message::Chunk { data, .. } => 40 + data.len(),
@@ -524,13 +618,17 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Ok(Message::Hello { version: u16_at(0) })
         }
         T_WELCOME => {
-            exact(54, "54")?;
+            exact(55, "55")?;
+            if p[54] > 1 {
+                return Err(WireError::BadFlag(p[54]));
+            }
             Ok(Message::Welcome {
                 version: u16_at(0),
                 manifest_len: u64_at(2),
                 disk_size: u64_at(10),
                 chunk_size: u32_at(18),
                 source_id: p[22..54].try_into().unwrap_or([0; 32]),
+                live: p[54] == 1,
             })
         }
         T_GET_MANIFEST => {
@@ -551,6 +649,48 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Ok(Message::Path {
                 lost_ppm: u32_at(0),
                 sent_packets: u32_at(4),
+            })
+        }
+        T_PRECOPY => {
+            exact(8, "8")?;
+            Ok(Message::Precopy { since: u64_at(0) })
+        }
+        T_SWITCHOVER => {
+            exact(8, "8")?;
+            Ok(Message::Switchover { since: u64_at(0) })
+        }
+        T_APPLIED => {
+            exact(8, "8")?;
+            Ok(Message::Applied {
+                generation: u64_at(0),
+            })
+        }
+        T_CHANGED => {
+            if p.len() < 9 || (p.len() - 9) % 16 != 0 || (p.len() - 9) / 16 > MAX_CHANGED_RUNS {
+                return Err(WireError::BadLength {
+                    kind,
+                    len: p.len(),
+                    expected: "9 + 16 per run, at most 65536 runs",
+                });
+            }
+            let flags = p[8];
+            if flags & !(CHANGED_MORE | CHANGED_EVERYTHING) != 0 {
+                return Err(WireError::BadFlag(flags));
+            }
+            let ranges = p[9..]
+                .chunks_exact(16)
+                .map(|r| {
+                    (
+                        u64::from_le_bytes(r[..8].try_into().unwrap_or([0; 8])),
+                        u64::from_le_bytes(r[8..].try_into().unwrap_or([0; 8])),
+                    )
+                })
+                .collect();
+            Ok(Message::Changed {
+                generation: u64_at(0),
+                more: flags & CHANGED_MORE != 0,
+                everything: flags & CHANGED_EVERYTHING != 0,
+                ranges,
             })
         }
         T_MANIFEST => {
@@ -652,6 +792,7 @@ mod tests {
                 disk_size: 1 << 40,
                 chunk_size: 65536,
                 source_id: [7; 32],
+                live: true,
             },
             Message::GetManifest { complete: false },
             Message::GetManifest { complete: true },
@@ -696,6 +837,21 @@ mod tests {
             Message::Error {
                 code: ErrorCode::Unknown(999),
                 message: "héllo".into(),
+            },
+            Message::Precopy { since: 3 },
+            Message::Switchover { since: u64::MAX },
+            Message::Applied { generation: 9 },
+            Message::Changed {
+                generation: 4,
+                more: true,
+                everything: false,
+                ranges: vec![(0, 1), (17, 300), (u64::MAX, 1)],
+            },
+            Message::Changed {
+                generation: 5,
+                more: false,
+                everything: true,
+                ranges: vec![],
             },
         ];
         for c in 1..=8 {
@@ -793,7 +949,7 @@ mod tests {
             if rng.below(2) == 0 && b.len() >= 5 {
                 let len = (b.len() - 4) as u32;
                 b[..4].copy_from_slice(&len.to_le_bytes());
-                b[4] = 1 + rng.below(7) as u8;
+                b[4] = 1 + rng.below(14) as u8;
             }
             check(&b);
         }

@@ -69,6 +69,32 @@ struct MemSource {
     /// Reads at the disk now, and the most there were at once.
     disk_inside: std::sync::atomic::AtomicUsize,
     disk_most: std::sync::atomic::AtomicUsize,
+    /// A live source's change log (a VM writes it), if it is one.
+    live: Option<FakeLive>,
+}
+
+/// The change log of a live source whose "VM" is the test.
+#[derive(Default)]
+struct FakeLive {
+    log: std::sync::Mutex<ferry_core::changes::ChangeLog>,
+    frozen: std::sync::atomic::AtomicBool,
+}
+
+impl ferry_transport::LiveChanges for FakeLive {
+    fn end_round(&self, force: bool) -> u64 {
+        self.log.lock().unwrap().end_round(force)
+    }
+    fn since(&self, applied: u64) -> (u64, Option<Vec<std::ops::Range<u64>>>) {
+        let log = self.log.lock().unwrap();
+        (log.generation(), log.since(applied))
+    }
+    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async {})
+    }
+    fn frozen(&self) -> bool {
+        self.frozen.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl MemSource {
@@ -97,7 +123,15 @@ impl MemSource {
             disk_reads: Default::default(),
             disk_inside: Default::default(),
             disk_most: Default::default(),
+            live: None,
         })
+    }
+
+    /// A live source: a "VM" (the test) writes it, through its change log.
+    fn live(data: Vec<u8>) -> Arc<Self> {
+        let mut s = Arc::into_inner(Self::new(data)).unwrap();
+        s.live = Some(FakeLive::default());
+        Arc::new(s)
     }
 
     /// A source that has hashed nothing yet: every chunk unhashed, with
@@ -133,6 +167,12 @@ impl ChunkSource for MemSource {
 
     fn changed(&self) -> Option<String> {
         self.changed.lock().unwrap().clone()
+    }
+
+    fn changes(&self) -> Option<&dyn ferry_transport::LiveChanges> {
+        self.live
+            .as_ref()
+            .map(|l| l as &dyn ferry_transport::LiveChanges)
     }
 
     fn read_chunk(&self, index: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
@@ -593,6 +633,53 @@ async fn read_in_flight_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_source_sends_its_change_rounds_and_its_last_list_at_the_switchover() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let src = MemSource::live(disk(7));
+        let (addr, _server) = start(server_opts(&ids, localhost()), src.clone());
+        let client = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        assert!(client.info().live, "the Welcome says the source is live");
+        let mut feed = client.precopy(0).await.unwrap();
+        // At once: nothing written yet.
+        let first = feed.next().await.unwrap();
+        assert_eq!((first.generation, first.chunks.clone()), (0, vec![]));
+        // The VM writes; the next round names it.
+        let live = src.live.as_ref().unwrap();
+        live.log.lock().unwrap().record(3..5);
+        live.log.lock().unwrap().record(9..10);
+        let round = feed.next().await.unwrap();
+        assert_eq!(round.generation, 1);
+        assert_eq!(round.chunks, vec![3..5, 9..10]);
+        assert!(!round.everything);
+        feed.applied(1).await.unwrap();
+        // A generation the source never published: it cannot tell.
+        let mut lost = client.precopy(7).await.unwrap();
+        assert!(lost.next().await.unwrap().everything);
+        // The switchover: frozen, a last generation with what changed
+        // after the one applied.
+        live.log.lock().unwrap().record(4..5);
+        let last = client.switchover(1).await.unwrap();
+        assert_eq!((last.generation, last.chunks), (2, vec![4..5]));
+        assert!(live.frozen.load(std::sync::atomic::Ordering::SeqCst));
+        // Frozen, it is no longer live to a new destination.
+        let again = Client::connect(client_opts(&ids, addr)).await.unwrap();
+        assert!(!again.info().live);
+        // A source nobody writes has no changes, ever.
+        let (quiet, _s2) = start(server_opts(&ids, localhost()), MemSource::new(disk(8)));
+        let q = Client::connect(client_opts(&ids, quiet)).await.unwrap();
+        assert!(!q.info().live);
+        let mut f = q.precopy(0).await.unwrap();
+        let c = f.next().await.unwrap();
+        assert_eq!((c.generation, c.chunks, c.everything), (0, vec![], false));
+        let c = q.switchover(0).await.unwrap();
+        assert_eq!((c.generation, c.chunks), (0, vec![]));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_source_is_detected() {
     timeout(LIMIT, async {
         let ids = ids();
@@ -685,6 +772,7 @@ async fn malformed_frames_do_not_break_the_connection() {
                 disk_size: 0,
                 chunk_size: 4096,
                 source_id: [0; 32],
+                live: false,
             }
             .encode(),
         )

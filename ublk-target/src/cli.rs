@@ -33,6 +33,10 @@ pub(crate) enum Command {
     Pull(PullArgs),
     /// Show a running pull's progress.
     Status(StatusArgs),
+    /// Switch a pre-copying pull over (`ferry pull --precopy`), when the VM
+    /// is paused at the source: the source freezes its disk and sends what
+    /// changed last; the destination starts serving.
+    Switchover(SwitchoverArgs),
     /// Hold back, release or rate-limit a running pull's background copy.
     Background(BackgroundArgs),
     /// Stop a migration: the source remains the truth; the guest's writes
@@ -135,6 +139,12 @@ pub(crate) struct ServeArgs {
     /// Test hook: flip a byte in the first transmission of this chunk.
     #[arg(long, hide = true)]
     pub(crate) inject_corrupt_chunk: Vec<u64>,
+    /// Also serve the disk read-write to the running source VM over NBD at
+    /// unix:PATH (owner-only socket): ferry records every write, so a
+    /// destination can pre-copy while the VM runs (`ferry pull
+    /// --precopy`, then `ferry switchover`). The hash cache is not used.
+    #[arg(long, value_name = "unix:PATH", conflicts_with = "nbd_source")]
+    pub(crate) present: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -278,8 +288,20 @@ pub(crate) struct PullArgs {
     /// by the abort stay where they are). No effect otherwise.
     #[arg(long)]
     pub(crate) start_over: bool,
+    /// Pre-copy from a live source (`ferry serve --present`): copy while
+    /// the source VM runs, fetching again what it writes, and serve
+    /// nothing until `ferry switchover --control PATH`. Needs --nbd.
+    #[arg(long)]
+    pub(crate) precopy: bool,
     #[command(flatten)]
     pub(crate) link: LinkArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SwitchoverArgs {
+    /// Control socket of the pull.
+    #[arg(long)]
+    pub(crate) control: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -106,6 +106,24 @@ pub(crate) fn human_status(s: &Status) -> String {
     if let Some(e) = &s.error {
         outln!(o, "error:       {e}");
     }
+    match (s.precopy.as_deref(), s.switchover_ms) {
+        (Some("switched"), Some(ms)) => outln!(
+            o,
+            "pre-copy:    switched over in {ms:.1} ms (generation {})",
+            s.precopy_generation.unwrap_or(0)
+        ),
+        (Some(p), _) => outln!(
+            o,
+            "pre-copy:    {p}, the source's changes applied up to generation {}{}",
+            s.precopy_generation.unwrap_or(0),
+            if p == "copying" {
+                "; nothing served until `ferry switchover`"
+            } else {
+                ""
+            }
+        ),
+        (None, _) => {}
+    }
     outln!(
         o,
         "present:     {} of {} ({pct:.1}%)",
@@ -168,6 +186,22 @@ pub(crate) fn human_status(s: &Status) -> String {
         outln!(o, "committed:   yes: the source is no longer needed");
     }
     o
+}
+
+/// `ferry switchover`: one control call; prints the pull's answer (with
+/// `switchover_ms`, freeze to serving) and fails if it refused.
+pub(crate) fn switchover_command(a: &crate::cli::SwitchoverArgs) -> Result<()> {
+    let reply = request(&a.control, &ControlRequest::Switchover.to_string())?;
+    emit(&reply)?;
+    let answer: serde_json::Value =
+        serde_json::from_str(&reply).context("malformed control reply")?;
+    if answer["ok"] == false {
+        bail!(
+            "the pull refused the switchover: {}",
+            answer["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn background_command(a: &BackgroundArgs) -> Result<()> {

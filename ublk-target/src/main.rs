@@ -11,6 +11,7 @@ mod index;
 mod logging;
 mod metrics;
 mod notify;
+mod present;
 mod pull;
 #[cfg(test)]
 mod readme;
@@ -70,6 +71,7 @@ fn run(cli: cli::Cli) -> Result<()> {
             pull::run(a)
         }
         cli::Command::Status(a) => control::status_command(&a),
+        cli::Command::Switchover(a) => control::switchover_command(&a),
         cli::Command::Background(a) => control::background_command(&a),
         cli::Command::Abort(a) => verbs::abort_command(&a),
         cli::Command::Commit(a) => verbs::commit_command(&a),

@@ -1,7 +1,9 @@
 //! `ferry serve`: export a disk read-only over QUIC. Ready at once: the
 //! first manifest comes from the image's holes and the hash cache, with no
 //! data read; chunk hashes are computed as chunks are sent and saved in the
-//! hash cache (docs/decisions/lazy-source-manifest.md).
+//! hash cache (docs/decisions/lazy-source-manifest.md). With `--present`,
+//! the image is also served read-write to the running source VM, whose
+//! writes are recorded for pre-copying destinations (`crate::present`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use ferry_store::SourceImage;
 use ferry_transport::{ChunkSource, DiskReads, Fingerprint, Identity, Server, ServerOptions};
 
 use crate::cli::ServeArgs;
+use crate::present::{Presented, PresentedDevice};
 
 /// How often learned hashes are saved to the hash cache (at most this much
 /// hashing is lost when the source is stopped), and how often an idle
@@ -23,8 +26,10 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A source image as the transport's chunk source.
 struct ImageSource {
-    image: SourceImage,
-    manifest: SharedManifest,
+    image: Arc<SourceImage>,
+    manifest: Arc<SharedManifest>,
+    /// The image as the source VM's disk (`--present`).
+    presented: Option<Arc<Presented>>,
     /// Told when every hash is known (save them now).
     completed: tokio::sync::Notify,
 }
@@ -49,6 +54,12 @@ impl ChunkSource for ImageSource {
 
     fn completed(&self) {
         self.completed.notify_one();
+    }
+
+    fn changes(&self) -> Option<&dyn ferry_transport::LiveChanges> {
+        self.presented
+            .as_deref()
+            .map(|p| p as &dyn ferry_transport::LiveChanges)
     }
 }
 
@@ -136,18 +147,32 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     let Some(disk) = a.disk.clone() else {
         return crate::serve_nbd::run(a, identity, trusted);
     };
-    let image = SourceImage::open(&disk)?;
+    let present_path = match a.present.as_deref() {
+        Some(spec) => Some(PathBuf::from(spec.strip_prefix("unix:").with_context(
+            || format!("--present {spec:?}: expected unix:PATH (the source VM's NBD socket)"),
+        )?)),
+        None => None,
+    };
+    let image = if present_path.is_some() {
+        SourceImage::open_for_presenting(&disk)?
+    } else {
+        SourceImage::open(&disk)?
+    };
     image.refuse_if_open_for_writing()?;
     let cache: Option<PathBuf> = match &a.hash_cache {
+        // The VM writes a presented image: hashes saved would go stale.
+        _ if present_path.is_some() => None,
         Some(p) if p.as_os_str() == "none" => None,
         Some(p) => Some(p.clone()),
         None => Some(image.default_cache_path()),
     };
     // The id is kept beside the hash cache (a unit may write nowhere
     // else), or beside the image without a cache.
-    let id_path = cache
-        .as_ref()
-        .map_or_else(|| image.id_path(), |c| c.with_extension("ferry-source"));
+    let id_path = match (&a.hash_cache, &cache) {
+        (Some(c), _) if c.as_os_str() != "none" => c.with_extension("ferry-source"),
+        (_, Some(c)) => c.with_extension("ferry-source"),
+        _ => image.id_path(),
+    };
     let id = image.source_id(&id_path);
     let manifest = image.first_manifest(DEFAULT_CHUNK_SIZE, cache.as_deref(), id.id);
     tracing::info!(
@@ -165,19 +190,52 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         tracing::warn!(error = %e, "cannot turn the kernel's readahead off for the source disk");
     }
     let fingerprint = identity.fingerprint();
+    let image = Arc::new(image);
+    let manifest = Arc::new(SharedManifest::new(manifest));
+    let presented = present_path
+        .as_ref()
+        .map(|_| Arc::new(Presented::new(image.clone(), manifest.clone())));
     let source = Arc::new(ImageSource {
         image,
-        manifest: SharedManifest::new(manifest),
+        manifest,
+        presented: presented.clone(),
         completed: tokio::sync::Notify::new(),
     });
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         let server = Server::bind(server_options(&a, identity, trusted), source.clone())?;
         println!(
-            "ferry serve: exporting {} read-only on {} (fingerprint {fingerprint})",
+            "ferry serve: exporting {} {} on {} (fingerprint {fingerprint})",
             disk.display(),
+            if presented.is_some() {
+                "(its VM writes it through --present)"
+            } else {
+                "read-only"
+            },
             server.local_addr()
         );
+        if let (Some(p), Some(path)) = (presented, present_path) {
+            let spec = format!("unix:{}", path.display());
+            let listener = ferry_nbd::NbdListener::bind(&spec)
+                .await
+                .with_context(|| format!("--present {spec}"))?;
+            println!(
+                "ferry serve: presenting {} read-write to the source VM on {}",
+                disk.display(),
+                listener.describe()
+            );
+            let config = ferry_nbd::NbdServerConfig {
+                export_name: String::new(),
+                read_only: false,
+                tls: None,
+            };
+            tokio::spawn(ferry_nbd::serve(
+                listener,
+                Arc::new(PresentedDevice(p)),
+                config,
+                std::future::pending(),
+            ));
+        }
         crate::notify::notify("READY=1\nSTATUS=exporting");
         if let Some(c) = cache {
             tokio::spawn(save_hashes(source.clone(), c));

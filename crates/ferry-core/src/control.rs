@@ -34,6 +34,9 @@ pub enum ControlRequest {
     /// Stop the migration, keep the guest's writes aside, exit
     /// (`ferry abort`).
     Abort,
+    /// Switch a pre-copying pull over: the source freezes and sends its
+    /// last changes, the destination starts serving.
+    Switchover,
 }
 
 /// Why a line is not a control request.
@@ -75,6 +78,7 @@ impl ControlRequest {
             (Some("resume"), None) => Ok(Self::Resume),
             (Some("commit"), None) => Ok(Self::Commit),
             (Some("abort"), None) => Ok(Self::Abort),
+            (Some("switchover"), None) => Ok(Self::Switchover),
             (Some("rate"), Some(v)) => parse_rate(v).map(Self::Rate),
             _ => Err(ControlParseError::Unknown(line.trim().to_string())),
         }
@@ -91,6 +95,7 @@ impl fmt::Display for ControlRequest {
             Self::Rate(v) => write!(f, "rate {v}"),
             Self::Commit => f.write_str("commit"),
             Self::Abort => f.write_str("abort"),
+            Self::Switchover => f.write_str("switchover"),
         }
     }
 }

@@ -289,6 +289,20 @@ pub struct Engine {
     /// Local fills claimed for guest requests, not yet handed out by
     /// [`Engine::poll_fill_local`].
     to_fill_local: VecDeque<u64>,
+    /// Chunks a live source reported written during pre-copy
+    /// ([`Engine::handle_changed`]): whatever a manifest says of them is
+    /// out of date (they count as unhashed), and a zero one is fetched.
+    changed: BitVec,
+    /// Chunks reported written while their fill was being written: the
+    /// fill's blocks do not become present, and the chunk is not fetched
+    /// again until that write is done (a late stale write must not land
+    /// over the new data).
+    stale_fills: HashSet<u64>,
+    /// Bumped by every [`Engine::handle_changed`].
+    change_seq: u64,
+    /// Chunk → the [`Engine::change_seq`] of its last change: an answer
+    /// to a request issued before it may hold the old bytes.
+    changed_at: HashMap<u64, u64>,
 }
 
 impl Engine {
@@ -325,6 +339,10 @@ impl Engine {
             local: BitVec::new(),
             local_cursor: 0,
             to_fill_local: VecDeque::new(),
+            changed: BitVec::new(),
+            stale_fills: HashSet::new(),
+            change_seq: 0,
+            changed_at: HashMap::new(),
         }
     }
 
@@ -347,6 +365,7 @@ impl Engine {
             self.geo,
             "manifest of another geometry"
         );
+        let manifest = self.without_changed(manifest);
         // Runs of consecutive zero chunks, filled a run at a time: a 1 TiB
         // disk has 16 M chunks.
         let kinds = manifest.chunks();
@@ -386,6 +405,103 @@ impl Engine {
             "manifest of another geometry"
         );
         self.manifest = Some(manifest);
+    }
+
+    /// `manifest` with every chunk reported changed listed as unhashed:
+    /// a manifest taken before a write still names the old hash (or a
+    /// hole).
+    fn without_changed(&self, manifest: Arc<Manifest>) -> Arc<Manifest> {
+        if self.changed.not_any() {
+            return manifest;
+        }
+        let mut m = (*manifest).clone();
+        for c in self.changed.iter_ones() {
+            m.set_chunk(c as u64, ChunkKind::Unhashed);
+        }
+        Arc::new(m)
+    }
+
+    /// A live source reports `chunks` written since the destination copied
+    /// them (pre-copy, docs/decisions/precopy-switchover.md): each chunk
+    /// the guest here never wrote becomes absent, its hash unknown (the
+    /// source's hash comes with the data), and is fetched again. An answer
+    /// in flight for it is dropped when it arrives (it may hold the old
+    /// bytes); a fill being written does not make it present. Returns the
+    /// blocks made absent, for the caller to clear in the state file
+    /// before it acknowledges the change.
+    pub fn handle_changed(&mut self, chunks: &[Range<u64>]) -> Vec<Range<u64>> {
+        if self.changed.is_empty() {
+            self.changed.resize(self.geo.chunks() as usize, false);
+        }
+        let n = self.geo.chunks();
+        self.change_seq += 1;
+        // Copied only if another holder shares it (a 1 TiB disk's manifest
+        // is half a GiB).
+        let mut manifest = self.manifest.take();
+        let mut cleared = Vec::new();
+        for r in chunks {
+            for c in r.start.min(n)..r.end.min(n) {
+                if self.guest_chunks[c as usize] {
+                    continue;
+                }
+                self.changed.set(c as usize, true);
+                self.changed_at.insert(c, self.change_seq);
+                if let Some(m) = manifest.as_mut() {
+                    Arc::make_mut(m).set_chunk(c, ChunkKind::Unhashed);
+                }
+                if self.fetching.remove(&c).is_some() {
+                    self.wake(c..c + 1);
+                }
+                if self.filling.remove(&c).is_some() {
+                    self.stale_fills.insert(c);
+                }
+                self.corrupt_streak.remove(&c);
+                let b = self.geo.chunk_blocks(c);
+                let bits = &mut self.present[b.start as usize..b.end as usize];
+                let had = bits.count_ones() as u64;
+                self.bg_cursor = self.bg_cursor.min(c);
+                if had == 0 {
+                    continue;
+                }
+                self.present_blocks -= had;
+                bits.fill(false);
+                self.drop_unsynced(&b);
+                cleared.push(b);
+            }
+        }
+        self.manifest = manifest;
+        cleared
+    }
+
+    /// The count of [`Engine::handle_changed`] calls so far: taken when a
+    /// request to the source is issued, and handed back with its answer
+    /// ([`Engine::handle_fetched_at`]).
+    pub fn change_seq(&self) -> u64 {
+        self.change_seq
+    }
+
+    /// Whether `chunk` was reported changed after a request issued at
+    /// `issued` ([`Engine::change_seq`]).
+    fn changed_after(&self, chunk: u64, issued: u64) -> bool {
+        self.changed_at.get(&chunk).is_some_and(|at| *at > issued)
+    }
+
+    /// Forgets the not yet persisted present bits of `b`.
+    fn drop_unsynced(&mut self, b: &Range<u64>) {
+        let mut kept = Vec::with_capacity(self.unsynced.len());
+        for r in std::mem::take(&mut self.unsynced) {
+            if r.end <= b.start || r.start >= b.end {
+                kept.push(r);
+                continue;
+            }
+            if r.start < b.start {
+                kept.push(r.start..b.start);
+            }
+            if r.end > b.end {
+                kept.push(b.end..r.end);
+            }
+        }
+        self.unsynced = kept;
     }
 
     /// Whether the manifest has arrived.
@@ -584,6 +700,7 @@ impl Engine {
     /// ([`Arrival::Duplicate`] for the other).
     fn must_fetch(&self, chunk: u64) -> bool {
         !self.filling.contains_key(&chunk)
+            && !self.stale_fills.contains(&chunk)
             && self
                 .fetching
                 .get(&chunk)
@@ -635,7 +752,7 @@ impl Engine {
         // Chunks being filled: their fill may write blocks we are about to
         // write; wait until it is done.
         for c in self.geo.chunks_touching(offset, len) {
-            if self.filling.contains_key(&c) {
+            if self.filling.contains_key(&c) || self.stale_fills.contains(&c) {
                 must_wait = true;
             }
         }
@@ -856,6 +973,7 @@ impl Engine {
         let wanted = |e: &Self, c: u64| {
             !e.fetching.contains_key(&c)
                 && !e.filling.contains_key(&c)
+                && !e.stale_fills.contains(&c)
                 && !e.chunk_present(c)
                 && (e.local.is_empty() || !e.local[c as usize])
         };
@@ -880,8 +998,18 @@ impl Engine {
     /// A fetch of `chunks` failed without data (transport error); they are
     /// absent again and may be fetched anew.
     pub fn handle_fetch_failed(&mut self, chunks: Range<u64>) {
+        self.handle_fetch_failed_at(chunks, u64::MAX);
+    }
+
+    /// [`Engine::handle_fetch_failed`] for a request issued at `issued`
+    /// ([`Engine::change_seq`]): chunks changed since are another
+    /// request's now, and left alone.
+    pub fn handle_fetch_failed_at(&mut self, chunks: Range<u64>, issued: u64) {
         self.wake(chunks.clone());
         for c in chunks {
+            if self.changed_after(c, issued) {
+                continue;
+            }
             if let Some(f) = self.fetching.get_mut(&c) {
                 f.requests -= 1;
                 if f.requests == 0 {
@@ -897,7 +1025,21 @@ impl Engine {
     /// zero chunk. On a match the chunk is marked as filling and the blocks
     /// still absent are named for writing (invariant 3).
     pub fn handle_fetched(&mut self, chunk: u64, payload: &Payload) -> Arrival {
-        let Some(fetch) = self.fetching.get(&chunk).copied() else {
+        self.handle_fetched_at(chunk, payload, u64::MAX)
+    }
+
+    /// [`Engine::handle_fetched`] for the answer to a request issued at
+    /// `issued` ([`Engine::change_seq`]): a chunk a live source reported
+    /// written since may hold the old bytes, and is dropped as a
+    /// duplicate (the request issued after the change brings the new ones).
+    pub fn handle_fetched_at(&mut self, chunk: u64, payload: &Payload, issued: u64) -> Arrival {
+        let stale = self.changed_after(chunk, issued);
+        let fetch = if stale {
+            None
+        } else {
+            self.fetching.get(&chunk).copied()
+        };
+        let Some(fetch) = fetch else {
             // Another request for it answered first.
             if let Payload::Data { bytes, .. } = payload {
                 self.counters.duplicate += bytes.len() as u64;
@@ -979,6 +1121,7 @@ impl Engine {
     /// file (not yet synced): they become present.
     pub fn handle_fill_done(&mut self, chunk: u64) {
         self.wake(chunk..chunk + 1);
+        self.stale_fills.remove(&chunk);
         let Some(runs) = self.filling.remove(&chunk) else {
             return;
         };
@@ -996,6 +1139,7 @@ impl Engine {
     /// Writing the fill of `chunk` failed: its blocks stay absent.
     pub fn handle_fill_failed(&mut self, chunk: u64) {
         self.wake(chunk..chunk + 1);
+        self.stale_fills.remove(&chunk);
         self.filling.remove(&chunk);
     }
 
@@ -1097,5 +1241,139 @@ impl Engine {
             let kind = m.as_ref()?.chunk(c);
             self.verifiable(c).then_some((c, kind))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: u32 = 65536;
+
+    fn data(c: u64, v: u8) -> Vec<u8> {
+        vec![v.wrapping_add(c as u8); CS as usize]
+    }
+
+    /// Four chunks: 0 and 1 data, 2 zero, 3 data; the first manifest.
+    fn engine() -> Engine {
+        let geo = Geometry::new(4 * u64::from(CS), CS);
+        let kinds = vec![
+            ChunkKind::of(&data(0, 1)),
+            ChunkKind::of(&data(1, 1)),
+            ChunkKind::Zero,
+            ChunkKind::of(&data(3, 1)),
+        ];
+        Engine::with_manifest(
+            Arc::new(Manifest::new(geo, kinds)),
+            BitVec::new(),
+            BitVec::new(),
+        )
+    }
+
+    fn payload(bytes: Vec<u8>) -> Payload {
+        Payload::Data {
+            hash: *blake3::hash(&bytes).as_bytes(),
+            bytes,
+        }
+    }
+
+    /// Fetches and fills `chunk` with `bytes` through the background copier.
+    fn fill(e: &mut Engine, chunk: u64, bytes: Vec<u8>) {
+        assert_eq!(e.poll_background(1), Some(chunk..chunk + 1));
+        match e.handle_fetched(chunk, &payload(bytes)) {
+            Arrival::Fill(_) => e.handle_fill_done(chunk),
+            other => panic!("chunk {chunk}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_changed_chunk_is_absent_again_and_fetched_with_the_sources_new_hash() {
+        let mut e = engine();
+        fill(&mut e, 0, data(0, 1));
+        fill(&mut e, 1, data(1, 1));
+        let batch = e.begin_sync();
+        assert_eq!(batch.blocks, vec![0..32]);
+        // Chunk 3 is in flight, chunk 2 (a hole) was written at the source.
+        assert_eq!(e.poll_background(1), Some(3..4));
+        let cleared = e.handle_changed(&[0..1, 2..4]);
+        assert_eq!(cleared, vec![0..16, 32..48], "chunk 0 and the zero chunk 2");
+        assert!(!e.is_present(0) && e.is_present(16) && !e.is_present(32));
+        assert_eq!(e.phase(), Phase::Copying);
+        // The answer in flight (old bytes) is dropped, never written.
+        assert_eq!(
+            e.handle_fetched(3, &payload(data(3, 1))),
+            Arrival::Duplicate { chunk: 3 }
+        );
+        // The new bytes are accepted with the hash the source sends,
+        // the old manifest's hash (or hole) no longer applies.
+        fill(&mut e, 0, data(0, 9));
+        fill(&mut e, 2, data(2, 9));
+        fill(&mut e, 3, data(3, 9));
+        assert_eq!(e.poll_background(1), None);
+        assert_eq!(e.phase(), Phase::Complete);
+    }
+
+    #[test]
+    fn an_answer_to_a_request_issued_before_a_change_is_never_written() {
+        let mut e = engine();
+        // Requested before the change (old bytes on the way) ...
+        assert_eq!(e.poll_background(1), Some(0..1));
+        let issued = e.change_seq();
+        e.handle_changed(&[0..1]);
+        // ... and again after it, by the copier.
+        assert_eq!(e.poll_background(1), Some(0..1));
+        let again = e.change_seq();
+        // The old answer arrives first: dropped, the new request still counts.
+        assert_eq!(
+            e.handle_fetched_at(0, &payload(data(0, 1)), issued),
+            Arrival::Duplicate { chunk: 0 }
+        );
+        e.handle_fetch_failed_at(0..1, issued);
+        assert!(matches!(
+            e.handle_fetched_at(0, &payload(data(0, 2)), again),
+            Arrival::Fill(_)
+        ));
+    }
+
+    #[test]
+    fn a_fill_being_written_when_its_chunk_changes_does_not_make_it_present() {
+        let mut e = engine();
+        assert_eq!(e.poll_background(1), Some(0..1));
+        assert!(matches!(
+            e.handle_fetched(0, &payload(data(0, 1))),
+            Arrival::Fill(_)
+        ));
+        assert_eq!(e.handle_changed(&[0..1]), vec![]);
+        // Not fetched again while the stale write is still landing.
+        assert_eq!(e.poll_background(1), Some(1..2));
+        e.handle_fill_done(0);
+        assert!(!e.is_present(0));
+        let mut next = Vec::new();
+        while let Some(r) = e.poll_background(1) {
+            next.push(r.start);
+        }
+        assert_eq!(
+            next,
+            vec![3, 0],
+            "fetched again once its stale fill is done"
+        );
+    }
+
+    #[test]
+    fn a_manifest_arriving_after_a_change_does_not_bring_back_the_old_hash() {
+        let geo = Geometry::new(4 * u64::from(CS), CS);
+        let mut e = Engine::new(geo, BitVec::new(), BitVec::new());
+        e.handle_changed(&[2..3]);
+        let kinds = vec![
+            ChunkKind::Zero,
+            ChunkKind::Zero,
+            ChunkKind::Zero,
+            ChunkKind::Zero,
+        ];
+        e.handle_manifest(Arc::new(Manifest::new(geo, kinds)));
+        // The hole the manifest names was written: fetched, not zero.
+        assert!(!e.is_present(32));
+        fill(&mut e, 2, data(2, 5));
+        assert_eq!(e.phase(), Phase::Complete);
     }
 }

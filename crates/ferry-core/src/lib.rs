@@ -8,6 +8,7 @@
 //! engine alone).
 #![forbid(unsafe_code)]
 
+pub mod changes;
 pub mod control;
 pub mod geometry;
 pub mod manifest;
@@ -15,7 +16,7 @@ pub mod units;
 
 pub use control::{ControlParseError, ControlRequest, MAX_RATE};
 pub use geometry::Geometry;
-pub use manifest::{ChunkKind, Manifest, ManifestError, SharedManifest};
+pub use manifest::{ChunkKind, Manifest, ManifestError, ReadToken, SharedManifest};
 pub use units::UnitsError;
 pub mod engine;
 

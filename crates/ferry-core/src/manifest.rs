@@ -275,9 +275,29 @@ impl Manifest {
 pub struct SharedManifest {
     geometry: Geometry,
     source_id: [u8; 32],
-    inner: std::sync::Mutex<Manifest>,
+    inner: std::sync::Mutex<Inner>,
     /// Bumped by every [`SharedManifest::learn`] that changed a chunk.
     version: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    manifest: Manifest,
+    /// Bumped when a write through a presented device begins and ends
+    /// ([`SharedManifest::begin_write`]).
+    writes: u64,
+    /// Writes begun and not yet ended.
+    writing: u64,
+}
+
+/// What a reader saw of the writes to a live source before it read
+/// ([`SharedManifest::token`]): a hash it computes may be learned, and a
+/// known hash trusted for the bytes it read, only if no write ran
+/// meanwhile ([`SharedManifest::steady_since`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadToken {
+    writes: u64,
+    writing: u64,
 }
 
 impl SharedManifest {
@@ -286,12 +306,16 @@ impl SharedManifest {
         Self {
             geometry: first.geometry(),
             source_id: first.source_id(),
-            inner: std::sync::Mutex::new(first),
+            inner: std::sync::Mutex::new(Inner {
+                manifest: first,
+                writes: 0,
+                writing: 0,
+            }),
             version: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Manifest> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -307,26 +331,86 @@ impl SharedManifest {
 
     /// What is known of chunk `chunk` now.
     pub fn chunk(&self, chunk: u64) -> ChunkKind {
-        self.lock().chunk(chunk)
+        self.lock().manifest.chunk(chunk)
     }
 
     /// The manifest as known now.
     pub fn snapshot(&self) -> Manifest {
-        self.lock().clone()
+        self.lock().manifest.clone()
     }
 
     /// The source read chunk `chunk` and found `kind` (data with its hash,
     /// or only zeros). Only an unhashed chunk is changed: what was known
-    /// stays as it was. Returns whether the chunk changed.
+    /// stays as it was. Returns whether the chunk changed. On a live
+    /// source use [`SharedManifest::learn_read`].
     pub fn learn(&self, chunk: u64, kind: ChunkKind) -> bool {
-        let mut m = self.lock();
-        if m.chunk(chunk) != ChunkKind::Unhashed || kind == ChunkKind::Unhashed {
+        let mut inner = self.lock();
+        Self::learn_locked(&mut inner, &self.version, chunk, kind)
+    }
+
+    fn learn_locked(
+        inner: &mut Inner,
+        version: &std::sync::atomic::AtomicU64,
+        chunk: u64,
+        kind: ChunkKind,
+    ) -> bool {
+        if inner.manifest.chunk(chunk) != ChunkKind::Unhashed || kind == ChunkKind::Unhashed {
             return false;
         }
-        m.set_chunk(chunk, kind);
-        self.version
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        inner.manifest.set_chunk(chunk, kind);
+        version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         true
+    }
+
+    /// Taken before reading chunks of a live source: see [`ReadToken`].
+    pub fn token(&self) -> ReadToken {
+        let inner = self.lock();
+        ReadToken {
+            writes: inner.writes,
+            writing: inner.writing,
+        }
+    }
+
+    /// Whether no write to the source began, ran or ended since `token`
+    /// was taken: bytes read since then are what the manifest describes.
+    pub fn steady_since(&self, token: ReadToken) -> bool {
+        let inner = self.lock();
+        token.writing == 0 && inner.writing == 0 && inner.writes == token.writes
+    }
+
+    /// [`SharedManifest::learn`] for a chunk read after `token` was taken:
+    /// learned only if no write ran meanwhile (a hash of bytes a write
+    /// replaced, or of a torn mix, must never be learned).
+    pub fn learn_read(&self, chunk: u64, kind: ChunkKind, token: ReadToken) -> bool {
+        let mut inner = self.lock();
+        if token.writing != 0 || inner.writing != 0 || inner.writes != token.writes {
+            return false;
+        }
+        Self::learn_locked(&mut inner, &self.version, chunk, kind)
+    }
+
+    /// A write to `chunks` begins (a live source: the VM writes through
+    /// ferry's presented device): their hashes are forgotten (unhashed),
+    /// and no hash is learned until [`SharedManifest::end_write`].
+    pub fn begin_write(&self, chunks: std::ops::Range<u64>) {
+        let mut inner = self.lock();
+        inner.writing += 1;
+        inner.writes += 1;
+        for c in chunks {
+            inner.manifest.set_chunk(c, ChunkKind::Unhashed);
+        }
+    }
+
+    /// The write begun by [`SharedManifest::begin_write`] on `chunks`
+    /// ended: their hashes are forgotten again (anything learned while it
+    /// ran may describe the old bytes).
+    pub fn end_write(&self, chunks: std::ops::Range<u64>) {
+        let mut inner = self.lock();
+        inner.writing = inner.writing.saturating_sub(1);
+        inner.writes += 1;
+        for c in chunks {
+            inner.manifest.set_chunk(c, ChunkKind::Unhashed);
+        }
     }
 
     /// How many chunks were learned so far (a saver compares it with what
@@ -453,5 +537,31 @@ mod tests {
         let mut long = e.clone();
         long.push(0);
         assert_eq!(Manifest::decode(&long), Err(ManifestError::Trailing(1)));
+    }
+
+    #[test]
+    fn a_hash_read_while_a_write_ran_is_never_learned() {
+        let s = SharedManifest::new(sample());
+        // A write forgets the hash of a known chunk.
+        let t = s.token();
+        s.begin_write(0..1);
+        assert_eq!(s.chunk(0), ChunkKind::Unhashed);
+        assert!(!s.steady_since(t));
+        // Read while it runs: not learned, before or after it ends.
+        let during = s.token();
+        assert!(!s.learn_read(0, ChunkKind::Data([5; 32]), during));
+        s.end_write(0..1);
+        assert!(!s.learn_read(0, ChunkKind::Data([5; 32]), during));
+        assert!(!s.learn_read(0, ChunkKind::Data([5; 32]), t));
+        assert_eq!(s.chunk(0), ChunkKind::Unhashed);
+        // Read after it ended: learned.
+        let after = s.token();
+        assert!(s.steady_since(after));
+        assert!(s.learn_read(0, ChunkKind::Data([6; 32]), after));
+        assert_eq!(s.chunk(0), ChunkKind::Data([6; 32]));
+        // A zero chunk written becomes unhashed too.
+        s.begin_write(1..2);
+        s.end_write(1..2);
+        assert_eq!(s.chunk(1), ChunkKind::Unhashed);
     }
 }

@@ -54,6 +54,13 @@ pub trait BlockMap: Send + 'static {
     fn clear_present(&mut self, blocks: &[Range<u64>]) -> io::Result<()>;
     /// Records that the copy is complete and verified, durably.
     fn record_verified(&mut self, verified: Verified) -> io::Result<()>;
+    /// Records where a pre-copy stands, durably (see
+    /// [`ferry_store::Precopy`]). Maps of tests that never pre-copy may
+    /// keep the default, which records nothing.
+    fn record_precopy(&mut self, precopy: ferry_store::Precopy) -> io::Result<()> {
+        let _ = precopy;
+        Ok(())
+    }
 }
 
 impl Disk for Backing {
@@ -103,5 +110,8 @@ impl BlockMap for StateFile {
     }
     fn record_verified(&mut self, verified: Verified) -> io::Result<()> {
         StateFile::record_verified(self, verified).map_err(io::Error::other)
+    }
+    fn record_precopy(&mut self, precopy: ferry_store::Precopy) -> io::Result<()> {
+        StateFile::record_precopy(self, precopy).map_err(io::Error::other)
     }
 }

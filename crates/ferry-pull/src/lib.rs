@@ -23,6 +23,7 @@ mod fill_trouble;
 pub mod lifecycle;
 pub mod local;
 pub mod open;
+mod precopy;
 pub mod runtime;
 pub mod shell;
 pub mod status;

@@ -209,6 +209,8 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
     /// read, given back to be fetched from the source.
     pub(crate) async fn fill_local(self: Arc<Self>, chunk: u64) {
         let geo = self.geometry();
+        // Taken before the read: a change reported meanwhile drops the fill.
+        let issued = self.lock().change_seq();
         let found = self.local.get().and_then(|m| {
             let &(file, offset) = m.at.get(&chunk)?;
             let f = m.files[file as usize].clone()?;
@@ -232,7 +234,8 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         };
         match read {
             Some((bytes, hash)) if *blake3::hash(&bytes).as_bytes() == hash => {
-                self.arrived(chunk, Payload::Data { hash, bytes }).await;
+                self.arrived(chunk, Payload::Data { hash, bytes }, issued)
+                    .await;
             }
             _ => {
                 tracing::debug!(

@@ -222,6 +222,10 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         self.geo.blocks()
     }
 
+    pub(crate) fn geo_chunks(&self) -> u64 {
+        self.geo.chunks()
+    }
+
     /// The connection to the source, if it has been reached.
     pub fn client_now(&self) -> Option<F> {
         self.source.borrow().clone()
@@ -342,6 +346,9 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
 
     pub(crate) async fn fetch(self: Arc<Self>, range: Range<u64>, kind: FetchKind) {
         let count = (range.end - range.start) as u32;
+        // Before the request leaves: an answer to it for a chunk a live
+        // source reports written after this may hold the old bytes.
+        let issued = self.lock().change_seq();
         let client = self.client().await;
         let t0 = std::time::Instant::now();
         match client.fetch(range.start, count, kind).await {
@@ -351,7 +358,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
                     self.telemetry.on_demand_fetched(fetched);
                 }
                 for (chunk, data) in range.clone().zip(chunks) {
-                    self.arrived(chunk, data).await;
+                    self.arrived(chunk, data, issued).await;
                 }
                 if kind == FetchKind::OnDemand {
                     tracing::debug!(
@@ -365,7 +372,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
             }
             Err(e) => {
                 let mut engine = self.lock();
-                engine.handle_fetch_failed(range.clone());
+                engine.handle_fetch_failed_at(range.clone(), issued);
                 if matches!(e, FetchError::SourceChanged(_)) {
                     engine.fail(Failure::SourceChanged(e.to_string()));
                 } else {
@@ -382,12 +389,12 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         self.changed.notify_waiters();
     }
 
-    pub(crate) async fn arrived(&self, chunk: u64, fetched: Payload) {
+    pub(crate) async fn arrived(&self, chunk: u64, fetched: Payload, issued: u64) {
         // A corrupt answer makes the chunk absent again (or, after too
         // many, stops the migration): its requests plan anew.
         let arrival = {
             let mut engine = self.lock();
-            let arrival = engine.handle_fetched(chunk, &fetched);
+            let arrival = engine.handle_fetched_at(chunk, &fetched, issued);
             self.wake(engine);
             arrival
         };

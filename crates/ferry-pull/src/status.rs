@@ -116,6 +116,19 @@ pub struct Status {
     /// no longer needed); set by the daemon.
     #[serde(default)]
     pub committed: bool,
+    /// Pre-copy from a live source (`ferry pull --precopy`): "copying"
+    /// (nothing served until the switchover) or "switched"; set by the
+    /// daemon.
+    #[serde(default)]
+    pub precopy: Option<String>,
+    /// The last generation of the live source's changes applied here; set
+    /// by the daemon.
+    #[serde(default)]
+    pub precopy_generation: Option<u64>,
+    /// Freeze to serving at the switchover, in ms: from the switchover
+    /// request to the frontends serving; set by the daemon.
+    #[serde(default)]
+    pub switchover_ms: Option<f64>,
 }
 
 /// The status report of the pull run by `shared` (what `ferry status`
@@ -211,6 +224,9 @@ pub fn snapshot<F: Fetcher, D: Disk, M: BlockMap>(
         nbd_tls: report.nbd.as_ref().is_some_and(|(_, tls)| *tls),
         disk: None,
         committed: false,
+        precopy: None,
+        precopy_generation: None,
+        switchover_ms: None,
     }
 }
 

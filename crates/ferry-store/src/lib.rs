@@ -23,12 +23,14 @@ pub mod destination;
 pub mod guest_writes;
 mod lock;
 mod mapping;
+pub mod precopy;
 pub mod runtime;
 pub mod source;
 pub mod state;
 
 pub use backing::{Backing, BackingError, PairMark};
 pub use destination::{open_or_create, Destination, DestinationError, RecoveredWrites};
+pub use precopy::Precopy;
 pub use runtime::{RuntimeSetting, RuntimeSettings};
 pub use source::{FileIdentity, SourceError, SourceId, SourceImage};
 pub use state::{Ended, Pairing, StateError, StateFile, StateHeader, Verified};

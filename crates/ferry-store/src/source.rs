@@ -160,8 +160,12 @@ pub struct SourceImage {
     file: File,
     path: PathBuf,
     size: u64,
-    identity: FileIdentity,
+    /// The file's identity when opened, or after ferry's own last write
+    /// to it (a presented image, [`SourceImage::write_presented`]).
+    identity: Mutex<FileIdentity>,
     regular: bool,
+    /// Opened for writing by [`SourceImage::open_for_presenting`].
+    writable: bool,
     /// Set once the image was seen changed; never cleared.
     changed: Mutex<Option<String>>,
 }
@@ -169,6 +173,18 @@ pub struct SourceImage {
 impl SourceImage {
     /// Opens `path` read-only (ferry never writes the source).
     pub fn open(path: &Path) -> Result<Self, SourceError> {
+        Self::open_with(path, false)
+    }
+
+    /// Opens `path` for reading and writing, to present it to the running
+    /// source VM (`ferry serve --present`): the VM's writes go through
+    /// [`SourceImage::write_presented`], which keeps the change detection
+    /// blind to them only.
+    pub fn open_for_presenting(path: &Path) -> Result<Self, SourceError> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, writable: bool) -> Result<Self, SourceError> {
         let err = |op| {
             move |source| SourceError::Io {
                 op,
@@ -176,7 +192,11 @@ impl SourceImage {
                 source,
             }
         };
-        let mut file = File::open(path).map_err(err("open"))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(err("open"))?;
         let meta = file.metadata().map_err(err("stat"))?;
         let ft = meta.file_type();
         if !ft.is_file() && !ft.is_block_device() {
@@ -190,8 +210,9 @@ impl SourceImage {
             file,
             path: path.to_owned(),
             size,
-            identity: FileIdentity::of(&meta, size),
+            identity: Mutex::new(FileIdentity::of(&meta, size)),
             regular: ft.is_file(),
+            writable,
             changed: Mutex::new(None),
         })
     }
@@ -206,9 +227,48 @@ impl SourceImage {
         &self.path
     }
 
-    /// The file's identity when it was opened.
+    /// The file's identity when it was opened (or after ferry's own last
+    /// write to a presented image).
     pub fn identity(&self) -> FileIdentity {
-        self.identity
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `data` at `offset` for the VM the image is presented to
+    /// (opened with [`SourceImage::open_for_presenting`]), durably with
+    /// `sync`. A change made behind ferry's back before it is noticed
+    /// first (the write is refused then); after it the identity the
+    /// change detection compares with is the file's now, so ferry's own
+    /// writes are not taken for foreign ones. A foreign write landing
+    /// while this one runs is not told apart from it.
+    pub fn write_presented(&self, offset: u64, data: &[u8], sync: bool) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::other(format!(
+                "source disk {} is not presented: it is open read-only",
+                self.path.display()
+            )));
+        }
+        if let Some(why) = self.check() {
+            return Err(io::Error::other(why));
+        }
+        let mut identity = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        self.file.write_all_at(data, offset)?;
+        if sync {
+            self.file.sync_data()?;
+        }
+        let meta = self.file.metadata()?;
+        let size = if self.regular { meta.len() } else { self.size };
+        *identity = FileIdentity::of(&meta, size);
+        Ok(())
+    }
+
+    /// Makes every write through [`SourceImage::write_presented`] durable.
+    pub fn sync_presented(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (for the presented device).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
     }
 
     fn beside(&self, suffix: &str) -> PathBuf {
@@ -276,7 +336,7 @@ impl SourceImage {
     /// is logged, and the id is then derived from the file's identity (the
     /// same for as long as the image is unchanged).
     pub fn source_id(&self, sidecar: &Path) -> SourceId {
-        let line = self.identity.to_line();
+        let line = self.identity().to_line();
         if let Ok(text) = std::fs::read_to_string(sidecar) {
             if let Some(id) = parse_sidecar(&text, &line) {
                 return id;
@@ -297,7 +357,7 @@ impl SourceImage {
                 tracing::warn!(sidecar = %sidecar.display(), error = %e, "cannot keep the source id; using one derived from the image's identity");
                 let mut k = blake3::Hasher::new();
                 k.update(b"ferry source id from the file identity");
-                k.update(&self.identity.key());
+                k.update(&self.identity().key());
                 SourceId {
                     id: *k.finalize().as_bytes(),
                     generation: 0,
@@ -310,7 +370,7 @@ impl SourceImage {
 
     fn cache_key(&self, chunk_size: u32) -> [u8; 32] {
         let mut key = blake3::Hasher::new();
-        key.update(&self.identity.key());
+        key.update(&self.identity().key());
         key.update(&chunk_size.to_le_bytes());
         *key.finalize().as_bytes()
     }
@@ -385,11 +445,12 @@ impl SourceImage {
         if let Some(why) = changed.as_ref() {
             return Some(why.clone());
         }
+        let known = self.identity.lock().unwrap_or_else(|e| e.into_inner());
         let what = match self.file.metadata() {
             Ok(meta) => {
                 let size = if self.regular { meta.len() } else { self.size };
                 let now = FileIdentity::of(&meta, size);
-                (now != self.identity).then(|| now.changes_since(&self.identity))
+                (now != *known).then(|| now.changes_since(&known))
             }
             Err(e) => Some(format!("it cannot be examined: {e}")),
         }?;
@@ -407,7 +468,8 @@ impl SourceImage {
     /// through `/proc/*/fd`; processes this user may not inspect are not
     /// seen).
     pub fn refuse_if_open_for_writing(&self) -> Result<(), SourceError> {
-        let writers = writers_of(self.identity.dev, self.identity.ino);
+        let id = self.identity();
+        let writers = writers_of(id.dev, id.ino);
         if writers.is_empty() {
             return Ok(());
         }
@@ -736,5 +798,28 @@ mod tests {
             SourceImage::open(&empty),
             Err(SourceError::Empty(_))
         ));
+    }
+
+    #[test]
+    fn a_presented_image_accepts_its_own_writes_and_still_notices_foreign_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, cs) = sample(dir.path());
+        // Not presented: ferry does not write.
+        let ro = SourceImage::open(&p).unwrap();
+        assert!(ro.write_presented(0, &[1; 10], false).is_err());
+        let img = SourceImage::open_for_presenting(&p).unwrap();
+        for i in 0..3u8 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            img.write_presented(2 * cs + u64::from(i), &[i + 1; 100], i == 2)
+                .unwrap();
+            assert_eq!(img.check(), None, "own write {i}");
+        }
+        let mut back = [0u8; 3];
+        img.read_at(2 * cs, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3]);
+        // A write behind ferry's back is noticed, and refuses the next own one.
+        touch(&p, 7 * cs);
+        assert!(img.check().is_some());
+        assert!(img.write_presented(0, &[1; 10], false).is_err());
     }
 }

@@ -57,6 +57,7 @@ use ferry_core::{Geometry, SyncBatch};
 
 use crate::backing::{Backing, PairMark};
 use crate::lock::{describe_holder, lock_exclusive, LockFail};
+use crate::precopy::Precopy;
 use crate::runtime::RuntimeSettings;
 
 const MAGIC: &[u8; 8] = b"FERRYST1";
@@ -489,6 +490,8 @@ pub struct StateFile {
     /// Runtime changes to the background copy, and the sequence number of
     /// their copy in the header (see [`crate::runtime`]).
     runtime: (RuntimeSettings, u64),
+    /// The pre-copy record (see [`crate::precopy`]).
+    precopy: Option<Precopy>,
 }
 
 /// Bits stored least-significant first in `bytes`, as a word-backed
@@ -649,6 +652,7 @@ impl StateFile {
             recovered_guest: Vec::new(),
             verified: None,
             runtime: Default::default(),
+            precopy: None,
         })
     }
 
@@ -751,6 +755,28 @@ impl StateFile {
                 source,
             })?;
         self.runtime = (settings, seq);
+        Ok(())
+    }
+
+    /// The pre-copy record: the last generation of a live source's
+    /// changes applied here, and whether the switchover is done; `None`
+    /// if never recorded (or torn).
+    pub fn precopy(&self) -> Option<Precopy> {
+        self.precopy
+    }
+
+    /// Records `p` durably (written and synced when this returns). The
+    /// changes it names must be durable in the bitmap already.
+    pub fn record_precopy(&mut self, p: Precopy) -> Result<(), StateError> {
+        self.file
+            .write_all_at(&p.encode(), crate::precopy::PRECOPY_AT as u64)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| StateError::Io {
+                op: "cannot record the pre-copy's generation in",
+                path: self.path.clone(),
+                source,
+            })?;
+        self.precopy = Some(p);
         Ok(())
     }
 
@@ -911,6 +937,7 @@ impl StateFile {
             recovered_guest,
             verified: Verified::decode(&h),
             runtime: RuntimeSettings::decode(&h),
+            precopy: Precopy::decode(&h),
         })
     }
 
@@ -1196,6 +1223,31 @@ mod tests {
                 writes: PathBuf::new()
             })
         );
+    }
+
+    #[test]
+    fn the_precopy_record_survives_reopen_and_a_torn_one_reads_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let geo = Geometry::new(40 << 20, 65536);
+        let (b, pairing) = backing(dir.path(), "d", geo);
+        let mut s = StateFile::create(&p, geo, [9; 32], pairing).unwrap();
+        assert_eq!(s.precopy(), None);
+        let pre = Precopy {
+            generation: 7,
+            switched: true,
+        };
+        s.record_precopy(pre).unwrap();
+        s.record_runtime_settings(RuntimeSettings::default())
+            .unwrap();
+        drop(s);
+        let s = StateFile::open(&p, geo, [9; 32], &b).unwrap();
+        assert_eq!(s.precopy(), Some(pre));
+        drop(s);
+        // A torn record (one byte of it changed) is not trusted.
+        overwrite(&p, crate::precopy::PRECOPY_AT as u64 + 9, &[0xee]);
+        let s = StateFile::open(&p, geo, [9; 32], &b).unwrap();
+        assert_eq!(s.precopy(), None);
     }
 
     #[test]

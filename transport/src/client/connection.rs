@@ -78,6 +78,7 @@ impl Client {
                 geometry: Geometry::new(0, 4096),
                 source_id: [0; 32],
                 manifest_len: 0,
+                live: false,
             },
             manifest: tokio::sync::OnceCell::new(),
             state: Mutex::new(State::default()),
@@ -492,6 +493,7 @@ async fn welcome(conn: &Connection) -> Result<(SourceInfo, quinn::RecvStream), F
             disk_size,
             chunk_size,
             source_id,
+            live,
         }) => {
             if version != PROTOCOL_VERSION {
                 return Err(protocol(
@@ -516,6 +518,7 @@ async fn welcome(conn: &Connection) -> Result<(SourceInfo, quinn::RecvStream), F
                     geometry: Geometry::new(disk_size, chunk_size),
                     source_id,
                     manifest_len,
+                    live,
                 },
                 recv,
             ))

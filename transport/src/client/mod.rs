@@ -15,13 +15,17 @@
 //!
 //! By job: `connection` (connect, authentication, `Path` reports,
 //! reconnect and retry), `read` (read requests), `hedge` (copies of
-//! on-demand requests on a lossy path), `manifest` (the manifest fetch).
+//! on-demand requests on a lossy path), `manifest` (the manifest fetch),
+//! `precopy` (a live source's change rounds, the switchover).
 
 mod addr;
 mod connection;
 mod hedge;
 mod manifest;
+mod precopy;
 mod read;
+
+pub use precopy::{ChangeFeed, Changes};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +61,9 @@ pub struct SourceInfo {
     pub source_id: [u8; 32],
     /// The largest the encoded manifest can be.
     pub manifest_len: u64,
+    /// A VM writes the source through ferry and it is not frozen: only a
+    /// pre-copying destination may copy it.
+    pub live: bool,
 }
 
 /// The source's answer for one chunk.

@@ -113,6 +113,7 @@ async fn push_welcome(
         disk_size: m.geometry().disk_size,
         chunk_size: m.geometry().chunk_size,
         source_id: m.source_id(),
+        live: shared.source.changes().is_some_and(|l| !l.frozen()),
     };
     let sent = async {
         // A peer that allows us no unidirectional stream (not a ferry

@@ -102,12 +102,18 @@ pub(super) async fn handle_stream(
                 );
             }
         }
+        Message::Precopy { since } => {
+            super::precopy::subscribe(&mut resp, recv, &shared, since, remote).await
+        }
+        Message::Switchover { since } => {
+            super::precopy::switchover(&mut resp, &shared, since, remote).await
+        }
         other => {
             tracing::warn!(%remote, request = crate::codec::frame_name(&other), "unexpected request");
             let _ = recv.stop(CODE_MALFORMED);
             resp.error(
                 ErrorCode::UnexpectedMessage,
-                "expected Hello, GetManifest or Read".to_string(),
+                "expected Hello, GetManifest, Read, Precopy or Switchover".to_string(),
             )
             .await;
         }
@@ -200,6 +206,7 @@ async fn complete_manifest(shared: &Arc<Shared>) -> Result<Manifest, (ErrorCode,
         let s = shared.clone();
         let job = move || -> Result<(), (ErrorCode, String)> {
             let mut buf = Vec::new();
+            let token = s.source.manifest().token();
             s.source.read_chunks(first, count, &mut buf).map_err(|e| {
                 (
                     ErrorCode::ReadFailed,
@@ -219,7 +226,9 @@ async fn complete_manifest(shared: &Arc<Shared>) -> Result<Manifest, (ErrorCode,
                     )
                 })?;
                 at += len;
-                s.source.manifest().learn(c, ChunkKind::of(data));
+                s.source
+                    .manifest()
+                    .learn_read(c, ChunkKind::of(data), token);
             }
             Ok(())
         };

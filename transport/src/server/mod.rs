@@ -14,11 +14,15 @@
 //!
 //! By job: `accept` (connections: handshake, Welcome, `Path` reports),
 //! `dispatch` (one request per stream, to its handler), `read` (read
-//! scheduling: a Read cut into pieces, read and encoded off the runtime).
+//! scheduling: a Read cut into pieces, read and encoded off the runtime),
+//! `precopy` (change rounds of a live source, the switchover).
 
 mod accept;
 mod dispatch;
+mod precopy;
 mod read;
+
+pub use precopy::ROUND;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -87,6 +91,29 @@ pub trait ChunkSource: Send + Sync + 'static {
     /// Every chunk's hash is known now (a complete manifest was made):
     /// a source that keeps hashes may save them.
     fn completed(&self) {}
+    /// The change log of a live source (one a VM writes through ferry),
+    /// or `None` for a source nobody writes.
+    fn changes(&self) -> Option<&dyn LiveChanges> {
+        None
+    }
+}
+
+/// What a live source tells pre-copying destinations
+/// (docs/decisions/precopy-switchover.md).
+pub trait LiveChanges: Send + Sync {
+    /// Ends a round: publishes what was written since the last one as a
+    /// new generation (also with nothing written when `force`). Returns
+    /// the generation published now.
+    fn end_round(&self, force: bool) -> u64;
+    /// The generation published now, and the runs of chunks written after
+    /// generation `applied` (`None`: the source cannot tell).
+    fn since(&self, applied: u64) -> (u64, Option<Vec<std::ops::Range<u64>>>);
+    /// Freezes the disk the VM writes: resolves once writes in progress
+    /// have ended; later ones are held (not failed) from then on.
+    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+    /// Whether [`LiveChanges::freeze`] has frozen it: nothing writes the
+    /// disk any more.
+    fn frozen(&self) -> bool;
 }
 
 /// How to run a server.
@@ -210,7 +237,12 @@ impl Server {
             .local_addr()
             .map_err(|source| TransportError::Endpoint { source })?;
         let first = source.manifest().snapshot();
-        let allocated = first.chunks().iter().filter(|c| c.is_allocated()).count();
+        // A live source's VM may write any chunk: every one may become data.
+        let allocated = if source.changes().is_some() {
+            first.chunks().len()
+        } else {
+            first.chunks().iter().filter(|c| c.is_allocated()).count()
+        };
         let manifest_max_len = Manifest::max_encoded_len(first.geometry(), allocated as u64);
         tracing::info!(
             %local,

@@ -156,6 +156,9 @@ fn start_piece(
                 .map(|c| geo.chunk_len(c) as usize)
                 .sum();
             let mut buf = Vec::with_capacity(expected);
+            // A live source's VM may write while we read: what the
+            // manifest says holds for these bytes only if no write ran.
+            let token = manifest.token();
             let read = s.source.read_chunks(first, count, &mut buf);
             drop(disk);
             if let Err(e) = read {
@@ -190,11 +193,17 @@ fn start_piece(
                 // An unhashed chunk is hashed now, as it is sent, and the
                 // manifest learns it; one that holds only zeros is answered
                 // as zero (and so is a chunk learned to be zero meanwhile).
-                let hash = match manifest.chunk(index) {
+                let known = match manifest.chunk(index) {
+                    ChunkKind::Data(_) | ChunkKind::Zero if !manifest.steady_since(token) => {
+                        ChunkKind::Unhashed
+                    }
+                    k => k,
+                };
+                let hash = match known {
                     ChunkKind::Data(hash) => hash,
                     ChunkKind::Unhashed => {
                         let kind = ChunkKind::of(data);
-                        manifest.learn(index, kind);
+                        manifest.learn_read(index, kind, token);
                         match kind {
                             ChunkKind::Data(hash) => hash,
                             _ => {

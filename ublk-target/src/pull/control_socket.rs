@@ -72,6 +72,21 @@ pub(crate) struct Verbs {
     pub(crate) aborting: AtomicBool,
     /// Where an abort is asked for.
     pub(crate) abort: tokio::sync::mpsc::Sender<AbortRequest>,
+    /// A pre-copy's state, for the status (`None` without --precopy).
+    pub(crate) precopy: std::sync::Mutex<Option<PrecopyView>>,
+    /// Where a switchover is asked for (with the reply's sender).
+    pub(crate) switchover: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<String>>,
+}
+
+/// What the status says of a pre-copy.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PrecopyView {
+    /// "copying" or "switched".
+    pub(crate) phase: String,
+    /// The last generation applied.
+    pub(crate) generation: u64,
+    /// Freeze to serving, in ms.
+    pub(crate) switchover_ms: Option<f64>,
 }
 
 /// The control socket.
@@ -155,6 +170,16 @@ impl ControlListener {
                         Ok(ControlRequest::Commit) => {
                             commit(&shared, &settings, &report, &verbs).await
                         }
+                        Ok(ControlRequest::Switchover) => {
+                            let (tx, rx) = tokio::sync::oneshot::channel();
+                            if verbs.switchover.send(tx).await.is_err() {
+                                error_reply("this pull is not pre-copying (no --precopy, or it has switched over)")
+                            } else {
+                                rx.await.unwrap_or_else(|_| {
+                                    error_reply("the pull stopped before it could switch over")
+                                })
+                            }
+                        }
                         Ok(ControlRequest::Abort) => {
                             let (reply, written) = abort(&verbs).await;
                             let _ = tokio::time::timeout(
@@ -231,6 +256,11 @@ fn snapshot(
     let mut s = status::snapshot(shared, settings, report);
     s.disk = Some(verbs.disk.clone());
     s.committed = verbs.committed.load(Ordering::Relaxed);
+    if let Some(p) = verbs.precopy.lock().expect("precopy lock").clone() {
+        s.precopy = Some(p.phase);
+        s.precopy_generation = Some(p.generation);
+        s.switchover_ms = p.switchover_ms;
+    }
     s
 }
 
@@ -318,8 +348,8 @@ async fn handle(req: &str, ctx: Ctx<'_>) -> String {
             ))
             .expect("status serialises")
         }
-        Ok(ControlRequest::Commit | ControlRequest::Abort) => {
-            return error_reply("commit and abort are answered elsewhere")
+        Ok(ControlRequest::Commit | ControlRequest::Abort | ControlRequest::Switchover) => {
+            return error_reply("commit, abort and switchover are answered elsewhere")
         }
         Ok(ControlRequest::Pause) => Change::Paused(true),
         Ok(ControlRequest::Resume) => Change::Paused(false),

@@ -2,6 +2,7 @@
 //! data on demand, copy the rest in the background, verify, keep serving.
 
 mod control_socket;
+mod precopy;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -103,6 +104,7 @@ async fn reach_source(
     geo: ferry_core::Geometry,
     id: [u8; 32],
     verified: bool,
+    precopy: bool,
 ) -> Result<()> {
     let addr = opts.server.clone();
     let mut delay = ferry_transport::client::BACKOFF_START;
@@ -150,6 +152,9 @@ async fn reach_source(
         return Err(anyhow::Error::from(e)
             .context(format!("the source {addr} did not accept this destination")));
     }
+    if !verified {
+        refuse_live_without_precopy(&client, precopy)?;
+    }
     if verified {
         tracing::info!(%addr, "reached the source; the copy is already complete and verified, so it is let go");
         client.close();
@@ -174,8 +179,71 @@ async fn keep_connected(shared: Arc<Shell>, client: Client) {
     }
 }
 
+/// A live source (its VM writes it through `ferry serve --present`) may
+/// only be copied by a pre-copying pull, which follows its changes: any
+/// other could serve chunks the VM has overwritten since.
+fn refuse_live_without_precopy(client: &Client, precopy: bool) -> Result<()> {
+    if client.info().live && !precopy {
+        client.close();
+        bail!(
+            "the source is live (its VM writes the disk through `ferry serve --present`): pull it \
+             with --precopy, which follows its writes, and switch over with `ferry switchover`"
+        );
+    }
+    Ok(())
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `ferry abort` of a running pull (its frontends stopped, or never
+/// started during a pre-copy): the guest's writes kept aside, the end
+/// recorded, the control client answered. Returns how the pull ends.
+async fn abort_migration(
+    shared: &Arc<Shell>,
+    disk: &Path,
+    state_path: &Path,
+    id: [u8; 32],
+    req: control_socket::AbortRequest,
+) -> Result<()> {
+    if let Some(c) = shared.client_now() {
+        ferry_pull::Fetcher::close(&c);
+    }
+    let (reply, result) =
+        match ferry_pull::lifecycle::abort_online(shared, disk, state_path, id).await {
+            Ok(kept) => {
+                let summary = crate::verbs::Aborted {
+                    writes_dir: kept.dir.display().to_string(),
+                    extents: kept.extents,
+                    bytes: kept.bytes,
+                };
+                let reply = serde_json::json!({
+                    "ok": true,
+                    "writes_dir": summary.writes_dir,
+                    "extents": summary.extents,
+                    "bytes": summary.bytes,
+                });
+                let msg = format!(
+                    "migration aborted by `ferry abort`: the source remains the truth; \
+                     the guest's writes made here ({} extent(s), {} bytes) are kept in {}",
+                    kept.extents, kept.bytes, summary.writes_dir
+                );
+                (
+                    reply.to_string(),
+                    Err(crate::verbs::MigrationAborted(msg).into()),
+                )
+            }
+            Err(e) => {
+                let e = anyhow::Error::from(e).context("cannot abort the migration");
+                let reply = serde_json::json!({ "ok": false, "error": format!("{e:#}") });
+                (reply.to_string(), Err(e))
+            }
+        };
+    let _ = req.reply.send(reply);
+    // Until the answer has left (or a while).
+    let _ = tokio::time::timeout(Duration::from_secs(10), req.written).await;
+    result
 }
 
 pub(crate) fn run(a: PullArgs) -> Result<()> {
@@ -199,6 +267,12 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 .with_context(|| format!("cannot open --index {}", p.display()))
         })
         .collect::<Result<Vec<_>>>()?;
+    if a.precopy && !a.index.is_empty() {
+        bail!("--index with --precopy: local fills are matched against hashes a live source may change; not supported yet");
+    }
+    if a.precopy && (a.ublk || a.nbd.is_none()) {
+        bail!("--precopy serves over --nbd only (not yet --ublk)");
+    }
     let disk_is_device = ferry_store::backing::is_block_device(&a.disk)
         .with_context(|| format!("cannot stat --disk {}", a.disk.display()))?;
     let state_path = match (&a.state, disk_is_device) {
@@ -300,7 +374,10 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         // Bind every listener before touching any file, so a port in use
         // fails the start with nothing changed.
         let mut sockets = BoundSockets::default();
-        let listener = match &a.nbd {
+        // A pre-copying pull binds its NBD socket only at the switchover:
+        // no guest can reach the disk before.
+        let mut listener = match &a.nbd {
+            Some(_) if a.precopy => None,
             Some(spec) => {
                 if let Some(path) = spec.strip_prefix("unix:") {
                     control_socket::remove_stale_socket(Path::new(path), "--nbd")?;
@@ -329,6 +406,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                     .await
                     .with_context(|| format!("cannot connect to the source {server}"))?;
                 let info = *client.info();
+                refuse_live_without_precopy(&client, a.precopy)?;
                 (Some(client), info.geometry, info.source_id, None)
             }
             (None, None) => bail!("--source and --trust-peer are needed for a fresh pull"),
@@ -342,6 +420,22 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             grant_group(&state_path, gid)?;
         }
         let resumed = dest.resumed;
+        let recorded = dest.state.precopy();
+        if recorded.is_some_and(|p| !p.switched) && !a.precopy {
+            bail!(
+                "the disk {} is being pre-copied from a live source and was not switched over: \
+                 serving it now could hand out data the source VM has overwritten since; \
+                 start it with --precopy and run `ferry switchover`",
+                a.disk.display()
+            );
+        }
+        if a.precopy && recorded.is_none() {
+            // From now on a start without --precopy is refused.
+            dest.state
+                .record_precopy(ferry_store::Precopy::default())
+                .context("cannot record the pre-copy in the state file")?;
+        }
+        let precopy_record = recorded.unwrap_or_default();
         let created = dest.created.then(|| {
             ferry_pull::open::creation_sync(&a.disk, &state_path, a.inject_creation_sync_failure_ms)
         });
@@ -438,6 +532,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                     geo,
                     id,
                     verified.is_some(),
+                    a.precopy,
                 )
                 .in_current_span(),
             )
@@ -452,16 +547,19 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             .in_current_span(),
         );
         let (abort_tx, mut abort_rx) = tokio::sync::mpsc::channel(1);
+        let (switch_tx, mut switch_rx) = tokio::sync::mpsc::channel(1);
         let verbs = Arc::new(control_socket::Verbs {
             disk: a.disk.display().to_string(),
             state: state_path.clone(),
             committed: committed.into(),
             aborting: false.into(),
             abort: abort_tx,
+            precopy: Mutex::new(None),
+            switchover: switch_tx,
         });
         tokio::spawn(
             control
-                .serve(shared.clone(), settings.clone(), report.clone(), verbs, cmd)
+                .serve(shared.clone(), settings.clone(), report.clone(), verbs.clone(), cmd)
                 .in_current_span(),
         );
         if let Some(listener) = metrics {
@@ -498,6 +596,83 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 }
             }
         };
+        // Pre-copy: nothing served until the switchover (or, resumed
+        // after it, at once). A switchover asked of a pull that does not
+        // pre-copy (or did switch) is refused.
+        if !a.precopy || precopy_record.switched {
+            switch_rx.close();
+        }
+        let mut switching = None;
+        if a.precopy {
+            if precopy_record.switched {
+                tracing::info!(generation = precopy_record.generation, "the switchover was done before this restart: serving");
+            } else {
+                println!(
+                    "ferry pull: pre-copying; nothing is served until `ferry switchover --control {}`",
+                    a.control.display()
+                );
+                crate::notify::notify("READY=1\nSTATUS=pre-copying");
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("cannot install a SIGTERM handler")?;
+                let mut from = precopy_record.generation;
+                loop {
+                    let rounds = tokio::spawn(
+                        precopy::follow_rounds(shared.clone(), verbs.clone(), from)
+                            .in_current_span(),
+                    );
+                    let reply = tokio::select! {
+                        Some(reply) = switch_rx.recv() => reply,
+                        Some(req) = abort_rx.recv() => {
+                            tracing::warn!("aborting the migration during pre-copy (ferry abort)");
+                            rounds.abort();
+                            let result = abort_migration(&shared, &a.disk, &state_path, id, req).await;
+                            drop(sockets);
+                            return result;
+                        }
+                        _ = tokio::signal::ctrl_c() => {
+                            rounds.abort();
+                            shared.sync().await.context("final sync failed")?;
+                            return Ok(());
+                        }
+                        _ = term.recv() => {
+                            rounds.abort();
+                            shared.sync().await.context("final sync failed")?;
+                            return Ok(());
+                        }
+                    };
+                    let t0 = Instant::now();
+                    rounds.abort();
+                    let _ = rounds.await;
+                    match precopy::switch(&shared, &verbs).await {
+                        Ok(last) => {
+                            switch_rx.close();
+                            switching = Some((t0, last.generation, reply));
+                            break;
+                        }
+                        Err(e) => {
+                            // Nothing served yet: pre-copy goes on, and a
+                            // later switchover may work.
+                            let e = crate::logging::error_chain(&e);
+                            tracing::error!(error = %e, "switchover failed; pre-copy goes on");
+                            let _ = reply
+                                .send(serde_json::json!({"ok": false, "error": e}).to_string());
+                            from = precopy::applied(&verbs);
+                        }
+                    }
+                }
+            }
+            if let Some(spec) = &a.nbd {
+                if let Some(path) = spec.strip_prefix("unix:") {
+                    control_socket::remove_stale_socket(Path::new(path), "--nbd")?;
+                }
+                let l = NbdListener::bind_with(spec, &access).await?;
+                if let NbdListener::Unix(_, path) = &l {
+                    sockets.0.push(path.clone());
+                }
+                listener = Some(l);
+            }
+        }
         // NBD clients connected: --exit-when-complete waits until none is,
         // so a hypervisor still on the export is never cut off.
         let (clients_tx, mut clients_rx) = tokio::sync::watch::channel(0usize);
@@ -594,6 +769,15 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                     .map_err(anyhow::Error::from)
             }));
         }
+        if let Some((t0, generation, reply)) = switching {
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            precopy::switched(&verbs, generation, ms);
+            tracing::info!(switchover_ms = ms, generation, "switched over: serving (post-copy from now on)");
+            let _ = reply.send(
+                serde_json::json!({"ok": true, "switchover_ms": ms, "generation": generation})
+                    .to_string(),
+            );
+        }
         crate::notify::notify(&format!("READY=1\nSTATUS=serving {}", a.disk.display()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install a SIGTERM handler")?;
@@ -666,48 +850,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             }
         }
         if let Some(req) = aborting {
-            if let Some(c) = shared.client_now() {
-                ferry_pull::Fetcher::close(&c);
-            }
-            let (reply, result) = match ferry_pull::lifecycle::abort_online(
-                &shared,
-                &a.disk,
-                &state_path,
-                id,
-            )
-            .await
-            {
-                Ok(kept) => {
-                    let summary = crate::verbs::Aborted {
-                        writes_dir: kept.dir.display().to_string(),
-                        extents: kept.extents,
-                        bytes: kept.bytes,
-                    };
-                    let reply = serde_json::json!({
-                        "ok": true,
-                        "writes_dir": summary.writes_dir,
-                        "extents": summary.extents,
-                        "bytes": summary.bytes,
-                    });
-                    let msg = format!(
-                        "migration aborted by `ferry abort`: the source remains the truth; \
-                             the guest's writes made here ({} extent(s), {} bytes) are kept in {}",
-                        kept.extents, kept.bytes, summary.writes_dir
-                    );
-                    (
-                        reply.to_string(),
-                        Err(crate::verbs::MigrationAborted(msg).into()),
-                    )
-                }
-                Err(e) => {
-                    let e = anyhow::Error::from(e).context("cannot abort the migration");
-                    let reply = serde_json::json!({ "ok": false, "error": format!("{e:#}") });
-                    (reply.to_string(), Err(e))
-                }
-            };
-            let _ = req.reply.send(reply);
-            // Until the answer has left (or a while).
-            let _ = tokio::time::timeout(Duration::from_secs(10), req.written).await;
+            let result = abort_migration(&shared, &a.disk, &state_path, id, req).await;
             drop(sockets);
             return result;
         }
