@@ -192,23 +192,28 @@ impl World {
 
     /// Starts `ferry serve` of `disk` on a free port; returns it and the port.
     pub fn serve(&self, disk: &Path, extra: &[&str]) -> (Proc, u16) {
+        self.serve_from(&["--disk", disk.to_str().expect("utf8")], extra)
+    }
+
+    /// Starts `ferry serve` of the disk that `source` names (`--disk PATH`,
+    /// `--nbd-source URI --qmp SOCKET`) on a free port; returns it and the
+    /// port.
+    pub fn serve_from(&self, source: &[&str], extra: &[&str]) -> (Proc, u16) {
         for _ in 0..5 {
             let port = free_udp_port();
             let listen = format!("127.0.0.1:{port}");
             let id = self.dir.path().join("src-id");
-            let mut args = vec![
-                "serve",
-                "--disk",
-                disk.to_str().expect("utf8"),
+            let mut args = vec!["serve"];
+            args.extend_from_slice(source);
+            args.extend([
                 "--listen",
                 &listen,
                 "--identity",
                 id.to_str().expect("utf8"),
                 "--trust-peer",
                 &self.dst_fp,
-            ];
-            let extra_owned: Vec<&str> = extra.to_vec();
-            args.extend(extra_owned);
+            ]);
+            args.extend_from_slice(extra);
             let mut p = self.spawn("serve", &args);
             // Ready when it prints its banner.
             let t0 = Instant::now();

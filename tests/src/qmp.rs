@@ -1,175 +1,44 @@
-//! A small QMP client (JSON lines over a unix socket) and a
-//! qemu-storage-daemon runner for tests (and later xtask): starts the
-//! daemon with a raw image, an NBD server and a QMP monitor on sockets in
-//! a directory the caller owns, and drives it with `qmp_capabilities` and
-//! `execute`.
+//! A qemu-storage-daemon runner for tests (and later xtask): starts the
+//! daemon with a raw image, an NBD server and two QMP monitors on sockets
+//! in a directory the caller owns (one for the test, one for the code
+//! under test), and drives it through `ferry_live`'s QMP client; and
+//! [`NbdWriter`], the guest's writes through an export.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use ferry_live::QmpError;
 use serde_json::{json, Value};
 
 use crate::Proc;
 
-/// How long one QMP reply may take (generous: a loaded machine).
-const QMP_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Most events skipped while waiting for one reply.
-const MAX_EVENTS_PER_REPLY: usize = 10_000;
-/// Longest QMP line read.
-const MAX_LINE: u64 = 16 << 20;
-
-/// Errors of the QMP client.
-#[derive(Debug, thiserror::Error)]
-pub enum QmpError {
-    /// Connecting to the monitor socket failed.
-    #[error("cannot connect to the QMP socket {path}: {source}")]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Reading or writing the socket failed (or timed out).
-    #[error("QMP I/O while {during}: {source}")]
-    Io {
-        /// What the client was doing.
-        during: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The monitor closed the connection.
-    #[error("QMP monitor closed the connection while {0}")]
-    Closed(String),
-    /// A line that is not a JSON object (or too long).
-    #[error("QMP sent a malformed line while {during}: {line:?}")]
-    Malformed {
-        /// What the client was doing.
-        during: String,
-        /// The line (cut to 200 bytes).
-        line: String,
-    },
-    /// The command failed.
-    #[error("QMP command {command} failed: {class}: {desc}")]
-    Command {
-        /// The command.
-        command: String,
-        /// QMP's error class.
-        class: String,
-        /// QMP's description.
-        desc: String,
-    },
-    /// More events than [`MAX_EVENTS_PER_REPLY`] while waiting for a reply.
-    #[error("QMP: more than {MAX_EVENTS_PER_REPLY} events while waiting for the reply to {0}")]
-    TooManyEvents(String),
-}
-
-/// A QMP connection in command mode.
+/// [`ferry_live::Qmp`] driven from synchronous test code: the client with
+/// a single-threaded runtime of its own.
 pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    /// Events received while waiting for replies, in order.
-    pub events: Vec<Value>,
+    rt: tokio::runtime::Runtime,
+    inner: ferry_live::Qmp,
 }
 
 impl Qmp {
-    /// Connects to the monitor at `path`, reads the greeting and enters
-    /// command mode (`qmp_capabilities`).
+    /// Connects to the monitor at `path` and enters command mode.
     pub fn connect(path: &Path) -> Result<Qmp, QmpError> {
-        let s = UnixStream::connect(path).map_err(|source| QmpError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let io = |during: &str| {
-            let during = during.to_string();
-            move |source| QmpError::Io { during, source }
-        };
-        s.set_read_timeout(Some(QMP_REPLY_TIMEOUT))
-            .map_err(io("setting the read timeout"))?;
-        s.set_write_timeout(Some(QMP_REPLY_TIMEOUT))
-            .map_err(io("setting the write timeout"))?;
-        let writer = s.try_clone().map_err(io("cloning the socket"))?;
-        let mut q = Qmp {
-            reader: BufReader::new(s),
-            writer,
-            events: Vec::new(),
-        };
-        let greeting = q.read_message("reading the greeting")?;
-        if greeting.get("QMP").is_none() {
-            return Err(QmpError::Malformed {
-                during: "reading the greeting".into(),
-                line: greeting.to_string(),
-            });
-        }
-        q.execute("qmp_capabilities", json!({}))?;
-        Ok(q)
-    }
-
-    fn read_message(&mut self, during: &str) -> Result<Value, QmpError> {
-        let mut line = String::new();
-        let n = (&mut self.reader)
-            .take(MAX_LINE)
-            .read_line(&mut line)
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .map_err(|source| QmpError::Io {
-                during: during.into(),
+                during: "starting a runtime for the QMP client".into(),
                 source,
             })?;
-        if n == 0 {
-            return Err(QmpError::Closed(during.into()));
-        }
-        match serde_json::from_str::<Value>(&line) {
-            Ok(v) if v.is_object() => Ok(v),
-            _ => Err(QmpError::Malformed {
-                during: during.into(),
-                line: line.chars().take(200).collect(),
-            }),
-        }
+        let inner = rt.block_on(ferry_live::Qmp::connect(path))?;
+        Ok(Qmp { rt, inner })
     }
 
-    /// Runs `command` with `arguments` (an object; `{}` for none) and
-    /// returns its `return` value; events that arrive first are kept in
-    /// [`events`](Self::events).
+    /// Runs `command` with `arguments` and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
-        let during = format!("running {command}");
-        let mut msg = json!({ "execute": command });
-        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
-            msg["arguments"] = arguments;
-        }
-        let mut text = msg.to_string();
-        text.push('\n');
-        self.writer
-            .write_all(text.as_bytes())
-            .map_err(|source| QmpError::Io {
-                during: during.clone(),
-                source,
-            })?;
-        for _ in 0..MAX_EVENTS_PER_REPLY {
-            let v = self.read_message(&during)?;
-            if v.get("event").is_some() {
-                self.events.push(v);
-                continue;
-            }
-            if let Some(r) = v.get("return") {
-                return Ok(r.clone());
-            }
-            if let Some(e) = v.get("error") {
-                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-                return Err(QmpError::Command {
-                    command: command.into(),
-                    class: s("class"),
-                    desc: s("desc"),
-                });
-            }
-            return Err(QmpError::Malformed {
-                during,
-                line: v.to_string(),
-            });
-        }
-        Err(QmpError::TooManyEvents(command.into()))
+        self.rt.block_on(self.inner.execute(command, arguments))
     }
 }
 
@@ -189,10 +58,12 @@ pub fn need_tool(tool: &str, package: &str) {
     );
 }
 
-/// A qemu-storage-daemon serving a raw image: node `disk0` over `file0`,
-/// an NBD server on `nbd.sock` and a QMP monitor on `qmp.sock`, both in
-/// the directory given to [`start`](Self::start). Killed (its PID only)
-/// when dropped.
+/// A qemu-storage-daemon serving a raw image: node `disk0` over `file0`
+/// (or the nodes given to [`start_with`](Self::start_with)), an NBD
+/// server on `nbd.sock` and QMP monitors on `qmp.sock` (held by
+/// [`qmp`](Self::qmp)) and `ferry-qmp.sock` (free for the code under
+/// test: a monitor takes one client at a time), all in the directory
+/// given to [`start`](Self::start). Killed (its PID only) when dropped.
 pub struct StorageDaemon {
     /// The daemon.
     pub proc: Proc,
@@ -200,24 +71,38 @@ pub struct StorageDaemon {
     pub qmp: Qmp,
     /// The NBD server's socket.
     pub nbd_socket: PathBuf,
+    /// The second monitor's socket.
+    pub ferry_qmp_socket: PathBuf,
 }
 
 impl StorageDaemon {
     /// Starts the daemon on `image` with its sockets and log in `dir`, and
     /// connects to its monitor (waiting up to a minute).
     pub fn start(dir: &Path, image: &Path) -> StorageDaemon {
+        StorageDaemon::start_with(
+            dir,
+            &[
+                format!("driver=file,filename={},node-name=file0", image.display()),
+                "driver=raw,file=file0,node-name=disk0".into(),
+            ],
+        )
+    }
+
+    /// Starts the daemon with one `--blockdev` per entry of `blockdevs`
+    /// (QEMU's `-blockdev` syntax), its sockets and log in `dir`, and
+    /// connects to its monitor (waiting up to a minute).
+    pub fn start_with(dir: &Path, blockdevs: &[String]) -> StorageDaemon {
         need_tool("qemu-storage-daemon", "qemu-system-common");
         let nbd_socket = dir.join("nbd.sock");
         let qmp_socket = dir.join("qmp.sock");
+        let ferry_qmp_socket = dir.join("ferry-qmp.sock");
         let log = dir.join("qsd.log");
         let err = std::fs::File::create(&log).expect("create the daemon's log");
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=file0",
-                image.display()
-            ))
-            .args(["--blockdev", "driver=raw,file=file0,node-name=disk0"])
+        let mut cmd = Command::new("qemu-storage-daemon");
+        for b in blockdevs {
+            cmd.arg("--blockdev").arg(b);
+        }
+        let child = cmd
             .arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
             .arg("--chardev")
@@ -226,6 +111,12 @@ impl StorageDaemon {
                 qmp_socket.display()
             ))
             .args(["--monitor", "chardev=m0"])
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=m1,path={},server=on,wait=off",
+                ferry_qmp_socket.display()
+            ))
+            .args(["--monitor", "chardev=m1"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -240,7 +131,7 @@ impl StorageDaemon {
                     proc.log_text()
                 );
             }
-            if qmp_socket.exists() && nbd_socket.exists() {
+            if qmp_socket.exists() && nbd_socket.exists() && ferry_qmp_socket.exists() {
                 match Qmp::connect(&qmp_socket) {
                     Ok(q) => break q,
                     Err(e) if t0.elapsed() > Duration::from_secs(60) => {
@@ -260,6 +151,7 @@ impl StorageDaemon {
             proc,
             qmp,
             nbd_socket,
+            ferry_qmp_socket,
         }
     }
 
@@ -298,5 +190,57 @@ impl StorageDaemon {
                         "writable": writable, "bitmaps": bitmaps }),
             )
             .map(drop)
+    }
+}
+
+/// A minimal NBD client that writes (the guest's writes in tests): one
+/// connection to an export, `NBD_OPT_EXPORT_NAME`, simple replies, one
+/// write at a time, each acknowledged before the next.
+pub struct NbdWriter {
+    s: UnixStream,
+    handle: u64,
+}
+
+impl NbdWriter {
+    /// Connects to `export` on the NBD server at unix socket `sock`.
+    pub fn connect(sock: &Path, export: &str) -> NbdWriter {
+        let mut s = UnixStream::connect(sock).expect("connect to the NBD socket");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).expect("server greeting");
+        assert_eq!(&hello[..16], b"NBDMAGICIHAVEOPT");
+        // Client flags: fixed newstyle, no zeroes.
+        s.write_all(&3u32.to_be_bytes()).expect("client flags");
+        let mut opt = Vec::new();
+        opt.extend_from_slice(b"IHAVEOPT");
+        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+        opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        opt.extend_from_slice(export.as_bytes());
+        s.write_all(&opt).expect("export name");
+        let mut info = [0u8; 10];
+        s.read_exact(&mut info)
+            .unwrap_or_else(|e| panic!("export {export:?} refused: {e}"));
+        NbdWriter { s, handle: 1 }
+    }
+
+    /// Writes `data` at `offset` and waits for the server's
+    /// acknowledgement (panics on an error reply).
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.handle += 1;
+        let mut req = Vec::with_capacity(28 + data.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+        req.extend_from_slice(&self.handle.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        req.extend_from_slice(data);
+        self.s.write_all(&req).expect("write request");
+        let mut reply = [0u8; 16];
+        self.s.read_exact(&mut reply).expect("write reply");
+        assert_eq!(&reply[..4], &0x6744_6698u32.to_be_bytes(), "reply magic");
+        assert_eq!(&reply[4..8], &[0; 4], "write at {offset} failed");
+        assert_eq!(&reply[8..], &self.handle.to_be_bytes(), "reply handle");
     }
 }

@@ -279,6 +279,55 @@ fn exit_when_complete_exits_0_once_verified() {
     assert!(text(&out).contains("committed"), "{}", text(&out));
 }
 
+/// Defect: `--exit-when-complete` exited once verified whoever was
+/// connected, cutting off a hypervisor still on the export. Now it waits
+/// for the NBD clients to leave; with `--ublk` it is refused.
+#[test]
+fn exit_when_complete_waits_for_the_nbd_clients_to_leave() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 16 * MIB, &[(0, 4 * MIB)], 6);
+    let (_serve, port) = w.serve(&src, &[]);
+    let mut args = w.pull_args(port, "dst.img");
+    args.extend(["--exit-when-complete".into(), "--hold-background".into()]);
+    let mut pull = w.pull(&args);
+    // A client that stays connected (a hypervisor), then the copy runs.
+    let mut guest = ferry_tests::qmp::NbdWriter::connect(&w.path("nbd.sock"), "ferry");
+    w.background("resume");
+    w.wait_verified(Duration::from_secs(120));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        pull.wait_exit(Duration::from_millis(100)),
+        None,
+        "the pull exited with a client connected: {}",
+        pull.log_text()
+    );
+    guest.write(8 * MIB, &[0x42; 4096]);
+    assert!(
+        pull.log_text()
+            .contains("waits for the NBD clients to disconnect"),
+        "{}",
+        pull.log_text()
+    );
+    drop(guest);
+    assert_eq!(
+        pull.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        pull.log_text()
+    );
+    let mut ublk = w.pull_args(port, "other.img");
+    ublk.extend(["--ublk".into(), "--exit-when-complete".into()]);
+    let ublk: Vec<&str> = ublk.iter().map(String::as_str).collect();
+    let out = w.ferry(&ublk);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--exit-when-complete with --ublk"),
+        "{}",
+        text(&out)
+    );
+}
+
 #[test]
 fn list_shows_running_pulls_their_phases_and_stale_sockets() {
     let w = World::new();

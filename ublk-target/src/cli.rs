@@ -78,8 +78,27 @@ pub(crate) struct FingerprintArgs {
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
     /// Disk image or block device to export (opened read-only).
-    #[arg(long)]
-    pub(crate) disk: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "nbd_source",
+        conflicts_with = "nbd_source"
+    )]
+    pub(crate) disk: Option<PathBuf>,
+    /// Export a VM's disk read through its QEMU's (or
+    /// qemu-storage-daemon's) NBD export instead of a file:
+    /// nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT. The VM
+    /// must be paused: with --qmp, ferry adds a dirty bitmap to the
+    /// export's node before it maps the disk, and once the bitmap shows a
+    /// write it sends nothing more (the pull fails with SourceChanged).
+    #[arg(long, value_name = "URI", requires = "qmp")]
+    pub(crate) nbd_source: Option<String>,
+    /// The QMP monitor socket of the QEMU that serves --nbd-source.
+    #[arg(long, value_name = "SOCKET", requires = "nbd_source")]
+    pub(crate) qmp: Option<PathBuf>,
+    /// The block node behind --nbd-source (its node-name). Default: the
+    /// node of the block export whose id is the URI's export name.
+    #[arg(long, value_name = "NODE", requires = "nbd_source")]
+    pub(crate) nbd_node: Option<String>,
     /// UDP address to listen on, e.g. 0.0.0.0:7700, or HOST:PORT (the
     /// first address the name resolves to at start).
     #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
@@ -92,7 +111,7 @@ pub(crate) struct ServeArgs {
     pub(crate) trust_peer: Vec<String>,
     /// Where to cache the manifest (chunk hashes); "none" to not cache.
     /// Default: beside the disk, as DISK.ferry-manifest.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nbd_source")]
     pub(crate) hash_cache: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) link: LinkArgs,
@@ -248,9 +267,10 @@ pub(crate) struct PullArgs {
     /// indexing are fetched.
     #[arg(long, value_name = "INDEX")]
     pub(crate) index: Vec<PathBuf>,
-    /// Exit (status 0) once the copy is complete and verified, instead of
-    /// serving on; exit 2 if it stops on an error or fails verification.
-    /// It does not commit: `ferry commit --disk` does, later.
+    /// Exit (status 0) once the copy is complete and verified and no NBD
+    /// client is connected, instead of serving on; exit 2 if it stops on an
+    /// error or fails verification. It does not commit: `ferry commit
+    /// --disk` does, later. Not with --ublk.
     #[arg(long)]
     pub(crate) exit_when_complete: bool,
     /// If the migration of this disk was aborted (`ferry abort`), discard

@@ -15,6 +15,7 @@ mod pull;
 #[cfg(test)]
 mod readme;
 mod serve;
+mod serve_nbd;
 mod verbs;
 mod watch;
 
@@ -53,7 +54,12 @@ fn run(cli: cli::Cli) -> Result<()> {
             control::emit(&format!("{}\n", id.fingerprint()))
         }
         cli::Command::Serve(a) => {
-            let span = tracing::info_span!("serve", disk = %a.disk.display());
+            let disk = match (&a.disk, &a.nbd_source) {
+                (Some(d), _) => d.display().to_string(),
+                (None, Some(uri)) => uri.clone(),
+                (None, None) => String::new(),
+            };
+            let span = tracing::info_span!("serve", disk = %disk);
             let _in = span.enter();
             serve::run(a)
         }

@@ -52,6 +52,26 @@ impl ChunkSource for ImageSource {
     }
 }
 
+/// The server's options from the command line.
+pub(crate) fn server_options(
+    a: &ServeArgs,
+    identity: Identity,
+    trusted: Vec<Fingerprint>,
+) -> ServerOptions {
+    ServerOptions {
+        listen: a.listen,
+        identity,
+        trusted,
+        tuning: a.link.tuning(),
+        corrupt_once: a.inject_corrupt_chunk.clone(),
+        compress: !a.no_compress,
+        disk_reads: DiskReads {
+            at_once: a.background_disk_reads,
+            read_bytes: a.background_read_kib * 1024,
+        },
+    }
+}
+
 /// Parses `--trust-peer` values.
 pub(crate) fn parse_fingerprints(values: &[String]) -> Result<Vec<Fingerprint>> {
     values
@@ -113,7 +133,10 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     let trusted = parse_fingerprints(&a.trust_peer)?;
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
-    let image = SourceImage::open(&a.disk)?;
+    let Some(disk) = a.disk.clone() else {
+        return crate::serve_nbd::run(a, identity, trusted);
+    };
+    let image = SourceImage::open(&disk)?;
     image.refuse_if_open_for_writing()?;
     let cache: Option<PathBuf> = match &a.hash_cache {
         Some(p) if p.as_os_str() == "none" => None,
@@ -128,7 +151,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     let id = image.source_id(&id_path);
     let manifest = image.first_manifest(DEFAULT_CHUNK_SIZE, cache.as_deref(), id.id);
     tracing::info!(
-        disk = %a.disk.display(),
+        disk = %disk.display(),
         size = manifest.geometry().disk_size,
         allocated_bytes = manifest.data_bytes(),
         unhashed_chunks = manifest.unhashed(),
@@ -141,7 +164,6 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     if let Err(e) = image.turn_readahead_off() {
         tracing::warn!(error = %e, "cannot turn the kernel's readahead off for the source disk");
     }
-    let tuning = a.link.tuning();
     let fingerprint = identity.fingerprint();
     let source = Arc::new(ImageSource {
         image,
@@ -150,24 +172,10 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
     });
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let server = Server::bind(
-            ServerOptions {
-                listen: a.listen,
-                identity,
-                trusted,
-                tuning,
-                corrupt_once: a.inject_corrupt_chunk.clone(),
-                compress: !a.no_compress,
-                disk_reads: DiskReads {
-                    at_once: a.background_disk_reads,
-                    read_bytes: a.background_read_kib * 1024,
-                },
-            },
-            source.clone(),
-        )?;
+        let server = Server::bind(server_options(&a, identity, trusted), source.clone())?;
         println!(
             "ferry serve: exporting {} read-only on {} (fingerprint {fingerprint})",
-            a.disk.display(),
+            disk.display(),
             server.local_addr()
         );
         crate::notify::notify("READY=1\nSTATUS=exporting");

@@ -24,11 +24,14 @@ pub(crate) const NEEDS: &[Need] = &[
     tool("qemu-io", "qemu-utils"),
     tool("qemu-img", "qemu-utils"),
     tool("qemu-nbd", "qemu-utils"),
-    // the live-source tests (ferry-nbd-client against QEMU's NBD export)
+    // the live-source tests (ferry-nbd-client and ferry-live against
+    // qemu-storage-daemon's NBD export and QMP monitor)
     tool("qemu-storage-daemon", "qemu-system-common"),
     tool("mkfs.ext4", "e2fsprogs"),
     tool("e2fsck", "e2fsprogs"),
     tool("systemd-analyze", "systemd"),
+    // the libvirt hook's test
+    tool("shellcheck", "shellcheck"),
     LIBCLANG,
     // the ublk VM test
     tool("qemu-system-x86_64", "qemu-system-x86"),

@@ -209,6 +209,8 @@ fn check_deb(deb: &Path) -> Result<()> {
         "usr/lib/systemd/system/ferry-serve@.service",
         "usr/lib/systemd/system/ferry-pull@.service",
         "usr/share/doc/ferry/copyright",
+        "usr/share/doc/ferry/handoff.md",
+        "usr/share/doc/ferry/examples/libvirt-hook-qemu",
     ]
     .map(String::from)
     .to_vec();

@@ -8,6 +8,7 @@ mod ci;
 mod demo;
 mod dist;
 mod fuzz;
+mod serve_start;
 mod setup;
 mod stats;
 mod tidy;
@@ -62,6 +63,9 @@ enum Cmd {
     /// profile, its man pages, shell completions and systemd units;
     /// `--check` installs it into a scratch root and checks it.
     Dist(dist::DistArgs),
+    /// Time `ferry serve` (release) from start to ready on a large sparse
+    /// image whose data is not in the page cache, and the bytes it read.
+    ServeStart(serve_start::ServeStartArgs),
 }
 
 fn main() -> Result<()> {
@@ -79,6 +83,7 @@ fn main() -> Result<()> {
         Cmd::Bench(args) => bench::run_bench(&args),
         Cmd::Chaos(args) => chaos::run_chaos(&args),
         Cmd::Dist(args) => dist::run_dist(&args),
+        Cmd::ServeStart(args) => serve_start::run(&args),
     }
 }
 

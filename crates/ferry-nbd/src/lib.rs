@@ -40,5 +40,7 @@ mod transmission;
 
 pub use errors::NbdError;
 pub use listener::{bind_unix_socket, NbdListener, SocketAccess};
-pub use server::{serve, serve_connection, NbdServerConfig, HANDSHAKE_TIMEOUT, MAX_CLIENTS};
+pub use server::{
+    serve, serve_connection, serve_counted, NbdServerConfig, HANDSHAKE_TIMEOUT, MAX_CLIENTS,
+};
 pub use tls::{NbdTls, TlsError, CA_CERT, SERVER_CERT, SERVER_KEY};

@@ -52,6 +52,19 @@ pub async fn serve<D: BlockDevice>(
     config: NbdServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NbdError> {
+    let (clients, _) = tokio::sync::watch::channel(0);
+    serve_counted(listener, device, config, shutdown, clients).await
+}
+
+/// [`serve`], publishing on `clients` how many clients are connected (a
+/// connection counts from its accept until it ends).
+pub async fn serve_counted<D: BlockDevice>(
+    listener: NbdListener,
+    device: Arc<D>,
+    config: NbdServerConfig,
+    shutdown: impl Future<Output = ()>,
+    clients: tokio::sync::watch::Sender<usize>,
+) -> Result<(), NbdError> {
     let export = Arc::new(ExportInfo {
         name: config.export_name,
         size: device.size(),
@@ -89,6 +102,7 @@ pub async fn serve<D: BlockDevice>(
                     let tls = tls.clone();
                     let span = tracing::info_span!("nbd", peer = %peer);
                     conns.spawn(connection(conn, device, export, tls).instrument(span));
+                    clients.send_replace(conns.len());
                 }
                 Err(e) => {
                     // E.g. out of file descriptors: back off instead of spinning.
@@ -96,11 +110,14 @@ pub async fn serve<D: BlockDevice>(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            Some(_) = conns.join_next(), if !conns.is_empty() => {
+                clients.send_replace(conns.len());
+            }
         }
     }
     info!(open = conns.len(), "NBD server shutting down");
     conns.shutdown().await;
+    clients.send_replace(0);
     if let NbdListener::Unix(_, path) = &listener {
         if let Err(e) = std::fs::remove_file(path) {
             warn!(path = %path.display(), error = %e, "cannot remove the NBD socket");

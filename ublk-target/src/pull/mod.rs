@@ -181,6 +181,13 @@ fn hex(b: &[u8]) -> String {
 pub(crate) fn run(a: PullArgs) -> Result<()> {
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
+    if a.exit_when_complete && a.ublk {
+        bail!(
+            "--exit-when-complete with --ublk: /dev/ublkbN goes when the pull exits, whoever \
+             uses it; keep the pull serving (and stop it once the disk's user has moved to the \
+             backing file), or use --nbd, with which it waits for the clients to leave"
+        );
+    }
     if a.nbd.is_none() && !a.ublk {
         bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tls-dir or --nbd-tcp-insecure)");
     }
@@ -491,6 +498,23 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 }
             }
         };
+        // NBD clients connected: --exit-when-complete waits until none is,
+        // so a hypervisor still on the export is never cut off.
+        let (clients_tx, mut clients_rx) = tokio::sync::watch::channel(0usize);
+        let verified_or_stopped = async move {
+            let outcome = verified_or_stopped.await;
+            if outcome.is_none() {
+                let n = *clients_rx.borrow_and_update();
+                if n > 0 {
+                    tracing::info!(
+                        clients = n,
+                        "complete and verified; --exit-when-complete waits for the NBD clients to disconnect"
+                    );
+                }
+                let _ = clients_rx.wait_for(|n| *n == 0).await;
+            }
+            outcome
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut tasks = Vec::new();
         if let Some(listener) = listener {
@@ -513,9 +537,15 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             let mut rx = stop_rx.clone();
             tasks.push(tokio::spawn(
                 async move {
-                    ferry_nbd::serve(listener, device, config, async move {
-                        let _ = rx.wait_for(|s| *s).await;
-                    })
+                    ferry_nbd::serve_counted(
+                        listener,
+                        device,
+                        config,
+                        async move {
+                            let _ = rx.wait_for(|s| *s).await;
+                        },
+                        clients_tx,
+                    )
                     .await
                     .map_err(anyhow::Error::from)
                 }

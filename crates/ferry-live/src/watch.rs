@@ -1,0 +1,131 @@
+//! [`WriteWatch`]: whether a block node was written since a moment, from
+//! the count of one dirty bitmap added at that moment (for a source that
+//! must not change, e.g. `ferry serve` of a paused VM's export).
+
+use serde_json::{json, Value};
+
+use crate::error::LiveError;
+use crate::qmp::Qmp;
+
+/// One dirty bitmap on a node, added by [`start`](Self::start): every
+/// write to the node after that shows in [`dirty_bytes`](Self::dirty_bytes).
+#[derive(Debug)]
+pub struct WriteWatch {
+    qmp: Qmp,
+    node: String,
+    bitmap: String,
+}
+
+impl WriteWatch {
+    /// Adds dirty bitmap `bitmap` (QEMU's default granularity) to `node`;
+    /// fails if a bitmap of that name exists.
+    pub async fn start(mut qmp: Qmp, node: &str, bitmap: &str) -> Result<WriteWatch, LiveError> {
+        qmp.execute(
+            "block-dirty-bitmap-add",
+            json!({ "node": node, "name": bitmap }),
+        )
+        .await
+        .map_err(|source| LiveError::Qmp {
+            during: format!("adding dirty bitmap {bitmap:?} to node {node:?}"),
+            source,
+        })?;
+        Ok(WriteWatch {
+            qmp,
+            node: node.into(),
+            bitmap: bitmap.into(),
+        })
+    }
+
+    /// The node watched.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The bitmap's name.
+    pub fn bitmap(&self) -> &str {
+        &self.bitmap
+    }
+
+    /// Bytes of the node written since [`start`](Self::start), in whole
+    /// grains: 0 while it is unchanged. A bitmap that has gone (removed
+    /// by someone else) is an error: writes could no longer be seen.
+    pub async fn dirty_bytes(&mut self) -> Result<u64, LiveError> {
+        let during = || {
+            format!(
+                "reading the count of dirty bitmap {:?} of node {:?}",
+                self.bitmap, self.node
+            )
+        };
+        let nodes = self
+            .qmp
+            .execute("query-named-block-nodes", json!({ "flat": true }))
+            .await
+            .map_err(|source| LiveError::Qmp {
+                during: during(),
+                source,
+            })?;
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n.get("node-name").and_then(Value::as_str) == Some(self.node.as_str()))
+            .flat_map(|n| {
+                n.get("dirty-bitmaps")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .find(|b| b.get("name").and_then(Value::as_str) == Some(self.bitmap.as_str()))
+            .and_then(|b| b.get("count").and_then(Value::as_u64))
+            .ok_or_else(|| {
+                LiveError::State(format!(
+                    "{}: node or bitmap not found (removed behind ferry's back?)",
+                    during()
+                ))
+            })
+    }
+
+    /// Removes the bitmap.
+    pub async fn close(mut self) -> Result<(), LiveError> {
+        self.qmp
+            .execute(
+                "block-dirty-bitmap-remove",
+                json!({ "node": self.node, "name": self.bitmap }),
+            )
+            .await
+            .map(drop)
+            .map_err(|source| LiveError::Qmp {
+                during: format!(
+                    "removing dirty bitmap {:?} of node {:?}",
+                    self.bitmap, self.node
+                ),
+                source,
+            })
+    }
+}
+
+/// The block node behind block export `id` (`query-block-exports`).
+pub async fn export_node(qmp: &mut Qmp, id: &str) -> Result<String, LiveError> {
+    let list = qmp
+        .execute("query-block-exports", json!({}))
+        .await
+        .map_err(|source| LiveError::Qmp {
+            during: format!("looking for block export {id:?}"),
+            source,
+        })?;
+    let exports: Vec<&Value> = list.as_array().into_iter().flatten().collect();
+    exports
+        .iter()
+        .find(|e| e.get("id").and_then(Value::as_str) == Some(id))
+        .and_then(|e| e.get("node-name").and_then(Value::as_str))
+        .map(String::from)
+        .ok_or_else(|| {
+            let ids: Vec<&str> = exports
+                .iter()
+                .filter_map(|e| e.get("id").and_then(Value::as_str))
+                .collect();
+            LiveError::State(format!(
+                "no block export with id {id:?} (the exports are {ids:?}); name the node"
+            ))
+        })
+}
