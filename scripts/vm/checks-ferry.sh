@@ -20,6 +20,10 @@
 #   kill9 kill -9 of `ferry pull` under a writer that fsyncs every record,
 #         then `ferry pull --ublk --ublk-id 0` again: the writer sees no I/O
 #         error, every write acknowledged by fsync is in the final image.
+#   pc    the backing file on ext4 (over a loop device), copied to the end,
+#         then dropped from the page cache: O_DIRECT reads of the present
+#         blocks go to the ublk queue's io_uring and return the source's
+#         bytes.
 . "$FERRY_LIB"
 
 export NO_COLOR=1
@@ -521,6 +525,61 @@ else
     fail ferry-kill9-scenario "did not start; see the logs below"
 fi
 cleanup
+
+# ---- pc: present blocks that are not in the page cache -----------------------
+# The backing file lies on ext4 over a loop device (tmpfs pages cannot be
+# dropped), so that after `drop_caches` the pull's READs of present blocks
+# find them outside the page cache and read them on the queue's ring.
+log "page-cache scenario: source $RAW"
+SRC=$RAW
+PCFS=$T/pc-fs.img
+PCMNT=/mnt/ferry-pc
+PCLOOP=
+DISK=$PCMNT/raw.img
+CTL=$T/pc.ctl
+SIZE=$(blockdev --getsize64 "$RAW")
+pc_fs() {
+    truncate -s $((48 * MIB)) "$PCFS" && PCLOOP=$("$LOSETUP" --show -f "$PCFS") &&
+        mke2fs -q -F -t ext4 "$PCLOOP" && mkdir -p "$PCMNT" && mount -t ext4 "$PCLOOP" "$PCMNT"
+}
+if check ferry-pc-ext4-backing pc_fs &&
+    check ferry-pc-serve start_serve "$RAW" &&
+    check ferry-pc-pull start_pull pc --disk "$DISK" &&
+    check ferry-pc-complete wait_complete 150; then
+    check ferry-pc-user-copy user_copy "$POUT" yes
+    dropped() { sync && echo 3 >/proc/sys/vm/drop_caches; }
+    check ferry-pc-drop-caches dropped
+    # Cold reads: one unaligned region, one 1 MiB, then the whole device;
+    # dropped again, 4 KiB reads across a chunk.
+    cold() {
+        same_region $((5 * MIB + 12288)) $((300 * 1024)) &&
+            same_region $((20 * MIB)) $MIB &&
+            region "$DEV" 0 "$SIZE" "$T/got" && cmp "$T/got" "$RAW" &&
+            dropped &&
+            for k in 0 1 2 15; do
+                same_region $((7 * MIB + k * 4096)) 4096 || return 1
+            done
+    }
+    check ferry-pc-cold-reads-are-the-source cold
+    rm -f "$T/got" "$T/want"
+    check ferry-pc-graceful-stop stop_pull
+    # The pull's own count: READs that found their range outside the page
+    # cache and were read on the ring.
+    on_ring() {
+        n=$(sed -n 's/.*reads_on_ring=\([0-9]*\).*/\1/p' "$POUT" | tail -n 1)
+        [ -n "$n" ] && [ "$n" -gt 0 ] || {
+            echo "reads_on_ring='$n': $(grep 'ublk device served' "$POUT")"
+            return 1
+        }
+    }
+    check ferry-pc-reads-went-to-the-ring on_ring
+else
+    fail ferry-pc-scenario "did not start; see the logs below"
+fi
+cleanup
+umount "$PCMNT" 2>/dev/null
+[ -n "$PCLOOP" ] && "$LOSETUP" -d "$PCLOOP"
+rm -f "$PCFS"
 
 for f in "$T"/serve-*.log "$T"/pull-*.log; do
     [ -e "$f" ] || continue

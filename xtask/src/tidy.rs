@@ -86,11 +86,16 @@ mod tests {
     /// Library crates forbid unsafe code, except the two that need a kernel
     /// interface: they deny it and allow it only in the one module named
     /// here.
-    const UNSAFE_MODULES: [(&str, &str); 2] = [
+    const UNSAFE_MODULES: [(&str, &str); 3] = [
         // borrowing libublk's /dev/ublkcN descriptor (user copy)
         (
             "crates/ferry-ublk/src/lib.rs",
             "crates/ferry-ublk/src/cdev.rs",
+        ),
+        // the device's file mapped for mincore (page-cache residency)
+        (
+            "crates/ferry-ublk/src/lib.rs",
+            "crates/ferry-ublk/src/pagecache.rs",
         ),
         // the backing file's read-only mapping, a pwrite source
         (

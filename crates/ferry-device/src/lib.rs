@@ -71,6 +71,20 @@ pub trait BlockDevice: Send + Sync + 'static {
         None
     }
 
+    /// The file that holds the device's bytes at their own offsets, if the
+    /// `len` bytes at `offset` can be read from it now without waiting on
+    /// anything but local storage (as for [`BlockDevice::read_now`]; for
+    /// ferry: every block of the range is present). It is the same file for
+    /// every range. `None` means "use `copy_now`, `read_now` or `read`".
+    ///
+    /// The ublk frontend reads a range that is not in the page cache from
+    /// this file on its queue's io_uring, so that a page-cache miss of one
+    /// request does not stall the queue's other requests.
+    fn present_file(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
+        let _ = (offset, len);
+        None
+    }
+
     /// Writes `data` at `offset`. With `fua`, the data is durable when this
     /// returns.
     fn write(

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::ops::Range;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use ferry_core::SyncBatch;
 use ferry_store::{Backing, StateFile, Verified};
@@ -33,6 +33,11 @@ pub trait Disk: Send + Sync + 'static {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         let _ = (offset, len, out, out_offset);
+        None
+    }
+    /// The file holding the disk's bytes at their own offsets, if there is
+    /// one (see [`ferry_device::BlockDevice::present_file`]).
+    fn file(&self) -> Option<BorrowedFd<'_>> {
         None
     }
     /// Runs `f` (I/O on this disk or its block map, which may block) where
@@ -87,6 +92,9 @@ impl Disk for Backing {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         Backing::copy_to(self, offset, len, out, out_offset)
+    }
+    fn file(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
     }
     /// On tokio's blocking threads.
     async fn offload<R: Send + 'static>(

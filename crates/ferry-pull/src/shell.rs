@@ -578,12 +578,14 @@ pub struct PullDevice<F: Fetcher, D: Disk = Backing, M: BlockMap = StateFile>(
 );
 
 thread_local! {
-    /// The request [`BlockDevice::copy_now`] last found not ready on this
-    /// thread (see [`PullDevice::key`]). A frontend tries `read_now` at
-    /// once after a `copy_now` that said `None`; for the same request it
-    /// is answered `None` without asking the engine again, so a miss takes
-    /// the engine lock once on the fast path, not twice. (`None` is always
-    /// a right answer: the async path plans anew.)
+    /// The request [`BlockDevice::copy_now`] or
+    /// [`BlockDevice::present_file`] last found not ready on this thread
+    /// (see [`PullDevice::key`]). A frontend tries `copy_now` and
+    /// `read_now` at once after a `None`; for the same request they are
+    /// answered `None` without asking the engine again (`read_now` clears
+    /// the mark), so a miss takes the engine lock once on the fast path,
+    /// not twice. (`None` is always a right answer: the async path plans
+    /// anew.)
     static NOT_READY: Cell<Option<(usize, u64, usize)>> = const { Cell::new(None) };
 }
 
@@ -628,6 +630,11 @@ impl<F: Fetcher, D: Disk, M: BlockMap> BlockDevice for PullDevice<F, D, M> {
         out_offset: u64,
     ) -> Option<io::Result<()>> {
         let s = &self.0;
+        // Not ready a moment ago (`present_file`): left for `read_now`,
+        // which clears the mark.
+        if NOT_READY.with(Cell::get) == Some(self.key(offset, len)) {
+            return None;
+        }
         // As `read_now`: present blocks are never written by fills. A guest
         // write racing this read may change the bytes under the copy, which
         // the block layer allows for overlapping requests in flight.
@@ -635,6 +642,18 @@ impl<F: Fetcher, D: Disk, M: BlockMap> BlockDevice for PullDevice<F, D, M> {
             s.backing.copy_to(offset, len, out, out_offset)
         } else {
             NOT_READY.with(|m| m.set(Some(self.key(offset, len))));
+            None
+        }
+    }
+
+    fn present_file(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
+        let s = &self.0;
+        // As `read_now`: present blocks are never written by fills.
+        if s.readable_now(offset, len) {
+            s.backing.file()
+        } else {
+            let n = usize::try_from(len).ok()?;
+            NOT_READY.with(|m| m.set(Some(self.key(offset, n))));
             None
         }
     }

@@ -237,6 +237,32 @@ async fn a_read_of_an_absent_block_fetches_its_chunk_and_answers_the_source_data
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn present_blocks_are_handed_out_in_the_backing_file_at_their_own_offsets() {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    let p = pull(None);
+    let want = source_data();
+    let at = 5 * u64::from(CHUNK) + 8192;
+    let out = tempfile::tempfile().unwrap();
+    // Absent: no file, and the mark it leaves answers `copy_now` and
+    // `read_now` of the same request without asking the engine again.
+    assert!(p.device.present_file(at, 4096).is_none());
+    assert!(p.device.copy_now(at, 4096, out.as_fd(), 0).is_none());
+    assert!(p.device.read_now(at, &mut [0u8; 4096]).is_none());
+    p.device.read(at, 4096).await.unwrap();
+    // Present: the backing file, holding the block at its own offset.
+    let fd = p.device.present_file(at, 4096).expect("present");
+    let mut got = vec![0u8; 4096];
+    std::fs::File::from(fd.try_clone_to_owned().unwrap())
+        .read_exact_at(&mut got, at)
+        .unwrap();
+    assert_eq!(got, want[at as usize..at as usize + 4096]);
+    // A range reaching an absent chunk is not handed out.
+    assert!(p.device.present_file(at, u64::from(CHUNK)).is_none());
+    p.device.read_now(at, &mut [0u8; 4096]).unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_to_an_absent_block_is_kept_and_never_overwritten_by_a_later_fetch() {
     let p = pull(None);
     let want = source_data();

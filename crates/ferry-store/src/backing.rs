@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -173,6 +173,14 @@ pub struct Backing {
     /// The whole file mapped read-only; `None` if mapping failed (then
     /// [`Backing::copy_to`] declines and callers read with `read_at`).
     map: Option<FileMap>,
+}
+
+/// The backing file's descriptor, for frontends that read present blocks
+/// with their own I/O engine (ublk: the queue's io_uring).
+impl AsFd for Backing {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 impl Backing {

@@ -11,18 +11,24 @@
 //! values in one place, which also logs them.
 //!
 //! Data path: with the driver's `UBLK_F_USER_COPY` (Linux 6.5+) a READ of a
-//! file-backed device costs one copy (page cache to the request's pages,
-//! through [`BlockDevice::copy_now`]); without it, per-tag buffers and two
-//! copies. See the `queue` module.
+//! file-backed device in the page cache costs one copy (page cache to the
+//! request's pages, through [`BlockDevice::copy_now`]); a READ of the
+//! device's file ([`BlockDevice::present_file`]) not in the page cache is
+//! read on the queue's io_uring, so it stalls only its own tag. Without
+//! user copy, per-tag buffers and two copies. See the `queue` and
+//! `resident` modules.
 //!
-//! Unsafe code is denied except in one private module (`cdev`: borrowing
-//! libublk's `/dev/ublkcN` descriptor).
+//! Unsafe code is denied except in two private modules (`cdev`: borrowing
+//! libublk's `/dev/ublkcN` descriptor; `pagecache`: a mapping of the
+//! device's file asked with `mincore`).
 #![deny(unsafe_code)]
 
 mod cdev;
 mod errno;
+mod pagecache;
 mod queue;
 mod request;
+mod resident;
 mod setup;
 
 use std::path::Path;
@@ -197,7 +203,13 @@ pub fn serve_ublk<D: BlockDevice>(
         "ublk device set up"
     );
 
-    let served = Arc::new(queue::Served { device, rt, size });
+    let residency = Arc::new(resident::Residency::new(size));
+    let served = Arc::new(queue::Served {
+        device,
+        rt,
+        size,
+        residency: Arc::clone(&residency),
+    });
     let tgt_init = move |dev: &mut UblkDev| {
         dev.tgt.dev_size = size;
         dev.tgt.params = params;
@@ -215,6 +227,12 @@ pub fn serve_ublk<D: BlockDevice>(
         }
     };
     let served_result = ctrl.run_target(tgt_init, q_fn, live);
+    tracing::info!(
+        dev_id,
+        page_cache_checks = residency.checks(),
+        reads_on_ring = residency.misses(),
+        "ublk device served (READs not in the page cache were read on the queues' rings)"
+    );
     // Delete explicitly (a recovered device is not owned by `ctrl`, and a
     // created one would otherwise be deleted by `ctrl`'s drop with the
     // synchronous DEL_DEV).

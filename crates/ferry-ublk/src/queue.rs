@@ -10,13 +10,21 @@
 //!   first tries [`BlockDevice::copy_now`], which for a file-backed device
 //!   is one `pwrite` from the page cache to `/dev/ublkcN` at the tag's
 //!   position: the driver copies it straight into the request's pages, so
-//!   each byte is copied once (as the loop device does). A device without
+//!   each byte is copied once (as the loop device does). That happens at
+//!   once when the READ's 64 KiB granules were found wholly in the page
+//!   cache a moment ago (the `resident` module: a bit per granule, no
+//!   system call); otherwise one `mincore` over them first, and a range of
+//!   the device's file ([`BlockDevice::present_file`]) not in the page
+//!   cache is read on the queue's io_uring into the tag's own buffer, then
+//!   written to the char device, so that a page-cache miss stalls only its
+//!   tag (target I/O as libublk's loop example does it). A device without
 //!   `copy_now` is read with `read_now` into a per-queue scratch buffer,
 //!   then written to the char device. A WRITE's data is `pread` from the
 //!   char device into the `Vec` handed to the device.
 //! - *buffers* (the driver lacks user copy, or it was turned off): each tag
 //!   has an I/O buffer that the driver copies to or from the request's
-//!   pages; a READ tries [`BlockDevice::read_now`] straight into it.
+//!   pages; a READ tries [`BlockDevice::read_now`] straight into it (on
+//!   the queue thread, page-cache misses included).
 //!
 //! Both fast paths run on the queue thread: for `ferry pull` with every
 //! block of the range present they need only local storage, and the request
@@ -28,10 +36,15 @@
 //! an eventfd that the queue's ring polls, so a thread blocked in
 //! `io_uring_enter` wakes up and runs the task; the queue thread never waits
 //! on a device future.
+//!
+//! A tag's ring-read buffer is never freed while an io_uring read may still
+//! write into it: if a tag's task is dropped before it finished (the queue
+//! failed), the buffer is leaked instead ([`KeepWhileBusy`]).
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::BorrowedFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -48,6 +61,7 @@ use tokio::sync::oneshot;
 use crate::cdev;
 use crate::errno::request_failed;
 use crate::request::{decode, Descriptor};
+use crate::resident::{Found, Residency, EPOCH_SECS};
 use crate::setup::feature;
 use ferry_device::Request;
 
@@ -64,6 +78,10 @@ fn descriptor(iod: &libublk::sys::ublksrv_io_desc) -> Descriptor {
 /// pages of its request buffers.
 const IDLE_SECS: u64 = 20;
 
+/// How long a granule's "in the page cache" bit lasts (see the `resident`
+/// module); read by the kernel when the timeout is submitted.
+static EPOCH: types::Timespec = types::Timespec::new().sec(EPOCH_SECS);
+
 /// What every queue of one device shares.
 pub(crate) struct Served<D> {
     /// The device behind the ublk device.
@@ -72,6 +90,8 @@ pub(crate) struct Served<D> {
     pub(crate) rt: tokio::runtime::Handle,
     /// Size of the device in bytes, read once at start.
     pub(crate) size: u64,
+    /// Which granules were wholly in the page cache a moment ago.
+    pub(crate) residency: Arc<Residency>,
 }
 
 /// Serves queue `qid` of `dev` on the calling thread until the queue is
@@ -113,6 +133,8 @@ pub(crate) fn serve_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, served: &Serv
     // while borrowed), and allocated on first use.
     let scratch = Rc::new(RefCell::new(Vec::new()));
     let exe = Rc::new(smol::LocalExecutor::new());
+    // A granule's bit was set: the epoch timer of this queue must run.
+    let (armed, arm) = smol::channel::bounded(1);
 
     let mut tags = Vec::new();
     for tag in queue.tags() {
@@ -124,6 +146,8 @@ pub(crate) fn serve_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, served: &Serv
             rt: served.rt.clone(),
             size: served.size,
             wake: Arc::clone(&wake),
+            residency: Arc::clone(&served.residency),
+            armed: armed.clone(),
         };
         let scratch = Rc::clone(&scratch);
         tags.push(exe.spawn(async move {
@@ -139,6 +163,11 @@ pub(crate) fn serve_queue<D: BlockDevice>(qid: u16, dev: &UblkDev, served: &Serv
     }
     // Never finishes on its own; dropped with the executor.
     let _waker = exe.spawn(drain_wakeups(Rc::clone(&queue), Arc::clone(&wake)));
+    let _epochs = exe.spawn(clear_epochs(
+        Rc::clone(&queue),
+        Arc::clone(&served.residency),
+        arm,
+    ));
 
     let run_exe = Rc::clone(&exe);
     smol::block_on(exe.run(async move {
@@ -176,6 +205,31 @@ async fn drain_wakeups(queue: Rc<UblkQueue<'_>>, wake: Arc<EventFd>) {
     }
 }
 
+/// Clears the residency bits [`EPOCH_SECS`] after one was set (a timeout
+/// on the queue's ring, armed only while a bit may be set, so an idle
+/// queue stays idle).
+async fn clear_epochs(
+    queue: Rc<UblkQueue<'_>>,
+    residency: Arc<Residency>,
+    arm: smol::channel::Receiver<()>,
+) {
+    while arm.recv().await.is_ok() {
+        let sqe = opcode::Timeout::new(&EPOCH).build();
+        let res = queue.ublk_submit_sqe(sqe).await;
+        if res != -libc::ETIME {
+            if res != -libc::ECANCELED {
+                tracing::error!(
+                    queue = queue.get_qid(),
+                    "the residency epoch timeout failed: errno {}",
+                    -res
+                );
+            }
+            return;
+        }
+        residency.clear();
+    }
+}
+
 /// One tag's view of the device.
 struct TagCtx<D> {
     qid: u16,
@@ -184,6 +238,9 @@ struct TagCtx<D> {
     rt: tokio::runtime::Handle,
     size: u64,
     wake: Arc<EventFd>,
+    residency: Arc<Residency>,
+    /// Starts the queue's epoch timer ([`clear_epochs`]).
+    armed: smol::channel::Sender<()>,
 }
 
 /// Fetches and answers requests on one tag, with the tag's own buffer,
@@ -199,7 +256,8 @@ async fn serve_tag<D: BlockDevice>(
         .await?;
     loop {
         let desc = descriptor(queue.get_iod(ctx.tag));
-        let res = match ctx.handle(desc, DataPath::Buffer(buf.as_mut_slice())).await {
+        let path = DataPath::Buffer(buf.as_mut_slice());
+        let res = match ctx.handle(desc, path, TargetIo::Ring(queue)).await {
             Ok(res) => res,
             Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
         };
@@ -219,24 +277,62 @@ async fn serve_tag_user_copy<D: BlockDevice>(
     scratch: &RefCell<Vec<u8>>,
 ) -> Result<(), LibError> {
     let pos = UblkIOCtx::ublk_user_copy_pos(ctx.qid, ctx.tag, 0);
-    queue
-        .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(&[]), 0, None)
-        .await?;
-    loop {
-        let desc = descriptor(queue.get_iod(ctx.tag));
-        let path = DataPath::UserCopy(UserCopy {
-            cdev,
-            pos,
-            max_len,
-            scratch,
-        });
-        let res = match ctx.handle(desc, path).await {
-            Ok(res) => res,
-            Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
-        };
+    // The ring reads into it: kept (leaked) if this task is dropped
+    // half-way.
+    let mut ring_buf = KeepWhileBusy::new(Vec::new());
+    let served = async {
         queue
-            .submit_io_commit_cmd(ctx.tag, BufDesc::Slice(&[]), res)
+            .submit_io_prep_cmd(ctx.tag, BufDesc::Slice(&[]), 0, None)
             .await?;
+        loop {
+            let desc = descriptor(queue.get_iod(ctx.tag));
+            let path = DataPath::UserCopy(UserCopy {
+                cdev,
+                pos,
+                max_len,
+                scratch,
+                ring_buf: &mut ring_buf,
+            });
+            let res = match ctx.handle(desc, path, TargetIo::Ring(queue)).await {
+                Ok(res) => res,
+                Err(e) => request_failed(ctx.qid, ctx.tag, desc, &e),
+            };
+            queue
+                .submit_io_commit_cmd(ctx.tag, BufDesc::Slice(&[]), res)
+                .await?;
+        }
+    }
+    .await;
+    ring_buf.done();
+    served
+}
+
+/// A tag's buffer, freed only by [`KeepWhileBusy::done`], once no ring
+/// read can write into it any more; dropped otherwise (its task dropped
+/// half-way), it is leaked.
+struct KeepWhileBusy<T>(ManuallyDrop<T>);
+
+impl<T> KeepWhileBusy<T> {
+    fn new(value: T) -> Self {
+        Self(ManuallyDrop::new(value))
+    }
+
+    /// Frees the buffer: call only when no operation on it is in flight.
+    fn done(self) {
+        drop(ManuallyDrop::into_inner(self.0));
+    }
+}
+
+impl<T> std::ops::Deref for KeepWhileBusy<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for KeepWhileBusy<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
     }
 }
 
@@ -270,18 +366,116 @@ struct UserCopy<'a> {
     max_len: usize,
     /// The queue's scratch buffer for devices without `copy_now`.
     scratch: &'a RefCell<Vec<u8>>,
+    /// The tag's buffer for READs on the ring, grown on first use.
+    ring_buf: &'a mut Vec<u8>,
+}
+
+/// How a tag reads a range of the device's file that is not in the page
+/// cache.
+#[derive(Clone, Copy)]
+enum TargetIo<'a> {
+    /// An io_uring READ on the queue's ring: a slow read waits in the
+    /// kernel while the queue serves its other tags.
+    Ring(&'a UblkQueue<'a>),
+    /// A plain `pread` on the calling thread, counted (unit tests: they
+    /// have no queue ring).
+    #[cfg(test)]
+    Counted(&'a std::sync::atomic::AtomicUsize),
+}
+
+impl TargetIo<'_> {
+    /// Reads `buf.len()` bytes of `fd` at `offset` into `buf`.
+    async fn read_exact_at(
+        self,
+        fd: BorrowedFd<'_>,
+        mut offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        // Outside tests `Ring` is the only variant.
+        #[cfg_attr(not(test), allow(clippy::infallible_destructuring_match))]
+        let queue = match self {
+            TargetIo::Ring(queue) => queue,
+            #[cfg(test)]
+            TargetIo::Counted(n) => {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return cdev::read_exact_at(fd, buf, offset);
+            }
+        };
+        let mut done = 0;
+        // EAGAIN/EINTR are retried a few times, as libublk's loop example
+        // does; a short read continues where it stopped.
+        let mut retries = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            // The buffer outlives the operation: this future holds the
+            // borrow until the completion arrives, and the tag's buffer is
+            // leaked rather than freed if the future is dropped before
+            // (`KeepWhileBusy`).
+            let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), rest.as_mut_ptr(), len)
+                .offset(offset)
+                .build();
+            match queue.ublk_submit_sqe(sqe).await {
+                n if n > 0 => {
+                    done += n as usize;
+                    offset += n as u64;
+                }
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the device's file ends at offset {offset}"),
+                    ))
+                }
+                e if (e == -libc::EAGAIN || e == -libc::EINTR) && retries < 4 => retries += 1,
+                e => return Err(io::Error::from_raw_os_error(-e)),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl UserCopy<'_> {
-    /// A READ served at once: `copy_now` straight to the char device, else
-    /// `read_now` into the scratch buffer and from there to the char
-    /// device. `None`: the device must wait (take the async path).
-    fn read_now<D: BlockDevice>(
-        &self,
-        device: &D,
+    /// A READ served without the device's runtime: straight to the char
+    /// device (`copy_now`) if the range was in the page cache a moment ago
+    /// or is now; read on the ring into the tag's buffer, then written to
+    /// the char device, if it lies in the device's file but not in the
+    /// page cache; else `read_now` into the scratch buffer and from there
+    /// to the char device. `None`: the device must wait (take the async
+    /// path).
+    async fn read_now<D: BlockDevice>(
+        &mut self,
+        ctx: &TagCtx<D>,
         offset: u64,
         len: usize,
+        io: TargetIo<'_>,
     ) -> Option<io::Result<()>> {
+        let device = &*ctx.device;
+        if !ctx.residency.recent(offset, len as u64) {
+            match present_file(device, offset, len as u64) {
+                Some(Ok(fd)) => match ctx.residency.check(fd, offset, len as u64) {
+                    Ok(Found::Resident { marked }) => {
+                        if marked {
+                            // Full: the timer is armed already.
+                            let _ = ctx.armed.try_send(());
+                        }
+                    }
+                    Ok(Found::NotResident) => {
+                        if self.ring_buf.len() < len {
+                            self.ring_buf.resize(len, 0);
+                        }
+                        let buf = &mut self.ring_buf[..len];
+                        return Some(match io.read_exact_at(fd, offset, buf).await {
+                            Ok(()) => cdev::write_all_at(self.cdev, buf, self.pos),
+                            Err(e) => Err(e),
+                        });
+                    }
+                    // Not known: copied at once, as before the ring path.
+                    Err(e) => tracing::trace!("ublk: page-cache check failed: {e}"),
+                },
+                Some(Err(e)) => return Some(Err(e)),
+                None => {}
+            }
+        }
         if let Some(done) = copy_now(device, offset, len, self.cdev, self.pos) {
             return Some(done);
         }
@@ -299,8 +493,14 @@ impl UserCopy<'_> {
 
 impl<D: BlockDevice> TagCtx<D> {
     /// Runs one request; the result is what the driver is told (bytes
-    /// transferred for READ/WRITE, 0 for the others).
-    async fn handle(&self, desc: Descriptor, mut path: DataPath<'_>) -> io::Result<i32> {
+    /// transferred for READ/WRITE, 0 for the others). `io` reads ranges of
+    /// the device's file that are not in the page cache.
+    async fn handle(
+        &self,
+        desc: Descriptor,
+        mut path: DataPath<'_>,
+        io: TargetIo<'_>,
+    ) -> io::Result<i32> {
         let device = Arc::clone(&self.device);
         let request = decode(desc, self.size, path.max_len())?;
         match request {
@@ -312,7 +512,7 @@ impl<D: BlockDevice> TagCtx<D> {
                     DataPath::Buffer(buf) => {
                         ferry_device::read_now(&*self.device, offset, &mut buf[..n])
                     }
-                    DataPath::UserCopy(uc) => uc.read_now(&*self.device, offset, n),
+                    DataPath::UserCopy(uc) => uc.read_now(self, offset, n, io).await,
                 };
                 if let Some(done) = served {
                     done?;
@@ -398,6 +598,22 @@ fn copy_now<D: BlockDevice>(
     })
 }
 
+/// [`BlockDevice::present_file`] of a READ, on the queue thread; a panic in
+/// the device fails this request only (as in [`copy_now`]).
+fn present_file<D: BlockDevice>(
+    device: &D,
+    offset: u64,
+    len: u64,
+) -> Option<io::Result<BorrowedFd<'_>>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        device.present_file(offset, len)
+    }))
+    .map_or_else(
+        |_| Some(Err(io::Error::other("the device's present_file panicked"))),
+        |fd| fd.map(Ok),
+    )
+}
+
 /// The runtime side of one device call: delivers the result and, whether or
 /// not one was delivered (panic, runtime shutdown), wakes the queue thread.
 struct Completion<T> {
@@ -433,6 +649,7 @@ mod tests {
 
     use super::*;
     use crate::request::op;
+    use crate::resident::Uniform;
 
     const SIZE: u64 = 1 << 20;
 
@@ -449,10 +666,36 @@ mod tests {
         Panic,
     }
 
+    /// The byte at `at` of the fake device's file: its offset, so a read of
+    /// the wrong place shows (never 0xef, what `copy_now` writes).
+    fn file_byte(at: u64) -> u8 {
+        (at / 512 % 200) as u8
+    }
+
+    fn file_bytes(offset: u64, len: usize) -> Vec<u8> {
+        (offset..offset + len as u64).map(file_byte).collect()
+    }
+
+    /// A file of `SIZE` bytes holding `file_byte`.
+    fn device_file() -> std::fs::File {
+        let f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..SIZE).map(file_byte).collect();
+        f.write_all_at(&data, 0).unwrap();
+        f
+    }
+
     struct Fake {
         now: Now,
         /// Whether `copy_now` serves (writing 0xef), or declines.
         copy: bool,
+        /// The file `present_file` hands out, if the device has one.
+        file: Option<std::fs::File>,
+        /// Whether `present_file` panics.
+        file_panics: bool,
+        /// (offset, len) of every `present_file` call that gave the file.
+        files: Mutex<Vec<(u64, u64)>>,
+        /// Reads of the file on the "ring" (`TargetIo::Counted`).
+        ring_reads: AtomicUsize,
         /// Length of every buffer `read_now` was given.
         now_lens: Mutex<Vec<usize>>,
         /// (offset, len, out_offset) of every served `copy_now`.
@@ -495,6 +738,13 @@ mod tests {
             Some(cdev::write_all_at(out, &vec![0xef; len], out_offset))
         }
 
+        fn present_file(&self, offset: u64, len: u64) -> Option<BorrowedFd<'_>> {
+            assert!(!self.file_panics, "present_file panics");
+            let file = self.file.as_ref()?;
+            self.files.lock().unwrap().push((offset, len));
+            Some(file.as_fd())
+        }
+
         async fn read(&self, _offset: u64, len: u32) -> io::Result<Vec<u8>> {
             self.reads.fetch_add(1, Ordering::SeqCst);
             Ok(vec![0xcd; len as usize])
@@ -529,20 +779,50 @@ mod tests {
             start_sector: 8,
         };
         let mut buf = vec![0u8; 64 << 10];
-        let res = smol::block_on(ctx.handle(desc, DataPath::Buffer(&mut buf)));
+        let io = TargetIo::Counted(&device.ring_reads);
+        let res = smol::block_on(ctx.handle(desc, DataPath::Buffer(&mut buf), io));
         (res, buf, device)
+    }
+
+    /// How the fake device and the page cache behave.
+    #[derive(Clone, Copy)]
+    struct Setup {
+        now: Now,
+        /// The device has `copy_now`.
+        copy: bool,
+        /// The device has a file (`present_file`).
+        file: bool,
+        /// `present_file` panics.
+        file_panics: bool,
+        /// The page cache holds every page of the file (else none).
+        cached: bool,
     }
 
     /// A runtime, a fake device behaving as `now` (`copy`: it has
     /// `copy_now`), and tag 0 of queue 0 over it.
     fn fixture(now: Now, copy: bool) -> (tokio::runtime::Runtime, Arc<Fake>, TagCtx<Fake>) {
+        fixture_with(Setup {
+            now,
+            copy,
+            file: false,
+            file_panics: false,
+            cached: true,
+        })
+    }
+
+    /// As [`fixture`], as set up.
+    fn fixture_with(setup: Setup) -> (tokio::runtime::Runtime, Arc<Fake>, TagCtx<Fake>) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .build()
             .unwrap();
         let device = Arc::new(Fake {
-            now,
-            copy,
+            now: setup.now,
+            copy: setup.copy,
+            file: setup.file.then(device_file),
+            file_panics: setup.file_panics,
+            files: Mutex::default(),
+            ring_reads: AtomicUsize::new(0),
             now_lens: Mutex::default(),
             copies: Mutex::default(),
             reads: AtomicUsize::new(0),
@@ -555,6 +835,8 @@ mod tests {
             rt: rt.handle().clone(),
             size: SIZE,
             wake: Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap()),
+            residency: Arc::new(Residency::with_page_cache(SIZE, Uniform(setup.cached))),
+            armed: smol::channel::bounded(1).0,
         };
         (rt, device, ctx)
     }
@@ -570,20 +852,35 @@ mod tests {
         cdev: std::fs::File,
     ) -> (io::Result<i32>, std::fs::File, Arc<Fake>) {
         let (_rt, device, ctx) = fixture(now, copy);
+        let res = uc_request(&ctx, &device, op_flags, 8, sectors, &cdev);
+        (res, cdev, device)
+    }
+
+    /// Runs a request with `UBLK_F_USER_COPY` on `ctx` (over `device`) at
+    /// sector `sector`, `cdev` standing for the char device.
+    fn uc_request(
+        ctx: &TagCtx<Fake>,
+        device: &Fake,
+        op_flags: u32,
+        sector: u64,
+        sectors: u32,
+        cdev: &std::fs::File,
+    ) -> io::Result<i32> {
         let desc = Descriptor {
             op_flags,
             nr_sectors: sectors,
-            start_sector: 8,
+            start_sector: sector,
         };
         let scratch = RefCell::new(Vec::new());
+        let mut ring_buf = Vec::new();
         let path = DataPath::UserCopy(UserCopy {
             cdev: cdev.as_fd(),
             pos: POS,
             max_len: 64 << 10,
             scratch: &scratch,
+            ring_buf: &mut ring_buf,
         });
-        let res = smol::block_on(ctx.handle(desc, path));
-        (res, cdev, device)
+        smol::block_on(ctx.handle(desc, path, TargetIo::Counted(&device.ring_reads)))
     }
 
     /// Stand-in for the tag's user-copy position.
@@ -609,6 +906,116 @@ mod tests {
             POS + 4096,
             "wrote past the request"
         );
+    }
+
+    /// A device with `copy_now` and a file, the page cache holding all of
+    /// it (`cached`) or none of it.
+    fn file_device(cached: bool) -> Setup {
+        Setup {
+            now: Now::Serve,
+            copy: true,
+            file: true,
+            file_panics: false,
+            cached,
+        }
+    }
+
+    #[test]
+    fn user_copy_read_in_the_page_cache_is_checked_once_per_granule_then_copied_at_once() {
+        let (_rt, device, ctx) = fixture_with(file_device(true));
+        let (armed, arm) = smol::channel::bounded(1);
+        let ctx = TagCtx { armed, ..ctx };
+        let cdev = tempfile::tempfile().unwrap();
+        // First READ of granule 0: one page-cache check, then `copy_now`;
+        // the bit is set and the epoch timer armed.
+        assert_eq!(
+            uc_request(&ctx, &device, op::READ, 8, 8, &cdev).unwrap(),
+            4096
+        );
+        assert_eq!(ctx.residency.checks(), 1);
+        assert_eq!(*device.files.lock().unwrap(), [(4096, 4096)]);
+        assert_eq!(*device.copies.lock().unwrap(), [(4096, 4096, POS)]);
+        assert_eq!(arm.try_recv(), Ok(()));
+        // Another READ of the granule: no check, no `present_file`.
+        assert_eq!(
+            uc_request(&ctx, &device, op::READ, 64, 16, &cdev).unwrap(),
+            8192
+        );
+        assert_eq!(ctx.residency.checks(), 1);
+        assert_eq!(device.files.lock().unwrap().len(), 1);
+        assert_eq!(device.copies.lock().unwrap().len(), 2);
+        assert!(arm.is_empty(), "nothing new to time out");
+        assert_eq!(device.ring_reads.load(Ordering::SeqCst), 0);
+        assert!(cdev_bytes(&cdev, 8192).iter().all(|b| *b == 0xef));
+        // After the epoch: asked again.
+        ctx.residency.clear();
+        uc_request(&ctx, &device, op::READ, 8, 8, &cdev).unwrap();
+        assert_eq!(ctx.residency.checks(), 2);
+        assert_eq!(arm.try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn user_copy_read_not_in_the_page_cache_goes_to_the_ring() {
+        let (_rt, device, ctx) = fixture_with(file_device(false));
+        let cdev = tempfile::tempfile().unwrap();
+        // 8 KiB at 12 KiB: read on the "ring", then written to the char
+        // device: the file's bytes, exactly the request.
+        assert_eq!(
+            uc_request(&ctx, &device, op::READ, 24, 16, &cdev).unwrap(),
+            8192
+        );
+        assert_eq!(device.ring_reads.load(Ordering::SeqCst), 1);
+        assert!(device.copies.lock().unwrap().is_empty());
+        assert!(device.now_lens.lock().unwrap().is_empty());
+        assert_eq!(device.reads.load(Ordering::SeqCst), 0);
+        assert_eq!(cdev_bytes(&cdev, 8192), file_bytes(12288, 8192));
+        assert_eq!(cdev.metadata().unwrap().len(), POS + 8192);
+        // Nothing marked: the next READ asks again, and goes to the ring.
+        assert!(!ctx.residency.recent(12288, 8192));
+        uc_request(&ctx, &device, op::READ, 24, 16, &cdev).unwrap();
+        assert_eq!(ctx.residency.checks(), 2);
+        assert_eq!(ctx.residency.misses(), 2);
+        assert_eq!(device.ring_reads.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn user_copy_read_of_a_range_not_in_the_file_skips_the_check() {
+        // No file (e.g. blocks still absent): `copy_now`, `read_now`, then
+        // the async read, as before.
+        let cdev = tempfile::tempfile().unwrap();
+        let (res, cdev, device) = user_copy(Now::Decline, false, op::READ, 8, cdev);
+        assert_eq!(res.unwrap(), 4096);
+        assert_eq!(device.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(device.ring_reads.load(Ordering::SeqCst), 0);
+        assert!(cdev_bytes(&cdev, 4096).iter().all(|b| *b == 0xcd));
+        let (_rt, device, ctx) = fixture(Now::Serve, true);
+        uc_request(&ctx, &device, op::READ, 8, 8, &cdev).unwrap();
+        assert_eq!(ctx.residency.checks(), 0);
+        assert_eq!(device.copies.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_panicking_present_file_fails_the_request_only() {
+        let (_rt, device, ctx) = fixture_with(Setup {
+            file_panics: true,
+            ..file_device(false)
+        });
+        let cdev = tempfile::tempfile().unwrap();
+        let e = uc_request(&ctx, &device, op::READ, 8, 8, &cdev).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Other);
+        assert_eq!(device.ring_reads.load(Ordering::SeqCst), 0);
+        assert!(device.copies.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_ring_read_fails_the_request() {
+        // The file is shorter than the device: the read hits its end.
+        let (_rt, device, ctx) = fixture_with(file_device(false));
+        device.file.as_ref().unwrap().set_len(4096).unwrap();
+        let cdev = tempfile::tempfile().unwrap();
+        let e = uc_request(&ctx, &device, op::READ, 8, 16, &cdev).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(cdev.metadata().unwrap().len(), 0, "nothing delivered");
     }
 
     #[test]
