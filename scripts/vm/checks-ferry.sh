@@ -20,10 +20,11 @@
 #   kill9 kill -9 of `ferry pull` under a writer that fsyncs every record,
 #         then `ferry pull --ublk --ublk-id 0` again: the writer sees no I/O
 #         error, every write acknowledged by fsync is in the final image.
-#   pc    the backing file on ext4 (over a loop device), copied to the end,
-#         then dropped from the page cache: O_DIRECT reads of the present
-#         blocks go to the ublk queue's io_uring and return the source's
-#         bytes.
+#   pc    the backing file on ext4 on a ublk-mem disk that can hold its
+#         reads, copied to the end, then dropped from the page cache: O_DIRECT
+#         reads of present blocks go to the queue's io_uring and return the
+#         source's bytes; a held read does not stall a read of a block in
+#         the page cache.
 . "$FERRY_LIB"
 
 export NO_COLOR=1
@@ -527,32 +528,70 @@ fi
 cleanup
 
 # ---- pc: present blocks that are not in the page cache -----------------------
-# The backing file lies on ext4 over a loop device (tmpfs pages cannot be
-# dropped), so that after `drop_caches` the pull's READs of present blocks
-# find them outside the page cache and read them on the queue's ring.
+# The backing file lies on ext4 on a ublk-mem disk (/dev/ublkb1; tmpfs pages
+# cannot be dropped) whose reads can be held (`--hold-reads-while`). After
+# `drop_caches` the pull finds present blocks outside the page cache and
+# reads them on its queue's io_uring: a held read of one block must not
+# stall a read of a block in the page cache, and every read returns the
+# source's bytes.
 log "page-cache scenario: source $RAW"
 SRC=$RAW
-PCFS=$T/pc-fs.img
 PCMNT=/mnt/ferry-pc
-PCLOOP=
+PCHOLD=$T/pc-hold-reads
+PCMEM=
 DISK=$PCMNT/raw.img
 CTL=$T/pc.ctl
 SIZE=$(blockdev --getsize64 "$RAW")
 pc_fs() {
-    truncate -s $((48 * MIB)) "$PCFS" && PCLOOP=$("$LOSETUP" --show -f "$PCFS") &&
-        mke2fs -q -F -t ext4 "$PCLOOP" && mkdir -p "$PCMNT" && mount -t ext4 "$PCLOOP" "$PCMNT"
+    ublk-mem --size-mib 48 --dev-id 1 --hold-reads-while "$PCHOLD" >"$T/pc-mem.out" 2>"$T/pc-mem.log" &
+    PCMEM=$!
+    wait_for 60 grep -q '^LIVE /dev/ublkb1' "$T/pc-mem.out" && wait_for 10 test -b /dev/ublkb1 &&
+        mke2fs -q -F -t ext4 /dev/ublkb1 && mkdir -p "$PCMNT" && mount -t ext4 /dev/ublkb1 "$PCMNT"
 }
-if check ferry-pc-ext4-backing pc_fs &&
+if check ferry-pc-backing-on-ext4 pc_fs &&
     check ferry-pc-serve start_serve "$RAW" &&
     check ferry-pc-pull start_pull pc --disk "$DISK" &&
     check ferry-pc-complete wait_complete 150; then
     check ferry-pc-user-copy user_copy "$POUT" yes
     dropped() { sync && echo 3 >/proc/sys/vm/drop_caches; }
     check ferry-pc-drop-caches dropped
-    # Cold reads: one unaligned region, one 1 MiB, then the whole device;
+    # Block A is read once (into the page cache again); then, with the
+    # disk's reads held, a READ of block B (never read since the drop)
+    # waits on the ring while A is read again. Without the ring, B's copy
+    # would block the queue thread and A with it, until the hold ends.
+    A=$((2 * MIB + 8192))
+    B=$((5 * MIB + 65536))
+    one_stalls() {
+        same_region "$A" 4096 || return 1
+        touch "$PCHOLD"
+        region "$DEV" "$B" 4096 "$T/got-b" &
+        bpid=$!
+        rc=0
+        inflight() { [ "$(awk '{print $1}' /sys/block/ublkb1/inflight)" -gt 0 ]; }
+        if ! wait_for 60 inflight; then
+            echo "the read of B never reached the held disk"
+            rc=1
+        elif ! same_region "$A" 4096; then
+            echo "the read of A (in the page cache) did not complete while B was held"
+            rc=1
+        elif ! kill -0 "$bpid" 2>/dev/null; then
+            echo "the read of B completed while the disk held its reads"
+            rc=1
+        fi
+        rm -f "$PCHOLD"
+        wait "$bpid" || {
+            echo "the read of B failed"
+            return 1
+        }
+        [ $rc -eq 0 ] && region "$SRC" "$B" 4096 "$T/want" && cmp "$T/got-b" "$T/want"
+    }
+    check ferry-pc-a-miss-stalls-only-its-request one_stalls
+    rm -f "$PCHOLD"
+    # Cold reads: one unaligned region, one 1 MiB, the whole device;
     # dropped again, 4 KiB reads across a chunk.
     cold() {
-        same_region $((5 * MIB + 12288)) $((300 * 1024)) &&
+        dropped &&
+            same_region $((5 * MIB + 12288)) $((300 * 1024)) &&
             same_region $((20 * MIB)) $MIB &&
             region "$DEV" 0 "$SIZE" "$T/got" && cmp "$T/got" "$RAW" &&
             dropped &&
@@ -561,7 +600,7 @@ if check ferry-pc-ext4-backing pc_fs &&
             done
     }
     check ferry-pc-cold-reads-are-the-source cold
-    rm -f "$T/got" "$T/want"
+    rm -f "$T/got" "$T/want" "$T/got-b"
     check ferry-pc-graceful-stop stop_pull
     # The pull's own count: READs that found their range outside the page
     # cache and were read on the ring.
@@ -576,10 +615,13 @@ if check ferry-pc-ext4-backing pc_fs &&
 else
     fail ferry-pc-scenario "did not start; see the logs below"
 fi
+rm -f "$PCHOLD"
 cleanup
 umount "$PCMNT" 2>/dev/null
-[ -n "$PCLOOP" ] && "$LOSETUP" -d "$PCLOOP"
-rm -f "$PCFS"
+if [ -n "$PCMEM" ]; then
+    kill -TERM "$PCMEM" 2>/dev/null
+    wait "$PCMEM"
+fi
 
 for f in "$T"/serve-*.log "$T"/pull-*.log; do
     [ -e "$f" ] || continue

@@ -53,6 +53,12 @@ struct Args {
     /// Do not use UBLK_F_USER_COPY: serve through per-tag buffers.
     #[arg(long)]
     no_user_copy: bool,
+    /// While this file exists, every read waits (on the runtime, not the
+    /// queue thread) until it is removed: a disk that is slow on command,
+    /// to check that a page-cache miss of a server above it stalls only
+    /// its own request.
+    #[arg(long, value_name = "PATH")]
+    hold_reads_while: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -81,11 +87,13 @@ fn main() -> Result<()> {
     match &args.file {
         Some(path) => {
             let device = FileDevice::open(path, size)?;
-            serve(Arc::new(Counting::new(device, args.bad_block)), &rt, opts)
+            let device = Counting::new(device, args.bad_block, args.hold_reads_while.clone());
+            serve(Arc::new(device), &rt, opts)
         }
         None => {
             let device = MemDevice::new(size);
-            serve(Arc::new(Counting::new(device, args.bad_block)), &rt, opts)
+            let device = Counting::new(device, args.bad_block, args.hold_reads_while.clone());
+            serve(Arc::new(device), &rt, opts)
         }
     }
 }
@@ -174,15 +182,23 @@ struct Counting<D> {
     inner: D,
     counts: Arc<Counts>,
     bad_block: Option<u64>,
+    /// Reads wait while this file exists (`--hold-reads-while`).
+    hold: Option<PathBuf>,
 }
 
 impl<D> Counting<D> {
-    fn new(inner: D, bad_block: Option<u64>) -> Self {
+    fn new(inner: D, bad_block: Option<u64>, hold: Option<PathBuf>) -> Self {
         Self {
             inner,
             counts: Arc::default(),
             bad_block,
+            hold,
         }
+    }
+
+    /// Whether reads are held now.
+    fn held(&self) -> bool {
+        self.hold.as_ref().is_some_and(|p| p.exists())
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -205,6 +221,9 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
     }
 
     fn read_now(&self, offset: u64, buf: &mut [u8]) -> Option<io::Result<()>> {
+        if self.held() {
+            return None;
+        }
         if let Err(e) = self.check(offset, buf.len() as u64) {
             Counts::bump(&self.counts.read);
             return Some(Err(e));
@@ -222,6 +241,9 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
         out: BorrowedFd<'_>,
         out_offset: u64,
     ) -> Option<io::Result<()>> {
+        if self.held() {
+            return None;
+        }
         if let Err(e) = self.check(offset, len as u64) {
             Counts::bump(&self.counts.read);
             return Some(Err(e));
@@ -232,6 +254,13 @@ impl<D: BlockDevice> BlockDevice for Counting<D> {
     }
 
     async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        // Held for at most 10 minutes (a check script that died).
+        for _ in 0..12_000 {
+            if !self.held() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         Counts::bump(&self.counts.read);
         self.check(offset, u64::from(len))?;
         self.inner.read(offset, len).await
