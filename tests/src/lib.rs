@@ -36,6 +36,37 @@ pub fn ferry_bin() -> PathBuf {
     bin
 }
 
+/// Runs qemu-io (under `timeout limit_secs`) with `options` on export
+/// `export` of the NBD server at unix socket `sock`, with the given
+/// commands; returns whether it succeeded and its stdout and stderr.
+pub fn qemu_io_nbd(
+    sock: &Path,
+    export: &str,
+    limit_secs: u64,
+    options: &[&str],
+    cmds: &[&str],
+) -> (bool, String) {
+    let mut c = Command::new("timeout");
+    c.arg(limit_secs.to_string())
+        .arg("qemu-io")
+        .args(options)
+        .arg("--image-opts");
+    c.arg(format!(
+        "driver=nbd,server.type=unix,server.path={},export={export}",
+        sock.display()
+    ));
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.output().expect("run qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Whether a tool is on PATH; if not, says SKIPPED loudly, and panics when
 /// `FERRY_REQUIRE_ALL=1` (as under `cargo xtask ci`).
 pub fn require_tool(tool: &str) -> bool {
@@ -378,23 +409,7 @@ impl World {
     /// export with the given commands; returns whether it succeeded and
     /// its output (stdout and stderr).
     pub fn qemu_io_with(&self, options: &[&str], cmds: &[&str]) -> (bool, String) {
-        let sock = self.path("nbd.sock");
-        let mut c = Command::new("timeout");
-        c.args(["120", "qemu-io"]).args(options).arg("--image-opts");
-        c.arg(format!(
-            "driver=nbd,server.type=unix,server.path={},export=ferry",
-            sock.display()
-        ));
-        for cmd in cmds {
-            c.args(["-c", cmd]);
-        }
-        let out = c.output().expect("run qemu-io");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        qemu_io_nbd(&self.path("nbd.sock"), "ferry", 120, options, cmds)
     }
 
     /// Runs qemu-io on the pull's NBD export with the given commands, which

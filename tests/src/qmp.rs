@@ -76,6 +76,22 @@ pub struct StorageDaemon {
 }
 
 impl StorageDaemon {
+    /// The dirty bitmaps of node `disk0`, by name.
+    pub fn dirty_bitmaps(&mut self) -> Vec<String> {
+        let nodes = self
+            .qmp
+            .execute("query-named-block-nodes", json!({ "flat": true }))
+            .expect("query-named-block-nodes");
+        nodes
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|n| n["node-name"] == "disk0")
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .filter_map(|b| b["name"].as_str().map(String::from))
+            .collect()
+    }
+
     /// Starts the daemon on `image` with its sockets and log in `dir`, and
     /// connects to its monitor (waiting up to a minute).
     pub fn start(dir: &Path, image: &Path) -> StorageDaemon {

@@ -258,24 +258,7 @@ impl Dest {
 }
 
 fn guest_io(sock: &Path, limit: Duration, cmds: &[&str]) -> (bool, String) {
-    let mut c = Command::new("timeout");
-    c.arg(limit.as_secs().to_string())
-        .arg("qemu-io")
-        .arg("--image-opts");
-    c.arg(format!(
-        "driver=nbd,server.type=unix,server.path={},export=guest",
-        sock.display()
-    ));
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c.output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    qemu_io_nbd(sock, "guest", limit.as_secs(), &[], cmds)
 }
 
 /// The guest writing on its own: 64 KiB writes one after another through

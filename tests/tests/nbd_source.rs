@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use ferry_tests::qmp::{NbdWriter, StorageDaemon};
 use ferry_tests::*;
-use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 64 * 1024;
@@ -31,22 +30,6 @@ fn serve(w: &World, qsd: &StorageDaemon) -> (Proc, u16) {
     let uri = qsd.uri("src");
     let qmp = qsd.ferry_qmp_socket.display().to_string();
     w.serve_from(&["--nbd-source", &uri, "--qmp", &qmp], &[])
-}
-
-/// The dirty bitmaps of node `disk0`.
-fn bitmaps(qsd: &mut StorageDaemon) -> Vec<String> {
-    let nodes = qsd
-        .qmp
-        .execute("query-named-block-nodes", json!({ "flat": true }))
-        .expect("query-named-block-nodes");
-    nodes
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|n| n["node-name"] == "disk0")
-        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
-        .filter_map(|b| b["name"].as_str().map(String::from))
-        .collect()
 }
 
 #[test]
@@ -72,7 +55,7 @@ fn a_disk_read_through_qemus_nbd_export_migrates_verified() {
         log.contains(&format!("unhashed_chunks={allocated_chunks}")),
         "the first manifest is not the export's allocation ({allocated_chunks} chunks): {log}"
     );
-    let watching = bitmaps(&mut qsd);
+    let watching = qsd.dirty_bitmaps();
     assert!(
         watching.len() == 1 && watching[0].starts_with("ferry-serve-"),
         "no bitmap watches the node: {watching:?}"

@@ -1204,20 +1204,7 @@ impl Engine {
             self.present_blocks -= bits.count_ones() as u64;
             bits.fill(false);
             // Not yet persisted bits of these blocks must not be.
-            let mut kept = Vec::with_capacity(self.unsynced.len());
-            for r in std::mem::take(&mut self.unsynced) {
-                if r.end <= b.start || r.start >= b.end {
-                    kept.push(r);
-                    continue;
-                }
-                if r.start < b.start {
-                    kept.push(r.start..b.start);
-                }
-                if r.end > b.end {
-                    kept.push(b.end..r.end);
-                }
-            }
-            self.unsynced = kept;
+            self.drop_unsynced(&b);
             self.bg_cursor = self.bg_cursor.min(c);
             cleared.push(b);
         }

@@ -268,18 +268,10 @@ impl ChangeTracker {
         .await?;
         let t0 = Instant::now();
         loop {
-            let list = self
-                .qmp_do(
-                    format!("waiting for export {name:?} to go"),
-                    "query-block-exports",
-                    json!({}),
-                )
-                .await?;
-            let present = list.as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|e| e.get("id").and_then(Value::as_str) == Some(name))
-            });
-            if !present {
+            if !self
+                .export_present(name, format!("waiting for export {name:?} to go"))
+                .await?
+            {
                 return Ok(());
             }
             if t0.elapsed() > self.cfg.unexport_timeout {
@@ -324,19 +316,23 @@ impl ChangeTracker {
         }
     }
 
-    async fn unexport_if_present(&mut self, name: &str) -> Result<(), LiveError> {
+    /// Whether a block export with id `name` exists (`during`: what the
+    /// query is for, in errors).
+    async fn export_present(&mut self, name: &str, during: String) -> Result<bool, LiveError> {
         let list = self
-            .qmp_do(
-                format!("looking for export {name:?}"),
-                "query-block-exports",
-                json!({}),
-            )
+            .qmp_do(during, "query-block-exports", json!({}))
             .await?;
-        let present = list.as_array().is_some_and(|a| {
+        Ok(list.as_array().is_some_and(|a| {
             a.iter()
                 .any(|e| e.get("id").and_then(Value::as_str) == Some(name))
-        });
-        if present {
+        }))
+    }
+
+    async fn unexport_if_present(&mut self, name: &str) -> Result<(), LiveError> {
+        if self
+            .export_present(name, format!("looking for export {name:?}"))
+            .await?
+        {
             self.unexport(name).await?;
         }
         Ok(())

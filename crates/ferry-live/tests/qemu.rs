@@ -7,7 +7,6 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,39 +70,10 @@ fn tracker(rt: &tokio::runtime::Runtime, qsd: &StorageDaemon, src: &LiveSource) 
     .expect("start the tracker")
 }
 
-/// The dirty bitmaps of node `disk0`, by name.
-fn bitmaps(qsd: &mut StorageDaemon) -> Vec<String> {
-    let nodes = qsd
-        .qmp
-        .execute("query-named-block-nodes", json!({ "flat": true }))
-        .expect("query-named-block-nodes");
-    nodes
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|n| n["node-name"] == "disk0")
-        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
-        .filter_map(|b| b["name"].as_str().map(String::from))
-        .collect()
-}
-
 fn qemu_io_w(qsd: &StorageDaemon, cmd: &str) {
     need_tool("qemu-io", "qemu-utils");
-    let out = Command::new("timeout")
-        .args(["120", "qemu-io", "--image-opts"])
-        .arg(format!(
-            "driver=nbd,server.type=unix,server.path={},export=w",
-            qsd.nbd_socket.display()
-        ))
-        .args(["-c", cmd])
-        .output()
-        .expect("run qemu-io");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmd}: {text}"
-    );
+    let (ok, text) = ferry_tests::qemu_io_nbd(&qsd.nbd_socket, "w", 120, &[], &[cmd]);
+    assert!(ok && !text.contains("failed"), "qemu-io {cmd}: {text}");
 }
 
 fn chunks(s: &ChunkSet) -> Vec<u64> {
@@ -237,7 +207,7 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
     let nchunks = src.chunk_count();
     let t_start = Instant::now();
     let mut tracker = tracker(&rt, &qsd, &src);
-    assert_eq!(bitmaps(&mut qsd), vec!["ferry-g0".to_string()]);
+    assert_eq!(qsd.dirty_bitmaps(), vec!["ferry-g0".to_string()]);
 
     // The guest: two writers of random 64 KiB blocks, and now and then an
     // unaligned write across two chunks, until stopped (bounded in count
@@ -350,7 +320,7 @@ fn rounds_while_writing_reproduce_the_disk_and_lose_no_write() {
         "no round after the final one"
     );
     assert_eq!(
-        bitmaps(&mut qsd),
+        qsd.dirty_bitmaps(),
         Vec::<String>::new(),
         "bitmaps left behind"
     );
@@ -511,10 +481,10 @@ fn a_failed_or_abandoned_round_is_merged_back() {
         "{err}"
     );
     block(&rt, tracker.complete(r)).expect("complete");
-    let gens = bitmaps(&mut qsd);
+    let gens = qsd.dirty_bitmaps();
     assert_eq!(gens, vec![tracker.generation_name(tracker.recording())]);
     block(&rt, tracker.close()).expect("close");
-    assert_eq!(bitmaps(&mut qsd), Vec::<String>::new());
+    assert_eq!(qsd.dirty_bitmaps(), Vec::<String>::new());
     block(&rt, src.close());
 }
 
@@ -668,12 +638,12 @@ fn a_write_watch_counts_every_write_after_its_start() {
         block(&rt, watch.close()).is_err(),
         "closing removes a bitmap that is gone"
     );
-    assert_eq!(bitmaps(&mut qsd), Vec::<String>::new());
+    assert_eq!(qsd.dirty_bitmaps(), Vec::<String>::new());
 
     // close removes the bitmap.
     let qmp = block(&rt, Qmp::connect(&qsd.ferry_qmp_socket)).expect("monitor");
     let watch = block(&rt, WriteWatch::start(qmp, "disk0", "watch1")).expect("start");
-    assert_eq!(bitmaps(&mut qsd), vec!["watch1".to_string()]);
+    assert_eq!(qsd.dirty_bitmaps(), vec!["watch1".to_string()]);
     block(&rt, watch.close()).expect("close");
-    assert_eq!(bitmaps(&mut qsd), Vec::<String>::new());
+    assert_eq!(qsd.dirty_bitmaps(), Vec::<String>::new());
 }

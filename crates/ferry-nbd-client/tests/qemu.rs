@@ -42,21 +42,8 @@ fn runtime() -> tokio::runtime::Runtime {
 /// its dirty bitmap sees them).
 fn qemu_io(qsd: &StorageDaemon, cmds: &[&str]) -> String {
     need_tool("qemu-io", "qemu-utils");
-    let mut c = Command::new("timeout");
-    c.args(["120", "qemu-io", "--image-opts"]).arg(format!(
-        "driver=nbd,server.type=unix,server.path={},export=disk0",
-        qsd.nbd_socket.display()
-    ));
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = c.output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-io {cmds:?}: {text}");
+    let (ok, text) = ferry_tests::qemu_io_nbd(&qsd.nbd_socket, "disk0", 120, &[], cmds);
+    assert!(ok, "qemu-io {cmds:?}: {text}");
     assert!(!text.contains("failed"), "qemu-io {cmds:?}: {text}");
     text
 }

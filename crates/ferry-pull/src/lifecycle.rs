@@ -25,7 +25,7 @@ fn absolute(p: &Path) -> std::path::PathBuf {
 }
 
 /// Seconds since the Unix epoch.
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

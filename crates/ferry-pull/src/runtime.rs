@@ -12,6 +12,7 @@ use ferry_store::{RuntimeSetting, RuntimeSettings, StateFile};
 use crate::copier::CopierSettings;
 use crate::disk::Disk;
 use crate::fetcher::Fetcher;
+use crate::lifecycle::{now_unix, utc};
 use crate::shell::Shell;
 
 /// The background copy's settings as this run's command line gives them.
@@ -165,34 +166,6 @@ pub async fn change<F: Fetcher, D: Disk>(
         Change::Rate(r) => crate::status::set_rate_limit(settings, r),
     }
     Ok(())
-}
-
-/// Seconds since the Unix epoch.
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// `at_unix` as `YYYY-MM-DD HH:MM:SS UTC`.
-pub fn utc(at_unix: u64) -> String {
-    let (days, secs) = (at_unix / 86_400, at_unix % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
 }
 
 #[cfg(test)]

@@ -141,14 +141,7 @@ fn make_images(dir: &Path, size_mib: u64) -> Result<(PathBuf, PathBuf, String, D
             n as f64 / 1048576.0
         );
         let _ = std::fs::remove_file(&template);
-        crate::setup::run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-                .arg("-d")
-                .arg(&src_dir)
-                .arg(&template)
-                .arg(format!("{size_mib}M")),
-        )?;
+        super::mkfs_ext4_from(&src_dir, &template, size_mib)?;
         crate::setup::run(
             Command::new("cp")
                 .arg("--sparse=always")

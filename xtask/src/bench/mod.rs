@@ -624,14 +624,7 @@ fn make_images(dir: &Path, size_mib: u64, which: &[String], nprobes: usize) -> R
                         n as f64 / 1048576.0
                     );
                     let _ = std::fs::remove_file(&path);
-                    crate::setup::run(
-                        Command::new("mkfs.ext4")
-                            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
-                            .arg("-d")
-                            .arg(&src)
-                            .arg(&path)
-                            .arg(format!("{size_mib}M")),
-                    )?;
+                    mkfs_ext4_from(&src, &path, size_mib)?;
                     std::fs::write(&stamp, &desc_want)?;
                 }
                 let alloc = allocated_bytes(&path)?;
@@ -742,6 +735,19 @@ fn start_ferry_serve(ctx: &Ctx<'_>, img: &Image) -> Result<Proc> {
     )?;
     p.wait_for_log("ferry serve: exporting", Duration::from_secs(900))?;
     Ok(p)
+}
+
+/// Makes `path` an ext4 image of `size_mib` MiB holding the files of
+/// `src` (every inode table and the journal written now, not lazily).
+pub(crate) fn mkfs_ext4_from(src: &Path, path: &Path, size_mib: u64) -> Result<()> {
+    crate::setup::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg("-d")
+            .arg(src)
+            .arg(path)
+            .arg(format!("{size_mib}M")),
+    )
 }
 
 /// Drops `path`'s clean pages from the page cache, so the next run reads
