@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::error::LiveError;
-use crate::qmp::Qmp;
+use crate::qmp::{Qmp, QmpError};
 
 /// One dirty bitmap on a node, added by [`start`](Self::start): every
 /// write to the node after that shows in [`dirty_bytes`](Self::dirty_bytes).
@@ -34,6 +34,16 @@ impl WriteWatch {
             node: node.into(),
             bitmap: bitmap.into(),
         })
+    }
+
+    /// A watch over bitmap `bitmap` of `node`, which exists already and
+    /// records (the recording generation of a finished tracker).
+    pub(crate) fn from_parts(qmp: Qmp, node: &str, bitmap: &str) -> WriteWatch {
+        WriteWatch {
+            qmp,
+            node: node.into(),
+            bitmap: bitmap.into(),
+        }
     }
 
     /// The node watched.
@@ -128,4 +138,20 @@ pub async fn export_node(qmp: &mut Qmp, id: &str) -> Result<String, LiveError> {
                 "no block export with id {id:?} (the exports are {ids:?}); name the node"
             ))
         })
+}
+
+/// Whether the VM behind `qmp` runs (`query-status`): `Some(true)` while
+/// it may write, `Some(false)` paused, `None` when the monitor has no run
+/// state (qemu-storage-daemon: no VM, the caller must stop its writers).
+pub async fn vm_running(qmp: &mut Qmp) -> Result<Option<bool>, LiveError> {
+    match qmp.execute("query-status", json!({})).await {
+        Ok(v) => Ok(Some(
+            v.get("running").and_then(Value::as_bool).unwrap_or(true),
+        )),
+        Err(QmpError::Command { class, .. }) if class == "CommandNotFound" => Ok(None),
+        Err(source) => Err(LiveError::Qmp {
+            during: "asking whether the VM runs (query-status)".into(),
+            source,
+        }),
+    }
 }
