@@ -62,8 +62,7 @@ impl Vm {
             let mut log = Vec::new();
             let t0 = Instant::now();
             // Bounded in count and time whatever happens.
-            while !s.load(Ordering::Relaxed) && log.len() < 20_000 && t0.elapsed().as_secs() < 300
-            {
+            while !s.load(Ordering::Relaxed) && log.len() < 20_000 && t0.elapsed().as_secs() < 300 {
                 let (off, data) = one_write(&mut rng);
                 nbd.write(off, &data);
                 log.push((off, data));
@@ -199,10 +198,7 @@ fn a_vm_writing_through_qemu_during_precopy_finds_every_write_at_the_destination
     // The destination, read through its NBD export, is the source.
     let back = w.path("read-back.raw");
     convert(
-        &format!(
-            "nbd+unix:///ferry?socket={}",
-            w.path("nbd.sock").display()
-        ),
+        &format!("nbd+unix:///ferry?socket={}", w.path("nbd.sock").display()),
         &back,
     );
     assert_files_equal(&at_source, &back);

@@ -89,9 +89,11 @@ impl NbdSource {
     }
 
     fn log(&self) -> Option<std::sync::MutexGuard<'_, ChangeLog>> {
-        self.precopy
-            .as_ref()
-            .map(|p| p.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        self.precopy.as_ref().map(|p| {
+            p.log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        })
     }
 
     /// A round found `dirty` written: their hashes are forgotten first

@@ -504,7 +504,10 @@ fn the_final_round_hands_its_recording_generation_over_as_a_write_watch() {
     assert_eq!(state, None, "qemu-storage-daemon has a run state?");
     w.write(3 * CHUNK, &block64);
     let r = block(&rt, tracker.next_round()).expect("round 0");
-    assert!(block(&rt, tracker.into_watch(r)).is_err(), "not the final round");
+    assert!(
+        block(&rt, tracker.into_watch(r)).is_err(),
+        "not the final round"
+    );
     // (into_watch consumed the tracker: a new one for the real case.)
     let mut tracker = self::tracker_named(&rt, &qsd, &src, "t2");
     w.write(6 * CHUNK, &block64);
@@ -519,7 +522,10 @@ fn the_final_round_hands_its_recording_generation_over_as_a_write_watch() {
     assert_eq!(block(&rt, watch.dirty_bytes()).expect("count"), CHUNK);
     let left = qsd.dirty_bitmaps();
     assert!(left.contains(&recording), "{left:?}");
-    assert!(!left.iter().any(|b| b == "t2-g0"), "the final generation stays: {left:?}");
+    assert!(
+        !left.iter().any(|b| b == "t2-g0"),
+        "the final generation stays: {left:?}"
+    );
     block(&rt, watch.close()).expect("close the watch");
     block(&rt, src.close());
 }
