@@ -31,7 +31,7 @@ fn next(rng: &mut u64) -> u64 {
 /// One write of the VM: 64 KiB at a chunk boundary (three in four) or
 /// 4 KiB anywhere 4 KiB-aligned, random bytes.
 fn one_write(rng: &mut u64) -> (u64, Vec<u8>) {
-    let (len, off) = if next(rng) % 4 != 0 {
+    let (len, off) = if !next(rng).is_multiple_of(4) {
         (CHUNK, (next(rng) % (DISK / CHUNK)) * CHUNK)
     } else {
         (4096, (next(rng) % (DISK / 4096)) * 4096)
@@ -43,12 +43,15 @@ fn one_write(rng: &mut u64) -> (u64, Vec<u8>) {
     (off, data)
 }
 
+/// The VM's writes, in order: (offset, bytes).
+type Writes = Vec<(u64, Vec<u8>)>;
+
 /// The VM: writes through export `w` until stopped, each write
 /// acknowledged before the next; returns every write in order.
 struct Vm {
     stop: Arc<AtomicBool>,
     done: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<Vec<(u64, Vec<u8>)>>>,
+    thread: Option<std::thread::JoinHandle<Writes>>,
 }
 
 impl Vm {
@@ -85,7 +88,7 @@ impl Vm {
     }
 
     /// Stops writing (the VM is paused): every write is acknowledged.
-    fn pause(mut self) -> Vec<(u64, Vec<u8>)> {
+    fn pause(mut self) -> Writes {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().expect("the VM's writer")
     }
