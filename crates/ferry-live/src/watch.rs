@@ -155,3 +155,62 @@ pub async fn vm_running(qmp: &mut Qmp) -> Result<Option<bool>, LiveError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+
+    /// A monitor that greets, accepts `qmp_capabilities` and answers
+    /// `query-status` with `reply` (a whole QMP reply line).
+    fn fake_monitor(dir: &std::path::Path, reply: &'static str) -> std::path::PathBuf {
+        let path = dir.join("qmp.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().expect("accept");
+            let mut w = s.try_clone().expect("clone");
+            let mut r = BufReader::new(s);
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut line = String::new();
+            // Bounded: the two commands of the test.
+            for _ in 0..2 {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let out = if line.contains("qmp_capabilities") {
+                    r#"{"return": {}}"#
+                } else {
+                    reply
+                };
+                writeln!(w, "{out}").unwrap();
+            }
+        });
+        path
+    }
+
+    fn state(reply: &'static str) -> Result<Option<bool>, LiveError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = fake_monitor(dir.path(), reply);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut q = Qmp::connect(&path).await.expect("connect");
+            vm_running(&mut q).await
+        })
+    }
+
+    #[test]
+    fn the_run_state_comes_from_query_status() {
+        let running = r#"{"return": {"running": true, "status": "running"}}"#;
+        let paused = r#"{"return": {"running": false, "status": "paused"}}"#;
+        let none = r#"{"error": {"class": "CommandNotFound", "desc": "The command query-status has not been found"}}"#;
+        let other = r#"{"error": {"class": "GenericError", "desc": "no"}}"#;
+        assert_eq!(state(running).unwrap(), Some(true));
+        assert_eq!(state(paused).unwrap(), Some(false));
+        assert_eq!(state(none).unwrap(), None);
+        assert!(state(other).is_err());
+    }
+}
