@@ -5,16 +5,18 @@
 //! meanwhile, the writer stops (the VM paused), `ferry switchover` runs,
 //! and the destination disk read through its NBD export is the source's
 //! byte for byte: every block written, nothing stale. A write after the
-//! switchover stops the source with a clear error. A missing tool fails
-//! the test under FERRY_REQUIRE_ALL=1.
+//! switchover stops the source with a clear error. With a real QEMU
+//! (`qemu-system-x86_64 -M none`: a run state, no guest), the switchover
+//! is refused while QMP says the VM runs and goes through once it is
+//! stopped. A missing tool fails the test under FERRY_REQUIRE_ALL=1.
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_tests::qmp::{NbdWriter, StorageDaemon};
+use ferry_tests::qmp::{NbdWriter, Qmp, StorageDaemon};
 use ferry_tests::*;
 
 const MIB: u64 = 1 << 20;
@@ -236,4 +238,156 @@ fn a_vm_writing_through_qemu_during_precopy_finds_every_write_at_the_destination
         "{}",
         serve.log_text()
     );
+}
+
+/// A QEMU with no guest (`-M none`) but a run state, the VM's disk as node
+/// `disk0` over `image`, two QMP monitors (the test's and ferry's) and an
+/// NBD server exporting `src` (read-only) and `w` (writable), all in
+/// `dir`; running. Killed (its PID only) when dropped.
+struct Vmm {
+    _proc: Proc,
+    qmp: Qmp,
+    ferry_qmp: PathBuf,
+    nbd: PathBuf,
+}
+
+fn start_qemu(dir: &std::path::Path, image: &std::path::Path) -> Vmm {
+    let (m0, m1, nbd) = (
+        dir.join("qmp.sock"),
+        dir.join("ferry-qmp.sock"),
+        dir.join("nbd.sock"),
+    );
+    let log = dir.join("qemu.log");
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-M", "none", "-nodefaults", "-display", "none"])
+        .arg("-blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=file0",
+            image.display()
+        ))
+        .args(["-blockdev", "driver=raw,file=file0,node-name=disk0"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            m0.display()
+        ))
+        .args(["-mon", "chardev=m0,mode=control"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=m1,path={},server=on,wait=off",
+            m1.display()
+        ))
+        .args(["-mon", "chardev=m1,mode=control"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("qemu's log"))
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let proc = Proc { child, log };
+    let t0 = Instant::now();
+    let mut qmp = loop {
+        if m0.exists() && m1.exists() {
+            if let Ok(q) = Qmp::connect(&m0) {
+                break q;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "qemu's monitor did not come up: {}",
+            proc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    qmp.execute(
+        "nbd-server-start",
+        serde_json::json!({ "addr": { "type": "unix", "data": { "path": nbd.display().to_string() } } }),
+    )
+    .expect("nbd-server-start");
+    for (id, writable) in [("src", false), ("w", true)] {
+        qmp.execute(
+            "block-export-add",
+            serde_json::json!({ "type": "nbd", "id": id, "node-name": "disk0", "name": id,
+                                "writable": writable }),
+        )
+        .expect("block-export-add");
+    }
+    let st = qmp
+        .execute("query-status", serde_json::json!({}))
+        .expect("query-status");
+    assert_eq!(st["running"], true, "{st}");
+    Vmm {
+        _proc: proc,
+        qmp,
+        ferry_qmp: m1,
+        nbd,
+    }
+}
+
+#[test]
+fn the_switchover_is_refused_while_qemu_says_the_vm_runs() {
+    if !require_tool("qemu-system-x86_64") || !require_tool("qemu-img") {
+        return;
+    }
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 8 * MIB, &[(0, 2 * MIB)], 72);
+    let dir = w.path("q");
+    std::fs::create_dir(&dir).expect("qemu's directory");
+    let mut vmm = start_qemu(&dir, &src);
+    let uri = format!("nbd+unix:///src?socket={}", vmm.nbd.display());
+    let qmp = vmm.ferry_qmp.display().to_string();
+    let (serve, port) = w.serve_from(&["--nbd-source", &uri, "--qmp", &qmp, "--live"], &[]);
+    let mut args = w.pull_args(port, "dst.img");
+    args.extend(["--precopy".into()]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pull = w.spawn("pull", &a);
+    wait_log(&pull, "pre-copying");
+    let mut guest = NbdWriter::connect(&vmm.nbd, "w");
+    guest.write(4 * MIB, &[0x11; 65536]);
+    w.wait_status("the guest's write applied", Duration::from_secs(60), |s| {
+        s["precopy_generation"].as_u64().unwrap_or(0) >= 1
+    });
+    // The VM runs: refused, the pre-copy goes on, nothing served.
+    let ctl = w.path("ctl.sock");
+    let out = w.ferry(&["switchover", "--control", ctl.to_str().unwrap()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "switched over a running VM: {text}");
+    assert!(text.contains("source VM is running"), "{text}");
+    let s = w.status();
+    assert_eq!(s["precopy"], "copying", "{s}");
+    assert!(
+        !w.path("nbd.sock").exists(),
+        "served after a refused switchover"
+    );
+    // Paused: the switchover goes through; the guest's last write is there.
+    guest.write(5 * MIB, &[0x22; 65536]);
+    vmm.qmp
+        .execute("stop", serde_json::json!({}))
+        .expect("stop the VM");
+    let out = w.ferry(&["switchover", "--control", ctl.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "switchover of a paused VM failed: {out:?}"
+    );
+    let at_source = w.path("source-read.raw");
+    convert(&uri, &at_source);
+    let back = w.path("read-back.raw");
+    convert(
+        &format!("nbd+unix:///ferry?socket={}", w.path("nbd.sock").display()),
+        &back,
+    );
+    assert_files_equal(&at_source, &back);
+    let bytes = std::fs::read(&back).unwrap();
+    assert!(bytes[5 * MIB as usize..5 * MIB as usize + 65536]
+        .iter()
+        .all(|b| *b == 0x22));
+    // Every chunk was here before the switchover (8 MiB copy unpaced):
+    // verification waited for it, so it covers the frozen disk.
+    let s = w.wait_verified(Duration::from_secs(120));
+    assert_eq!(s["verified_chunks"], 8 * MIB / CHUNK, "{s}");
+    drop(serve);
 }

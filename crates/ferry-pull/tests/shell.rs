@@ -198,6 +198,7 @@ fn pull_from(source: MemSource, absent_timeout: Option<Duration>) -> Pull {
         ShellOptions {
             gated: true,
             absent_timeout,
+            awaiting_switchover: false,
         },
     );
     Pull {
