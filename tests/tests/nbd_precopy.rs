@@ -192,6 +192,15 @@ fn a_vm_writing_through_qemu_during_precopy_finds_every_write_at_the_destination
         reply["generation"]
     );
     wait_log(&serve, "the VM's disk is frozen");
+    let text = serve.log_text();
+    let frozen = text
+        .lines()
+        .find(|l| l.contains("the VM's disk is frozen"))
+        .unwrap_or_default();
+    eprintln!(
+        "source: {}",
+        &frozen[frozen.find("final_chunks").unwrap_or(0)..]
+    );
 
     // The source as the VM left it is what it wrote, replayed.
     let at_source = w.path("source-read.raw");
