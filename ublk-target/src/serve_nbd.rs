@@ -31,8 +31,8 @@ use ferry_core::changes::{runs, ChangeLog};
 use ferry_core::geometry::DEFAULT_CHUNK_SIZE;
 use ferry_core::{ChunkKind, Geometry, Manifest, SharedManifest};
 use ferry_live::{
-    export_node, vm_running, ChangeTracker, ChunkSet, LiveError, LiveSource, Qmp, SourceConfig,
-    TrackerConfig, WriteWatch,
+    export_node, vm_running, ChangeTracker, ChunkSet, LiveError, LiveSource, Qmp, QmpError,
+    SourceConfig, TrackerConfig, WriteWatch,
 };
 use ferry_nbd_client::NbdUri;
 use ferry_transport::{ChunkSource, Fingerprint, Identity, LiveChanges, Server};
@@ -139,7 +139,17 @@ impl NbdSource {
                 tracing::debug!(generation, chunks, "pre-copy round");
                 true
             }
-            Err(e @ LiveError::RoundFailed { .. }) => {
+            // Merged back, or the generation never switched (QEMU refused
+            // the transaction, which is atomic): the writes are still in
+            // the recording bitmap. A connection lost or timed out is not
+            // retried: whether the switch happened is unknown.
+            Err(
+                e @ (LiveError::RoundFailed { .. }
+                | LiveError::Qmp {
+                    source: QmpError::Command { .. },
+                    ..
+                }),
+            ) => {
                 tracing::warn!("pre-copy round failed, its writes kept for the next: {e}");
                 true
             }
@@ -173,9 +183,13 @@ impl NbdSource {
         }
         let round = match t.final_round().await {
             Ok(r) => r,
-            Err(e @ LiveError::RoundFailed { .. }) => {
-                return Err(format!("the final round failed (pre-copy goes on): {e}"))
-            }
+            Err(
+                e @ (LiveError::RoundFailed { .. }
+                | LiveError::Qmp {
+                    source: QmpError::Command { .. },
+                    ..
+                }),
+            ) => return Err(format!("the final round failed (pre-copy goes on): {e}")),
             Err(e) => {
                 let why = format!("cannot tell what the VM wrote any more: {e}");
                 self.set_changed(why.clone());
