@@ -208,8 +208,11 @@ fn reorder_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()
     eprintln!(
         "wan-smoke: reorder: retransmitted {retransmitted} B, the link dropped about {dropped} B"
     );
+    // A loaded host's stalls are delay spikes too: some slack (measured
+    // 0.5% of the image with time-only detection; without, 5.8 MB resent
+    // for 16 MiB copied and no end within 60 s).
     ensure!(
-        retransmitted <= dropped + IMAGE_BYTES / 100,
+        retransmitted <= dropped + 3 * IMAGE_BYTES / 100,
         "{retransmitted} B sent again on a lossless link that reorders (it dropped about {dropped} B): reordering taken for loss; {stats}"
     );
     Ok(())
