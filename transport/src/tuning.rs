@@ -119,7 +119,7 @@ const MAX_UDP_PAYLOAD: u16 = 1472;
 /// declares a packet lost as soon as three later ones are acknowledged:
 /// on a link that reorders (netem's jitter, several paths) that made 14% of
 /// the packets "lost" on 100 Mbit/s, 80 ms, ±2 ms, and the copy crawled at
-/// 1% of the link (docs/decisions/loss-detection-by-time.md).
+/// a fifteenth of the link (docs/decisions/loss-detection-by-time.md).
 pub const LOSS_TIME_THRESHOLD: f32 = 5.0 / 4.0;
 /// The packet-count threshold, so large it never decides first.
 pub const LOSS_PACKET_THRESHOLD: u32 = 1 << 30;
