@@ -53,7 +53,7 @@
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// How often the source sends a `Path` report, in ms.
 pub const PATH_REPORT_INTERVAL_MS: u64 = 100;
 /// Size of the frame header: `len: u32`.
@@ -295,7 +295,7 @@ pub enum Message {
         sent_packets: u32,
         /// Bytes of packets the server declared lost on this connection
         /// (and so sent again): real losses and, where the link reorders,
-        /// spurious ones. Absent (0) in a report of 8 bytes.
+        /// spurious ones (protocol 8).
         lost_bytes: u64,
     },
     /// Client → server: subscribe to the change rounds of a live source,
@@ -651,14 +651,11 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Ok(Message::Zero { index: u64_at(0) })
         }
         T_PATH => {
-            // 8 bytes from a source of before `lost_bytes`.
-            if p.len() != 8 {
-                exact(16, "8 or 16")?;
-            }
+            exact(16, "16")?;
             Ok(Message::Path {
                 lost_ppm: u32_at(0),
                 sent_packets: u32_at(4),
-                lost_bytes: if p.len() == 16 { u64_at(8) } else { 0 },
+                lost_bytes: u64_at(8),
             })
         }
         T_PRECOPY => {

@@ -75,7 +75,10 @@ pub(crate) fn wan_smoke() -> Result<()> {
     relay_case(&bin, &dir, &img, &ids).context("wan-smoke: UDP relay on loopback")?;
     eprintln!("wan-smoke: relay ok ({:.1} s)", t0.elapsed().as_secs_f64());
     reorder_case(&bin, &dir, &img, &ids).context("wan-smoke: a link that reorders")?;
-    eprintln!("wan-smoke: reorder ok ({:.1} s)", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "wan-smoke: reorder ok ({:.1} s)",
+        t0.elapsed().as_secs_f64()
+    );
     netns_case(&bin, &dir, &img, &ids).context("wan-smoke: TUN link between namespaces")?;
     let took = t0.elapsed();
     eprintln!("wan-smoke: all ok in {:.1} s", took.as_secs_f64());
@@ -199,7 +202,9 @@ fn reorder_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()
     drop(pull);
     drop(serve);
     check_result(img, &dir.join("dst-reorder.img"), &st)?;
-    let retransmitted = st["source_retransmitted_bytes"].as_u64().unwrap_or(u64::MAX);
+    let retransmitted = st["source_retransmitted_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     // What the link really dropped (its queue, both ways), in full-size
     // datagrams; everything beyond it was declared lost but arrived.
     let dropped = 1500
