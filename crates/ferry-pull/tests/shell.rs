@@ -150,6 +150,7 @@ impl Fetcher for MemSource {
             hedged_reads: 0,
             source_lost_ppm: 0,
             source_sent_packets: 0,
+            source_retransmitted_bytes: 0,
         }
     }
 

@@ -84,8 +84,10 @@ pub(crate) struct BenchArgs {
     )]
     systems: Vec<String>,
     /// Cases: base (200 Mbit/s, 50 ms), loss (same + 0.1% random loss),
-    /// rtt150 (200 Mbit/s, 150 ms), jumbo (as base with a 9000-byte MTU).
-    /// Default all (base with --quick).
+    /// rtt150 (200 Mbit/s, 150 ms), jumbo (as base with a 9000-byte MTU);
+    /// default all four (base with --quick). Also lossy (100 Mbit/s, 80 ms,
+    /// 0.5% loss, ±2 ms reordering jitter, 30 ms queue) and fast (1 Gbit/s,
+    /// 20 ms, 20 ms queue), only when named.
     #[arg(long, value_delimiter = ',')]
     cases: Option<Vec<String>>,
     /// Images: fs (ext4 with files), random.
@@ -220,6 +222,30 @@ fn all_cases() -> Vec<Case> {
             id: "jumbo",
             link: LinkOpts { mtu: 9000, ..base },
         },
+        // Two links measured on another emulator (netem) that the four
+        // above do not cover (issue 27): a lossy, jittery, shallow-queued
+        // one and a fast one with a shallow queue. Not in the default set.
+        Case {
+            id: "lossy",
+            link: LinkOpts {
+                rate_mbit: 100.0,
+                rtt_ms: 80.0,
+                loss: 0.005,
+                jitter_ms: 2.0,
+                jitter_reorders: true,
+                queue_ms: 30.0,
+                ..LinkOpts::default()
+            },
+        },
+        Case {
+            id: "fast",
+            link: LinkOpts {
+                rate_mbit: 1000.0,
+                rtt_ms: 20.0,
+                queue_ms: 20.0,
+                ..LinkOpts::default()
+            },
+        },
     ]
 }
 
@@ -349,7 +375,7 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
         .filter(|c| want_cases.iter().any(|w| w == c.id))
         .collect();
     if cases.is_empty() {
-        bail!("no known case in {want_cases:?} (base, loss, rtt150, jumbo)");
+        bail!("no known case in {want_cases:?} (base, loss, rtt150, jumbo, lossy, fast)");
     }
     for s in &a.systems {
         if !["ferry", "nbdcopy", "nbdkit-lazy"].contains(&s.as_str()) {
