@@ -398,7 +398,7 @@ fn working_copy(pristine: &Path, to: &Path) -> Result<()> {
     let _ = std::fs::remove_file(to);
     crate::setup::run(
         Command::new("cp")
-            .arg("--sparse=always")
+            .args(["--sparse=always", "--reflink=auto"])
             .arg(pristine)
             .arg(to),
     )?;

@@ -1854,6 +1854,11 @@ mod tests {
             section: String::new(),
             ferry_serve_args: Vec::new(),
             dedup: false,
+            live: false,
+            writer_rates: vec![0, 4, 16],
+            live_parts: vec!["writer".into()],
+            precopy_cap_secs: 120,
+            mirror_cap_secs: 0,
         };
         let cases = vec![Case {
             id: "base",
