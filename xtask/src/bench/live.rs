@@ -323,6 +323,11 @@ struct FerryRun {
     ferry_wire_bytes: u64,
     /// Whether pre-copy was stopped at the cap rather than converged.
     capped: bool,
+    /// Bytes the destination lacked just before the freeze.
+    absent_at_switch: u64,
+    /// Bytes fetched in the background before the freeze (re-fetches
+    /// included).
+    fetched_before_switch: u64,
     /// The writer at the source during pre-copy.
     precopy_writes: WriteStats,
     generations: u64,
@@ -531,6 +536,13 @@ impl Live<'_> {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+        let s = procs::ferry_status(&self.bin, &ctl)?;
+        r.absent_at_switch = s["total_bytes"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(s["present_bytes"].as_u64().unwrap_or(0));
+        r.fetched_before_switch = s["fetched_background_bytes"].as_u64().unwrap_or(0)
+            + s["fetched_on_demand_bytes"].as_u64().unwrap_or(0);
         // The freeze: the VM is paused (the writer stopped after its write
         // in progress), then the switchover.
         let src_log = match writer {
@@ -828,9 +840,6 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     } else {
         Vec::new()
     };
-    let started = chrono_now();
-    let load0 = loadavg();
-    let t_all = Instant::now();
     let link = LinkOpts {
         rate_mbit: 200.0,
         rtt_ms: 50.0,
@@ -847,14 +856,23 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         logs: dir.join("logs"),
     };
     std::fs::create_dir_all(&l.logs)?;
-    let stolen0 = steal::stolen_ms();
-    // cells[(rate, mode)] = runs
-    let mut cells: Vec<((u64, &str), Vec<FerryRun>)> = Vec::new();
-    let mut base_f: Vec<(u64, Vec<WriteStats>)> = Vec::new();
-    let mut base_q: Vec<(u64, Vec<WriteStats>)> = Vec::new();
-    let mut mirror: Vec<(u64, Vec<MirrorRun>)> = Vec::new();
-    let mut down: Vec<(u64, Vec<FerryRun>)> = Vec::new();
-    let mut mirror_cap = Duration::from_secs(a.mirror_cap_secs);
+    let mut m = Meta {
+        started: chrono_now(),
+        load0: loadavg(),
+        runs,
+        done: 0,
+        t_all: Instant::now(),
+        stolen0: steal::stolen_ms(),
+        link: link.clone(),
+        wsize,
+        wdata,
+        base_secs,
+        ddata,
+        fixed,
+        mirror_cap: Duration::from_secs(a.mirror_cap_secs),
+        dir: dir.clone(),
+    };
+    let mut res = Results::default();
     for run in 0..runs {
         if has("writer") {
             for &rate in &rates {
@@ -864,7 +882,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                         "bench: live run {} baseline ferry --present {}: p50 {:.2} ms, mean {:.2} ms, {:.1} MB/s",
                         run + 1, rate_name(rate), b.p50_ms, b.mean_ms, b.mb_s
                     );
-                    push(&mut base_f, rate, b);
+                    push(&mut res.base_f, rate, b);
                 }
                 for (mode, pre) in [("postcopy", false), ("precopy", true)] {
                     let tag = format!("{mode}-{}-{}", rate / 1_000_000, run + 1);
@@ -872,11 +890,13 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                         .ferry_run(&wimg, wsize, rate, pre, None, wfar, true, &tag)
                         .with_context(|| format!("ferry {mode} {} run {}", rate_name(rate), run + 1))?;
                     eprintln!(
-                        "bench: live run {} ferry {mode} {}: switch at {:.1} s{}, downtime {:.0} ms (switchover {:.1} ms, read {:.0} ms{}), complete {:.1} s, wire {} MiB, writes p50 {:.2} ms mean {:.2} ms {:.1} MB/s; {}",
+                        "bench: live run {} ferry {mode} {}: switch at {:.1} s{} ({} MiB absent, {} MiB fetched), downtime {:.0} ms (switchover {:.1} ms, read {:.0} ms{}), complete {:.1} s, wire {} MiB, writes p50 {:.2} ms mean {:.2} ms {:.1} MB/s; {}",
                         run + 1,
                         rate_name(rate),
                         r.t_switch,
                         if r.capped { " (capped)" } else { "" },
+                        r.absent_at_switch >> 20,
+                        r.fetched_before_switch >> 20,
                         r.downtime_ms,
                         r.switchover_ms,
                         r.first_read_ms,
@@ -888,9 +908,9 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                         r.precopy_writes.mb_s,
                         r.note
                     );
-                    match cells.iter_mut().find(|c| c.0 == (rate, mode)) {
+                    match res.cells.iter_mut().find(|c| c.0 == (rate, mode)) {
                         Some(c) => c.1.push(r),
-                        None => cells.push(((rate, mode), vec![r])),
+                        None => res.cells.push(((rate, mode), vec![r])),
                     }
                 }
             }
@@ -913,9 +933,9 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                     r.generations,
                     r.note
                 );
-                match down.iter_mut().find(|c| c.0 == *size) {
+                match res.down.iter_mut().find(|c| c.0 == *size) {
                     Some(c) => c.1.push(r),
-                    None => down.push((*size, vec![r])),
+                    None => res.down.push((*size, vec![r])),
                 }
             }
         }
@@ -927,16 +947,16 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                         "bench: live run {} baseline qemu-storage-daemon {}: p50 {:.2} ms, mean {:.2} ms, {:.1} MB/s",
                         run + 1, rate_name(rate), b.p50_ms, b.mean_ms, b.mb_s
                     );
-                    push(&mut base_q, rate, b);
+                    push(&mut res.base_q, rate, b);
                 }
                 // Unbounded for the idle guest (up to the run timeout);
                 // the writers' runs at 3x its time unless told.
                 let cap = if rate == 0 {
                     Duration::from_secs(a.timeout_s)
-                } else if mirror_cap.is_zero() {
+                } else if m.mirror_cap.is_zero() {
                     Duration::from_secs(90)
                 } else {
-                    mirror_cap
+                    m.mirror_cap
                 };
                 let r = l
                     .mirror_run(&wimg, wsize, rate, cap)
@@ -953,21 +973,80 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                     r.writes.mb_s
                 );
                 if rate == 0 && a.mirror_cap_secs == 0 && run == 0 && r.ready {
-                    mirror_cap = Duration::from_secs_f64((3.0 * r.t_ready).max(30.0));
+                    m.mirror_cap = Duration::from_secs_f64((3.0 * r.t_ready).max(30.0));
                 }
-                match mirror.iter_mut().find(|c| c.0 == rate) {
+                match res.mirror.iter_mut().find(|c| c.0 == rate) {
                     Some(c) => c.1.push(r),
-                    None => mirror.push((rate, vec![r])),
+                    None => res.mirror.push((rate, vec![r])),
                 }
             }
         }
+        m.done = run + 1;
+        write_report(a, &m, &res)?;
     }
-    let stolen = steal::between(stolen0, steal::stolen_ms());
-    let took = t_all.elapsed();
     l.wan.down()?;
+    Ok(())
+}
 
-    // The report.
+/// Everything measured so far.
+#[derive(Default)]
+struct Results {
+    cells: Vec<((u64, &'static str), Vec<FerryRun>)>,
+    base_f: Vec<(u64, Vec<WriteStats>)>,
+    base_q: Vec<(u64, Vec<WriteStats>)>,
+    mirror: Vec<(u64, Vec<MirrorRun>)>,
+    down: Vec<(u64, Vec<FerryRun>)>,
+}
+
+/// What the report says about the set-up.
+struct Meta {
+    started: String,
+    load0: String,
+    runs: usize,
+    done: usize,
+    t_all: Instant,
+    stolen0: Option<f64>,
+    link: LinkOpts,
+    wsize: u64,
+    wdata: u64,
+    base_secs: f64,
+    ddata: u64,
+    fixed: Duration,
+    mirror_cap: Duration,
+    dir: PathBuf,
+}
+
+/// Writes the report and the raw JSON (after every run: a bench stopped
+/// early leaves the runs it finished, marked partial).
+fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
+    let Meta {
+        started,
+        load0,
+        runs,
+        link,
+        wsize,
+        wdata,
+        base_secs,
+        ddata,
+        fixed,
+        mirror_cap,
+        dir,
+        ..
+    } = m;
+    let Results {
+        cells,
+        base_f,
+        base_q,
+        mirror,
+        down,
+    } = res;
+    let has = |p: &str| a.live_parts.iter().any(|x| x == p);
+    let stolen = steal::between(m.stolen0, steal::stolen_ms());
+    let took = m.t_all.elapsed();
     let mut o = String::new();
+    if m.done < *runs {
+        writeln!(o, "**PARTIAL: {} of {runs} runs finished when this was written.**\n", m.done)?;
+    }
     writeln!(o, "## Live source (`--live`)\n")?;
     writeln!(
         o,
@@ -989,14 +1068,14 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     )?;
     if has("writer") {
         writeln!(o, "### ferry from a live source (`serve --present`, `pull --precopy`, `switchover`)\n")?;
-        writeln!(o, "*postcopy*: switched over as soon as the pull is up (everything post-copied); *precopy*: switched once the destination lacked at most max(2 s of writes, 4 MiB), or at {} s. At the switch the writer stops (freeze), `ferry switchover` runs, then a 4 KiB read through the destination's export: *downtime* is freeze to that read's answer (the read is of the writer's last block in precopy, of a far data block in postcopy; *remote* counts reads that took ≥ RTT/2, i.e. crossed the link). The writer then writes on at the destination. *Complete*: pull start to ferry's `complete` (every chunk at the destination; verification passed in every run). *Wire*: IP bytes both ways on the link, pull start to complete. *Writes during pre-copy*: the writer at the source from pull start to the freeze, against the writer alone on a presented source without a pull ({base_secs:.0} s); slowdown is of the mean latency.\n", a.precopy_cap_secs)?;
-        writeln!(o, "| writer | mode | switch at, s | downtime, ms | ferry switchover, ms | remote reads | complete, s | × idle | wire, MiB | writes p50 / p99, ms | mean vs alone | MB/s achieved |")?;
-        writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
-        for ((rate, mode), rs) in &cells {
+        writeln!(o, "*postcopy*: switched over as soon as the pull is up (everything post-copied); *precopy*: switched once the destination lacked at most max(2 s of writes, 4 MiB), or at {} s. At the switch the writer stops (freeze), `ferry switchover` runs, then a 4 KiB read through the destination's export: *downtime* is freeze to that read's answer (the read is of the writer's last block in precopy, of a far data block in postcopy; *remote* counts reads that took ≥ RTT/2, i.e. crossed the link). The writer then writes on at the destination. *Complete*: pull start to ferry's `complete` (every chunk at the destination; verification passed in every run). *Wire*: IP bytes both ways on the link, pull start to complete. *Writes during pre-copy*: the writer at the source from pull start to the freeze, against the writer alone on a presented source without a pull ({base_secs:.0} s); *vs alone*: the change of the mean and median latency.\n", a.precopy_cap_secs)?;
+        writeln!(o, "| writer | mode | switch at, s | absent at the switch, MiB | fetched before it, MiB | downtime, ms | ferry switchover, ms | remote reads | complete, s | × idle postcopy | wire, MiB | writes p50 / p99, ms | mean vs alone | MB/s achieved |")?;
+        writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for ((rate, mode), rs) in cells.iter() {
             let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| mmm(&rs.iter().map(f).collect::<Vec<_>>(), d);
             let idle = cells
                 .iter()
-                .find(|c| c.0 == (0, *mode))
+                .find(|c| c.0 == (0, "postcopy"))
                 .map(|c| med(&c.1.iter().map(|r| r.t_complete).collect::<Vec<_>>()));
             let tc = med(&rs.iter().map(|r| r.t_complete).collect::<Vec<_>>());
             let ratio = idle.map(|i| format!("{:.2}", tc / i)).unwrap_or("–".into());
@@ -1004,15 +1083,9 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                 let p50 = med(&rs.iter().map(|r| r.precopy_writes.p50_ms).collect::<Vec<_>>());
                 let p99 = med(&rs.iter().map(|r| r.precopy_writes.p99_ms).collect::<Vec<_>>());
                 let mean = med(&rs.iter().map(|r| r.precopy_writes.mean_ms).collect::<Vec<_>>());
-                let alone = base_f
-                    .iter()
-                    .find(|b| b.0 == *rate)
-                    .map(|b| med(&b.1.iter().map(|s| s.mean_ms).collect::<Vec<_>>()));
                 (
                     format!("{p50:.2} / {p99:.2}"),
-                    alone
-                        .map(|m| format!("{:+.0}% ({mean:.2} vs {m:.2} ms)", (mean / m - 1.0) * 100.0))
-                        .unwrap_or("–".into()),
+                    vs_alone(base_f, *rate, mean, p50),
                 )
             } else {
                 ("–".into(), "–".into())
@@ -1024,9 +1097,11 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             };
             writeln!(
                 o,
-                "| {} | {mode} | {} | {} | {} | {}/{} | {} | {ratio} | {} | {wcol} | {slow} | {mbs} |",
+                "| {} | {mode} | {} | {} | {} | {} | {} | {}/{} | {} | {ratio} | {} | {wcol} | {slow} | {mbs} |",
                 rate_name(*rate),
                 col(&|r| r.t_switch, 1),
+                col(&|r| r.absent_at_switch as f64 / MIB as f64, 0),
+                col(&|r| r.fetched_before_switch as f64 / MIB as f64, 0),
                 col(&|r| r.downtime_ms, 0),
                 col(&|r| r.switchover_ms, 1),
                 rs.iter().filter(|r| r.first_read_remote).count(),
@@ -1048,7 +1123,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         writeln!(o, "Sparse disks holding {} MiB of random data in 8 extents spread over the disk (the last at its end); the writer at 4 MB/s; switched over after {} s of pre-copy; the first read is of a data block in the last extent (not yet copied). Target: 3 RTT ({:.0} ms) plus the final list's send time, the same on both sizes.\n", ddata / MIB, fixed.as_secs(), 3.0 * link.rtt_ms)?;
         writeln!(o, "| disk | downtime, ms | ferry switchover, ms | first read, ms | remote reads | generations before the switch | wire to the switch, MiB |")?;
         writeln!(o, "|---|---|---|---|---|---|---|")?;
-        for (size, rs) in &down {
+        for (size, rs) in down.iter() {
             let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| mmm(&rs.iter().map(f).collect::<Vec<_>>(), d);
             writeln!(
                 o,
@@ -1071,7 +1146,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             super::tool_version("qemu-storage-daemon", "--version"), mirror_cap.as_secs_f64())?;
         writeln!(o, "| writer | ready after, s | ready runs | wire, MiB | writes p50 / p99, ms | mean vs alone | MB/s achieved |")?;
         writeln!(o, "|---|---|---|---|---|---|---|")?;
-        for (rate, rs) in &mirror {
+        for (rate, rs) in mirror.iter() {
             let col = |f: &dyn Fn(&MirrorRun) -> f64, d: usize| mmm(&rs.iter().map(f).collect::<Vec<_>>(), d);
             let ready = rs.iter().filter(|r| r.ready).count();
             let t = if ready == rs.len() {
@@ -1081,19 +1156,13 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             };
             let (w, slow, mbs) = if *rate > 0 {
                 let mean = med(&rs.iter().map(|r| r.writes.mean_ms).collect::<Vec<_>>());
-                let alone = base_q
-                    .iter()
-                    .find(|b| b.0 == *rate)
-                    .map(|b| med(&b.1.iter().map(|s| s.mean_ms).collect::<Vec<_>>()));
+                let p50 = med(&rs.iter().map(|r| r.writes.p50_ms).collect::<Vec<_>>());
                 (
                     format!(
-                        "{:.2} / {:.2}",
-                        med(&rs.iter().map(|r| r.writes.p50_ms).collect::<Vec<_>>()),
+                        "{p50:.2} / {:.2}",
                         med(&rs.iter().map(|r| r.writes.p99_ms).collect::<Vec<_>>())
                     ),
-                    alone
-                        .map(|m| format!("{:+.0}% ({mean:.2} vs {m:.2} ms)", (mean / m - 1.0) * 100.0))
-                        .unwrap_or("–".into()),
+                    vs_alone(base_q, *rate, mean, p50),
                     col(&|r| r.writes.mb_s, 1),
                 )
             } else {
@@ -1126,7 +1195,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
             "switch_s": r.t_switch, "downtime_ms": r.downtime_ms, "switchover_ms": r.switchover_ms,
             "first_read_ms": r.first_read_ms, "first_read_remote": r.first_read_remote,
             "complete_s": r.t_complete, "wire_bytes": r.wire_bytes, "ferry_wire_bytes": r.ferry_wire_bytes,
-            "capped": r.capped, "generations": r.generations, "note": r.note,
+            "capped": r.capped, "absent_at_switch_bytes": r.absent_at_switch, "fetched_before_switch_bytes": r.fetched_before_switch, "generations": r.generations, "note": r.note,
             "precopy_writes": ws(&r.precopy_writes),
         })
     };
@@ -1145,6 +1214,19 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     std::fs::write(dir.join("live.json"), serde_json::to_string_pretty(&raw)?)?;
     eprintln!("bench: wrote the {section} section of {}", report.display());
     Ok(())
+}
+/// "mean +x% (a vs b ms), p50 +y%" against the writer alone at `rate`.
+fn vs_alone(base: &[(u64, Vec<WriteStats>)], rate: u64, mean: f64, p50: f64) -> String {
+    let Some((_, v)) = base.iter().find(|b| b.0 == rate) else {
+        return "–".into();
+    };
+    let m = med(&v.iter().map(|s| s.mean_ms).collect::<Vec<_>>());
+    let p = med(&v.iter().map(|s| s.p50_ms).collect::<Vec<_>>());
+    format!(
+        "mean {:+.0}% ({mean:.2} vs {m:.2} ms), p50 {:+.0}%",
+        (mean / m - 1.0) * 100.0,
+        (p50 / p - 1.0) * 100.0
+    )
 }
 
 fn ws(s: &WriteStats) -> Value {
