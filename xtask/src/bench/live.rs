@@ -359,11 +359,7 @@ struct Live<'a> {
 /// the disk's end); returns it and the offset of a data block in its last
 /// extent.
 fn sparse_image(dir: &Path, size: u64, data: u64) -> Result<(PathBuf, u64)> {
-    let path = dir.join(format!(
-        "pristine-{}M-data{}M.img",
-        size / MIB,
-        data / MIB
-    ));
+    let path = dir.join(format!("pristine-{}M-data{}M.img", size / MIB, data / MIB));
     let ext = data / 8 / MIB * MIB;
     let stride = size / 8 / MIB * MIB;
     let far = size - ext / 2;
@@ -436,7 +432,13 @@ impl Live<'_> {
     }
 
     /// The writer alone on a presented source (no pull) for `secs`.
-    fn baseline_ferry(&self, pristine: &Path, size: u64, rate: u64, secs: f64) -> Result<WriteStats> {
+    fn baseline_ferry(
+        &self,
+        pristine: &Path,
+        size: u64,
+        rate: u64,
+        secs: f64,
+    ) -> Result<WriteStats> {
         let img = self.dir.join("src-live.img");
         working_copy(pristine, &img)?;
         let vm = self.dir.join("vm.sock");
@@ -586,10 +588,7 @@ impl Live<'_> {
             r.generations = st["precopy_generation"].as_u64().unwrap_or(0);
             let after = self.wan.stats()?;
             r.wire_bytes = wire(&before, &after);
-            r.note = format!(
-                "to the switch: {} MiB on the link",
-                r.wire_bytes >> 20
-            );
+            r.note = format!("to the switch: {} MiB on the link", r.wire_bytes >> 20);
             return Ok(r);
         }
         // The VM runs on at the destination until the disk is complete.
@@ -611,8 +610,8 @@ impl Live<'_> {
             w.stop()?;
         }
         r.wire_bytes = wire(&before, &after);
-        r.ferry_wire_bytes = st["wire_rx_bytes"].as_u64().unwrap_or(0)
-            + st["wire_tx_bytes"].as_u64().unwrap_or(0);
+        r.ferry_wire_bytes =
+            st["wire_rx_bytes"].as_u64().unwrap_or(0) + st["wire_tx_bytes"].as_u64().unwrap_or(0);
         r.generations = st["precopy_generation"].as_u64().unwrap_or(0);
         r.note = format!(
             "verified {}; {} MiB on demand, {} MiB background, {} guest-written chunks at the destination",
@@ -668,7 +667,13 @@ impl Live<'_> {
     }
 
     /// The writer alone on the source daemon for `secs`.
-    fn baseline_mirror(&self, pristine: &Path, size: u64, rate: u64, secs: f64) -> Result<WriteStats> {
+    fn baseline_mirror(
+        &self,
+        pristine: &Path,
+        size: u64,
+        rate: u64,
+        secs: f64,
+    ) -> Result<WriteStats> {
         let img = self.dir.join("src-live.img");
         working_copy(pristine, &img)?;
         let (vm, qmp) = (self.dir.join("qsd-vm.sock"), self.dir.join("qsd-qmp.sock"));
@@ -683,7 +688,13 @@ impl Live<'_> {
     }
 
     /// One run of QEMU's mirror with the writer at `rate`, bounded by `cap`.
-    fn mirror_run(&self, pristine: &Path, size: u64, rate: u64, cap: Duration) -> Result<MirrorRun> {
+    fn mirror_run(
+        &self,
+        pristine: &Path,
+        size: u64,
+        rate: u64,
+        cap: Duration,
+    ) -> Result<MirrorRun> {
         let mut r = MirrorRun::default();
         let img = self.dir.join("src-live.img");
         working_copy(pristine, &img)?;
@@ -705,7 +716,10 @@ impl Live<'_> {
                 .arg(format!(
                     "addr.type=inet,addr.host={DST_ADDR},addr.port={MIRROR_PORT}"
                 ))
-                .args(["--export", "type=nbd,id=e0,node-name=t0,name=tgt,writable=on"]),
+                .args([
+                    "--export",
+                    "type=nbd,id=e0,node-name=t0,name=tgt,writable=on",
+                ]),
             &self.logs.join("qsd-target.log"),
         )?;
         Self::wait_sock(&mut src, &vm)?;
@@ -730,7 +744,13 @@ impl Live<'_> {
         }
         let t_vm = Instant::now();
         let writer = if rate > 0 {
-            Some(Writer::start(&vm, "disk0", WriterSpec::new(rate, size, 7), t_vm, 0)?)
+            Some(Writer::start(
+                &vm,
+                "disk0",
+                WriterSpec::new(rate, size, 7),
+                t_vm,
+                0,
+            )?)
         } else {
             None
         };
@@ -776,7 +796,11 @@ impl Live<'_> {
 /// Bytes forwarded both ways between two link snapshots.
 fn wire(before: &Value, after: &Value) -> u64 {
     let d = |dir: &str| {
-        counter(after, dir, "forwarded_bytes").saturating_sub(counter(before, dir, "forwarded_bytes"))
+        counter(after, dir, "forwarded_bytes").saturating_sub(counter(
+            before,
+            dir,
+            "forwarded_bytes",
+        ))
     };
     d("src_to_dst") + d("dst_to_src")
 }
@@ -805,11 +829,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     crate::setup::ensure(super::NEEDS)?;
     crate::setup::ensure(NEEDS)?;
     let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
-    let rates: Vec<u64> = a
-        .writer_rates
-        .iter()
-        .map(|&m| m * 1_000_000)
-        .collect();
+    let rates: Vec<u64> = a.writer_rates.iter().map(|&m| m * 1_000_000).collect();
     let parts = &a.live_parts;
     for p in parts {
         if !["writer", "downtime", "mirror"].contains(&p.as_str()) {
@@ -820,7 +840,11 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     // The writer comparison: 1 GiB holding 512 MiB (--quick: 128 MiB
     // holding 64 MiB); downtime: 4 and 64 GiB holding 1 GiB (--quick: 1
     // and 16 GiB holding 64 MiB).
-    let (wsize, wdata) = if a.quick { (128 * MIB, 64 * MIB) } else { (GIB, 512 * MIB) };
+    let (wsize, wdata) = if a.quick {
+        (128 * MIB, 64 * MIB)
+    } else {
+        (GIB, 512 * MIB)
+    };
     let (dsizes, ddata) = if a.quick {
         (vec![GIB, 16 * GIB], 64 * MIB)
     } else {
@@ -888,7 +912,9 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                     let tag = format!("{mode}-{}-{}", rate / 1_000_000, run + 1);
                     let r = l
                         .ferry_run(&wimg, wsize, rate, pre, None, wfar, true, &tag)
-                        .with_context(|| format!("ferry {mode} {} run {}", rate_name(rate), run + 1))?;
+                        .with_context(|| {
+                            format!("ferry {mode} {} run {}", rate_name(rate), run + 1)
+                        })?;
                     eprintln!(
                         "bench: live run {} ferry {mode} {}: switch at {:.1} s{} ({} MiB absent, {} MiB fetched), downtime {:.0} ms (switchover {:.1} ms, read {:.0} ms{}), complete {:.1} s, wire {} MiB, writes p50 {:.2} ms mean {:.2} ms {:.1} MB/s; {}",
                         run + 1,
@@ -1045,7 +1071,11 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
     let took = m.t_all.elapsed();
     let mut o = String::new();
     if m.done < *runs {
-        writeln!(o, "**PARTIAL: {} of {runs} runs finished when this was written.**\n", m.done)?;
+        writeln!(
+            o,
+            "**PARTIAL: {} of {runs} runs finished when this was written.**\n",
+            m.done
+        )?;
     }
     writeln!(o, "## Live source (`--live`)\n")?;
     writeln!(
@@ -1067,12 +1097,20 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
         wdata / MIB
     )?;
     if has("writer") {
-        writeln!(o, "### ferry from a live source (`serve --present`, `pull --precopy`, `switchover`)\n")?;
+        writeln!(
+            o,
+            "### ferry from a live source (`serve --present`, `pull --precopy`, `switchover`)\n"
+        )?;
         writeln!(o, "*postcopy*: switched over as soon as the pull is up (everything post-copied); *precopy*: switched once the destination lacked at most max(2 s of writes, 4 MiB), or at {} s. At the switch the writer stops (freeze), `ferry switchover` runs, then a 4 KiB read through the destination's export: *downtime* is freeze to that read's answer (the read is of the writer's last block in precopy, of a far data block in postcopy; *remote* counts reads that took ≥ RTT/2, i.e. crossed the link). The writer then writes on at the destination. *Complete*: pull start to ferry's `complete` (every chunk at the destination; verification passed in every run). *Wire*: IP bytes both ways on the link, pull start to complete. *Writes during pre-copy*: the writer at the source from pull start to the freeze, against the writer alone on a presented source without a pull ({base_secs:.0} s); *vs alone*: the change of the mean and median latency.\n", a.precopy_cap_secs)?;
         writeln!(o, "| writer | mode | switch at, s | absent at the switch, MiB | fetched before it, MiB | downtime, ms | ferry switchover, ms | remote reads | complete, s | × idle postcopy | wire, MiB | writes p50 / p99, ms | mean vs alone | MB/s achieved |")?;
-        writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            o,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        )?;
         for ((rate, mode), rs) in cells.iter() {
-            let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| mmm(&rs.iter().map(f).collect::<Vec<_>>(), d);
+            let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| {
+                mmm(&rs.iter().map(f).collect::<Vec<_>>(), d)
+            };
             let idle = cells
                 .iter()
                 .find(|c| c.0 == (0, "postcopy"))
@@ -1080,9 +1118,18 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
             let tc = med(&rs.iter().map(|r| r.t_complete).collect::<Vec<_>>());
             let ratio = idle.map(|i| format!("{:.2}", tc / i)).unwrap_or("–".into());
             let (wcol, slow) = if *rate > 0 && *mode == "precopy" {
-                let p50 = med(&rs.iter().map(|r| r.precopy_writes.p50_ms).collect::<Vec<_>>());
-                let p99 = med(&rs.iter().map(|r| r.precopy_writes.p99_ms).collect::<Vec<_>>());
-                let mean = med(&rs.iter().map(|r| r.precopy_writes.mean_ms).collect::<Vec<_>>());
+                let p50 = med(&rs
+                    .iter()
+                    .map(|r| r.precopy_writes.p50_ms)
+                    .collect::<Vec<_>>());
+                let p99 = med(&rs
+                    .iter()
+                    .map(|r| r.precopy_writes.p99_ms)
+                    .collect::<Vec<_>>());
+                let mean = med(&rs
+                    .iter()
+                    .map(|r| r.precopy_writes.mean_ms)
+                    .collect::<Vec<_>>());
                 (
                     format!("{p50:.2} / {p99:.2}"),
                     vs_alone(base_f, *rate, mean, p50),
@@ -1110,7 +1157,10 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
                 col(&|r| r.wire_bytes as f64 / MIB as f64, 0),
             )?;
         }
-        let capped: usize = cells.iter().map(|c| c.1.iter().filter(|r| r.capped).count()).sum();
+        let capped: usize = cells
+            .iter()
+            .map(|c| c.1.iter().filter(|r| r.capped).count())
+            .sum();
         writeln!(o, "\nPre-copy runs stopped at the cap rather than converged: {capped}. Writer alone (no pull), mean latency: {}.\n",
             base_f.iter().map(|(r, v)| format!("{} {:.2} ms (p50 {:.2}, p99 {:.2}, {:.1} MB/s)", rate_name(*r),
                 med(&v.iter().map(|s| s.mean_ms).collect::<Vec<_>>()),
@@ -1124,7 +1174,9 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
         writeln!(o, "| disk | downtime, ms | ferry switchover, ms | first read, ms | remote reads | generations before the switch | wire to the switch, MiB |")?;
         writeln!(o, "|---|---|---|---|---|---|---|")?;
         for (size, rs) in down.iter() {
-            let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| mmm(&rs.iter().map(f).collect::<Vec<_>>(), d);
+            let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| {
+                mmm(&rs.iter().map(f).collect::<Vec<_>>(), d)
+            };
             writeln!(
                 o,
                 "| {} GiB | {} | {} | {} | {}/{} | {} | {} |",
@@ -1147,12 +1199,18 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
         writeln!(o, "| writer | ready after, s | ready runs | wire, MiB | writes p50 / p99, ms | mean vs alone | MB/s achieved |")?;
         writeln!(o, "|---|---|---|---|---|---|---|")?;
         for (rate, rs) in mirror.iter() {
-            let col = |f: &dyn Fn(&MirrorRun) -> f64, d: usize| mmm(&rs.iter().map(f).collect::<Vec<_>>(), d);
+            let col = |f: &dyn Fn(&MirrorRun) -> f64, d: usize| {
+                mmm(&rs.iter().map(f).collect::<Vec<_>>(), d)
+            };
             let ready = rs.iter().filter(|r| r.ready).count();
             let t = if ready == rs.len() {
                 col(&|r| r.t_ready, 1)
             } else {
-                format!("not ready after {} ({ready} of {} ready)", col(&|r| r.t_ready, 0), rs.len())
+                format!(
+                    "not ready after {} ({ready} of {} ready)",
+                    col(&|r| r.t_ready, 0),
+                    rs.len()
+                )
             };
             let (w, slow, mbs) = if *rate > 0 {
                 let mean = med(&rs.iter().map(|r| r.writes.mean_ms).collect::<Vec<_>>());
@@ -1249,16 +1307,23 @@ mod tests {
     #[test]
     fn the_writer_hits_its_hot_set_four_times_in_five() {
         let spec = WriterSpec::new(4_000_000, GIB, 7);
-        assert_eq!(spec.hot.end - spec.hot.start, GIB / 10 / WRITE_BYTES * WRITE_BYTES);
+        assert_eq!(
+            spec.hot.end - spec.hot.start,
+            GIB / 10 / WRITE_BYTES * WRITE_BYTES
+        );
         let offs: Vec<u64> = Offsets::new(&spec).take(20_000).collect();
-        assert!(offs.iter().all(|o| o % WRITE_BYTES == 0 && o + WRITE_BYTES <= GIB));
+        assert!(offs
+            .iter()
+            .all(|o| o % WRITE_BYTES == 0 && o + WRITE_BYTES <= GIB));
         let hot = offs.iter().filter(|o| spec.hot.contains(o)).count() as f64 / offs.len() as f64;
         // 80% aimed there, plus the 20% elsewhere landing in it a tenth
         // of the time: 82%.
         assert!((0.80..0.84).contains(&hot), "{hot}");
         let again: Vec<u64> = Offsets::new(&spec).take(20_000).collect();
         assert_eq!(offs, again);
-        let other: Vec<u64> = Offsets::new(&WriterSpec::new(4_000_000, GIB, 9)).take(100).collect();
+        let other: Vec<u64> = Offsets::new(&WriterSpec::new(4_000_000, GIB, 9))
+            .take(100)
+            .collect();
         assert_ne!(offs[..100], other[..]);
     }
 
