@@ -312,6 +312,10 @@ struct FerryRun {
     downtime_ms: f64,
     /// ferry's own switchover time (request to serving), ms.
     switchover_ms: f64,
+    /// Freeze to `ferry switchover` (the command) having returned, ms.
+    reply_ms: f64,
+    /// Freeze to the NBD connection to the destination opened, ms.
+    connected_ms: f64,
     /// The first read crossed the link (took at least RTT/2): the block
     /// was absent at the destination.
     first_read_remote: bool,
@@ -557,6 +561,7 @@ impl Live<'_> {
             .args(["switchover", "--control"])
             .arg(&ctl)
             .output()?;
+        r.reply_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         if !out.status.success() {
             bail!(
                 "ferry switchover failed: {}{}",
@@ -570,6 +575,7 @@ impl Live<'_> {
             .filter(|_| precopy && fixed_precopy.is_none())
             .unwrap_or(far_block);
         let mut c = NbdClient::connect(&nbd, "ferry", Duration::from_secs(60))?;
+        r.connected_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
         let mut buf = vec![0u8; 4096];
         let tr = Instant::now();
         c.read(probe, &mut buf)?;
@@ -1170,19 +1176,21 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
     }
     if has("downtime") {
         writeln!(o, "### Switchover downtime by disk size\n")?;
-        writeln!(o, "Sparse disks holding {} MiB of random data in 8 extents spread over the disk (the last at its end); the writer at 4 MB/s; switched over after {} s of pre-copy; the first read is of a data block in the last extent (not yet copied). Target: 3 RTT ({:.0} ms) plus the final list's send time, the same on both sizes.\n", ddata / MIB, fixed.as_secs(), 3.0 * link.rtt_ms)?;
-        writeln!(o, "| disk | downtime, ms | ferry switchover, ms | first read, ms | remote reads | generations before the switch | wire to the switch, MiB |")?;
-        writeln!(o, "|---|---|---|---|---|---|---|")?;
+        writeln!(o, "Sparse disks holding {} MiB of random data in 8 extents spread over the disk (the last at its end); the writer at 4 MB/s; switched over after {} s of pre-copy; the first read is of a data block in the last extent (not yet copied). Target: 3 RTT ({:.0} ms) plus the final list's send time, the same on both sizes. The steps, each from the freeze: the `ferry switchover` command (a process started as a hook would) returned; a new NBD connection to the destination opened; the read answered (downtime).\n", ddata / MIB, fixed.as_secs(), 3.0 * link.rtt_ms)?;
+        writeln!(o, "| disk | downtime, ms | ferry switchover, ms | `ferry switchover` returned, ms | NBD connected, ms | first read, ms | remote reads | generations before the switch | wire to the switch, MiB |")?;
+        writeln!(o, "|---|---|---|---|---|---|---|---|---|")?;
         for (size, rs) in down.iter() {
             let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| {
                 mmm(&rs.iter().map(f).collect::<Vec<_>>(), d)
             };
             writeln!(
                 o,
-                "| {} GiB | {} | {} | {} | {}/{} | {} | {} |",
+                "| {} GiB | {} | {} | {} | {} | {} | {}/{} | {} | {} |",
                 size / GIB,
                 col(&|r| r.downtime_ms, 0),
                 col(&|r| r.switchover_ms, 1),
+                col(&|r| r.reply_ms, 0),
+                col(&|r| r.connected_ms, 0),
                 col(&|r| r.first_read_ms, 0),
                 rs.iter().filter(|r| r.first_read_remote).count(),
                 rs.len(),
@@ -1251,7 +1259,7 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
     let fr = |r: &FerryRun| {
         json!({
             "switch_s": r.t_switch, "downtime_ms": r.downtime_ms, "switchover_ms": r.switchover_ms,
-            "first_read_ms": r.first_read_ms, "first_read_remote": r.first_read_remote,
+            "first_read_ms": r.first_read_ms, "reply_ms": r.reply_ms, "connected_ms": r.connected_ms, "first_read_remote": r.first_read_remote,
             "complete_s": r.t_complete, "wire_bytes": r.wire_bytes, "ferry_wire_bytes": r.ferry_wire_bytes,
             "capped": r.capped, "absent_at_switch_bytes": r.absent_at_switch, "fetched_before_switch_bytes": r.fetched_before_switch, "generations": r.generations, "note": r.note,
             "precopy_writes": ws(&r.precopy_writes),
