@@ -1088,7 +1088,7 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
         o,
         "`cargo xtask bench --live{}{}`, {started}, ferry {} (release), {}; link {}; {runs} run(s) of everything, interleaved; took {:.0} s. Load average (1, 5, 15 min) {load0} before, {} after (a shared machine); host CPU steal over the bench {:.1} s.\n",
         if a.quick { " --quick" } else { "" },
-        if a.runs.is_some() { format!(" --runs {runs}") } else { String::new() },
+        command_options(a, *runs),
         git_head(),
         machine(),
         link.describe(),
@@ -1281,6 +1281,31 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
     eprintln!("bench: wrote the {section} section of {}", report.display());
     Ok(())
 }
+/// The options of `--live` given other than their defaults, as typed.
+fn command_options(a: &BenchArgs, runs: usize) -> String {
+    let mut o = String::new();
+    if a.runs.is_some() {
+        o += &format!(" --runs {runs}");
+    }
+    if a.writer_rates != [0, 4, 16] {
+        let r: Vec<String> = a.writer_rates.iter().map(u64::to_string).collect();
+        o += &format!(" --writer-rates {}", r.join(","));
+    }
+    if a.live_parts != ["writer", "downtime", "mirror"] {
+        o += &format!(" --live-parts {}", a.live_parts.join(","));
+    }
+    if a.precopy_cap_secs != 120 {
+        o += &format!(" --precopy-cap-secs {}", a.precopy_cap_secs);
+    }
+    if a.mirror_cap_secs != 0 {
+        o += &format!(" --mirror-cap-secs {}", a.mirror_cap_secs);
+    }
+    if !a.section.is_empty() && a.section != super::QUICK_SECTION {
+        o += &format!(" --section {:?}", a.section);
+    }
+    o
+}
+
 /// "mean +x% (a vs b ms), p50 +y%" against the writer alone at `rate`.
 fn vs_alone(base: &[(u64, Vec<WriteStats>)], rate: u64, mean: f64, p50: f64) -> String {
     let Some((_, v)) = base.iter().find(|b| b.0 == rate) else {
