@@ -21,6 +21,7 @@
 //! `--lazy-cap-secs` and its whole-disk figure reported as a lower bound.
 
 mod dedup;
+mod live;
 pub(crate) mod nbd;
 mod plot;
 mod sampler;
@@ -145,6 +146,27 @@ pub(crate) struct BenchArgs {
     /// --probes, --out.
     #[arg(long)]
     dedup: bool,
+    /// Instead of the peers: a live source whose VM keeps writing (ferry's
+    /// `serve --present`, `pull --precopy`, `switchover`; QEMU's
+    /// drive-mirror beside it) on the base link; writes the `live` section.
+    /// Takes --quick, --runs, --out and the options below.
+    #[arg(long)]
+    live: bool,
+    /// `--live`: the writer's rates in MB/s (0: an idle guest).
+    #[arg(long, value_delimiter = ',', default_value = "0,4,16")]
+    writer_rates: Vec<u64>,
+    /// `--live`: the parts to run: writer (ferry's cells by write rate and
+    /// mode), downtime (4 and 64 GiB disks), mirror (QEMU's drive-mirror).
+    #[arg(long, value_delimiter = ',', default_value = "writer,downtime,mirror")]
+    live_parts: Vec<String>,
+    /// `--live`: switch a pre-copy over after this many seconds when it has
+    /// not converged by then.
+    #[arg(long, default_value_t = 120)]
+    precopy_cap_secs: u64,
+    /// `--live`: stop QEMU's mirror with a writer after this many seconds
+    /// when it is not ready (0: 3x its idle time, at least 30 s).
+    #[arg(long, default_value_t = 0)]
+    mirror_cap_secs: u64,
 }
 
 /// The source image's page cache before a run (`--source-cache`).
@@ -354,6 +376,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
     };
     if a.dedup {
         return dedup::run(a);
+    }
+    if a.live {
+        return live::run(a);
     }
     ensure(NEEDS)?;
     let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
@@ -1855,6 +1880,11 @@ mod tests {
             section: String::new(),
             ferry_serve_args: Vec::new(),
             dedup: false,
+            live: false,
+            writer_rates: vec![0, 4, 16],
+            live_parts: vec!["writer".into()],
+            precopy_cap_secs: 120,
+            mirror_cap_secs: 0,
         };
         let cases = vec![Case {
             id: "base",
