@@ -22,6 +22,7 @@
 
 mod dedup;
 pub(crate) mod nbd;
+mod two_disks;
 mod plot;
 mod sampler;
 mod steal;
@@ -143,6 +144,18 @@ pub(crate) struct BenchArgs {
     /// --probes, --out.
     #[arg(long)]
     dedup: bool,
+    /// Instead of the peers: two disks of one VM in one `ferry pull` on
+    /// the base link with one background rate limit
+    /// (--two-disks-rate-mbit): their sum's throughput and 4 KiB reads of
+    /// absent blocks of one disk while both copy; writes the `two-disks`
+    /// section. Takes --quick, --runs, --size-mib (disk A is half of it,
+    /// default 512; B twice A), --probes, --out.
+    #[arg(long)]
+    two_disks: bool,
+    /// The background rate limit of --two-disks, Mbit/s (below the
+    /// link's 200).
+    #[arg(long, default_value_t = 100)]
+    two_disks_rate_mbit: u64,
 }
 
 /// The source image's page cache before a run (`--source-cache`).
@@ -328,6 +341,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
     };
     if a.dedup {
         return dedup::run(a);
+    }
+    if a.two_disks {
+        return two_disks::run(a);
     }
     ensure(NEEDS)?;
     let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
