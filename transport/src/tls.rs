@@ -36,7 +36,9 @@ pub const MAX_DISK_NAME: usize = 63;
 pub fn valid_disk_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_DISK_NAME
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
@@ -362,7 +364,10 @@ mod disk_name_tests {
     fn the_server_name_names_the_disk() {
         assert_eq!(server_name_of(None).unwrap(), "ferry");
         assert_eq!(server_name_of(Some("data-1")).unwrap(), "data-1.ferry");
-        assert_eq!(disk_of_server_name(Some("data-1.ferry")), Ok(Some("data-1")));
+        assert_eq!(
+            disk_of_server_name(Some("data-1.ferry")),
+            Ok(Some("data-1"))
+        );
         assert_eq!(disk_of_server_name(Some("ferry")), Ok(None));
         assert_eq!(disk_of_server_name(None), Ok(None));
         for bad in ["", "-a", "a-", "A", "a.b", "a_b", &"x".repeat(64)] {

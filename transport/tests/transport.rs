@@ -1383,7 +1383,11 @@ async fn two_disks_on_one_port_each_client_gets_the_one_it_names() {
             opts.disk = Some(name.to_string());
             let client = Client::connect(opts).await.unwrap();
             client.authenticated().await.unwrap();
-            assert_eq!(client.info().source_id, src.manifest.source_id(), "disk {name}");
+            assert_eq!(
+                client.info().source_id,
+                src.manifest.source_id(),
+                "disk {name}"
+            );
             let m = client.manifest().await.unwrap();
             assert_eq!(*m, src.manifest, "disk {name}");
             let got = client.read_bytes(1, 2, Priority::OnDemand).await.unwrap();

@@ -171,7 +171,12 @@ pub(crate) struct PullArgs {
     /// pulled from the source's disk NAME (`ferry serve --disk
     /// NAME=PATH`), sharing one background budget (--rate, --window);
     /// each is served at --nbd unix:DIR as DIR/NAME.sock.
-    #[arg(long = "disk", id = "disk", value_name = "[NAME=]PATH", required = true)]
+    #[arg(
+        long = "disk",
+        id = "disk",
+        value_name = "[NAME=]PATH",
+        required = true
+    )]
     pub(crate) disks: Vec<PathBuf>,
     /// The one disk (the only `--disk`), set by `pull::run`.
     #[arg(skip)]

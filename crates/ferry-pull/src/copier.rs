@@ -348,7 +348,9 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
             s.clone().fetch(range, FetchKind::Background).await;
             s.bg_in_flight.fetch_sub(1, Ordering::Relaxed);
             s.bg_in_flight_bytes.fetch_sub(bytes, Ordering::Relaxed);
-            s2.budget.in_flight_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            s2.budget
+                .in_flight_bytes
+                .fetch_sub(bytes, Ordering::Relaxed);
             s.changed.notify_waiters();
         }));
     }
@@ -432,7 +434,10 @@ mod tests {
         }
         let a = sent.iter().filter(|(_, w)| *w == 0).count() as f64;
         let share = a / sent.len() as f64;
-        assert!((0.4..=0.6).contains(&share), "disk A got {share:.2} of the budget");
+        assert!(
+            (0.4..=0.6).contains(&share),
+            "disk A got {share:.2} of the budget"
+        );
     }
 
     /// Changed while running, the shared rate paces both disks' next
@@ -446,12 +451,12 @@ mod tests {
         // The second disk's request waits a second at 1 MB/s.
         assert_eq!(budget.reserve(t0, mb, mb), t0 + Duration::from_secs(1));
         // At 10 MB/s from then on: a tenth of a second more.
-        assert_eq!(
-            budget.reserve(t0, 10 * mb, mb),
-            t0 + Duration::from_secs(2)
-        );
+        assert_eq!(budget.reserve(t0, 10 * mb, mb), t0 + Duration::from_secs(2));
         let t1 = t0 + Duration::from_secs(2);
-        assert_eq!(budget.reserve(t1, 10 * mb, mb), t1 + Duration::from_millis(100));
+        assert_eq!(
+            budget.reserve(t1, 10 * mb, mb),
+            t1 + Duration::from_millis(100)
+        );
         // Unlimited: now.
         assert_eq!(budget.reserve(t1, 0, mb), t1);
         assert_eq!(budget.reserve(t1, 0, mb), t1);

@@ -393,7 +393,10 @@ mod totals_tests {
         ]);
         assert_eq!((t.present_bytes, t.total_bytes), (130, 300));
         assert_eq!(t.rate_bytes_per_sec, 13);
-        assert_eq!((t.phase.as_str(), t.verified.as_str()), ("copying", "pending"));
+        assert_eq!(
+            (t.phase.as_str(), t.verified.as_str()),
+            ("copying", "pending")
+        );
         assert_eq!(t.disks.len(), 2);
         let t = totals(vec![
             disk("a", "complete", "ok", 100, 100),

@@ -180,7 +180,10 @@ impl Disks {
             None => self.only.clone().ok_or_else(|| {
                 let mut names: Vec<&str> = self.named.keys().map(String::as_str).collect();
                 names.sort_unstable();
-                format!("this source serves several disks ({}): name one", names.join(", "))
+                format!(
+                    "this source serves several disks ({}): name one",
+                    names.join(", ")
+                )
             }),
             Some(name) => self
                 .named

@@ -182,7 +182,9 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             disks.push(d);
         }
         let disks = Arc::new(disks);
-        tokio::spawn(serve_control(control, disks.clone(), settings.clone(), cmd).in_current_span());
+        tokio::spawn(
+            serve_control(control, disks.clone(), settings.clone(), cmd).in_current_span(),
+        );
         crate::notify::notify("READY=1\nSTATUS=serving");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install a SIGTERM handler")?;

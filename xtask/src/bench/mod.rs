@@ -22,11 +22,11 @@
 
 mod dedup;
 pub(crate) mod nbd;
-mod two_disks;
 mod plot;
 mod sampler;
 mod steal;
 mod throttle;
+mod two_disks;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -10,7 +10,6 @@
 //! `two-disks` section of BENCHMARKS.md.
 
 use std::fmt::Write as _;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -160,7 +159,13 @@ pub(super) fn run(a: &BenchArgs) -> Result<()> {
     }
     drop(serve);
     ctx.wan.down()?;
-    let body = render(a, runs, &img_a, b_size, rate_mbit, &started, &results)?;
+    let label = match std::env::var_os("FERRY_BIN") {
+        Some(p) => format!("prebuilt binary {} (FERRY_BIN)", p.to_string_lossy()),
+        None => format!("commit {}, release build", git_head()),
+    };
+    let body = render(
+        a, runs, &img_a, b_size, rate_mbit, &started, &label, &results,
+    )?;
     let out = a
         .out
         .clone()
@@ -271,6 +276,7 @@ fn b_src(ctx: &Ctx<'_>, img_a: &Image) -> std::path::PathBuf {
     ctx.dir.join(format!("b-{}M.img", (img_a.size * 2) >> 20))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn render(
     a: &BenchArgs,
     runs: usize,
@@ -278,16 +284,19 @@ fn render(
     b_size: u64,
     rate_mbit: u64,
     started: &str,
+    label: &str,
     rs: &[TwoRun],
 ) -> Result<String> {
     let mut o = String::new();
     let cmd = format!(
         "cargo xtask bench --two-disks{}{} --two-disks-rate-mbit {rate_mbit}",
         a.runs.map(|r| format!(" --runs {r}")).unwrap_or_default(),
-        a.size_mib.map(|s| format!(" --size-mib {s}")).unwrap_or_default(),
+        a.size_mib
+            .map(|s| format!(" --size-mib {s}"))
+            .unwrap_or_default(),
     );
     writeln!(o, "## Two disks in one pull, one budget\n")?;
-    writeln!(o, "`{cmd}` (started {started}, commit {}, release build)\n", git_head())?;
+    writeln!(o, "`{cmd}` (started {started}, {label})\n")?;
     writeln!(o, "**Machine:** {}\n", machine())?;
     writeln!(
         o,
