@@ -1845,6 +1845,8 @@ mod tests {
             section: String::new(),
             ferry_serve_args: Vec::new(),
             dedup: false,
+            two_disks: false,
+            two_disks_rate_mbit: 100,
         };
         let cases = vec![Case {
             id: "base",
