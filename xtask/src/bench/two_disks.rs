@@ -160,7 +160,10 @@ pub(super) fn run(a: &BenchArgs) -> Result<()> {
     drop(serve);
     ctx.wan.down()?;
     let label = match std::env::var_os("FERRY_BIN") {
-        Some(p) => format!("prebuilt binary {} (FERRY_BIN)", p.to_string_lossy()),
+        Some(p) => format!(
+            "commit {}",
+            super::prebuilt_label(&git_head(), std::path::Path::new(&p))
+        ),
         None => format!("commit {}, release build", git_head()),
     };
     let body = render(
