@@ -27,6 +27,51 @@ pub const ALPN: &[u8] = b"ferry/1";
 /// pinned by fingerprint instead.
 pub const SERVER_NAME: &str = "ferry";
 
+/// Longest disk name (one DNS label).
+pub const MAX_DISK_NAME: usize = 63;
+
+/// Whether `name` may name a disk of a source serving several: 1 to
+/// [`MAX_DISK_NAME`] lower-case ASCII letters, digits and `-`, not at either end
+/// (it travels as a label of the TLS server name).
+pub fn valid_disk_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_DISK_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// The TLS server name a client sends for `disk`: [`SERVER_NAME`] for a
+/// source's only disk, `NAME.ferry` for disk NAME of a source serving
+/// several (docs/decisions/many-disks-one-budget.md).
+pub fn server_name_of(disk: Option<&str>) -> Result<String, TransportError> {
+    match disk {
+        None => Ok(SERVER_NAME.to_string()),
+        Some(n) if valid_disk_name(n) => Ok(format!("{n}.{SERVER_NAME}")),
+        Some(n) => Err(TransportError::Options {
+            reason: format!(
+                "disk name {n:?}: 1 to {MAX_DISK_NAME} lower-case letters, digits and '-' (not at either end)"
+            ),
+        }),
+    }
+}
+
+/// The disk a TLS server name asks for: `None` for [`SERVER_NAME`] (or
+/// no name: the only disk), `Some(NAME)` for `NAME.ferry`; an error
+/// for any other name.
+pub fn disk_of_server_name(sni: Option<&str>) -> Result<Option<&str>, String> {
+    match sni {
+        None => Ok(None),
+        Some(s) if s.eq_ignore_ascii_case(SERVER_NAME) => Ok(None),
+        Some(s) => match s.strip_suffix(&format!(".{SERVER_NAME}")) {
+            Some(n) if valid_disk_name(n) => Ok(Some(n)),
+            _ => Err(format!("server name {s:?} names no disk")),
+        },
+    }
+}
+
 /// The ring crypto provider.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -307,4 +352,28 @@ pub(crate) fn is_cert_refusal(e: &quinn::ConnectionError) -> bool {
         return matches!(code, 0x12a | 0x12b | 0x12e | 0x130 | 0x131 | 0x174);
     }
     false
+}
+
+#[cfg(test)]
+mod disk_name_tests {
+    use super::*;
+
+    /// A disk's name goes into the server name and comes out again; the
+    /// plain name is a source's only disk; anything else is no disk.
+    #[test]
+    fn the_server_name_names_the_disk() {
+        assert_eq!(server_name_of(None).unwrap(), "ferry");
+        assert_eq!(server_name_of(Some("data-1")).unwrap(), "data-1.ferry");
+        assert_eq!(
+            disk_of_server_name(Some("data-1.ferry")),
+            Ok(Some("data-1"))
+        );
+        assert_eq!(disk_of_server_name(Some("ferry")), Ok(None));
+        assert_eq!(disk_of_server_name(None), Ok(None));
+        for bad in ["", "-a", "a-", "A", "a.b", "a_b", &"x".repeat(64)] {
+            assert!(server_name_of(Some(bad)).is_err(), "{bad:?} accepted");
+        }
+        assert!(disk_of_server_name(Some("a.b.ferry")).is_err());
+        assert!(disk_of_server_name(Some("example.com")).is_err());
+    }
 }

@@ -298,6 +298,7 @@ fn client_opts(ids: &Ids, server: SocketAddr) -> ClientOptions {
         server_fingerprint: ids.server.fingerprint(),
         tuning: tuning(),
         connect_timeout: Duration::from_secs(5),
+        disk: None,
     }
 }
 
@@ -1366,6 +1367,52 @@ async fn the_client_acknowledges_about_every_8th_datagram() {
             per < 0.2,
             "{acks} ACKs for {datagrams} datagrams ({per:.3})"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// One server, two disks on one port: each client gets the disk it names
+/// (its own geometry, id and bytes); naming none, or an unknown one, is
+/// refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_disks_on_one_port_each_client_gets_the_one_it_names() {
+    timeout(LIMIT, async {
+        let ids = ids();
+        let (a, b) = (MemSource::new(disk(11)), MemSource::new(disk(12)));
+        assert_ne!(a.manifest.source_id(), b.manifest.source_id());
+        let server = Server::bind_disks(
+            server_opts(&ids, localhost()),
+            vec![
+                (Some("a".to_string()), a.clone() as Arc<dyn ChunkSource>),
+                (Some("b".to_string()), b.clone() as Arc<dyn ChunkSource>),
+            ],
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let _task = tokio::spawn(async move { server.run().await.unwrap() });
+        for (name, src) in [("a", &a), ("b", &b)] {
+            let mut opts = client_opts(&ids, addr);
+            opts.disk = Some(name.to_string());
+            let client = Client::connect(opts).await.unwrap();
+            client.authenticated().await.unwrap();
+            assert_eq!(
+                client.info().source_id,
+                src.manifest.source_id(),
+                "disk {name}"
+            );
+            let m = client.manifest().await.unwrap();
+            assert_eq!(*m, src.manifest, "disk {name}");
+            let got = client.read_bytes(1, 2, Priority::OnDemand).await.unwrap();
+            assert_eq!(got[0].as_slice(), src.chunk(1), "disk {name}");
+            assert_eq!(got[1].as_slice(), src.chunk(2), "disk {name}");
+        }
+        let e = Client::connect(client_opts(&ids, addr)).await.unwrap_err();
+        assert!(e.to_string().contains("name one"), "{e}");
+        let mut opts = client_opts(&ids, addr);
+        opts.disk = Some("c".into());
+        let e = Client::connect(opts).await.unwrap_err();
+        assert!(e.to_string().contains("no disk named"), "{e}");
     })
     .await
     .expect("test timed out");

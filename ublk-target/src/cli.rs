@@ -81,12 +81,20 @@ pub(crate) struct FingerprintArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// Disk image or block device to export (opened read-only).
+    /// Disk image or block device to export (opened read-only). Several
+    /// disks of one VM on one port: `--disk NAME=PATH` for each (NAME: 1
+    /// to 63 lower-case letters, digits and '-'); a destination names
+    /// the disk it pulls (`ferry pull --disk NAME=PATH`).
     #[arg(
-        long,
+        long = "disk",
+        id = "disk",
+        value_name = "[NAME=]PATH",
         required_unless_present = "nbd_source",
         conflicts_with = "nbd_source"
     )]
+    pub(crate) disks: Vec<PathBuf>,
+    /// The one disk (the only `--disk`), set by `serve::run`.
+    #[arg(skip)]
     pub(crate) disk: Option<PathBuf>,
     /// Export a VM's disk read through its QEMU's (or
     /// qemu-storage-daemon's) NBD export instead of a file:
@@ -169,7 +177,19 @@ pub(crate) struct PullArgs {
     /// Local backing file for the disk (created sparse, or resumed), or a
     /// block device at least the source's size (an LVM volume, a LUN:
     /// opened exclusively, never resized; taken fresh it is zeroed first).
-    #[arg(long)]
+    /// Several disks of one VM in one pull: `--disk NAME=PATH` for each,
+    /// pulled from the source's disk NAME (`ferry serve --disk
+    /// NAME=PATH`), sharing one background budget (--rate, --window);
+    /// each is served at --nbd unix:DIR as DIR/NAME.sock.
+    #[arg(
+        long = "disk",
+        id = "disk",
+        value_name = "[NAME=]PATH",
+        required = true
+    )]
+    pub(crate) disks: Vec<PathBuf>,
+    /// The one disk (the only `--disk`), set by `pull::run`.
+    #[arg(skip)]
     pub(crate) disk: PathBuf,
     /// Persistent block map; default DISK.ferry-state (needed when --disk
     /// is a block device).
@@ -345,6 +365,36 @@ pub(crate) struct BackgroundArgs {
     /// pause, resume, or rate=RATE: bytes per second, or with a unit
     /// (rate=50M, rate=50MiB, rate=100Mbit; 0 = unlimited).
     pub(crate) action: String,
+}
+
+/// Several `--disk NAME=PATH` values as (NAME, PATH), each NAME valid
+/// ([`ferry_transport::tls::valid_disk_name`]) and given once.
+pub(crate) fn named_disks(disks: &[PathBuf]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for d in disks {
+        let s = d.to_str().unwrap_or_default();
+        let Some((name, path)) = s.split_once('=') else {
+            anyhow::bail!(
+                "--disk {}: with several disks, each is NAME=PATH",
+                d.display()
+            );
+        };
+        if !ferry_transport::tls::valid_disk_name(name) {
+            anyhow::bail!(
+                "--disk {s}: a disk's name is 1 to {} lower-case letters, digits and '-' (not \
+                 at either end)",
+                ferry_transport::tls::MAX_DISK_NAME
+            );
+        }
+        if path.is_empty() {
+            anyhow::bail!("--disk {s}: no path");
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            anyhow::bail!("--disk {s}: the name {name} is given twice");
+        }
+        out.push((name.to_string(), PathBuf::from(path)));
+    }
+    Ok(out)
 }
 
 /// Parses a background rate limit in bytes per second (0: unlimited, at

@@ -44,6 +44,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The `--disk` values as one log field.
+fn disk_names(disks: &[std::path::PathBuf]) -> String {
+    let v: Vec<String> = disks.iter().map(|d| d.display().to_string()).collect();
+    v.join(",")
+}
+
 fn run(cli: cli::Cli) -> Result<()> {
     match cli.command {
         cli::Command::Keygen(a) => {
@@ -55,10 +61,10 @@ fn run(cli: cli::Cli) -> Result<()> {
             control::emit(&format!("{}\n", id.fingerprint()))
         }
         cli::Command::Serve(a) => {
-            let disk = match (&a.disk, &a.nbd_source) {
-                (Some(d), _) => d.display().to_string(),
-                (None, Some(uri)) => uri.clone(),
-                (None, None) => String::new(),
+            let disk = match (a.disks.is_empty(), &a.nbd_source) {
+                (false, _) => disk_names(&a.disks),
+                (true, Some(uri)) => uri.clone(),
+                (true, None) => String::new(),
             };
             let span = tracing::info_span!("serve", disk = %disk);
             let _in = span.enter();
@@ -66,7 +72,7 @@ fn run(cli: cli::Cli) -> Result<()> {
         }
         cli::Command::Pull(a) => {
             // Lines of several pulls in one journal tell their disk.
-            let span = tracing::info_span!("pull", disk = %a.disk.display());
+            let span = tracing::info_span!("pull", disk = %disk_names(&a.disks));
             let _in = span.enter();
             pull::run(a)
         }

@@ -5,7 +5,7 @@
 //! the image is also served read-write to the running source VM, whose
 //! writes are recorded for pre-copying destinations (`crate::present`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +83,100 @@ pub(crate) fn server_options(
     }
 }
 
+/// Opens a source image: the image, its first manifest, and where its
+/// hashes are cached.
+fn open_image(
+    disk: &Path,
+    a: &ServeArgs,
+    presenting: bool,
+) -> Result<(SourceImage, ferry_core::Manifest, Option<PathBuf>)> {
+    let image = if presenting {
+        SourceImage::open_for_presenting(disk)?
+    } else {
+        SourceImage::open(disk)?
+    };
+    image.refuse_if_open_for_writing()?;
+    let cache: Option<PathBuf> = match &a.hash_cache {
+        // The VM writes a presented image: hashes saved would go stale.
+        _ if presenting => None,
+        Some(p) if p.as_os_str() == "none" => None,
+        Some(p) => Some(p.clone()),
+        None => Some(image.default_cache_path()),
+    };
+    // The id is kept beside the hash cache (a unit may write nowhere
+    // else), or beside the image without a cache.
+    let id_path = match (&a.hash_cache, &cache) {
+        (Some(c), _) if c.as_os_str() != "none" => c.with_extension("ferry-source"),
+        (_, Some(c)) => c.with_extension("ferry-source"),
+        _ => image.id_path(),
+    };
+    let id = image.source_id(&id_path);
+    let manifest = image.first_manifest(DEFAULT_CHUNK_SIZE, cache.as_deref(), id.id);
+    tracing::info!(
+        disk = %disk.display(),
+        size = manifest.geometry().disk_size,
+        allocated_bytes = manifest.data_bytes(),
+        unhashed_chunks = manifest.unhashed(),
+        new_source_id = id.new,
+        "source manifest ready (chunks are hashed as they are sent)"
+    );
+    // ferry reads exactly what it sends
+    // (docs/decisions/source-reads-what-it-sends.md); without the advice the
+    // disk still works, only with the kernel's readahead guesses.
+    if let Err(e) = image.turn_readahead_off() {
+        tracing::warn!(error = %e, "cannot turn the kernel's readahead off for the source disk");
+    }
+    Ok((image, manifest, cache))
+}
+
+/// `ferry serve --disk NAME=PATH --disk NAME=PATH …`: several disks on
+/// one port, each served to the destinations that name it
+/// (docs/decisions/many-disks-one-budget.md). Not with --present or
+/// --hash-cache (each disk's hashes are cached beside it).
+fn run_disks(a: ServeArgs, identity: Identity, trusted: Vec<Fingerprint>) -> Result<()> {
+    if a.present.is_some() || a.hash_cache.is_some() {
+        anyhow::bail!("several --disk: not with --present or --hash-cache (yet)");
+    }
+    let named = crate::cli::named_disks(&a.disks)?;
+    let mut sources = Vec::new();
+    for (name, path) in &named {
+        let (image, manifest, cache) =
+            open_image(path, &a, false).with_context(|| format!("disk {name}"))?;
+        let source = Arc::new(ImageSource {
+            image: Arc::new(image),
+            manifest: Arc::new(SharedManifest::new(manifest)),
+            presented: None,
+            completed: tokio::sync::Notify::new(),
+        });
+        sources.push((name.clone(), path.clone(), source, cache));
+    }
+    let fingerprint = identity.fingerprint();
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let server = Server::bind_disks(
+            server_options(&a, identity, trusted),
+            sources
+                .iter()
+                .map(|(n, _, s, _)| (Some(n.clone()), s.clone() as Arc<dyn ChunkSource>))
+                .collect(),
+        )?;
+        for (name, path, source, cache) in sources {
+            println!(
+                "ferry serve: exporting {} read-only as disk {name} on {} (fingerprint {fingerprint})",
+                path.display(),
+                server.local_addr()
+            );
+            if let Some(c) = cache {
+                tokio::spawn(save_hashes(source.clone(), c));
+            }
+            tokio::spawn(watch_image(source));
+        }
+        crate::notify::notify("READY=1\nSTATUS=exporting");
+        server.run().await?;
+        Ok(())
+    })
+}
+
 /// Parses `--trust-peer` values.
 pub(crate) fn parse_fingerprints(values: &[String]) -> Result<Vec<Fingerprint>> {
     values
@@ -140,10 +234,14 @@ async fn watch_image(source: Arc<ImageSource>) {
     }
 }
 
-pub(crate) fn run(a: ServeArgs) -> Result<()> {
+pub(crate) fn run(mut a: ServeArgs) -> Result<()> {
     let trusted = parse_fingerprints(&a.trust_peer)?;
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
+    if a.disks.len() > 1 {
+        return run_disks(a, identity, trusted);
+    }
+    a.disk = a.disks.first().cloned();
     let Some(disk) = a.disk.clone() else {
         return crate::serve_nbd::run(a, identity, trusted);
     };
@@ -153,42 +251,7 @@ pub(crate) fn run(a: ServeArgs) -> Result<()> {
         )?)),
         None => None,
     };
-    let image = if present_path.is_some() {
-        SourceImage::open_for_presenting(&disk)?
-    } else {
-        SourceImage::open(&disk)?
-    };
-    image.refuse_if_open_for_writing()?;
-    let cache: Option<PathBuf> = match &a.hash_cache {
-        // The VM writes a presented image: hashes saved would go stale.
-        _ if present_path.is_some() => None,
-        Some(p) if p.as_os_str() == "none" => None,
-        Some(p) => Some(p.clone()),
-        None => Some(image.default_cache_path()),
-    };
-    // The id is kept beside the hash cache (a unit may write nowhere
-    // else), or beside the image without a cache.
-    let id_path = match (&a.hash_cache, &cache) {
-        (Some(c), _) if c.as_os_str() != "none" => c.with_extension("ferry-source"),
-        (_, Some(c)) => c.with_extension("ferry-source"),
-        _ => image.id_path(),
-    };
-    let id = image.source_id(&id_path);
-    let manifest = image.first_manifest(DEFAULT_CHUNK_SIZE, cache.as_deref(), id.id);
-    tracing::info!(
-        disk = %disk.display(),
-        size = manifest.geometry().disk_size,
-        allocated_bytes = manifest.data_bytes(),
-        unhashed_chunks = manifest.unhashed(),
-        new_source_id = id.new,
-        "source manifest ready (chunks are hashed as they are sent)"
-    );
-    // ferry reads exactly what it sends
-    // (docs/decisions/source-reads-what-it-sends.md); without the advice the
-    // disk still works, only with the kernel's readahead guesses.
-    if let Err(e) = image.turn_readahead_off() {
-        tracing::warn!(error = %e, "cannot turn the kernel's readahead off for the source disk");
-    }
+    let (image, manifest, cache) = open_image(&disk, &a, present_path.is_some())?;
     let fingerprint = identity.fingerprint();
     let image = Arc::new(image);
     let manifest = Arc::new(SharedManifest::new(manifest));

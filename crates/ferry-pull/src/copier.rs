@@ -1,8 +1,8 @@
 //! The background copier (paced, windowed fetches of every absent chunk,
 //! then verification) and the periodic sync of a pull.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_core::engine::FetchKind;
@@ -27,6 +27,69 @@ pub struct CopierSettings {
     pub sync_bytes: u64,
     /// The link's round-trip time (`--link-rtt-ms`), for the rate limit.
     pub link_rtt: Duration,
+    /// The pacing and the bytes in flight of every copier run with these
+    /// settings: the disks of one pull share one rate limit and one
+    /// window (docs/decisions/many-disks-one-budget.md).
+    pub budget: Budget,
+}
+
+/// The background budget of a pull, shared by the copiers of all its
+/// disks: one pacer at the rate limit (each request reserves the next
+/// slot, so two disks together get the rate, in turns), the background
+/// bytes in flight of all of them (bounded together, see
+/// [`Throttle::in_flight_bound`]), and how many copiers run, so the
+/// window is shared out among them.
+#[derive(Debug, Default)]
+pub struct Budget {
+    throttle: Mutex<Throttle>,
+    in_flight_bytes: AtomicU64,
+    copiers: AtomicUsize,
+}
+
+impl Budget {
+    /// Reserves the next slot at `rate` bytes per second (0: unlimited)
+    /// for a request of `bytes` asked at `now`: returns when it may go
+    /// (`now` or later). The slot after it is due `bytes / rate` later,
+    /// whichever copier asks for it.
+    pub fn reserve(&self, now: Instant, rate: u64, bytes: u64) -> Instant {
+        let mut t = self.throttle.lock().expect("budget lock");
+        let at = match t.gate(now, rate, Duration::ZERO, 0, bytes) {
+            Gate::Until(at) => at,
+            Gate::Go | Gate::Answers => now,
+        };
+        t.sent(now, rate, bytes);
+        at
+    }
+
+    /// Background bytes in flight, all copiers together.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.in_flight_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Copiers running now.
+    pub fn copiers(&self) -> usize {
+        self.copiers.load(Ordering::Relaxed)
+    }
+
+    /// The share of a window of `window` requests of one of the copiers
+    /// running now (at least one request).
+    pub fn share(&self, window: usize) -> usize {
+        (window / self.copiers().max(1)).max(1)
+    }
+
+    fn enter(&self) -> CopierSlot<'_> {
+        self.copiers.fetch_add(1, Ordering::Relaxed);
+        CopierSlot(self)
+    }
+}
+
+/// A running copier, counted in [`Budget::copiers`] until dropped.
+struct CopierSlot<'a>(&'a Budget);
+
+impl Drop for CopierSlot<'_> {
+    fn drop(&mut self) {
+        self.0.copiers.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Verification rounds: after a failed one, the mismatching chunks are
@@ -184,7 +247,9 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
     settings: Arc<CopierSettings>,
     report: Arc<Report>,
 ) {
-    let mut throttle = Throttle::default();
+    let budget = &settings.budget;
+    // Counted among the copiers sharing the window while copying.
+    let mut slot = None;
     // Requests issued so far: the window opens like slow start, from
     // RAMP_START requests by one per completed request, so the copier's
     // first burst does not stand in front of the guest's first reads.
@@ -203,6 +268,11 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
                 c.fetched_background + c.fetched_on_demand,
             )
         };
+        if phase == Phase::Copying {
+            slot.get_or_insert_with(|| budget.enter());
+        } else {
+            slot = None;
+        }
         match phase {
             Phase::Complete
                 if shared
@@ -247,21 +317,16 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
         // one batch of re-fetching.
         let completed = issued.saturating_sub(in_flight);
         let wire = shared.client_now().map_or(0, |c| c.stats().wire_rx_bytes);
-        let window = settings
-            .window
-            .requests(fetched, wire)
+        let window = budget
+            .share(settings.window.requests(fetched, wire))
             .min(RAMP_START + completed);
         let rate = settings.rate_limit.load(Ordering::Relaxed);
         let geo = shared.engine.lock().expect("engine lock").geometry();
         let largest = settings.batch_chunks * u64::from(geo.chunk_size);
-        let in_flight_bytes = shared.bg_in_flight_bytes.load(Ordering::Relaxed);
-        let answers = throttle.gate(
-            Instant::now(),
-            rate,
-            settings.link_rtt,
-            in_flight_bytes,
-            largest,
-        ) == Gate::Answers;
+        let in_flight_bytes = budget.in_flight_bytes();
+        let answers = rate > 0
+            && in_flight_bytes > 0
+            && in_flight_bytes + largest > Throttle::in_flight_bound(rate, settings.link_rtt);
         if in_flight >= window || unsynced >= settings.sync_bytes || answers {
             let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
             continue;
@@ -276,20 +341,26 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
             continue;
         };
         let bytes: u64 = range.clone().map(|c| u64::from(geo.chunk_len(c))).sum();
-        if let Gate::Until(t) = throttle.gate(Instant::now(), rate, settings.link_rtt, 0, bytes) {
-            tokio::time::sleep_until(t.into()).await;
+        let now = Instant::now();
+        let at = budget.reserve(now, rate, bytes);
+        if at > now {
+            tokio::time::sleep_until(at.into()).await;
         }
-        throttle.sent(Instant::now(), rate, bytes);
         shared.bg_in_flight.fetch_add(1, Ordering::Relaxed);
         shared
             .bg_in_flight_bytes
             .fetch_add(bytes, Ordering::Relaxed);
+        budget.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let s2 = settings.clone();
         issued += 1;
         let s = shared.clone();
         tokio::spawn(tracing::Instrument::in_current_span(async move {
             s.clone().fetch(range, FetchKind::Background).await;
             s.bg_in_flight.fetch_sub(1, Ordering::Relaxed);
             s.bg_in_flight_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            s2.budget
+                .in_flight_bytes
+                .fetch_sub(bytes, Ordering::Relaxed);
             s.changed.notify_waiters();
         }));
     }
@@ -335,6 +406,87 @@ pub async fn run_syncer<F: Fetcher, D: Disk, M: BlockMap>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two disks' copiers, each asking for its next request as soon as
+    /// its last one went out, for 10 s of one budget at `rate`: the bytes
+    /// sent by both together, by every second, stay within the rate (plus
+    /// one request), the rate is used, and each disk gets about half.
+    #[test]
+    fn two_disks_share_one_rate() {
+        let budget = Budget::default();
+        let rate = 12_500_000; // 100 Mbit/s
+        let request = 1 << 20;
+        let t0 = Instant::now();
+        let end = t0 + Duration::from_secs(10);
+        // When each copier asks next.
+        let mut asks = [t0, t0];
+        let mut sent: Vec<(Instant, usize)> = Vec::new();
+        loop {
+            let who = if asks[0] <= asks[1] { 0 } else { 1 };
+            let at = budget.reserve(asks[who], rate, request);
+            if at >= end {
+                break;
+            }
+            sent.push((at, who));
+            asks[who] = at;
+        }
+        for secs in 1..=10u64 {
+            let by = t0 + Duration::from_secs(secs);
+            let bytes = sent.iter().filter(|(t, _)| *t < by).count() as u64 * request;
+            assert!(
+                bytes <= rate * secs + request,
+                "{bytes} bytes sent by both disks within {secs} s at a limit of {rate} B/s"
+            );
+            assert!(
+                bytes + 2 * request >= rate * secs,
+                "only {bytes} bytes within {secs} s at a limit of {rate} B/s"
+            );
+        }
+        let a = sent.iter().filter(|(_, w)| *w == 0).count() as f64;
+        let share = a / sent.len() as f64;
+        assert!(
+            (0.4..=0.6).contains(&share),
+            "disk A got {share:.2} of the budget"
+        );
+    }
+
+    /// Changed while running, the shared rate paces both disks' next
+    /// requests at once; 0 lifts the limit for both.
+    #[test]
+    fn a_rate_change_applies_to_every_disk() {
+        let budget = Budget::default();
+        let t0 = Instant::now();
+        let mb = 1_000_000;
+        assert_eq!(budget.reserve(t0, mb, mb), t0);
+        // The second disk's request waits a second at 1 MB/s.
+        assert_eq!(budget.reserve(t0, mb, mb), t0 + Duration::from_secs(1));
+        // At 10 MB/s from then on: a tenth of a second more.
+        assert_eq!(budget.reserve(t0, 10 * mb, mb), t0 + Duration::from_secs(2));
+        let t1 = t0 + Duration::from_secs(2);
+        assert_eq!(
+            budget.reserve(t1, 10 * mb, mb),
+            t1 + Duration::from_millis(100)
+        );
+        // Unlimited: now.
+        assert_eq!(budget.reserve(t1, 0, mb), t1);
+        assert_eq!(budget.reserve(t1, 0, mb), t1);
+    }
+
+    /// The window is shared out among the copiers running.
+    #[test]
+    fn the_window_is_shared_among_the_disks_copying() {
+        let budget = Budget::default();
+        assert_eq!(budget.share(16), 16);
+        let a = budget.enter();
+        assert_eq!(budget.share(16), 16);
+        let b = budget.enter();
+        assert_eq!(budget.share(16), 8);
+        assert_eq!(budget.share(1), 1);
+        drop(a);
+        assert_eq!(budget.share(16), 16);
+        drop(b);
+        assert_eq!(budget.copiers(), 0);
+    }
 
     #[test]
     fn the_window_counts_wire_bytes_once_the_compression_is_known() {

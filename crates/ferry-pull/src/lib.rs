@@ -31,7 +31,7 @@ pub mod telemetry;
 pub mod verify;
 mod waiters;
 
-pub use copier::{CopierSettings, Throttle, Window};
+pub use copier::{Budget, CopierSettings, Throttle, Window};
 pub use disk::{BlockMap, Disk};
 pub use error::PullError;
 pub use fetcher::{ConnState, FetchError, Fetcher, LinkStats};

@@ -134,6 +134,93 @@ pub struct Status {
     /// request to the frontends serving; set by the daemon.
     #[serde(default)]
     pub switchover_ms: Option<f64>,
+    /// The disk's name in a pull of several disks (`--disk NAME=PATH`);
+    /// set by the daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A pull of several disks: each disk's status; the other fields are
+    /// then those of all of them together ([`totals`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Status>,
+}
+
+/// The status of a pull of several disks: byte counts and rates summed,
+/// the phase and the verification the least advanced of any disk's
+/// ("error" and "failed…" first), the ETA the longest, the source state
+/// the first disk's that is not "connected"; `disks` holds each disk's.
+pub fn totals(disks: Vec<Status>) -> Status {
+    let mut t = Status {
+        phase: "complete".into(),
+        verified: "ok".into(),
+        source_state: "connected".into(),
+        background: "running".into(),
+        ..Status::default()
+    };
+    let phase_rank = |p: &str| match p {
+        "error" => 0,
+        "copying" => 1,
+        _ => 2,
+    };
+    let verify_rank = |v: &str| match v {
+        v if v.starts_with("failed") => 0,
+        "pending" => 1,
+        "running" => 2,
+        "refetching" => 3,
+        _ => 4,
+    };
+    for d in &disks {
+        if phase_rank(&d.phase) < phase_rank(&t.phase) {
+            t.phase = d.phase.clone();
+        }
+        if t.error.is_none() {
+            if let Some(e) = &d.error {
+                t.error = Some(format!("disk {}: {e}", d.name.as_deref().unwrap_or("?")));
+            }
+        }
+        if verify_rank(&d.verified) < verify_rank(&t.verified) {
+            t.verified = d.verified.clone();
+        }
+        if t.source_state == "connected" && d.source_state != "connected" {
+            t.source_state = d.source_state.clone();
+        }
+        if d.background == "paused" {
+            t.background = "paused".into();
+        }
+        t.total_bytes += d.total_bytes;
+        t.present_bytes += d.present_bytes;
+        t.source_data_bytes += d.source_data_bytes;
+        t.skipped_zero_bytes += d.skipped_zero_bytes;
+        t.fetched_on_demand_bytes += d.fetched_on_demand_bytes;
+        t.fetched_background_bytes += d.fetched_background_bytes;
+        t.rejected_corrupt_bytes += d.rejected_corrupt_bytes;
+        t.discarded_guest_won_bytes += d.discarded_guest_won_bytes;
+        t.duplicate_bytes += d.duplicate_bytes;
+        t.filled_local_bytes += d.filled_local_bytes;
+        t.local_stale_chunks += d.local_stale_chunks;
+        t.present_at_start_bytes += d.present_at_start_bytes;
+        t.wire_rx_bytes += d.wire_rx_bytes;
+        t.wire_tx_bytes += d.wire_tx_bytes;
+        t.rate_bytes_per_sec += d.rate_bytes_per_sec;
+        t.eta_seconds = match (t.eta_seconds, d.eta_seconds) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        t.reconnects += d.reconnects;
+        t.hedged_reads += d.hedged_reads;
+        t.source_lost_ppm = t.source_lost_ppm.max(d.source_lost_ppm);
+        t.source_sent_packets = t.source_sent_packets.saturating_add(d.source_sent_packets);
+        t.rate_limit_bytes_per_sec = d.rate_limit_bytes_per_sec;
+        t.verified_chunks += d.verified_chunks;
+        t.verify_refetched_chunks += d.verify_refetched_chunks;
+        t.guest_written_chunks += d.guest_written_chunks;
+        t.elapsed_seconds = t.elapsed_seconds.max(d.elapsed_seconds);
+        t.committed = d.committed;
+    }
+    if t.phase == "complete" && disks.iter().any(|d| d.phase != "complete") {
+        t.phase = "copying".into();
+    }
+    t.disks = disks;
+    t
 }
 
 /// The status report of the pull run by `shared` (what `ferry status`
@@ -233,6 +320,8 @@ pub fn snapshot<F: Fetcher, D: Disk, M: BlockMap>(
         precopy: None,
         precopy_generation: None,
         switchover_ms: None,
+        name: None,
+        disks: Vec::new(),
     }
 }
 
@@ -279,5 +368,51 @@ impl RateMeter {
         };
         self.last_rate.store(r, Ordering::Relaxed);
         r
+    }
+}
+
+#[cfg(test)]
+mod totals_tests {
+    use super::*;
+
+    fn disk(name: &str, phase: &str, verified: &str, present: u64, total: u64) -> Status {
+        Status {
+            name: Some(name.into()),
+            phase: phase.into(),
+            verified: verified.into(),
+            present_bytes: present,
+            total_bytes: total,
+            rate_bytes_per_sec: present / 10,
+            source_state: "connected".into(),
+            background: "running".into(),
+            ..Status::default()
+        }
+    }
+
+    /// Sums and the least advanced disk: complete and verified only when
+    /// every disk is; one error is the pull's error.
+    #[test]
+    fn the_totals_wait_for_every_disk() {
+        let t = totals(vec![
+            disk("a", "complete", "ok", 100, 100),
+            disk("b", "copying", "pending", 30, 200),
+        ]);
+        assert_eq!((t.present_bytes, t.total_bytes), (130, 300));
+        assert_eq!(t.rate_bytes_per_sec, 13);
+        assert_eq!(
+            (t.phase.as_str(), t.verified.as_str()),
+            ("copying", "pending")
+        );
+        assert_eq!(t.disks.len(), 2);
+        let t = totals(vec![
+            disk("a", "complete", "ok", 100, 100),
+            disk("b", "complete", "ok", 200, 200),
+        ]);
+        assert_eq!((t.phase.as_str(), t.verified.as_str()), ("complete", "ok"));
+        let mut bad = disk("b", "error", "pending", 1, 200);
+        bad.error = Some("source changed".into());
+        let t = totals(vec![disk("a", "complete", "ok", 100, 100), bad]);
+        assert_eq!(t.phase, "error");
+        assert_eq!(t.error.as_deref(), Some("disk b: source changed"));
     }
 }

@@ -159,6 +159,7 @@ async fn answers_read_before_a_reported_write_are_never_written() {
         window: Window::Fixed(4),
         sync_bytes: 1 << 20,
         link_rtt: Duration::from_millis(1),
+        budget: Default::default(),
     });
     let report = Arc::new(Report {
         nbd: None,

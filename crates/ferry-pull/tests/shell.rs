@@ -356,6 +356,7 @@ async fn copy_to_the_end(p: &Pull, done: impl Fn(&status::Status) -> bool) -> st
         window: Window::Fixed(4),
         sync_bytes: 1 << 20,
         link_rtt: Duration::from_millis(1),
+        budget: Default::default(),
     });
     let report = Arc::new(Report {
         nbd: None,
@@ -508,6 +509,7 @@ async fn with_an_index_matched_chunks_come_from_the_local_file_and_stale_ones_fr
         window: Window::Fixed(4),
         sync_bytes: 1 << 20,
         link_rtt: Duration::from_millis(1),
+        budget: Default::default(),
     });
     tokio::spawn(copier::fetch_manifest(p.shell.clone()));
     tokio::spawn(ferry_pull::local::run_local_fill(

@@ -417,6 +417,7 @@ impl Sim {
             window: Window::Fixed(6),
             sync_bytes: 64 * 1024,
             link_rtt: Duration::from_millis(10),
+            budget: Default::default(),
         });
         let report = Arc::new(Report {
             nbd: None,

@@ -70,6 +70,7 @@ impl Client {
             ours: opts.identity.fingerprint(),
             expected: opts.server_fingerprint,
             connect_timeout: opts.connect_timeout,
+            server_name: tls::server_name_of(opts.disk.as_deref())?,
             endpoint,
             config,
             verifier,
@@ -323,7 +324,7 @@ impl Inner {
         let addr = self.resolve().await?;
         let connecting = self
             .endpoint
-            .connect_with(self.config.clone(), addr, tls::SERVER_NAME)
+            .connect_with(self.config.clone(), addr, &self.server_name)
             .map_err(|source| TransportError::Connect { addr, source })?;
         let conn = connecting
             .await

@@ -95,6 +95,10 @@ pub struct ClientOptions {
     pub tuning: Tuning,
     /// How long [`Client::connect`] (and each reconnect attempt) may take.
     pub connect_timeout: Duration,
+    /// Which disk of a source serving several (`ferry serve --disk
+    /// NAME=PATH`) this client copies, named in the TLS server name
+    /// ([`crate::tls::server_name_of`]); `None`: a source's only disk.
+    pub disk: Option<String>,
 }
 
 /// State of the connection to the source.
@@ -163,6 +167,8 @@ struct Inner {
     ours: Fingerprint,
     expected: Fingerprint,
     connect_timeout: Duration,
+    /// The TLS server name sent: it names the disk.
+    server_name: String,
     endpoint: Endpoint,
     config: quinn::ClientConfig,
     verifier: Arc<PinnedServerVerifier>,

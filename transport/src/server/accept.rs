@@ -9,7 +9,7 @@ use quinn::{Connection, Endpoint, SendStream, VarInt};
 use tokio::task::JoinSet;
 
 use super::dispatch::handle_stream;
-use super::{Server, Shared};
+use super::{Disks, Server, Shared};
 use crate::codec;
 use crate::error::TransportError;
 use crate::identity::Fingerprint;
@@ -30,7 +30,7 @@ impl Server {
             tokio::select! {
                 incoming = self.endpoint.accept() => match incoming {
                     Some(incoming) => {
-                        conns.spawn(handle_incoming(incoming, self.shared.clone()));
+                        conns.spawn(handle_incoming(incoming, self.disks.clone()));
                     }
                     None => break,
                 },
@@ -57,12 +57,35 @@ fn peer_fingerprint(conn: &Connection) -> Option<Fingerprint> {
     certs.first().map(|c| Fingerprint::of_cert(c))
 }
 
-async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+async fn handle_incoming(incoming: quinn::Incoming, disks: Arc<Disks>) {
     let remote = incoming.remote_address();
-    let connecting = match incoming.accept() {
+    let mut connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    // The TLS server name names the disk (known from the ClientHello,
+    // before anything is sent).
+    let sni = match connecting.handshake_data().await {
+        Ok(h) => h
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .ok()
+            .and_then(|h| h.server_name),
+        Err(e) => {
+            tracing::warn!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    let shared = match disks.pick(sni.as_deref()) {
+        Ok(s) => s,
+        Err(why) => {
+            tracing::warn!(%remote, "refused a connection: {why}");
+            match connecting.await {
+                Ok(c) => c.close(VarInt::from_u32(2), why.as_bytes()),
+                Err(e) => tracing::debug!(%remote, "handshake failed: {e}"),
+            }
             return;
         }
     };

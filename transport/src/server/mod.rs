@@ -24,7 +24,7 @@ mod read;
 
 pub use precopy::ROUND;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -167,7 +167,36 @@ impl Default for DiskReads {
 pub struct Server {
     endpoint: Endpoint,
     local: SocketAddr,
-    shared: Arc<Shared>,
+    disks: Arc<Disks>,
+}
+
+/// The disks a server serves: its only one (unnamed), or several by name,
+/// each asked for by the TLS server name of a connection
+/// ([`crate::tls::disk_of_server_name`]).
+struct Disks {
+    only: Option<Arc<Shared>>,
+    named: HashMap<String, Arc<Shared>>,
+}
+
+impl Disks {
+    /// The disk a connection asked for by its server name, or why none.
+    fn pick(&self, sni: Option<&str>) -> Result<Arc<Shared>, String> {
+        match crate::tls::disk_of_server_name(sni)? {
+            None => self.only.clone().ok_or_else(|| {
+                let mut names: Vec<&str> = self.named.keys().map(String::as_str).collect();
+                names.sort_unstable();
+                format!(
+                    "this source serves several disks ({}): name one",
+                    names.join(", ")
+                )
+            }),
+            Some(name) => self
+                .named
+                .get(name)
+                .cloned()
+                .ok_or_else(|| format!("this source serves no disk named {name:?}")),
+        }
+    }
 }
 
 struct Shared {
@@ -182,7 +211,7 @@ struct Shared {
     /// Where background chunks are read and encoded: threads of lower CPU
     /// priority (see `crate::background`). On-demand chunks use tokio's
     /// blocking pool, at normal priority.
-    background: LowPriorityPool,
+    background: Arc<LowPriorityPool>,
     /// Chunks a background read covers at most ([`DiskReads::read_bytes`]).
     chunks_per_read: u64,
     /// Bounds the background reads at the disk ([`DiskReads::at_once`]):
@@ -209,24 +238,34 @@ impl Server {
         opts: ServerOptions,
         source: Arc<dyn ChunkSource>,
     ) -> Result<Server, TransportError> {
+        Self::bind_disks(opts, vec![(None, source)])
+    }
+
+    /// [`Server::bind`] for several disks on one port: each `Some(name)`
+    /// is served to connections that name it
+    /// ([`crate::tls::server_name_of`]); a `None` (at most one, and then
+    /// the only disk) to those that name none. The disks share the read
+    /// threads and the bound on background reads at the disk.
+    pub fn bind_disks(
+        opts: ServerOptions,
+        sources: Vec<(Option<String>, Arc<dyn ChunkSource>)>,
+    ) -> Result<Server, TransportError> {
         if opts.trusted.is_empty() {
             tracing::warn!("no trusted destination fingerprints: every client will be refused");
         }
-        let chunk_size = u64::from(source.manifest().geometry().chunk_size).max(1);
+        let bad = |reason: String| Err(TransportError::Options { reason });
+        if sources.is_empty() {
+            return bad("no disk to serve".into());
+        }
+        if sources.len() > 1 && sources.iter().any(|(n, _)| n.is_none()) {
+            return bad("several disks must all be named".into());
+        }
         let d = opts.disk_reads;
         if d.at_once == 0 || d.at_once > MAX_CONCURRENT_READS {
             return Err(TransportError::Options {
                 reason: format!(
                     "background disk reads at once must be 1 to {MAX_CONCURRENT_READS}, not {}",
                     d.at_once
-                ),
-            });
-        }
-        if d.read_bytes < chunk_size || d.read_bytes > MAX_READ_BYTES {
-            return Err(TransportError::Options {
-                reason: format!(
-                    "a background read must be {chunk_size} to {MAX_READ_BYTES} bytes (one chunk to the largest request), not {}",
-                    d.read_bytes
                 ),
             });
         }
@@ -241,36 +280,73 @@ impl Server {
         let local = endpoint
             .local_addr()
             .map_err(|source| TransportError::Endpoint { source })?;
-        let first = source.manifest().snapshot();
-        // A live source's VM may write any chunk: every one may become data.
-        let allocated = if source.changes().is_some() {
-            first.chunks().len()
-        } else {
-            first.chunks().iter().filter(|c| c.is_allocated()).count()
-        };
-        let manifest_max_len = Manifest::max_encoded_len(first.geometry(), allocated as u64);
-        tracing::info!(
-            %local,
-            fingerprint = %opts.identity.fingerprint(),
-            chunks = source.manifest().geometry().chunks(),
-            "source listening"
+        let reads = Arc::new(Semaphore::new(MAX_CONCURRENT_READS));
+        let urgent_reads = Arc::new(Semaphore::new(MAX_CONCURRENT_READS));
+        let background = Arc::new(
+            LowPriorityPool::new("ferry-bg-read", MAX_CONCURRENT_READS)
+                .map_err(|source| TransportError::Threads { source })?,
         );
-        Ok(Server {
-            endpoint,
-            local,
-            shared: Arc::new(Shared {
+        let background_disk = Arc::new(Semaphore::new(d.at_once));
+        let mut disks = Disks {
+            only: None,
+            named: HashMap::new(),
+        };
+        for (name, source) in sources {
+            let chunk_size = u64::from(source.manifest().geometry().chunk_size).max(1);
+            if d.read_bytes < chunk_size || d.read_bytes > MAX_READ_BYTES {
+                return Err(TransportError::Options {
+                    reason: format!(
+                        "a background read must be {chunk_size} to {MAX_READ_BYTES} bytes (one chunk to the largest request), not {}",
+                        d.read_bytes
+                    ),
+                });
+            }
+            let first = source.manifest().snapshot();
+            // A live source's VM may write any chunk: every one may become data.
+            let allocated = if source.changes().is_some() {
+                first.chunks().len()
+            } else {
+                first.chunks().iter().filter(|c| c.is_allocated()).count()
+            };
+            let manifest_max_len = Manifest::max_encoded_len(first.geometry(), allocated as u64);
+            tracing::info!(
+                %local,
+                fingerprint = %opts.identity.fingerprint(),
+                disk = name.as_deref().unwrap_or("(only)"),
+                chunks = source.manifest().geometry().chunks(),
+                "source listening"
+            );
+            let shared = Arc::new(Shared {
                 source,
                 manifest_max_len,
                 completing: tokio::sync::Mutex::new(()),
-                reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
-                urgent_reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
-                background: LowPriorityPool::new("ferry-bg-read", MAX_CONCURRENT_READS)
-                    .map_err(|source| TransportError::Threads { source })?,
+                reads: reads.clone(),
+                urgent_reads: urgent_reads.clone(),
+                background: background.clone(),
                 chunks_per_read: d.read_bytes / chunk_size,
-                background_disk: Arc::new(Semaphore::new(d.at_once)),
-                corrupt_once: Mutex::new(opts.corrupt_once.into_iter().collect()),
+                background_disk: background_disk.clone(),
+                corrupt_once: Mutex::new(opts.corrupt_once.iter().copied().collect()),
                 compress: opts.compress,
-            }),
+            });
+            match name {
+                None => disks.only = Some(shared),
+                Some(n) => {
+                    if !crate::tls::valid_disk_name(&n) {
+                        return bad(format!(
+                            "disk name {n:?}: 1 to {} lower-case letters, digits and '-' (not at either end)",
+                            crate::tls::MAX_DISK_NAME
+                        ));
+                    }
+                    if disks.named.insert(n.clone(), shared).is_some() {
+                        return bad(format!("disk name {n:?} given twice"));
+                    }
+                }
+            }
+        }
+        Ok(Server {
+            endpoint,
+            local,
+            disks: Arc::new(disks),
         })
     }
 

@@ -91,8 +91,8 @@ pub(crate) struct PrecopyView {
 
 /// The control socket.
 pub(crate) struct ControlListener {
-    listener: UnixListener,
-    path: PathBuf,
+    pub(super) listener: UnixListener,
+    pub(super) path: PathBuf,
 }
 
 impl ControlListener {
@@ -216,7 +216,7 @@ impl ControlListener {
 
 /// One control request as read.
 #[derive(Debug, PartialEq, Eq)]
-enum Request {
+pub(super) enum Request {
     /// A line of UTF-8 (without its newline).
     Line(String),
     /// Not a request: why.
@@ -224,7 +224,7 @@ enum Request {
 }
 
 /// Reads one request line of at most [`MAX_REQUEST_BYTES`].
-async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<Request> {
+pub(super) async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<Request> {
     let mut buf = Vec::new();
     let mut r = BufReader::new(r.take(MAX_REQUEST_BYTES as u64 + 1));
     r.read_until(b'\n', &mut buf).await?;
@@ -242,7 +242,7 @@ async fn read_request(r: impl tokio::io::AsyncRead + Unpin) -> std::io::Result<R
 }
 
 /// A JSON error reply.
-fn error_reply(why: &str) -> String {
+pub(super) fn error_reply(why: &str) -> String {
     serde_json::json!({ "ok": false, "error": why }).to_string()
 }
 

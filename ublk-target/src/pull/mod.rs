@@ -2,6 +2,7 @@
 //! data on demand, copy the rest in the background, verify, keep serving.
 
 mod control_socket;
+mod multi;
 mod precopy;
 mod source;
 
@@ -78,6 +79,7 @@ fn source_options(
             server_fingerprint,
             tuning: a.link.tuning(),
             connect_timeout: Duration::from_secs(a.connect_timeout),
+            disk: None,
         })),
         (Some(_), None) => {
             bail!("--source needs --trust-peer (the source's certificate fingerprint)")
@@ -246,7 +248,11 @@ async fn abort_migration(
     result
 }
 
-pub(crate) fn run(a: PullArgs) -> Result<()> {
+pub(crate) fn run(mut a: PullArgs) -> Result<()> {
+    if a.disks.len() > 1 {
+        return multi::run(a);
+    }
+    a.disk = a.disks.first().cloned().context("--disk is needed")?;
     let identity = Identity::load(&a.identity)
         .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
     if a.exit_when_complete && a.ublk {
@@ -486,6 +492,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             window,
             sync_bytes: a.sync_bytes,
             link_rtt: Duration::from_millis(a.link.link_rtt_ms),
+            budget: Default::default(),
         });
         let verification = match verified {
             Some(v) => Verification {

@@ -27,6 +27,7 @@ mod plot;
 mod sampler;
 mod steal;
 mod throttle;
+mod two_disks;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -167,6 +168,18 @@ pub(crate) struct BenchArgs {
     /// when it is not ready (0: 3x its idle time, at least 30 s).
     #[arg(long, default_value_t = 0)]
     mirror_cap_secs: u64,
+    /// Instead of the peers: two disks of one VM in one `ferry pull` on
+    /// the base link with one background rate limit
+    /// (--two-disks-rate-mbit): their sum's throughput and 4 KiB reads of
+    /// absent blocks of one disk while both copy; writes the `two-disks`
+    /// section. Takes --quick, --runs, --size-mib (disk A is half of it,
+    /// default 512; B twice A), --probes, --out.
+    #[arg(long)]
+    two_disks: bool,
+    /// The background rate limit of --two-disks, Mbit/s (below the
+    /// link's 200).
+    #[arg(long, default_value_t = 100)]
+    two_disks_rate_mbit: u64,
 }
 
 /// The source image's page cache before a run (`--source-cache`).
@@ -379,6 +392,9 @@ pub(crate) fn run_bench(a: &BenchArgs) -> Result<()> {
     }
     if a.live {
         return live::run(a);
+    }
+    if a.two_disks {
+        return two_disks::run(a);
     }
     ensure(NEEDS)?;
     let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
@@ -1885,6 +1901,8 @@ mod tests {
             live_parts: vec!["writer".into()],
             precopy_cap_secs: 120,
             mirror_cap_secs: 0,
+            two_disks: false,
+            two_disks_rate_mbit: 100,
         };
         let cases = vec![Case {
             id: "base",

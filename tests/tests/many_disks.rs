@@ -1,0 +1,211 @@
+//! Several disks of one VM in one pull (`ferry serve --disk NAME=PATH`
+//! twice, `ferry pull --disk NAME=PATH` twice;
+//! docs/decisions/many-disks-one-budget.md): both copied and verified
+//! byte for byte, reads on each disk's export right during the copy, one
+//! background rate limit for the two together (bytes over time), changed
+//! while running, and one status with both disks and their totals.
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+
+const MIB: u64 = 1 << 20;
+
+fn u(s: &serde_json::Value, field: &str) -> u64 {
+    s[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {s}"))
+}
+
+/// The disk named `name` in a status of several.
+fn disk<'a>(s: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    s["disks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no disks in {s}"))
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("no disk {name} in {s}"))
+}
+
+/// Reads 4 KiB at `offset` of disk `name` through its export and checks
+/// them against the source image.
+fn check_read(w: &World, name: &str, src: &std::path::Path, offset: u64) {
+    let mut want = vec![0u8; 4096];
+    std::fs::File::open(src)
+        .expect("open source")
+        .read_exact_at(&mut want, offset)
+        .expect("read source");
+    let sock = w.path(&format!("nbd/{name}.sock"));
+    let (ok, text) = qemu_io_nbd(&sock, name, 60, &[], &[&format!("read -v {offset} 4096")]);
+    assert!(ok, "qemu-io on disk {name} failed: {text}");
+    let hex = qemu_hex(&want[..16]);
+    assert!(
+        text.contains(&hex),
+        "disk {name} at {offset}: expected {hex}…, got {text}"
+    );
+}
+
+#[test]
+fn two_disks_in_one_pull_share_one_budget() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
+    make_image(&src_a, 32 * MIB, &[(0, 24 * MIB)], 1);
+    make_image(&src_b, 24 * MIB, &[(0, 20 * MIB)], 2);
+    let a_arg = format!("a={}", src_a.display());
+    let b_arg = format!("b={}", src_b.display());
+    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
+    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let rate: u64 = 4_000_000;
+    let args: Vec<String> = [
+        "pull".to_string(),
+        "--source".into(),
+        format!("127.0.0.1:{port}"),
+        "--disk".into(),
+        format!("a={}", w.path("dst-a.img").display()),
+        "--disk".into(),
+        format!("b={}", w.path("dst-b.img").display()),
+        "--nbd".into(),
+        format!("unix:{}", w.path("nbd").display()),
+        "--control".into(),
+        w.path("ctl.sock").display().to_string(),
+        "--identity".into(),
+        w.path("dst-id").display().to_string(),
+        "--trust-peer".into(),
+        w.src_fp.clone(),
+        "--rate".into(),
+        "4M".into(),
+        "--link-rtt-ms".into(),
+        "10".into(),
+    ]
+    .to_vec();
+    let _pull = w.pull(&args);
+
+    // Reads of each disk right away, on demand (absent still).
+    check_read(&w, "a", &src_a, 13 * MIB + 4096);
+    check_read(&w, "b", &src_b, 17 * MIB + 8192);
+
+    // The two background copies together at most at the rate: both under
+    // way, then bytes over a few seconds.
+    let s0 = w.wait_status("both disks copying", Duration::from_secs(60), |s| {
+        s["disks"].as_array().is_some_and(|d| d.len() == 2)
+            && u(disk(s, "a"), "fetched_background_bytes") > 0
+            && u(disk(s, "b"), "fetched_background_bytes") > 0
+    });
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let s1 = w.status();
+    let dt = t0.elapsed().as_secs_f64();
+    let got = u(&s1, "fetched_background_bytes") - u(&s0, "fetched_background_bytes");
+    let a = u(disk(&s1, "a"), "fetched_background_bytes")
+        - u(disk(&s0, "a"), "fetched_background_bytes");
+    let b = u(disk(&s1, "b"), "fetched_background_bytes")
+        - u(disk(&s0, "b"), "fetched_background_bytes");
+    assert_eq!(got, a + b, "the totals are not the sum: {s1}");
+    // Slack: the bytes in flight the limit allows (2 RTT + 0.1 s of the
+    // rate) and two requests of 1 MiB.
+    let allowed = rate as f64 * (dt + 0.12) + 2.0 * MIB as f64;
+    assert!(
+        (got as f64) <= allowed,
+        "{got} bytes in {dt:.1} s by both disks together (a {a}, b {b}) against a limit of \
+         {rate} B/s (at most {allowed:.0})"
+    );
+    assert!(
+        got as f64 >= 0.5 * rate as f64 * dt,
+        "{got} bytes in {dt:.1} s: the limit is not used"
+    );
+    assert!(a > 0 && b > 0, "one disk had all of it: a {a}, b {b}");
+    assert_eq!(u(&s1, "rate_limit_bytes_per_sec"), rate, "{s1}");
+
+    // Changed while running, for both; then everything is copied.
+    w.background("rate=0");
+    let s = w.status();
+    assert_eq!(u(&s, "rate_limit_bytes_per_sec"), 0, "{s}");
+    assert_eq!(u(disk(&s, "b"), "rate_limit_bytes_per_sec"), 0, "{s}");
+    let s = w.wait_verified(Duration::from_secs(300));
+    for name in ["a", "b"] {
+        let d = disk(&s, name);
+        assert_eq!(d["phase"], "complete", "{s}");
+        assert_eq!(d["verified"], "ok", "{s}");
+    }
+    assert_eq!(u(&s, "total_bytes"), 56 * MIB, "{s}");
+    assert_eq!(u(&s, "present_bytes"), 56 * MIB, "{s}");
+    check_read(&w, "a", &src_a, 3 * MIB);
+    check_read(&w, "b", &src_b, 19 * MIB);
+    assert_files_equal(&src_a, &w.path("dst-a.img"));
+    assert_files_equal(&src_b, &w.path("dst-b.img"));
+}
+
+/// A destination that names no disk, or one the source does not serve,
+/// is refused with the reason; a pull of several disks refuses options
+/// it does not take.
+#[test]
+fn a_disk_must_be_named_and_served() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, 4 * MIB, &[(0, MIB)], 3);
+    let a_arg = format!("a={}", src.display());
+    let b_arg = format!("b={}", src.display());
+    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
+    let args = w.pull_args(port, "dst.img");
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut p = w.spawn("pull", &a);
+    let code = p.wait_exit(Duration::from_secs(60));
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "a pull naming no disk was not refused ({code:?}): {}",
+        p.log_text()
+    );
+    assert!(
+        p.log_text().contains("name one"),
+        "the refusal does not say why: {}",
+        p.log_text()
+    );
+
+    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let pull = |disks: [&str; 2], extra: &[&str]| {
+        let mut v: Vec<String> = vec!["pull".into(), "--source".into()];
+        v.push(format!("127.0.0.1:{port}"));
+        for d in disks {
+            v.push("--disk".into());
+            v.push(d.to_string());
+        }
+        for s in [
+            "--nbd",
+            &format!("unix:{}", w.path("nbd").display()),
+            "--control",
+            w.path("ctl.sock").to_str().unwrap(),
+            "--identity",
+            w.path("dst-id").to_str().unwrap(),
+            "--trust-peer",
+            &w.src_fp,
+        ] {
+            v.push(s.to_string());
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = v.iter().map(String::as_str).collect();
+        w.ferry(&a)
+    };
+    let x = format!("x={}", w.path("x.img").display());
+    let y = format!("y={}", w.path("y.img").display());
+    let out = pull([&x, &y], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "unknown disks accepted: {err}");
+    assert!(err.contains("no disk named"), "{err}");
+    let out = pull([&x, &y], &["--ublk"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("--ublk"),
+        "--ublk with several disks: {err}"
+    );
+    let out = pull([&x, &w.path("z.img").display().to_string()], &[]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("NAME=PATH"),
+        "an unnamed disk among several: {err}"
+    );
+    assert!(!w.path("x.img").exists(), "a refused pull made a disk");
+}

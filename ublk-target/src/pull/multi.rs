@@ -1,0 +1,476 @@
+//! `ferry pull --disk NAME=PATH --disk NAME=PATH …`: several disks of one
+//! VM in one pull (docs/decisions/many-disks-one-budget.md). Each disk has
+//! its own state file, shell and connection to the source's disk of the
+//! same name (`ferry serve --disk NAME=PATH`), and is served over NBD at
+//! `DIR/NAME.sock` (`--nbd unix:DIR`); all of them share one
+//! [`CopierSettings`], so one rate limit and one window
+//! ([`ferry_pull::Budget`]) bound their background copies together, and
+//! one control socket answers for all: `ferry status` shows the totals
+//! with each disk's status in `disks`, `ferry background` acts on every
+//! disk (and is recorded in each state file).
+//!
+//! Not (yet) with several disks: --ublk, --precopy, --index, --metrics,
+//! --exit-when-complete, --state, --start-over, NBD over TCP or TLS, and
+//! `ferry abort`/`commit` (they act on one disk).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_core::{ControlParseError, ControlRequest};
+use ferry_nbd::{NbdListener, NbdServerConfig};
+use ferry_pull::runtime::{self, Change, CommandLine};
+use ferry_pull::{copier, CopierSettings, PullDevice, Report, ShellOptions, Verification, Window};
+use ferry_store::StateFile;
+use ferry_transport::{Client, ClientOptions, Fingerprint, Identity};
+use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
+
+use super::control_socket::{self, ControlListener, Request};
+use super::{hex, keep_connected, reach_source, refuse_live_without_precopy, BoundSockets};
+use super::{Quic, Shell};
+use crate::cli::PullArgs;
+
+/// One disk of the pull, running.
+struct Running {
+    name: String,
+    path: PathBuf,
+    shell: Arc<Shell>,
+    report: Arc<Report>,
+    size: u64,
+}
+
+/// Refuses the options a pull of several disks does not take yet.
+fn refuse_unsupported(a: &PullArgs) -> Result<()> {
+    let mut bad = Vec::new();
+    for (given, opt) in [
+        (a.ublk, "--ublk"),
+        (a.precopy, "--precopy"),
+        (!a.index.is_empty(), "--index"),
+        (a.metrics.is_some(), "--metrics"),
+        (a.exit_when_complete, "--exit-when-complete"),
+        (a.state.is_some(), "--state"),
+        (a.start_over, "--start-over"),
+        (a.nbd_tls_dir.is_some(), "--nbd-tls-dir"),
+    ] {
+        if given {
+            bad.push(opt);
+        }
+    }
+    if !bad.is_empty() {
+        bail!(
+            "several --disk: not (yet) with {} (each disk's state file is beside it, \
+             DISK.ferry-state)",
+            bad.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Runs a pull of several disks (`a.disks` has more than one).
+pub(crate) fn run(a: PullArgs) -> Result<()> {
+    refuse_unsupported(&a)?;
+    let named = crate::cli::named_disks(&a.disks)?;
+    let nbd_dir = match a.nbd.as_deref().map(|s| s.strip_prefix("unix:")) {
+        Some(Some(dir)) => PathBuf::from(dir),
+        _ => bail!(
+            "several --disk: pass --nbd unix:DIR (an existing directory): disk NAME is served \
+             at DIR/NAME.sock"
+        ),
+    };
+    if !nbd_dir.is_dir() {
+        bail!("--nbd unix:{}: not a directory", nbd_dir.display());
+    }
+    let identity = Identity::load(&a.identity)
+        .with_context(|| format!("cannot load identity from {}", a.identity.display()))?;
+    let fp = match &a.trust_peer {
+        Some(t) => Some(
+            t.parse::<Fingerprint>()
+                .with_context(|| format!("--trust-peer {t:?} is not a certificate fingerprint"))?,
+        ),
+        None => None,
+    };
+    if a.batch_chunks == 0 || a.window == Some(0) {
+        bail!("--batch-chunks and --window must be at least 1");
+    }
+    let window = match a.window {
+        Some(n) => Window::Fixed(n),
+        None => Window::wire(
+            ferry_transport::tuning::bdp_bytes(
+                a.link.link_mbit.saturating_mul(1_000_000),
+                Duration::from_millis(a.link.link_rtt_ms),
+            ),
+            u64::from(a.batch_chunks) * u64::from(ferry_core::geometry::DEFAULT_CHUNK_SIZE),
+        ),
+    };
+    let access = ferry_nbd::SocketAccess {
+        group: a.group.as_deref().map(super::resolve_group).transpose()?,
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let mut sockets = BoundSockets::default();
+        let mut listeners = Vec::new();
+        for (name, _) in &named {
+            let path = nbd_dir.join(format!("{name}.sock"));
+            control_socket::remove_stale_socket(&path, "--nbd")?;
+            let spec = format!("unix:{}", path.display());
+            let l = NbdListener::bind_with(&spec, &access).await?;
+            sockets.0.push(path);
+            listeners.push(l);
+        }
+        let control = ControlListener::bind(&a.control, &access)?;
+        sockets.0.push(a.control.clone());
+        let cmd = CommandLine {
+            hold_background: a.hold_background,
+            rate: a.rate,
+        };
+        let settings = Arc::new(CopierSettings {
+            rate_limit: AtomicU64::new(a.rate),
+            batch_chunks: u64::from(a.batch_chunks),
+            window,
+            sync_bytes: a.sync_bytes,
+            link_rtt: Duration::from_millis(a.link.link_rtt_ms),
+            budget: Default::default(),
+        });
+        let started = Instant::now();
+        let mut disks = Vec::new();
+        let mut tasks = Vec::new();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        for ((name, path), listener) in named.into_iter().zip(listeners) {
+            let span = tracing::info_span!("disk", name = %name);
+            let opts = match (&a.source, fp) {
+                (Some(server), Some(server_fingerprint)) => Some(ClientOptions {
+                    server: server.clone(),
+                    identity: identity.clone(),
+                    server_fingerprint,
+                    tuning: a.link.tuning(),
+                    connect_timeout: Duration::from_secs(a.connect_timeout),
+                    disk: Some(name.clone()),
+                }),
+                (Some(_), None) => {
+                    bail!("--source needs --trust-peer (the source's certificate fingerprint)")
+                }
+                (None, _) => None,
+            };
+            let d = start_disk(&name, &path, opts, &settings, cmd, started, &listener)
+                .instrument(span.clone())
+                .await
+                .with_context(|| format!("disk {name} ({})", path.display()))?;
+            let device = Arc::new(PullDevice(d.shell.clone()));
+            let config = NbdServerConfig {
+                export_name: name.clone(),
+                read_only: false,
+                tls: None,
+            };
+            println!(
+                "ferry pull: serving disk {name} at {} (size {} bytes)",
+                listener.uri(false),
+                d.size
+            );
+            let mut rx = stop_rx.clone();
+            tasks.push(tokio::spawn(
+                async move {
+                    ferry_nbd::serve(listener, device, config, async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .await
+                }
+                .instrument(span),
+            ));
+            disks.push(d);
+        }
+        let disks = Arc::new(disks);
+        tokio::spawn(
+            serve_control(control, disks.clone(), settings.clone(), cmd).in_current_span(),
+        );
+        crate::notify::notify("READY=1\nSTATUS=serving");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install a SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: syncing the disks and their states");
+        crate::notify::notify("STOPPING=1");
+        let _ = stop_tx.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        for d in disks.iter() {
+            d.shell
+                .sync()
+                .await
+                .with_context(|| format!("final sync of disk {} failed", d.name))?;
+        }
+        drop(sockets);
+        Ok(())
+    })
+}
+
+/// Opens (or creates) one disk and starts its copy; a fresh disk asks the
+/// source for its geometry first, a resumed one is served at once and
+/// reaches the source in the background.
+async fn start_disk(
+    name: &str,
+    path: &Path,
+    source: Option<ClientOptions>,
+    settings: &Arc<CopierSettings>,
+    cmd: CommandLine,
+    started: Instant,
+    listener: &NbdListener,
+) -> Result<Running> {
+    let state_path = ferry_pull::open::default_state_path(path);
+    let header = if state_path.exists() {
+        if StateFile::peek_ended(&state_path)?.is_some() {
+            bail!(
+                "its migration was aborted or committed: not with several disks (yet); run it \
+                 as a pull of its own"
+            );
+        }
+        Some(StateFile::peek(&state_path)?)
+    } else {
+        None
+    };
+    let verified = header.and_then(|h| h.verified);
+    if source.is_none() && verified.is_none() {
+        bail!(
+            "--source and --trust-peer are needed: the state file {} does not say the copy is \
+             complete and verified",
+            state_path.display()
+        );
+    }
+    let (client, geo, id, later) = match header {
+        Some(h) => (None, h.geometry, h.source_id, source),
+        None => {
+            let opts = source.expect("checked above");
+            let server = opts.server.clone();
+            let client = Client::connect(opts)
+                .await
+                .with_context(|| format!("cannot connect to the source {server}"))?;
+            refuse_live_without_precopy(&client, false)?;
+            let info = *client.info();
+            (Some(client), info.geometry, info.source_id, None)
+        }
+    };
+    let mut dest = ferry_pull::open::open_or_create(path, &state_path, geo, id)?;
+    if dest.state.precopy().is_some() {
+        bail!("it is being pre-copied: not with several disks (yet)");
+    }
+    let resumed = dest.resumed;
+    let created = dest
+        .created
+        .then(|| ferry_pull::open::creation_sync(path, &state_path, None));
+    ferry_pull::open::keep_recovered_writes(&mut dest)?;
+    let at_start = runtime::at_start(dest.state.runtime_settings(), cmd);
+    if let Some(keep) = at_start.record {
+        dest.state
+            .record_runtime_settings(keep)
+            .context("cannot drop the runtime settings the command line replaced")?;
+    }
+    for note in &at_start.notes {
+        tracing::info!("{note}");
+    }
+    // The rate is the pull's: a recorded one (the same in every disk's
+    // state, as `ferry background` records it in all) applies to all.
+    if at_start.rate != cmd.rate {
+        ferry_pull::status::set_rate_limit(settings, at_start.rate);
+    }
+    let mut engine = ferry_pull::open::engine(&dest.state, geo, verified.is_some());
+    let present_at_start = engine.present_bytes();
+    engine.set_background_paused(at_start.paused);
+    tracing::info!(
+        disk = %path.display(),
+        size = geo.disk_size,
+        resumed,
+        present_bytes = present_at_start,
+        "destination disk ready"
+    );
+    let shell = Shell::new(
+        engine,
+        dest.backing,
+        dest.state,
+        created,
+        client.clone().map(Quic),
+        ShellOptions {
+            gated: !resumed,
+            absent_timeout: None,
+            // Several disks are refused with --precopy.
+            awaiting_switchover: false,
+        },
+    );
+    let verification = match verified {
+        Some(v) => Verification {
+            state: "ok".into(),
+            chunks_checked: v.chunks_checked,
+            mismatches: Vec::new(),
+            disk_blake3: Some(hex(&v.disk_blake3)),
+            disk_blake3_bytes: v.disk_blake3,
+            refetched: 0,
+        },
+        None => Verification::default(),
+    };
+    let report = Arc::new(Report {
+        nbd: Some((listener.uri(false), false)),
+        started,
+        present_at_start,
+        verify: Mutex::new(verification),
+        rate: ferry_pull::status::RateMeter::default(),
+    });
+    if verified.is_none() {
+        tokio::spawn(copier::fetch_manifest(shell.clone()).in_current_span());
+        tokio::spawn(
+            copier::run_copier(shell.clone(), settings.clone(), report.clone()).in_current_span(),
+        );
+    }
+    if let Some(c) = &client {
+        tokio::spawn(keep_connected(shell.clone(), c.clone()).in_current_span());
+        // The source accepts us or says why not: a refusal stops this
+        // disk (its status says so), not the others.
+        let s = shell.clone();
+        let c = c.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = c.authenticated().await {
+                    tracing::error!("the source did not accept us: {e}");
+                    s.fail(ferry_core::Failure::NoManifest(format!(
+                        "the source did not accept this destination: {e}"
+                    )));
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    if let Some(opts) = later {
+        let s = shell.clone();
+        let sp = state_path.clone();
+        let v = verified.is_some();
+        tokio::spawn(
+            async move {
+                if let Err(e) = reach_source(s, opts, sp, geo, id, v, false).await {
+                    tracing::error!("{}", crate::logging::error_chain(&e));
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    tokio::spawn(
+        copier::run_syncer(shell.clone(), settings.clone(), report.clone(), |_| {})
+            .in_current_span(),
+    );
+    Ok(Running {
+        name: name.to_string(),
+        path: path.to_owned(),
+        shell,
+        report,
+        size: geo.disk_size,
+    })
+}
+
+/// The status of every disk, and their totals.
+fn status(disks: &[Running], settings: &CopierSettings) -> ferry_pull::Status {
+    ferry_pull::status::totals(
+        disks
+            .iter()
+            .map(|d| {
+                let mut s = ferry_pull::status::snapshot(&d.shell, settings, &d.report);
+                s.name = Some(d.name.clone());
+                s.disk = Some(d.path.display().to_string());
+                s
+            })
+            .collect(),
+    )
+}
+
+/// The control socket of a pull of several disks: `status` (totals and
+/// each disk), `pause`, `resume` and `rate=` for all disks (recorded in
+/// each disk's state file before the answer); the rest is refused.
+async fn serve_control(
+    control: ControlListener,
+    disks: Arc<Vec<Running>>,
+    settings: Arc<CopierSettings>,
+    cmd: CommandLine,
+) {
+    let _keep = control.path.clone();
+    let changing = Arc::new(tokio::sync::Mutex::new(()));
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        control_socket::MAX_CONTROL_CONNECTIONS,
+    ));
+    loop {
+        let stream = match control.listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a control connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let _ =
+                stream.try_write(b"{\"ok\":false,\"error\":\"too many control connections\"}\n");
+            continue;
+        };
+        let (disks, settings, changing) = (disks.clone(), settings.clone(), changing.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (r, mut w) = stream.into_split();
+            let reply = match tokio::time::timeout(
+                control_socket::CONTROL_IDLE_TIMEOUT,
+                control_socket::read_request(r),
+            )
+            .await
+            {
+                Ok(Ok(Request::Line(line))) => {
+                    handle(line.trim(), &disks, &settings, cmd, &changing).await
+                }
+                Ok(Ok(Request::Bad(why))) => control_socket::error_reply(&why),
+                _ => return,
+            };
+            let _ = tokio::time::timeout(
+                control_socket::CONTROL_IDLE_TIMEOUT,
+                w.write_all(format!("{reply}\n").as_bytes()),
+            )
+            .await;
+        });
+    }
+}
+
+async fn handle(
+    req: &str,
+    disks: &[Running],
+    settings: &Arc<CopierSettings>,
+    cmd: CommandLine,
+    changing: &tokio::sync::Mutex<()>,
+) -> String {
+    let change = match ControlRequest::parse(req) {
+        Ok(ControlRequest::Status) => {
+            return serde_json::to_string(&status(disks, settings)).expect("status serialises")
+        }
+        Ok(ControlRequest::Commit | ControlRequest::Abort | ControlRequest::Switchover) => {
+            return control_socket::error_reply(
+                "commit, abort and switchover act on one disk: not with several disks (yet)",
+            )
+        }
+        Ok(ControlRequest::Pause) => Change::Paused(true),
+        Ok(ControlRequest::Resume) => Change::Paused(false),
+        Ok(ControlRequest::Rate(v)) => Change::Rate(v),
+        Err(ControlParseError::Unknown(_)) => {
+            return r#"{"ok":false,"error":"unknown request"}"#.into()
+        }
+        Err(e) => return control_socket::error_reply(&e.to_string()),
+    };
+    let _one = changing.lock().await;
+    for d in disks {
+        if let Err(e) = runtime::change(&d.shell, settings, cmd, change).await {
+            let e = crate::logging::error_chain(&anyhow::Error::from(e));
+            tracing::error!(disk = %d.name, error = %e, "a runtime change of the background copy was not made");
+            return control_socket::error_reply(&format!("not changed on disk {}: {e}", d.name));
+        }
+    }
+    match change {
+        Change::Paused(true) => r#"{"ok":true,"background":"paused"}"#.into(),
+        Change::Paused(false) => r#"{"ok":true,"background":"running"}"#.into(),
+        Change::Rate(v) => format!(r#"{{"ok":true,"rate_limit_bytes_per_sec":{v}}}"#),
+    }
+}
