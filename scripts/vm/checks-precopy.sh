@@ -173,6 +173,7 @@ if ! check precopy-ublk-device-added-before-the-switch pull; then
 fi
 writer &
 WRITER=$!
+log "writer started"
 
 # Dark: every request fails (O_DIRECT and buffered reads, a write), none
 # reaches the source, the pull says it pre-copies.
@@ -197,20 +198,31 @@ dark() {
 }
 check precopy-ublk-dark-before-the-switch dark
 
-# Pre-copy under writes: change rounds applied while data is copied.
+# elapsed SINCE: whole seconds of uptime since SINCE (from `now`).
+elapsed() { awk -v s="$1" -v t="$(now)" 'BEGIN { printf "%d", t - s }'; }
+
+# Pre-copy under writes: change rounds applied while data is copied (at
+# most 240 s of the VM's time; progress logged every few tries).
 rounds() {
+    t0=$(now)
     n=0
-    while [ $n -lt 600 ]; do
-        if status && [ "$(batches)" -ge 3 ] && [ "$(field precopy_generation)" -ge 2 ] &&
-            [ "$(field present_bytes)" -gt $((4 * MIB)) ]; then
-            return 0
+    while [ "$(elapsed "$t0")" -lt 240 ]; do
+        if status; then
+            [ $((n % 5)) -eq 0 ] &&
+                log "batches $(batches), generation $(field precopy_generation), present $(field present_bytes)"
+            if [ "$(batches)" -ge 5 ] && [ "$(field precopy_generation)" -ge 2 ] &&
+                [ "$(field present_bytes)" -gt $((12 * MIB)) ]; then
+                return 0
+            fi
+        else
+            log "status failed: $(cat "$T/status.err")"
         fi
         [ -s "$T/writer.err" ] && break
         kill -0 "$PULL" 2>/dev/null || break
-        sleep 0.2
+        sleep 1
         n=$((n + 1))
     done
-    echo "batches $(batches), status $(cat "$T/status.json"), writer: $(tail -n 2 "$T/writer.err")"
+    echo "batches $(batches), status $(cat "$T/status.json"), writer: $(tail -n 2 "$T/writer.err"), pull: $(tail -n 2 "$POUT")"
     return 1
 }
 check precopy-ublk-rounds-while-the-vm-writes rounds
@@ -255,6 +267,15 @@ equal() {
         cmp "$T/got" "$SRC"
 }
 check precopy-ublk-device-equals-the-source equal
+# The VM wrote into chunks already copied (made stale, fetched again): the
+# check above covered the marking, not only chunks copied after the writes.
+went_stale() {
+    n=$(sed -n 's/.*changes applied.*stale_chunks=\([0-9]*\).*/\1/p' "$POUT" |
+        awk '{ n += $1 } END { print n + 0 }')
+    log "chunks made stale by the VM's writes: $n"
+    [ "$n" -gt 0 ]
+}
+check precopy-ublk-copied-chunks-went-stale went_stale
 rm -f "$T/got" "$T/want"
 
 switched() {
@@ -269,14 +290,13 @@ check precopy-ublk-status-switched switched
 
 # wait_verified SECS: until the pull reports phase complete, verified ok.
 wait_verified() {
-    n=$1
-    while [ "$n" -gt 0 ]; do
+    t0=$(now)
+    while [ "$(elapsed "$t0")" -lt "$1" ]; do
         if status && [ "$(field phase)" = complete ] && [ "$(field verified)" = ok ]; then
             return 0
         fi
         [ "$(field phase)" = error ] && break
         sleep 1
-        n=$((n - 1))
     done
     echo "not verified: $(cat "$T/status.json")"
     return 1
