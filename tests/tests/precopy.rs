@@ -389,7 +389,13 @@ fn precopy_takes_ublk_or_nbd_and_needs_one_of_them() {
     let w = World::new();
     let src = w.path("src.img");
     make_image(&src, DISK, &[(MIB, MIB)], 26);
-    let (_serve, port) = w.serve(&src, &["--present", &format!("unix:{}", w.path("vm.sock").display())]);
+    let (_serve, port) = w.serve(
+        &src,
+        &[
+            "--present",
+            &format!("unix:{}", w.path("vm.sock").display()),
+        ],
+    );
     // Without --nbd: the argument after "--nbd" goes with it.
     let mut args = w.pull_args(port, "dst.img");
     let at = args.iter().position(|a| a == "--nbd").unwrap();
