@@ -152,6 +152,9 @@ fn bad_nbd_source_options_are_refused() {
     // Without the monitor ferry could not see writes: refused.
     let err = run(&["--nbd-source", &uri]);
     assert!(err.contains("--qmp"), "{err}");
+    // --live is for a VM's export only.
+    let err = run(&["--disk", "x.img", "--live"]);
+    assert!(err.contains("--nbd-source"), "{err}");
     // A file and an export at once.
     let err = run(&["--nbd-source", &uri, "--qmp", &qmp, "--disk", "x.img"]);
     assert!(err.contains("cannot be used with"), "{err}");

@@ -44,20 +44,43 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const TRUSTED_PACKETS: u32 = 15_000;
 
 /// The latest `Path` report of the source, shared by a client's tasks:
-/// both fields in one atomic, so a reader never mixes two reports.
+/// the loss estimate's two fields in one atomic, so a reader never mixes
+/// two reports; and the bytes the source declared lost, over every
+/// connection.
 #[derive(Debug, Default)]
-pub struct PathReports(AtomicU64);
+pub struct PathReports {
+    latest: AtomicU64,
+    /// Lost bytes of the current connection's last report.
+    lost_bytes: AtomicU64,
+    /// Lost bytes of the connections before it.
+    earlier_lost_bytes: AtomicU64,
+}
 
 impl PathReports {
     /// Keeps a report.
-    pub fn store(&self, lost_ppm: u32, sent_packets: u32) {
+    pub fn store(&self, lost_ppm: u32, sent_packets: u32, lost_bytes: u64) {
         let v = (u64::from(lost_ppm) << 32) | u64::from(sent_packets);
-        self.0.store(v, Ordering::Relaxed);
+        self.latest.store(v, Ordering::Relaxed);
+        self.lost_bytes.fetch_max(lost_bytes, Ordering::Relaxed);
+    }
+
+    /// A new connection: nothing known of it yet; the old one's lost
+    /// bytes are kept in the total.
+    pub fn new_connection(&self) {
+        self.latest.store(0, Ordering::Relaxed);
+        let old = self.lost_bytes.swap(0, Ordering::Relaxed);
+        self.earlier_lost_bytes.fetch_add(old, Ordering::Relaxed);
+    }
+
+    /// Bytes the source declared lost (and sent again), every connection
+    /// together, as of its last reports.
+    pub fn lost_bytes(&self) -> u64 {
+        self.earlier_lost_bytes.load(Ordering::Relaxed) + self.lost_bytes.load(Ordering::Relaxed)
     }
 
     /// The latest report: (lost packets per million, packets sent).
     pub fn load(&self) -> (u32, u32) {
-        let v = self.0.load(Ordering::Relaxed);
+        let v = self.latest.load(Ordering::Relaxed);
         ((v >> 32) as u32, v as u32)
     }
 }
@@ -199,7 +222,16 @@ mod tests {
         assert_eq!(copies(bound_ppm, TRUSTED_PACKETS - 1, 65536), 2);
         let r = PathReports::default();
         assert_eq!(r.load(), (0, 0));
-        r.store(7, 9);
+        r.store(7, 9, 100);
         assert_eq!(r.load(), (7, 9));
+        // Lost bytes add up over connections; a late, older report of a
+        // connection never lowers them.
+        r.store(7, 10, 300);
+        r.store(7, 10, 200);
+        assert_eq!(r.lost_bytes(), 300);
+        r.new_connection();
+        assert_eq!(r.load(), (0, 0));
+        r.store(1, 5, 50);
+        assert_eq!(r.lost_bytes(), 350);
     }
 }

@@ -53,7 +53,7 @@
 use std::fmt;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// How often the source sends a `Path` report, in ms.
 pub const PATH_REPORT_INTERVAL_MS: u64 = 100;
 /// Size of the frame header: `len: u32`.
@@ -293,6 +293,10 @@ pub enum Message {
         /// Packets the server has sent on this connection (saturating):
         /// what the estimate can rest on.
         sent_packets: u32,
+        /// Bytes of packets the server declared lost on this connection
+        /// (and so sent again): real losses and, where the link reorders,
+        /// spurious ones (protocol 8).
+        lost_bytes: u64,
     },
     /// Client → server: subscribe to the change rounds of a live source,
     /// starting with every chunk written after generation `since`.
@@ -458,10 +462,12 @@ impl Message {
             Message::Path {
                 lost_ppm,
                 sent_packets,
+                lost_bytes,
             } => {
                 out.push(T_PATH);
                 out.extend_from_slice(&lost_ppm.to_le_bytes());
                 out.extend_from_slice(&sent_packets.to_le_bytes());
+                out.extend_from_slice(&lost_bytes.to_le_bytes());
             }
             Message::Precopy { since } => {
                 out.push(T_PRECOPY);
@@ -510,7 +516,7 @@ impl Message {
             Message::Welcome { .. } => 55,
             Message::GetManifest { .. } => 1,
             Message::Zero { .. } => 8,
-            Message::Path { .. } => 8,
+            Message::Path { .. } => 16,
             Message::Precopy { .. } | Message::Switchover { .. } | Message::Applied { .. } => 8,
             Message::Changed { ranges, .. } => 9 + 16 * ranges.len(),
             Message::ManifestBytes(b) => b.len(),
@@ -645,10 +651,11 @@ pub fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Ok(Message::Zero { index: u64_at(0) })
         }
         T_PATH => {
-            exact(8, "8")?;
+            exact(16, "16")?;
             Ok(Message::Path {
                 lost_ppm: u32_at(0),
                 sent_packets: u32_at(4),
+                lost_bytes: u64_at(8),
             })
         }
         T_PRECOPY => {
@@ -800,6 +807,7 @@ mod tests {
             Message::Path {
                 lost_ppm: 1234,
                 sent_packets: u32::MAX,
+                lost_bytes: u64::MAX - 1,
             },
             Message::ManifestBytes(vec![]),
             Message::ManifestBytes(rng.bytes(1000)),

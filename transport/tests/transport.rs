@@ -78,6 +78,8 @@ struct MemSource {
 struct FakeLive {
     log: std::sync::Mutex<ferry_core::changes::ChangeLog>,
     frozen: std::sync::atomic::AtomicBool,
+    /// Why the next freeze is refused (its VM still runs), once.
+    refuse: std::sync::Mutex<Option<String>>,
 }
 
 impl ferry_transport::LiveChanges for FakeLive {
@@ -88,9 +90,14 @@ impl ferry_transport::LiveChanges for FakeLive {
         let log = self.log.lock().unwrap();
         (log.generation(), log.since(applied))
     }
-    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    fn freeze(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        if let Some(why) = self.refuse.lock().unwrap().take() {
+            return Box::pin(async move { Err(why) });
+        }
         self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
-        Box::pin(async {})
+        Box::pin(async { Ok(()) })
     }
     fn frozen(&self) -> bool {
         self.frozen.load(std::sync::atomic::Ordering::SeqCst)
@@ -659,6 +666,12 @@ async fn a_live_source_sends_its_change_rounds_and_its_last_list_at_the_switchov
         // The switchover: frozen, a last generation with what changed
         // after the one applied.
         live.log.lock().unwrap().record(4..5);
+        // A freeze refused (the VM still runs): an error naming why, the
+        // source still live.
+        *live.refuse.lock().unwrap() = Some("the VM still runs".into());
+        let e = client.switchover(1).await.unwrap_err();
+        assert!(e.to_string().contains("the VM still runs"), "{e}");
+        assert!(!live.frozen.load(std::sync::atomic::Ordering::SeqCst));
         let last = client.switchover(1).await.unwrap();
         assert_eq!((last.generation, last.chunks), (2, vec![4..5]));
         assert!(live.frozen.load(std::sync::atomic::Ordering::SeqCst));

@@ -90,12 +90,22 @@ pub(crate) struct ServeArgs {
     pub(crate) disk: Option<PathBuf>,
     /// Export a VM's disk read through its QEMU's (or
     /// qemu-storage-daemon's) NBD export instead of a file:
-    /// nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT. The VM
-    /// must be paused: with --qmp, ferry adds a dirty bitmap to the
-    /// export's node before it maps the disk, and once the bitmap shows a
-    /// write it sends nothing more (the pull fails with SourceChanged).
+    /// nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT. Without
+    /// --live the VM must be paused: with --qmp, ferry adds a dirty bitmap
+    /// to the export's node before it maps the disk, and once the bitmap
+    /// shows a write it sends nothing more (the pull fails with
+    /// SourceChanged).
     #[arg(long, value_name = "URI", requires = "qmp")]
     pub(crate) nbd_source: Option<String>,
+    /// With --nbd-source: the VM runs and keeps writing (a live source):
+    /// ferry records its writes in dirty-bitmap generations (a pre-copy
+    /// round every second) so a destination can pre-copy (`ferry pull
+    /// --precopy`, then `ferry switchover` once the VM is paused; a pull
+    /// without --precopy is refused until then). At the switchover the
+    /// VM must be paused: a VM that QMP reports running is refused, and a
+    /// write after the final round stops the source (SourceChanged).
+    #[arg(long, requires = "nbd_source")]
+    pub(crate) live: bool,
     /// The QMP monitor socket of the QEMU that serves --nbd-source.
     #[arg(long, value_name = "SOCKET", requires = "nbd_source")]
     pub(crate) qmp: Option<PathBuf>,
@@ -288,7 +298,8 @@ pub(crate) struct PullArgs {
     /// by the abort stay where they are). No effect otherwise.
     #[arg(long)]
     pub(crate) start_over: bool,
-    /// Pre-copy from a live source (`ferry serve --present`): copy while
+    /// Pre-copy from a live source (`ferry serve --present`, or
+    /// `--nbd-source` with `--live`): copy while
     /// the source VM runs, fetching again what it writes, and serve
     /// nothing until `ferry switchover --control PATH`: the --nbd socket
     /// is bound then; a --ublk device is added at once but fails every

@@ -270,6 +270,11 @@ pub(crate) fn families(s: &Status, t: &TelemetrySnapshot, chunks: u64) -> Vec<Me
             "The source's lost packets per packet sent on the link, as it last reported.",
             f64::from(s.source_lost_ppm) / 1e6,
         ),
+        counter(
+            "ferry_pull_source_retransmitted_bytes_total",
+            "Bytes the source declared lost on the link and sent again (real and spurious losses).",
+            b(s.source_retransmitted_bytes),
+        ),
         gauge(
             "ferry_pull_source_sent_packets",
             "Packets the source had sent on the current connection at its last report.",
@@ -434,6 +439,7 @@ mod tests {
             background: "running".into(),
             verified: "failed: cannot read".into(),
             source_lost_ppm: 12_500,
+            source_retransmitted_bytes: 3000,
             reconnects: 2,
             eta_seconds: Some(7),
             ..Status::default()
@@ -481,6 +487,10 @@ mod tests {
             196608.0
         );
         assert_eq!(sample(&text, "ferry_pull_duplicate_bytes_total"), 65536.0);
+        assert_eq!(
+            sample(&text, "ferry_pull_source_retransmitted_bytes_total"),
+            3000.0
+        );
         assert_eq!(
             sample(&text, "ferry_pull_filled_local_bytes_total"),
             2.0 * 65536.0

@@ -140,7 +140,9 @@ impl LiveChanges for Presented {
             .is_some()
     }
 
-    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    fn freeze(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
             if self
                 .frozen
@@ -148,7 +150,7 @@ impl LiveChanges for Presented {
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some()
             {
-                return;
+                return Ok(());
             }
             let guard = self.gate.clone().write_owned().await;
             let mut frozen = self.frozen.lock().unwrap_or_else(|e| e.into_inner());
@@ -156,6 +158,7 @@ impl LiveChanges for Presented {
                 tracing::info!("the presented disk is frozen: further writes are held");
                 *frozen = Some(guard);
             }
+            Ok(())
         })
     }
 }

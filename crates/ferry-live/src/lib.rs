@@ -35,7 +35,7 @@ pub use error::LiveError;
 pub use qmp::{Qmp, QmpError};
 pub use rounds::{ChangeTracker, Round, TrackerConfig};
 pub use source::{dirty_chunks, LiveSource, SourceConfig, MAX_CHUNK_SIZE, MAX_CONNECTIONS};
-pub use watch::{export_node, WriteWatch};
+pub use watch::{export_node, vm_running, WriteWatch};
 
 /// ferry's chunk size, and the dirty-bitmap granularity the tracker uses by
 /// default: 64 KiB.

@@ -20,6 +20,7 @@ use crate::chunks::ChunkSet;
 use crate::error::LiveError;
 use crate::qmp::Qmp;
 use crate::source::{dirty_chunks, LiveSource};
+use crate::watch::WriteWatch;
 use crate::DEFAULT_CHUNK_SIZE;
 
 /// Smallest and largest granularity QEMU accepts for a dirty bitmap.
@@ -386,6 +387,31 @@ impl ChangeTracker {
             LiveError::RoundFailed { .. } => Ok(()),
             e => Err(e),
         }
+    }
+
+    /// Completes the final round and keeps the generation recording since
+    /// its switch as a [`WriteWatch`]: with the VM paused it stays empty,
+    /// and a write after the final round shows in its count (the final
+    /// list would have missed it). The frozen generation is removed (best
+    /// effort: left behind, a disabled bitmap costs memory only).
+    pub async fn into_watch(mut self, round: Round) -> Result<WriteWatch, LiveError> {
+        self.check_pending(&round)?;
+        if !round.is_final {
+            return Err(LiveError::State(format!(
+                "round {} is not the final round",
+                round.generation
+            )));
+        }
+        let name = self.generation_name(round.generation);
+        let _ = self.remove_bitmap(&name).await;
+        let rec = self.generation_name(self.recording);
+        Ok(WriteWatch::from_parts(self.qmp, &self.cfg.node, &rec))
+    }
+
+    /// The QMP connection the tracker drives (one command at a time; do
+    /// not touch its bitmaps).
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
     }
 
     /// Stops tracking: removes the round export and the bitmaps this

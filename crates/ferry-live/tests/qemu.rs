@@ -489,6 +489,60 @@ fn a_failed_or_abandoned_round_is_merged_back() {
 }
 
 #[test]
+fn the_final_round_hands_its_recording_generation_over_as_a_write_watch() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("disk.img");
+    make_image(&image, 8 * MIB, &[(0, MIB)], 32);
+    let mut qsd = daemon(dir.path(), &image);
+    let rt = runtime();
+    let src = source(&rt, &qsd);
+    let mut tracker = tracker(&rt, &qsd, &src);
+    let mut w = NbdWriter::connect(&qsd.nbd_socket, "w");
+    let block64 = vec![0x5au8; CHUNK as usize];
+    // qemu-storage-daemon has no VM: no run state to ask.
+    let state = block(&rt, ferry_live::vm_running(tracker.qmp())).expect("query-status");
+    assert_eq!(state, None, "qemu-storage-daemon has a run state?");
+    w.write(3 * CHUNK, &block64);
+    let r = block(&rt, tracker.next_round()).expect("round 0");
+    assert!(
+        block(&rt, tracker.into_watch(r)).is_err(),
+        "not the final round"
+    );
+    // (into_watch consumed the tracker: a new one for the real case.)
+    let mut tracker = self::tracker_named(&rt, &qsd, &src, "t2");
+    w.write(6 * CHUNK, &block64);
+    let r = block(&rt, tracker.final_round()).expect("the final round");
+    assert_eq!(chunks(r.dirty()), vec![6]);
+    let recording = tracker.generation_name(tracker.recording());
+    let mut watch = block(&rt, tracker.into_watch(r)).expect("into a watch");
+    assert_eq!(watch.bitmap(), recording);
+    assert_eq!(block(&rt, watch.dirty_bytes()).expect("count"), 0);
+    // A write after the final round shows in the watch.
+    w.write(7 * CHUNK, &[1, 2, 3]);
+    assert_eq!(block(&rt, watch.dirty_bytes()).expect("count"), CHUNK);
+    let left = qsd.dirty_bitmaps();
+    assert!(left.contains(&recording), "{left:?}");
+    assert!(
+        !left.iter().any(|b| b == "t2-g0"),
+        "the final generation stays: {left:?}"
+    );
+    block(&rt, watch.close()).expect("close the watch");
+    block(&rt, src.close());
+}
+
+fn tracker_named(
+    rt: &tokio::runtime::Runtime,
+    qsd: &StorageDaemon,
+    src: &LiveSource,
+    prefix: &str,
+) -> ChangeTracker {
+    let qmp = block(rt, Qmp::connect(&qsd.ferry_qmp_socket)).expect("the second monitor");
+    let mut cfg = TrackerConfig::new("disk0");
+    cfg.prefix = prefix.into();
+    block(rt, ChangeTracker::start(qmp, src, cfg)).expect("start the tracker")
+}
+
+#[test]
 fn bad_input_gives_typed_errors() {
     let dir = tempfile::tempdir().expect("temp dir");
     let image = dir.path().join("disk.img");

@@ -204,6 +204,16 @@ pub async fn run_copier<F: Fetcher, D: Disk, M: BlockMap>(
             )
         };
         match phase {
+            Phase::Complete
+                if shared
+                    .awaiting_switchover
+                    .load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                // Pre-copy: every chunk is here, but the source's changes
+                // go on until the switchover; verify after it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+                continue;
+            }
             Phase::Complete => {
                 rounds += 1;
                 if verify(&shared, &report, rounds < MAX_VERIFY_ROUNDS).await {

@@ -51,6 +51,8 @@ pub struct LinkStats {
     /// Packets the source had sent on the current connection at its last
     /// report.
     pub source_sent_packets: u32,
+    /// Bytes the source declared lost and sent again.
+    pub source_retransmitted_bytes: u64,
 }
 
 /// A connection to the source, as the shell uses it. Cheap to clone (a

@@ -28,6 +28,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
         let _round = self.sync_lock.lock().await;
         let all = [0..self.geo_chunks()];
         let chunks = if everything { &all[..] } else { chunks };
+        let switched = record.switched;
         let cleared = self.lock().handle_changed(chunks);
         let n = cleared.len() as u64;
         let state = self.state.clone();
@@ -37,6 +38,11 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
             s.record_precopy(record)
         })
         .await?;
+        if switched {
+            // The copier may verify a complete copy from now on.
+            self.awaiting_switchover
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         self.changed.notify_waiters();
         Ok(n)
     }

@@ -35,6 +35,12 @@ pub struct ShellOptions {
     /// How long a guest request waits for absent data before it fails
     /// (`--absent-timeout-secs`; `None`: until the source answers).
     pub absent_timeout: Option<Duration>,
+    /// A pre-copy not switched over yet: the copier does not verify a
+    /// complete copy before the switchover (the source's manifest is not
+    /// final, and a live source may not be able to complete it); set
+    /// until changes recorded as switched are applied
+    /// ([`Shell::apply_changes`]).
+    pub awaiting_switchover: bool,
 }
 
 /// Everything the frontends, the copier and the control socket share.
@@ -65,6 +71,8 @@ pub struct Shell<F: Fetcher, D: Disk = Backing, M: BlockMap = StateFile> {
     /// Whether guest I/O waits for the source's acceptance (a fresh pull;
     /// see [`Shell::admitted`]).
     pub(crate) gated: bool,
+    /// See [`ShellOptions::awaiting_switchover`].
+    pub(crate) awaiting_switchover: std::sync::atomic::AtomicBool,
     /// How long a guest request waits for absent data before it fails
     /// (`--absent-timeout-secs`; `None`: until the source answers).
     pub(crate) absent_timeout: Option<Duration>,
@@ -109,6 +117,7 @@ impl<F: Fetcher, D: Disk, M: BlockMap> Shell<F, D, M> {
             created: Mutex::new(created),
             source: tokio::sync::watch::Sender::new(source),
             gated: options.gated,
+            awaiting_switchover: std::sync::atomic::AtomicBool::new(options.awaiting_switchover),
             absent_timeout: options.absent_timeout,
             bg_in_flight: AtomicU64::new(0),
             bg_in_flight_bytes: AtomicU64::new(0),

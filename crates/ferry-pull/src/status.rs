@@ -85,6 +85,11 @@ pub struct Status {
     #[serde(default)]
     /// Packets the source sent on the current connection.
     pub source_sent_packets: u32,
+    #[serde(default)]
+    /// Bytes the source declared lost on the link and sent again (every
+    /// connection of this run): real losses, and spurious ones where the
+    /// link reorders packets or its delay jumps.
+    pub source_retransmitted_bytes: u64,
     /// "running" or "paused".
     pub background: String,
     /// The background copy's rate limit (0: none).
@@ -203,6 +208,7 @@ pub fn snapshot<F: Fetcher, D: Disk, M: BlockMap>(
         hedged_reads: stats.map_or(0, |s| s.hedged_reads),
         source_lost_ppm: stats.map_or(0, |s| s.source_lost_ppm),
         source_sent_packets: stats.map_or(0, |s| s.source_sent_packets),
+        source_retransmitted_bytes: stats.map_or(0, |s| s.source_retransmitted_bytes),
         background: if e.background_paused() {
             "paused"
         } else {

@@ -127,6 +127,7 @@ impl Fetcher for LiveSource {
             hedged_reads: 0,
             source_lost_ppm: 0,
             source_sent_packets: 0,
+            source_retransmitted_bytes: 0,
         }
     }
 

@@ -150,6 +150,7 @@ impl Fetcher for MemSource {
             hedged_reads: 0,
             source_lost_ppm: 0,
             source_sent_packets: 0,
+            source_retransmitted_bytes: 0,
         }
     }
 
@@ -198,6 +199,7 @@ fn pull_from(source: MemSource, absent_timeout: Option<Duration>) -> Pull {
         ShellOptions {
             gated: true,
             absent_timeout,
+            awaiting_switchover: false,
         },
     );
     Pull {

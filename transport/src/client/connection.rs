@@ -133,8 +133,9 @@ impl Client {
             Ok(Some(Message::Path {
                 lost_ppm,
                 sent_packets,
+                lost_bytes,
             })) => {
-                self.inner.path.store(lost_ppm, sent_packets);
+                self.inner.path.store(lost_ppm, sent_packets, lost_bytes);
                 self.inner.authenticated.store(true, Ordering::Release);
                 tokio::spawn(read_path_reports(recv, self.inner.path.clone()));
                 Ok(())
@@ -376,7 +377,7 @@ impl Inner {
                 Ok((conn, info, welcome)) => {
                     // Until the new connection's first report, it has sent
                     // nothing to judge by.
-                    self.path.store(0, 0);
+                    self.path.new_connection();
                     tokio::spawn(read_path_reports(welcome, self.path.clone()));
                     let mut st = self.lock();
                     let (before, after) = (self.info.source_id, info.source_id);
@@ -467,7 +468,8 @@ async fn read_path_reports(mut recv: quinn::RecvStream, path: Arc<PathReports>) 
             Ok(Some(Message::Path {
                 lost_ppm,
                 sent_packets,
-            })) => path.store(lost_ppm, sent_packets),
+                lost_bytes,
+            })) => path.store(lost_ppm, sent_packets, lost_bytes),
             Ok(Some(m)) => {
                 tracing::debug!("unexpected {} frame on the Welcome stream", frame_name(&m));
                 return;

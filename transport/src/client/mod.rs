@@ -135,6 +135,9 @@ pub struct ClientStats {
     /// report (on-demand reads are hedged until this reaches
     /// [`crate::path::TRUSTED_PACKETS`]).
     pub source_sent_packets: u32,
+    /// Bytes the source declared lost and sent again, every connection
+    /// together (its reports, at most one report interval old).
+    pub source_retransmitted_bytes: u64,
 }
 
 /// A handle to a source. Clone it freely.
@@ -253,6 +256,7 @@ impl Client {
             hedged_reads: self.inner.hedged.load(Ordering::Relaxed),
             source_lost_ppm,
             source_sent_packets,
+            source_retransmitted_bytes: self.inner.path.lost_bytes(),
         }
     }
 }

@@ -203,6 +203,7 @@ async fn report_path(
         let report = Message::Path {
             lost_ppm,
             sent_packets,
+            lost_bytes: path.lost_bytes,
         };
         if let Err(e) = codec::write_msg(&mut stream, &report).await {
             tracing::debug!(%remote, "path reports end: {e}");

@@ -109,8 +109,13 @@ pub trait LiveChanges: Send + Sync {
     /// generation `applied` (`None`: the source cannot tell).
     fn since(&self, applied: u64) -> (u64, Option<Vec<std::ops::Range<u64>>>);
     /// Freezes the disk the VM writes: resolves once writes in progress
-    /// have ended; later ones are held (not failed) from then on.
-    fn freeze(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
+    /// have ended; later ones are held (not failed) from then on, or seen
+    /// and refused (a source whose VM ferry cannot hold). `Err`: the disk
+    /// cannot be frozen now (e.g. its VM still runs); the pre-copy goes on
+    /// and the reason goes to the destination.
+    fn freeze(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
     /// Whether [`LiveChanges::freeze`] has frozen it: nothing writes the
     /// disk any more.
     fn frozen(&self) -> bool;

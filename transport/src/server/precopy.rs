@@ -191,7 +191,12 @@ pub(super) async fn switchover(
     let _ = resp.stream().set_priority(CHANGES_PRIORITY);
     let t0 = std::time::Instant::now();
     if let Some(live) = shared.source.changes() {
-        live.freeze().await;
+        if let Err(why) = live.freeze().await {
+            tracing::warn!(%remote, "switchover refused: {why}");
+            resp.error(ErrorCode::ReadFailed, format!("switchover refused: {why}"))
+                .await;
+            return;
+        }
     }
     if let Some(why) = shared.source.changed() {
         resp.error(ErrorCode::SourceChanged, why).await;
@@ -208,7 +213,7 @@ pub(super) async fn switchover(
         generation = last.0,
         changed_chunks = chunks,
         freeze_ms = t0.elapsed().as_secs_f64() * 1e3,
-        "switchover: the presented disk is frozen; sending the final changes"
+        "switchover: the live disk is frozen; sending the final changes"
     );
     if let Err(e) = send_changed(resp, last).await {
         tracing::warn!(%remote, "sending the final changes failed: {e}");

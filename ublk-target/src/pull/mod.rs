@@ -475,6 +475,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             ShellOptions {
                 gated: !resumed,
                 absent_timeout: a.absent_timeout_secs.map(Duration::from_secs),
+                awaiting_switchover: a.precopy && !precopy_record.switched,
             },
         );
         let settings = Arc::new(CopierSettings {

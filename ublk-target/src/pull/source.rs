@@ -79,6 +79,7 @@ impl Fetcher for Quic {
             hedged_reads: s.hedged_reads,
             source_lost_ppm: s.source_lost_ppm,
             source_sent_packets: s.source_sent_packets,
+            source_retransmitted_bytes: s.source_retransmitted_bytes,
         }
     }
 

@@ -1,8 +1,9 @@
 //! A tiny blocking NBD client for the latency prober: fixed newstyle
 //! handshake with `NBD_OPT_EXPORT_NAME`, then simple-reply `NBD_CMD_READ`s
-//! on one connection, each timed by the caller. Nothing else (no
-//! structured replies, no writes), so any server speaks it: ferry's
-//! export and nbdkit alike.
+//! and `NBD_CMD_WRITE`s on one connection, each timed by the caller (the
+//! latency prober reads; the live bench's writer writes). Nothing else (no
+//! structured replies), so any server speaks it: ferry's export, nbdkit
+//! and qemu-storage-daemon alike.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -19,6 +20,7 @@ const OPT_EXPORT_NAME: u32 = 1;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
 
 /// One NBD connection.
@@ -79,17 +81,23 @@ impl NbdClient {
         Ok(NbdClient { s, size, handle: 0 })
     }
 
-    /// Reads `buf.len()` bytes at `offset`.
-    pub(crate) fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Sends one request header (and `data`, for a write).
+    fn request(&mut self, cmd: u16, offset: u64, len: usize, data: &[u8]) -> Result<()> {
         self.handle += 1;
-        let mut req = Vec::with_capacity(28);
+        let mut req = Vec::with_capacity(28 + data.len());
         req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&CMD_READ.to_be_bytes());
+        req.extend_from_slice(&cmd.to_be_bytes());
         req.extend_from_slice(&self.handle.to_be_bytes());
         req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&(buf.len() as u32).to_be_bytes());
+        req.extend_from_slice(&(len as u32).to_be_bytes());
+        req.extend_from_slice(data);
         self.s.write_all(&req)?;
+        Ok(())
+    }
+
+    /// Reads a simple reply's header; fails on an NBD error.
+    fn reply(&mut self, what: &str, offset: u64) -> Result<()> {
         if read_u32(&mut self.s)? != SIMPLE_REPLY_MAGIC {
             bail!("unexpected reply magic");
         }
@@ -99,10 +107,23 @@ impl NbdClient {
             bail!("reply for handle {handle}, expected {}", self.handle);
         }
         if err != 0 {
-            bail!("read at {offset} failed with NBD error {err}");
+            bail!("{what} at {offset} failed with NBD error {err}");
         }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub(crate) fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.request(CMD_READ, offset, buf.len(), &[])?;
+        self.reply("read", offset)?;
         self.s.read_exact(buf)?;
         Ok(())
+    }
+
+    /// Writes `data` at `offset` (no FUA), waiting for the server's answer.
+    pub(crate) fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.request(CMD_WRITE, offset, data.len(), data)?;
+        self.reply("write", offset)
     }
 }
 

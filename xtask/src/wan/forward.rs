@@ -196,6 +196,7 @@ impl Shared {
                     "burst_loss": cfg.burst_loss,
                     "burst_len": cfg.burst_len,
                     "jitter_ms": cfg.jitter.as_secs_f64() * 1e3,
+                    "jitter_reorders": cfg.reorder,
                 }),
             );
         }
@@ -327,7 +328,13 @@ fn pump(shared: &Shared, dir: usize, mut rx: Box<dyn Rx>, mut tx: Box<dyn Tx>) {
                         let mut p = pool.pop().unwrap_or_default();
                         p.clear();
                         p.extend_from_slice(&buf[..n]);
-                        held.push_back((at, p));
+                        // In delivery order: a reordering link's packet
+                        // may be due before ones already held.
+                        let pos = held
+                            .iter()
+                            .rposition(|(t, _)| *t <= at)
+                            .map_or(0, |i| i + 1);
+                        held.insert(pos, (at, p));
                     }
                 }
                 Ok(None) => break,

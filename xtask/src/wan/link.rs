@@ -14,7 +14,9 @@
 //!    rate is `burst_loss` and whose mean burst is `burst_len` packets;
 //! 4. one-way propagation delay plus jitter uniform in `±jitter`, clamped so
 //!    that no packet is delivered before the one offered ahead of it (jitter
-//!    without reordering).
+//!    without reordering), or with `reorder` each packet's own (packets
+//!    closer together than the jitter overtake each other, as with netem's
+//!    jitter).
 
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ pub(crate) struct LinkConfig {
     pub(crate) burst_len: f64,
     /// Jitter amplitude: each packet's delay varies by up to ± this much.
     pub(crate) jitter: Duration,
+    /// Jitter may reorder packets (each keeps its own delay).
+    pub(crate) reorder: bool,
     /// Seed of the model's random numbers.
     pub(crate) seed: u64,
 }
@@ -49,6 +53,7 @@ impl Default for LinkConfig {
             burst_loss: 0.0,
             burst_len: 4.0,
             jitter: Duration::ZERO,
+            reorder: false,
             seed: 1,
         }
     }
@@ -234,8 +239,12 @@ impl Link {
             let d = (delay.as_nanos() as f64 + offset).max(0.0);
             delay = Duration::from_nanos(d as u64);
         }
-        let at = (depart + delay).max(self.last_deliver);
-        self.last_deliver = at;
+        let at = if self.cfg.reorder {
+            depart + delay
+        } else {
+            (depart + delay).max(self.last_deliver)
+        };
+        self.last_deliver = self.last_deliver.max(at);
         self.counters.passed_pkts += 1;
         self.counters.passed_bytes += len as u64;
         Verdict::Deliver(at)
@@ -415,6 +424,33 @@ mod tests {
             assert!(at - now <= ms(25));
             last = at;
         }
+    }
+
+    #[test]
+    fn reordering_jitter_lets_packets_overtake() {
+        // The same stream with `reorder`: many packets overtake the one
+        // offered before them, each still within its own delay's bounds.
+        let mut l = Link::new(LinkConfig {
+            delay: ms(20),
+            jitter: ms(5),
+            reorder: true,
+            seed: 12,
+            ..Default::default()
+        });
+        let mut last = Duration::ZERO;
+        let mut overtaken = 0;
+        for i in 0..10_000u64 {
+            let now = us(i * 100);
+            let Verdict::Deliver(at) = l.offer(now, 500) else {
+                panic!("no loss configured");
+            };
+            assert!(at - now >= ms(15) && at - now <= ms(25));
+            if at < last {
+                overtaken += 1;
+            }
+            last = at;
+        }
+        assert!(overtaken > 1_000, "{overtaken}");
     }
 
     #[test]

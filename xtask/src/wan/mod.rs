@@ -7,7 +7,7 @@
 //! A forwarder process (`cargo xtask wan-forward`, hidden) holds both TUN
 //! descriptors and moves every IP packet between them through the link
 //! model of [`link`]: one-way delay, a rate limit with a queue bounded in
-//! milliseconds, random and Gilbert-Elliott loss, jitter without
+//! milliseconds, random and Gilbert-Elliott loss, jitter with or without
 //! reordering, and a cut switch. TCP (qemu-nbd, nbdkit, nbdcopy) and QUIC
 //! (ferry) then cross the very same link. The forwarder counts what it
 //! forwarded and dropped and answers on a unix socket (`wan status`).
@@ -72,6 +72,10 @@ pub(crate) struct LinkOpts {
     /// reordering).
     #[arg(long, default_value_t = 0.0)]
     pub(crate) jitter_ms: f64,
+    /// Jitter reorders packets: each keeps its own delay, so packets
+    /// closer together than the jitter overtake each other (netem's jitter).
+    #[arg(long)]
+    pub(crate) jitter_reorders: bool,
     /// Bottleneck queue, in ms of serialisation time (tail drop beyond).
     #[arg(long, default_value_t = 50.0)]
     pub(crate) queue_ms: f64,
@@ -93,6 +97,7 @@ impl Default for LinkOpts {
             burst_loss: 0.0,
             burst_len: 4.0,
             jitter_ms: 0.0,
+            jitter_reorders: false,
             queue_ms: 50.0,
             seed: 1,
             mtu: 1500,
@@ -115,6 +120,7 @@ impl LinkOpts {
             burst_loss: self.burst_loss.clamp(0.0, 0.99),
             burst_len: self.burst_len.max(1.0),
             jitter: dur_ms(self.jitter_ms),
+            reorder: self.jitter_reorders,
             seed: self.seed,
         };
         let mut other = one.clone();
@@ -124,7 +130,7 @@ impl LinkOpts {
 
     /// The same options as command-line arguments.
     pub(crate) fn to_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             format!("--rate-mbit={}", self.rate_mbit),
             format!("--rtt-ms={}", self.rtt_ms),
             format!("--loss={}", self.loss),
@@ -134,7 +140,11 @@ impl LinkOpts {
             format!("--queue-ms={}", self.queue_ms),
             format!("--seed={}", self.seed),
             format!("--mtu={}", self.mtu),
-        ]
+        ];
+        if self.jitter_reorders {
+            args.push("--jitter-reorders".into());
+        }
+        args
     }
 
     /// A one-line description, e.g. for reports.
@@ -155,6 +165,9 @@ impl LinkOpts {
         }
         if self.jitter_ms > 0.0 {
             s += &format!(", jitter ±{} ms", self.jitter_ms);
+            if self.jitter_reorders {
+                s += " (reordering)";
+            }
         }
         if self.mtu != 1500 {
             s += &format!(", MTU {}", self.mtu);
