@@ -321,7 +321,9 @@ pub(crate) struct PullArgs {
     /// Pre-copy from a live source (`ferry serve --present`, or
     /// `--nbd-source` with `--live`): copy while
     /// the source VM runs, fetching again what it writes, and serve
-    /// nothing until `ferry switchover --control PATH`. Needs --nbd.
+    /// nothing until `ferry switchover --control PATH`: the --nbd socket
+    /// is bound then; a --ublk device is added at once but fails every
+    /// request until then.
     #[arg(long)]
     pub(crate) precopy: bool,
     #[command(flatten)]

@@ -8,11 +8,12 @@
 //! scripts that print one `FERRY-CHECK` line per check on the serial
 //! console. QEMU runs under TCG (never KVM) and always under `timeout`.
 //!
-//! By default `vm-test` runs two scripts in one boot: `checks-ublk.sh` (the
-//! frontend through the `ublk-mem` example) and `checks-ferry.sh` (the real
+//! By default `vm-test` runs three scripts in one boot: `checks-ublk.sh` (the
+//! frontend through the `ublk-mem` example), `checks-ferry.sh` (the real
 //! `ferry serve` + `ferry pull --ublk`, on source images prepared here and
 //! attached as read-only virtio disks with serial numbers, see
-//! [`fixtures`]).
+//! [`fixtures`]) and `checks-precopy.sh` (`ferry pull --precopy --ublk`
+//! from a `ferry serve --present` source that qemu-io writes).
 
 mod bench;
 mod fixtures;
@@ -36,7 +37,11 @@ use anyhow::{bail, Context, Result};
 const MODULES: &[&str] = &["ublk_drv", "virtio_blk", "virtio_net", "loop"];
 
 /// Check scripts `vm-test` runs when none is named.
-const DEFAULT_CHECKS: &[&str] = &["scripts/vm/checks-ublk.sh", "scripts/vm/checks-ferry.sh"];
+const DEFAULT_CHECKS: &[&str] = &[
+    "scripts/vm/checks-ublk.sh",
+    "scripts/vm/checks-ferry.sh",
+    "scripts/vm/checks-precopy.sh",
+];
 
 /// Options of `cargo xtask vm-test`.
 #[derive(clap::Args, Debug)]
@@ -56,7 +61,8 @@ struct VmOptions {
     binaries: Vec<PathBuf>,
     /// A check script run inside the VM, in the order given (repeatable;
     /// each sources $FERRY_LIB for the `check`/`pass`/`fail` helpers).
-    /// Default: scripts/vm/checks-ublk.sh, then scripts/vm/checks-ferry.sh.
+    /// Default: scripts/vm/checks-ublk.sh, scripts/vm/checks-ferry.sh, then
+    /// scripts/vm/checks-precopy.sh.
     #[arg(long = "checks", value_name = "PATH")]
     checks: Vec<PathBuf>,
     /// An extra file for the VM, at /ferry/files/NAME (repeatable).
@@ -103,16 +109,16 @@ impl VmOptions {
     }
 }
 
-/// vm-test's time limit: a run takes about 2.5 minutes on an idle 2-core
-/// machine; the margin is for a loaded one.
-const VM_TEST_TIMEOUT_SECS: u64 = 480;
+/// vm-test's time limit: with the pre-copy checks a run took 7.5 minutes
+/// of VM time (checks 410 s) on a 2-core machine loaded by other builds.
+const VM_TEST_TIMEOUT_SECS: u64 = 600;
 
 /// The machine's options, shared by `vm-test`, `vm-bench` and
 /// `vm-wan-bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub(crate) struct MachineOpts {
-    /// Kill the VM after this many seconds. Default: 480 for vm-test (a
-    /// run takes about 2.5 minutes on an idle 2-core machine), 900 for
+    /// Kill the VM after this many seconds. Default: 600 for vm-test (a
+    /// run took 7.5 minutes on a loaded 2-core machine), 900 for
     /// vm-bench, 1500 for vm-wan-bench.
     #[arg(long, value_name = "SECS")]
     timeout_secs: Option<u64>,

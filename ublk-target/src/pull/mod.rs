@@ -2,6 +2,7 @@
 //! data on demand, copy the rest in the background, verify, keep serving.
 
 mod control_socket;
+mod gate;
 mod multi;
 mod precopy;
 mod source;
@@ -275,9 +276,6 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     if a.precopy && !a.index.is_empty() {
         bail!("--index with --precopy: local fills are matched against hashes a live source may change; not supported yet");
-    }
-    if a.precopy && (a.ublk || a.nbd.is_none()) {
-        bail!("--precopy serves over --nbd only (not yet --ublk)");
     }
     let disk_is_device = ferry_store::backing::is_block_device(&a.disk)
         .with_context(|| format!("cannot stat --disk {}", a.disk.display()))?;
@@ -611,10 +609,22 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
             switch_rx.close();
         }
         let mut switching = None;
+        // With --ublk, /dev/ublkbN is added during the pre-copy (its path
+        // known, openable) but fails every request until the switchover
+        // opens the gate (docs/decisions/ublk-precopy-device-dark.md).
+        let gate = gate::Gate::new(!a.precopy || precopy_record.switched);
+        let gated = Arc::new(gate::Gated {
+            inner: PullDevice(shared.clone()),
+            gate: gate.clone(),
+        });
+        let mut ublk = None;
         if a.precopy {
             if precopy_record.switched {
                 tracing::info!(generation = precopy_record.generation, "the switchover was done before this restart: serving");
             } else {
+                if a.ublk {
+                    ublk = Some(start_ublk(&a, ublk_recover, gated.clone(), true).await?);
+                }
                 println!(
                     "ferry pull: pre-copying; nothing is served until `ferry switchover --control {}`",
                     a.control.display()
@@ -634,17 +644,26 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
                         Some(req) = abort_rx.recv() => {
                             tracing::warn!("aborting the migration during pre-copy (ferry abort)");
                             rounds.abort();
+                            if let Some(u) = ublk.take() {
+                                u.shut_down().await;
+                            }
                             let result = abort_migration(&shared, &a.disk, &state_path, id, req).await;
                             drop(sockets);
                             return result;
                         }
                         _ = tokio::signal::ctrl_c() => {
                             rounds.abort();
+                            if let Some(u) = ublk.take() {
+                                u.shut_down().await;
+                            }
                             shared.sync().await.context("final sync failed")?;
                             return Ok(());
                         }
                         _ = term.recv() => {
                             rounds.abort();
+                            if let Some(u) = ublk.take() {
+                                u.shut_down().await;
+                            }
                             shared.sync().await.context("final sync failed")?;
                             return Ok(());
                         }
@@ -655,6 +674,14 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
                     match precopy::switch(&shared, &verbs).await {
                         Ok(last) => {
                             switch_rx.close();
+                            // The last changes are applied: serve.
+                            gate.open();
+                            if let Some(u) = &ublk {
+                                println!(
+                                    "ferry pull: serving {} (size {} bytes)",
+                                    u.path, geo.disk_size
+                                );
+                            }
                             switching = Some((t0, last.generation, reply));
                             break;
                         }
@@ -737,45 +764,12 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
         }
         let mut ublk_id = None;
         if a.ublk {
-            let opts = ferry_ublk::UblkOptions {
-                dev_id: a.ublk_id,
-                queues: a.queues,
-                depth: a.depth,
-                recover: ublk_recover,
-                user_copy: !a.ublk_no_user_copy,
-                ..Default::default()
+            let u = match ublk.take() {
+                Some(u) => u,
+                None => start_ublk(&a, ublk_recover, gated.clone(), false).await?,
             };
-            let (live_tx, live_rx) = tokio::sync::oneshot::channel::<String>();
-            let handle = tokio::runtime::Handle::current();
-            let device = device.clone();
-            let size = geo.disk_size;
-            let span = tracing::Span::current();
-            let ublk_thread = std::thread::Builder::new()
-                .name("ublk".into())
-                .spawn(move || {
-                    let _in = span.enter();
-                    ferry_ublk::serve_ublk(device, handle, opts, move |path| {
-                        println!("ferry pull: serving {path} (size {size} bytes)");
-                        let _ = live_tx.send(path.to_string());
-                    })
-                })
-                .context("cannot start the ublk thread")?;
-            match live_rx.await {
-                Ok(path) => ublk_id = ferry_ublk::dev_id_of(&path),
-                Err(_) => {
-                    let r = ublk_thread.join();
-                    match r {
-                        Ok(Err(e)) => return Err(e.into()),
-                        _ => bail!("the ublk device did not come up"),
-                    }
-                }
-            }
-            tasks.push(tokio::task::spawn_blocking(move || {
-                ublk_thread
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the ublk thread panicked"))?
-                    .map_err(anyhow::Error::from)
-            }));
+            ublk_id = u.id;
+            tasks.push(tokio::task::spawn_blocking(move || u.join()));
         }
         if let Some((t0, generation, reply)) = switching {
             let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -891,4 +885,94 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
             None => Ok(()),
         }
     })
+}
+
+/// The device `--ublk` serves: the pull's, behind the pre-copy's gate.
+type GatedDevice = gate::Gated<PullDevice<Quic>>;
+
+/// The ublk frontend, its device live.
+struct Ublk {
+    /// /dev/ublkbN.
+    path: String,
+    /// Its N.
+    id: Option<u32>,
+    thread: std::thread::JoinHandle<Result<(), ferry_ublk::UblkError>>,
+}
+
+impl Ublk {
+    /// Waits for the frontend's thread (after `ferry_ublk::stop_ublk`).
+    fn join(self) -> Result<()> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the ublk thread panicked"))?
+            .map_err(anyhow::Error::from)
+    }
+
+    /// Stops the device and waits for its thread (a pull leaving during
+    /// the pre-copy).
+    async fn shut_down(self) {
+        if let Some(id) = self.id {
+            if let Err(e) = ferry_ublk::stop_ublk(id) {
+                tracing::warn!(error = %e, "stopping the ublk device failed");
+            }
+        }
+        match tokio::task::spawn_blocking(move || self.join()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %crate::logging::error_chain(&e), "the ublk frontend ended with an error")
+            }
+            Err(e) => tracing::warn!(error = %e, "the ublk frontend's task failed"),
+        }
+    }
+}
+
+/// Adds and starts /dev/ublkbN for `device` (recovering the device a
+/// crashed run left when `recover`); returns once it is live. `dark`: the
+/// gate is closed (pre-copy), which the line printed says.
+async fn start_ublk(
+    a: &PullArgs,
+    recover: bool,
+    device: Arc<GatedDevice>,
+    dark: bool,
+) -> Result<Ublk> {
+    let opts = ferry_ublk::UblkOptions {
+        dev_id: a.ublk_id,
+        queues: a.queues,
+        depth: a.depth,
+        recover,
+        user_copy: !a.ublk_no_user_copy,
+        ..Default::default()
+    };
+    let (live_tx, live_rx) = tokio::sync::oneshot::channel::<String>();
+    let handle = tokio::runtime::Handle::current();
+    let size = ferry_device::BlockDevice::size(&*device);
+    let span = tracing::Span::current();
+    let thread = std::thread::Builder::new()
+        .name("ublk".into())
+        .spawn(move || {
+            let _in = span.enter();
+            ferry_ublk::serve_ublk(device, handle, opts, move |path| {
+                if dark {
+                    println!(
+                        "ferry pull: {path} added (size {size} bytes): every request fails \
+                         until the switchover"
+                    );
+                } else {
+                    println!("ferry pull: serving {path} (size {size} bytes)");
+                }
+                let _ = live_tx.send(path.to_string());
+            })
+        })
+        .context("cannot start the ublk thread")?;
+    match live_rx.await {
+        Ok(path) => Ok(Ublk {
+            id: ferry_ublk::dev_id_of(&path),
+            path,
+            thread,
+        }),
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(e.into()),
+            _ => bail!("the ublk device did not come up"),
+        },
+    }
 }

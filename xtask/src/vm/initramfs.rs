@@ -23,6 +23,8 @@ const TOOLS: &[&str] = &[
     "/usr/sbin/blkdiscard",
     // util-linux losetup: `--show`, `-r` (busybox's has neither).
     "/usr/sbin/losetup",
+    // The source VM of checks-precopy.sh, writing over NBD.
+    "/usr/bin/qemu-io",
 ];
 
 /// Host configuration files the tools read.
