@@ -90,7 +90,16 @@ pub(crate) fn wan_smoke() -> Result<()> {
     Ok(())
 }
 
-fn relay_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()> {
+/// `ferry serve` on loopback, a relay with `link` in front of it and
+/// `ferry pull` through the relay, serving; logs and files named by `tag`.
+fn through_relay(
+    bin: &Path,
+    dir: &Path,
+    img: &Path,
+    ids: &FerryIds,
+    link: &LinkOpts,
+    tag: &str,
+) -> Result<(Relay, Proc, Proc)> {
     let server_port = procs::free_udp_port()?;
     let relay_port = procs::free_udp_port()?;
     let mut serve = Proc::spawn(
@@ -101,18 +110,23 @@ fn relay_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()> 
             &format!("127.0.0.1:{server_port}"),
             ids,
         ),
-        &dir.join("serve-relay.log"),
+        &dir.join(format!("serve-{tag}.log")),
     )?;
     serve.wait_for_log("ferry serve: exporting", Duration::from_secs(20))?;
     let to: SocketAddr = format!("127.0.0.1:{server_port}").parse()?;
     let listen: SocketAddr = format!("127.0.0.1:{relay_port}").parse()?;
-    let relay = Relay::start(listen, to, &link())?;
+    let relay = Relay::start(listen, to, link)?;
     let mut pull = Proc::spawn(
         "ferry pull",
-        &mut pull_cmd(Command::new(bin), &listen.to_string(), dir, "relay", ids),
-        &dir.join("pull-relay.log"),
+        &mut pull_cmd(Command::new(bin), &listen.to_string(), dir, tag, ids),
+        &dir.join(format!("pull-{tag}.log")),
     )?;
     pull.wait_for_log("ferry pull: serving", Duration::from_secs(15))?;
+    Ok((relay, pull, serve))
+}
+
+fn relay_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()> {
+    let (relay, mut pull, mut serve) = through_relay(bin, dir, img, ids, &link(), "relay")?;
     let t = Instant::now();
     // The cut switch: 400 ms without a link in the middle of the copy.
     std::thread::sleep(Duration::from_millis(300));
@@ -167,28 +181,7 @@ fn reorder_case(bin: &Path, dir: &Path, img: &Path, ids: &FerryIds) -> Result<()
         queue_ms: 100.0,
         ..LinkOpts::default()
     };
-    let server_port = procs::free_udp_port()?;
-    let relay_port = procs::free_udp_port()?;
-    let mut serve = Proc::spawn(
-        "ferry serve",
-        &mut serve_cmd(
-            Command::new(bin),
-            img,
-            &format!("127.0.0.1:{server_port}"),
-            ids,
-        ),
-        &dir.join("serve-reorder.log"),
-    )?;
-    serve.wait_for_log("ferry serve: exporting", Duration::from_secs(20))?;
-    let to: SocketAddr = format!("127.0.0.1:{server_port}").parse()?;
-    let listen: SocketAddr = format!("127.0.0.1:{relay_port}").parse()?;
-    let relay = Relay::start(listen, to, &link)?;
-    let mut pull = Proc::spawn(
-        "ferry pull",
-        &mut pull_cmd(Command::new(bin), &listen.to_string(), dir, "reorder", ids),
-        &dir.join("pull-reorder.log"),
-    )?;
-    pull.wait_for_log("ferry pull: serving", Duration::from_secs(15))?;
+    let (relay, mut pull, mut serve) = through_relay(bin, dir, img, ids, &link, "reorder")?;
     let (st, _) = procs::wait_ferry_complete(
         bin,
         &dir.join("ctl-reorder.sock"),
