@@ -269,7 +269,9 @@ pub(crate) struct PullArgs {
     /// Chunks per background request.
     #[arg(long, default_value_t = 16)]
     pub(crate) batch_chunks: u32,
-    /// Background requests in flight. Default: enough for four times the
+    /// Background requests in flight, counted in bytes as that many full
+    /// requests (smaller ones, between present chunks, fill the same
+    /// bytes; at most 128 requests). Default: enough for four times the
     /// link's bandwidth-delay product (from --link-mbit and --link-rtt-ms)
     /// on the wire, by the compression seen so far (4 to 128 requests), so
     /// that compressible data still fills the link; QUIC's connection
