@@ -405,6 +405,31 @@ impl World {
         assert!(out.status.success(), "background {action} failed: {out:?}");
     }
 
+    /// A whole-disk read of the pre-copying pull's NBD export
+    /// (`nbd.sock`) into `out`, started now: the export takes the client
+    /// and holds its requests until the switchover. Checks that it is
+    /// still waiting 500 ms later; the caller waits for it after the
+    /// switchover and compares `out`.
+    pub fn held_read(&self, out: &Path) -> Child {
+        let mut c = Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw"])
+            .arg(format!(
+                "nbd+unix:///ferry?socket={}",
+                self.path("nbd.sock").display()
+            ))
+            .arg(out)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-img");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            c.try_wait().expect("qemu-img").is_none(),
+            "the destination answered a read before the switchover"
+        );
+        c
+    }
+
     /// Runs qemu-io with `options` (e.g. `-t writeback`) on the pull's NBD
     /// export with the given commands; returns whether it succeeded and
     /// its output (stdout and stderr).

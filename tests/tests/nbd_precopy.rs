@@ -166,7 +166,8 @@ fn a_vm_writing_through_qemu_during_precopy_finds_every_write_at_the_destination
         },
     );
     assert_eq!(s["precopy"], "copying", "{s}");
-    assert!(!w.path("nbd.sock").exists(), "served before the switchover");
+    let held_out = w.path("held-read.raw");
+    let mut early = w.held_read(&held_out);
     // The bitmaps ferry keeps on the node: one recording generation (a
     // round's frozen one may be there for a moment).
     let gens = qsd.dirty_bitmaps();
@@ -216,6 +217,8 @@ fn a_vm_writing_through_qemu_during_precopy_finds_every_write_at_the_destination
         &back,
     );
     assert_files_equal(&at_source, &back);
+    assert!(early.wait().unwrap().success(), "the held read failed");
+    assert_files_equal(&at_source, &held_out);
     let s = w.wait_verified(Duration::from_secs(180));
     assert_eq!(s["precopy"], "switched", "{s}");
     assert_eq!(s["verified_chunks"], DISK / CHUNK, "{s}");
@@ -356,7 +359,10 @@ fn the_switchover_is_refused_while_qemu_says_the_vm_runs() {
     w.wait_status("the guest's write applied", Duration::from_secs(60), |s| {
         s["precopy_generation"].as_u64().unwrap_or(0) >= 1
     });
-    // The VM runs: refused, the pre-copy goes on, nothing served.
+    // The VM runs: refused, the pre-copy goes on, nothing served (a read
+    // made before stays held).
+    let held_out = w.path("held-read.raw");
+    let mut early = w.held_read(&held_out);
     let ctl = w.path("ctl.sock");
     let out = w.ferry(&["switchover", "--control", ctl.to_str().unwrap()]);
     let text = format!(
@@ -368,8 +374,9 @@ fn the_switchover_is_refused_while_qemu_says_the_vm_runs() {
     assert!(text.contains("source VM is running"), "{text}");
     let s = w.status();
     assert_eq!(s["precopy"], "copying", "{s}");
+    std::thread::sleep(Duration::from_millis(300));
     assert!(
-        !w.path("nbd.sock").exists(),
+        early.try_wait().unwrap().is_none(),
         "served after a refused switchover"
     );
     // Paused: the switchover goes through; the guest's last write is there.
@@ -390,6 +397,8 @@ fn the_switchover_is_refused_while_qemu_says_the_vm_runs() {
         &back,
     );
     assert_files_equal(&at_source, &back);
+    assert!(early.wait().unwrap().success(), "the held read failed");
+    assert_files_equal(&at_source, &held_out);
     let bytes = std::fs::read(&back).unwrap();
     assert!(bytes[5 * MIB as usize..5 * MIB as usize + 65536]
         .iter()

@@ -171,8 +171,10 @@ fn a_vm_writing_during_precopy_up_to_the_switchover_finds_every_write_at_the_des
         },
     );
     assert_eq!(s["precopy"], "copying");
-    // No guest I/O before the switch: the NBD socket does not exist.
-    assert!(!w.path("nbd.sock").exists(), "served before the switchover");
+    // No guest I/O before the switch: the export takes a client and
+    // holds its reads (the destination's QEMU may connect early).
+    let held_out = w.path("held-read.raw");
+    let mut early = w.held_read(&held_out);
     // The switchover while the VM still writes.
     let out = w.ferry(&[
         "switchover",
@@ -194,7 +196,10 @@ fn a_vm_writing_during_precopy_up_to_the_switchover_finds_every_write_at_the_des
         held.try_wait().unwrap().is_none(),
         "a write after the freeze was answered"
     );
-    // The destination reads as the source (frozen) byte for byte.
+    // The destination reads as the source (frozen) byte for byte, the
+    // read held across the switchover too.
+    assert!(early.wait().unwrap().success(), "the held read failed");
+    assert_files_equal(&src, &held_out);
     assert_files_equal(&src, &read_destination(&w));
     let s = w.wait_verified(Duration::from_secs(120));
     assert_eq!(s["precopy"], "switched");
@@ -319,7 +324,8 @@ fn a_pull_killed_during_precopy_resumes_from_its_generation_and_misses_no_write(
         |s| s["precopy_generation"].as_u64().unwrap_or(0) > before,
     );
     assert_eq!(s["precopy"], "copying");
-    assert!(!w.path("nbd.sock").exists(), "served before the switchover");
+    let held_out = w.path("held-read.raw");
+    let mut early = w.held_read(&held_out);
     let out = w.ferry(&[
         "switchover",
         "--control",
@@ -327,6 +333,8 @@ fn a_pull_killed_during_precopy_resumes_from_its_generation_and_misses_no_write(
     ]);
     assert!(out.status.success(), "switchover failed: {out:?}");
     writer.stop();
+    assert!(early.wait().unwrap().success(), "the held read failed");
+    assert_files_equal(&src, &held_out);
     assert_files_equal(&src, &read_destination(&w));
     w.wait_verified(Duration::from_secs(120));
     assert_files_equal(&src, &w.path("dst.img"));

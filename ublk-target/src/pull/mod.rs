@@ -378,10 +378,9 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
         // Bind every listener before touching any file, so a port in use
         // fails the start with nothing changed.
         let mut sockets = BoundSockets::default();
-        // A pre-copying pull binds its NBD socket only at the switchover:
-        // no guest can reach the disk before.
-        let mut listener = match &a.nbd {
-            Some(_) if a.precopy => None,
+        // A pre-copying pull binds its NBD socket at once too: clients may
+        // connect, their requests wait for the switchover (gate.rs).
+        let listener = match &a.nbd {
             Some(spec) => {
                 if let Some(path) = spec.strip_prefix("unix:") {
                     control_socket::remove_stale_socket(Path::new(path), "--nbd")?;
@@ -512,7 +511,6 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
             verify: Mutex::new(verification),
             rate: ferry_pull::status::RateMeter::default(),
         });
-        let device = Arc::new(PullDevice(shared.clone()));
         if verified.is_some() {
             tracing::info!("the copy is complete and verified: serving it without the source");
         } else {
@@ -602,6 +600,86 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
                 }
             }
         };
+        // While pre-copying, /dev/ublkbN (--ublk) and the NBD export exist
+        // (their paths known, openable) but no request reaches the disk
+        // until the switchover opens the gate: ublk's fail
+        // (docs/decisions/ublk-precopy-device-dark.md), NBD's wait
+        // (docs/decisions/nbd-held-until-switchover.md).
+        let gate = gate::Gate::new(!a.precopy || precopy_record.switched);
+        let gated = Arc::new(gate::Gated {
+            inner: PullDevice(shared.clone()),
+            gate: gate.clone(),
+            closed: gate::Closed::Fail,
+        });
+        let device = Arc::new(gate::Gated {
+            inner: PullDevice(shared.clone()),
+            gate: gate.clone(),
+            closed: gate::Closed::Hold,
+        });
+        // NBD clients connected: --exit-when-complete waits until none is,
+        // so a hypervisor still on the export is never cut off.
+        let (clients_tx, mut clients_rx) = tokio::sync::watch::channel(0usize);
+        let verified_or_stopped = async move {
+            let outcome = verified_or_stopped.await;
+            if outcome.is_none() {
+                let n = *clients_rx.borrow_and_update();
+                if n > 0 {
+                    tracing::info!(
+                        clients = n,
+                        "complete and verified; --exit-when-complete waits for the NBD clients to disconnect"
+                    );
+                }
+                let _ = clients_rx.wait_for(|n| *n == 0).await;
+            }
+            outcome
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        // The export's URI while its requests wait for the switchover.
+        let mut held_nbd = None;
+        if let Some(listener) = listener {
+            let uri = listener.uri(nbd_tls.is_some());
+            let tls_note = match &nbd_tls {
+                Some(tls) => format!(
+                    "; TLS required, client certificates from the CA of the {}",
+                    tls.origin()
+                ),
+                None => String::new(),
+            };
+            if gate.is_open() {
+                println!("ferry pull: serving {uri} (size {} bytes{tls_note})", geo.disk_size);
+            } else {
+                println!(
+                    "ferry pull: {uri} accepts NBD clients (size {} bytes{tls_note}); their \
+                     requests wait until the switchover",
+                    geo.disk_size
+                );
+                held_nbd = Some(uri);
+            }
+            let device = device.clone();
+            let config = NbdServerConfig {
+                export_name: a.export_name.clone(),
+                read_only: false,
+                tls: nbd_tls,
+            };
+            let mut rx = stop_rx.clone();
+            tasks.push(tokio::spawn(
+                async move {
+                    ferry_nbd::serve_counted(
+                        listener,
+                        device,
+                        config,
+                        async move {
+                            let _ = rx.wait_for(|s| *s).await;
+                        },
+                        clients_tx,
+                    )
+                    .await
+                    .map_err(anyhow::Error::from)
+                }
+                .in_current_span(),
+            ));
+        }
         // Pre-copy: nothing served until the switchover (or, resumed
         // after it, at once). A switchover asked of a pull that does not
         // pre-copy (or did switch) is refused.
@@ -609,14 +687,6 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
             switch_rx.close();
         }
         let mut switching = None;
-        // With --ublk, /dev/ublkbN is added during the pre-copy (its path
-        // known, openable) but fails every request until the switchover
-        // opens the gate (docs/decisions/ublk-precopy-device-dark.md).
-        let gate = gate::Gate::new(!a.precopy || precopy_record.switched);
-        let gated = Arc::new(gate::Gated {
-            inner: PullDevice(shared.clone()),
-            gate: gate.clone(),
-        });
         let mut ublk = None;
         if a.precopy {
             if precopy_record.switched {
@@ -682,6 +752,12 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
                                     u.path, geo.disk_size
                                 );
                             }
+                            if let Some(uri) = &held_nbd {
+                                println!(
+                                    "ferry pull: serving {uri} (size {} bytes)",
+                                    geo.disk_size
+                                );
+                            }
                             switching = Some((t0, last.generation, reply));
                             break;
                         }
@@ -697,70 +773,6 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
                     }
                 }
             }
-            if let Some(spec) = &a.nbd {
-                if let Some(path) = spec.strip_prefix("unix:") {
-                    control_socket::remove_stale_socket(Path::new(path), "--nbd")?;
-                }
-                let l = NbdListener::bind_with(spec, &access).await?;
-                if let NbdListener::Unix(_, path) = &l {
-                    sockets.0.push(path.clone());
-                }
-                listener = Some(l);
-            }
-        }
-        // NBD clients connected: --exit-when-complete waits until none is,
-        // so a hypervisor still on the export is never cut off.
-        let (clients_tx, mut clients_rx) = tokio::sync::watch::channel(0usize);
-        let verified_or_stopped = async move {
-            let outcome = verified_or_stopped.await;
-            if outcome.is_none() {
-                let n = *clients_rx.borrow_and_update();
-                if n > 0 {
-                    tracing::info!(
-                        clients = n,
-                        "complete and verified; --exit-when-complete waits for the NBD clients to disconnect"
-                    );
-                }
-                let _ = clients_rx.wait_for(|n| *n == 0).await;
-            }
-            outcome
-        };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut tasks = Vec::new();
-        if let Some(listener) = listener {
-            let uri = listener.uri(nbd_tls.is_some());
-            match &nbd_tls {
-                Some(tls) => println!(
-                    "ferry pull: serving {uri} (size {} bytes; TLS required, client \
-                     certificates from the CA of the {})",
-                    geo.disk_size,
-                    tls.origin()
-                ),
-                None => println!("ferry pull: serving {uri} (size {} bytes)", geo.disk_size),
-            }
-            let device = device.clone();
-            let config = NbdServerConfig {
-                export_name: a.export_name.clone(),
-                read_only: false,
-                tls: nbd_tls,
-            };
-            let mut rx = stop_rx.clone();
-            tasks.push(tokio::spawn(
-                async move {
-                    ferry_nbd::serve_counted(
-                        listener,
-                        device,
-                        config,
-                        async move {
-                            let _ = rx.wait_for(|s| *s).await;
-                        },
-                        clients_tx,
-                    )
-                    .await
-                    .map_err(anyhow::Error::from)
-                }
-                .in_current_span(),
-            ));
         }
         let mut ublk_id = None;
         if a.ublk {

@@ -314,10 +314,10 @@ struct FerryRun {
     switchover_ms: f64,
     /// Freeze to `ferry switchover` (the command) having returned, ms.
     reply_ms: f64,
-    /// Freeze to the NBD connection to the destination opened, ms.
+    /// Pull start to the NBD connection to the destination opened, ms.
     connected_ms: f64,
-    /// The first read crossed the link (took at least RTT/2): the block
-    /// was absent at the destination.
+    /// The first read was fetched on demand: the block was absent at the
+    /// destination.
     first_read_remote: bool,
     first_read_ms: f64,
     /// Pull start to every chunk at the destination, s.
@@ -511,6 +511,11 @@ impl Live<'_> {
             &self.logs.join(format!("pull-{tag}.log")),
         )?;
         pull.wait_for_log("ferry pull: pre-copying", Duration::from_secs(60))?;
+        // The destination's QEMU opens its disk when the migration begins
+        // (`-incoming`): the export takes the connection, its requests
+        // wait for the switchover.
+        let mut c = NbdClient::connect(&nbd, "ferry", Duration::from_secs(60))?;
+        r.connected_ms = t0.elapsed().as_secs_f64() * 1e3;
         if precopy {
             // Converged: no more absent than about two seconds of writes
             // (what the VM dirties between rounds), or the fixed time.
@@ -557,11 +562,31 @@ impl Live<'_> {
         };
         let t_freeze = Instant::now();
         r.t_switch = t_freeze.duration_since(t0).as_secs_f64();
-        let out = Command::new(&self.bin)
-            .args(["switchover", "--control"])
-            .arg(&ctl)
-            .output()?;
-        r.reply_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
+        // At the freeze the hook runs `ferry switchover` and the VM
+        // resumes at the destination at once: its first read waits there
+        // until the switchover is done.
+        let bin = self.bin.clone();
+        let ctl2 = ctl.clone();
+        let hook = std::thread::spawn(move || {
+            let out = Command::new(&bin)
+                .args(["switchover", "--control"])
+                .arg(&ctl2)
+                .output();
+            (out, t_freeze.elapsed().as_secs_f64() * 1e3)
+        });
+        let probe = src_log
+            .as_ref()
+            .and_then(|l| l.last_offset)
+            .filter(|_| precopy && fixed_precopy.is_none())
+            .unwrap_or(far_block);
+        let mut buf = vec![0u8; 4096];
+        let read = c.read(probe, &mut buf);
+        let done = Instant::now();
+        let (out, reply_ms) = hook
+            .join()
+            .map_err(|_| anyhow::anyhow!("the switchover thread panicked"))?;
+        let out = out?;
+        r.reply_ms = reply_ms;
         if !out.status.success() {
             bail!(
                 "ferry switchover failed: {}{}",
@@ -569,19 +594,12 @@ impl Live<'_> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let probe = src_log
-            .as_ref()
-            .and_then(|l| l.last_offset)
-            .filter(|_| precopy && fixed_precopy.is_none())
-            .unwrap_or(far_block);
-        let mut c = NbdClient::connect(&nbd, "ferry", Duration::from_secs(60))?;
-        r.connected_ms = t_freeze.elapsed().as_secs_f64() * 1e3;
-        let mut buf = vec![0u8; 4096];
-        let tr = Instant::now();
-        c.read(probe, &mut buf)?;
-        let done = Instant::now();
-        r.first_read_ms = done.duration_since(tr).as_secs_f64() * 1e3;
-        r.first_read_remote = r.first_read_ms >= self.link.rtt_ms / 2.0;
+        read.context("the first read at the destination")?;
+        r.first_read_ms = done.duration_since(t_freeze).as_secs_f64() * 1e3;
+        // Remote: the read's block was fetched on demand (nothing is
+        // fetched on demand before the switchover).
+        let after_read = procs::ferry_status(&self.bin, &ctl)?;
+        r.first_read_remote = after_read["fetched_on_demand_bytes"].as_u64().unwrap_or(0) > 0;
         r.downtime_ms = done.duration_since(t_freeze).as_secs_f64() * 1e3;
         let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         r.switchover_ms = reply["switchover_ms"].as_f64().unwrap_or(f64::NAN);
@@ -922,7 +940,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                             format!("ferry {mode} {} run {}", rate_name(rate), run + 1)
                         })?;
                     eprintln!(
-                        "bench: live run {} ferry {mode} {}: switch at {:.1} s{} ({} MiB absent, {} MiB fetched), downtime {:.0} ms (switchover {:.1} ms, read {:.0} ms{}), complete {:.1} s, wire {} MiB, writes p50 {:.2} ms mean {:.2} ms {:.1} MB/s; {}",
+                        "bench: live run {} ferry {mode} {}: switch at {:.1} s{} ({} MiB absent, {} MiB fetched), downtime {:.0} ms (switchover {:.1} ms, command returned {:.0} ms{}), complete {:.1} s, wire {} MiB, writes p50 {:.2} ms mean {:.2} ms {:.1} MB/s; {}",
                         run + 1,
                         rate_name(rate),
                         r.t_switch,
@@ -931,7 +949,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                         r.fetched_before_switch >> 20,
                         r.downtime_ms,
                         r.switchover_ms,
-                        r.first_read_ms,
+                        r.reply_ms,
                         if r.first_read_remote { ", remote" } else { ", local" },
                         r.t_complete,
                         r.wire_bytes >> 20,
@@ -955,12 +973,12 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
                     .ferry_run(img, *size, rate, true, Some(fixed), *far, false, &tag)
                     .with_context(|| format!("downtime on {} GiB run {}", size / GIB, run + 1))?;
                 eprintln!(
-                    "bench: live run {} downtime {} GiB: {:.0} ms (switchover {:.1} ms, read {:.0} ms{}), {} generations; {}",
+                    "bench: live run {} downtime {} GiB: {:.0} ms (switchover {:.1} ms, command returned {:.0} ms{}), {} generations; {}",
                     run + 1,
                     size / GIB,
                     r.downtime_ms,
                     r.switchover_ms,
-                    r.first_read_ms,
+                    r.reply_ms,
                     if r.first_read_remote { ", remote" } else { ", local" },
                     r.generations,
                     r.note
@@ -1107,7 +1125,7 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
             o,
             "### ferry from a live source (`serve --present`, `pull --precopy`, `switchover`)\n"
         )?;
-        writeln!(o, "*postcopy*: switched over as soon as the pull is up (everything post-copied); *precopy*: switched once the destination lacked at most max(2 s of writes, 4 MiB), or at {} s. At the switch the writer stops (freeze), `ferry switchover` runs, then a 4 KiB read through the destination's export: *downtime* is freeze to that read's answer (the read is of the writer's last block in precopy, of a far data block in postcopy; *remote* counts reads that took ≥ RTT/2, i.e. crossed the link). The writer then writes on at the destination. *Complete*: pull start to ferry's `complete` (every chunk at the destination; verification passed in every run). *Wire*: IP bytes both ways on the link, pull start to complete. *Writes during pre-copy*: the writer at the source from pull start to the freeze, against the writer alone on a presented source without a pull ({base_secs:.0} s); *vs alone*: the change of the mean and median latency.\n", a.precopy_cap_secs)?;
+        writeln!(o, "*postcopy*: switched over as soon as the pull is up (everything post-copied); *precopy*: switched once the destination lacked at most max(2 s of writes, 4 MiB), or at {} s. The destination's NBD connection is opened when the pull starts (as a destination QEMU started with `-incoming` opens its disk; the export holds its requests until the switchover). At the switch the writer stops (freeze); at once `ferry switchover` is started (as a hook would) and a 4 KiB read is sent on that connection (the VM resumed at the destination): *downtime* is freeze to that read's answer (the read is of the writer's last block in precopy, of a far data block in postcopy; *remote* counts reads fetched on demand, i.e. across the link). The writer then writes on at the destination. *Complete*: pull start to ferry's `complete` (every chunk at the destination; verification passed in every run). *Wire*: IP bytes both ways on the link, pull start to complete. *Writes during pre-copy*: the writer at the source from pull start to the freeze, against the writer alone on a presented source without a pull ({base_secs:.0} s); *vs alone*: the change of the mean and median latency.\n", a.precopy_cap_secs)?;
         writeln!(o, "| writer | mode | switch at, s | absent at the switch, MiB | fetched before it, MiB | downtime, ms | ferry switchover, ms | remote reads | complete, s | × idle postcopy | wire, MiB | writes p50 / p99, ms | mean vs alone | MB/s achieved |")?;
         writeln!(
             o,
@@ -1176,22 +1194,20 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
     }
     if has("downtime") {
         writeln!(o, "### Switchover downtime by disk size\n")?;
-        writeln!(o, "Sparse disks holding {} MiB of random data in 8 extents spread over the disk (the last at its end); the writer at 4 MB/s; switched over after {} s of pre-copy; the first read is of a data block in the last extent (not yet copied). Target: 3 RTT ({:.0} ms) plus the final list's send time, the same on both sizes. The steps, each from the freeze: the `ferry switchover` command (a process started as a hook would) returned; a new NBD connection to the destination opened; the read answered (downtime).\n", ddata / MIB, fixed.as_secs(), 3.0 * link.rtt_ms)?;
-        writeln!(o, "| disk | downtime, ms | ferry switchover, ms | `ferry switchover` returned, ms | NBD connected, ms | first read, ms | remote reads | generations before the switch | wire to the switch, MiB |")?;
-        writeln!(o, "|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(o, "Sparse disks holding {} MiB of random data in 8 extents spread over the disk (the last at its end); the writer at 4 MB/s; switched over after {} s of pre-copy; the first read is of a data block in the last extent (not yet copied). Target: 3 RTT ({:.0} ms) plus the final list's send time, the same on both sizes. At the freeze the `ferry switchover` command is started (a process, as a hook would) and a 4 KiB read is sent on an NBD connection opened when the pull started (the export holds it until the switchover). Each step from the freeze: the command returned; the read answered (downtime).\n", ddata / MIB, fixed.as_secs(), 3.0 * link.rtt_ms)?;
+        writeln!(o, "| disk | downtime, ms | ferry switchover, ms | `ferry switchover` returned, ms | remote reads | generations before the switch | wire to the switch, MiB |")?;
+        writeln!(o, "|---|---|---|---|---|---|---|")?;
         for (size, rs) in down.iter() {
             let col = |f: &dyn Fn(&FerryRun) -> f64, d: usize| {
                 mmm(&rs.iter().map(f).collect::<Vec<_>>(), d)
             };
             writeln!(
                 o,
-                "| {} GiB | {} | {} | {} | {} | {} | {}/{} | {} | {} |",
+                "| {} GiB | {} | {} | {} | {}/{} | {} | {} |",
                 size / GIB,
                 col(&|r| r.downtime_ms, 0),
                 col(&|r| r.switchover_ms, 1),
                 col(&|r| r.reply_ms, 0),
-                col(&|r| r.connected_ms, 0),
-                col(&|r| r.first_read_ms, 0),
                 rs.iter().filter(|r| r.first_read_remote).count(),
                 rs.len(),
                 col(&|r| r.generations as f64, 0),
