@@ -70,6 +70,9 @@ pub(crate) struct Figures {
     pub matched_chunks: u64,
     /// Bytes of those.
     pub matched_bytes: u64,
+    /// Their payload as ferry sends them without an index: zstd level 1
+    /// per chunk.
+    pub matched_sent: u64,
     /// Chunks neither zero nor matched: fetched today.
     pub unmatched_chunks: u64,
     /// Bytes of those.
@@ -216,6 +219,7 @@ pub(crate) fn classify(template: &Path, source: &Path) -> Result<Figures> {
         if matched[i as usize] {
             fig.matched_chunks += 1;
             fig.matched_bytes += c.len() as u64;
+            fig.matched_sent += sent_len(&mut z, c)?;
             return Ok(());
         }
         fig.unmatched_chunks += 1;
@@ -261,10 +265,11 @@ fn report(f: &Figures) -> String {
     let hashes_unmatched = f.unmatched_chunk_blocks * HASH_BYTES;
     let hashes_helpful = f.chunks_with_block_match * (CHUNK / BLOCK) as u64 * HASH_BYTES;
     let hashes_all = f.nonzero_chunk_blocks * HASH_BYTES;
+    let plain = f.matched_sent + f.unmatched_sent;
     format!(
         "source: {} in {} chunks of 64 KiB\n\
          zero chunks:      {:>8} ({})\n\
-         matched (64 KiB): {:>8} ({})\n\
+         matched (64 KiB): {:>8} ({}; sent without an index: {})\n\
          unmatched:        {:>8} ({}; sent today, zstd 1 per chunk: {})\n\
          blocks of the unmatched chunks (4 KiB):\n\
          \x20 zero:                          {:>8} ({})\n\
@@ -274,6 +279,7 @@ fn report(f: &Figures) -> String {
          nowhere blocks sent, zstd 1 per chunk: {} ({:.0}% of today's unmatched payload)\n\
          nowhere blocks sent, zstd 1 per block: {}\n\
          wire payload 4 KiB matching saves at most: {} ({:.0}% of today's unmatched payload)\n\
+         payload without an index {}, with it {} (-{:.0}%), with 4 KiB matching at best {} (-{:.0}%)\n\
          manifest cost of 4 KiB hashes (32 B each): unmatched chunks {}, unmatched chunks with a 4 KiB match {}, every non-zero chunk {}\n\
          destination index: 64 KiB {} records, 4 KiB {} records (48 B each: {} vs {})\n",
         mib(f.source_bytes),
@@ -282,6 +288,7 @@ fn report(f: &Figures) -> String {
         mib(f.source_bytes - f.matched_bytes - f.unmatched_bytes),
         f.matched_chunks,
         mib(f.matched_bytes),
+        mib(f.matched_sent),
         f.unmatched_chunks,
         mib(f.unmatched_bytes),
         mib(f.unmatched_sent),
@@ -298,6 +305,11 @@ fn report(f: &Figures) -> String {
         mib(f.nowhere_sent_per_block),
         mib(f.saved_ceiling()),
         pct(f.saved_ceiling(), f.unmatched_sent),
+        mib(plain),
+        mib(f.unmatched_sent),
+        pct(plain - f.unmatched_sent, plain),
+        mib(f.nowhere_sent_per_chunk),
+        pct(plain - f.nowhere_sent_per_chunk, plain),
         mib(hashes_unmatched),
         mib(hashes_helpful),
         mib(hashes_all),
@@ -332,6 +344,7 @@ pub(crate) fn run(a: &DedupAnalysisArgs) -> Result<()> {
             "zero_chunks": f.zero_chunks,
             "matched_chunks": f.matched_chunks,
             "matched_bytes": f.matched_bytes,
+            "matched_sent": f.matched_sent,
             "unmatched_chunks": f.unmatched_chunks,
             "unmatched_bytes": f.unmatched_bytes,
             "unmatched_sent": f.unmatched_sent,
@@ -409,6 +422,7 @@ mod tests {
         assert_eq!(f.zero_chunks, 1);
         assert_eq!(f.matched_chunks, 1);
         assert_eq!(f.matched_bytes, CHUNK as u64);
+        assert_eq!(f.matched_sent, CHUNK as u64, "noise is sent as it is");
         assert_eq!(f.unmatched_chunks, 2);
         assert_eq!(f.unmatched_bytes, (CHUNK + BLOCK + BLOCK / 2) as u64);
         assert_eq!(f.zero_blocks, 1);
