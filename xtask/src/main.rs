@@ -5,6 +5,7 @@
 mod bench;
 mod chaos;
 mod ci;
+mod dedup_analysis;
 mod demo;
 mod dist;
 mod fuzz;
@@ -63,6 +64,11 @@ enum Cmd {
     /// profile, its man pages, shell completions and systemd units;
     /// `--check` installs it into a scratch root and checks it.
     Dist(dist::DistArgs),
+    /// Where the bytes of `ferry pull --index` come from: a source's 64 KiB
+    /// chunks (zero, matched by the template's index, unmatched) and the
+    /// unmatched ones' 4 KiB blocks (zero, in the template, nowhere), with
+    /// their zstd payloads (docs/decisions/dedup-4k-blocks.md).
+    DedupAnalysis(dedup_analysis::DedupAnalysisArgs),
     /// Time `ferry serve` (release) from start to ready on a large sparse
     /// image whose data is not in the page cache, and the bytes it read.
     ServeStart(serve_start::ServeStartArgs),
@@ -84,6 +90,7 @@ fn main() -> Result<()> {
         Cmd::Chaos(args) => chaos::run_chaos(&args),
         Cmd::Dist(args) => dist::run_dist(&args),
         Cmd::ServeStart(args) => serve_start::run(&args),
+        Cmd::DedupAnalysis(args) => dedup_analysis::run(&args),
     }
 }
 

@@ -30,7 +30,7 @@ use crate::wan::procs::{self, FerryIds};
 use crate::wan::Wan;
 
 /// What the derivation did to the template.
-struct Derived {
+pub(crate) struct Derived {
     added_files: usize,
     added_bytes: u64,
     changed_files: usize,
@@ -38,6 +38,28 @@ struct Derived {
     deleted_files: usize,
     deleted_bytes: u64,
 }
+
+impl Derived {
+    /// One line for a report: what was added, rewritten and deleted.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "{} files added, {:.0} MiB, half random, half text-like; {} files rewritten, {:.0} MiB; {} deleted, {:.0} MiB",
+            self.added_files,
+            self.added_bytes as f64 / 1048576.0,
+            self.changed_files,
+            self.changed_bytes as f64 / 1048576.0,
+            self.deleted_files,
+            self.deleted_bytes as f64 / 1048576.0,
+        )
+    }
+}
+
+/// What the derivation needs besides the bench's tools.
+pub(crate) const NEEDS: &[crate::setup::Need] = &[
+    crate::setup::tool("mkfs.ext4", "e2fsprogs"),
+    crate::setup::tool("debugfs", "e2fsprogs"),
+    crate::setup::tool("e2fsck", "e2fsprogs"),
+];
 
 /// A seeded generator of file contents: 4 KiB pieces, alternately random
 /// and text-like (words from a small vocabulary), as binaries and text mix
@@ -123,8 +145,11 @@ fn files_under(root: &Path) -> Vec<(PathBuf, u64)> {
 
 /// Makes the template (once per size and directory) and the source derived
 /// from it; returns both paths, the template's description and what the
-/// derivation did.
-fn make_images(dir: &Path, size_mib: u64) -> Result<(PathBuf, PathBuf, String, Derived)> {
+/// derivation did. Also `cargo xtask dedup-analysis --make-images`.
+pub(crate) fn make_images(
+    dir: &Path,
+    size_mib: u64,
+) -> Result<(PathBuf, PathBuf, String, Derived)> {
     let size = size_mib << 20;
     let (src_dir, n) = fs_source_dir(size).context("no directory small enough")?;
     let template = dir.join(format!("template-{size_mib}M.img"));
@@ -234,6 +259,7 @@ fn loadavg() -> String {
 /// Runs the dedup bench (see the module documentation).
 pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     crate::setup::ensure(super::NEEDS)?;
+    crate::setup::ensure(NEEDS)?;
     let runs = a.runs.unwrap_or(if a.quick { 1 } else { 3 });
     let size_mib = a.size_mib.unwrap_or(if a.quick { 256 } else { 1024 });
     let bin = procs::ferry_bin(true)?;
@@ -325,13 +351,8 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     )?;
     writeln!(
         o,
-        "Template at the destination: {desc}. Source: the template changed in place with `debugfs -w` ({} files added, {:.0} MiB, half random, half text-like; {} files rewritten, {:.0} MiB; {} deleted, {:.0} MiB); {:.0} MiB allocated.\n",
-        derived.added_files,
-        derived.added_bytes as f64 / 1048576.0,
-        derived.changed_files,
-        derived.changed_bytes as f64 / 1048576.0,
-        derived.deleted_files,
-        derived.deleted_bytes as f64 / 1048576.0,
+        "Template at the destination: {desc}. Source: the template changed in place with `debugfs -w` ({}); {:.0} MiB allocated.\n",
+        derived.summary(),
         img.alloc as f64 / 1048576.0
     )?;
     writeln!(

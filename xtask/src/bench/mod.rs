@@ -20,7 +20,7 @@
 //! it. The lazy proxy's background scan is slow; a run of it is stopped at
 //! `--lazy-cap-secs` and its whole-disk figure reported as a lower bound.
 
-mod dedup;
+pub(crate) mod dedup;
 mod live;
 pub(crate) mod nbd;
 mod plot;
