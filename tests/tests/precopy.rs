@@ -429,3 +429,37 @@ fn precopy_takes_ublk_or_nbd_and_needs_one_of_them() {
     assert!(err.contains("ublk driver"), "{err}");
     assert!(!w.path("dst.img").exists());
 }
+
+#[test]
+fn a_present_socket_path_that_exists_is_refused_with_its_name() {
+    let w = World::new();
+    let src = w.path("src.img");
+    make_image(&src, DISK, &[(MIB, MIB)], 27);
+    let taken = w.path("vm.sock");
+    std::fs::write(&taken, b"not a socket").unwrap();
+    let id = w.path("src-id");
+    let present = format!("unix:{}", taken.display());
+    let mut serve = w.spawn(
+        "serve",
+        &[
+            "serve",
+            "--disk",
+            src.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--identity",
+            id.to_str().unwrap(),
+            "--trust-peer",
+            &w.dst_fp,
+            "--present",
+            &present,
+        ],
+    );
+    let code = serve.wait_exit(Duration::from_secs(30));
+    let log = serve.log_text();
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}: {log}");
+    assert!(log.contains(&format!("--present {present}")), "{log}");
+    assert!(!log.contains("presenting"), "{log}");
+    // Nothing removed or changed: the file that held the path is as it was.
+    assert_eq!(std::fs::read(&taken).unwrap(), b"not a socket");
+}

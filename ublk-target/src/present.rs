@@ -4,11 +4,16 @@
 //! of written chunks are forgotten. The switchover freezes it: writes in
 //! progress end, later writes are held, never failed (flushes are still
 //! answered: they cover completed writes only)
-//! (docs/decisions/precopy-switchover.md).
+//! (docs/decisions/precopy-switchover.md). It runs on a thread of its
+//! own, apart from the copy's runtime, and writes without a hop through
+//! the blocking pool (docs/decisions/present-own-thread.md).
 
 use std::io;
 use std::ops::Range;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
 
 use ferry_core::changes::ChangeLog;
 use ferry_core::{Geometry, SharedManifest};
@@ -58,19 +63,83 @@ impl Presented {
             return Ok(());
         }
         let chunks = self.geo().chunks_touching(offset, data.len() as u64);
-        let me = self.clone();
         let c = chunks.clone();
-        tokio::task::spawn_blocking(move || {
+        let write = move |me: &Self| {
             me.manifest.begin_write(c.clone());
             let r = me.image.write_presented(offset, &data, fua);
             me.manifest.end_write(c);
             r
-        })
-        .await
-        .map_err(io::Error::other)??;
+        };
+        if fua {
+            // A durable write waits for the disk: not on the thread that
+            // answers the VM's other requests.
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || write(&me))
+                .await
+                .map_err(io::Error::other)??;
+        } else {
+            // Into the page cache: a hop to the blocking pool and back
+            // would cost more than the write itself on a busy host.
+            write(self)?;
+        }
         self.log().record(chunks);
         Ok(())
     }
+}
+
+/// Serves `p` to the source VM over NBD on the unix socket `path`, on a
+/// thread of its own with its own single-threaded runtime (the copy's
+/// reads, compression and QUIC never hold up the VM's writes); returns
+/// where it listens once it does. Runs until the process ends.
+pub(crate) fn start(p: Arc<Presented>, path: &Path) -> Result<String> {
+    let spec = format!("unix:{}", path.display());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("ferry-present".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(
+                        anyhow::Error::new(e).context("cannot start the runtime")
+                    ));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let listener = match ferry_nbd::NbdListener::bind(&spec).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(
+                            anyhow::Error::new(e).context(format!("--present {spec}"))
+                        ));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(listener.describe()));
+                let config = ferry_nbd::NbdServerConfig {
+                    export_name: String::new(),
+                    read_only: false,
+                    tls: None,
+                };
+                if let Err(e) = ferry_nbd::serve(
+                    listener,
+                    Arc::new(PresentedDevice(p)),
+                    config,
+                    std::future::pending(),
+                )
+                .await
+                {
+                    tracing::error!(error = %e, "the presented disk's NBD server stopped");
+                }
+            });
+        })
+        .context("cannot start the presenting thread")?;
+    rx.recv()
+        .context("the presenting thread ended before it listened")?
 }
 
 /// The NBD device over a [`Presented`] image.

@@ -16,7 +16,7 @@ use ferry_store::SourceImage;
 use ferry_transport::{ChunkSource, DiskReads, Fingerprint, Identity, Server, ServerOptions};
 
 use crate::cli::ServeArgs;
-use crate::present::{Presented, PresentedDevice};
+use crate::present::Presented;
 
 /// How often learned hashes are saved to the hash cache (at most this much
 /// hashing is lost when the source is stopped), and how often an idle
@@ -278,26 +278,11 @@ pub(crate) fn run(mut a: ServeArgs) -> Result<()> {
             server.local_addr()
         );
         if let (Some(p), Some(path)) = (presented, present_path) {
-            let spec = format!("unix:{}", path.display());
-            let listener = ferry_nbd::NbdListener::bind(&spec)
-                .await
-                .with_context(|| format!("--present {spec}"))?;
+            let at = crate::present::start(p, &path)?;
             println!(
-                "ferry serve: presenting {} read-write to the source VM on {}",
+                "ferry serve: presenting {} read-write to the source VM on {at}",
                 disk.display(),
-                listener.describe()
             );
-            let config = ferry_nbd::NbdServerConfig {
-                export_name: String::new(),
-                read_only: false,
-                tls: None,
-            };
-            tokio::spawn(ferry_nbd::serve(
-                listener,
-                Arc::new(PresentedDevice(p)),
-                config,
-                std::future::pending(),
-            ));
         }
         crate::notify::notify("READY=1\nSTATUS=exporting");
         if let Some(c) = cache {
