@@ -193,6 +193,7 @@ impl Writer {
         spec: WriterSpec,
         t0: Instant,
         skip: usize,
+        cpus: Option<Vec<usize>>,
     ) -> Result<Writer> {
         let mut c = NbdClient::connect(sock, export, Duration::from_secs(60))?;
         if c.size < spec.size {
@@ -201,6 +202,9 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || -> Result<WriterLog> {
+            if let Some(c) = &cpus {
+                pin_this_thread(c)?;
+            }
             let mut log = WriterLog::default();
             let mut offs = Offsets::new(&spec).skip(skip);
             let mut fill = spec.seed ^ (skip as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -348,6 +352,85 @@ struct MirrorRun {
     writes: WriteStats,
 }
 
+/// Which CPUs play which host: with two CPUs or more the source host
+/// (its VM, i.e. the writer, and its `ferry serve` or QEMU) gets the first
+/// and the destination and the link emulator the others, as two hosts and a
+/// network would have them (docs/decisions/bench-live-hosts-apart.md).
+#[derive(Clone, Debug)]
+pub(crate) struct Hosts {
+    source: Vec<usize>,
+    rest: Vec<usize>,
+}
+
+impl Hosts {
+    /// The CPUs this process may use, split; `None` when `shared` or with
+    /// one CPU.
+    fn new(shared: bool) -> Result<Option<Hosts>> {
+        let set = rustix::thread::sched_getaffinity(None).context("sched_getaffinity")?;
+        let cpus: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| set.is_set(c))
+            .collect();
+        if shared || cpus.len() < 2 {
+            return Ok(None);
+        }
+        Ok(Some(Hosts {
+            source: cpus[..1].to_vec(),
+            rest: cpus[1..].to_vec(),
+        }))
+    }
+
+    fn describe(h: Option<&Hosts>) -> String {
+        match h {
+            Some(h) => format!(
+                "The source host (the writer, `ferry serve` or the source qemu-storage-daemon) runs on CPU {}, the destination and the link emulator on CPU {} (`--live-shared-cpus`: all on all).",
+                cpu_list(&h.source),
+                cpu_list(&h.rest)
+            ),
+            None => "Every process runs on every CPU (`--live-shared-cpus` or one CPU).".into(),
+        }
+    }
+}
+
+fn cpu_list(cpus: &[usize]) -> String {
+    cpus.iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Keeps the calling thread (and the threads and processes it starts) on
+/// `cpus`.
+fn pin_this_thread(cpus: &[usize]) -> Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    for &c in cpus {
+        set.set(c);
+    }
+    rustix::thread::sched_setaffinity(None, &set).context("sched_setaffinity")
+}
+
+/// Puts every thread of the link emulator (process `pid`) at nice -10, so
+/// the destination's work on the same CPU does not delay packets (a network
+/// is not the host's CPU; root, which the emulated WAN needs anyway).
+fn raise_forwarder(pid: u32) -> Result<()> {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = e?.file_name().to_string_lossy().parse()?;
+        let p = rustix::process::Pid::from_raw(tid).context("a thread id of 0")?;
+        rustix::process::setpriority_process(Some(p), -10)
+            .with_context(|| format!("cannot raise the link emulator's thread {tid}"))?;
+    }
+    Ok(())
+}
+
+/// `cmd` run on `cpus` (through `taskset`, which execs it: the same PID).
+fn on_cpus(cpus: &[usize], cmd: &Command) -> Command {
+    let mut c = Command::new("taskset");
+    c.arg("-c")
+        .arg(cpu_list(cpus))
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    c
+}
+
 struct Live<'a> {
     a: &'a BenchArgs,
     bin: PathBuf,
@@ -356,6 +439,7 @@ struct Live<'a> {
     wan: Wan,
     link: LinkOpts,
     logs: PathBuf,
+    hosts: Option<Hosts>,
 }
 
 /// Makes (once) a sparse image of `size` holding `data` bytes of random
@@ -411,12 +495,25 @@ fn working_copy(pristine: &Path, to: &Path) -> Result<()> {
 }
 
 impl Live<'_> {
+    /// `prog` in the source's namespace, on the source host's CPUs.
+    fn in_src(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let c = self.wan.in_src(prog);
+        match &self.hosts {
+            Some(h) => on_cpus(&h.source, &c),
+            None => c,
+        }
+    }
+
+    /// Where the source VM (the writer) runs.
+    fn vm_cpus(&self) -> Option<Vec<usize>> {
+        self.hosts.as_ref().map(|h| h.source.clone())
+    }
+
     fn serve(&self, img: &Path, vm_sock: &Path, tag: &str) -> Result<Proc> {
         let _ = std::fs::remove_file(vm_sock);
         let mut p = Proc::spawn(
             "ferry serve --present",
-            self.wan
-                .in_src(&self.bin)
+            self.in_src(&self.bin)
                 .args(["serve", "--disk"])
                 .arg(img)
                 .args([
@@ -448,7 +545,14 @@ impl Live<'_> {
         let vm = self.dir.join("vm.sock");
         let serve = self.serve(&img, &vm, "baseline")?;
         let t0 = Instant::now();
-        let w = Writer::start(&vm, "", WriterSpec::new(rate, size, 7), t0, 0)?;
+        let w = Writer::start(
+            &vm,
+            "",
+            WriterSpec::new(rate, size, 7),
+            t0,
+            0,
+            self.vm_cpus(),
+        )?;
         std::thread::sleep(Duration::from_secs_f64(secs));
         let log = w.stop()?;
         drop(serve);
@@ -484,7 +588,14 @@ impl Live<'_> {
         // The VM runs before the migration starts.
         let t_vm = Instant::now();
         let writer = if rate > 0 {
-            Some(Writer::start(&vm, "", spec.clone(), t_vm, 0)?)
+            Some(Writer::start(
+                &vm,
+                "",
+                spec.clone(),
+                t_vm,
+                0,
+                self.vm_cpus(),
+            )?)
         } else {
             None
         };
@@ -618,7 +729,7 @@ impl Live<'_> {
         // The VM runs on at the destination until the disk is complete.
         let dst_writer = if rate > 0 {
             let skip = src_log.as_ref().map_or(0, |l| l.writes.len());
-            Some(Writer::start(&nbd, "ferry", spec, t0, skip)?)
+            Some(Writer::start(&nbd, "ferry", spec, t0, skip, None)?)
         } else {
             None
         };
@@ -654,8 +765,7 @@ impl Live<'_> {
         let _ = std::fs::remove_file(qmp);
         Proc::spawn(
             "qemu-storage-daemon (source)",
-            self.wan
-                .in_src("qemu-storage-daemon")
+            self.in_src("qemu-storage-daemon")
                 .arg("--blockdev")
                 .arg(format!(
                     "driver=file,filename={},node-name=file0",
@@ -704,7 +814,14 @@ impl Live<'_> {
         let mut src = self.qsd_source(&img, &vm, &qmp)?;
         Self::wait_sock(&mut src, &vm)?;
         let t0 = Instant::now();
-        let w = Writer::start(&vm, "disk0", WriterSpec::new(rate, size, 7), t0, 0)?;
+        let w = Writer::start(
+            &vm,
+            "disk0",
+            WriterSpec::new(rate, size, 7),
+            t0,
+            0,
+            self.vm_cpus(),
+        )?;
         std::thread::sleep(Duration::from_secs_f64(secs));
         let log = w.stop()?;
         drop(src);
@@ -774,6 +891,7 @@ impl Live<'_> {
                 WriterSpec::new(rate, size, 7),
                 t_vm,
                 0,
+                self.vm_cpus(),
             )?)
         } else {
             None
@@ -893,8 +1011,18 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
         rtt_ms: 50.0,
         ..LinkOpts::default()
     };
+    // The destination and the link emulator (started below, in this
+    // process's threads) stay off the source host's CPU.
+    let hosts = Hosts::new(a.live_shared_cpus)?;
+    if let Some(h) = &hosts {
+        pin_this_thread(&h.rest)?;
+    }
     let wan = Wan::up("live", &link, &a.tcp_cc, true)?;
+    if hosts.is_some() {
+        raise_forwarder(wan.pid)?;
+    }
     let l = Live {
+        hosts: hosts.clone(),
         a,
         bin: bin.clone(),
         dir: dir.clone(),
@@ -905,6 +1033,7 @@ pub(crate) fn run(a: &BenchArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&l.logs)?;
     let mut m = Meta {
+        hosts,
         started: chrono_now(),
         load0: loadavg(),
         runs,
@@ -1050,6 +1179,7 @@ struct Results {
 
 /// What the report says about the set-up.
 struct Meta {
+    hosts: Option<Hosts>,
     started: String,
     load0: String,
     runs: usize,
@@ -1116,9 +1246,10 @@ fn write_report(a: &BenchArgs, m: &Meta, res: &Results) -> Result<()> {
     )?;
     writeln!(
         o,
-        "The VM is xtask's writer: 64 KiB writes at random 64 KiB-aligned offsets at a fixed rate (open loop), 80% of them into a hot tenth of the disk, one at a time over one NBD connection, no flushes. Writer comparison disk: {} MiB sparse holding {} MiB of random data in 8 extents. Cells: median (min–max) of the runs.\n",
+        "The VM is xtask's writer: 64 KiB writes at random 64 KiB-aligned offsets at a fixed rate (open loop), 80% of them into a hot tenth of the disk, one at a time over one NBD connection, no flushes. Writer comparison disk: {} MiB sparse holding {} MiB of random data in 8 extents. {} Cells: median (min–max) of the runs.\n",
         wsize / MIB,
-        wdata / MIB
+        wdata / MIB,
+        Hosts::describe(m.hosts.as_ref()),
     )?;
     if has("writer") {
         writeln!(
@@ -1315,6 +1446,9 @@ fn command_options(a: &BenchArgs, runs: usize) -> String {
     }
     if a.mirror_cap_secs != 0 {
         o += &format!(" --mirror-cap-secs {}", a.mirror_cap_secs);
+    }
+    if a.live_shared_cpus {
+        o += " --live-shared-cpus";
     }
     if !a.section.is_empty() && a.section != super::QUICK_SECTION {
         o += &format!(" --section {:?}", a.section);

@@ -168,6 +168,11 @@ pub(crate) struct BenchArgs {
     /// when it is not ready (0: 3x its idle time, at least 30 s).
     #[arg(long, default_value_t = 0)]
     mirror_cap_secs: u64,
+    /// `--live`: run every process on every CPU; by default the source
+    /// host (the writer, `ferry serve` or the source QEMU) has CPU 0 and
+    /// the destination and the link emulator the others.
+    #[arg(long)]
+    live_shared_cpus: bool,
     /// Instead of the peers: two disks of one VM in one `ferry pull` on
     /// the base link with one background rate limit
     /// (--two-disks-rate-mbit): their sum's throughput and 4 KiB reads of
@@ -1900,6 +1905,7 @@ mod tests {
             writer_rates: vec![0, 4, 16],
             live_parts: vec!["writer".into()],
             precopy_cap_secs: 120,
+            live_shared_cpus: false,
             mirror_cap_secs: 0,
             two_disks: false,
             two_disks_rate_mbit: 100,
