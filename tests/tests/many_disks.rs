@@ -139,6 +139,83 @@ fn two_disks_in_one_pull_share_one_budget() {
     assert_files_equal(&src_b, &w.path("dst-b.img"));
 }
 
+/// With `--exit-when-complete` a pull of several disks waits for every
+/// disk to be verified and for the NBD client on one of them to leave,
+/// then exits 0 by itself with both disks equal to their sources.
+#[test]
+fn a_pull_of_two_disks_exits_when_both_are_verified_and_left() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
+    make_image(&src_a, 8 * MIB, &[(0, 6 * MIB)], 4);
+    make_image(&src_b, 4 * MIB, &[(MIB, 2 * MIB)], 5);
+    let a_arg = format!("a={}", src_a.display());
+    let b_arg = format!("b={}", src_b.display());
+    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
+    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let args: Vec<String> = vec![
+        "pull".into(),
+        "--source".into(),
+        format!("127.0.0.1:{port}"),
+        "--disk".into(),
+        format!("a={}", w.path("dst-a.img").display()),
+        "--disk".into(),
+        format!("b={}", w.path("dst-b.img").display()),
+        "--nbd".into(),
+        format!("unix:{}", w.path("nbd").display()),
+        "--control".into(),
+        w.path("ctl.sock").display().to_string(),
+        "--identity".into(),
+        w.path("dst-id").display().to_string(),
+        "--trust-peer".into(),
+        w.src_fp.clone(),
+        "--hold-background".into(),
+        "--exit-when-complete".into(),
+    ];
+    let mut pull = w.pull(&args);
+    // A client on disk b, held open across the end of the copy (qemu-io
+    // keeps the connection while it sleeps between its commands).
+    let sock_b = w.path("nbd/b.sock");
+    let sock_s = sock_b.display().to_string();
+    let client = std::thread::spawn(move || {
+        qemu_io_nbd(
+            std::path::Path::new(&sock_s),
+            "b",
+            120,
+            &[],
+            &["read 1048576 4096", "sleep 20000", "read 0 4096"],
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    // Nothing copied yet (held): it must not have exited.
+    assert_eq!(
+        pull.wait_exit(Duration::from_millis(100)),
+        None,
+        "{}",
+        pull.log_text()
+    );
+    w.background("resume");
+    w.wait_verified(Duration::from_secs(120));
+    // Verified, but the client on disk b is still connected.
+    assert_eq!(
+        pull.wait_exit(Duration::from_secs(1)),
+        None,
+        "exited with a client connected: {}",
+        pull.log_text()
+    );
+    let (ok, text) = client.join().expect("client thread");
+    assert!(ok, "qemu-io on disk b: {text}");
+    let code = pull.wait_exit(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{}", pull.log_text());
+    assert!(pull
+        .log_text()
+        .contains("every disk complete and verified: exiting"));
+    assert_files_equal(&src_a, &w.path("dst-a.img"));
+    assert_files_equal(&src_b, &w.path("dst-b.img"));
+}
+
 /// A destination that names no disk, or one the source does not serve,
 /// is refused with the reason; a pull of several disks refuses options
 /// it does not take.

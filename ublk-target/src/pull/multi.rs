@@ -9,9 +9,12 @@
 //! with each disk's status in `disks`, `ferry background` acts on every
 //! disk (and is recorded in each state file).
 //!
+//! With `--exit-when-complete` it exits once every disk is complete and
+//! verified and no NBD client is connected to any of them.
+//!
 //! Not (yet) with several disks: --ublk, --precopy, --index, --metrics,
-//! --exit-when-complete, --state, --start-over, NBD over TCP or TLS, and
-//! `ferry abort`/`commit` (they act on one disk).
+//! --state, --start-over, NBD over TCP or TLS, and `ferry abort`/`commit`
+//! (they act on one disk).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -50,7 +53,6 @@ fn refuse_unsupported(a: &PullArgs) -> Result<()> {
         (a.precopy, "--precopy"),
         (!a.index.is_empty(), "--index"),
         (a.metrics.is_some(), "--metrics"),
-        (a.exit_when_complete, "--exit-when-complete"),
         (a.state.is_some(), "--state"),
         (a.start_over, "--start-over"),
         (a.nbd_tls_dir.is_some(), "--nbd-tls-dir"),
@@ -138,6 +140,8 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let mut disks = Vec::new();
         let mut tasks = Vec::new();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // NBD clients connected, per disk (for --exit-when-complete).
+        let mut clients = Vec::new();
         for ((name, path), listener) in named.into_iter().zip(listeners) {
             let span = tracing::info_span!("disk", name = %name);
             let opts = match (&a.source, fp) {
@@ -170,12 +174,14 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 d.size
             );
             let mut rx = stop_rx.clone();
+            let (clients_tx, clients_rx) = tokio::sync::watch::channel(0usize);
+            clients.push(clients_rx);
             tasks.push(tokio::spawn(
                 async move {
-                    ferry_nbd::serve(listener, device, config, async move {
+                    let stop = async move {
                         let _ = rx.wait_for(|s| *s).await;
-                    })
-                    .await
+                    };
+                    ferry_nbd::serve_counted(listener, device, config, stop, clients_tx).await
                 }
                 .instrument(span),
             ));
@@ -188,7 +194,15 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         crate::notify::notify("READY=1\nSTATUS=serving");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install a SIGTERM handler")?;
+        let mut ended_early = None;
         tokio::select! {
+            outcome = all_verified_and_left(disks.clone(), clients), if a.exit_when_complete => {
+                match &outcome {
+                    None => tracing::info!("every disk complete and verified: exiting (--exit-when-complete)"),
+                    Some(why) => tracing::error!("stopped: {why} (--exit-when-complete)"),
+                }
+                ended_early = outcome;
+            }
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
@@ -205,8 +219,51 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 .with_context(|| format!("final sync of disk {} failed", d.name))?;
         }
         drop(sockets);
-        Ok(())
+        match ended_early {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
+        }
     })
+}
+
+/// Resolves once every disk is complete and verified and no NBD client
+/// is connected to any of them (`None`), or as soon as one disk stops or
+/// fails its verification (`Some(why)`, naming it).
+async fn all_verified_and_left(
+    disks: Arc<Vec<Running>>,
+    mut clients: Vec<tokio::sync::watch::Receiver<usize>>,
+) -> Option<String> {
+    loop {
+        let mut all = true;
+        for d in disks.iter() {
+            let v = d.report.verify.lock().expect("verify lock").state.clone();
+            if v.starts_with("failed") {
+                return Some(format!(
+                    "disk {}: the verification against the source {v}",
+                    d.name
+                ));
+            }
+            if let ferry_core::Phase::Failed(f) = d.shell.engine_phase() {
+                return Some(format!("disk {}: {f}", d.name));
+            }
+            all &= v == "ok";
+        }
+        if all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let connected: usize = clients.iter().map(|c| *c.borrow()).sum();
+    if connected > 0 {
+        tracing::info!(
+            clients = connected,
+            "every disk complete and verified; --exit-when-complete waits for the NBD clients to disconnect"
+        );
+    }
+    for c in &mut clients {
+        let _ = c.wait_for(|n| *n == 0).await;
+    }
+    None
 }
 
 /// Opens (or creates) one disk and starts its copy; a fresh disk asks the
