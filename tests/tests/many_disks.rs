@@ -216,6 +216,71 @@ fn a_pull_of_two_disks_exits_when_both_are_verified_and_left() {
     assert_files_equal(&src_b, &w.path("dst-b.img"));
 }
 
+/// `--index` with several disks: each disk fills from the local copies
+/// what matches it (disk a has a copy here, disk b none), and both end
+/// equal to their sources.
+#[test]
+fn two_disks_fill_from_one_index() {
+    let w = World::new();
+    let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
+    // Seeds 6 and 8 (make_image sets the low bit: 7 and 9), so no chunk
+    // of b equals one of a.
+    make_image(&src_a, 8 * MIB, &[(0, 6 * MIB)], 6);
+    make_image(&src_b, 4 * MIB, &[(MIB, 2 * MIB)], 8);
+    let copy = w.path("local-copy-of-a.img");
+    std::fs::copy(&src_a, &copy).expect("copy");
+    let idx = w.path("local.ferry-index");
+    let out = w.ferry(&[
+        "index",
+        "build",
+        "--out",
+        idx.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let a_arg = format!("a={}", src_a.display());
+    let b_arg = format!("b={}", src_b.display());
+    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
+    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let args: Vec<String> = vec![
+        "pull".into(),
+        "--source".into(),
+        format!("127.0.0.1:{port}"),
+        "--disk".into(),
+        format!("a={}", w.path("dst-a.img").display()),
+        "--disk".into(),
+        format!("b={}", w.path("dst-b.img").display()),
+        "--nbd".into(),
+        format!("unix:{}", w.path("nbd").display()),
+        "--control".into(),
+        w.path("ctl.sock").display().to_string(),
+        "--identity".into(),
+        w.path("dst-id").display().to_string(),
+        "--trust-peer".into(),
+        w.src_fp.clone(),
+        "--index".into(),
+        idx.display().to_string(),
+        "--hold-background".into(),
+    ];
+    let _pull = w.pull(&args);
+    // The copier held: what disk a has is filled locally, all of it.
+    let want = 6 * MIB;
+    let s = w.wait_status("disk a filled locally", Duration::from_secs(120), |s| {
+        s["disks"].as_array().is_some_and(|d| d.len() == 2)
+            && u(disk(s, "a"), "filled_local_bytes") >= want
+    });
+    assert_eq!(u(disk(&s, "a"), "filled_local_bytes"), want, "{s}");
+    assert_eq!(u(disk(&s, "b"), "filled_local_bytes"), 0, "{s}");
+    assert_eq!(u(&s, "filled_local_bytes"), want, "{s}");
+    assert_eq!(u(&s, "fetched_background_bytes"), 0, "{s}");
+    w.background("resume");
+    let s = w.wait_verified(Duration::from_secs(180));
+    assert_eq!(u(disk(&s, "a"), "fetched_background_bytes"), 0, "{s}");
+    assert!(u(disk(&s, "b"), "fetched_background_bytes") > 0, "{s}");
+    assert_files_equal(&src_a, &w.path("dst-a.img"));
+    assert_files_equal(&src_b, &w.path("dst-b.img"));
+}
+
 /// A destination that names no disk, or one the source does not serve,
 /// is refused with the reason; a pull of several disks refuses options
 /// it does not take.

@@ -12,7 +12,10 @@
 //! With `--exit-when-complete` it exits once every disk is complete and
 //! verified and no NBD client is connected to any of them.
 //!
-//! Not (yet) with several disks: --ublk, --precopy, --index, --metrics,
+//! `--index` serves every disk: each fills what it can from the local
+//! copies the indexes name.
+//!
+//! Not (yet) with several disks: --ublk, --precopy, --metrics,
 //! --state, --start-over, NBD over TCP or TLS, and `ferry abort`/`commit`
 //! (they act on one disk).
 
@@ -51,7 +54,6 @@ fn refuse_unsupported(a: &PullArgs) -> Result<()> {
     for (given, opt) in [
         (a.ublk, "--ublk"),
         (a.precopy, "--precopy"),
-        (!a.index.is_empty(), "--index"),
         (a.metrics.is_some(), "--metrics"),
         (a.state.is_some(), "--state"),
         (a.start_over, "--start-over"),
@@ -158,7 +160,17 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 }
                 (None, _) => None,
             };
-            let d = start_disk(&name, &path, opts, &settings, cmd, started, &listener)
+            // Each disk reads the indexes on its own (an index is a file
+            // and its cursor).
+            let indexes = a
+                .index
+                .iter()
+                .map(|p| {
+                    ferry_index::Index::open(p)
+                        .with_context(|| format!("cannot open --index {}", p.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let d = start_disk(&name, &path, opts, &settings, cmd, started, &listener, indexes)
                 .instrument(span.clone())
                 .await
                 .with_context(|| format!("disk {name} ({})", path.display()))?;
@@ -269,6 +281,7 @@ async fn all_verified_and_left(
 /// Opens (or creates) one disk and starts its copy; a fresh disk asks the
 /// source for its geometry first, a resumed one is served at once and
 /// reaches the source in the background.
+#[allow(clippy::too_many_arguments)]
 async fn start_disk(
     name: &str,
     path: &Path,
@@ -277,6 +290,7 @@ async fn start_disk(
     cmd: CommandLine,
     started: Instant,
     listener: &NbdListener,
+    indexes: Vec<ferry_index::Index>,
 ) -> Result<Running> {
     let state_path = ferry_pull::open::default_state_path(path);
     let header = if state_path.exists() {
@@ -379,6 +393,10 @@ async fn start_disk(
         tokio::spawn(copier::fetch_manifest(shell.clone()).in_current_span());
         tokio::spawn(
             copier::run_copier(shell.clone(), settings.clone(), report.clone()).in_current_span(),
+        );
+        tokio::spawn(
+            ferry_pull::local::run_local_fill(shell.clone(), indexes, settings.clone())
+                .in_current_span(),
         );
     }
     if let Some(c) = &client {
