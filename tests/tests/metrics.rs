@@ -297,3 +297,79 @@ fn no_metrics_listener_unless_asked() {
         "ferry pull listens on TCP without --metrics:\n{listening}"
     );
 }
+
+/// A pull of several disks serves every disk's series, labelled
+/// `disk="NAME"`, as one valid exposition; each disk's figures move on
+/// their own.
+#[test]
+fn metrics_of_two_disks_are_labelled_by_disk() {
+    let w = World::new();
+    let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
+    make_image(&src_a, 8 * MIB, &[(0, 2 * MIB)], 6);
+    make_image(&src_b, 4 * MIB, &[(MIB, MIB)], 8);
+    let a_arg = format!("a={}", src_a.display());
+    let b_arg = format!("b={}", src_b.display());
+    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
+    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let args: Vec<String> = vec![
+        "pull".into(),
+        "--source".into(),
+        format!("127.0.0.1:{port}"),
+        "--disk".into(),
+        format!("a={}", w.path("dst-a.img").display()),
+        "--disk".into(),
+        format!("b={}", w.path("dst-b.img").display()),
+        "--nbd".into(),
+        format!("unix:{}", w.path("nbd").display()),
+        "--control".into(),
+        w.path("ctl.sock").display().to_string(),
+        "--identity".into(),
+        w.path("dst-id").display().to_string(),
+        "--trust-peer".into(),
+        w.src_fp.clone(),
+        "--metrics".into(),
+        "127.0.0.1:0".into(),
+        "--hold-background".into(),
+    ];
+    let pull = w.pull(&args);
+    let addr = metrics_addr(&pull);
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let first = scrape(&addr);
+    promtool_check(&first);
+    assert_eq!(
+        value(&first, r#"ferry_pull_disk_bytes{disk="a"}"#),
+        (8 * MIB) as f64
+    );
+    assert_eq!(
+        value(&first, r#"ferry_pull_disk_bytes{disk="b"}"#),
+        (4 * MIB) as f64
+    );
+    for d in ["a", "b"] {
+        let copying = format!(r#"ferry_pull_phase{{disk="{d}",phase="copying"}}"#);
+        assert_eq!(value(&first, &copying), 1.0, "{first}");
+    }
+    // A read of disk a's absent data: only disk a fetched on demand.
+    let (ok, text) = qemu_io_nbd(&w.path("nbd/a.sock"), "a", 60, &[], &["read 0 256k"]);
+    assert!(ok, "{text}");
+    let during = scrape(&addr);
+    promtool_check(&during);
+    let on_demand =
+        |d: &str| format!(r#"ferry_pull_fetched_bytes_total{{disk="{d}",kind="on_demand"}}"#);
+    assert!(
+        value(&during, &on_demand("a")) >= (256 * 1024) as f64,
+        "{during}"
+    );
+    assert_eq!(value(&during, &on_demand("b")), 0.0, "{during}");
+    w.background("resume");
+    w.wait_verified(Duration::from_secs(120));
+    let done = scrape(&addr);
+    promtool_check(&done);
+    for d in ["a", "b"] {
+        let ok = format!(r#"ferry_pull_verification{{disk="{d}",result="ok"}}"#);
+        assert_eq!(value(&done, &ok), 1.0, "{done}");
+    }
+    assert_eq!(
+        value(&done, r#"ferry_pull_present_bytes{disk="a"}"#),
+        (8 * MIB) as f64
+    );
+}

@@ -320,6 +320,49 @@ pub(crate) fn encode(s: &Status, t: &TelemetrySnapshot, chunks: u64) -> Result<S
     String::from_utf8(out).context("the metrics encoder wrote bytes that are not UTF-8")
 }
 
+/// One disk of a pull of several, for [`encode_disks`]: its name, status,
+/// telemetry and number of chunks.
+pub(crate) struct DiskFigures {
+    pub(crate) name: String,
+    pub(crate) status: Status,
+    pub(crate) telemetry: TelemetrySnapshot,
+    pub(crate) chunks: u64,
+}
+
+/// The families of several disks: each disk's series labelled
+/// `disk="NAME"`, one family per metric name (in the order first seen),
+/// so `sum by (…)` gives the pull's totals.
+pub(crate) fn disk_families(disks: &[DiskFigures]) -> Vec<MetricFamily> {
+    let mut merged: Vec<MetricFamily> = Vec::new();
+    for d in disks {
+        for mut f in families(&d.status, &d.telemetry, d.chunks) {
+            let mut metrics = f.take_metric();
+            for m in &mut metrics {
+                let mut l = labels(&[("disk", d.name.as_str())]);
+                l.extend(m.take_label());
+                m.set_label(l);
+            }
+            match merged.iter_mut().find(|g| g.name() == f.name()) {
+                Some(g) => g.mut_metric().extend(metrics),
+                None => {
+                    f.set_metric(metrics);
+                    merged.push(f);
+                }
+            }
+        }
+    }
+    merged
+}
+
+/// The text of `GET /metrics` for a pull of several disks.
+pub(crate) fn encode_disks(disks: &[DiskFigures]) -> Result<String> {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&disk_families(disks), &mut out)
+        .context("cannot encode the metrics")?;
+    String::from_utf8(out).context("the metrics encoder wrote bytes that are not UTF-8")
+}
+
 /// Binds the metrics listener at `addr` (`--metrics`).
 pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)

@@ -15,7 +15,10 @@
 //! `--index` serves every disk: each fills what it can from the local
 //! copies the indexes name.
 //!
-//! Not (yet) with several disks: --ublk, --precopy, --metrics,
+//! `--metrics` serves every disk's figures, each series labelled with its
+//! disk's name.
+//!
+//! Not (yet) with several disks: --ublk, --precopy,
 //! --state, --start-over, NBD over TCP or TLS, and `ferry abort`/`commit`
 //! (they act on one disk).
 
@@ -46,6 +49,8 @@ struct Running {
     shell: Arc<Shell>,
     report: Arc<Report>,
     size: u64,
+    /// Its number of chunks.
+    chunks: u64,
 }
 
 /// Refuses the options a pull of several disks does not take yet.
@@ -54,7 +59,6 @@ fn refuse_unsupported(a: &PullArgs) -> Result<()> {
     for (given, opt) in [
         (a.ublk, "--ublk"),
         (a.precopy, "--precopy"),
-        (a.metrics.is_some(), "--metrics"),
         (a.state.is_some(), "--state"),
         (a.start_over, "--start-over"),
         (a.nbd_tls_dir.is_some(), "--nbd-tls-dir"),
@@ -126,6 +130,10 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         }
         let control = ControlListener::bind(&a.control, &access)?;
         sockets.0.push(a.control.clone());
+        let metrics = match a.metrics {
+            Some(addr) => Some(crate::metrics::bind(addr).await?),
+            None => None,
+        };
         let cmd = CommandLine {
             hold_background: a.hold_background,
             rate: a.rate,
@@ -200,6 +208,26 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             disks.push(d);
         }
         let disks = Arc::new(disks);
+        if let Some(listener) = metrics {
+            let addr = listener
+                .local_addr()
+                .context("cannot read the --metrics listener's address")?;
+            println!("ferry pull: metrics on http://{addr}/metrics");
+            let (disks, settings) = (disks.clone(), settings.clone());
+            let render = move || {
+                let figures: Vec<crate::metrics::DiskFigures> = disks
+                    .iter()
+                    .map(|d| crate::metrics::DiskFigures {
+                        name: d.name.clone(),
+                        status: ferry_pull::status::snapshot(&d.shell, &settings, &d.report),
+                        telemetry: d.shell.telemetry(),
+                        chunks: d.chunks,
+                    })
+                    .collect();
+                crate::metrics::encode_disks(&figures)
+            };
+            tokio::spawn(crate::metrics::serve(listener, Arc::new(render)).in_current_span());
+        }
         tokio::spawn(
             serve_control(control, disks.clone(), settings.clone(), cmd).in_current_span(),
         );
@@ -440,6 +468,7 @@ async fn start_disk(
         shell,
         report,
         size: geo.disk_size,
+        chunks: geo.chunks(),
     })
 }
 

@@ -130,15 +130,19 @@ pub(super) async fn follow_rounds(shared: Arc<Shell>, verbs: Arc<Verbs>, from: u
 pub(super) async fn switch(shared: &Shell, verbs: &Verbs) -> Result<Changes> {
     let from = applied(verbs);
     let client = client(shared).await;
+    let t0 = std::time::Instant::now();
     let last = client
         .switchover(from)
         .await
         .context("the source did not switch over")?;
+    let asked_ms = t0.elapsed().as_secs_f64() * 1e3;
     let stale = apply(shared, &last, true).await?;
     tracing::info!(
         since = from,
         generation = last.generation,
         stale_chunks = stale,
+        asked_ms,
+        applied_ms = t0.elapsed().as_secs_f64() * 1e3 - asked_ms,
         "switchover: the source's last changes applied"
     );
     set_view(verbs, "switched", last.generation, None);
