@@ -281,6 +281,72 @@ fn two_disks_fill_from_one_index() {
     assert_files_equal(&src_b, &w.path("dst-b.img"));
 }
 
+/// `ferry commit` of a pull of several disks: refused (and nothing
+/// recorded) until every disk is verified, then recorded in each disk's
+/// state file; restarted without its source, the pull serves both disks.
+#[test]
+fn two_disks_commit_together_and_restart_without_the_source() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
+    make_image(&src_a, 8 * MIB, &[(0, 3 * MIB)], 10);
+    make_image(&src_b, 4 * MIB, &[(MIB, 2 * MIB)], 12);
+    let a_arg = format!("a={}", src_a.display());
+    let b_arg = format!("b={}", src_b.display());
+    let (serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
+    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let common: Vec<String> = vec![
+        "pull".into(),
+        "--disk".into(),
+        format!("a={}", w.path("dst-a.img").display()),
+        "--disk".into(),
+        format!("b={}", w.path("dst-b.img").display()),
+        "--nbd".into(),
+        format!("unix:{}", w.path("nbd").display()),
+        "--control".into(),
+        w.path("ctl.sock").display().to_string(),
+        "--identity".into(),
+        w.path("dst-id").display().to_string(),
+    ];
+    let mut args = common.clone();
+    args.extend([
+        "--source".into(),
+        format!("127.0.0.1:{port}"),
+        "--trust-peer".into(),
+        w.src_fp.clone(),
+        "--hold-background".into(),
+    ]);
+    let mut pull = w.pull(&args);
+    let ctl = w.path("ctl.sock").display().to_string();
+    let early = w.ferry(&["commit", "--control", &ctl]);
+    let err = String::from_utf8_lossy(&early.stderr).to_string()
+        + &String::from_utf8_lossy(&early.stdout);
+    assert!(!early.status.success(), "committed before verified: {err}");
+    assert!(err.contains("not verified yet"), "{err}");
+    assert_eq!(w.status()["committed"], false);
+    w.background("resume");
+    w.wait_verified(Duration::from_secs(120));
+    let out = w.ferry(&["commit", "--control", &ctl]);
+    assert!(out.status.success(), "{out:?}");
+    let s = w.status();
+    assert_eq!(s["committed"], true, "{s}");
+    for d in ["a", "b"] {
+        assert_eq!(disk(&s, d)["committed"], true, "{s}");
+    }
+    pull.kill9();
+    drop(serve);
+    // The source is gone; the committed pull serves both disks without it.
+    let _pull = w.pull(&common);
+    check_read(&w, "a", &src_a, 2 * MIB);
+    check_read(&w, "b", &src_b, 2 * MIB + 4096);
+    let s = w.status();
+    assert_eq!(s["committed"], true, "{s}");
+    assert_files_equal(&src_a, &w.path("dst-a.img"));
+    assert_files_equal(&src_b, &w.path("dst-b.img"));
+}
+
 /// A destination that names no disk, or one the source does not serve,
 /// is refused with the reason; a pull of several disks refuses options
 /// it does not take.

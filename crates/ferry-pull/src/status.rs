@@ -214,8 +214,9 @@ pub fn totals(disks: Vec<Status>) -> Status {
         t.verify_refetched_chunks += d.verify_refetched_chunks;
         t.guest_written_chunks += d.guest_written_chunks;
         t.elapsed_seconds = t.elapsed_seconds.max(d.elapsed_seconds);
-        t.committed = d.committed;
     }
+    // Committed only when every disk is.
+    t.committed = !disks.is_empty() && disks.iter().all(|d| d.committed);
     if t.phase == "complete" && disks.iter().any(|d| d.phase != "complete") {
         t.phase = "copying".into();
     }

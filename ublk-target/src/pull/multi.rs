@@ -18,12 +18,16 @@
 //! `--metrics` serves every disk's figures, each series labelled with its
 //! disk's name.
 //!
+//! `ferry commit` commits every disk once all are verified (one not yet
+//! verified: none is committed); a committed pull restarts without its
+//! source.
+//!
 //! Not (yet) with several disks: --ublk, --precopy,
 //! --state, --start-over, NBD over TCP or TLS, and `ferry abort`/`commit`
 //! (they act on one disk).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +55,10 @@ struct Running {
     size: u64,
     /// Its number of chunks.
     chunks: u64,
+    /// Its state file.
+    state_path: PathBuf,
+    /// Whether its migration was committed (`ferry commit`).
+    committed: AtomicBool,
 }
 
 /// Refuses the options a pull of several disks does not take yet.
@@ -321,17 +329,23 @@ async fn start_disk(
     indexes: Vec<ferry_index::Index>,
 ) -> Result<Running> {
     let state_path = ferry_pull::open::default_state_path(path);
+    // A committed disk never contacts its source again; an aborted one is
+    // not resumed here.
+    let mut committed = false;
     let header = if state_path.exists() {
-        if StateFile::peek_ended(&state_path)?.is_some() {
-            bail!(
-                "its migration was aborted or committed: not with several disks (yet); run it \
-                 as a pull of its own"
-            );
+        match StateFile::peek_ended(&state_path)? {
+            Some(ferry_store::Ended::Committed { .. }) => committed = true,
+            Some(ferry_store::Ended::Aborted { .. }) => bail!(
+                "its migration was aborted: not with several disks (yet); run it as a pull of \
+                 its own (--start-over)"
+            ),
+            None => {}
         }
         Some(StateFile::peek(&state_path)?)
     } else {
         None
     };
+    let source = if committed { None } else { source };
     let verified = header.and_then(|h| h.verified);
     if source.is_none() && verified.is_none() {
         bail!(
@@ -469,7 +483,42 @@ async fn start_disk(
         report,
         size: geo.disk_size,
         chunks: geo.chunks(),
+        state_path,
+        committed: AtomicBool::new(committed),
     })
+}
+
+/// `ferry commit` of every disk: only when every one is complete and
+/// verified (else none is committed and the reply names the first that is
+/// not); each is recorded in its own state file.
+async fn commit(disks: &[Running], settings: &Arc<CopierSettings>) -> String {
+    for d in disks {
+        let s = ferry_pull::status::snapshot(&d.shell, settings, &d.report);
+        if !(s.phase == "complete" && s.verified == "ok") {
+            return control_socket::error_reply(&format!(
+                "disk {} is not verified yet (phase {}, verification {}): no disk is committed; \
+                 the source is still needed; `ferry status --wait` waits for the verification",
+                d.name, s.phase, s.verified
+            ));
+        }
+    }
+    let mut already = true;
+    for d in disks {
+        match ferry_pull::lifecycle::commit_online(&d.shell, &d.state_path).await {
+            Ok(before) => {
+                already &= before;
+                d.committed.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                return control_socket::error_reply(&format!(
+                    "disk {}: {:#}",
+                    d.name,
+                    anyhow::Error::from(e)
+                ))
+            }
+        }
+    }
+    serde_json::json!({ "ok": true, "committed": true, "already": already }).to_string()
 }
 
 /// The status of every disk, and their totals.
@@ -481,6 +530,7 @@ fn status(disks: &[Running], settings: &CopierSettings) -> ferry_pull::Status {
                 let mut s = ferry_pull::status::snapshot(&d.shell, settings, &d.report);
                 s.name = Some(d.name.clone());
                 s.disk = Some(d.path.display().to_string());
+                s.committed = d.committed.load(Ordering::Relaxed);
                 s
             })
             .collect(),
@@ -551,9 +601,13 @@ async fn handle(
         Ok(ControlRequest::Status) => {
             return serde_json::to_string(&status(disks, settings)).expect("status serialises")
         }
-        Ok(ControlRequest::Commit | ControlRequest::Abort | ControlRequest::Switchover) => {
+        Ok(ControlRequest::Commit) => {
+            let _one = changing.lock().await;
+            return commit(disks, settings).await;
+        }
+        Ok(ControlRequest::Abort | ControlRequest::Switchover) => {
             return control_socket::error_reply(
-                "commit, abort and switchover act on one disk: not with several disks (yet)",
+                "abort and switchover act on one disk: not with several disks (yet)",
             )
         }
         Ok(ControlRequest::Pause) => Change::Paused(true),
