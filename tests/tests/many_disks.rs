@@ -347,6 +347,81 @@ fn two_disks_commit_together_and_restart_without_the_source() {
     assert_files_equal(&src_b, &w.path("dst-b.img"));
 }
 
+/// `ferry abort` of a pull of several disks: every disk's guest writes
+/// kept beside its own state file (disk a was written, disk b not), the
+/// pull exits with the aborted status, and a new pull of the two refuses
+/// to resume them.
+#[test]
+fn two_disks_abort_together_keeping_each_disks_writes() {
+    if !require_tool("qemu-io") {
+        return;
+    }
+    let w = World::new();
+    let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
+    make_image(&src_a, 8 * MIB, &[(0, 3 * MIB)], 14);
+    make_image(&src_b, 4 * MIB, &[(MIB, 2 * MIB)], 16);
+    let a_arg = format!("a={}", src_a.display());
+    let b_arg = format!("b={}", src_b.display());
+    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
+    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let args: Vec<String> = vec![
+        "pull".into(),
+        "--source".into(),
+        format!("127.0.0.1:{port}"),
+        "--disk".into(),
+        format!("a={}", w.path("dst-a.img").display()),
+        "--disk".into(),
+        format!("b={}", w.path("dst-b.img").display()),
+        "--nbd".into(),
+        format!("unix:{}", w.path("nbd").display()),
+        "--control".into(),
+        w.path("ctl.sock").display().to_string(),
+        "--identity".into(),
+        w.path("dst-id").display().to_string(),
+        "--trust-peer".into(),
+        w.src_fp.clone(),
+        "--hold-background".into(),
+    ];
+    let mut pull = w.pull(&args);
+    let (ok, text) = qemu_io_nbd(
+        &w.path("nbd/a.sock"),
+        "a",
+        60,
+        &[],
+        &["write -P 0x5a 1048576 65536"],
+    );
+    assert!(ok, "{text}");
+    let ctl = w.path("ctl.sock").display().to_string();
+    let out = w.ferry(&["abort", "--control", &ctl, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let kept: serde_json::Value = serde_json::from_slice(&out.stdout).expect("abort JSON");
+    let by_name = |n: &str| {
+        kept.as_array()
+            .expect("a list")
+            .iter()
+            .find(|d| d["name"] == n)
+            .unwrap_or_else(|| panic!("no disk {n} in {kept}"))
+            .clone()
+    };
+    let (a, b) = (by_name("a"), by_name("b"));
+    assert_eq!(
+        a["writes_dir"],
+        w.path("dst-a.img.ferry-writes").display().to_string(),
+        "{kept}"
+    );
+    assert!(a["bytes"].as_u64().unwrap() >= 65536, "{kept}");
+    assert_eq!(b["bytes"], 0, "{kept}");
+    assert!(w.path("dst-a.img.ferry-writes").is_dir());
+    let code = pull.wait_exit(Duration::from_secs(60));
+    assert_eq!(code, Some(4), "pull after abort: {}", pull.log_text());
+    // Not resumed: the two disks were aborted.
+    let a2: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut again = w.spawn("pull", &a2);
+    let code = again.wait_exit(Duration::from_secs(60));
+    assert!(code.is_some_and(|c| c != 0), "{}", again.log_text());
+    assert!(again.log_text().contains("aborted"), "{}", again.log_text());
+}
+
 /// A destination that names no disk, or one the source does not serve,
 /// is refused with the reason; a pull of several disks refuses options
 /// it does not take.

@@ -181,10 +181,33 @@ impl Aborted {
     }
 }
 
+/// One disk's outcome of an abort of a pull of several disks.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub(crate) struct DiskAborted {
+    /// The disk's name.
+    pub(crate) name: String,
+    /// What was kept of it.
+    #[serde(flatten)]
+    pub(crate) aborted: Aborted,
+}
+
 pub(crate) fn abort_command(a: &AbortArgs) -> Result<()> {
     let outcome = match (&a.which.control, &a.which.disk) {
         (Some(control), _) => {
             let v = ask(control, "abort", ControlRequest::Abort, ABORT_TIMEOUT)?;
+            if let Some(list) = v.get("disks") {
+                // A pull of several disks: every disk's writes.
+                let disks: Vec<DiskAborted> =
+                    serde_json::from_value(list.clone()).context("malformed abort reply")?;
+                if a.json {
+                    return emit(&format!("{}\n", serde_json::to_string(&disks)?));
+                }
+                let text: String = disks
+                    .iter()
+                    .map(|d| format!("disk {}: {}", d.name, d.aborted.human()))
+                    .collect();
+                return emit(&text);
+            }
             serde_json::from_value::<Aborted>(v).context("malformed abort reply")?
         }
         (None, Some(disk)) => {

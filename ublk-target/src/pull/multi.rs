@@ -22,6 +22,10 @@
 //! verified: none is committed); a committed pull restarts without its
 //! source.
 //!
+//! `ferry abort` aborts every disk: the frontends stop, each disk's guest
+//! writes are kept beside its state file, and the pull exits as a pull of
+//! one disk does after an abort.
+//!
 //! Not (yet) with several disks: --ublk, --precopy,
 //! --state, --start-over, NBD over TCP or TLS, and `ferry abort`/`commit`
 //! (they act on one disk).
@@ -59,6 +63,8 @@ struct Running {
     state_path: PathBuf,
     /// Whether its migration was committed (`ferry commit`).
     committed: AtomicBool,
+    /// The source's id (named in the writes an abort keeps).
+    source_id: [u8; 32],
 }
 
 /// Refuses the options a pull of several disks does not take yet.
@@ -216,6 +222,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             disks.push(d);
         }
         let disks = Arc::new(disks);
+        let (abort_tx, mut abort_rx) = tokio::sync::mpsc::channel(1);
         if let Some(listener) = metrics {
             let addr = listener
                 .local_addr()
@@ -237,13 +244,19 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
             tokio::spawn(crate::metrics::serve(listener, Arc::new(render)).in_current_span());
         }
         tokio::spawn(
-            serve_control(control, disks.clone(), settings.clone(), cmd).in_current_span(),
+            serve_control(control, disks.clone(), settings.clone(), cmd, abort_tx)
+                .in_current_span(),
         );
         crate::notify::notify("READY=1\nSTATUS=serving");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot install a SIGTERM handler")?;
         let mut ended_early = None;
+        let mut aborting = None;
         tokio::select! {
+            Some(req) = abort_rx.recv() => {
+                tracing::warn!("aborting the migration of every disk (ferry abort): stopping the frontends");
+                aborting = Some(req);
+            }
             outcome = all_verified_and_left(disks.clone(), clients), if a.exit_when_complete => {
                 match &outcome {
                     None => tracing::info!("every disk complete and verified: exiting (--exit-when-complete)"),
@@ -259,6 +272,11 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
         let _ = stop_tx.send(true);
         for t in tasks {
             let _ = t.await;
+        }
+        if let Some(req) = aborting {
+            let result = abort_all(&disks, req).await;
+            drop(sockets);
+            return result;
         }
         for d in disks.iter() {
             d.shell
@@ -485,6 +503,7 @@ async fn start_disk(
         chunks: geo.chunks(),
         state_path,
         committed: AtomicBool::new(committed),
+        source_id: id,
     })
 }
 
@@ -521,6 +540,108 @@ async fn commit(disks: &[Running], settings: &Arc<CopierSettings>) -> String {
     serde_json::json!({ "ok": true, "committed": true, "already": already }).to_string()
 }
 
+/// `ferry abort` of every disk: handed to the pull, which stops the
+/// frontends, keeps each disk's guest writes and answers. Returns the
+/// answer and what to tell once it is sent.
+async fn abort_request(
+    disks: &[Running],
+    abort: &tokio::sync::mpsc::Sender<control_socket::AbortRequest>,
+    aborting: &AtomicBool,
+) -> (String, Option<tokio::sync::oneshot::Sender<()>>) {
+    if let Some(d) = disks.iter().find(|d| d.committed.load(Ordering::Relaxed)) {
+        return (
+            control_socket::error_reply(&format!(
+                "disk {} was committed: the destination is the disk now and its source may be \
+                 gone, so the migration cannot be aborted",
+                d.name
+            )),
+            None,
+        );
+    }
+    if aborting.swap(true, Ordering::Relaxed) {
+        return (
+            control_socket::error_reply("an abort is already under way"),
+            None,
+        );
+    }
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let req = control_socket::AbortRequest {
+        reply: reply_tx,
+        written: written_rx,
+    };
+    if abort.send(req).await.is_err() {
+        return (control_socket::error_reply("the pull is stopping"), None);
+    }
+    match reply_rx.await {
+        Ok(reply) => (reply, Some(written_tx)),
+        Err(_) => (
+            control_socket::error_reply("the pull stopped before it could abort"),
+            None,
+        ),
+    }
+}
+
+/// Aborts every disk once the frontends stopped: each disk's guest writes
+/// kept aside and the abort recorded in its state file; answers the
+/// control client with every disk's writes. Returns how the pull ends.
+async fn abort_all(disks: &[Running], req: control_socket::AbortRequest) -> Result<()> {
+    let mut kept = Vec::new();
+    let mut failed = None;
+    for d in disks {
+        if let Some(c) = d.shell.client_now() {
+            ferry_pull::Fetcher::close(&c);
+        }
+        match ferry_pull::lifecycle::abort_online(&d.shell, &d.path, &d.state_path, d.source_id)
+            .await
+        {
+            Ok(k) => kept.push((d.name.clone(), k)),
+            Err(e) => {
+                failed = Some(
+                    anyhow::Error::from(e)
+                        .context(format!("cannot abort the migration of disk {}", d.name)),
+                );
+                break;
+            }
+        }
+    }
+    let (reply, result) = match failed {
+        None => {
+            let list: Vec<_> = kept
+                .iter()
+                .map(|(name, k)| {
+                    serde_json::json!({
+                        "name": name,
+                        "writes_dir": k.dir.display().to_string(),
+                        "extents": k.extents,
+                        "bytes": k.bytes,
+                    })
+                })
+                .collect();
+            let msg = format!(
+                "migration of {} disks aborted by `ferry abort`: the source remains the truth; \
+                 the guest's writes made here are kept in {}",
+                kept.len(),
+                kept.iter()
+                    .map(|(n, k)| format!("{} (disk {n})", k.dir.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            (
+                serde_json::json!({ "ok": true, "disks": list }).to_string(),
+                Err(crate::verbs::MigrationAborted(msg).into()),
+            )
+        }
+        Some(e) => (
+            serde_json::json!({ "ok": false, "error": format!("{e:#}") }).to_string(),
+            Err(e),
+        ),
+    };
+    let _ = req.reply.send(reply);
+    let _ = tokio::time::timeout(Duration::from_secs(10), req.written).await;
+    result
+}
+
 /// The status of every disk, and their totals.
 fn status(disks: &[Running], settings: &CopierSettings) -> ferry_pull::Status {
     ferry_pull::status::totals(
@@ -545,9 +666,11 @@ async fn serve_control(
     disks: Arc<Vec<Running>>,
     settings: Arc<CopierSettings>,
     cmd: CommandLine,
+    abort: tokio::sync::mpsc::Sender<control_socket::AbortRequest>,
 ) {
     let _keep = control.path.clone();
     let changing = Arc::new(tokio::sync::Mutex::new(()));
+    let aborting = Arc::new(AtomicBool::new(false));
     let slots = Arc::new(tokio::sync::Semaphore::new(
         control_socket::MAX_CONTROL_CONNECTIONS,
     ));
@@ -566,19 +689,26 @@ async fn serve_control(
             continue;
         };
         let (disks, settings, changing) = (disks.clone(), settings.clone(), changing.clone());
+        let (abort, aborting) = (abort.clone(), aborting.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let (r, mut w) = stream.into_split();
-            let reply = match tokio::time::timeout(
+            let (reply, written) = match tokio::time::timeout(
                 control_socket::CONTROL_IDLE_TIMEOUT,
                 control_socket::read_request(r),
             )
             .await
             {
-                Ok(Ok(Request::Line(line))) => {
-                    handle(line.trim(), &disks, &settings, cmd, &changing).await
+                Ok(Ok(Request::Line(line)))
+                    if ControlRequest::parse(line.trim()) == Ok(ControlRequest::Abort) =>
+                {
+                    abort_request(&disks, &abort, &aborting).await
                 }
-                Ok(Ok(Request::Bad(why))) => control_socket::error_reply(&why),
+                Ok(Ok(Request::Line(line))) => (
+                    handle(line.trim(), &disks, &settings, cmd, &changing).await,
+                    None,
+                ),
+                Ok(Ok(Request::Bad(why))) => (control_socket::error_reply(&why), None),
                 _ => return,
             };
             let _ = tokio::time::timeout(
@@ -586,6 +716,9 @@ async fn serve_control(
                 w.write_all(format!("{reply}\n").as_bytes()),
             )
             .await;
+            if let Some(written) = written {
+                let _ = written.send(());
+            }
         });
     }
 }
@@ -605,9 +738,12 @@ async fn handle(
             let _one = changing.lock().await;
             return commit(disks, settings).await;
         }
-        Ok(ControlRequest::Abort | ControlRequest::Switchover) => {
+        Ok(ControlRequest::Abort) => {
+            unreachable!("an abort is answered by abort_request")
+        }
+        Ok(ControlRequest::Switchover) => {
             return control_socket::error_reply(
-                "abort and switchover act on one disk: not with several disks (yet)",
+                "switchover acts on one disk: not with several disks (yet)",
             )
         }
         Ok(ControlRequest::Pause) => Change::Paused(true),
