@@ -419,7 +419,20 @@ fn two_disks_abort_together_keeping_each_disks_writes() {
     let mut again = w.spawn("pull", &a2);
     let code = again.wait_exit(Duration::from_secs(60));
     assert!(code.is_some_and(|c| c != 0), "{}", again.log_text());
-    assert!(again.log_text().contains("aborted"), "{}", again.log_text());
+    assert!(
+        again.log_text().contains("--start-over"),
+        "{}",
+        again.log_text()
+    );
+    // Told to start over: both pulled afresh, the kept writes left alone,
+    // disk a reads as its source again where the guest had written.
+    let mut over = args.clone();
+    over.push("--start-over".into());
+    let _pull = w.pull(&over);
+    let s = w.status();
+    assert_eq!(u(&s, "present_at_start_bytes"), 0, "{s}");
+    assert!(w.path("dst-a.img.ferry-writes").is_dir());
+    check_read(&w, "a", &src_a, MIB);
 }
 
 /// A destination that names no disk, or one the source does not serve,

@@ -26,6 +26,9 @@
 //! writes are kept beside its state file, and the pull exits as a pull of
 //! one disk does after an abort.
 //!
+//! `--start-over` pulls afresh every disk whose migration was aborted
+//! (their kept writes stay).
+//!
 //! Not (yet) with several disks: --ublk, --precopy,
 //! --state, --start-over, NBD over TCP or TLS, and `ferry abort`/`commit`
 //! (they act on one disk).
@@ -74,7 +77,6 @@ fn refuse_unsupported(a: &PullArgs) -> Result<()> {
         (a.ublk, "--ublk"),
         (a.precopy, "--precopy"),
         (a.state.is_some(), "--state"),
-        (a.start_over, "--start-over"),
         (a.nbd_tls_dir.is_some(), "--nbd-tls-dir"),
     ] {
         if given {
@@ -192,7 +194,17 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                         .with_context(|| format!("cannot open --index {}", p.display()))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let d = start_disk(&name, &path, opts, &settings, cmd, started, &listener, indexes)
+            let d = start_disk(
+                &name,
+                &path,
+                opts,
+                &settings,
+                cmd,
+                started,
+                &listener,
+                indexes,
+                a.start_over,
+            )
                 .instrument(span.clone())
                 .await
                 .with_context(|| format!("disk {name} ({})", path.display()))?;
@@ -345,20 +357,27 @@ async fn start_disk(
     started: Instant,
     listener: &NbdListener,
     indexes: Vec<ferry_index::Index>,
+    start_over: bool,
 ) -> Result<Running> {
     let state_path = ferry_pull::open::default_state_path(path);
     // A committed disk never contacts its source again; an aborted one is
     // not resumed here.
     let mut committed = false;
-    let header = if state_path.exists() {
+    if state_path.exists() {
         match StateFile::peek_ended(&state_path)? {
             Some(ferry_store::Ended::Committed { .. }) => committed = true,
-            Some(ferry_store::Ended::Aborted { .. }) => bail!(
-                "its migration was aborted: not with several disks (yet); run it as a pull of \
-                 its own (--start-over)"
+            Some(ferry_store::Ended::Aborted { writes, .. }) if !start_over => bail!(
+                "its migration was aborted (the guest's writes are kept in {}): pass \
+                 --start-over to pull it afresh",
+                writes.display()
             ),
+            Some(ferry_store::Ended::Aborted { .. }) => {
+                crate::verbs::start_over(path, &state_path)?;
+            }
             None => {}
         }
+    }
+    let header = if state_path.exists() {
         Some(StateFile::peek(&state_path)?)
     } else {
         None
