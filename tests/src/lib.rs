@@ -319,6 +319,46 @@ impl World {
         ]
     }
 
+    /// Serves two disks, `a` = `src_a` and `b` = `src_b`, in one `ferry
+    /// serve`; makes the `nbd` directory their pull serves them in.
+    pub fn serve_two(&self, src_a: &Path, src_b: &Path) -> (Proc, u16) {
+        let a = format!("a={}", src_a.display());
+        let b = format!("b={}", src_b.display());
+        let served = self.serve_from(&["--disk", &a, "--disk", &b], &[]);
+        std::fs::create_dir_all(self.path("nbd")).expect("mkdir nbd");
+        served
+    }
+
+    /// `ferry pull` of the two disks [`World::serve_two`] serves, from
+    /// `port` (`None`: no `--source` nor `--trust-peer`), into `dst-a.img`
+    /// and `dst-b.img`, served at `nbd/a.sock` and `nbd/b.sock`, then
+    /// `extra`.
+    pub fn pull_two_args(&self, port: Option<u16>, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "pull".into(),
+            "--disk".into(),
+            format!("a={}", self.path("dst-a.img").display()),
+            "--disk".into(),
+            format!("b={}", self.path("dst-b.img").display()),
+            "--nbd".into(),
+            format!("unix:{}", self.path("nbd").display()),
+            "--control".into(),
+            self.path("ctl.sock").display().to_string(),
+            "--identity".into(),
+            self.path("dst-id").display().to_string(),
+        ];
+        if let Some(port) = port {
+            v.extend([
+                "--source".into(),
+                format!("127.0.0.1:{port}"),
+                "--trust-peer".into(),
+                self.src_fp.clone(),
+            ]);
+        }
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
     /// Starts `ferry pull` with `args` and waits until it serves.
     pub fn pull(&self, args: &[String]) -> Proc {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -55,33 +55,9 @@ fn two_disks_in_one_pull_share_one_budget() {
     let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
     make_image(&src_a, 32 * MIB, &[(0, 24 * MIB)], 1);
     make_image(&src_b, 24 * MIB, &[(0, 20 * MIB)], 2);
-    let a_arg = format!("a={}", src_a.display());
-    let b_arg = format!("b={}", src_b.display());
-    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
-    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
+    let (_serve, port) = w.serve_two(&src_a, &src_b);
     let rate: u64 = 4_000_000;
-    let args: Vec<String> = [
-        "pull".to_string(),
-        "--source".into(),
-        format!("127.0.0.1:{port}"),
-        "--disk".into(),
-        format!("a={}", w.path("dst-a.img").display()),
-        "--disk".into(),
-        format!("b={}", w.path("dst-b.img").display()),
-        "--nbd".into(),
-        format!("unix:{}", w.path("nbd").display()),
-        "--control".into(),
-        w.path("ctl.sock").display().to_string(),
-        "--identity".into(),
-        w.path("dst-id").display().to_string(),
-        "--trust-peer".into(),
-        w.src_fp.clone(),
-        "--rate".into(),
-        "4M".into(),
-        "--link-rtt-ms".into(),
-        "10".into(),
-    ]
-    .to_vec();
+    let args = w.pull_two_args(Some(port), &["--rate", "4M", "--link-rtt-ms", "10"]);
     let _pull = w.pull(&args);
 
     // Reads of each disk right away, on demand (absent still).
@@ -151,29 +127,8 @@ fn a_pull_of_two_disks_exits_when_both_are_verified_and_left() {
     let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
     make_image(&src_a, 8 * MIB, &[(0, 6 * MIB)], 4);
     make_image(&src_b, 4 * MIB, &[(MIB, 2 * MIB)], 5);
-    let a_arg = format!("a={}", src_a.display());
-    let b_arg = format!("b={}", src_b.display());
-    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
-    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
-    let args: Vec<String> = vec![
-        "pull".into(),
-        "--source".into(),
-        format!("127.0.0.1:{port}"),
-        "--disk".into(),
-        format!("a={}", w.path("dst-a.img").display()),
-        "--disk".into(),
-        format!("b={}", w.path("dst-b.img").display()),
-        "--nbd".into(),
-        format!("unix:{}", w.path("nbd").display()),
-        "--control".into(),
-        w.path("ctl.sock").display().to_string(),
-        "--identity".into(),
-        w.path("dst-id").display().to_string(),
-        "--trust-peer".into(),
-        w.src_fp.clone(),
-        "--hold-background".into(),
-        "--exit-when-complete".into(),
-    ];
+    let (_serve, port) = w.serve_two(&src_a, &src_b);
+    let args = w.pull_two_args(Some(port), &["--hold-background", "--exit-when-complete"]);
     let mut pull = w.pull(&args);
     // A client on disk b, held open across the end of the copy (qemu-io
     // keeps the connection while it sleeps between its commands).
@@ -238,30 +193,11 @@ fn two_disks_fill_from_one_index() {
         copy.to_str().unwrap(),
     ]);
     assert!(out.status.success(), "{out:?}");
-    let a_arg = format!("a={}", src_a.display());
-    let b_arg = format!("b={}", src_b.display());
-    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
-    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
-    let args: Vec<String> = vec![
-        "pull".into(),
-        "--source".into(),
-        format!("127.0.0.1:{port}"),
-        "--disk".into(),
-        format!("a={}", w.path("dst-a.img").display()),
-        "--disk".into(),
-        format!("b={}", w.path("dst-b.img").display()),
-        "--nbd".into(),
-        format!("unix:{}", w.path("nbd").display()),
-        "--control".into(),
-        w.path("ctl.sock").display().to_string(),
-        "--identity".into(),
-        w.path("dst-id").display().to_string(),
-        "--trust-peer".into(),
-        w.src_fp.clone(),
-        "--index".into(),
-        idx.display().to_string(),
-        "--hold-background".into(),
-    ];
+    let (_serve, port) = w.serve_two(&src_a, &src_b);
+    let args = w.pull_two_args(
+        Some(port),
+        &["--index", &idx.display().to_string(), "--hold-background"],
+    );
     let _pull = w.pull(&args);
     // The copier held: what disk a has is filled locally, all of it.
     let want = 6 * MIB;
@@ -293,32 +229,8 @@ fn two_disks_commit_together_and_restart_without_the_source() {
     let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
     make_image(&src_a, 8 * MIB, &[(0, 3 * MIB)], 10);
     make_image(&src_b, 4 * MIB, &[(MIB, 2 * MIB)], 12);
-    let a_arg = format!("a={}", src_a.display());
-    let b_arg = format!("b={}", src_b.display());
-    let (serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
-    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
-    let common: Vec<String> = vec![
-        "pull".into(),
-        "--disk".into(),
-        format!("a={}", w.path("dst-a.img").display()),
-        "--disk".into(),
-        format!("b={}", w.path("dst-b.img").display()),
-        "--nbd".into(),
-        format!("unix:{}", w.path("nbd").display()),
-        "--control".into(),
-        w.path("ctl.sock").display().to_string(),
-        "--identity".into(),
-        w.path("dst-id").display().to_string(),
-    ];
-    let mut args = common.clone();
-    args.extend([
-        "--source".into(),
-        format!("127.0.0.1:{port}"),
-        "--trust-peer".into(),
-        w.src_fp.clone(),
-        "--hold-background".into(),
-    ]);
-    let mut pull = w.pull(&args);
+    let (serve, port) = w.serve_two(&src_a, &src_b);
+    let mut pull = w.pull(&w.pull_two_args(Some(port), &["--hold-background"]));
     let ctl = w.path("ctl.sock").display().to_string();
     let early = w.ferry(&["commit", "--control", &ctl]);
     let err = String::from_utf8_lossy(&early.stderr).to_string()
@@ -338,7 +250,7 @@ fn two_disks_commit_together_and_restart_without_the_source() {
     pull.kill9();
     drop(serve);
     // The source is gone; the committed pull serves both disks without it.
-    let _pull = w.pull(&common);
+    let _pull = w.pull(&w.pull_two_args(None, &[]));
     check_read(&w, "a", &src_a, 2 * MIB);
     check_read(&w, "b", &src_b, 2 * MIB + 4096);
     let s = w.status();
@@ -360,28 +272,8 @@ fn two_disks_abort_together_keeping_each_disks_writes() {
     let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
     make_image(&src_a, 8 * MIB, &[(0, 3 * MIB)], 14);
     make_image(&src_b, 4 * MIB, &[(MIB, 2 * MIB)], 16);
-    let a_arg = format!("a={}", src_a.display());
-    let b_arg = format!("b={}", src_b.display());
-    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
-    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
-    let args: Vec<String> = vec![
-        "pull".into(),
-        "--source".into(),
-        format!("127.0.0.1:{port}"),
-        "--disk".into(),
-        format!("a={}", w.path("dst-a.img").display()),
-        "--disk".into(),
-        format!("b={}", w.path("dst-b.img").display()),
-        "--nbd".into(),
-        format!("unix:{}", w.path("nbd").display()),
-        "--control".into(),
-        w.path("ctl.sock").display().to_string(),
-        "--identity".into(),
-        w.path("dst-id").display().to_string(),
-        "--trust-peer".into(),
-        w.src_fp.clone(),
-        "--hold-background".into(),
-    ];
+    let (_serve, port) = w.serve_two(&src_a, &src_b);
+    let args = w.pull_two_args(Some(port), &["--hold-background"]);
     let mut pull = w.pull(&args);
     let (ok, text) = qemu_io_nbd(
         &w.path("nbd/a.sock"),

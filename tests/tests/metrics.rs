@@ -307,30 +307,11 @@ fn metrics_of_two_disks_are_labelled_by_disk() {
     let (src_a, src_b) = (w.path("src-a.img"), w.path("src-b.img"));
     make_image(&src_a, 8 * MIB, &[(0, 2 * MIB)], 6);
     make_image(&src_b, 4 * MIB, &[(MIB, MIB)], 8);
-    let a_arg = format!("a={}", src_a.display());
-    let b_arg = format!("b={}", src_b.display());
-    let (_serve, port) = w.serve_from(&["--disk", &a_arg, "--disk", &b_arg], &[]);
-    std::fs::create_dir(w.path("nbd")).expect("mkdir nbd");
-    let args: Vec<String> = vec![
-        "pull".into(),
-        "--source".into(),
-        format!("127.0.0.1:{port}"),
-        "--disk".into(),
-        format!("a={}", w.path("dst-a.img").display()),
-        "--disk".into(),
-        format!("b={}", w.path("dst-b.img").display()),
-        "--nbd".into(),
-        format!("unix:{}", w.path("nbd").display()),
-        "--control".into(),
-        w.path("ctl.sock").display().to_string(),
-        "--identity".into(),
-        w.path("dst-id").display().to_string(),
-        "--trust-peer".into(),
-        w.src_fp.clone(),
-        "--metrics".into(),
-        "127.0.0.1:0".into(),
-        "--hold-background".into(),
-    ];
+    let (_serve, port) = w.serve_two(&src_a, &src_b);
+    let args = w.pull_two_args(
+        Some(port),
+        &["--metrics", "127.0.0.1:0", "--hold-background"],
+    );
     let pull = w.pull(&args);
     let addr = metrics_addr(&pull);
     assert!(addr.starts_with("127.0.0.1:"), "{addr}");

@@ -196,6 +196,18 @@ fn refuse_live_without_precopy(client: &Client, precopy: bool) -> Result<()> {
     Ok(())
 }
 
+/// Opens every `--index` (each opening has its own file and cursor: a
+/// pull of several disks opens them once per disk).
+fn open_indexes(paths: &[PathBuf]) -> Result<Vec<ferry_index::Index>> {
+    paths
+        .iter()
+        .map(|p| {
+            ferry_index::Index::open(p)
+                .with_context(|| format!("cannot open --index {}", p.display()))
+        })
+        .collect()
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -266,14 +278,7 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
     if a.nbd.is_none() && !a.ublk {
         bail!("no frontend: pass --ublk, or --nbd unix:PATH (or --nbd ADDR:PORT with --nbd-tls-dir or --nbd-tcp-insecure)");
     }
-    let indexes = a
-        .index
-        .iter()
-        .map(|p| {
-            ferry_index::Index::open(p)
-                .with_context(|| format!("cannot open --index {}", p.display()))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let indexes = open_indexes(&a.index)?;
     if a.precopy && !a.index.is_empty() {
         bail!("--index with --precopy: local fills are matched against hashes a live source may change; not supported yet");
     }

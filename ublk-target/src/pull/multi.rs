@@ -184,16 +184,7 @@ pub(crate) fn run(a: PullArgs) -> Result<()> {
                 }
                 (None, _) => None,
             };
-            // Each disk reads the indexes on its own (an index is a file
-            // and its cursor).
-            let indexes = a
-                .index
-                .iter()
-                .map(|p| {
-                    ferry_index::Index::open(p)
-                        .with_context(|| format!("cannot open --index {}", p.display()))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let indexes = super::open_indexes(&a.index)?;
             let d = start_disk(
                 &name,
                 &path,
