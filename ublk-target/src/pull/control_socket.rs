@@ -275,17 +275,8 @@ async fn commit(
         return error_reply("the migration is being aborted");
     }
     let s = snapshot(shared, settings, report, verbs);
-    if !(s.phase == "complete" && s.verified == "ok") {
-        let pct = if s.total_bytes == 0 {
-            100.0
-        } else {
-            s.present_bytes as f64 * 100.0 / s.total_bytes as f64
-        };
-        return error_reply(&format!(
-            "the copy is not verified yet (phase {}, {pct:.1}% present, verification {}): the \
-             source is still needed; `ferry status --wait` waits for the verification",
-            s.phase, s.verified
-        ));
+    if let Some(why) = not_verified(&s) {
+        return error_reply(&format!("the copy {why}"));
     }
     match ferry_pull::lifecycle::commit_online(shared, &verbs.state).await {
         Ok(before) => {
@@ -296,20 +287,49 @@ async fn commit(
     }
 }
 
+/// Why `ferry commit` must wait for a copy whose status is `s` ("is not
+/// verified yet …"), or `None` when it is complete and verified.
+pub(crate) fn not_verified(s: &status::Status) -> Option<String> {
+    if s.phase == "complete" && s.verified == "ok" {
+        return None;
+    }
+    let pct = if s.total_bytes == 0 {
+        100.0
+    } else {
+        s.present_bytes as f64 * 100.0 / s.total_bytes as f64
+    };
+    Some(format!(
+        "is not verified yet (phase {}, {pct:.1}% present, verification {}): the source is \
+         still needed; `ferry status --wait` waits for the verification",
+        s.phase, s.verified
+    ))
+}
+
 /// `ferry abort`: hands the request to the pull, which stops serving,
 /// keeps the guest's writes and answers. Returns the answer and what to
 /// drop once it is sent.
 async fn abort(verbs: &Verbs) -> (String, Option<tokio::sync::oneshot::Sender<()>>) {
-    if verbs.committed.load(Ordering::Relaxed) {
-        return (
-            error_reply(
-                "the migration was committed: the destination is the disk now and its source \
-                 may be gone, so it cannot be aborted",
-            ),
-            None,
-        );
+    let committed = verbs.committed.load(Ordering::Relaxed).then(|| {
+        "the migration was committed: the destination is the disk now and its source may be \
+         gone, so it cannot be aborted"
+            .to_string()
+    });
+    hand_over_abort(committed, &verbs.aborting, &verbs.abort).await
+}
+
+/// Hands `ferry abort` to the pull unless `refused` says why not or an
+/// abort is under way (`aborting`); the pull stops serving, keeps the
+/// guest's writes and answers on the request. Returns the answer and what
+/// to drop once it is sent.
+pub(crate) async fn hand_over_abort(
+    refused: Option<String>,
+    aborting: &AtomicBool,
+    pull: &tokio::sync::mpsc::Sender<AbortRequest>,
+) -> (String, Option<tokio::sync::oneshot::Sender<()>>) {
+    if let Some(why) = refused {
+        return (error_reply(&why), None);
     }
-    if verbs.aborting.swap(true, Ordering::Relaxed) {
+    if aborting.swap(true, Ordering::Relaxed) {
         return (error_reply("an abort is already under way"), None);
     }
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
@@ -318,7 +338,7 @@ async fn abort(verbs: &Verbs) -> (String, Option<tokio::sync::oneshot::Sender<()
         reply: reply_tx,
         written: written_rx,
     };
-    if verbs.abort.send(req).await.is_err() {
+    if pull.send(req).await.is_err() {
         return (error_reply("the pull is stopping"), None);
     }
     match reply_rx.await {

@@ -208,6 +208,23 @@ fn open_indexes(paths: &[PathBuf]) -> Result<Vec<ferry_index::Index>> {
         .collect()
 }
 
+/// Where a copy stands for `--exit-when-complete`: `Some(None)` verified,
+/// `Some(Some(why))` stopped (its verification failed, or the
+/// migration), `None` still under way.
+fn verified_or_stopped_now(shared: &Shell, report: &Report) -> Option<Option<String>> {
+    let v = report.verify.lock().expect("verify lock").state.clone();
+    if v == "ok" {
+        return Some(None);
+    }
+    if v.starts_with("failed") {
+        return Some(Some(format!("the verification against the source {v}")));
+    }
+    if let ferry_core::Phase::Failed(f) = shared.engine_phase() {
+        return Some(Some(f.to_string()));
+    }
+    None
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -591,15 +608,8 @@ pub(crate) fn run(mut a: PullArgs) -> Result<()> {
             let (shared, report) = (shared.clone(), report.clone());
             async move {
                 loop {
-                    let v = report.verify.lock().expect("verify lock").state.clone();
-                    if v == "ok" {
-                        return None;
-                    }
-                    if v.starts_with("failed") {
-                        return Some(format!("the verification against the source {v}"));
-                    }
-                    if let ferry_core::Phase::Failed(f) = shared.engine_phase() {
-                        return Some(f.to_string());
+                    if let Some(outcome) = verified_or_stopped_now(&shared, &report) {
+                        return outcome;
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }

@@ -29,9 +29,8 @@
 //! `--start-over` pulls afresh every disk whose migration was aborted
 //! (their kept writes stay).
 //!
-//! Not (yet) with several disks: --ublk, --precopy,
-//! --state, --start-over, NBD over TCP or TLS, and `ferry abort`/`commit`
-//! (they act on one disk).
+//! Not (yet) with several disks: --ublk, --precopy, --state, NBD over TCP
+//! or TLS, `ferry switchover`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -305,17 +304,11 @@ async fn all_verified_and_left(
     loop {
         let mut all = true;
         for d in disks.iter() {
-            let v = d.report.verify.lock().expect("verify lock").state.clone();
-            if v.starts_with("failed") {
-                return Some(format!(
-                    "disk {}: the verification against the source {v}",
-                    d.name
-                ));
+            match super::verified_or_stopped_now(&d.shell, &d.report) {
+                Some(Some(why)) => return Some(format!("disk {}: {why}", d.name)),
+                Some(None) => {}
+                None => all = false,
             }
-            if let ferry_core::Phase::Failed(f) = d.shell.engine_phase() {
-                return Some(format!("disk {}: {f}", d.name));
-            }
-            all &= v == "ok";
         }
         if all {
             break;
@@ -523,11 +516,10 @@ async fn start_disk(
 async fn commit(disks: &[Running], settings: &Arc<CopierSettings>) -> String {
     for d in disks {
         let s = ferry_pull::status::snapshot(&d.shell, settings, &d.report);
-        if !(s.phase == "complete" && s.verified == "ok") {
+        if let Some(why) = control_socket::not_verified(&s) {
             return control_socket::error_reply(&format!(
-                "disk {} is not verified yet (phase {}, verification {}): no disk is committed; \
-                 the source is still needed; `ferry status --wait` waits for the verification",
-                d.name, s.phase, s.verified
+                "disk {} {why} (no disk is committed)",
+                d.name
             ));
         }
     }
@@ -558,38 +550,17 @@ async fn abort_request(
     abort: &tokio::sync::mpsc::Sender<control_socket::AbortRequest>,
     aborting: &AtomicBool,
 ) -> (String, Option<tokio::sync::oneshot::Sender<()>>) {
-    if let Some(d) = disks.iter().find(|d| d.committed.load(Ordering::Relaxed)) {
-        return (
-            control_socket::error_reply(&format!(
+    let committed = disks
+        .iter()
+        .find(|d| d.committed.load(Ordering::Relaxed))
+        .map(|d| {
+            format!(
                 "disk {} was committed: the destination is the disk now and its source may be \
                  gone, so the migration cannot be aborted",
                 d.name
-            )),
-            None,
-        );
-    }
-    if aborting.swap(true, Ordering::Relaxed) {
-        return (
-            control_socket::error_reply("an abort is already under way"),
-            None,
-        );
-    }
-    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
-    let req = control_socket::AbortRequest {
-        reply: reply_tx,
-        written: written_rx,
-    };
-    if abort.send(req).await.is_err() {
-        return (control_socket::error_reply("the pull is stopping"), None);
-    }
-    match reply_rx.await {
-        Ok(reply) => (reply, Some(written_tx)),
-        Err(_) => (
-            control_socket::error_reply("the pull stopped before it could abort"),
-            None,
-        ),
-    }
+            )
+        });
+    control_socket::hand_over_abort(committed, aborting, abort).await
 }
 
 /// Aborts every disk once the frontends stopped: each disk's guest writes
